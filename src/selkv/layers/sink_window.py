@@ -1,0 +1,150 @@
+"""QuantizedSinkWindowLayer: 16-bit sink and window, every token between them quantized once.
+
+This is selkv's strategy. Tokens leaving the window (in blocks of
+``block_length``) are quantized exactly once and appended to the middle store,
+which grows by doubling; nothing is ever re-quantized.
+
+Middle store (``B`` batch, ``H`` KV heads, ``C`` capacity, ``D`` head_dim,
+``P = D * nbits // 8`` packed bytes, ``G`` = ``q_group_size``, ``T`` = ``block_length``)::
+
+    key_codes    uint8   [B, H, C, P]      codes packed in planes along D (see quant.pack)
+    key_scale    float16 [B, H, C, D // G]   axis_key="token":   groups of G channels per token
+                 float16 [B, H, C // T, D]   axis_key="channel": groups of T tokens per channel (KIVI)
+    key_zero     like key_scale
+    value_codes  uint8   [B, H, C, P]
+    value_scale  float16 [B, H, C, D // G]   values are always grouped per token
+    value_zero   like value_scale
+
+Entries ``[:num_stored]`` (tokens) are filled. Dequantized, each element is
+``code * scale + zero``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import quant
+from .base import SelectiveLayer
+
+_MIDDLE = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
+
+
+class QuantizedSinkWindowLayer(SelectiveLayer):
+    """Sink + quantized middle + window. Spec: ``quant:bits=B,sink=S,window=W[,group=G][,key_axis=..][,sym=..]``."""
+
+    retains_evicted = True
+    supports_fused_decode = True
+
+    def __init__(
+        self,
+        nbits: int,
+        num_sink_tokens: int,
+        window_length: int,
+        q_group_size: int,
+        axis_key: str = "token",
+        sym: bool = False,
+        block_length: int = 32,
+    ):
+        quant.check_nbits(nbits)
+        if axis_key not in ("token", "channel"):
+            raise ValueError(f"axis_key must be 'token' or 'channel', got {axis_key!r}")
+        super().__init__(num_sink_tokens, window_length, block_length)
+        self.nbits = nbits
+        self.q_group_size = q_group_size
+        self.axis_key = axis_key
+        self.sym = sym
+        self._reset_middle()
+
+    def _reset_middle(self) -> None:
+        for name in _MIDDLE:
+            setattr(self, name, None)
+        self._num_stored = 0
+
+    @property
+    def num_stored(self) -> int:
+        return self._num_stored
+
+    # ----------------------------------------------------------- quantization
+
+    def _quantize_keys(self, keys: torch.Tensor):
+        if self.axis_key == "channel":
+            # Outlier channels dominate per-token ranges at low bit widths; a per-channel group over
+            # a block of tokens keeps each channel's own range (KIVI).
+            return quant.quantize(keys, self.nbits, self.block_length, dim=-2, sym=self.sym)
+        return quant.quantize(keys, self.nbits, self.q_group_size, dim=-1, sym=self.sym)
+
+    def _evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        count = keys.shape[-2]
+        key_codes, key_scale, key_zero = self._quantize_keys(keys)
+        value_codes, value_scale, value_zero = quant.quantize(values, self.nbits, self.q_group_size, dim=-1, sym=self.sym)
+        parts = {
+            "key_codes": quant.pack(key_codes, self.nbits),
+            "key_scale": key_scale,
+            "key_zero": key_zero,
+            "value_codes": quant.pack(value_codes, self.nbits),
+            "value_scale": value_scale,
+            "value_zero": value_zero,
+        }
+        start, end = self._num_stored, self._num_stored + count
+        self._ensure_capacity(end, parts)
+        for name, part in parts.items():
+            lo, hi = (start, end)
+            if name.startswith("key_") and name != "key_codes" and self.axis_key == "channel":
+                lo, hi = start // self.block_length, end // self.block_length
+            getattr(self, name)[:, :, lo:hi] = part
+        self._num_stored = end
+
+    def _ensure_capacity(self, needed: int, parts: dict[str, torch.Tensor]) -> None:
+        capacity = 0 if self.key_codes is None else self.key_codes.shape[-2]
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, 2 * capacity, 4 * self.block_length)
+        new_capacity = -(-new_capacity // self.block_length) * self.block_length  # whole key groups
+        for name, part in parts.items():
+            rows = new_capacity
+            if name.startswith("key_") and name != "key_codes" and self.axis_key == "channel":
+                rows = new_capacity // self.block_length
+            grown = part.new_zeros(part.shape[:2] + (rows,) + part.shape[3:])
+            old = getattr(self, name)
+            if old is not None:
+                grown[:, :, : old.shape[-2]] = old
+            setattr(self, name, grown)
+
+    def _read_stored(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key_codes = quant.unpack(self.key_codes[:, :, :count], self.nbits)
+        if self.axis_key == "channel":
+            groups = -(-count // self.block_length)
+            keys = quant.dequantize(
+                key_codes, self.key_scale[:, :, :groups], self.key_zero[:, :, :groups], self.block_length, dim=-2
+            )
+        else:
+            keys = quant.dequantize(key_codes, self.key_scale[:, :, :count], self.key_zero[:, :, :count], self.q_group_size)
+        value_codes = quant.unpack(self.value_codes[:, :, :count], self.nbits)
+        values = quant.dequantize(
+            value_codes, self.value_scale[:, :, :count], self.value_zero[:, :, :count], self.q_group_size
+        )
+        return keys, values
+
+    # ------------------------------------------------------------- accounting
+
+    def _middle_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in _MIDDLE if getattr(self, name) is not None}
+
+    def _middle_used(self) -> dict[str, int]:
+        if self.key_codes is None:
+            return {}
+        count = self._num_stored
+
+        def used(name: str, rows: int) -> int:
+            tensor = getattr(self, name)
+            return rows * tensor[:, :, :1].numel() * tensor.element_size()
+
+        key_scale_rows = count // self.block_length if self.axis_key == "channel" else count
+        codes = used("key_codes", count) + used("value_codes", count)
+        scales = (
+            used("key_scale", key_scale_rows)
+            + used("key_zero", key_scale_rows)
+            + used("value_scale", count)
+            + used("value_zero", count)
+        )
+        return {"codes": codes, "scales": scales}

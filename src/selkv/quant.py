@@ -1,0 +1,168 @@
+"""All of selkv's quantization math: group quantization, bit packing and byte counts.
+
+Nothing else in the package computes scales or packs codes.
+
+A tensor is quantized in groups of ``group_size`` consecutive elements along one
+dimension (``dim``). Each group gets a 16-bit ``scale`` and ``zero`` and each
+element an unsigned ``nbits`` code, so that
+
+    x ≈ code * scale + zero,        code ∈ [0, 2**nbits - 1]
+
+Asymmetric groups put ``zero`` at the group minimum; symmetric ones put it at
+``-2**(nbits-1) * scale``. Both use the same formula, so readers (the reference
+path and the Triton kernels) never need to know which was used.
+
+Scales and zeros are stored as float16, which has more mantissa than bfloat16.
+They are rounded *outwards* (zero down, scale up) before codes are computed, so
+that every finite input inside the float16 range reconstructs within
+``scale / 2`` of itself (plus float32 rounding). Inputs outside that range
+saturate; NaN is stored as 0, and ±inf as the group's largest/smallest finite
+value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_NBITS = (2, 4, 8)
+SCALE_DTYPE = torch.float16
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+def codes_per_byte(nbits: int) -> int:
+    return 8 // nbits
+
+
+def check_nbits(nbits: int) -> None:
+    if nbits not in SUPPORTED_NBITS:
+        raise ValueError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits!r}")
+
+
+def _round_outwards(value: torch.Tensor, direction: float) -> torch.Tensor:
+    """float32 -> float16, rounded towards ``direction`` (+inf or -inf) when inexact."""
+    rounded = value.to(SCALE_DTYPE)
+    limit = torch.full_like(rounded, direction)
+    inexact = (rounded.float() < value) if direction > 0 else (rounded.float() > value)
+    return torch.where(inexact, torch.nextafter(rounded, limit), rounded)
+
+
+def quantize(
+    x: torch.Tensor, nbits: int, group_size: int, dim: int = -1, sym: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` in groups of ``group_size`` along ``dim``.
+
+    Args:
+        x: any float tensor; ``x.shape[dim]`` must be a multiple of ``group_size``.
+    Returns:
+        codes: uint8, same shape as ``x``, one (unpacked) code per element.
+        scale, zero: float16, shape of ``x`` with ``shape[dim] // group_size`` along ``dim``.
+    """
+    check_nbits(nbits)
+    dim = dim % x.dim()
+    size = x.shape[dim]
+    if group_size < 1 or size % group_size:
+        raise ValueError(f"group_size={group_size} must divide the quantized dimension (size {size})")
+    levels = 2**nbits - 1
+
+    xf = torch.nan_to_num(x.float(), nan=0.0, posinf=_FP16_MAX, neginf=-_FP16_MAX).clamp(-_FP16_MAX, _FP16_MAX)
+    xf = xf.movedim(dim, -1)
+    grouped = xf.unflatten(-1, (size // group_size, group_size))  # [..., n_groups, group_size]
+
+    if sym:
+        absmax = grouped.abs().amax(dim=-1)
+        half = 2 ** (nbits - 1)
+        scale = _round_outwards(absmax / (half - 1), float("inf"))
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = (-half * scale.float()).to(SCALE_DTYPE)  # exact: scale times a power of two
+    else:
+        lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
+        zero = _round_outwards(lo, float("-inf"))
+        scale = _round_outwards((hi - zero.float()) / levels, float("inf"))
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: any scale works
+
+    codes = torch.round((grouped - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1))
+    codes = codes.clamp_(0, levels).to(torch.uint8).flatten(-2).movedim(-1, dim)
+    return codes, scale.movedim(-1, dim), zero.movedim(-1, dim)
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    dim: int = -1,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize` for unpacked ``codes``; returns ``dtype``."""
+    dim = dim % codes.dim()
+    scale = scale.float().repeat_interleave(group_size, dim=dim)
+    zero = zero.float().repeat_interleave(group_size, dim=dim)
+    if scale.shape[dim] != codes.shape[dim]:  # a partly filled last group (callers slice codes)
+        scale = scale.narrow(dim, 0, codes.shape[dim])
+        zero = zero.narrow(dim, 0, codes.shape[dim])
+    return torch.addcmul(zero, codes.float(), scale).to(dtype)
+
+
+# Bit packing.
+#
+# Codes are packed along the last (channel) axis in *planes*: with k = 8 // nbits
+# codes per byte and D channels, byte j holds channels j, j + D/k, j + 2D/k, ...
+# in bits [0, nbits), [nbits, 2 nbits), ... So unpacking plane p of a row is one
+# shift and one mask, and a kernel can multiply plane p with the matching
+# contiguous slice of the query without interleaving registers.
+
+
+def pack(codes: torch.Tensor, nbits: int) -> torch.Tensor:
+    """uint8 codes ``[..., D]`` -> packed bytes ``[..., D * nbits // 8]``."""
+    check_nbits(nbits)
+    k = codes_per_byte(nbits)
+    if k == 1:
+        return codes.to(torch.uint8)
+    d = codes.shape[-1]
+    if d % k:
+        raise ValueError(f"the last dimension ({d}) must be a multiple of {k} to pack {nbits}-bit codes")
+    planes = codes.to(torch.uint8).unflatten(-1, (k, d // k))  # [..., plane, D/k]
+    packed = planes[..., 0, :].clone()
+    for p in range(1, k):
+        packed |= planes[..., p, :] << (p * nbits)
+    return packed
+
+
+def unpack(packed: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Packed bytes ``[..., D * nbits // 8]`` -> uint8 codes ``[..., D]``."""
+    check_nbits(nbits)
+    k = codes_per_byte(nbits)
+    if k == 1:
+        return packed
+    mask = 2**nbits - 1
+    planes = [(packed >> (p * nbits)) & mask for p in range(k)]
+    return torch.cat(planes, dim=-1)
+
+
+def packed_dim(head_dim: int, nbits: int) -> int:
+    return head_dim * nbits // 8
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes held by every tensor reachable from ``obj`` (tensors, tensor subclasses, containers, objects)."""
+    seen: set[int] = set()
+
+    def walk(o) -> int:
+        if o is None or id(o) in seen:
+            return 0
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            flatten = getattr(o, "__tensor_flatten__", None)
+            if flatten is not None and type(o) is not torch.Tensor and not isinstance(o, torch.nn.Parameter):
+                names, _ = flatten()
+                return sum(walk(getattr(o, n)) for n in names)
+            return o.numel() * o.element_size()
+        if isinstance(o, dict):
+            return sum(walk(v) for v in o.values())
+        if isinstance(o, (list, tuple)):
+            return sum(walk(v) for v in o)
+        if hasattr(o, "__dict__") and not isinstance(o, type):
+            return sum(walk(v) for v in vars(o).values())
+        return 0
+
+    return walk(obj)
