@@ -45,6 +45,14 @@ class SelectiveCache(Cache):
         self.spec = parse_spec(spec).check_model(shape["head_dim"])
         layers = [self._make_layer(self.spec) for _ in range(shape["num_hidden_layers"])]
         super().__init__(layers=layers)
+        # With selkv's attention, one-token decode steps read the compressed storage directly.
+        if getattr(_text_config(config), "_attn_implementation", None) == "selkv":
+            self.enable_fused_decode()
+
+    def enable_fused_decode(self, enabled: bool = True) -> None:
+        """Let one-token decode steps skip dequantization (selkv's attention then reads storage itself)."""
+        for layer in self.layers:
+            layer.fused_decode = enabled and layer.supports_fused_decode
 
     @staticmethod
     def _make_layer(spec: CacheSpec):
@@ -66,9 +74,9 @@ class SelectiveCache(Cache):
         """Reserve sink room for left padding, from a 2D ``attention_mask`` ``[batch_size, seq_len]`` (1 = token)."""
         if attention_mask is None or attention_mask.dim() != 2:
             return
-        left_padding = int((attention_mask.cumsum(-1) == 0).sum(-1).max())
+        row_padding = (attention_mask.cumsum(-1) == 0).sum(-1)
         for layer in self.layers:
-            layer.set_left_padding(left_padding)
+            layer.set_left_padding(int(row_padding.max()), row_padding)
 
     def crop(self, tokens_to_remove: int) -> None:
         self.layers[0].crop(tokens_to_remove)

@@ -52,6 +52,10 @@ class SelectiveLayer(CacheLayerMixin):
         self.window_length = window_length
         self.block_length = block_length
         self.left_padding = 0
+        self.row_padding = None  # [batch_size] int32: left padding of each row, when known
+        # Set by the cache when the model's attention is selkv's: one-token decode steps then return
+        # handles instead of dequantized tensors, and the attention function reads the storage itself.
+        self.fused_decode = False
         self._reset_counts()
 
     def _reset_counts(self) -> None:
@@ -69,8 +73,11 @@ class SelectiveLayer(CacheLayerMixin):
     def sink_capacity(self) -> int:
         return self.num_sink_tokens + self.left_padding
 
-    def set_left_padding(self, left_padding: int) -> None:
-        """Reserve room so that each row's sink holds its first S real tokens (call before the first update)."""
+    def set_left_padding(self, left_padding: int, row_padding: torch.Tensor | None = None) -> None:
+        """Reserve room so that each row's sink holds its first S real tokens (call before the first update).
+
+        ``left_padding`` is the batch's largest left padding; ``row_padding`` ``[batch_size]`` each row's.
+        """
         if self.is_initialized:
             raise RuntimeError("set_left_padding must be called before the first update of the cache")
         if left_padding and not self.supports_left_padding:
@@ -79,6 +86,7 @@ class SelectiveLayer(CacheLayerMixin):
                 "positions, which transformers' padding mask assumes); run rows one at a time"
             )
         self.left_padding = int(left_padding)
+        self.row_padding = None if row_padding is None else row_padding.to(torch.int32)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -128,6 +136,9 @@ class SelectiveLayer(CacheLayerMixin):
             self.num_evicted += evict
             self._shift_recent(evict)
 
+        if self.fused_decode and query_length == 1 and not to_sink:
+            # The fused attention reads sink, middle and window from storage: nothing to assemble.
+            return self._decode_handles()
         if evict <= num_old:  # the window still holds every token of this call, exact
             exact_keys = self.recent_keys[:, :, : self.num_recent]
             exact_values = self.recent_values[:, :, : self.num_recent]
@@ -136,6 +147,13 @@ class SelectiveLayer(CacheLayerMixin):
             exact_keys, exact_values = new_keys, new_values
             num_read_back = stored_before + (num_old if self.retains_evicted else 0)
         return self._assemble(num_read_back, exact_keys, exact_values)
+
+    def _decode_handles(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window as returned keys/values, tagged with this layer for selkv's attention function."""
+        keys = self.recent_keys[:, :, : self.num_recent]
+        values = self.recent_values[:, :, : self.num_recent]
+        keys.selkv_layer = self
+        return keys, values
 
     def _assemble(
         self, num_read_back: int, exact_keys: torch.Tensor, exact_values: torch.Tensor
@@ -233,6 +251,8 @@ class SelectiveLayer(CacheLayerMixin):
     def _map_batch(self, fn) -> None:
         for name, tensor in self._all_tensors().items():
             setattr(self, name, fn(tensor))
+        if self.row_padding is not None:
+            self.row_padding = fn(self.row_padding)
         if self.is_initialized:
             self.batch_size = self.sink_keys.shape[0]
 
