@@ -1,0 +1,94 @@
+"""PyTorch twins of selkv's kernel launchers: the same signatures, plain tensor code, any device.
+
+They compute what the reference path computes (dequantize the middle, round it to the
+model's dtype, attend), in float32, and are what the fused kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import quant
+
+
+def dequantize_middle(
+    key_codes: torch.Tensor,
+    key_scale: torch.Tensor,
+    key_zero: torch.Tensor,
+    value_codes: torch.Tensor,
+    value_scale: torch.Tensor,
+    value_zero: torch.Tensor,
+    num_stored: int,
+    *,
+    nbits: int,
+    q_group_size: int,
+    axis_key: str,
+    block_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``num_stored`` middle tokens as float32 ``[B, H, num_stored, head_dim]`` keys and values."""
+    codes = quant.unpack(key_codes[:, :, :num_stored], nbits)
+    if axis_key == "channel":
+        groups = -(-num_stored // block_length)
+        keys = quant.dequantize(codes, key_scale[:, :, :groups], key_zero[:, :, :groups], block_length, dim=-2)
+    else:
+        keys = quant.dequantize(codes, key_scale[:, :, :num_stored], key_zero[:, :, :num_stored], q_group_size)
+    codes = quant.unpack(value_codes[:, :, :num_stored], nbits)
+    values = quant.dequantize(codes, value_scale[:, :, :num_stored], value_zero[:, :, :num_stored], q_group_size)
+    return keys, values
+
+
+def selective_decode_attention(
+    query_states: torch.Tensor,
+    sink_keys: torch.Tensor,
+    sink_values: torch.Tensor,
+    num_sink: int,
+    key_codes: torch.Tensor | None,
+    key_scale: torch.Tensor | None,
+    key_zero: torch.Tensor | None,
+    value_codes: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    value_zero: torch.Tensor | None,
+    num_stored: int,
+    recent_keys: torch.Tensor,
+    recent_values: torch.Tensor,
+    num_recent: int,
+    *,
+    nbits: int,
+    q_group_size: int,
+    axis_key: str = "token",
+    block_length: int = 1,
+    row_padding: torch.Tensor | None = None,
+    scaling: float | None = None,
+    config=None,
+) -> torch.Tensor:
+    """Twin of :func:`selkv.kernels.decode_attention.selective_decode_attention` (``config`` is ignored).
+
+    Returns ``[batch_size, 1, num_heads, head_dim]`` in the query's dtype.
+    """
+    batch_size, num_heads, q_len, head_dim = query_states.shape
+    num_kv_heads = sink_keys.shape[1]
+    group = num_heads // num_kv_heads
+    dtype = query_states.dtype
+    keys = [sink_keys[:, :, :num_sink]]
+    values = [sink_values[:, :, :num_sink]]
+    if num_stored:
+        middle_keys, middle_values = dequantize_middle(
+            key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, num_stored,
+            nbits=nbits, q_group_size=q_group_size, axis_key=axis_key, block_length=block_length,
+        )
+        keys.append(middle_keys.to(dtype))  # the reference path rounds to the model's dtype here too
+        values.append(middle_values.to(dtype))
+    keys.append(recent_keys[:, :, :num_recent])
+    values.append(recent_values[:, :, :num_recent])
+    k = torch.cat(keys, dim=-2).float()  # [B, H, N, D]
+    v = torch.cat(values, dim=-2).float()
+    q = query_states.float().reshape(batch_size, num_kv_heads, group * q_len, head_dim)  # [B, H, G, D]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, G, N]
+    if row_padding is not None:
+        positions = torch.arange(k.shape[-2], device=k.device)
+        padded = positions[None, :] < row_padding.to(k.device)[:, None]  # [B, N]
+        scores = scores.masked_fill(padded[:, None, None, :], float("-inf"))
+        v = v.masked_fill(padded[:, None, :, None], 0.0)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, H, G, D]
+    return out.reshape(batch_size, num_heads, q_len, head_dim).transpose(1, 2).to(dtype)

@@ -1,0 +1,319 @@
+"""Fused decode attention vs its PyTorch twin vs a float64 reference.
+
+The Triton kernels run on CUDA when there is a GPU, and in Triton's CPU interpreter
+(small shapes) everywhere, so CI without a GPU still tests their logic. Inputs are fresh
+random numbers on every run (the seed is in each failure message); outputs are poisoned first.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+# Without a GPU the kernels run in Triton's CPU interpreter, which must be chosen before Triton's
+# first import (conftest.py sets it for the whole session; this covers running the file alone).
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from conftest import TOLERANCES, make_tiny_llama, tiny_llama_config  # noqa: E402
+
+from selkv import quant  # noqa: E402
+from selkv.kernels import interpreter_enabled, reference, triton_available  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+# On a GPU machine the compiled kernels are tested instead (Triton is compiled or interpreted per process).
+interpreter_only = pytest.mark.skipif(HAS_CUDA, reason="a GPU is present: the compiled kernels are tested instead")
+
+
+def kernel_module():
+    """The kernel module; without a GPU its kernels must run in the interpreter (never skip silently)."""
+    assert triton_available(), "triton is not installed: `make setup` installs it (the dev extra)"
+    assert HAS_CUDA or interpreter_enabled(), (
+        "no GPU and Triton was imported before TRITON_INTERPRET=1 was set; run with TRITON_INTERPRET=1"
+    )
+    from selkv.kernels import decode_attention_module
+
+    return decode_attention_module()
+
+
+def _seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def make_storage(
+    gen: torch.Generator,
+    *,
+    batch_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    num_sink: int,
+    num_stored: int,
+    num_recent: int,
+    nbits: int,
+    q_group_size: int,
+    axis_key: str,
+    block_length: int,
+    dtype: torch.dtype,
+    device: str,
+    row_padding: list[int] | None = None,
+) -> dict:
+    """Launcher arguments from random keys/values quantized with quant.py, spare capacity poisoned with NaN."""
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+
+    B, H, D = batch_size, num_kv_heads, head_dim
+    sink_cap, window_cap = num_sink + 3, num_recent + 5
+    stored_cap = -(-(num_stored + block_length) // block_length) * block_length
+    # Outlier channels, as real keys have, so that per-channel and per-token groups differ.
+    key_gain = 1.0 + 4.0 * (torch.rand(D, generator=gen) > 0.9).float()
+
+    def region(cap, count):
+        keys = torch.full((B, H, cap, D), float("nan"))
+        values = torch.full((B, H, cap, D), float("nan"))
+        keys[:, :, :count] = randn(B, H, count, D) * key_gain
+        values[:, :, :count] = randn(B, H, count, D)
+        return keys.to(dtype), values.to(dtype)
+
+    sink_keys, sink_values = region(sink_cap, num_sink)
+    recent_keys, recent_values = region(window_cap, num_recent)
+    if row_padding is not None:  # padding positions hold finite junk that would dominate if read
+        for b, pad in enumerate(row_padding):
+            sink_keys[b, :, :pad] = 30.0
+            sink_values[b, :, :pad] = 1000.0
+    args = dict(
+        sink_keys=sink_keys.to(device), sink_values=sink_values.to(device), num_sink=num_sink,
+        recent_keys=recent_keys.to(device), recent_values=recent_values.to(device), num_recent=num_recent,
+        num_stored=num_stored, nbits=nbits, q_group_size=q_group_size, axis_key=axis_key,
+        block_length=block_length,
+        row_padding=None if row_padding is None else torch.tensor(row_padding, dtype=torch.int32, device=device),
+    )
+    if num_stored == 0:
+        args.update(key_codes=None, key_scale=None, key_zero=None, value_codes=None, value_scale=None, value_zero=None)
+        return args
+    keys = (randn(B, H, stored_cap, D) * key_gain).to(dtype)
+    values = randn(B, H, stored_cap, D).to(dtype)
+    if axis_key == "channel":
+        kc, ks, kz = quant.quantize(keys, nbits, block_length, dim=-2)
+    else:
+        kc, ks, kz = quant.quantize(keys, nbits, q_group_size, dim=-1)
+    vc, vs, vz = quant.quantize(values, nbits, q_group_size, dim=-1)
+    kc, vc = quant.pack(kc, nbits), quant.pack(vc, nbits)
+    # Poison what lies beyond num_stored: random codes, NaN scales.
+    kc[:, :, num_stored:] = torch.randint(0, 256, kc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)
+    vc[:, :, num_stored:] = torch.randint(0, 256, vc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)
+    key_rows = -(-num_stored // block_length) if axis_key == "channel" else num_stored
+    for t in (ks, kz):
+        t[:, :, key_rows:] = float("nan")
+    for t in (vs, vz):
+        t[:, :, num_stored:] = float("nan")
+    args.update(
+        key_codes=kc.to(device), key_scale=ks.to(device), key_zero=kz.to(device),
+        value_codes=vc.to(device), value_scale=vs.to(device), value_zero=vz.to(device),
+    )
+    return args
+
+
+def float64_reference(query: torch.Tensor, args: dict, scaling: float) -> torch.Tensor:
+    """Attention in float64 from the storage, dequantized independently of the twin; [B, 1, Hq, D]."""
+    nbits, D = args["nbits"], query.shape[-1]
+    ns, nm, nr = args["num_sink"], args["num_stored"], args["num_recent"]
+    keys = [args["sink_keys"][:, :, :ns].double().cpu()]
+    values = [args["sink_values"][:, :, :ns].double().cpu()]
+    if nm:
+        per_byte = 8 // nbits
+        mask = 2**nbits - 1
+
+        def codes(packed):  # plane p of byte j is channel p * D/k + j
+            packed = packed[:, :, :nm].cpu().long()
+            return torch.cat([(packed >> (p * nbits)) & mask for p in range(per_byte)], dim=-1).double()
+
+        g = args["q_group_size"]
+        if args["axis_key"] == "channel":
+            t = args["block_length"]
+            rows = torch.arange(nm) // t
+            ks = args["key_scale"].cpu().double()[:, :, rows]
+            kz = args["key_zero"].cpu().double()[:, :, rows]
+        else:
+            ks = args["key_scale"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
+            kz = args["key_zero"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
+        vs = args["value_scale"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
+        vz = args["value_zero"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
+        dtype = query.dtype
+        keys.append((codes(args["key_codes"]) * ks + kz).to(dtype).double())  # rounded like the model's cache
+        values.append((codes(args["value_codes"]) * vs + vz).to(dtype).double())
+    keys.append(args["recent_keys"][:, :, :nr].double().cpu())
+    values.append(args["recent_values"][:, :, :nr].double().cpu())
+    k, v = torch.cat(keys, -2), torch.cat(values, -2)
+    B, Hq = query.shape[:2]
+    H = k.shape[1]
+    q = query.double().cpu().reshape(B, H, Hq // H, D)
+    scores = q @ k.transpose(-1, -2) * scaling
+    if args["row_padding"] is not None:
+        padded = torch.arange(k.shape[-2])[None, :] < args["row_padding"].cpu().long()[:, None]
+        scores = scores.masked_fill(padded[:, None, None, :], float("-inf"))
+        v = v.masked_fill(padded[:, None, :, None], 0.0)
+    out = torch.softmax(scores, -1) @ v
+    return out.reshape(B, Hq, 1, D).transpose(1, 2)
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+# (max relative error to float64) by dtype: the kernel rounds p to 16 bits before p @ v.
+REL_ERROR = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def check_case(module, device: str, dtype: torch.dtype, seed: int, config=None, **shape) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    num_heads = shape.pop("num_heads")
+    args = make_storage(gen, dtype=dtype, device=device, **shape)
+    query = torch.randn(shape["batch_size"], num_heads, 1, shape["head_dim"], generator=gen).to(dtype).to(device)
+    scaling = shape["head_dim"] ** -0.5
+    ref64 = float64_reference(query, args, scaling)
+    twin = reference.selective_decode_attention(query, **args, scaling=scaling)
+    where = f"seed={seed} dtype={dtype} shape={shape} num_heads={num_heads}"
+    assert _relative_error(twin, ref64) < REL_ERROR[dtype] / 4, f"twin vs float64: {where}"
+
+    poison = torch.full((shape["batch_size"], 1, num_heads, shape["head_dim"]), float("nan"), dtype=dtype, device=device)
+    launcher = module.selective_decode_attention
+    real_empty = torch.empty
+
+    def poisoned_empty(*size, **kwargs):  # every buffer the launcher allocates starts as NaN
+        t = real_empty(*size, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    module.torch.empty = poisoned_empty
+    try:
+        out = launcher(query, **args, scaling=scaling, config=config)
+    finally:
+        module.torch.empty = real_empty
+    assert out.shape == poison.shape and out.dtype == dtype, where
+    assert torch.isfinite(out).all(), f"non-finite output (unwritten or poisoned storage read): {where}"
+    err = _relative_error(out, ref64)
+    assert err < REL_ERROR[dtype], f"kernel vs float64 rel. error {err:.2e}: {where}"
+    tol = TOLERANCES["kernel_fp32" if dtype == torch.float32 else "kernel_bf16"]
+    torch.testing.assert_close(out.float().cpu(), twin.float().cpu(), **tol, msg=lambda m: f"{where}\n{m}")
+
+
+# ------------------------------------------------------------ interpreter (CPU, CI)
+
+SMALL = dict(batch_size=2, num_kv_heads=2, head_dim=32, q_group_size=16, block_length=16)
+
+INTERPRETER_CASES = [
+    # (nbits, axis_key, group ratio, num_sink, num_stored, num_recent, padding, (block_n, num_splits))
+    (8, "token", 1, 4, 48, 21, None, None),
+    (4, "token", 3, 4, 16, 1, None, None),
+    (4, "channel", 4, 2, 80, 17, None, (16, 3)),  # splits of 32 tokens: the last one partly filled
+    (2, "channel", 8, 4, 32, 16, None, (32, 0)),
+    (2, "token", 1, 0, 0, 1, None, None),  # the first decode step: nothing quantized yet, no sink
+    (8, "channel", 4, 7, 16, 33, [0, 5], None),  # row 1 left-padded: positions < 5 masked
+    (4, "token", 2, 5, 144, 16, [3, 0], (16, 4)),  # several splits; 144 = block boundary + 1 tile
+    (8, "token", 4, 4, 16, 32, [4, 1], (16, 0)),  # a row whose whole sink is padding
+]
+
+
+@interpreter_only
+@pytest.mark.parametrize("nbits,axis_key,ratio,num_sink,num_stored,num_recent,padding,launch", INTERPRETER_CASES)
+def test_interpreter_matches_references(nbits, axis_key, ratio, num_sink, num_stored, num_recent, padding, launch):
+    module = kernel_module()
+    config = None if launch is None else module.DecodeConfig(block_n=launch[0], block_exact=16, num_splits=launch[1])
+    shape = dict(SMALL, num_heads=SMALL["num_kv_heads"] * ratio, num_sink=num_sink, num_stored=num_stored,
+                 num_recent=num_recent, nbits=nbits, axis_key=axis_key, row_padding=padding)
+    check_case(module, "cpu", torch.float16, _seed(), config=config, **shape)
+
+
+@interpreter_only
+def test_interpreter_float32_and_odd_block():
+    """float32 (exact dots), head_dim 64, a key block (24) that does not nest with the tile: gathered scales."""
+    module = kernel_module()
+    shape = dict(batch_size=1, num_kv_heads=1, num_heads=3, head_dim=64, q_group_size=64, block_length=24,
+                 num_sink=3, num_stored=48, num_recent=9, nbits=4, axis_key="channel")
+    check_case(module, "cpu", torch.float32, _seed(), **shape)
+
+
+@interpreter_only
+def test_interpreter_rejects_bad_inputs():
+    module = kernel_module()
+    gen = torch.Generator().manual_seed(_seed())
+    args = make_storage(gen, batch_size=1, num_kv_heads=2, head_dim=32, num_sink=2, num_stored=16, num_recent=3,
+                        nbits=4, q_group_size=16, axis_key="token", block_length=16, dtype=torch.float16, device="cpu")
+    with pytest.raises(ValueError, match="query length"):
+        module.selective_decode_attention(torch.randn(1, 4, 2, 32).half(), **args)
+    with pytest.raises(ValueError, match="multiple"):
+        module.selective_decode_attention(torch.randn(1, 3, 1, 32).half(), **args)
+    with pytest.raises(ValueError, match="float32"):
+        module.selective_decode_attention(torch.randn(1, 4, 1, 32).half(), **dict(args, sink_keys=args["sink_keys"].float()))
+
+
+# ------------------------------------------------------------------- CUDA
+
+CUDA_LENGTHS = [  # (num_sink, num_stored, num_recent)
+    (4, 0, 1),
+    (4, 32, 124),
+    (4, 33 * 32, 128),  # block boundary + 1 block
+    (36, 4096, 150),  # left-padding room in the sink, long middle (many splits)
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("nbits,axis_key", [(8, "token"), (4, "channel"), (4, "token"), (2, "channel")])
+@pytest.mark.parametrize("ratio", [1, 3, 4, 8])
+def test_cuda_matches_references(dtype, head_dim, nbits, axis_key, ratio):
+    module = kernel_module()
+    seed = _seed()
+    for i, (num_sink, num_stored, num_recent) in enumerate(CUDA_LENGTHS):
+        padding = [0, num_sink - 4, 1] if num_sink > 4 else None
+        shape = dict(batch_size=3, num_kv_heads=2, num_heads=2 * ratio, head_dim=head_dim,
+                     q_group_size=min(64, head_dim), block_length=32, num_sink=num_sink, num_stored=num_stored,
+                     num_recent=num_recent, nbits=nbits, axis_key=axis_key, row_padding=padding)
+        check_case(module, "cuda", dtype, seed + i, **shape)
+
+
+# ------------------------------------------------------------- generate()
+
+
+def _greedy(attn_implementation: str, spec: str, device: str, dtype: torch.dtype, prompts: torch.Tensor, mask=None):
+    import selkv  # noqa: F401  (registers "selkv")
+    from selkv import make_cache
+
+    model = make_tiny_llama(attn_implementation).to(device=device, dtype=dtype)
+    cache = make_cache(spec, model.config)
+    with torch.no_grad():
+        out = model.generate(
+            prompts.to(device), attention_mask=None if mask is None else mask.to(device), past_key_values=cache,
+            max_new_tokens=24, do_sample=False, pad_token_id=0,
+        )
+    layer = cache.layers[0]
+    return out.cpu(), layer
+
+
+SPECS = ["quant:bits=4,sink=2,window=8,block=4", "quant:bits=8,sink=3,window=5,block=2,key_axis=token"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_generate_selkv_matches_sdpa(spec, device):
+    prompts = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(_seed()))
+    expected, ref_layer = _greedy("sdpa", spec, device, torch.float32, prompts)
+    got, layer = _greedy("selkv", spec, device, torch.float32, prompts)
+    assert layer.fused_decode and not ref_layer.fused_decode
+    assert layer.num_stored > 0, "the test must reach the quantized middle"
+    assert torch.equal(got, expected), f"{spec} on {device}:\n{got}\n{expected}"
+
+
+def test_selkv_attention_registered_for_from_config():
+    import selkv  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(), attn_implementation="selkv")
+    assert model.config._attn_implementation == "selkv"
