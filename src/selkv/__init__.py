@@ -5,6 +5,7 @@ quantize every token in between once (8, 4 or 2 bits), read it back only inside
 attention.
 """
 
+from .attention import register_attention  # registers attn_implementation="selkv" with transformers
 from .cache import SelectiveCache, kv_bytes, make_cache, model_shape
 from .config import CacheSpec, SpecError, parse_spec
 from .models import DEFAULT_MODEL, load_model, track_padding
@@ -21,5 +22,6 @@ __all__ = [
     "make_cache",
     "model_shape",
     "parse_spec",
+    "register_attention",
     "track_padding",
 ]
