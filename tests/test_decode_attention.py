@@ -230,11 +230,12 @@ def test_interpreter_matches_references(nbits, axis_key, ratio, num_sink, num_st
 
 
 @interpreter_only
-def test_interpreter_float32_and_odd_block():
-    """float32 (exact dots), head_dim 64, a key block (24) that does not nest with the tile: gathered scales."""
+@pytest.mark.parametrize("axis_key", ["channel", "token"])
+def test_interpreter_float32_and_odd_block(axis_key):
+    """float32 (exact dots), head_dim 64, one group per token, a key block (24) that does not nest with the tile."""
     module = kernel_module()
     shape = dict(batch_size=1, num_kv_heads=1, num_heads=3, head_dim=64, q_group_size=64, block_length=24,
-                 num_sink=3, num_stored=48, num_recent=9, nbits=4, axis_key="channel")
+                 num_sink=3, num_stored=48, num_recent=9, nbits=4, axis_key=axis_key)
     check_case(module, "cpu", torch.float32, _seed(), **shape)
 
 
@@ -262,11 +263,20 @@ CUDA_LENGTHS = [  # (num_sink, num_stored, num_recent)
 ]
 
 
+# dtype x head_dim x (nbits, key axis), each with one GQA ratio in turn (one compiled variant per case).
+CUDA_CASES = [
+    (dtype, head_dim, nbits, axis_key, (1, 3, 4, 8)[i % 4])
+    for i, (dtype, head_dim, (nbits, axis_key)) in enumerate(
+        (dtype, head_dim, quantization)
+        for dtype in (torch.float16, torch.bfloat16)
+        for head_dim in (64, 128)
+        for quantization in ((8, "token"), (4, "channel"), (4, "token"), (2, "channel"))
+    )
+]
+
+
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("nbits,axis_key", [(8, "token"), (4, "channel"), (4, "token"), (2, "channel")])
-@pytest.mark.parametrize("ratio", [1, 3, 4, 8])
+@pytest.mark.parametrize("dtype,head_dim,nbits,axis_key,ratio", CUDA_CASES)
 def test_cuda_matches_references(dtype, head_dim, nbits, axis_key, ratio):
     module = kernel_module()
     seed = _seed()

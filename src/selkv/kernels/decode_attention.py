@@ -127,7 +127,8 @@ def _selective_decode_partial_kernel(
         # [0, nbits), [nbits, 2 nbits), ...; shifting a byte row by each plane's offset and laying the
         # planes side by side gives the channels in their natural order.
         shifts = tl.arange(0, PER_BYTE) * NBITS
-        offs_grp = tl.arange(0, NUM_GROUPS)
+        if NUM_GROUPS > 1:
+            offs_grp = tl.arange(0, NUM_GROUPS)
         code_base = b * stride_cb + h * stride_ch
         kscale_base = b * stride_ksb + h * stride_ksh
         vscale_base = b * stride_vsb + h * stride_vsh
@@ -146,7 +147,12 @@ def _selective_decode_partial_kernel(
                 kc = (kbytes.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & CODE_MASK
                 kc = tl.reshape(kc, (BLOCK_N, HEAD_DIM)).to(tl.float32)
             if KEY_PER_CHANNEL:
-                if KEY_ROWS > 0:
+                if KEY_ROWS == 1:  # the tile lies inside one key group: one scale row for all its tokens
+                    row_offs = kscale_base + (start // KEY_BLOCK) * stride_ksn + offs_d
+                    ks = tl.load(KScale + row_offs).to(tl.float32)
+                    kz = tl.load(KZero + row_offs).to(tl.float32)
+                    k = kc * ks[None, :] + kz[None, :]
+                elif KEY_ROWS > 1:
                     # Tiles start at multiples of BLOCK_N, and BLOCK_N and KEY_BLOCK divide one another:
                     # the tile spans KEY_ROWS whole scale rows (or lies inside one).
                     TOKENS_PER_ROW: tl.constexpr = BLOCK_N // KEY_ROWS
@@ -163,6 +169,10 @@ def _selective_decode_partial_kernel(
                     ks = tl.load(KScale + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
                     kz = tl.load(KZero + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
                     k = kc * ks + kz
+            elif NUM_GROUPS == 1:  # one group per token
+                ks = tl.load(KScale + kscale_base + pos * stride_ksn, mask=valid, other=0.0).to(tl.float32)
+                kz = tl.load(KZero + kscale_base + pos * stride_ksn, mask=valid, other=0.0).to(tl.float32)
+                k = kc * ks[:, None] + kz[:, None]
             else:
                 s_offs = kscale_base + pos[:, None] * stride_ksn + offs_grp[None, :]
                 ks = tl.load(KScale + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
@@ -187,11 +197,16 @@ def _selective_decode_partial_kernel(
             else:
                 vc = (vbytes.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & CODE_MASK
                 vc = tl.reshape(vc, (BLOCK_N, HEAD_DIM)).to(tl.float32)
-            s_offs = vscale_base + pos[:, None] * stride_vsn + offs_grp[None, :]
-            vs = tl.load(VScale + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
-            vz = tl.load(VZero + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
-            v = tl.reshape(vc, (BLOCK_N, NUM_GROUPS, Q_GROUP)) * vs[:, :, None] + vz[:, :, None]
-            v = tl.reshape(v, (BLOCK_N, HEAD_DIM)).to(q.dtype)
+            if NUM_GROUPS == 1:
+                vs = tl.load(VScale + vscale_base + pos * stride_vsn, mask=valid, other=0.0).to(tl.float32)
+                vz = tl.load(VZero + vscale_base + pos * stride_vsn, mask=valid, other=0.0).to(tl.float32)
+                v = (vc * vs[:, None] + vz[:, None]).to(q.dtype)
+            else:
+                s_offs = vscale_base + pos[:, None] * stride_vsn + offs_grp[None, :]
+                vs = tl.load(VScale + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
+                vz = tl.load(VZero + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
+                v = tl.reshape(vc, (BLOCK_N, NUM_GROUPS, Q_GROUP)) * vs[:, :, None] + vz[:, :, None]
+                v = tl.reshape(v, (BLOCK_N, HEAD_DIM)).to(q.dtype)
 
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new

@@ -1,0 +1,211 @@
+"""Decode attention over a selective cache: fused Triton kernel vs bf16 SDPA vs dequantize + SDPA.
+
+    PYTHONPATH=src python benchmarks/decode_attention.py [--out results.json] [--sweep]
+
+Caches are filled directly with random data (storage tensors, no model): 32 query / 8 KV
+heads, head_dim 128, bf16, sink 4 tokens, window 128 tokens, the rest quantized.
+Times are medians of ``triton.testing.do_bench`` (warm-up excluded). GB/s counts every byte
+each method must read (query, 16-bit tokens, codes, scales/zeros); the device-to-device copy
+of the same run (bytes read + written) is the bandwidth ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from selkv.kernels import decode_attention as kernels  # noqa: E402
+from selkv.kernels import reference  # noqa: E402
+
+SHAPES = [(1, 32768), (8, 32768), (1, 131072), (32, 8192)]  # (batch, context)
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
+SINK, WINDOW, BLOCK = 4, 128, 32
+# name -> (nbits, key axis, q_group_size)
+FUSED = {
+    "fused int8": (8, "token", 64),
+    "fused int4": (4, "channel", 64),
+    "fused int4 tok": (4, "token", 64),
+    "fused int2": (2, "channel", 64),
+}
+
+
+def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: int, device="cuda", dtype=torch.bfloat16):
+    """Launcher arguments for a cache of ``context`` tokens filled with random codes and scales."""
+    num_stored = (context - SINK - WINDOW) // BLOCK * BLOCK
+    num_recent = context - SINK - num_stored
+    B, H, D = batch, NUM_KV_HEADS, HEAD_DIM
+    packed = D * nbits // 8
+
+    def codes():
+        return torch.randint(0, 256, (B, H, num_stored, packed), dtype=torch.uint8, device=device)
+
+    def scales(*shape):
+        return (torch.rand(*shape, device=device) * 0.02 + 0.01).half()
+
+    def zeros(*shape):
+        return (-torch.rand(*shape, device=device)).half()
+
+    key_rows, key_cols = (num_stored // BLOCK, D) if axis_key == "channel" else (num_stored, D // group)
+    return dict(
+        sink_keys=torch.randn(B, H, SINK, D, device=device, dtype=dtype),
+        sink_values=torch.randn(B, H, SINK, D, device=device, dtype=dtype),
+        num_sink=SINK,
+        key_codes=codes(), key_scale=scales(B, H, key_rows, key_cols), key_zero=zeros(B, H, key_rows, key_cols),
+        value_codes=codes(), value_scale=scales(B, H, num_stored, D // group),
+        value_zero=zeros(B, H, num_stored, D // group),
+        num_stored=num_stored,
+        recent_keys=torch.randn(B, H, WINDOW + BLOCK, D, device=device, dtype=dtype),
+        recent_values=torch.randn(B, H, WINDOW + BLOCK, D, device=device, dtype=dtype),
+        num_recent=num_recent,
+        nbits=nbits, q_group_size=group, axis_key=axis_key, block_length=BLOCK, row_padding=None,
+    )
+
+
+def bench(fn, warmup: int = 50, rep: int = 300) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, GB/s counting bytes read plus written (2 GiB buffer)."""
+    src = torch.randn(2**29, device="cuda")  # 2 GiB float32
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def dequantize_sdpa(query, args, scaling):
+    """The reference path: dequantize the middle to bf16, concatenate, SDPA."""
+    keys, values = reference.dequantize_middle(
+        args["key_codes"], args["key_scale"], args["key_zero"], args["value_codes"], args["value_scale"],
+        args["value_zero"], args["num_stored"], nbits=args["nbits"], q_group_size=args["q_group_size"],
+        axis_key=args["axis_key"], block_length=args["block_length"],
+    )
+    k = torch.cat([args["sink_keys"], keys.to(query.dtype), args["recent_keys"][:, :, : args["num_recent"]]], dim=-2)
+    v = torch.cat([args["sink_values"], values.to(query.dtype), args["recent_values"][:, :, : args["num_recent"]]], dim=-2)
+    return F.scaled_dot_product_attention(query, k, v, scale=scaling, enable_gqa=True)
+
+
+def run(shapes, methods, config=None, check=True) -> list[dict]:
+    rows = []
+    for batch, context in shapes:
+        torch.manual_seed(0)
+        query = torch.randn(batch, NUM_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        scaling = HEAD_DIM**-0.5
+        k = torch.randn(batch, NUM_KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        sdpa_ms = bench(lambda: F.scaled_dot_product_attention(query, k, v, scale=scaling, enable_gqa=True))
+        sdpa_bytes = 2 * k.numel() * 2 + query.numel() * 2
+        rows.append(dict(batch=batch, context=context, method="bf16 SDPA", ms=sdpa_ms, bytes=sdpa_bytes))
+        del k, v
+        for name in methods:
+            nbits, axis_key, group = FUSED[name.replace("dequant+SDPA ", "fused ")] if "dequant" in name else FUSED[name]
+            args = random_storage(batch, context, nbits, axis_key, group)
+            nbytes = kernels.bytes_read(batch, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, SINK + args["num_recent"],
+                                        args["num_stored"], nbits, group, axis_key, BLOCK)
+            if name.startswith("dequant"):
+                ms = bench(lambda: dequantize_sdpa(query, args, scaling))
+            else:
+                fn = lambda: kernels.selective_decode_attention(query, **args, scaling=scaling, config=config)  # noqa: E731
+                if check:
+                    out = fn().float()
+                    want = reference.selective_decode_attention(query, **args, scaling=scaling).float()
+                    err = ((out - want).norm() / want.norm()).item()
+                    assert err < 2e-2, f"{name} at {batch}x{context}: relative error {err:.2e} vs the twin"
+                ms = bench(fn)
+            rows.append(dict(batch=batch, context=context, method=name, ms=ms, bytes=nbytes))
+            del args
+            torch.cuda.empty_cache()
+    for row in rows:
+        base = next(r["ms"] for r in rows if (r["batch"], r["context"], r["method"]) == (row["batch"], row["context"], "bf16 SDPA"))
+        row["gb_per_s"] = row["bytes"] / row["ms"] / 1e6
+        row["speedup_vs_sdpa"] = base / row["ms"]
+    return rows
+
+
+def sweep(shapes) -> list[dict]:
+    """Launch parameters per (shape, quantization): prints the best of a small grid."""
+    found = []
+    for name in ("fused int8", "fused int4", "fused int4 tok"):
+        nbits, axis_key, group = FUSED[name]
+        for batch, context in shapes:
+            query = torch.randn(batch, NUM_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            args = random_storage(batch, context, nbits, axis_key, group)
+            results = []
+            for block_n in (32, 64, 128):
+                for num_warps in (4, 8):
+                    for num_stages in (2, 3):
+                        for waves in (0, 8):
+                            splits = 0
+                            if waves:
+                                splits = max(1, waves * 132 // (batch * NUM_KV_HEADS))
+                            cfg = kernels.DecodeConfig(block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                                                       num_splits=splits)
+                            try:
+                                ms = bench(lambda: kernels.selective_decode_attention(query, **args, config=cfg), 10, 40)
+                            except Exception as e:  # noqa: BLE001 (a config that does not compile: skip it)
+                                print(f"  {cfg}: {type(e).__name__}")
+                                continue
+                            results.append((ms, cfg))
+            results.sort(key=lambda r: r[0])
+            default = kernels.default_config(nbits, HEAD_DIM, axis_key, BLOCK)
+            default_ms = bench(lambda: kernels.selective_decode_attention(query, **args, config=default))
+            best_ms, best = results[0]
+            print(f"sweep {name} {batch}x{context}: default {default_ms:.4f} ms, best {best_ms:.4f} ms {best}")
+            found.append(dict(method=name, batch=batch, context=context, default_ms=default_ms, best_ms=best_ms,
+                              best=best.__dict__, top5=[(ms, c.__dict__) for ms, c in results[:5]]))
+            del args
+    return found
+
+
+def table(rows, copy_gbs) -> str:
+    lines = [
+        f"| batch x context | method | median ms | GB/s | % of copy | speed-up vs SDPA |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} x {r['context'] // 1024}k | {r['method']} | {r['ms']:.4f} | {r['gb_per_s']:.0f} | "
+            f"{100 * r['gb_per_s'] / copy_gbs:.0f} % | {r['speedup_vs_sdpa']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="decode_attention.json")
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch parameters at (1, 32k) and (8, 32k)")
+    parser.add_argument("--methods", default="dequant+SDPA int8,fused int8,fused int4,fused int4 tok,fused int2")
+    args = parser.parse_args()
+    import triton
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    props = torch.cuda.get_device_properties(0)
+    copy_gbs = copy_bandwidth()
+    swept = sweep([(1, 32768), (8, 32768)]) if args.sweep else []
+    rows = run(SHAPES, methods)
+    result = dict(
+        date=datetime.date.today().isoformat(), gpu=props.name, torch=torch.__version__, triton=triton.__version__,
+        command="PYTHONPATH=src python " + " ".join(sys.argv), copy_gb_per_s=copy_gbs,
+        shape=dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype="bfloat16",
+                   sink=SINK, window=WINDOW, block=BLOCK, q_group_size=64),
+        rows=rows, sweep=swept,
+    )
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{props.name}, torch {torch.__version__}, triton {triton.__version__}; "
+          f"device-to-device copy {copy_gbs:.0f} GB/s (read + write)\n")
+    print(table(rows, copy_gbs))
+
+
+if __name__ == "__main__":
+    main()
