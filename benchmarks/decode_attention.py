@@ -183,22 +183,26 @@ def table(rows, copy_gbs) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="decode_attention.json")
-    parser.add_argument("--sweep", action="store_true", help="also sweep launch parameters at (1, 32k) and (8, 32k)")
+    parser.add_argument("--sweep", action="store_true", help="only sweep launch parameters at (1, 32k) and (8, 32k)")
     parser.add_argument("--methods", default="dequant+SDPA int8,fused int8,fused int4,fused int4 tok,fused int2")
     args = parser.parse_args()
     import triton
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     props = torch.cuda.get_device_properties(0)
+    if args.sweep:
+        swept = sweep([(1, 32768), (8, 32768)])
+        with open(args.out, "w") as f:
+            json.dump(dict(date=datetime.date.today().isoformat(), gpu=props.name, sweep=swept), f, indent=1)
+        return
     copy_gbs = copy_bandwidth()
-    swept = sweep([(1, 32768), (8, 32768)]) if args.sweep else []
     rows = run(SHAPES, methods)
     result = dict(
         date=datetime.date.today().isoformat(), gpu=props.name, torch=torch.__version__, triton=triton.__version__,
         command="PYTHONPATH=src python " + " ".join(sys.argv), copy_gb_per_s=copy_gbs,
         shape=dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype="bfloat16",
                    sink=SINK, window=WINDOW, block=BLOCK, q_group_size=64),
-        rows=rows, sweep=swept,
+        rows=rows,
     )
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
