@@ -88,8 +88,7 @@ def make_cache(spec: str | CacheSpec, config) -> Cache:
     ``full`` gives transformers' ``DynamicCache``; ``hf-quanto``/``hf-hqq`` its ``QuantizedCache``;
     ``drop`` and ``quant`` a :class:`SelectiveCache`.
     """
-    spec = parse_spec(spec)
-    shape = model_shape(config)
+    spec = parse_spec(spec).check_model(model_shape(config)["head_dim"])
     if spec.kind == "full":
         return DynamicCache(config=config)
     if spec.kind in ("hf-quanto", "hf-hqq"):
@@ -97,8 +96,6 @@ def make_cache(spec: str | CacheSpec, config) -> Cache:
         if importlib.util.find_spec(package.split(".")[0]) is None or importlib.util.find_spec(package) is None:
             pip_name = {"quanto": "optimum-quanto", "hqq": "hqq"}[backend]
             raise ImportError(f"cache {str(spec)!r} needs the {pip_name!r} package: pip install 'selkv[peers]'")
-        if shape["head_dim"] % spec.q_group_size:
-            raise SpecError(f"{spec.kind}: group={spec.q_group_size} must divide the model's head_dim ({shape['head_dim']})")
         return QuantizedCache(
             backend=backend,
             config=config,

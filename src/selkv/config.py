@@ -34,8 +34,8 @@ _FIELDS: dict[str, dict[str, object]] = {
         "sym": 0,
         "block": 32,
     },
-    "hf-quanto": {"bits": None, "residual": 128, "group": 64},
-    "hf-hqq": {"bits": None, "residual": 128, "group": 64},
+    "hf-quanto": {"bits": None, "residual": 128, "group": 0},
+    "hf-hqq": {"bits": None, "residual": 128, "group": 0},
 }
 
 # Default key quantization axis per bit width, from the perplexity sweep in the
@@ -76,15 +76,18 @@ class CacheSpec:
                 f"quant:bits={self.nbits},sink={self.num_sink_tokens},window={self.window_length}{group},"
                 f"key_axis={self.axis_key},sym={int(self.sym)},block={self.block_length}"
             )
-        return f"{self.kind}:bits={self.nbits},residual={self.residual_length},group={self.q_group_size}"
+        group = f",group={self.q_group_size}" if self.q_group_size else ""
+        return f"{self.kind}:bits={self.nbits},residual={self.residual_length}{group}"
 
     def check_model(self, head_dim: int) -> CacheSpec:
         """Validate against a model's ``head_dim``; return the spec with defaults resolved."""
-        if self.kind != "quant":
+        if self.kind in ("full", "drop"):
             return self
         group = self.q_group_size or min(head_dim, 64)
         if head_dim % group:
-            raise SpecError(f"group={group} must divide the model's head_dim ({head_dim})")
+            raise SpecError(f"{self.kind}: group={group} must divide the model's head_dim ({head_dim})")
+        if self.kind != "quant":
+            return replace(self, q_group_size=group)
         per_byte = 8 // self.nbits
         if head_dim % per_byte:
             raise SpecError(f"bits={self.nbits} packs {per_byte} codes per byte; head_dim={head_dim} is not a multiple")
@@ -168,4 +171,7 @@ def parse_spec(spec: str | CacheSpec) -> CacheSpec:
     nbits = ints["bits"]
     if nbits not in _HF_NBITS[kind]:
         raise SpecError(f"{kind}: bits={nbits} is not supported; allowed: {', '.join(map(str, _HF_NBITS[kind]))}")
-    return CacheSpec(kind, nbits=nbits, residual_length=at_least("residual", 0), q_group_size=at_least("group", 1))
+    group = ints["group"]
+    if group < 0 or group == 0 and "group" in given:
+        raise SpecError(f"{kind}: group={group} must be >= 1")
+    return CacheSpec(kind, nbits=nbits, residual_length=at_least("residual", 0), q_group_size=group)

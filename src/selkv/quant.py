@@ -73,6 +73,8 @@ def quantize(
         half = 2 ** (nbits - 1)
         scale = _round_outwards(absmax / (half - 1), float("inf"))
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        # The zero point -half * scale must stay finite in float16: larger groups saturate.
+        scale = scale.clamp(max=_FP16_MAX / half)
         zero = (-half * scale.float()).to(SCALE_DTYPE)  # exact: scale times a power of two
     else:
         lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)

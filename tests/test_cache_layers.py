@@ -1,0 +1,234 @@
+"""Cache layers: lossless equivalence, ordering, one quantization per token, masks, memory, padding, specs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import selkv
+from selkv import quant
+from selkv.config import SpecError
+from selkv.layers import EvictLayer, QuantizedSinkWindowLayer
+
+from conftest import TOLERANCES, tiny_llama_config
+
+
+def chunked_logits(model, input_ids, cache, chunk):
+    outs = []
+    with torch.no_grad():
+        for start in range(0, input_ids.shape[1], chunk):
+            outs.append(model(input_ids[:, start : start + chunk], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(outs, dim=1)
+
+
+LOSSLESS = [
+    "quant:bits=8,sink=4,window=512",
+    "quant:bits=2,sink=0,window=512,key_axis=channel",
+    "drop:sink=4,window=512",
+    "drop:sink=0,window=512,block=1",
+]
+
+
+@pytest.mark.parametrize("spec", LOSSLESS)
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_window_covering_the_sequence_is_lossless(tiny_llama, spec, chunk):
+    input_ids = torch.randint(3, 256, (1, 150))
+    reference = chunked_logits(tiny_llama, input_ids, DynamicCache(config=tiny_llama.config), chunk)
+    got = chunked_logits(tiny_llama, input_ids, selkv.make_cache(spec, tiny_llama.config), chunk)
+    torch.testing.assert_close(got, reference, **TOLERANCES["lossless_fp32"])
+
+
+@pytest.mark.parametrize("spec", ["quant:bits=4,sink=4,window=16,block=8", "drop:sink=4,window=16,block=8"])
+def test_cache_is_really_read_when_lossy(tiny_llama, spec):
+    # The other side of the lossless test: once tokens leave the window, logits must change.
+    input_ids = torch.randint(3, 256, (1, 120))
+    reference = chunked_logits(tiny_llama, input_ids, DynamicCache(config=tiny_llama.config), 16)
+    got = chunked_logits(tiny_llama, input_ids, selkv.make_cache(spec, tiny_llama.config), 16)
+    assert (got[:, :16] - reference[:, :16]).abs().max() < 1e-4  # the first chunk reads no evicted token
+    assert (got[:, 40:] - reference[:, 40:]).abs().max() > 1e-3
+
+
+def _position_states(start, count, heads=2, dim=8):
+    # Each token's keys/values hold its position (plus a channel ramp), so order and loss are visible.
+    pos = torch.arange(start, start + count, dtype=torch.float32)
+    ramp = torch.linspace(-0.5, 0.5, dim)
+    states = pos[None, None, :, None] + ramp
+    return states.expand(1, heads, count, dim).clone()
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+@pytest.mark.parametrize("steps", [[1] * 60, [13, 1, 1, 40, 1, 7, 1, 1, 30], [100, 1, 1]])
+def test_layer_returns_every_position_in_order(axis, steps):
+    layer = QuantizedSinkWindowLayer(8, num_sink_tokens=3, window_length=10, q_group_size=8, axis_key=axis, block_length=4)
+    seen = 0
+    for count in steps:
+        keys = _position_states(seen, count)
+        out_keys, out_values = layer.update(keys, keys.clone())
+        seen += count
+        assert out_keys.shape[-2] == seen == layer.get_seq_length()
+        assert layer.get_mask_sizes(1) == (seen + 1, 0)
+        expected = _position_states(0, seen)
+        # 8-bit codes over ranges of at most ~block positions: error far below one position.
+        assert (out_keys - expected).abs().max() < 0.5
+        torch.testing.assert_close(out_keys[:, :, :3], expected[:, :, :3])  # sink: exact
+        torch.testing.assert_close(out_keys[:, :, -count:], keys)  # this call's tokens: exact
+        assert layer.num_sink + layer.num_stored + layer.num_recent == seen
+        assert layer.window_length <= layer.num_recent < layer.window_length + layer.block_length or seen < 13
+
+
+@pytest.mark.parametrize("steps", [[1] * 50, [5, 1, 30, 1, 1, 64, 2], [90]])
+def test_evict_layer_keeps_sink_and_window_and_predicts_mask_sizes(steps):
+    layer = EvictLayer(num_sink_tokens=2, window_length=8, block_length=4)
+    seen = 0
+    for count in steps:
+        predicted_length, offset = layer.get_mask_sizes(count)
+        keys = _position_states(seen, count)
+        out_keys, _ = layer.update(keys, keys.clone())
+        seen += count
+        assert out_keys.shape[-2] == predicted_length
+        assert offset + predicted_length == seen  # this call's tokens sit at the mask's last positions
+        positions = out_keys[0, 0, :, 0] + 0.5
+        kept = positions.round().long().tolist()
+        assert kept[: min(2, seen)] == list(range(min(2, seen)))  # the sink
+        assert kept[-count:] == list(range(seen - count, seen))  # this call, exact
+        assert kept == sorted(kept)
+        assert layer.num_recent < layer.window_length + layer.block_length
+
+
+def test_each_token_is_quantized_exactly_once(monkeypatch):
+    quantized = []
+    original = quant.quantize
+
+    def counting(x, nbits, group_size, dim=-1, sym=False):
+        quantized.append(x.shape[-2])
+        return original(x, nbits, group_size, dim, sym)
+
+    monkeypatch.setattr(quant, "quantize", counting)
+    layer = QuantizedSinkWindowLayer(4, num_sink_tokens=4, window_length=20, q_group_size=8, axis_key="channel", block_length=8)
+    snapshots = []
+    seen = 0
+    for count in [37] + [1] * 150 + [25, 3] + [1] * 40:
+        layer.update(torch.randn(2, 3, count, 16), torch.randn(2, 3, count, 16))
+        seen += count
+        snapshots.append((layer.num_stored, layer.key_codes[:, :, : layer.num_stored].clone()))
+    # keys and values each go through quantize once per evicted token
+    assert sum(quantized) == 2 * layer.num_stored == 2 * layer.num_evicted
+    assert layer.num_stored == seen - 4 - layer.num_recent
+    # stored codes never change afterwards: nothing is re-quantized
+    final = layer.key_codes
+    for stored, codes in snapshots:
+        assert torch.equal(final[:, :, :stored], codes)
+
+
+def test_middle_store_grows_by_doubling():
+    layer = QuantizedSinkWindowLayer(8, num_sink_tokens=0, window_length=4, q_group_size=16, block_length=4)
+    capacities = set()
+    for _ in range(600):
+        layer.update(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16))
+        capacities.add(layer.key_codes.shape[-2] if layer.key_codes is not None else 0)
+    assert len(capacities) <= 8  # 0, 16, 32, ..., 1024: a handful of reallocations, not one per block
+
+
+def test_bytes_are_counted_from_the_tensors():
+    config = tiny_llama_config()
+    cache = selkv.make_cache("quant:bits=4,sink=4,window=20,block=8,key_axis=token,group=16", config)
+    for _ in range(5):
+        for layer_idx in range(config.num_hidden_layers):
+            cache.update(torch.randn(2, 2, 30, 32, dtype=torch.bfloat16), torch.randn(2, 2, 30, 32, dtype=torch.bfloat16), layer_idx)
+    counted = selkv.kv_bytes(cache)
+    layer = cache.layers[0]
+    rows = 2 * 2  # batch * heads
+    stored, exact = layer.num_stored, layer.num_sink + layer.num_recent
+    layers = config.num_hidden_layers
+    assert counted["tokens"] == 150
+    assert counted["bytes_16bit"] == layers * rows * exact * 32 * 2 * 2
+    assert counted["bytes_codes"] == layers * rows * stored * 16 * 2  # 4 bits: 16 bytes per 32 values, K and V
+    assert counted["bytes_scales"] == layers * rows * stored * (32 // 16) * 2 * 2 * 2  # scale+zero, K and V
+    assert counted["full16"] == layers * rows * 150 * 32 * 2 * 2
+    assert counted["allocated"] >= counted["total"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("spec", "target"), [
+    ("quant:bits=8,sink=4,window=124", 1.8),
+    ("quant:bits=4,sink=4,window=124", 3.1),
+    ("quant:bits=2,sink=4,window=124", 5.0),
+])
+def test_memory_targets_on_the_embedded_model_shape(spec, target):
+    # 4,096 tokens through every layer of SmolLM2-135M's cache (bfloat16, head_dim 64), in chunks of 64.
+    from transformers import AutoConfig
+
+    path, _ = selkv.models.resolve_model("smollm2-135m")
+    config = AutoConfig.from_pretrained(path)
+    cache = selkv.make_cache(spec, config)
+    shape = selkv.model_shape(config)
+    for _ in range(4096 // 64):
+        for layer_idx in range(shape["num_hidden_layers"]):
+            states = torch.randn(1, shape["num_key_value_heads"], 64, shape["head_dim"], dtype=torch.bfloat16)
+            cache.update(states, states.clone(), layer_idx)
+    counted = selkv.kv_bytes(cache)
+    assert counted["tokens"] == 4096
+    assert counted["compression"] >= target, counted
+
+
+BAD_SPECS = {
+    "quant:bits=3": "bits=3 is not supported; allowed: 2, 4, 8",
+    "quant:sink=4": "missing required field 'bits'",
+    "quant:bits=4,sink=-1": "sink=-1 must be >= 0",
+    "drop:window=0": "window=0 must be >= 1",
+    "quant:bits=4,window=x": "window='x' is not an integer",
+    "quant:bits=4,colour=red": "unknown field 'colour'",
+    "quant:bits=4,key_axis=head": "key_axis='head' is not allowed",
+    "quant:bits=4,bits=8": "given twice",
+    "quant:bits=4,group=0": "group=0 must be >= 1",
+    "zip:bits=4": "unknown cache kind 'zip'",
+    "quant:bits": "expected key=value",
+    "": "non-empty string",
+    "hf-quanto:bits=8": "bits=8 is not supported",
+}
+
+
+@pytest.mark.parametrize("spec", BAD_SPECS)
+def test_bad_specs_name_field_value_and_allowed(spec):
+    with pytest.raises(SpecError, match=BAD_SPECS[spec].replace("(", r"\(")):
+        selkv.parse_spec(spec)
+
+
+def test_group_must_divide_head_dim():
+    with pytest.raises(SpecError, match=r"group=24 must divide the model's head_dim \(32\)"):
+        selkv.make_cache("quant:bits=4,group=24", tiny_llama_config())
+
+
+def test_good_specs_round_trip():
+    for text in ["full", "drop:sink=4,window=124", "quant:bits=2,sink=4,window=124,group=32,key_axis=channel,sym=1,block=16",
+                 "hf-quanto:bits=4,residual=128"]:
+        spec = selkv.parse_spec(text)
+        assert selkv.parse_spec(str(spec)) == spec
+    assert selkv.parse_spec("quant:bits=8").axis_key == "token"
+    assert selkv.parse_spec("quant:bits=2").axis_key == "channel"
+
+
+def test_models_with_sliding_window_layers_are_rejected():
+    config = tiny_llama_config()
+    config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(SpecError, match="full-attention layers only"):
+        selkv.make_cache("quant:bits=8", config)
+
+
+def test_crop_is_refused_clearly(tiny_llama):
+    cache = selkv.make_cache("quant:bits=8", tiny_llama.config)
+    with pytest.raises(NotImplementedError, match="cannot crop"):
+        cache.crop(-1)
+
+
+def test_reset_empties_the_cache(tiny_llama):
+    cache = selkv.make_cache("quant:bits=4,sink=2,window=8", tiny_llama.config)
+    chunked_logits(tiny_llama, torch.randint(3, 256, (1, 80)), cache, 16)
+    assert cache.get_seq_length() == 80
+    cache.reset()
+    assert cache.get_seq_length() == 0 and selkv.kv_bytes(cache)["total"] == 0
+    input_ids = torch.randint(3, 256, (1, 30))
+    again = chunked_logits(tiny_llama, input_ids, cache, 30)
+    fresh = chunked_logits(tiny_llama, input_ids, selkv.make_cache("quant:bits=4,sink=2,window=8", tiny_llama.config), 30)
+    torch.testing.assert_close(again, fresh)

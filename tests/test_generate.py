@@ -1,0 +1,183 @@
+"""model.generate() with selkv caches: equivalence, batches with padding, beam search, the embedded model, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import selkv
+from selkv.cli import main as cli_main
+
+from conftest import TOLERANCES, read_book
+
+ALL_KINDS = [
+    "full",
+    "drop:sink=4,window=16",
+    "quant:bits=8,sink=4,window=16",
+    "quant:bits=4,sink=4,window=16,key_axis=channel,block=8",
+    "quant:bits=2,sink=0,window=0",
+    "hf-quanto:bits=4,residual=16",
+]
+
+
+def greedy(model, input_ids, spec, max_new_tokens=24, **kwargs):
+    cache = selkv.make_cache(spec, model.config)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids,
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
+        )
+    return out[:, input_ids.shape[1] :], cache
+
+
+@pytest.mark.parametrize("spec", ALL_KINDS)
+def test_generate_runs_with_every_kind(tiny_llama, spec):
+    input_ids = torch.randint(3, 256, (1, 40))
+    tokens, cache = greedy(tiny_llama, input_ids, spec)
+    assert tokens.shape == (1, 24)
+    assert cache.get_seq_length() == 40 + 24 - 1  # the last token is never fed back
+    assert selkv.kv_bytes(cache)["total"] > 0
+
+
+@pytest.mark.parametrize("spec", ["quant:bits=8,sink=4,window=200", "drop:sink=4,window=200", "quant:bits=2,sink=1,window=200"])
+def test_lossless_settings_generate_the_full_cache_tokens(tiny_llama, spec):
+    input_ids = torch.randint(3, 256, (1, 50))
+    reference, _ = greedy(tiny_llama, input_ids, "full", max_new_tokens=40)
+    tokens, _ = greedy(tiny_llama, input_ids, spec, max_new_tokens=40)
+    assert torch.equal(tokens, reference)
+
+
+def _left_pad(rows, pad_id=0):
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row) :] = torch.tensor(row)
+        attention_mask[i, length - len(row) :] = 1
+    return input_ids, attention_mask
+
+
+def test_left_padded_batch_matches_rows_run_alone(tiny_llama):
+    selkv.track_padding(tiny_llama)
+    rows = [torch.randint(3, 256, (n,)).tolist() for n in (21, 34, 9)]
+    input_ids, attention_mask = _left_pad(rows)
+    spec = "quant:bits=8,sink=4,window=300"
+    batch, _ = greedy(tiny_llama, input_ids, spec, attention_mask=attention_mask)
+    for i, row in enumerate(rows):
+        alone, _ = greedy(tiny_llama, torch.tensor([row]), spec)
+        assert torch.equal(batch[i], alone[0]), i
+
+
+def test_padding_never_takes_a_rows_sink(tiny_llama):
+    selkv.track_padding(tiny_llama)
+    rows = [torch.randint(3, 256, (n,)).tolist() for n in (40, 25)]
+    input_ids, attention_mask = _left_pad(rows)
+    spec = "quant:bits=4,sink=4,window=8,block=4"
+    _, cache = greedy(tiny_llama, input_ids, spec, max_new_tokens=4, attention_mask=attention_mask)
+    layer = cache.layers[0]
+    assert layer.sink_capacity == 4 + 15 and layer.row_padding.tolist() == [0, 15]
+    # Row 1's first 4 real tokens sit in its sink, in 16-bit: the same keys as when it runs alone.
+    _, alone = greedy(tiny_llama, torch.tensor([rows[1]]), spec, max_new_tokens=4)
+    torch.testing.assert_close(layer.sink_keys[1, :, 15:19], alone.layers[0].sink_keys[0, :, :4], **TOLERANCES["lossless_fp32"])
+
+
+def test_eviction_refuses_left_padding_clearly(tiny_llama):
+    selkv.track_padding(tiny_llama)
+    input_ids, attention_mask = _left_pad([[5, 6, 7, 8], [9, 10]])
+    with pytest.raises(NotImplementedError, match="left-padded"):
+        greedy(tiny_llama, input_ids, "drop:sink=4,window=16", attention_mask=attention_mask)
+
+
+def test_beam_search_reorders_the_cache(tiny_llama):
+    input_ids = torch.randint(3, 256, (1, 30))
+    reference, _ = greedy(tiny_llama, input_ids, "full", num_beams=3, max_new_tokens=12)
+    lossless, _ = greedy(tiny_llama, input_ids, "quant:bits=4,sink=4,window=100", num_beams=3, max_new_tokens=12)
+    assert torch.equal(lossless, reference)
+    lossy, cache = greedy(tiny_llama, input_ids, "quant:bits=8,sink=2,window=4,block=2", num_beams=3, max_new_tokens=12)
+    assert lossy.shape == reference.shape and cache.layers[0].num_stored > 0
+
+
+@pytest.mark.slow
+def test_embedded_model_int8_matches_full_greedy_text(smollm):
+    model, tokenizer = smollm
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Which planet is known as the red planet, and why? Answer briefly."}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )
+    # A small window, so that most of the prompt and the answer are read back from int8 codes.
+    spec = "quant:bits=8,sink=4,window=16,block=8"
+    full, _ = greedy(model, prompt["input_ids"], "full", max_new_tokens=32)
+    int8, cache = greedy(model, prompt["input_ids"], spec, max_new_tokens=32)
+    assert cache.layers[0].num_stored >= prompt["input_ids"].shape[1] - 4 - 16
+    assert tokenizer.decode(int8[0]) == tokenizer.decode(full[0])
+
+
+@pytest.mark.slow
+def test_embedded_model_int8_agrees_with_full_when_teacher_forced(smollm):
+    # Over a long prompt, feed both caches the full cache's greedy tokens and compare each step's choice.
+    model, tokenizer = smollm
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Summarize in two sentences: " + read_book(1500)}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )["input_ids"]
+    caches = {spec: selkv.make_cache(spec, model.config) for spec in ("full", "quant:bits=8,sink=4,window=124")}
+    agree, steps, token = 0, 32, None
+    with torch.no_grad():
+        logits = {spec: model(prompt, past_key_values=c).logits[:, -1] for spec, c in caches.items()}
+        for _ in range(steps):
+            token = logits["full"].argmax(-1, keepdim=True)
+            agree += int(logits["quant:bits=8,sink=4,window=124"].argmax()) == int(token)
+            logits = {spec: model(token, past_key_values=c).logits[:, -1] for spec, c in caches.items()}
+    assert caches["quant:bits=8,sink=4,window=124"].layers[0].num_stored > 0
+    assert agree >= steps - 1, agree  # at most one near-tie flips
+
+
+@pytest.mark.slow
+def test_embedded_model_logits_stay_close_to_full(smollm):
+    model, tokenizer = smollm
+    input_ids = tokenizer(read_book(8000), return_tensors="pt").input_ids[:, :768]
+
+    def logits(spec):
+        cache = selkv.make_cache(spec, model.config)
+        with torch.no_grad():
+            return torch.cat([model(input_ids[:, s : s + 64], past_key_values=cache).logits for s in range(0, 768, 64)], 1)
+
+    full = logits("full")
+    relative = {}
+    for spec in ["quant:bits=8,sink=4,window=124", "quant:bits=4,sink=4,window=124", "drop:sink=4,window=124"]:
+        got = logits(spec)
+        relative[spec] = float((got - full).norm() / full.norm())
+    assert relative["quant:bits=8,sink=4,window=124"] < 0.01, relative
+    assert relative["quant:bits=4,sink=4,window=124"] < 0.05, relative
+    # eviction forgets: far larger error than either quantized cache
+    assert relative["drop:sink=4,window=124"] > 2 * relative["quant:bits=4,sink=4,window=124"], relative
+
+
+@pytest.mark.slow
+def test_cli_generate_prints_text_speed_and_memory(capsys):
+    code = cli_main(["generate", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "6", "--prompt",
+                     "Name three colours.", "--cache", "full", "--cache", "quant:bits=8,sink=4,window=124"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "=== full" in out and "=== quant:bits=8,sink=4,window=124" in out
+    assert out.count("tok/s") == 2 and "16-bit full cache" in out
+
+
+def test_cli_reports_bad_specs_without_a_traceback(capsys):
+    assert cli_main(["generate", "--cache", "quant:bits=5", "--prompt", "x"]) == 2
+    assert "bits=5 is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["demo"]])
+def test_help_describes_every_command(command):
+    out = subprocess.run([sys.executable, "-m", "selkv.cli", *command, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "usage: selkv" in out
+    if command == ["generate"]:
+        assert "--cache" in out and "quant:bits=2|4|8" in out

@@ -1,0 +1,107 @@
+"""Quantization math: error bounds, packing, non-finite inputs, byte counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from selkv import quant
+
+
+def _bound(x: torch.Tensor, scale: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
+    per_element = scale.float().repeat_interleave(group_size, dim=dim)
+    # scale/2 from rounding to a level, plus float32 arithmetic on values of |x|'s size.
+    return per_element / 2 + 4 * torch.finfo(torch.float32).eps * (x.abs() + per_element * 2**8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nbits=st.sampled_from([2, 4, 8]),
+    groups=st.integers(1, 4),
+    group_size=st.sampled_from([1, 4, 16, 32, 64]),
+    rows=st.integers(1, 5),
+    log_scale=st.floats(-6, 4),
+    offset=st.floats(-50, 50),
+    sym=st.booleans(),
+    dim=st.sampled_from([-1, -2]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_round_trip_error_is_at_most_half_a_step(nbits, groups, group_size, rows, log_scale, offset, sym, dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (rows, groups * group_size) if dim == -1 else (groups * group_size, rows)
+    x = torch.randn(shape, generator=gen) * 10**log_scale + offset
+    codes, scale, zero = quant.quantize(x, nbits, group_size, dim=dim, sym=sym)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**nbits - 1
+    assert scale.dtype == zero.dtype == torch.float16
+    y = quant.dequantize(codes, scale, zero, group_size, dim=dim)
+    err = (x - y).abs()
+    assert bool((err <= _bound(x, scale, group_size, dim)).all()), float((err - _bound(x, scale, group_size, dim)).max())
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+def test_non_finite_and_constant_groups_give_finite_output(nbits, sym):
+    x = torch.tensor(
+        [
+            [float("nan"), 1.0, float("inf"), -float("inf")],
+            [3.5, 3.5, 3.5, 3.5],  # constant group: zero range
+            [0.0, 0.0, 0.0, 0.0],
+            [1e30, -1e30, 2.0, 1.0],  # beyond float16: saturates
+        ]
+    )
+    codes, scale, zero = quant.quantize(x, nbits, 4, sym=sym)
+    y = quant.dequantize(codes, scale, zero, 4)
+    assert torch.isfinite(y).all()
+    assert torch.isfinite(scale.float()).all() and (scale.float() > 0).all()
+    if not sym:  # the minimum of a constant group is stored exactly as the zero point
+        assert torch.equal(y[1], x[1]) and torch.equal(y[2], x[2])
+    assert y[0, 2] >= y[0, 1] >= y[0, 3]  # +inf saturates high, -inf low
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+@pytest.mark.parametrize("head_dim", [8, 64, 128])
+def test_pack_unpack_round_trip_and_size(nbits, head_dim):
+    codes = torch.randint(0, 2**nbits, (3, 5, head_dim), dtype=torch.uint8)
+    packed = quant.pack(codes, nbits)
+    assert packed.shape == (3, 5, head_dim * nbits // 8) == (3, 5, quant.packed_dim(head_dim, nbits))
+    assert packed.dtype == torch.uint8
+    assert torch.equal(quant.unpack(packed, nbits), codes)
+
+
+def test_packing_is_planar():
+    # Byte j holds channels j, j + D/k, ... in increasing bit positions (what the kernels rely on).
+    codes = torch.arange(8, dtype=torch.uint8) % 4  # D=8, 2 bits: k=4 planes of 2 channels
+    packed = quant.pack(codes, 2)
+    expected = [int(codes[j]) | int(codes[j + 2]) << 2 | int(codes[j + 4]) << 4 | int(codes[j + 6]) << 6 for j in range(2)]
+    assert packed.tolist() == expected
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="nbits must be one of"):
+        quant.quantize(torch.randn(4, 8), 3, 8)
+    with pytest.raises(ValueError, match="group_size=3"):
+        quant.quantize(torch.randn(4, 8), 4, 3)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        quant.pack(torch.zeros(6, dtype=torch.uint8), 2)
+
+
+def test_more_bits_means_less_error():
+    x = torch.randn(64, 64)
+    errors = []
+    for nbits in (2, 4, 8):
+        c, s, z = quant.quantize(x, nbits, 64)
+        errors.append(float((quant.dequantize(c, s, z, 64) - x).pow(2).mean()))
+    assert errors[0] > errors[1] > errors[2]
+    # Uniform quantization of a Gaussian: each extra bit cuts the MSE about 4x.
+    assert errors[1] / errors[2] > 4 ** 3
+
+
+def test_tensor_bytes_counts_every_reachable_tensor_once():
+    a = torch.zeros(10, dtype=torch.float16)
+    b = torch.zeros(3, 4, dtype=torch.uint8)
+    assert quant.tensor_bytes([a, {"b": b, "again": a}, None, (b,)]) == 20 + 12
+    assert quant.tensor_bytes(None) == 0 and math.isfinite(quant.tensor_bytes([]))
