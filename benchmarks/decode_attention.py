@@ -141,10 +141,10 @@ def sweep(shapes) -> list[dict]:
             query = torch.randn(batch, NUM_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
             args = random_storage(batch, context, nbits, axis_key, group)
             results = []
-            for block_n in (32, 64, 128):
-                for num_warps in (4, 8):
+            for block_n in (16, 32, 64):
+                for num_warps in (2, 4, 8):
                     for num_stages in (2, 3):
-                        for waves in (0, 8):
+                        for waves in (0, 16):
                             splits = 0
                             if waves:
                                 splits = max(1, waves * 132 // (batch * NUM_KV_HEADS))

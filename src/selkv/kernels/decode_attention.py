@@ -56,7 +56,7 @@ def _selective_decode_partial_kernel(
     Q_GROUP: tl.constexpr,  # channels per scale group (per-token groups)
     KEY_PER_CHANNEL: tl.constexpr,  # keys grouped per channel over KEY_BLOCK tokens (KIVI)
     KEY_BLOCK: tl.constexpr,  # tokens per key group when KEY_PER_CHANNEL
-    KEY_ROWS: tl.constexpr,  # key scale rows per middle tile (0: gather one row per token)
+    KEY_ROWS: tl.constexpr,  # 1: each middle tile lies inside one key group; 0: gather a scale row per token
     HAS_PADDING: tl.constexpr,
     BLOCK_N: tl.constexpr,  # middle tokens per tile
     BLOCK_EXACT: tl.constexpr,  # 16-bit tokens per tile
@@ -117,18 +117,27 @@ def _selective_decode_partial_kernel(
             m_i = m_new
     else:
         # ---- one chunk of the quantized middle
+        #
+        # Codes are packed in planes (quant.pack): byte j holds channels j, j + D/k, ... in bits
+        # [0, nbits), [nbits, 2 nbits), ... Loading byte (c mod D/k) for channel c and shifting it
+        # by (c div D/k) * nbits gives every channel's code in natural order, with no register
+        # shuffles (each byte is read k times, from L1).
+        #
+        # Codes (< 256) are exact in 16-bit floats, so they go into the dot products as they are and
+        # the scales are applied outside them, on [heads, tokens] or [heads, channels] tiles:
+        #   keys, per-token groups:   q.k[n] = sum_g scale[n,g] (q_g . code[n]) + zero[n,g] sum(q_g)
+        #   keys, per-channel groups: q.k[n] = (q * scale_row) . code[n] + q . zero_row
+        #   values (per-token groups): sum_n p[n] v[n] = sum_g [(p * scale_g) @ code + p . zero_g] on group g
+        # where q_g is q with the channels outside group g zeroed.
         PER_BYTE: tl.constexpr = 8 // NBITS
         PACKED: tl.constexpr = HEAD_DIM // PER_BYTE
         CODE_MASK: tl.constexpr = (1 << NBITS) - 1
         NUM_GROUPS: tl.constexpr = HEAD_DIM // Q_GROUP
         offs_n = tl.arange(0, BLOCK_N)
-        offs_p = tl.arange(0, PACKED)
-        # Codes are packed in planes (quant.pack): byte j holds channels j, j + D/k, ... in bits
-        # [0, nbits), [nbits, 2 nbits), ...; shifting a byte row by each plane's offset and laying the
-        # planes side by side gives the channels in their natural order.
-        shifts = tl.arange(0, PER_BYTE) * NBITS
-        if NUM_GROUPS > 1:
-            offs_grp = tl.arange(0, NUM_GROUPS)
+        byte_col = offs_d % PACKED
+        shift = (offs_d // PACKED) * NBITS
+        group_of = offs_d // Q_GROUP  # [D]
+        q32 = q.to(tl.float32)
         code_base = b * stride_cb + h * stride_ch
         kscale_base = b * stride_ksb + h * stride_ksh
         vscale_base = b * stride_vsb + h * stride_vsh
@@ -137,78 +146,61 @@ def _selective_decode_partial_kernel(
         for start in range(lo, hi, BLOCK_N):
             pos = start + offs_n
             valid = pos < hi
-            code_offs = code_base + pos[:, None] * stride_cn + offs_p[None, :]
+            code_offs = code_base + pos[:, None] * stride_cn + byte_col[None, :]
 
-            # keys: codes -> [BLOCK_N, D] float32
             kbytes = tl.load(KCodes + code_offs, mask=valid[:, None], other=0)
             if PER_BYTE == 1:
-                kc = kbytes.to(tl.float32)
+                kc = kbytes.to(q.dtype)
             else:
-                kc = (kbytes.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & CODE_MASK
-                kc = tl.reshape(kc, (BLOCK_N, HEAD_DIM)).to(tl.float32)
+                kc = ((kbytes.to(tl.int32) >> shift[None, :]) & CODE_MASK).to(q.dtype)  # [BLOCK_N, D]
             if KEY_PER_CHANNEL:
                 if KEY_ROWS == 1:  # the tile lies inside one key group: one scale row for all its tokens
                     row_offs = kscale_base + (start // KEY_BLOCK) * stride_ksn + offs_d
                     ks = tl.load(KScale + row_offs).to(tl.float32)
                     kz = tl.load(KZero + row_offs).to(tl.float32)
-                    k = kc * ks[None, :] + kz[None, :]
-                elif KEY_ROWS > 1:
-                    # Tiles start at multiples of BLOCK_N, and BLOCK_N and KEY_BLOCK divide one another:
-                    # the tile spans KEY_ROWS whole scale rows (or lies inside one).
-                    TOKENS_PER_ROW: tl.constexpr = BLOCK_N // KEY_ROWS
-                    rows = start // KEY_BLOCK + tl.arange(0, KEY_ROWS)
-                    row_ok = rows * KEY_BLOCK < hi
-                    s_offs = kscale_base + rows[:, None] * stride_ksn + offs_d[None, :]
-                    ks = tl.load(KScale + s_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-                    kz = tl.load(KZero + s_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-                    k = tl.reshape(kc, (KEY_ROWS, TOKENS_PER_ROW, HEAD_DIM)) * ks[:, None, :] + kz[:, None, :]
-                    k = tl.reshape(k, (BLOCK_N, HEAD_DIM))
-                else:
-                    rows = pos // KEY_BLOCK
-                    s_offs = kscale_base + rows[:, None] * stride_ksn + offs_d[None, :]
+                    q_scaled = (q32 * ks[None, :]).to(q.dtype)
+                    s = tl.dot(q_scaled, tl.trans(kc), input_precision=DOT_PRECISION)
+                    s = s + tl.sum(q32 * kz[None, :], 1)[:, None]
+                else:  # tiles and key groups do not nest: dequantize with one scale row per token
+                    s_offs = kscale_base + (pos // KEY_BLOCK)[:, None] * stride_ksn + offs_d[None, :]
                     ks = tl.load(KScale + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
                     kz = tl.load(KZero + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                    k = kc * ks + kz
-            elif NUM_GROUPS == 1:  # one group per token
-                ks = tl.load(KScale + kscale_base + pos * stride_ksn, mask=valid, other=0.0).to(tl.float32)
-                kz = tl.load(KZero + kscale_base + pos * stride_ksn, mask=valid, other=0.0).to(tl.float32)
-                k = kc * ks[:, None] + kz[:, None]
+                    k = (kc.to(tl.float32) * ks + kz).to(q.dtype)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             else:
-                s_offs = kscale_base + pos[:, None] * stride_ksn + offs_grp[None, :]
-                ks = tl.load(KScale + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                kz = tl.load(KZero + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                k = tl.reshape(kc, (BLOCK_N, NUM_GROUPS, Q_GROUP)) * ks[:, :, None] + kz[:, :, None]
-                k = tl.reshape(k, (BLOCK_N, HEAD_DIM))
-            # Round to the model's dtype as the reference path does before its attention.
-            k = k.to(q.dtype)
+                s = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
+                for g in tl.static_range(NUM_GROUPS):
+                    s_offs = kscale_base + pos * stride_ksn + g
+                    ks = tl.load(KScale + s_offs, mask=valid, other=0.0).to(tl.float32)
+                    kz = tl.load(KZero + s_offs, mask=valid, other=0.0).to(tl.float32)
+                    q_g = tl.where((group_of == g)[None, :], q, 0.0).to(q.dtype)
+                    dot_g = tl.dot(q_g, tl.trans(kc), input_precision=DOT_PRECISION)
+                    s += dot_g * ks[None, :] + tl.sum(q_g.to(tl.float32), 1)[:, None] * kz[None, :]
 
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            s = s * scale_log2
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
 
-            # values: always per-token groups
             vbytes = tl.load(VCodes + code_offs, mask=valid[:, None], other=0)
             if PER_BYTE == 1:
-                vc = vbytes.to(tl.float32)
+                vc = vbytes.to(q.dtype)
             else:
-                vc = (vbytes.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & CODE_MASK
-                vc = tl.reshape(vc, (BLOCK_N, HEAD_DIM)).to(tl.float32)
-            if NUM_GROUPS == 1:
-                vs = tl.load(VScale + vscale_base + pos * stride_vsn, mask=valid, other=0.0).to(tl.float32)
-                vz = tl.load(VZero + vscale_base + pos * stride_vsn, mask=valid, other=0.0).to(tl.float32)
-                v = (vc * vs[:, None] + vz[:, None]).to(q.dtype)
-            else:
-                s_offs = vscale_base + pos[:, None] * stride_vsn + offs_grp[None, :]
-                vs = tl.load(VScale + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                vz = tl.load(VZero + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                v = tl.reshape(vc, (BLOCK_N, NUM_GROUPS, Q_GROUP)) * vs[:, :, None] + vz[:, :, None]
-                v = tl.reshape(v, (BLOCK_N, HEAD_DIM)).to(q.dtype)
-
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                vc = ((vbytes.to(tl.int32) >> shift[None, :]) & CODE_MASK).to(q.dtype)
+            for g in tl.static_range(NUM_GROUPS):
+                s_offs = vscale_base + pos * stride_vsn + g
+                vs = tl.load(VScale + s_offs, mask=valid, other=0.0).to(tl.float32)
+                vz = tl.load(VZero + s_offs, mask=valid, other=0.0).to(tl.float32)
+                pv = tl.dot((p * vs[None, :]).to(q.dtype), vc, input_precision=DOT_PRECISION)  # [GROUP_PAD, D]
+                pz = tl.sum(p * vz[None, :], 1)
+                if NUM_GROUPS == 1:
+                    acc += pv + pz[:, None]
+                else:
+                    acc += tl.where((group_of == g)[None, :], pv + pz[:, None], 0.0)
             m_i = m_new
 
     # ---- partial result of this program: normalized output and log2-sum-exp (-inf when empty)
@@ -272,7 +264,12 @@ class DecodeConfig:
 
 def default_config(nbits: int, head_dim: int, axis_key: str, block_length: int) -> DecodeConfig:
     """Heuristic launch parameters per shape (see benchmarks/NOTES.md for the sweep behind them)."""
-    block_n = 64 if head_dim <= 64 else (64 if nbits < 8 else 32)
+    block_n = 32 if nbits == 8 else 64
+    if axis_key == "channel":
+        # A tile inside one key group reads one scale row; pick the largest such tile up to block_n.
+        tile = block_length & -block_length  # largest power of two dividing block_length
+        if tile >= 16:
+            block_n = min(block_n, tile)
     return DecodeConfig(block_n=block_n, block_exact=32, num_warps=4, num_stages=2)
 
 
@@ -281,10 +278,8 @@ def _pow2(n: int) -> bool:
 
 
 def _key_rows(block_n: int, block_length: int) -> int:
-    """Key scale rows per middle tile for per-channel keys; 0 when tiles and key groups do not nest."""
-    if not (_pow2(block_n) and _pow2(block_length)):
-        return 0
-    return max(1, block_n // block_length)
+    """1 when every middle tile lies inside one per-channel key group (one scale row), else 0."""
+    return 1 if block_length % block_n == 0 else 0
 
 
 def _num_sms(device: torch.device) -> int:
@@ -294,14 +289,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _splits(num_stored: int, programs_per_split: int, config: DecodeConfig, device: torch.device) -> tuple[int, int]:
-    """(number of middle chunks, tokens per chunk): enough programs for about four waves of the GPU."""
+    """(number of middle chunks, tokens per chunk): about eight programs per multiprocessor."""
     if num_stored == 0:
         return 0, config.block_n
     tiles = triton.cdiv(num_stored, config.block_n)
     if config.num_splits:
         wanted = config.num_splits
     else:
-        wanted = triton.cdiv(4 * _num_sms(device), programs_per_split)
+        wanted = triton.cdiv(8 * _num_sms(device), programs_per_split)
         wanted = min(wanted, triton.cdiv(tiles, 4))  # keep >= 4 tiles per chunk: each chunk pays a partial
     wanted = max(1, min(wanted, tiles))
     tokens_per_split = triton.cdiv(tiles, wanted) * config.block_n
