@@ -17,6 +17,14 @@ SPEC_HELP = (
     "hf-quanto:bits=2|4,residual=R | hf-hqq:bits=B,residual=R"
 )
 DEMO_CACHES = ("full", "quant:bits=8,sink=4,window=124")
+SIZE_CACHES = (
+    "full",
+    "drop:sink=4,window=124",
+    "quant:bits=8,sink=4,window=124",
+    "quant:bits=4,sink=4,window=124",
+    "quant:bits=2,sink=4,window=124",
+    "hf-quanto:bits=4,residual=128",
+)
 DEMO_PROMPT = (
     "Explain in a few sentences why the key/value cache of a language model grows with the context length, "
     "and one way to make it smaller."
@@ -55,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", help="read the prompt from this file")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
+
+    size = sub.add_parser(
+        "size",
+        help="KV bytes of each cache at N tokens for a model's shape (no forward pass)",
+        description="Pushes random states of the model's shape through each cache and counts the bytes of the "
+        "tensors it holds: 16-bit regions, codes, scales, and the ratio to a 16-bit full cache.",
+    )
+    size.add_argument("--model", default="smollm2-135m", help="model whose config gives the shape (default smollm2-135m)")
+    size.add_argument("--cache", action="append", metavar="SPEC", help=SPEC_HELP)
+    size.add_argument("--tokens", type=int, default=4096, help="sequence length (default 4096)")
+    size.add_argument("--batch-size", type=int, default=1, help="batch size (default 1)")
+    size.add_argument("--chunk", type=int, default=64, help="tokens per update, as in chunked scoring (default 64)")
 
     demo = sub.add_parser(
         "demo",
@@ -113,6 +133,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_size(args) -> int:
+    from .config import parse_spec
+    from .sizing import load_config, size_table
+
+    specs = args.cache or list(SIZE_CACHES)
+    for spec in specs:
+        parse_spec(spec)
+    print(size_table(specs, load_config(args.model), args.tokens, args.batch_size, args.chunk))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .generation import encode_prompt, generate
 
@@ -133,7 +164,7 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"generate": cmd_generate, "demo": cmd_demo}
+    handlers = {"generate": cmd_generate, "size": cmd_size, "demo": cmd_demo}
     handler = handlers.get(args.command) or getattr(args, "handler", None)
     if handler is None:
         parser.error(f"unknown command {args.command!r}")
