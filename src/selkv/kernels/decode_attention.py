@@ -263,14 +263,10 @@ class DecodeConfig:
 
 
 def default_config(nbits: int, head_dim: int, axis_key: str, block_length: int) -> DecodeConfig:
-    """Heuristic launch parameters per shape (see benchmarks/NOTES.md for the sweep behind them)."""
-    block_n = 32 if nbits == 8 else 64
-    if axis_key == "channel":
-        # A tile inside one key group reads one scale row; pick the largest such tile up to block_n.
-        tile = block_length & -block_length  # largest power of two dividing block_length
-        if tile >= 16:
-            block_n = min(block_n, tile)
-    return DecodeConfig(block_n=block_n, block_exact=32, num_warps=4, num_stages=2)
+    """Heuristic launch parameters per shape, from the sweep in benchmarks/NOTES.md (H200, head_dim 128)."""
+    if nbits == 8:
+        return DecodeConfig(block_n=32, block_exact=32, num_warps=4, num_stages=2)
+    return DecodeConfig(block_n=64, block_exact=32, num_warps=4, num_stages=3)
 
 
 def _pow2(n: int) -> bool:
