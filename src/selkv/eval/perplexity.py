@@ -1,0 +1,96 @@
+"""Chunked perplexity that reads the compressed cache.
+
+A perplexity computed in one forward pass never reads the cache, so every strategy would score the
+same. Here the text is fed in chunks of ``chunk`` tokens: each chunk's predictions attend to the
+cache the earlier chunks left behind (``chunk=1`` is token-by-token decoding). Within a chunk the
+new tokens attend to each other exactly, as in a real prefill.
+
+Metrics per cache: ``ppl``, ``nll`` (mean, nats/token), ``tokens`` (predicted tokens), the KV memory
+at the end of each segment, and ``ppl_vs_full`` / ``nll_vs_full`` (relative / absolute difference
+to the ``full`` cache on the same tokens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..cache import make_cache
+from .common import aggregate_kv, encode, measure_cache, progress
+from .data import load_text
+
+TASK = "perplexity"
+DEFAULTS = {"data": "pg19", "max_tokens": 2048, "chunk": 64, "segments": 1}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", default=DEFAULTS["data"],
+                        help="text file, or a named set: wikitext2, pg19, pg19-dragons-blood, pg19-morocco, "
+                             "hf:PATH[:CONFIG] (default pg19)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULTS["max_tokens"],
+                        help="tokens per segment (default 2048)")
+    parser.add_argument("--chunk", type=int, default=DEFAULTS["chunk"],
+                        help="tokens per forward pass; each chunk reads the cache left by earlier ones (default 64; "
+                             "1 = token by token)")
+    parser.add_argument("--segments", type=int, default=DEFAULTS["segments"],
+                        help="consecutive non-overlapping segments of --max-tokens, each with a fresh cache (default 1)")
+
+
+def settings_from_args(args) -> dict:
+    return {"data": args.data, "max_tokens": args.max_tokens, "chunk": args.chunk, "segments": args.segments}
+
+
+def load_segments(tokenizer, data: str, max_tokens: int, segments: int) -> tuple[list[list[int]], str]:
+    """``segments`` consecutive token segments of ``max_tokens`` from the start of the text."""
+    if max_tokens < 2 or segments < 1:
+        raise ValueError(f"--max-tokens must be >= 2 and --segments >= 1, got {max_tokens} and {segments}")
+    text, source = load_text(data)
+    needed = max_tokens * segments
+    # Tokenize a prefix first (large files take seconds); fall back to the whole text if it is too short.
+    ids = encode(tokenizer, text[: needed * 12])
+    if len(ids) < needed:
+        ids = encode(tokenizer, text)
+    if len(ids) < needed:
+        raise ValueError(f"{source} has {len(ids)} tokens; {segments} x {max_tokens} were asked for")
+    return [ids[i * max_tokens : (i + 1) * max_tokens] for i in range(segments)], source
+
+
+@torch.inference_mode()
+def score(model, ids: list[int], spec: str, chunk: int) -> tuple[float, int, dict]:
+    """(summed NLL over positions 1..n-1, predicted tokens, KV memory at the end) with a fresh ``spec`` cache."""
+    device = model.device
+    input_ids = torch.tensor([ids], device=device)
+    targets = input_ids[0, 1:]
+    cache = make_cache(spec, model.config)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    seq_len = input_ids.shape[-1]
+    step = chunk if chunk > 0 else seq_len
+    for start in range(0, seq_len, step):
+        logits = model(input_ids=input_ids[:, start : start + step], past_key_values=cache, use_cache=True).logits
+        end = min(start + step, seq_len - 1)  # positions start..end-1 predict tokens start+1..end
+        if end > start:
+            nll = torch.nn.functional.cross_entropy(logits[0, : end - start].float(), targets[start:end], reduction="sum")
+            total += nll.double()
+    return float(total), seq_len - 1, measure_cache(cache)
+
+
+def run(model, tokenizer, specs: list[str], writer, data: str, max_tokens: int, chunk: int, segments: int = 1) -> None:
+    segment_ids, source = load_segments(tokenizer, data, max_tokens, segments)
+    writer.data = source
+    todo = [(spec, i) for spec in specs for i in range(len(segment_ids)) if writer.get(spec, f"segment{i}") is None]
+    for spec, i in progress(todo, desc=f"perplexity ({max_tokens} tokens, chunk {chunk})", unit="run"):
+        nll_sum, tokens, kv = score(model, segment_ids[i], spec, chunk)
+        writer.add(spec, f"segment{i}", {"nll_sum": nll_sum, "tokens": tokens, **kv})
+
+
+def aggregate(records: list[dict]) -> dict:
+    tokens = sum(r["tokens"] for r in records)
+    nll = sum(r["nll_sum"] for r in records) / tokens
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "segments": len(records), **aggregate_kv(records)}
+
+
+def compare(metrics: dict, full: dict) -> dict:
+    if metrics.get("tokens") != full.get("tokens"):
+        return {}
+    return {"ppl_vs_full": metrics["ppl"] / full["ppl"] - 1.0, "nll_vs_full": metrics["nll"] - full["nll"]}

@@ -1,0 +1,247 @@
+"""``selkv report DIR...``: results folders -> one Markdown report with tables and PNG plots.
+
+Every folder (searched recursively) holding a ``results.json`` becomes one table; plots are drawn
+from the tasks that support them: memory vs new tokens (memory), perplexity vs bits (perplexity),
+accuracy vs needle depth (needle).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import SpecError, parse_spec
+from .common import RESULTS
+
+MIB = 1024 * 1024
+
+
+def find_results(dirs: list[str]) -> list[tuple[Path, dict]]:
+    """(folder, results.json payload) of every results folder under ``dirs``, in a stable order."""
+    found = []
+    for d in dirs:
+        root = Path(d)
+        if not root.exists():
+            raise FileNotFoundError(f"no such results folder: {root}")
+        paths = [root / RESULTS] if (root / RESULTS).exists() else sorted(root.rglob(RESULTS))
+        if not paths:
+            raise FileNotFoundError(f"no {RESULTS} in {root} or below")
+        for path in paths:
+            try:
+                found.append((path.parent, json.loads(path.read_text(encoding="utf-8"))))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON ({err})") from None
+    return found
+
+
+def _fmt(value, spec: str = ".2f", missing: str = "–") -> str:
+    if value is None:
+        return missing
+    return format(value, spec)
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{value * 100:+.2f}%"
+
+
+def _mib(value) -> str:
+    return "–" if value is None else f"{value / MIB:.2f}"
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
+
+
+def _settings_line(payload: dict) -> str:
+    settings = ", ".join(f"{k}={v}" for k, v in payload.get("settings", {}).items() if v is not None)
+    env = payload.get("environment", {})
+    where = f"; {env.get('device', '')} {env.get('dtype', '')}".rstrip() if env else ""
+    partial = "" if payload.get("complete") else " **(incomplete run)**"
+    return f"Model `{payload.get('model')}`, data `{payload.get('data')}`; {settings}{where}.{partial}"
+
+
+def table_lines(payload: dict) -> list[str]:
+    task, results = payload.get("task"), payload.get("results", [])
+    m = [(r["cache"], r.get("metrics") or {}) for r in results]
+    if task == "perplexity":
+        s = payload["settings"]
+        title = f"Perplexity: {s.get('max_tokens')} tokens x {s.get('segments', 1)} segment(s), chunk {s.get('chunk')}"
+        rows = [[f"`{c}`", _fmt(x.get("ppl"), ".3f"), _pct(x.get("ppl_vs_full")), _fmt(x.get("nll"), ".4f"),
+                 x.get("tokens", "–"), _mib(x.get("kv_bytes")), _fmt(x.get("compression"), ".2f")] for c, x in m]
+        header = ["cache", "ppl", "vs full", "NLL", "tokens", "KV MiB", "compression"]
+    elif task == "summarization":
+        s = payload["settings"]
+        title = f"Summarization: ROUGE-L F1, {s.get('max_new_tokens')} new tokens, prefill chunk {s.get('chunk')}"
+        rows = [[f"`{c}`", _fmt(x.get("rougeL"), ".4f"), _fmt(x.get("rougeL_diff_vs_full"), "+.4f"),
+                 _fmt(x.get("rougeL_vs_full"), ".3f"), _fmt(x.get("token_match_vs_full"), ".3f"), x.get("n", "–"),
+                 _fmt(x.get("compression"), ".2f")] for c, x in m]
+        header = ["cache", "ROUGE-L", "vs full", "ROUGE-L vs full output", "token match vs full", "n", "compression"]
+    elif task == "needle":
+        s = payload["settings"]
+        lengths = [str(n) for n in s.get("lengths", [])]
+        kv = any("kv_accuracy" in x for _, x in m)
+        title = f"Needle: passkey accuracy by context length, prefill chunk {s.get('chunk')}"
+        rows = [[f"`{c}`", _fmt(x.get("accuracy"), ".2f"), *[_fmt(x.get("by_length", {}).get(n), ".2f") for n in lengths],
+                 *([_fmt(x.get("kv_accuracy"), ".2f")] if kv else []), x.get("n", "–"),
+                 _fmt(x.get("compression"), ".2f")] for c, x in m]
+        header = ["cache", "accuracy", *[f"{n} tok" for n in lengths], *(["KV retrieval"] if kv else []), "n",
+                  "compression"]
+    elif task == "memory":
+        s = payload["settings"]
+        title = f"KV memory after {s.get('prompt_tokens')} prompt + {s.get('new_tokens')} new tokens"
+        cuda = any("peak_device_bytes" in x for _, x in m)
+        rows = [[f"`{c}`", _mib(x.get("kv_bytes")), _mib(x.get("kv_bytes_full16")), _fmt(x.get("compression"), ".2f"),
+                 _mib(x.get("kv_bytes_16bit")), _mib(x.get("kv_bytes_codes")), _mib(x.get("kv_bytes_scales")),
+                 *([_mib(x.get("peak_device_bytes"))] if cuda else [])] for c, x in m]
+        header = ["cache", "KV MiB", "16-bit full MiB", "compression", "16-bit part", "codes", "scales",
+                  *(["peak device MiB"] if cuda else [])]
+    elif task == "speed":
+        s = payload["settings"]
+        title = (f"Speed: batch {s.get('batch')}, context {s.get('context')}, {s.get('new_tokens')} new tokens, "
+                 f"median of {s.get('repeats')} after {s.get('warmup')} warm-up")
+        rows = [[f"`{c}`", _fmt(x.get("prefill_tok_s"), ".0f"), _fmt(x.get("decode_tok_s"), ".1f"),
+                 _fmt(x.get("decode_speedup_vs_full"), ".2f"), _fmt(x.get("compression"), ".2f")] for c, x in m]
+        header = ["cache", "prefill tok/s", "decode tok/s", "decode vs full", "compression"]
+    else:
+        title, header, rows = f"{task}", ["cache", "metrics"], [[c, json.dumps(x)[:200]] for c, x in m]
+    return [f"### {title}", "", _settings_line(payload), "", *_table(header, rows), ""]
+
+
+def _bits(spec: str) -> int | None:
+    try:
+        parsed = parse_spec(spec)
+    except SpecError:
+        return None
+    return 16 if parsed.kind == "full" else parsed.nbits
+
+
+def _family(spec: str) -> str:
+    """A line label for the bits plot: the spec without its bit width."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "quant":
+        return (f"quant sink={parsed.num_sink_tokens},window={parsed.window_length},"
+                f"key_axis={parsed.axis_key}" + (f",group={parsed.q_group_size}" if parsed.q_group_size else ""))
+    if parsed.kind in ("hf-quanto", "hf-hqq"):
+        return f"{parsed.kind} residual={parsed.residual_length}"
+    return parsed.kind
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_memory(payload: dict, path: Path) -> bool:
+    series = [(r["cache"], r["metrics"].get("series")) for r in payload["results"] if r.get("metrics")]
+    series = [(c, s) for c, s in series if s]
+    if not series:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for cache, points in series:
+        ax.plot([p["new_tokens"] for p in points], [p["kv_bytes"] / MIB for p in points], label=cache, marker=".")
+    ax.set_xlabel(f"new tokens (after a {payload['settings'].get('prompt_tokens')}-token prompt)")
+    ax.set_ylabel("KV cache MiB")
+    ax.set_title(f"KV memory vs new tokens ({payload.get('model')})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_perplexity(payload: dict, path: Path) -> bool:
+    points = [(r["cache"], _bits(r["cache"]), r["metrics"].get("ppl")) for r in payload["results"] if r.get("metrics")]
+    points = [p for p in points if p[2] is not None]
+    if not points:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    families: dict[str, list[tuple[int, float]]] = {}
+    for cache, bits, ppl in points:
+        kind = parse_spec(cache).kind
+        if kind == "full":
+            ax.axhline(ppl, color="black", lw=1, label="full (16-bit)")
+        elif kind == "drop":
+            ax.axhline(ppl, color="gray", ls="--", lw=1, label=cache)
+        else:
+            families.setdefault(_family(cache), []).append((bits, ppl))
+    for family, pts in families.items():
+        pts.sort()
+        ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", label=family)
+    s = payload["settings"]
+    ax.set_xlabel("bits per quantized element")
+    ax.set_xticks([2, 4, 8])
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(f"Perplexity vs bits ({s.get('max_tokens')} tokens, chunk {s.get('chunk')})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_needle(payload: dict, path: Path) -> bool:
+    rows = [(r["cache"], r["metrics"].get("by_depth")) for r in payload["results"] if r.get("metrics")]
+    rows = [(c, d) for c, d in rows if d]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (cache, by_depth) in enumerate(rows):
+        depths = sorted(by_depth, key=float)
+        # A small vertical offset per cache keeps overlapping lines visible.
+        ax.plot([float(d) for d in depths], [by_depth[d] + 0.01 * (i - len(rows) / 2) for d in depths],
+                marker="o", label=cache)
+    lengths = ", ".join(str(n) for n in payload["settings"].get("lengths", []))
+    ax.set_xlabel("needle depth (0 = start of the context, 1 = end)")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"Needle accuracy vs depth (contexts of {lengths} tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+PLOTS = {"memory": ("memory_vs_tokens", plot_memory), "perplexity": ("ppl_vs_bits", plot_perplexity),
+         "needle": ("needle_accuracy_vs_depth", plot_needle)}
+
+
+def run(dirs: list[str], out_dir: str | None = None, image_prefix: str | None = None) -> str:
+    """Write ``report.md`` and PNG plots to ``out_dir`` (default: the first folder); return the Markdown.
+
+    ``image_prefix`` is how report.md refers to the images (default: their file names).
+    """
+    found = find_results(dirs)
+    out = Path(out_dir or dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["## Results", ""]
+    counts: dict[str, int] = {}
+    for folder, payload in found:
+        lines += table_lines(payload)
+        task = payload.get("task")
+        if task in PLOTS:
+            name, plot = PLOTS[task]
+            counts[name] = counts.get(name, 0) + 1
+            if counts[name] > 1:
+                name = f"{name}_{counts[name]}"
+            if plot(payload, out / f"{name}.png"):
+                ref = f"{image_prefix.rstrip('/')}/{name}.png" if image_prefix else f"{name}.png"
+                lines += [f"![{name}]({ref})", ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text, encoding="utf-8")
+    return text

@@ -1,0 +1,96 @@
+"""Prefill and decode throughput of every cache, side by side in one process.
+
+This is a benchmark, not a test: for each repeat, caches take turns (round robin, so that drift in
+machine speed hits all of them alike); the first ``warmup`` repeats are discarded and the median of
+the rest is reported. Inputs are random token ids (speed does not depend on content); decoding runs
+exactly ``new_tokens`` steps with no early stop.
+
+Metrics per cache: ``prefill_tok_s`` (batch x context / prefill time), ``decode_tok_s``
+(batch x new_tokens / decode time), the per-repeat times, and KV memory at the end.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..cache import make_cache
+from .common import measure_cache, prefill, progress, sync
+
+TASK = "speed"
+DEFAULTS = {"batch": 1, "context": 1024, "new_tokens": 64, "repeats": 5, "warmup": 1, "chunk": 0, "seed": 0}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="batch size (default 1)")
+    parser.add_argument("--context", type=int, default=DEFAULTS["context"], help="prompt tokens (default 1024)")
+    parser.add_argument("--new-tokens", type=int, default=DEFAULTS["new_tokens"], help="decode steps (default 64)")
+    parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], help="timed repeats (default 5)")
+    parser.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="untimed repeats first (default 1)")
+    parser.add_argument("--chunk", type=int, default=DEFAULTS["chunk"], help="prefill chunk (default 0 = one pass)")
+
+
+def settings_from_args(args) -> dict:
+    return {"batch": args.batch, "context": args.context, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "warmup": args.warmup, "chunk": args.chunk, "seed": DEFAULTS["seed"]}
+
+
+@torch.inference_mode()
+def time_once(model, input_ids: torch.Tensor, spec: str, new_tokens: int, chunk: int) -> tuple[float, float, object]:
+    """(prefill seconds, decode seconds, cache) of one run with a fresh cache."""
+    device = model.device
+    cache = make_cache(spec, model.config)
+    sync(device)
+    start = time.perf_counter()
+    last = prefill(model, input_ids, cache, chunk)
+    next_token = last.argmax(-1, keepdim=True)  # [batch, 1]
+    sync(device)
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        next_token = model(input_ids=next_token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    sync(device)
+    return prefill_s, time.perf_counter() - start, cache
+
+
+def run(model, tokenizer, specs: list[str], writer, batch: int, context: int, new_tokens: int, repeats: int,
+        warmup: int, chunk: int, seed: int = 0) -> None:
+    if batch < 1 or context < 1 or new_tokens < 1 or repeats < 1 or warmup < 0:
+        raise ValueError("--batch, --context, --new-tokens and --repeats must be >= 1 and --warmup >= 0")
+    todo = [s for s in specs if writer.get(s, "timing") is None]
+    if not todo:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+    input_ids = torch.randint(0, vocab, (batch, context), generator=generator).to(model.device)
+    writer.data = f"random token ids (seed {seed})"
+    times: dict[str, list[tuple[float, float]]] = {s: [] for s in todo}
+    caches = {}
+    for repeat in progress(range(warmup + repeats), desc="speed (repeats)", unit="round"):
+        for spec in todo:
+            prefill_s, decode_s, caches[spec] = time_once(model, input_ids, spec, new_tokens, chunk)
+            if repeat >= warmup:
+                times[spec].append((prefill_s, decode_s))
+    for spec in todo:
+        prefill_s = statistics.median(t[0] for t in times[spec])
+        decode_s = statistics.median(t[1] for t in times[spec])
+        writer.add(spec, "timing", {
+            "prefill_tok_s": batch * context / prefill_s,
+            "decode_tok_s": batch * new_tokens / decode_s,
+            "prefill_s": [t[0] for t in times[spec]],
+            "decode_s": [t[1] for t in times[spec]],
+            **measure_cache(caches[spec]),
+        })
+
+
+def aggregate(records: list[dict]) -> dict:
+    record = records[-1]
+    keys = ("prefill_tok_s", "decode_tok_s", "prefill_s", "decode_s", "kv_bytes", "kv_bytes_full16", "compression")
+    return {k: record[k] for k in keys if k in record}
+
+
+def compare(metrics: dict, full: dict) -> dict:
+    return {"decode_speedup_vs_full": metrics["decode_tok_s"] / full["decode_tok_s"],
+            "prefill_speedup_vs_full": metrics["prefill_tok_s"] / full["prefill_tok_s"]}
