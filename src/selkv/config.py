@@ -29,10 +29,10 @@ _FIELDS: dict[str, dict[str, object]] = {
         "bits": None,
         "sink": 4,
         "window": 124,
-        "group": 0,  # 0: min(head_dim, 64), resolved by check_model
+        "group": 0,  # 0: min(head_dim, DEFAULT_GROUP[bits]), resolved by check_model
         "key_axis": "",  # "": the per-bit-width default below
         "sym": 0,
-        "block": 32,
+        "block": 0,  # 0: DEFAULT_BLOCK[bits]
     },
     "hf-quanto": {"bits": None, "residual": 128, "group": 0},
     "hf-hqq": {"bits": None, "residual": 128, "group": 0},
@@ -43,6 +43,14 @@ _FIELDS: dict[str, dict[str, object]] = {
 # outlier channels dominate each token's range, so per-channel groups (KIVI)
 # cost far less accuracy.
 DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 2: "channel"}
+
+# Default group size (channels per value group, and per key group with per-token keys) and block (tokens
+# per per-channel key group, and per eviction) per bit width, from the sweep in docs/eval_results.md
+# (PG-19 and WikiText-2, 2,048 tokens, chunk 64): at 4 bits, groups of 32 halve the excess perplexity of
+# groups of 64 (WikiText-2 +0.67% -> +0.38%); at 2 bits, key groups of 16 tokens instead of 32 cut it
+# from +26% to +16% (PG-19 +9.1% -> +5.5%), for 12% more bytes.
+DEFAULT_GROUP = {8: 64, 4: 32, 2: 64}
+DEFAULT_BLOCK = {8: 32, 4: 32, 2: 16}
 
 _HF_NBITS = {"hf-quanto": (2, 4), "hf-hqq": (1, 2, 3, 4, 8)}
 
@@ -83,7 +91,7 @@ class CacheSpec:
         """Validate against a model's ``head_dim``; return the spec with defaults resolved."""
         if self.kind in ("full", "drop"):
             return self
-        group = self.q_group_size or min(head_dim, 64)
+        group = self.q_group_size or min(head_dim, DEFAULT_GROUP[self.nbits])
         if head_dim % group:
             raise SpecError(f"{self.kind}: group={group} must divide the model's head_dim ({head_dim})")
         if self.kind != "quant":
@@ -158,6 +166,8 @@ def parse_spec(spec: str | CacheSpec) -> CacheSpec:
         group = ints["group"]
         if group < 0 or group == 0 and "group" in given:
             raise SpecError(f"quant: group={group} must be >= 1")
+        if "block" not in given:
+            ints["block"] = DEFAULT_BLOCK[nbits]
         return CacheSpec(
             kind,
             nbits=nbits,
