@@ -31,12 +31,12 @@ SUITE = (
     ("perplexity-pg19-2048", "perplexity", {"data": "pg19", "max_tokens": 2048, "chunk": 64, "segments": 1}),
     ("perplexity-pg19-4096", "perplexity", {"data": "pg19", "max_tokens": 4096, "chunk": 64, "segments": 1}),
     ("perplexity-wikitext2-2048", "perplexity", {"data": "wikitext2", "max_tokens": 2048, "chunk": 64, "segments": 1}),
-    ("summarization-cnn_dailymail", "summarization",
-     {**rouge.DEFAULTS, "data": "cnn_dailymail", "limit": 20, "max_new_tokens": 64}),
     ("needle", "needle", {**needle.DEFAULTS, "lengths": [1024, 2048], "depths": [0.1, 0.3, 0.5, 0.7, 0.9],
                           "trials": 2}),
     ("memory", "memory", dict(memory.DEFAULTS)),
     ("speed", "speed", dict(speed.DEFAULTS)),
+    ("summarization-cnn_dailymail", "summarization",
+     {**rouge.DEFAULTS, "data": "cnn_dailymail", "limit": 20, "max_new_tokens": 64}),
 )
 
 QUICK = (
