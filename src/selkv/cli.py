@@ -144,12 +144,28 @@ def cmd_size(args) -> int:
     return 0
 
 
+def demo_prompt() -> tuple[str, str]:
+    """(prompt, where it came from): a CNN/DailyMail article to summarize, long enough that the middle is quantized."""
+    import json
+
+    from .eval.data import data_root
+
+    path = data_root() / "summarization" / "cnn_dailymail_test.jsonl"
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            article = json.loads(f.readline())["document"]
+        return f"Summarize this article in three sentences.\n\n{article}", f"the first article of {path}"
+    return DEMO_PROMPT, "a built-in prompt (no CNN/DailyMail file found; set SELKV_DATA)"
+
+
 def cmd_demo(args) -> int:
     from .generation import encode_prompt, generate
 
     model, tokenizer = _load(args)
-    inputs = encode_prompt(tokenizer, DEMO_PROMPT)
-    print(f"# 1. Side by side: {' vs '.join(DEMO_CACHES)}\nprompt: {DEMO_PROMPT}\n")
+    prompt, source = demo_prompt()
+    inputs = encode_prompt(tokenizer, prompt)
+    print(f"# 1. Side by side: {' vs '.join(DEMO_CACHES)}")
+    print(f"prompt: {source} ({inputs['input_ids'].shape[-1]} tokens)\n")
     print_generations([generate(model, tokenizer, inputs, spec, args.max_new_tokens) for spec in DEMO_CACHES])
     try:
         from .eval.cli import demo_comparison

@@ -8,33 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import quant
+from ..layers.sink_window import dequantize_middle
 
-
-def dequantize_middle(
-    key_codes: torch.Tensor,
-    key_scale: torch.Tensor,
-    key_zero: torch.Tensor,
-    value_codes: torch.Tensor,
-    value_scale: torch.Tensor,
-    value_zero: torch.Tensor,
-    num_stored: int,
-    *,
-    nbits: int,
-    q_group_size: int,
-    axis_key: str,
-    block_length: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``num_stored`` middle tokens as float32 ``[B, H, num_stored, head_dim]`` keys and values."""
-    codes = quant.unpack(key_codes[:, :, :num_stored], nbits)
-    if axis_key == "channel":
-        groups = -(-num_stored // block_length)
-        keys = quant.dequantize(codes, key_scale[:, :, :groups], key_zero[:, :, :groups], block_length, dim=-2)
-    else:
-        keys = quant.dequantize(codes, key_scale[:, :, :num_stored], key_zero[:, :, :num_stored], q_group_size)
-    codes = quant.unpack(value_codes[:, :, :num_stored], nbits)
-    values = quant.dequantize(codes, value_scale[:, :, :num_stored], value_zero[:, :, :num_stored], q_group_size)
-    return keys, values
+__all__ = ["dequantize_middle", "selective_decode_attention"]
 
 
 def selective_decode_attention(

@@ -29,6 +29,32 @@ from .base import SelectiveLayer
 _MIDDLE = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
 
 
+def dequantize_middle(
+    key_codes: torch.Tensor,
+    key_scale: torch.Tensor,
+    key_zero: torch.Tensor,
+    value_codes: torch.Tensor,
+    value_scale: torch.Tensor,
+    value_zero: torch.Tensor,
+    num_stored: int,
+    *,
+    nbits: int,
+    q_group_size: int,
+    axis_key: str,
+    block_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``num_stored`` middle tokens as float32 ``[B, H, num_stored, head_dim]`` keys and values."""
+    codes = quant.unpack(key_codes[:, :, :num_stored], nbits)
+    if axis_key == "channel":
+        groups = -(-num_stored // block_length)
+        keys = quant.dequantize(codes, key_scale[:, :, :groups], key_zero[:, :, :groups], block_length, dim=-2)
+    else:
+        keys = quant.dequantize(codes, key_scale[:, :, :num_stored], key_zero[:, :, :num_stored], q_group_size)
+    codes = quant.unpack(value_codes[:, :, :num_stored], nbits)
+    values = quant.dequantize(codes, value_scale[:, :, :num_stored], value_zero[:, :, :num_stored], q_group_size)
+    return keys, values
+
+
 class QuantizedSinkWindowLayer(SelectiveLayer):
     """Sink + quantized middle + window. Spec: ``quant:bits=B,sink=S,window=W[,group=G][,key_axis=..][,sym=..]``."""
 
@@ -111,19 +137,14 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             setattr(self, name, grown)
 
     def _read_stored(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key_codes = quant.unpack(self.key_codes[:, :, :count], self.nbits)
-        if self.axis_key == "channel":
-            groups = -(-count // self.block_length)
-            keys = quant.dequantize(
-                key_codes, self.key_scale[:, :, :groups], self.key_zero[:, :, :groups], self.block_length, dim=-2
-            )
-        else:
-            keys = quant.dequantize(key_codes, self.key_scale[:, :, :count], self.key_zero[:, :, :count], self.q_group_size)
-        value_codes = quant.unpack(self.value_codes[:, :, :count], self.nbits)
-        values = quant.dequantize(
-            value_codes, self.value_scale[:, :, :count], self.value_zero[:, :, :count], self.q_group_size
+        return dequantize_middle(
+            *(getattr(self, name) for name in _MIDDLE),
+            count,
+            nbits=self.nbits,
+            q_group_size=self.q_group_size,
+            axis_key=self.axis_key,
+            block_length=self.block_length,
         )
-        return keys, values
 
     # ------------------------------------------------------------- accounting
 
