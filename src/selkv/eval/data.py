@@ -63,6 +63,15 @@ def _resolve(name_or_path: str, named: dict) -> tuple[Path | None, tuple | None]
     return None, None
 
 
+def describe(path: str | Path) -> str:
+    """How results name an input file: ``shared/data/...`` for the shared sets, else the path as given."""
+    path = Path(path)
+    try:
+        return str(Path("shared/data") / path.resolve().relative_to(data_root().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     """Records of a JSONL file; blank lines are skipped. Errors name ``path:line``."""
     records = []
@@ -107,8 +116,8 @@ def load_text(name_or_path: str) -> tuple[str, str]:
     if path is not None:
         if path.suffix == ".jsonl":
             rows = read_jsonl(path, required=("text",))
-            return "\n\n".join(r["text"] for r in rows), str(path)
-        return path.read_text(encoding="utf-8").replace("\r\n", "\n"), str(path)
+            return "\n\n".join(r["text"] for r in rows), describe(path)
+        return path.read_text(encoding="utf-8").replace("\r\n", "\n"), describe(path)
     if hf is not None:
         rows = _hf_load(hf)
         return "\n\n".join(rows[hf[3]][:50] if hf[0] == "deepmind/pg19" else rows[hf[3]]), f"hf:{hf[0]}"
@@ -122,7 +131,7 @@ def load_summarization(name_or_path: str, limit: int | None = None) -> tuple[lis
     path, hf = _resolve(name_or_path, SUMMARIZATION_SETS)
     if path is not None:
         records = read_jsonl(path, required=("document", "summary"))
-        source = str(path)
+        source = describe(path)
     elif hf is not None:
         rows = _hf_load(hf)
         doc_key, sum_key = ("article", "highlights") if "cnn" in hf[0] else ("document", "summary")
@@ -141,7 +150,7 @@ def load_essays(path: str | None = None) -> tuple[list[str], str]:
     if not path.exists():
         raise FileNotFoundError(f"haystack essays not found at {path}; pass --haystack FILE (JSONL with 'text')")
     records = read_jsonl(path, required=("text",))
-    return [r["text"] for r in records if len(r["text"]) > 500], str(path)
+    return [r["text"] for r in records if len(r["text"]) > 500], describe(path)
 
 
 def load_kv_retrieval(name_or_path: str, limit: int | None = None) -> tuple[list[dict], str]:
@@ -150,4 +159,4 @@ def load_kv_retrieval(name_or_path: str, limit: int | None = None) -> tuple[list
     if path is None:
         raise FileNotFoundError(f"no KV-retrieval file or named set {name_or_path!r}; named sets: {', '.join(KV_RETRIEVAL_SETS)}")
     records = read_jsonl(path, required=("ordered_kv_records", "key", "value"))
-    return (records[:limit] if limit else records), str(path)
+    return (records[:limit] if limit else records), describe(path)
