@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, make_tiny_llama
+from conftest import TOLERANCES, make_tiny_llama, read_book
 
 from selkv.eval import common, memory, needle, perplexity, report, rouge, speed
 from selkv.eval.cli import DEFAULT_CACHES, add_commands
@@ -267,7 +267,7 @@ def test_cli_rejects_bad_spec_before_loading(tmp_path, capsys):
 @pytest.mark.slow
 def test_embedded_model_int8_is_near_full(smollm):
     model, tok = smollm
-    ids = common.encode(tok, open(needle.load_essays()[1], encoding="utf-8").read()[:6000])[:384]
+    ids = common.encode(tok, read_book(6000))[:384]
     full, _, _ = perplexity.score(model, ids, "full", 64)
     int8, _, kv = perplexity.score(model, ids, "quant:bits=8,sink=4,window=124", 64)
     dropped, _, _ = perplexity.score(model, ids, "drop:sink=4,window=124", 64)

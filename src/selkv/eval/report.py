@@ -69,7 +69,8 @@ def table_lines(payload: dict) -> list[str]:
     m = [(r["cache"], r.get("metrics") or {}) for r in results]
     if task == "perplexity":
         s = payload["settings"]
-        title = f"Perplexity: {s.get('max_tokens')} tokens x {s.get('segments', 1)} segment(s), chunk {s.get('chunk')}"
+        title = (f"Perplexity, {s.get('data')}: {s.get('max_tokens')} tokens x {s.get('segments', 1)} segment(s), "
+                 f"chunk {s.get('chunk')}")
         rows = [[f"`{c}`", _fmt(x.get("ppl"), ".3f"), _pct(x.get("ppl_vs_full")), _fmt(x.get("nll"), ".4f"),
                  x.get("tokens", "–"), _mib(x.get("kv_bytes")), _fmt(x.get("compression"), ".2f")] for c, x in m]
         header = ["cache", "ppl", "vs full", "NLL", "tokens", "KV MiB", "compression"]
@@ -145,14 +146,14 @@ def plot_memory(payload: dict, path: Path) -> bool:
     if not series:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     for cache, points in series:
         ax.plot([p["new_tokens"] for p in points], [p["kv_bytes"] / MIB for p in points], label=cache, marker=".")
     ax.set_xlabel(f"new tokens (after a {payload['settings'].get('prompt_tokens')}-token prompt)")
     ax.set_ylabel("KV cache MiB")
     ax.set_title(f"KV memory vs new tokens ({payload.get('model')})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -165,7 +166,7 @@ def plot_perplexity(payload: dict, path: Path) -> bool:
     if not points:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     families: dict[str, list[tuple[int, float]]] = {}
     for cache, bits, ppl in points:
         kind = parse_spec(cache).kind
@@ -183,9 +184,9 @@ def plot_perplexity(payload: dict, path: Path) -> bool:
     ax.set_xticks([2, 4, 8])
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
-    ax.set_title(f"Perplexity vs bits ({s.get('max_tokens')} tokens, chunk {s.get('chunk')})")
+    ax.set_title(f"Perplexity vs bits ({s.get('data')}, {s.get('max_tokens')} tokens, chunk {s.get('chunk')})")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -198,7 +199,7 @@ def plot_needle(payload: dict, path: Path) -> bool:
     if not rows:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     for i, (cache, by_depth) in enumerate(rows):
         depths = sorted(by_depth, key=float)
         # A small vertical offset per cache keeps overlapping lines visible.
@@ -210,7 +211,7 @@ def plot_needle(payload: dict, path: Path) -> bool:
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(f"Needle accuracy vs depth (contexts of {lengths} tokens)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
