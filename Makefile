@@ -44,7 +44,7 @@ test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pytest -q -n 2 -m "not slow" tests/test_quant.py tests/test_cache_layers.py tests/test_generate.py
 
 eval: setup
-	$(VENV)/bin/selkv eval all --out results/full
+	$(VENV)/bin/selkv eval all --out results/eval
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) results

@@ -10,6 +10,7 @@ import selkv
 from selkv import quant
 from selkv.config import SpecError
 from selkv.layers import EvictLayer, QuantizedSinkWindowLayer
+from selkv.sizing import cache_size
 
 from conftest import TOLERANCES, tiny_llama_config
 
@@ -156,20 +157,25 @@ def test_bytes_are_counted_from_the_tensors():
     ("quant:bits=2,sink=4,window=124", 5.0),
 ])
 def test_memory_targets_on_the_embedded_model_shape(spec, target):
-    # 4,096 tokens through every layer of SmolLM2-135M's cache (bfloat16, head_dim 64), in chunks of 64.
-    from transformers import AutoConfig
+    # 4,096 tokens through SmolLM2-135M's cache shape (bfloat16, head_dim 64), in chunks of 64, counted
+    # from the tensors (`selkv size`; one layer filled, its bytes times the 30 layers).
+    from selkv.sizing import load_config
 
-    path, _ = selkv.models.resolve_model("smollm2-135m")
-    config = AutoConfig.from_pretrained(path)
-    cache = selkv.make_cache(spec, config)
-    shape = selkv.model_shape(config)
-    for _ in range(4096 // 64):
-        for layer_idx in range(shape["num_hidden_layers"]):
-            states = torch.randn(1, shape["num_key_value_heads"], 64, shape["head_dim"], dtype=torch.bfloat16)
-            cache.update(states, states.clone(), layer_idx)
-    counted = selkv.kv_bytes(cache)
+    counted = cache_size(spec, load_config("smollm2-135m"), tokens=4096, chunk=64)
     assert counted["tokens"] == 4096
     assert counted["compression"] >= target, counted
+
+
+def test_sizing_scales_one_layer_to_the_whole_cache():
+    config = tiny_llama_config(layers=3)
+    one_layer = cache_size("quant:bits=4,window=20", config, 300, chunk=7)
+    cache = selkv.make_cache("quant:bits=4,window=20", config)
+    for start in range(0, 300, 7):
+        count = min(7, 300 - start)
+        for layer_idx in range(3):
+            states = torch.randn(1, 2, count, 32, dtype=torch.bfloat16)
+            cache.update(states, states.clone(), layer_idx)
+    assert selkv.kv_bytes(cache) == one_layer
 
 
 BAD_SPECS = {

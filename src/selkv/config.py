@@ -4,7 +4,7 @@ A spec string names a cache strategy and its settings::
 
     full
     drop:sink=4,window=124
-    quant:bits=4,sink=4,window=124[,group=64][,key_axis=token|channel][,sym=0|1][,block=32]
+    quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T]
     hf-quanto:bits=4,residual=128[,group=64]
     hf-hqq:bits=4,residual=128[,group=64]
 
@@ -45,12 +45,15 @@ _FIELDS: dict[str, dict[str, object]] = {
 DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 2: "channel"}
 
 # Default group size (channels per value group, and per key group with per-token keys) and block (tokens
-# per per-channel key group, and per eviction) per bit width, from the sweep in docs/eval_results.md
-# (PG-19 and WikiText-2, 2,048 tokens, chunk 64): at 4 bits, groups of 32 halve the excess perplexity of
-# groups of 64 (WikiText-2 +0.67% -> +0.38%); at 2 bits, key groups of 16 tokens instead of 32 cut it
-# from +26% to +16% (PG-19 +9.1% -> +5.5%), for 12% more bytes.
+# per per-channel key group, and per eviction) per bit width, from the perplexity sweep in the README
+# (SmolLM2-135M, PG-19 and WikiText-2, 2,048 tokens, chunk 64, sink 4, window 124), under the memory
+# targets at 4,096 tokens (int4 >= 3.1x, int2 >= 5.0x smaller than a 16-bit full cache):
+# - int4: value groups of 32 with key blocks of 64 cost the same bytes as groups of 64 with blocks of 32
+#   (3.14x) but +0.00% / +0.41% instead of +0.40% / +0.67%.
+# - int2: key blocks of 32 (+9.1% / +26.2%, 5.06x). Blocks of 16 are more accurate (+5.5% / +16.2%) but
+#   4.4x; block=64 with group=32 is worse (+16.5% / +38.0%). `block=16` remains a spec away.
 DEFAULT_GROUP = {8: 64, 4: 32, 2: 64}
-DEFAULT_BLOCK = {8: 32, 4: 32, 2: 16}
+DEFAULT_BLOCK = {8: 32, 4: 64, 2: 32}
 
 _HF_NBITS = {"hf-quanto": (2, 4), "hf-hqq": (1, 2, 3, 4, 8)}
 
@@ -91,7 +94,8 @@ class CacheSpec:
         """Validate against a model's ``head_dim``; return the spec with defaults resolved."""
         if self.kind in ("full", "drop"):
             return self
-        group = self.q_group_size or min(head_dim, DEFAULT_GROUP[self.nbits])
+        default_group = DEFAULT_GROUP[self.nbits] if self.kind == "quant" else 64  # transformers' own default
+        group = self.q_group_size or min(head_dim, default_group)
         if head_dim % group:
             raise SpecError(f"{self.kind}: group={group} must divide the model's head_dim ({head_dim})")
         if self.kind != "quant":
