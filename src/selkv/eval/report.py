@@ -140,24 +140,32 @@ def _plt():
     return plt
 
 
+def _figure():
+    """A figure with one axis, sized for a legend on its right."""
+    return _plt().subplots(figsize=(9.5, 4.2))
+
+
+def _save(fig, ax, path: Path, grid_which: str = "major") -> bool:
+    ax.grid(alpha=0.3, which=grid_which)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return True
+
+
 def plot_memory(payload: dict, path: Path) -> bool:
     series = [(r["cache"], r["metrics"].get("series")) for r in payload["results"] if r.get("metrics")]
     series = [(c, s) for c, s in series if s]
     if not series:
         return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    fig, ax = _figure()
     for cache, points in series:
         ax.plot([p["new_tokens"] for p in points], [p["kv_bytes"] / MIB for p in points], label=cache, marker=".")
     ax.set_xlabel(f"new tokens (after a {payload['settings'].get('prompt_tokens')}-token prompt)")
     ax.set_ylabel("KV cache MiB")
     ax.set_title(f"KV memory vs new tokens ({payload.get('model')})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path)
 
 
 def plot_perplexity(payload: dict, path: Path) -> bool:
@@ -165,8 +173,7 @@ def plot_perplexity(payload: dict, path: Path) -> bool:
     points = [p for p in points if p[2] is not None]
     if not points:
         return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    fig, ax = _figure()
     families: dict[str, list[tuple[int, float]]] = {}
     for cache, bits, ppl in points:
         kind = parse_spec(cache).kind
@@ -185,12 +192,7 @@ def plot_perplexity(payload: dict, path: Path) -> bool:
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.set_title(f"Perplexity vs bits ({s.get('data')}, {s.get('max_tokens')} tokens, chunk {s.get('chunk')})")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path, grid_which="both")
 
 
 def plot_needle(payload: dict, path: Path) -> bool:
@@ -198,8 +200,7 @@ def plot_needle(payload: dict, path: Path) -> bool:
     rows = [(c, d) for c, d in rows if d]
     if not rows:
         return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    fig, ax = _figure()
     for i, (cache, by_depth) in enumerate(rows):
         depths = sorted(by_depth, key=float)
         # A small vertical offset per cache keeps overlapping lines visible.
@@ -210,12 +211,7 @@ def plot_needle(payload: dict, path: Path) -> bool:
     ax.set_ylabel("passkey accuracy")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(f"Needle accuracy vs depth (contexts of {lengths} tokens)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path)
 
 
 PLOTS = {"memory": ("memory_vs_tokens", plot_memory), "perplexity": ("ppl_vs_bits", plot_perplexity),
