@@ -77,12 +77,14 @@ def resolve_model(name_or_path: str) -> tuple[str, dict]:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if converted.exists():  # a concurrent conversion won
+    try:
+        tmp.rename(converted)
+    except OSError:  # a concurrent conversion (another process) got there first
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(converted)
+        if not (converted / "config.json").exists():
+            raise
     return str(converted), {}
 
 
