@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import selkv  # noqa: E402  (registers attn_implementation="selkv")
 from selkv import kv_bytes, make_cache  # noqa: E402
+from selkv.models import forward_with_cache  # noqa: E402
 
 LLAMA3_8B = dict(
     hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -100,7 +101,7 @@ def decode(model, cache, batch: int, steps: int, warmup: int) -> tuple[float, in
     tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
 
     def step(tokens):
-        logits = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = forward_with_cache(model, cache, tokens, logits_to_keep=1).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
     with torch.no_grad():

@@ -10,6 +10,7 @@ import selkv
 from selkv import quant
 from selkv.config import SpecError
 from selkv.layers import EvictLayer, QuantizedSinkWindowLayer
+from selkv.models import forward_with_cache
 from selkv.sizing import cache_size
 
 from conftest import TOLERANCES, tiny_llama_config
@@ -19,7 +20,7 @@ def chunked_logits(model, input_ids, cache, chunk):
     outs = []
     with torch.no_grad():
         for start in range(0, input_ids.shape[1], chunk):
-            outs.append(model(input_ids[:, start : start + chunk], past_key_values=cache, use_cache=True).logits)
+            outs.append(forward_with_cache(model, cache, input_ids[:, start : start + chunk]).logits)
     return torch.cat(outs, dim=1)
 
 

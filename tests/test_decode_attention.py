@@ -23,6 +23,7 @@ from conftest import TOLERANCES, make_tiny_llama, tiny_llama_config  # noqa: E40
 
 from selkv import quant  # noqa: E402
 from selkv.kernels import interpreter_enabled, reference, triton_available  # noqa: E402
+from selkv.models import cache_kwarg  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -299,7 +300,7 @@ def _greedy(attn_implementation: str, spec: str, device: str, dtype: torch.dtype
     cache = make_cache(spec, model.config)
     with torch.no_grad():
         out = model.generate(
-            prompts.to(device), attention_mask=None if mask is None else mask.to(device), past_key_values=cache,
+            prompts.to(device), attention_mask=None if mask is None else mask.to(device), **{cache_kwarg(model): cache},
             max_new_tokens=24, do_sample=False, pad_token_id=0,
         )
     layer = cache.layers[0]

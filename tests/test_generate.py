@@ -10,6 +10,7 @@ import torch
 
 import selkv
 from selkv.cli import main as cli_main
+from selkv.models import cache_kwarg, forward_with_cache
 
 from conftest import TOLERANCES, read_book
 
@@ -28,7 +29,7 @@ def greedy(model, input_ids, spec, max_new_tokens=24, **kwargs):
     with torch.no_grad():
         out = model.generate(
             input_ids,
-            past_key_values=cache,
+            **{cache_kwarg(model): cache},
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=0,
@@ -130,11 +131,11 @@ def test_embedded_model_int8_agrees_with_full_when_teacher_forced(smollm):
     caches = {spec: selkv.make_cache(spec, model.config) for spec in ("full", "quant:bits=8,sink=4,window=124")}
     agree, steps, token = 0, 32, None
     with torch.no_grad():
-        logits = {spec: model(prompt, past_key_values=c).logits[:, -1] for spec, c in caches.items()}
+        logits = {spec: forward_with_cache(model, c, prompt).logits[:, -1] for spec, c in caches.items()}
         for _ in range(steps):
             token = logits["full"].argmax(-1, keepdim=True)
             agree += int(logits["quant:bits=8,sink=4,window=124"].argmax()) == int(token)
-            logits = {spec: model(token, past_key_values=c).logits[:, -1] for spec, c in caches.items()}
+            logits = {spec: forward_with_cache(model, c, token).logits[:, -1] for spec, c in caches.items()}
     assert caches["quant:bits=8,sink=4,window=124"].layers[0].num_stored > 0
     assert agree >= steps - 1, agree  # at most one near-tie flips
 
@@ -147,7 +148,7 @@ def test_embedded_model_logits_stay_close_to_full(smollm):
     def logits(spec):
         cache = selkv.make_cache(spec, model.config)
         with torch.no_grad():
-            return torch.cat([model(input_ids[:, s : s + 64], past_key_values=cache).logits for s in range(0, 768, 64)], 1)
+            return torch.cat([forward_with_cache(model, cache, input_ids[:, s : s + 64]).logits for s in range(0, 768, 64)], 1)
 
     full = logits("full")
     relative = {}

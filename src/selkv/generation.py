@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import kv_bytes, make_cache
+from .models import forward_with_cache
 
 
 @dataclass
@@ -49,7 +50,7 @@ def generate(model, tokenizer, inputs: dict, spec: str, max_new_tokens: int) -> 
 
     eos = set(_as_list(model.generation_config.eos_token_id))
     start = time.perf_counter()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+    out = forward_with_cache(model, cache, input_ids, attention_mask=attention_mask)
     next_token = out.logits[:, -1:].argmax(-1)
     sync()
     prefill_s = time.perf_counter() - start
@@ -59,7 +60,7 @@ def generate(model, tokenizer, inputs: dict, spec: str, max_new_tokens: int) -> 
         if next_token.numel() == 1 and int(next_token) in eos:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
-        out = model(input_ids=next_token, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        out = forward_with_cache(model, cache, next_token, attention_mask=attention_mask)
         next_token = out.logits[:, -1:].argmax(-1)
         tokens.append(next_token)
     sync()

@@ -131,7 +131,7 @@ def track_padding(model) -> None:
         return
 
     def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         mask = kwargs.get("attention_mask")
         if cache is not None and mask is not None and hasattr(cache, "set_left_padding"):
             if cache.get_seq_length() == 0 and not cache.layers[0].is_initialized:
@@ -139,3 +139,19 @@ def track_padding(model) -> None:
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     model._selkv_tracks_padding = True
+
+
+def cache_kwarg(model) -> str:
+    """The name ``model.forward`` takes its cache under: ``cache`` from transformers 5.24, else ``past_key_values``."""
+    name = getattr(model, "_selkv_cache_kwarg", None)
+    if name is None:
+        import inspect
+
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model._selkv_cache_kwarg = name
+    return name
+
+
+def forward_with_cache(model, cache, input_ids, **kwargs):
+    """``model(input_ids, <cache kwarg>=cache, use_cache=True, **kwargs)`` under any supported transformers."""
+    return model(input_ids=input_ids, use_cache=True, **{cache_kwarg(model): cache}, **kwargs)

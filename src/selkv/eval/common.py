@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..cache import kv_bytes
+from ..models import forward_with_cache
 
 RESULTS = "results.json"
 EXAMPLES = "examples.jsonl"
@@ -215,7 +216,7 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk: int, on_logits: Callab
     step = chunk if chunk and chunk > 0 else seq_len
     last = None
     for start in range(0, seq_len, step):
-        out = model(input_ids=input_ids[:, start : start + step], past_key_values=cache, use_cache=True)
+        out = forward_with_cache(model, cache, input_ids[:, start : start + step])
         if on_logits is not None:
             on_logits(start, out.logits)
         last = out.logits[:, -1]
@@ -232,7 +233,7 @@ def greedy_decode(model, cache, last_logits: torch.Tensor, max_new_tokens: int, 
         tokens.append(token)
         if token in eos or len(tokens) == max_new_tokens:
             break
-        out = model(input_ids=next_token, past_key_values=cache, use_cache=True)
+        out = forward_with_cache(model, cache, next_token)
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)
     return tokens
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import kv_bytes, make_cache
+from ..models import forward_with_cache
 from .common import encode, measure_cache, prefill, progress
 from .data import load_text
 
@@ -53,7 +54,7 @@ def measure(model, prompt_ids: list[int], spec: str, new_tokens: int, every: int
     series = [_point(cache, 0)]
     next_token = last.argmax(-1, keepdim=True)
     for step in range(1, new_tokens + 1):
-        out = model(input_ids=next_token, past_key_values=cache, use_cache=True)
+        out = forward_with_cache(model, cache, next_token)
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)
         if step % every == 0 or step == new_tokens:
             series.append(_point(cache, step))

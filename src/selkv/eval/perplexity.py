@@ -17,6 +17,7 @@ import math
 import torch
 
 from ..cache import make_cache
+from ..models import forward_with_cache
 from .common import aggregate_kv, encode, measure_cache, progress
 from .data import load_text
 
@@ -67,7 +68,7 @@ def score(model, ids: list[int], spec: str, chunk: int) -> tuple[float, int, dic
     seq_len = input_ids.shape[-1]
     step = chunk if chunk > 0 else seq_len
     for start in range(0, seq_len, step):
-        logits = model(input_ids=input_ids[:, start : start + step], past_key_values=cache, use_cache=True).logits
+        logits = forward_with_cache(model, cache, input_ids[:, start : start + step]).logits
         end = min(start + step, seq_len - 1)  # positions start..end-1 predict tokens start+1..end
         if end > start:
             nll = torch.nn.functional.cross_entropy(logits[0, : end - start].float(), targets[start:end], reduction="sum")

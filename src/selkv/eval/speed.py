@@ -17,6 +17,7 @@ import time
 import torch
 
 from ..cache import make_cache
+from ..models import forward_with_cache
 from .common import measure_cache, prefill, progress, sync
 
 TASK = "speed"
@@ -50,7 +51,7 @@ def time_once(model, input_ids: torch.Tensor, spec: str, new_tokens: int, chunk:
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(new_tokens):
-        next_token = model(input_ids=next_token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        next_token = forward_with_cache(model, cache, next_token).logits[:, -1].argmax(-1, keepdim=True)
     sync(device)
     return prefill_s, time.perf_counter() - start, cache
 
