@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -37,43 +38,54 @@ def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> dict:
 
 @torch.inference_mode()
 def generate(model, tokenizer, inputs: dict, spec: str, max_new_tokens: int) -> Generation:
-    """Greedy-decode ``max_new_tokens`` after ``inputs`` with a fresh cache built from ``spec``.
+    """Greedy-decode ``max_new_tokens`` after ``inputs`` (one prompt) with a fresh cache built from ``spec``.
 
     Prefill and decode are timed separately: the first new token comes from the prefill.
     """
     device = model.device
     input_ids = inputs["input_ids"].to(device)
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"generate takes one prompt, got a batch of {input_ids.shape[0]}")
     attention_mask = inputs.get("attention_mask")
     attention_mask = attention_mask.to(device) if attention_mask is not None else torch.ones_like(input_ids)
     cache = make_cache(spec, model.config)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    eos = set(_as_list(model.generation_config.eos_token_id))
     start = time.perf_counter()
     out = forward_with_cache(model, cache, input_ids, attention_mask=attention_mask)
-    next_token = out.logits[:, -1:].argmax(-1)
+    last_logits = out.logits[:, -1]
     sync()
     prefill_s = time.perf_counter() - start
-    tokens = [next_token]
     start = time.perf_counter()
-    for _ in range(max_new_tokens - 1):
-        if next_token.numel() == 1 and int(next_token) in eos:
-            break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
-        out = forward_with_cache(model, cache, next_token, attention_mask=attention_mask)
-        next_token = out.logits[:, -1:].argmax(-1)
-        tokens.append(next_token)
+    tokens = greedy_decode(model, cache, last_logits, max_new_tokens, eos_token_ids(model, tokenizer))
     sync()
     decode_s = time.perf_counter() - start
-    generated = torch.cat(tokens, dim=-1)[0]
-    text = tokenizer.decode(generated, skip_special_tokens=True)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
     return Generation(str(spec), text, len(tokens), prefill_s, decode_s, kv_bytes(cache))
 
 
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def greedy_decode(model, cache, last_logits: torch.Tensor, max_new_tokens: int, eos_ids: Iterable[int] = ()) -> list[int]:
+    """Greedy tokens after a prefill (batch 1): the first from ``last_logits``, then one step at a time."""
+    eos = set(eos_ids)
+    tokens: list[int] = []
+    next_token = last_logits.argmax(-1, keepdim=True)  # [1, 1]
+    for _ in range(max_new_tokens):
+        token = int(next_token)
+        tokens.append(token)
+        if token in eos or len(tokens) == max_new_tokens:
+            break
+        out = forward_with_cache(model, cache, next_token)
+        next_token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return tokens
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = ids if isinstance(ids, (list, tuple)) else [ids]
+    ids = [i for i in ids if i is not None]
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
 
 
 def format_bytes(n: float) -> str:

@@ -19,11 +19,12 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
 from ..cache import kv_bytes
+from ..generation import eos_token_ids, greedy_decode  # noqa: F401  (the tasks import them from here)
 from ..models import forward_with_cache
 
 RESULTS = "results.json"
@@ -221,30 +222,6 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk: int, on_logits: Callab
             on_logits(start, out.logits)
         last = out.logits[:, -1]
     return last
-
-
-def greedy_decode(model, cache, last_logits: torch.Tensor, max_new_tokens: int, eos_ids: Iterable[int] = ()) -> list[int]:
-    """Greedy tokens after a prefill (batch 1): the first from ``last_logits``, then one step at a time."""
-    eos = set(eos_ids)
-    tokens: list[int] = []
-    next_token = last_logits.argmax(-1, keepdim=True)  # [1, 1]
-    for _ in range(max_new_tokens):
-        token = int(next_token)
-        tokens.append(token)
-        if token in eos or len(tokens) == max_new_tokens:
-            break
-        out = forward_with_cache(model, cache, next_token)
-        next_token = out.logits[:, -1].argmax(-1, keepdim=True)
-    return tokens
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = ids if isinstance(ids, (list, tuple)) else [ids]
-    ids = [i for i in ids if i is not None]
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted(set(ids))
 
 
 def measure_cache(cache) -> dict:
