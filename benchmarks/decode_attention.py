@@ -75,6 +75,13 @@ def bench(fn, warmup: int = 50, rep: int = 300) -> float:
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def bench_graph(fn) -> float:
+    """Median ms of CUDA-graph replays: no per-launch CPU overhead (what a captured decode step pays)."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, GB/s counting bytes read plus written (2 GiB buffer)."""
     src = torch.randn(2**29, device="cuda")  # 2 GiB float32
@@ -103,9 +110,10 @@ def run(shapes, methods, config=None, check=True) -> list[dict]:
         scaling = HEAD_DIM**-0.5
         k = torch.randn(batch, NUM_KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        sdpa_ms = bench(lambda: F.scaled_dot_product_attention(query, k, v, scale=scaling, enable_gqa=True))
+        sdpa = lambda: F.scaled_dot_product_attention(query, k, v, scale=scaling, enable_gqa=True)  # noqa: E731
         sdpa_bytes = 2 * k.numel() * 2 + query.numel() * 2
-        rows.append(dict(batch=batch, context=context, method="bf16 SDPA", ms=sdpa_ms, bytes=sdpa_bytes))
+        rows.append(dict(batch=batch, context=context, method="bf16 SDPA", ms=bench(sdpa), ms_graph=bench_graph(sdpa),
+                         bytes=sdpa_bytes))
         del k, v
         for name in methods:
             nbits, axis_key, group = FUSED[name.replace("dequant+SDPA ", "fused ")] if "dequant" in name else FUSED[name]
@@ -114,6 +122,7 @@ def run(shapes, methods, config=None, check=True) -> list[dict]:
                                         args["num_stored"], nbits, group, axis_key, BLOCK)
             if name.startswith("dequant"):
                 ms = bench(lambda: dequantize_sdpa(query, args, scaling))
+                ms_graph = bench_graph(lambda: dequantize_sdpa(query, args, scaling))
             else:
                 fn = lambda: kernels.selective_decode_attention(query, **args, scaling=scaling, config=config)  # noqa: E731
                 if check:
@@ -121,14 +130,17 @@ def run(shapes, methods, config=None, check=True) -> list[dict]:
                     want = reference.selective_decode_attention(query, **args, scaling=scaling).float()
                     err = ((out - want).norm() / want.norm()).item()
                     assert err < 2e-2, f"{name} at {batch}x{context}: relative error {err:.2e} vs the twin"
-                ms = bench(fn)
-            rows.append(dict(batch=batch, context=context, method=name, ms=ms, bytes=nbytes))
+                ms, ms_graph = bench(fn), bench_graph(fn)
+            rows.append(dict(batch=batch, context=context, method=name, ms=ms, ms_graph=ms_graph, bytes=nbytes))
             del args
             torch.cuda.empty_cache()
     for row in rows:
         base = next(r["ms"] for r in rows if (r["batch"], r["context"], r["method"]) == (row["batch"], row["context"], "bf16 SDPA"))
+        base_graph = next(r["ms_graph"] for r in rows
+                          if (r["batch"], r["context"], r["method"]) == (row["batch"], row["context"], "bf16 SDPA"))
         row["gb_per_s"] = row["bytes"] / row["ms"] / 1e6
         row["speedup_vs_sdpa"] = base / row["ms"]
+        row["speedup_vs_sdpa_graph"] = base_graph / row["ms_graph"]
     return rows
 
 
@@ -169,13 +181,14 @@ def sweep(shapes) -> list[dict]:
 
 def table(rows, copy_gbs) -> str:
     lines = [
-        f"| batch x context | method | median ms | GB/s | % of copy | speed-up vs SDPA |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| batch x context | method | median ms | GB/s | % of copy | speed-up vs SDPA | graph ms | graph speed-up |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['batch']} x {r['context'] // 1024}k | {r['method']} | {r['ms']:.4f} | {r['gb_per_s']:.0f} | "
-            f"{100 * r['gb_per_s'] / copy_gbs:.0f} % | {r['speedup_vs_sdpa']:.2f}x |"
+            f"{100 * r['gb_per_s'] / copy_gbs:.0f} % | {r['speedup_vs_sdpa']:.2f}x | {r['ms_graph']:.4f} | "
+            f"{r['speedup_vs_sdpa_graph']:.2f}x |"
         )
     return "\n".join(lines)
 

@@ -225,9 +225,20 @@ INTERPRETER_CASES = [
 def test_interpreter_matches_references(nbits, axis_key, ratio, num_sink, num_stored, num_recent, padding, launch):
     module = kernel_module()
     config = None if launch is None else module.DecodeConfig(block_n=launch[0], block_exact=16, num_splits=launch[1])
-    shape = dict(SMALL, num_heads=SMALL["num_kv_heads"] * ratio, num_sink=num_sink, num_stored=num_stored,
-                 num_recent=num_recent, nbits=nbits, axis_key=axis_key, row_padding=padding)
+    # 2-bit planes of a 32-channel head are 8 channels wide, under the kernel's 16-channel chunks
+    head_dim = 64 if nbits == 2 else SMALL["head_dim"]
+    shape = dict(SMALL, head_dim=head_dim, num_heads=SMALL["num_kv_heads"] * ratio, num_sink=num_sink,
+                 num_stored=num_stored, num_recent=num_recent, nbits=nbits, axis_key=axis_key, row_padding=padding)
     check_case(module, "cpu", torch.float16, _seed(), config=config, **shape)
+
+
+@interpreter_only
+def test_interpreter_unsupported_chunks_say_why():
+    module = kernel_module()
+    assert module.check_supported(128, 4, 8, 64, torch.bfloat16) is None
+    why = module.check_supported(32, 4, 2, 16, torch.float16)  # 2-bit planes of 8 channels
+    assert why is not None and "16 channels" in why
+    assert module.check_supported(128, 4, 8, 16, torch.float16) is not None  # 8 chunks of 16
 
 
 @interpreter_only

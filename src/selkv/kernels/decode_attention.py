@@ -61,24 +61,25 @@ def _selective_decode_partial_kernel(
     BLOCK_N: tl.constexpr,  # middle tokens per tile
     BLOCK_EXACT: tl.constexpr,  # 16-bit tokens per tile
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32), else "tf32" (ignored for 16-bit)
+    HEADS_N: tl.constexpr,  # GROUP rounded up to a power of two >= 8 (the middle's N dimension)
+    CHUNK: tl.constexpr,  # channels per middle chunk (one byte range, bit plane and scale group)
+    CODES_ASM: tl.constexpr,  # convert 8-bit key codes with inline PTX (CUDA only)
 ):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
     h = pid_bh % num_kv_heads
 
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    head_ok = offs_g < GROUP
-    q_ptrs = Q + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=head_ok[:, None], other=0.0)  # [GROUP_PAD, D]
-
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-
     if split == num_partials - 1:
         # ---- the 16-bit regions: sink (minus this row's left padding), then the window
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        head_ok = offs_g < GROUP
+        q_ptrs = Q + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=head_ok[:, None], other=0.0)  # [GROUP_PAD, D]
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         first = 0
         if HAS_PADDING:
             first = tl.load(RowPadding + b)
@@ -115,102 +116,203 @@ def _selective_decode_partial_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
+        # ---- partial result of the 16-bit program: normalized output and log2-sum-exp (-inf when empty)
+        row = (b * num_kv_heads * GROUP + h * GROUP + offs_g) * num_partials + split  # [GROUP_PAD]
+        has_any = l_i > 0.0
+        out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+        lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
+        tl.store(PartialOut + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_ok[:, None])
+        tl.store(PartialLse + row, lse, mask=head_ok)
     else:
-        # ---- one chunk of the quantized middle
-        #
-        # Codes are packed in planes (quant.pack): byte j holds channels j, j + D/k, ... in bits
-        # [0, nbits), [nbits, 2 nbits), ... Loading byte (c mod D/k) for channel c and shifting it
-        # by (c div D/k) * nbits gives every channel's code in natural order, with no register
-        # shuffles (each byte is read k times, from L1).
-        #
-        # Codes (< 256) are exact in 16-bit floats, so they go into the dot products as they are and
-        # the scales are applied outside them, on [heads, tokens] or [heads, channels] tiles:
-        #   keys, per-token groups:   q.k[n] = sum_g scale[n,g] (q_g . code[n]) + zero[n,g] sum(q_g)
-        #   keys, per-channel groups: q.k[n] = (q * scale_row) . code[n] + q . zero_row
-        #   values (per-token groups): sum_n p[n] v[n] = sum_g [(p * scale_g) @ code + p . zero_g] on group g
-        # where q_g is q with the channels outside group g zeroed.
-        PER_BYTE: tl.constexpr = 8 // NBITS
-        PACKED: tl.constexpr = HEAD_DIM // PER_BYTE
-        CODE_MASK: tl.constexpr = (1 << NBITS) - 1
-        NUM_GROUPS: tl.constexpr = HEAD_DIM // Q_GROUP
-        offs_n = tl.arange(0, BLOCK_N)
-        byte_col = offs_d % PACKED
-        shift = (offs_d // PACKED) * NBITS
-        group_of = offs_d // Q_GROUP  # [D]
-        q32 = q.to(tl.float32)
-        code_base = b * stride_cb + h * stride_ch
-        kscale_base = b * stride_ksb + h * stride_ksh
-        vscale_base = b * stride_vsb + h * stride_vsh
-        lo = split * tokens_per_split
-        hi = tl.minimum(lo + tokens_per_split, num_stored)
-        for start in range(lo, hi, BLOCK_N):
-            pos = start + offs_n
-            valid = pos < hi
-            code_offs = code_base + pos[:, None] * stride_cn + byte_col[None, :]
+        _middle_chunk(
+            Q, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
+            b, h, split, num_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
+            stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
+            stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
+            GROUP, HEADS_N, HEAD_DIM, NBITS, Q_GROUP, CHUNK, KEY_PER_CHANNEL, KEY_BLOCK, KEY_ROWS, BLOCK_N,
+            DOT_PRECISION, CODES_ASM,
+        )
 
-            kbytes = tl.load(KCodes + code_offs, mask=valid[:, None], other=0)
-            if PER_BYTE == 1:
-                kc = kbytes.to(q.dtype)
-            else:
-                kc = ((kbytes.to(tl.int32) >> shift[None, :]) & CODE_MASK).to(q.dtype)  # [BLOCK_N, D]
-            if KEY_PER_CHANNEL:
-                if KEY_ROWS == 1:  # the tile lies inside one key group: one scale row for all its tokens
-                    row_offs = kscale_base + (start // KEY_BLOCK) * stride_ksn + offs_d
-                    ks = tl.load(KScale + row_offs).to(tl.float32)
-                    kz = tl.load(KZero + row_offs).to(tl.float32)
-                    q_scaled = (q32 * ks[None, :]).to(q.dtype)
-                    s = tl.dot(q_scaled, tl.trans(kc), input_precision=DOT_PRECISION)
-                    s = s + tl.sum(q32 * kz[None, :], 1)[:, None]
-                else:  # tiles and key groups do not nest: dequantize with one scale row per token
-                    s_offs = kscale_base + (pos // KEY_BLOCK)[:, None] * stride_ksn + offs_d[None, :]
-                    ks = tl.load(KScale + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                    kz = tl.load(KZero + s_offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                    k = (kc.to(tl.float32) * ks + kz).to(q.dtype)
-                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            else:
-                s = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
-                for g in tl.static_range(NUM_GROUPS):
-                    s_offs = kscale_base + pos * stride_ksn + g
-                    ks = tl.load(KScale + s_offs, mask=valid, other=0.0).to(tl.float32)
-                    kz = tl.load(KZero + s_offs, mask=valid, other=0.0).to(tl.float32)
-                    q_g = tl.where((group_of == g)[None, :], q, 0.0).to(q.dtype)
-                    dot_g = tl.dot(q_g, tl.trans(kc), input_precision=DOT_PRECISION)
-                    s += dot_g * ks[None, :] + tl.sum(q_g.to(tl.float32), 1)[:, None] * kz[None, :]
 
-            s = s * scale_log2
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+# ------------------------------------------------- the quantized middle
+#
+# Tokens go in the dot products' M dimension and the GROUP query heads of a KV head in N (padded to
+# HEADS_N >= 8), so one warp computes a [BLOCK_N tokens, heads] score tile with no padding in M.
+# Codes become 16-bit floats by their bits, 0x6400 | code = 1024 + code (exact in float16), and go
+# into the dots as they are; scales, zeros and the 1024 offset are applied outside them, on
+# [tokens, heads] tiles. The head dimension is read in chunks of CHUNK channels that share one byte
+# column range, one bit plane and one scale group:
+#   keys, per-token groups:    q.k[n] = scale[n] (q . (1024 + code[n]) - 1024 sum(q)) + zero[n] sum(q)
+#   keys, per-channel groups:  q.k[n] = (q * scale_row) . (1024 + code[n]) - 1024 sum(q * scale_row) + q . zero_row
+#   values (per-token groups): sum_n p[n] v[n] = (p * scale) @ (1024 + code) - 1024 sum_n p[n] scale[n] + sum_n p[n] zero[n]
+# where each 16-bit operand (q * scale_row, p * scale) enters both its dot and its correction term, so
+# their rounding cancels. Up to four chunks; each has its own accumulator.
 
-            vbytes = tl.load(VCodes + code_offs, mask=valid[:, None], other=0)
-            if PER_BYTE == 1:
-                vc = vbytes.to(q.dtype)
-            else:
-                vc = ((vbytes.to(tl.int32) >> shift[None, :]) & CODE_MASK).to(q.dtype)
-            for g in tl.static_range(NUM_GROUPS):
-                s_offs = vscale_base + pos * stride_vsn + g
-                vs = tl.load(VScale + s_offs, mask=valid, other=0.0).to(tl.float32)
-                vz = tl.load(VZero + s_offs, mask=valid, other=0.0).to(tl.float32)
-                pv = tl.dot((p * vs[None, :]).to(q.dtype), vc, input_precision=DOT_PRECISION)  # [GROUP_PAD, D]
-                pz = tl.sum(p * vz[None, :], 1)
-                if NUM_GROUPS == 1:
-                    acc += pv + pz[:, None]
-                else:
-                    acc += tl.where((group_of == g)[None, :], pv + pz[:, None], 0.0)
-            m_i = m_new
 
-    # ---- partial result of this program: normalized output and log2-sum-exp (-inf when empty)
-    num_heads = num_kv_heads * GROUP
-    row = (b * num_heads + h * GROUP + offs_g) * num_partials + split  # [GROUP_PAD]
-    has_any = l_i > 0.0
-    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
-    lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
-    tl.store(PartialOut + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_ok[:, None])
-    tl.store(PartialLse + row, lse, mask=head_ok)
+@triton.jit
+def _codes_to_dot(bytes_, SHIFT: tl.constexpr, NBITS: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """Packed code bytes -> OFFSET + code: 1024 + code in float16, or the code in float32 (float32 inputs)."""
+    if ASM:  # two byte permutes per four 8-bit codes (opaque to Triton, which would re-layout the bytes)
+        codes = tl.inline_asm_elementwise(
+            "prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;",
+            "=r,=r,r", [bytes_], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        if NBITS < 8:
+            bytes_ = (bytes_ >> SHIFT) & ((1 << NBITS) - 1)
+        codes = (bytes_.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    if DOT_DTYPE == tl.float32:  # float32 inputs: exact codes (an offset of 1024 would cost float32 accuracy)
+        return codes.to(tl.float32) - 1024.0
+    return codes
+
+
+@triton.jit
+def _load_chunk_codes(Codes, row_offs, valid, C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      NBITS: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, CHUNK] codes of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code."""
+    PACKED: tl.constexpr = HEAD_DIM * NBITS // 8
+    COL: tl.constexpr = (C * CHUNK) % PACKED
+    SHIFT: tl.constexpr = (C * CHUNK) // PACKED * NBITS
+    offs_w = tl.arange(0, CHUNK)
+    bytes_ = tl.load(Codes + row_offs[:, None] + COL + offs_w[None, :], mask=valid[:, None], other=0)
+    return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
+
+
+@triton.jit
+def _load_query_chunk(q_ptrs, head_ok, C: tl.constexpr, CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """[CHUNK, HEADS_N] transposed query chunk in DOT_DTYPE and its float32 column sums (over the chunk)."""
+    qT = tl.load(q_ptrs + C * CHUNK, mask=head_ok[None, :], other=0.0).to(DOT_DTYPE)
+    return qT, tl.sum(qT.to(tl.float32), 0)
+
+
+@triton.jit
+def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, qT, q_sum,
+                      C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
+                      Q_GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, KEY_BLOCK: tl.constexpr,
+                      KEY_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      ASM: tl.constexpr):
+    """[BLOCK_N, HEADS_N] contribution of one channel chunk to the scores q . k."""
+    OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0  # what _codes_to_dot adds to each code
+    codes = _load_chunk_codes(KCodes, row_offs, valid, C, CHUNK, HEAD_DIM, NBITS, DOT_DTYPE, ASM)
+    offs_w = C * CHUNK + tl.arange(0, CHUNK)
+    if KEY_PER_CHANNEL:
+        if KEY_ROWS == 1:  # the tile lies inside one key group: one scale row, folded into the query
+            row = kscale_base + (start // KEY_BLOCK) * stride_ksn + offs_w
+            ks = tl.load(KScale + row).to(tl.float32)
+            kz = tl.load(KZero + row).to(tl.float32)
+            q_scaled = (qT.to(tl.float32) * ks[:, None]).to(DOT_DTYPE)
+            s = tl.dot(codes, q_scaled, input_precision=DOT_PRECISION)
+            return s + (tl.sum(qT.to(tl.float32) * kz[:, None], 0) - OFFSET * tl.sum(q_scaled.to(tl.float32), 0))[None, :]
+        else:  # tiles and key groups do not nest: dequantize with one scale row per token
+            rows = kscale_base + (pos // KEY_BLOCK)[:, None] * stride_ksn + offs_w[None, :]
+            ks = tl.load(KScale + rows, mask=valid[:, None], other=0.0).to(tl.float32)
+            kz = tl.load(KZero + rows, mask=valid[:, None], other=0.0).to(tl.float32)
+            keys = ((codes.to(tl.float32) - OFFSET) * ks + kz).to(DOT_DTYPE)
+            return tl.dot(keys, qT, input_precision=DOT_PRECISION)
+    else:
+        offs = kscale_base + pos * stride_ksn + (C * CHUNK) // Q_GROUP
+        ks = tl.load(KScale + offs, mask=valid, other=0.0).to(tl.float32)
+        kz = tl.load(KZero + offs, mask=valid, other=0.0).to(tl.float32)
+        s = tl.dot(codes, qT, input_precision=DOT_PRECISION)
+        return ks[:, None] * (s - OFFSET * q_sum[None, :]) + kz[:, None] * q_sum[None, :]
+
+
+@triton.jit
+def _value_chunk_update(acc, VCodes, VScale, VZero, row_offs, pos, valid, vscale_base, stride_vsn, p, alpha,
+                        C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
+                        Q_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [CHUNK, HEADS_N] (channels x heads) rescaled by alpha plus this tile's p @ values on the chunk."""
+    OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0
+    codes = _load_chunk_codes(VCodes, row_offs, valid, C, CHUNK, HEAD_DIM, NBITS, DOT_DTYPE, False)
+    offs = vscale_base + pos * stride_vsn + (C * CHUNK) // Q_GROUP
+    vs = tl.load(VScale + offs, mask=valid, other=0.0).to(tl.float32)
+    vz = tl.load(VZero + offs, mask=valid, other=0.0).to(tl.float32)
+    p_scaled = (p * vs[:, None]).to(DOT_DTYPE)
+    correction = tl.sum(p * vz[:, None] - OFFSET * p_scaled.to(tl.float32), 0)
+    acc = acc * alpha[None, :] + correction[None, :]
+    return tl.dot(tl.trans(codes), p_scaled, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _store_chunk(PartialOut, acc, rows, head_ok, l_safe, C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_w = C * CHUNK + tl.arange(0, CHUNK)
+    tl.store(PartialOut + rows[None, :] * HEAD_DIM + offs_w[:, None], acc / l_safe[None, :], mask=head_ok[None, :])
+
+
+@triton.jit
+def _middle_chunk(
+    Q, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
+    b, h, split, num_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
+    stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
+    stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
+    GROUP: tl.constexpr, HEADS_N: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
+    Q_GROUP: tl.constexpr, CHUNK: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, KEY_BLOCK: tl.constexpr,
+    KEY_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CODES_ASM: tl.constexpr,
+):
+    """One program: tokens [split * tokens_per_split, ...) of the middle of row b, KV head h."""
+    NUM_CHUNKS: tl.constexpr = HEAD_DIM // CHUNK
+    DOT_DTYPE: tl.constexpr = tl.float32 if DOT_PRECISION == "ieee" else tl.float16
+    offs_hn = tl.arange(0, HEADS_N)
+    offs_w = tl.arange(0, CHUNK)
+    offs_n = tl.arange(0, BLOCK_N)
+    head_ok = offs_hn < GROUP
+    q_ptrs = Q + b * stride_qb + (h * GROUP + offs_hn)[None, :] * stride_qh + offs_w[:, None]  # [CHUNK, HEADS_N]
+    qT0, q_sum0 = _load_query_chunk(q_ptrs, head_ok, 0, CHUNK, DOT_DTYPE)
+    qT1, q_sum1 = _load_query_chunk(q_ptrs, head_ok, 1 % NUM_CHUNKS, CHUNK, DOT_DTYPE)
+    qT2, q_sum2 = _load_query_chunk(q_ptrs, head_ok, 2 % NUM_CHUNKS, CHUNK, DOT_DTYPE)
+    qT3, q_sum3 = _load_query_chunk(q_ptrs, head_ok, 3 % NUM_CHUNKS, CHUNK, DOT_DTYPE)
+    m_i = tl.full([HEADS_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([HEADS_N], tl.float32)
+    acc0 = tl.zeros([CHUNK, HEADS_N], tl.float32)
+    acc1 = tl.zeros([CHUNK, HEADS_N], tl.float32)
+    acc2 = tl.zeros([CHUNK, HEADS_N], tl.float32)
+    acc3 = tl.zeros([CHUNK, HEADS_N], tl.float32)
+    code_base = b * stride_cb + h * stride_ch
+    kscale_base = b * stride_ksb + h * stride_ksh
+    vscale_base = b * stride_vsb + h * stride_vsh
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, num_stored)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        valid = pos < hi
+        row_offs = code_base + pos * stride_cn
+        key_args = (KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn)
+        s = _key_chunk_scores(*key_args, qT0, q_sum0, 0, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
+                              KEY_BLOCK, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+        if NUM_CHUNKS > 1:
+            s += _key_chunk_scores(*key_args, qT1, q_sum1, 1, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
+                                   KEY_BLOCK, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+        if NUM_CHUNKS > 2:
+            s += _key_chunk_scores(*key_args, qT2, q_sum2, 2, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
+                                   KEY_BLOCK, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+        if NUM_CHUNKS > 3:
+            s += _key_chunk_scores(*key_args, qT3, q_sum3, 3, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
+                                   KEY_BLOCK, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+        s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))  # every tile has a valid token: m_new is finite
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        value_args = (VCodes, VScale, VZero, row_offs, pos, valid, vscale_base, stride_vsn, p, alpha)
+        acc0 = _value_chunk_update(acc0, *value_args, 0, CHUNK, HEAD_DIM, NBITS, Q_GROUP, DOT_DTYPE, DOT_PRECISION)
+        if NUM_CHUNKS > 1:
+            acc1 = _value_chunk_update(acc1, *value_args, 1, CHUNK, HEAD_DIM, NBITS, Q_GROUP, DOT_DTYPE, DOT_PRECISION)
+        if NUM_CHUNKS > 2:
+            acc2 = _value_chunk_update(acc2, *value_args, 2, CHUNK, HEAD_DIM, NBITS, Q_GROUP, DOT_DTYPE, DOT_PRECISION)
+        if NUM_CHUNKS > 3:
+            acc3 = _value_chunk_update(acc3, *value_args, 3, CHUNK, HEAD_DIM, NBITS, Q_GROUP, DOT_DTYPE, DOT_PRECISION)
+        m_i = m_new
+
+    # partial result: normalized output and log2-sum-exp (a middle program always has tokens)
+    rows = (b * num_kv_heads * GROUP + h * GROUP + offs_hn) * num_partials + split  # [HEADS_N]
+    l_safe = tl.where(head_ok, l_i, 1.0)
+    _store_chunk(PartialOut, acc0, rows, head_ok, l_safe, 0, CHUNK, HEAD_DIM)
+    if NUM_CHUNKS > 1:
+        _store_chunk(PartialOut, acc1, rows, head_ok, l_safe, 1, CHUNK, HEAD_DIM)
+    if NUM_CHUNKS > 2:
+        _store_chunk(PartialOut, acc2, rows, head_ok, l_safe, 2, CHUNK, HEAD_DIM)
+    if NUM_CHUNKS > 3:
+        _store_chunk(PartialOut, acc3, rows, head_ok, l_safe, 3, CHUNK, HEAD_DIM)
+    tl.store(PartialLse + rows, m_i + tl.log2(l_safe), mask=head_ok)
 
 
 @triton.jit
@@ -255,18 +357,21 @@ def _merge_partials_kernel(
 class DecodeConfig:
     """Launch parameters of the partial kernel (``num_splits=0``: choose from the GPU's size)."""
 
-    block_n: int = 64
+    block_n: int = 32
     block_exact: int = 32
-    num_warps: int = 4
+    num_warps: int = 1
     num_stages: int = 2
     num_splits: int = 0
 
 
 def default_config(nbits: int, head_dim: int, axis_key: str, block_length: int) -> DecodeConfig:
-    """Heuristic launch parameters per shape, from the sweep in benchmarks/NOTES.md (H200, head_dim 128)."""
-    if nbits == 8:
-        return DecodeConfig(block_n=32, block_exact=32, num_warps=4, num_stages=2)
-    return DecodeConfig(block_n=64, block_exact=32, num_warps=4, num_stages=3)
+    """Launch parameters: one warp per program and 32-token tiles won round 5 (benchmarks/NOTES.md, H200)."""
+    return DecodeConfig()
+
+
+def _chunk(head_dim: int, nbits: int, q_group_size: int) -> int:
+    """Channels per middle chunk: inside one bit plane (head_dim * nbits / 8 bytes) and one scale group."""
+    return min(q_group_size, head_dim * nbits // 8)
 
 
 def _pow2(n: int) -> bool:
@@ -309,6 +414,10 @@ def check_supported(head_dim: int, num_groups: int, nbits: int, q_group_size: in
         return f"nbits={nbits}"
     if not _pow2(q_group_size) or head_dim % q_group_size:
         return f"q_group_size={q_group_size} (a power of two dividing head_dim is needed)"
+    chunk = _chunk(head_dim, nbits, q_group_size)
+    if chunk < 16 or head_dim // chunk > 4:
+        return (f"head_dim={head_dim}, nbits={nbits}, q_group_size={q_group_size}: the kernel reads the head in "
+                f"at most 4 chunks of >= 16 channels (one bit plane and scale group each); this needs {chunk}")
     if num_groups < 1:
         return f"num_key_value_groups={num_groups}"
     return None
@@ -417,8 +526,10 @@ def selective_decode_attention(
                 f"scale shapes {tuple(key_scale.shape)} / {tuple(value_scale.shape)} do not match "
                 f"axis_key={axis_key!r}, q_group_size={q_group_size}, head_dim={head_dim}"
             )
-    else:  # no middle yet: any valid pointers (the middle programs do not exist)
-        key_codes = value_codes = key_scale = key_zero = value_scale = value_zero = sink_keys
+    else:  # no middle yet: placeholders of the right dtypes (the middle programs do not exist, but
+        # the kernel is compiled for these pointer types: a 16-bit "codes" pointer breaks the PTX code path)
+        key_codes = value_codes = torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=device)
+        key_scale = key_zero = value_scale = value_zero = torch.zeros(1, 1, 1, 1, dtype=torch.float16, device=device)
     has_padding = row_padding is not None
     if has_padding:
         row_padding = row_padding.to(device=device, dtype=torch.int32).contiguous()
@@ -456,6 +567,9 @@ def selective_decode_attention(
         BLOCK_N=config.block_n,
         BLOCK_EXACT=config.block_exact,
         DOT_PRECISION="ieee" if query_states.dtype == torch.float32 else "tf32",
+        HEADS_N=max(8, triton.next_power_of_2(group)),
+        CHUNK=_chunk(head_dim, nbits, q_group_size),
+        CODES_ASM=nbits == 8 and device.type == "cuda",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
