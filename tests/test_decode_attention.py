@@ -233,6 +233,17 @@ def test_interpreter_matches_references(nbits, axis_key, ratio, num_sink, num_st
 
 
 @interpreter_only
+@pytest.mark.parametrize("axis_key", ["token", "channel"])
+def test_interpreter_scales_loaded_in_the_tile(axis_key):
+    """Scales loaded with their tile instead of one tile ahead (``scale_prefetch=False``)."""
+    module = kernel_module()
+    config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=4, scale_prefetch=False)
+    shape = dict(SMALL, num_heads=4, num_sink=5, num_stored=144, num_recent=16, nbits=8, axis_key=axis_key,
+                 row_padding=[3, 0])
+    check_case(module, "cpu", torch.float16, _seed(), config=config, **shape)
+
+
+@interpreter_only
 def test_interpreter_unsupported_chunks_say_why():
     module = kernel_module()
     assert module.check_supported(128, 4, 8, 64, torch.bfloat16) is None

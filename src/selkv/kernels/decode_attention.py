@@ -17,6 +17,7 @@ the same kernels run in Triton's CPU interpreter, on CPU tensors (tests without 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ def _selective_decode_partial_kernel(
     HEADS_N: tl.constexpr,  # GROUP rounded up to a power of two >= 8 (the middle's N dimension)
     CHUNK: tl.constexpr,  # channels per middle chunk (one byte range, bit plane and scale group)
     CODES_ASM: tl.constexpr,  # convert 8-bit key codes with inline PTX (CUDA only)
+    SCALE_PREFETCH: tl.constexpr,  # load the next tile's per-token scales/zeros one tile ahead
 ):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -130,7 +132,7 @@ def _selective_decode_partial_kernel(
             stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
             stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
             GROUP, HEADS_N, HEAD_DIM, NBITS, Q_GROUP, CHUNK, KEY_PER_CHANNEL, KEY_BLOCK, KEY_ROWS, BLOCK_N,
-            DOT_PRECISION, CODES_ASM,
+            DOT_PRECISION, CODES_ASM, SCALE_PREFETCH,
         )
 
 
@@ -161,7 +163,7 @@ def _codes_to_dot(bytes_, SHIFT: tl.constexpr, NBITS: tl.constexpr, DOT_DTYPE: t
             bytes_ = (bytes_ >> SHIFT) & ((1 << NBITS) - 1)
         codes = (bytes_.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
     if DOT_DTYPE == tl.float32:  # float32 inputs: exact codes (an offset of 1024 would cost float32 accuracy)
-        return codes.to(tl.float32) - 1024.0
+        codes = codes.to(tl.float32) - 1024.0
     return codes
 
 
@@ -185,7 +187,8 @@ def _load_query_chunk(q_ptrs, head_ok, C: tl.constexpr, CHUNK: tl.constexpr, DOT
 
 
 @triton.jit
-def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, qT, q_sum,
+def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, ks_tile, kz_tile,
+                      qT, q_sum,
                       C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
                       Q_GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, KEY_BLOCK: tl.constexpr,
                       KEY_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -209,27 +212,51 @@ def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale
             keys = ((codes.to(tl.float32) - OFFSET) * ks + kz).to(DOT_DTYPE)
             return tl.dot(keys, qT, input_precision=DOT_PRECISION)
     else:
-        offs = kscale_base + pos * stride_ksn + (C * CHUNK) // Q_GROUP
-        ks = tl.load(KScale + offs, mask=valid, other=0.0).to(tl.float32)
-        kz = tl.load(KZero + offs, mask=valid, other=0.0).to(tl.float32)
+        ks = _column(ks_tile, (C * CHUNK) // Q_GROUP)
+        kz = _column(kz_tile, (C * CHUNK) // Q_GROUP)
         s = tl.dot(codes, qT, input_precision=DOT_PRECISION)
         return ks[:, None] * (s - OFFSET * q_sum[None, :]) + kz[:, None] * q_sum[None, :]
 
 
 @triton.jit
-def _value_chunk_update(acc, VCodes, VScale, VZero, row_offs, pos, valid, vscale_base, stride_vsn, p, alpha,
+def _value_chunk_update(acc, VCodes, row_offs, valid, vs_tile, vz_tile, p, alpha,
                         C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
                         Q_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc [CHUNK, HEADS_N] (channels x heads) rescaled by alpha plus this tile's p @ values on the chunk."""
     OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0
     codes = _load_chunk_codes(VCodes, row_offs, valid, C, CHUNK, HEAD_DIM, NBITS, DOT_DTYPE, False)
-    offs = vscale_base + pos * stride_vsn + (C * CHUNK) // Q_GROUP
-    vs = tl.load(VScale + offs, mask=valid, other=0.0).to(tl.float32)
-    vz = tl.load(VZero + offs, mask=valid, other=0.0).to(tl.float32)
+    vs = _column(vs_tile, (C * CHUNK) // Q_GROUP)
+    vz = _column(vz_tile, (C * CHUNK) // Q_GROUP)
     p_scaled = (p * vs[:, None]).to(DOT_DTYPE)
     correction = tl.sum(p * vz[:, None] - OFFSET * p_scaled.to(tl.float32), 0)
     acc = acc * alpha[None, :] + correction[None, :]
     return tl.dot(tl.trans(codes), p_scaled, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _scale_tiles(KScale, KZero, VScale, VZero, pos, valid, kscale_base, stride_ksn, vscale_base, stride_vsn,
+                 NUM_GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr):
+    """Per-token scales/zeros of a tile as float32 [BLOCK_N, GROUPS_PAD] tiles (keys: zeros if per channel)."""
+    offs_g = tl.arange(0, GROUPS_PAD)
+    mask = valid[:, None] & (offs_g < NUM_GROUPS)[None, :]
+    v_offs = vscale_base + pos[:, None] * stride_vsn + offs_g[None, :]
+    vs = tl.load(VScale + v_offs, mask=mask, other=0.0).to(tl.float32)
+    vz = tl.load(VZero + v_offs, mask=mask, other=0.0).to(tl.float32)
+    if KEY_PER_CHANNEL:
+        ks = tl.zeros_like(vs)
+        kz = tl.zeros_like(vs)
+    else:
+        k_offs = kscale_base + pos[:, None] * stride_ksn + offs_g[None, :]
+        ks = tl.load(KScale + k_offs, mask=mask, other=0.0).to(tl.float32)
+        kz = tl.load(KZero + k_offs, mask=mask, other=0.0).to(tl.float32)
+    return ks, kz, vs, vz
+
+
+@triton.jit
+def _column(tile, G: tl.constexpr):
+    """Column G of a [BLOCK_N, GROUPS_PAD] tile."""
+    offs_g = tl.arange(0, tile.shape[1])
+    return tl.sum(tl.where(offs_g[None, :] == G, tile, 0.0), 1)
 
 
 @triton.jit
@@ -247,6 +274,7 @@ def _middle_chunk(
     GROUP: tl.constexpr, HEADS_N: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
     Q_GROUP: tl.constexpr, CHUNK: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, KEY_BLOCK: tl.constexpr,
     KEY_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CODES_ASM: tl.constexpr,
+    SCALE_PREFETCH: tl.constexpr,
 ):
     """One program: tokens [split * tokens_per_split, ...) of the middle of row b, KV head h."""
     NUM_CHUNKS: tl.constexpr = HEAD_DIM // CHUNK
@@ -271,11 +299,23 @@ def _middle_chunk(
     vscale_base = b * stride_vsb + h * stride_vsh
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, num_stored)
+    NUM_GROUPS: tl.constexpr = HEAD_DIM // Q_GROUP
+    GROUPS_PAD: tl.constexpr = 2 if NUM_GROUPS == 1 else NUM_GROUPS
+    scale_args = (KScale, KZero, VScale, VZero)
+    scale_bases = (kscale_base, stride_ksn, vscale_base, stride_vsn)
+    ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(*scale_args, lo + offs_n, lo + offs_n < hi, *scale_bases,
+                                                      NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         valid = pos < hi
         row_offs = code_base + pos * stride_cn
-        key_args = (KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn)
+        if SCALE_PREFETCH:  # the next tile's scales load while this tile computes
+            next_tiles = _scale_tiles(*scale_args, pos + BLOCK_N, pos + BLOCK_N < hi, *scale_bases,
+                                      NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
+        else:
+            ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(*scale_args, pos, valid, *scale_bases,
+                                                              NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
+        key_args = (KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, ks_tile, kz_tile)
         s = _key_chunk_scores(*key_args, qT0, q_sum0, 0, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
                               KEY_BLOCK, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         if NUM_CHUNKS > 1:
@@ -292,7 +332,7 @@ def _middle_chunk(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
-        value_args = (VCodes, VScale, VZero, row_offs, pos, valid, vscale_base, stride_vsn, p, alpha)
+        value_args = (VCodes, row_offs, valid, vs_tile, vz_tile, p, alpha)
         acc0 = _value_chunk_update(acc0, *value_args, 0, CHUNK, HEAD_DIM, NBITS, Q_GROUP, DOT_DTYPE, DOT_PRECISION)
         if NUM_CHUNKS > 1:
             acc1 = _value_chunk_update(acc1, *value_args, 1, CHUNK, HEAD_DIM, NBITS, Q_GROUP, DOT_DTYPE, DOT_PRECISION)
@@ -301,6 +341,8 @@ def _middle_chunk(
         if NUM_CHUNKS > 3:
             acc3 = _value_chunk_update(acc3, *value_args, 3, CHUNK, HEAD_DIM, NBITS, Q_GROUP, DOT_DTYPE, DOT_PRECISION)
         m_i = m_new
+        if SCALE_PREFETCH:
+            ks_tile, kz_tile, vs_tile, vz_tile = next_tiles
 
     # partial result: normalized output and log2-sum-exp (a middle program always has tokens)
     rows = (b * num_kv_heads * GROUP + h * GROUP + offs_hn) * num_partials + split  # [HEADS_N]
@@ -362,6 +404,10 @@ class DecodeConfig:
     num_warps: int = 1
     num_stages: int = 2
     num_splits: int = 0
+    # resident programs per multiprocessor (one warp and ~255 registers each: 8); splits are sized
+    # so that every program of a launch runs in one wave
+    programs_per_sm: int = 8
+    scale_prefetch: bool = True
 
 
 def default_config(nbits: int, head_dim: int, axis_key: str, block_length: int) -> DecodeConfig:
@@ -383,22 +429,32 @@ def _key_rows(block_n: int, block_length: int) -> int:
     return 1 if block_length % block_n == 0 else 0
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # the interpreter: a few splits, to exercise the merge
 
 
-def _splits(num_stored: int, programs_per_split: int, config: DecodeConfig, device: torch.device) -> tuple[int, int]:
-    """(number of middle chunks, tokens per chunk): about eight programs per multiprocessor."""
+def _splits(num_stored: int, rows: int, config: DecodeConfig, device: torch.device) -> tuple[int, int]:
+    """(number of middle chunks, tokens per chunk) for ``rows`` (batch row, KV head) pairs.
+
+    Each row gets its middle chunks plus one program for its 16-bit tokens. All programs should fit
+    in one wave of ``config.programs_per_sm`` resident programs per multiprocessor: a second, barely
+    filled wave doubled the kernel's time (benchmarks/NOTES.md, round 5). Chunks keep >= 4 tiles.
+    """
     if num_stored == 0:
         return 0, config.block_n
     tiles = triton.cdiv(num_stored, config.block_n)
     if config.num_splits:
         wanted = config.num_splits
     else:
-        wanted = triton.cdiv(8 * _num_sms(device), programs_per_split)
-        wanted = min(wanted, triton.cdiv(tiles, 4))  # keep >= 4 tiles per chunk: each chunk pays a partial
+        wanted = (config.programs_per_sm * _num_sms(device)) // rows - 1  # minus the 16-bit program
+        wanted = min(wanted, triton.cdiv(tiles, 4))  # each chunk pays a partial: keep >= 4 tiles
     wanted = max(1, min(wanted, tiles))
     tokens_per_split = triton.cdiv(tiles, wanted) * config.block_n
     return triton.cdiv(num_stored, tokens_per_split), tokens_per_split
@@ -570,6 +626,7 @@ def selective_decode_attention(
         HEADS_N=max(8, triton.next_power_of_2(group)),
         CHUNK=_chunk(head_dim, nbits, q_group_size),
         CODES_ASM=nbits == 8 and device.type == "cuda",
+        SCALE_PREFETCH=config.scale_prefetch,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
