@@ -4,10 +4,13 @@ One decode step (query length 1) attends over a layer's cache as it is stored::
 
     [ sink: 16-bit ][ middle: nbits codes + float16 scales/zeros ][ window: 16-bit ]
 
-The kernels read the codes, dequantize them in registers and never write a
-16-bit copy of the history. Flash-decoding: the middle is split into chunks of
+The kernels read the codes in registers and never write a 16-bit copy of the
+history: codes enter the dot products as float16 (1024 + code, by their bits)
+and scales, zeros and offsets are applied outside them (see the comment above
+``_codes_to_dot``). Flash-decoding: the middle is split into chunks of
 ``tokens_per_split`` tokens, one program per (chunk, batch row, KV head); one more
-program per (row, head) reads the 16-bit sink and window. Each program loads its
+program per (row, head) reads the 16-bit sink and window. One warp per program;
+the chunks are sized so that all programs run in one wave. Each program loads its
 keys/values once for all the query heads that share the KV head (GQA) and writes
 a partial output with its log-sum-exp; a second kernel merges the partials.
 
@@ -420,6 +423,11 @@ def _chunk(head_dim: int, nbits: int, q_group_size: int) -> int:
     return min(q_group_size, head_dim * nbits // 8)
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division (triton.cdiv is a jitted function: ~5 us a call on the launch path)."""
+    return -(-a // b)
+
+
 def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
@@ -449,15 +457,15 @@ def _splits(num_stored: int, rows: int, config: DecodeConfig, device: torch.devi
     """
     if num_stored == 0:
         return 0, config.block_n
-    tiles = triton.cdiv(num_stored, config.block_n)
+    tiles = _cdiv(num_stored, config.block_n)
     if config.num_splits:
         wanted = config.num_splits
     else:
         wanted = (config.programs_per_sm * _num_sms(device)) // rows - 1  # minus the 16-bit program
-        wanted = min(wanted, triton.cdiv(tiles, 4))  # each chunk pays a partial: keep >= 4 tiles
+        wanted = min(wanted, _cdiv(tiles, 4))  # each chunk pays a partial: keep >= 4 tiles
     wanted = max(1, min(wanted, tiles))
-    tokens_per_split = triton.cdiv(tiles, wanted) * config.block_n
-    return triton.cdiv(num_stored, tokens_per_split), tokens_per_split
+    tokens_per_split = _cdiv(tiles, wanted) * config.block_n
+    return _cdiv(num_stored, tokens_per_split), tokens_per_split
 
 
 def check_supported(head_dim: int, num_groups: int, nbits: int, q_group_size: int, dtype: torch.dtype) -> str | None:
