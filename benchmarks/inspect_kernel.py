@@ -84,7 +84,8 @@ def capture_launch(kernel_name: str, launch, module=kernels):
 
 
 def compile_sm90(fn, args, kwargs, capability: int = 90):
-    """Compile ``fn`` as Triton's runtime would specialize these arguments, for ``capability``."""
+    """Compile ``fn`` as Triton's runtime would specialize these arguments (honouring its
+    ``do_not_specialize``), for ``capability``."""
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     names = fn.arg_names
     signature, constexprs, attrs = {}, {}, {}
@@ -94,7 +95,8 @@ def compile_sm90(fn, args, kwargs, capability: int = 90):
         if name in kwargs:  # tl.constexpr meta-parameters are passed by keyword
             signature[name], constexprs[name] = "constexpr", value
             continue
-        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        specialize = not fn.params[i].do_not_specialize
+        kind, spec = native_specialize_impl(BaseBackend, value, False, specialize, specialize)
         signature[name] = kind
         if kind == "constexpr":
             constexprs[name] = spec

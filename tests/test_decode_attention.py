@@ -243,6 +243,59 @@ def test_interpreter_scales_loaded_in_the_tile(axis_key):
     check_case(module, "cpu", torch.float16, _seed(), config=config, **shape)
 
 
+def _specialization(fn, args, kwargs) -> tuple:
+    """The part of Triton's compile key that the argument values decide (as its runtime computes it)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    dont = getattr(fn, "do_not_specialize", None) or getattr(fn, "kwargs", {}).get("do_not_specialize") or []
+    key = []
+    for name, value in zip(fn.arg_names, args):
+        specialize = name not in dont
+        key.append((name, native_specialize_impl(BaseBackend, value, False, specialize, specialize)))
+    return tuple(key) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+
+
+def test_one_compiled_kernel_for_a_whole_decode(monkeypatch):
+    """64 decode steps (window ring, evictions into the middle) launch one kernel specialization each.
+
+    Triton specializes int arguments on == 1 and on divisibility by 16; lengths that change every
+    step would otherwise recompile the kernel (seconds) in the middle of generation.
+    """
+    from selkv import make_cache
+    from selkv.kernels import storage_arguments
+
+    module = kernel_module()
+    launches = {"_selective_decode_partial_kernel": [], "_merge_partials_kernel": []}
+    for name, calls in launches.items():
+        fn = getattr(module, name)
+
+        class Recorder:
+            def __init__(self, fn, calls):
+                self.fn, self.calls = fn, calls
+
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: self.calls.append(_specialization(self.fn, args, kwargs))
+
+        monkeypatch.setattr(module, name, Recorder(fn, calls))
+    config = tiny_llama_config()
+    cache = make_cache("quant:bits=8,sink=4,window=16,block=8", config)
+    gen = torch.Generator().manual_seed(_seed())
+    shape = (2, config.num_key_value_heads, 1, config.head_dim)
+    cache.update(torch.randn(shape[:2] + (40, shape[3]), generator=gen), torch.randn(shape[:2] + (40, shape[3]), generator=gen), 0)
+    query = torch.randn(2, config.num_attention_heads, 1, config.head_dim)
+    layer = cache.layers[0]
+    lengths = set()
+    for _ in range(64):
+        cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), 0)
+        module.selective_decode_attention(query, **storage_arguments(layer))
+        lengths.add((layer.num_stored, layer.num_recent))
+    assert len(lengths) > 16, "the test must see many different lengths"
+    for name, calls in launches.items():
+        assert len(calls) == 64
+        assert len(set(calls)) == 1, f"{name}: {len(set(calls))} specializations in one decode"
+
+
 @interpreter_only
 def test_interpreter_unsupported_chunks_say_why():
     module = kernel_module()

@@ -32,7 +32,13 @@ _LOG2E = 1.4426950408889634  # 1/ln(2): the kernels use exp2/log2
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit
+# Lengths that change from one decode step to the next are not specialized on (Triton specializes an
+# int argument on == 1 and on divisibility by 16: a decode loop would compile a new kernel whenever
+# num_recent crossed such a value, seconds each, in the middle of generation).
+_VARYING_LENGTHS = ["num_sink", "num_stored", "num_recent", "tokens_per_split", "num_partials"]
+
+
+@triton.jit(do_not_specialize=_VARYING_LENGTHS)
 def _selective_decode_partial_kernel(
     # pointers: query [B, Hq, 1, D]; 16-bit sink/window [B, H, cap, D]
     Q, SinkK, SinkV, RecentK, RecentV,
@@ -360,7 +366,7 @@ def _middle_chunk(
     tl.store(PartialLse + rows, m_i + tl.log2(l_safe), mask=head_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partials"])
 def _merge_partials_kernel(
     # pointers: partial outputs [B, Hq, S, D] float32, log2-sum-exp [B, Hq, S], output [B, 1, Hq, D]
     PartialOut, PartialLse, Out,

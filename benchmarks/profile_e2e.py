@@ -1,0 +1,87 @@
+"""Where one decode step's time goes: full cache vs selkv int8 (fused), Llama-3-8B shape, random weights.
+
+    PYTHONPATH=src python benchmarks/profile_e2e.py [--out DIR] [--tiny]
+
+Same setup as ``decode_e2e.py`` (caches filled directly, batch 8 x 32k). For each cache, two warm-up
+steps, then ``--steps`` steps under ``torch.profiler`` (CPU + CUDA activities). Prints the wall time
+per step, the summed device time of all kernels per step, and the top operators by device time and
+by CPU time; writes the tables and a Chrome trace per cache under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from decode_e2e import LLAMA3_8B, TINY, build_model, fill_full, fill_selective  # noqa: E402
+
+import selkv  # noqa: E402,F401  (registers attn_implementation="selkv")
+from selkv import make_cache  # noqa: E402
+from selkv.models import forward_with_cache  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU (a smoke test of this script)")
+    parser.add_argument("--out", default="profile_e2e")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    model = build_model(TINY if args.tiny else LLAMA3_8B, device, dtype)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort_device = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    for name, spec, attention in (("full", "full", "sdpa"), ("int8", "quant:bits=8,sink=4,window=124", "selkv")):
+        model.set_attn_implementation(attention)
+        cache = make_cache(spec, model.config)
+        (fill_full if spec == "full" else fill_selective)(cache, model.config, args.batch, args.context, device, dtype)
+        tokens = torch.randint(0, model.config.vocab_size, (args.batch, 1), device=device)
+
+        def step(tokens):
+            logits = forward_with_cache(model, cache, tokens, logits_to_keep=1).logits
+            return logits[:, -1].argmax(-1, keepdim=True)
+
+        with torch.no_grad():
+            for _ in range(2):
+                tokens = step(tokens)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            with torch.profiler.profile(activities=activities) as prof:
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    tokens = step(tokens)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                wall = (time.perf_counter() - start) / args.steps
+        events = prof.key_averages()
+        device_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / args.steps
+        lines = [f"{name}: wall {1000 * wall:.1f} ms per step, kernels {device_us / 1000:.1f} ms per step (device)"]
+        try:
+            lines.append(events.table(sort_by=sort_device, row_limit=15))
+        except (AttributeError, KeyError):
+            lines.append(events.table(sort_by="self_cpu_time_total", row_limit=15))
+        lines.append(events.table(sort_by="self_cpu_time_total", row_limit=12))
+        text = "\n".join(lines)
+        print(text, flush=True)
+        with open(os.path.join(args.out, f"profile_{name}.txt"), "w") as f:
+            f.write(text)
+        prof.export_chrome_trace(os.path.join(args.out, f"trace_{name}.json.gz"))
+        del cache
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
