@@ -32,6 +32,22 @@ _LOG2E = 1.4426950408889634  # 1/ln(2): the kernels use exp2/log2
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@triton.jit
+def _exact_tile(q, Keys, Values, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of (m_i, l_i, acc) [GROUP_PAD heads] with one tile of 16-bit keys/values."""
+    k = tl.load(Keys + offs, mask=valid[:, None], other=0.0)
+    v = tl.load(Values + offs, mask=valid[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep exp2 finite
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 # Lengths that change from one decode step to the next are not specialized on (Triton specializes an
 # int argument on == 1 and on divisibility by 16: a decode loop would compile a new kernel whenever
 # num_recent crossed such a value, seconds each, in the middle of generation).
@@ -100,33 +116,13 @@ def _selective_decode_partial_kernel(
             pos = start + offs_e
             valid = (pos < num_sink) & (pos >= first)
             offs = sink_base + pos[:, None] * stride_sn + offs_d[None, :]
-            k = tl.load(SinkK + offs, mask=valid[:, None], other=0.0)
-            v = tl.load(SinkV + offs, mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep exp2 finite
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _exact_tile(q, SinkK, SinkV, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRECISION)
         recent_base = b * stride_rb + h * stride_rh
         for start in range(0, num_recent, BLOCK_EXACT):
             pos = start + offs_e
             valid = pos < num_recent
             offs = recent_base + pos[:, None] * stride_rn + offs_d[None, :]
-            k = tl.load(RecentK + offs, mask=valid[:, None], other=0.0)
-            v = tl.load(RecentV + offs, mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _exact_tile(q, RecentK, RecentV, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRECISION)
         # ---- partial result of the 16-bit program: normalized output and log2-sum-exp (-inf when empty)
         row = (b * num_kv_heads * GROUP + h * GROUP + offs_g) * num_partials + split  # [GROUP_PAD]
         has_any = l_i > 0.0
