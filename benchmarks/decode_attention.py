@@ -169,7 +169,7 @@ def sweep(shapes) -> list[dict]:
                                 continue
                             results.append((ms, cfg))
             results.sort(key=lambda r: r[0])
-            default = kernels.default_config(nbits, HEAD_DIM, axis_key, BLOCK)
+            default = kernels.DecodeConfig()
             default_ms = bench(lambda: kernels.selective_decode_attention(query, **args, config=default))
             best_ms, best = results[0]
             print(f"sweep {name} {batch}x{context}: default {default_ms:.4f} ms, best {best_ms:.4f} ms {best}")

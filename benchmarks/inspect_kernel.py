@@ -170,7 +170,7 @@ def main() -> None:
         for block_n in args.block_n or [None]:
             storage = random_storage(1, args.context, nbits, axis_key, group, device="cpu")
             query = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
-            config = kernels.default_config(nbits, 128, axis_key, storage["block_length"])
+            config = kernels.DecodeConfig()
             if block_n:
                 config = kernels.DecodeConfig(**{**config.__dict__, "block_n": block_n})
             fn, a, kw = capture_launch("_selective_decode_partial_kernel",

@@ -402,7 +402,11 @@ def _merge_partials_kernel(
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters of the partial kernel (``num_splits=0``: choose from the GPU's size)."""
+    """Launch parameters of the partial kernel (``num_splits=0``: choose from the GPU's size).
+
+    The defaults serve every quantization: one warp per program and 32-token tiles won round 5
+    (benchmarks/NOTES.md, H200).
+    """
 
     block_n: int = 32
     block_exact: int = 32
@@ -413,11 +417,6 @@ class DecodeConfig:
     # so that every program of a launch runs in one wave
     programs_per_sm: int = 8
     scale_prefetch: bool = True
-
-
-def default_config(nbits: int, head_dim: int, axis_key: str, block_length: int) -> DecodeConfig:
-    """Launch parameters: one warp per program and 32-token tiles won round 5 (benchmarks/NOTES.md, H200)."""
-    return DecodeConfig()
 
 
 def _chunk(head_dim: int, nbits: int, q_group_size: int) -> int:
@@ -553,7 +552,7 @@ def selective_decode_attention(
             raise ValueError(f"{name} is {t.dtype} but the query is {query_states.dtype}")
     if num_sink > sink_keys.shape[2] or num_recent > recent_keys.shape[2]:
         raise ValueError(f"num_sink={num_sink} / num_recent={num_recent} exceed the sink / window capacity")
-    config = config or default_config(nbits, head_dim, axis_key, block_length)
+    config = config or DecodeConfig()
     device = query_states.device
 
     def last_contiguous(t: torch.Tensor) -> torch.Tensor:
