@@ -5,12 +5,16 @@
 Same setup as ``decode_e2e.py`` (caches filled directly, batch 8 x 32k). For each cache, two warm-up
 steps, then ``--steps`` steps under ``torch.profiler`` (CPU + CUDA activities). Prints the wall time
 per step, the summed device time of all kernels per step, and the top operators by device time and
-by CPU time; writes the tables and a Chrome trace per cache under ``--out``.
+by CPU time; writes the tables, a Chrome trace per cache and ``summary.json`` under ``--out``.
+The summary lists every gap over 1 ms in which no CPU operator ran (a kernel compile, say), read
+off the trace.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import os
 import sys
 import time
@@ -25,6 +29,20 @@ from decode_e2e import LLAMA3_8B, TINY, build_model, fill_full, fill_selective  
 import selkv  # noqa: E402,F401  (registers attn_implementation="selkv")
 from selkv import make_cache  # noqa: E402
 from selkv.models import forward_with_cache  # noqa: E402
+
+
+def idle_gaps(trace_path: str, min_ms: float = 1.0) -> list[dict]:
+    """Stretches of over ``min_ms`` in a Chrome trace during which no CPU operator ran."""
+    with gzip.open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
+    gaps, end, last = [], ops[0]["ts"] + ops[0]["dur"], ops[0]
+    for op in ops[1:]:
+        if op["ts"] - end > 1000 * min_ms:
+            gaps.append(dict(ms=round((op["ts"] - end) / 1000, 1), after=last["name"], before=op["name"]))
+        if op["ts"] + op["dur"] > end:
+            end, last = op["ts"] + op["dur"], op
+    return gaps
 
 
 def main() -> None:
@@ -43,6 +61,8 @@ def main() -> None:
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     sort_device = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    summary = dict(command="PYTHONPATH=src python " + " ".join(sys.argv), batch=args.batch, context=args.context,
+                   steps=args.steps, caches={})
     for name, spec, attention in (("full", "full", "sdpa"), ("int8", "quant:bits=8,sink=4,window=124", "selkv")):
         model.set_attn_implementation(attention)
         cache = make_cache(spec, model.config)
@@ -77,10 +97,19 @@ def main() -> None:
         print(text, flush=True)
         with open(os.path.join(args.out, f"profile_{name}.txt"), "w") as f:
             f.write(text)
-        prof.export_chrome_trace(os.path.join(args.out, f"trace_{name}.json.gz"))
+        trace = os.path.join(args.out, f"trace_{name}.json.gz")
+        prof.export_chrome_trace(trace)
+        gaps = idle_gaps(trace)
+        summary["caches"][name] = dict(
+            wall_ms_per_step=round(1000 * wall, 1), idle_gaps_over_1ms=gaps,
+            wall_ms_per_step_without_gaps=round(1000 * wall - sum(g["ms"] for g in gaps) / args.steps, 1),
+        )
+        print(f"{name}: idle gaps over 1 ms (no CPU operator running): {gaps}", flush=True)
         del cache
         if device == "cuda":
             torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":
