@@ -1,4 +1,4 @@
-"""Where one decode step's time goes: full cache vs selkv int8 (fused), Llama-3-8B shape, random weights.
+"""Where one decode step's time goes: full cache vs selkv int8 and int4 (fused), Llama-3-8B shape, random weights.
 
     PYTHONPATH=src python benchmarks/profile_e2e.py [--out DIR] [--tiny]
 
@@ -7,15 +7,19 @@ steps, then ``--steps`` steps under ``torch.profiler`` (CPU + CUDA activities). 
 per step, the summed device time of all kernels per step, and the top operators by device time and
 by CPU time; writes the tables, a Chrome trace per cache and ``summary.json`` under ``--out``.
 The summary lists every gap over 1 ms in which no CPU operator ran (a kernel compile, say), read
-off the trace.
+off the trace. Then the same steps again under ``cProfile`` (``python_<cache>.txt``): which Python
+functions the host time goes to, since a decode step of this size is bound by the host.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gzip
 import json
+import io
 import os
+import pstats
 import sys
 import time
 
@@ -45,6 +49,27 @@ def idle_gaps(trace_path: str, min_ms: float = 1.0) -> list[dict]:
     return gaps
 
 
+def python_profile(step, tokens, steps: int, device: str, name: str, out: str) -> float:
+    """Run ``steps`` steps under cProfile; write the top functions to ``python_<name>.txt``; wall ms/step."""
+    profiler = cProfile.Profile()
+    with torch.no_grad():
+        start = time.perf_counter()
+        profiler.enable()
+        for _ in range(steps):
+            tokens = step(tokens)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        profiler.disable()
+        wall = (time.perf_counter() - start) / steps
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
+    with open(os.path.join(out, f"python_{name}.txt"), "w") as f:
+        f.write(f"{name}: {1000 * wall:.1f} ms per step under cProfile ({steps} steps)\n" + text.getvalue())
+    return round(1000 * wall, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
@@ -63,7 +88,9 @@ def main() -> None:
     sort_device = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     summary = dict(command="PYTHONPATH=src python " + " ".join(sys.argv), batch=args.batch, context=args.context,
                    steps=args.steps, caches={})
-    for name, spec, attention in (("full", "full", "sdpa"), ("int8", "quant:bits=8,sink=4,window=124", "selkv")):
+    runs = (("full", "full", "sdpa"), ("int8", "quant:bits=8,sink=4,window=124", "selkv"),
+            ("int4", "quant:bits=4,sink=4,window=124", "selkv"))
+    for name, spec, attention in runs:
         model.set_attn_implementation(attention)
         cache = make_cache(spec, model.config)
         (fill_full if spec == "full" else fill_selective)(cache, model.config, args.batch, args.context, device, dtype)
@@ -105,6 +132,7 @@ def main() -> None:
             wall_ms_per_step_without_gaps=round(1000 * wall - sum(g["ms"] for g in gaps) / args.steps, 1),
         )
         print(f"{name}: idle gaps over 1 ms (no CPU operator running): {gaps}", flush=True)
+        summary["caches"][name]["python_ms_per_step"] = python_profile(step, tokens, args.steps, device, name, args.out)
         del cache
         if device == "cuda":
             torch.cuda.empty_cache()
