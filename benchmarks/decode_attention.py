@@ -29,17 +29,19 @@ SHAPES = [(1, 32768), (8, 32768), (1, 131072), (32, 8192)]  # (batch, context)
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 SINK, WINDOW, BLOCK = 4, 128, 32
 # name -> (nbits, key axis, q_group_size)
-FUSED = {
-    "fused int8": (8, "token", 64),
-    "fused int4": (4, "channel", 64),
-    "fused int4 tok": (4, "token", 64),
-    "fused int2": (2, "channel", 64),
+FUSED = {  # name: (nbits, axis_key, q_group_size, block_length)
+    "fused int8": (8, "token", 64, BLOCK),
+    "fused int4": (4, "channel", 64, BLOCK),
+    "fused int4 tok": (4, "token", 64, BLOCK),
+    "fused int2": (2, "channel", 64, BLOCK),
+    "fused int4 spec": (4, "channel", 32, 64),  # the int4 spec's defaults: groups of 32, key blocks of 64
 }
 
 
-def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: int, device="cuda", dtype=torch.bfloat16):
+def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: int, block: int = BLOCK,
+                   device="cuda", dtype=torch.bfloat16):
     """Launcher arguments for a cache of ``context`` tokens filled with random codes and scales."""
-    num_stored = (context - SINK - WINDOW) // BLOCK * BLOCK
+    num_stored = (context - SINK - WINDOW) // block * block
     num_recent = context - SINK - num_stored
     B, H, D = batch, NUM_KV_HEADS, HEAD_DIM
     packed = D * nbits // 8
@@ -53,7 +55,7 @@ def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: i
     def zeros(*shape):
         return (-torch.rand(*shape, device=device)).half()
 
-    key_rows, key_cols = (num_stored // BLOCK, D) if axis_key == "channel" else (num_stored, D // group)
+    key_rows, key_cols = (num_stored // block, D) if axis_key == "channel" else (num_stored, D // group)
     return dict(
         sink_keys=torch.randn(B, H, SINK, D, device=device, dtype=dtype),
         sink_values=torch.randn(B, H, SINK, D, device=device, dtype=dtype),
@@ -62,10 +64,10 @@ def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: i
         value_codes=codes(), value_scale=scales(B, H, num_stored, D // group),
         value_zero=zeros(B, H, num_stored, D // group),
         num_stored=num_stored,
-        recent_keys=torch.randn(B, H, WINDOW + BLOCK, D, device=device, dtype=dtype),
-        recent_values=torch.randn(B, H, WINDOW + BLOCK, D, device=device, dtype=dtype),
+        recent_keys=torch.randn(B, H, WINDOW + block, D, device=device, dtype=dtype),
+        recent_values=torch.randn(B, H, WINDOW + block, D, device=device, dtype=dtype),
         num_recent=num_recent,
-        nbits=nbits, q_group_size=group, axis_key=axis_key, block_length=BLOCK, row_padding=None,
+        nbits=nbits, q_group_size=group, axis_key=axis_key, block_length=block, row_padding=None,
     )
 
 
@@ -116,10 +118,10 @@ def run(shapes, methods, config=None, check=True) -> list[dict]:
                          bytes=sdpa_bytes))
         del k, v
         for name in methods:
-            nbits, axis_key, group = FUSED[name.replace("dequant+SDPA ", "fused ")] if "dequant" in name else FUSED[name]
-            args = random_storage(batch, context, nbits, axis_key, group)
+            nbits, axis_key, group, block = FUSED[name.replace("dequant+SDPA ", "fused ")]
+            args = random_storage(batch, context, nbits, axis_key, group, block)
             nbytes = kernels.bytes_read(batch, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, SINK + args["num_recent"],
-                                        args["num_stored"], nbits, group, axis_key, BLOCK)
+                                        args["num_stored"], nbits, group, axis_key, block)
             if name.startswith("dequant"):
                 ms = bench(lambda: dequantize_sdpa(query, args, scaling))
                 ms_graph = bench_graph(lambda: dequantize_sdpa(query, args, scaling))
@@ -148,10 +150,10 @@ def sweep(shapes) -> list[dict]:
     """Launch parameters per (shape, quantization): prints the best of a small grid."""
     found = []
     for name in ("fused int8", "fused int4", "fused int4 tok"):
-        nbits, axis_key, group = FUSED[name]
+        nbits, axis_key, group, block = FUSED[name]
         for batch, context in shapes:
             query = torch.randn(batch, NUM_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-            args = random_storage(batch, context, nbits, axis_key, group)
+            args = random_storage(batch, context, nbits, axis_key, group, block)
             results = []
             for block_n in (16, 32, 64):
                 for num_warps in (2, 4, 8):
@@ -197,7 +199,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="decode_attention.json")
     parser.add_argument("--sweep", action="store_true", help="only sweep launch parameters at (1, 32k) and (8, 32k)")
-    parser.add_argument("--methods", default="dequant+SDPA int8,fused int8,fused int4,fused int4 tok,fused int2")
+    parser.add_argument("--methods", default="dequant+SDPA int8,fused int8,fused int4,fused int4 tok,fused int2,"
+                        "fused int4 spec")
+    parser.add_argument("--config", default="", metavar="FIELD=VALUE,...",
+                        help="DecodeConfig fields for the fused rows, e.g. programs_per_sm=10,block_n=64")
     args = parser.parse_args()
     import triton
 
@@ -209,13 +214,15 @@ def main() -> None:
             json.dump(dict(date=datetime.date.today().isoformat(), gpu=props.name, sweep=swept), f, indent=1)
         return
     copy_gbs = copy_bandwidth()
-    rows = run(SHAPES, methods)
+    fields = dict(item.split("=") for item in args.config.split(",") if item)
+    config = kernels.DecodeConfig(**{k: type(getattr(kernels.DecodeConfig, k))(v) for k, v in fields.items()})
+    rows = run(SHAPES, methods, config)
     result = dict(
         date=datetime.date.today().isoformat(), gpu=props.name, torch=torch.__version__, triton=triton.__version__,
         command="PYTHONPATH=src python " + " ".join(sys.argv), copy_gb_per_s=copy_gbs,
         shape=dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype="bfloat16",
                    sink=SINK, window=WINDOW, block=BLOCK, q_group_size=64),
-        rows=rows,
+        config=vars(config), rows=rows,
     )
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -166,9 +166,9 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for name in args.quant:
-        nbits, axis_key, group = FUSED[name]
+        nbits, axis_key, group, block = FUSED[name]
         for block_n in args.block_n or [None]:
-            storage = random_storage(1, args.context, nbits, axis_key, group, device="cpu")
+            storage = random_storage(1, args.context, nbits, axis_key, group, block, device="cpu")
             query = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
             config = kernels.DecodeConfig()
             if block_n:
@@ -176,7 +176,7 @@ def main() -> None:
             fn, a, kw = capture_launch("_selective_decode_partial_kernel",
                                        lambda: kernels.selective_decode_attention(query, **storage, config=config))
             if "CODES_ASM" in kw:  # the launcher saw CPU tensors; a CUDA launch would take the PTX path
-                kw["CODES_ASM"] = nbits == 8
+                kw["CODES_ASM"] = True
             compiled = compile_sm90(fn, a, kw)
             tag = f"{name.replace(' ', '_')}_bn{config.block_n}"
             base = os.path.join(args.out, tag)

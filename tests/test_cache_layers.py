@@ -66,13 +66,14 @@ def test_layer_returns_every_position_in_order(axis, steps):
     seen = 0
     for count in steps:
         keys = _position_states(seen, count)
-        out_keys, out_values = layer.update(keys, keys.clone())
+        out_keys, out_values = layer.update(keys, -keys)
         seen += count
         assert out_keys.shape[-2] == seen == layer.get_seq_length()
         assert layer.get_mask_sizes(1) == (seen + 1, 0)
         expected = _position_states(0, seen)
         # 8-bit codes over ranges of at most ~block positions: error far below one position.
         assert (out_keys - expected).abs().max() < 0.5
+        assert (out_values + expected).abs().max() < 0.5
         torch.testing.assert_close(out_keys[:, :, :3], expected[:, :, :3])  # sink: exact
         torch.testing.assert_close(out_keys[:, :, -count:], keys)  # this call's tokens: exact
         assert layer.num_sink + layer.num_stored + layer.num_recent == seen

@@ -108,6 +108,7 @@ def make_storage(
     # Poison what lies beyond num_stored: random codes, NaN scales.
     kc[:, :, num_stored:] = torch.randint(0, 256, kc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)
     vc[:, :, num_stored:] = torch.randint(0, 256, vc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)
+    vc = quant.to_block_major(vc, block_length)  # the layer's value layout
     key_rows = -(-num_stored // block_length) if axis_key == "channel" else num_stored
     for t in (ks, kz):
         t[:, :, key_rows:] = float("nan")
@@ -118,6 +119,15 @@ def make_storage(
         value_codes=vc.to(device), value_scale=vs.to(device), value_zero=vz.to(device),
     )
     return args
+
+
+def token_major(block_major: torch.Tensor, block: int) -> torch.Tensor:
+    """Block-major value codes back in token order, by addresses: token n's byte c of a (row, head) sits at
+    (n // block) * block * P + c * block + n % block (written independently of quant.from_block_major)."""
+    B, H, capacity, P = block_major.shape
+    n, c = torch.arange(capacity)[:, None], torch.arange(P)[None, :]
+    index = (n // block) * block * P + c * block + n % block
+    return block_major.cpu().reshape(B, H, capacity * P)[:, :, index.flatten()].reshape(B, H, capacity, P)
 
 
 def float64_reference(query: torch.Tensor, args: dict, scaling: float) -> torch.Tensor:
@@ -147,7 +157,7 @@ def float64_reference(query: torch.Tensor, args: dict, scaling: float) -> torch.
         vz = args["value_zero"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
         dtype = query.dtype
         keys.append((codes(args["key_codes"]) * ks + kz).to(dtype).double())  # rounded like the model's cache
-        values.append((codes(args["value_codes"]) * vs + vz).to(dtype).double())
+        values.append((codes(token_major(args["value_codes"], args["block_length"])) * vs + vz).to(dtype).double())
     keys.append(args["recent_keys"][:, :, :nr].double().cpu())
     values.append(args["recent_values"][:, :, :nr].double().cpu())
     k, v = torch.cat(keys, -2), torch.cat(values, -2)
@@ -240,6 +250,18 @@ def test_interpreter_scales_loaded_in_the_tile(axis_key):
     config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=4, scale_prefetch=False)
     shape = dict(SMALL, num_heads=4, num_sink=5, num_stored=144, num_recent=16, nbits=8, axis_key=axis_key,
                  row_padding=[3, 0])
+    check_case(module, "cpu", torch.float16, _seed(), config=config, **shape)
+
+
+@interpreter_only
+@pytest.mark.parametrize("nbits,axis_key,block_length,block_n", [(8, "token", 32, 16), (4, "channel", 64, 16),
+                                                                 (2, "token", 64, 32)])
+def test_interpreter_value_blocks_longer_than_tiles(nbits, axis_key, block_length, block_n):
+    """Blocks of block-major value codes spanning several tiles (the int4 default: blocks of 64, tiles of 32)."""
+    module = kernel_module()
+    config = module.DecodeConfig(block_n=block_n, block_exact=16, num_splits=3)
+    shape = dict(SMALL, head_dim=64, num_heads=4, num_sink=4, num_stored=2 * block_length + block_n + 3,
+                 num_recent=9, nbits=nbits, axis_key=axis_key, block_length=block_length)
     check_case(module, "cpu", torch.float16, _seed(), config=config, **shape)
 
 

@@ -72,6 +72,21 @@ def test_pack_unpack_round_trip_and_size(nbits, head_dim):
     assert torch.equal(quant.unpack(packed, nbits), codes)
 
 
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_block_major_places_each_block_transposed(block):
+    rows, width = 3 * block, 5
+    packed = torch.randint(0, 256, (2, rows, width), dtype=torch.uint8)
+    stored = quant.to_block_major(packed, block)
+    assert stored.shape == packed.shape and stored.is_contiguous()
+    flat = stored.reshape(2, -1)
+    for t in range(rows):  # byte c of token t sits at (t // block) * block * width + c * block + t % block
+        for c in range(width):
+            assert flat[:, (t // block) * block * width + c * block + t % block].tolist() == packed[:, t, c].tolist()
+    assert torch.equal(quant.from_block_major(stored, block), packed)
+    with pytest.raises(ValueError, match="whole blocks of 4"):
+        quant.to_block_major(packed[:, :5], 4)
+
+
 def test_packing_is_planar():
     # Byte j holds channels j, j + D/k, ... in increasing bit positions (what the kernels rely on).
     codes = torch.arange(8, dtype=torch.uint8) % 4  # D=8, 2 bits: k=4 planes of 2 channels

@@ -141,6 +141,27 @@ def unpack(packed: torch.Tensor, nbits: int) -> torch.Tensor:
     return torch.cat(planes, dim=-1)
 
 
+def to_block_major(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """Packed rows ``[..., n, P]`` -> the same shape, each block of ``block`` rows stored transposed.
+
+    In memory, block ``i`` holds byte ``c`` of its token ``t`` at ``c * block + t``: consecutive
+    tokens of one byte column sit side by side. The fused decode kernel reads value codes this way
+    (tokens are the inner dimension of its ``p @ values`` product). ``n`` must be a multiple of ``block``.
+    """
+    *lead, n, p = packed.shape
+    if n % block:
+        raise ValueError(f"{n} rows are not whole blocks of {block}")
+    return packed.reshape(*lead, n // block, block, p).transpose(-1, -2).reshape(*lead, n, p)
+
+
+def from_block_major(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """Inverse of :func:`to_block_major`: rows ``[..., n, P]`` in token order again."""
+    *lead, n, p = packed.shape
+    if n % block:
+        raise ValueError(f"{n} rows are not whole blocks of {block}")
+    return packed.reshape(*lead, n // block, p, block).transpose(-1, -2).reshape(*lead, n, p)
+
+
 def packed_dim(head_dim: int, nbits: int) -> int:
     return head_dim * nbits // 8
 

@@ -80,8 +80,8 @@ def _selective_decode_partial_kernel(
     HEAD_DIM: tl.constexpr,
     NBITS: tl.constexpr,
     Q_GROUP: tl.constexpr,  # channels per scale group (per-token groups)
-    KEY_PER_CHANNEL: tl.constexpr,  # keys grouped per channel over KEY_BLOCK tokens (KIVI)
-    KEY_BLOCK: tl.constexpr,  # tokens per key group when KEY_PER_CHANNEL
+    KEY_PER_CHANNEL: tl.constexpr,  # keys grouped per channel over BLOCK_LENGTH tokens (KIVI)
+    BLOCK_LENGTH: tl.constexpr,  # the cache's block: tokens per key group (KEY_PER_CHANNEL), per value-code block
     KEY_ROWS: tl.constexpr,  # 1: each middle tile lies inside one key group; 0: gather a scale row per token
     HAS_PADDING: tl.constexpr,
     BLOCK_N: tl.constexpr,  # middle tokens per tile
@@ -89,7 +89,7 @@ def _selective_decode_partial_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32), else "tf32" (ignored for 16-bit)
     HEADS_N: tl.constexpr,  # GROUP rounded up to a power of two >= 8 (the middle's N dimension)
     CHUNK: tl.constexpr,  # channels per middle chunk (one byte range, bit plane and scale group)
-    CODES_ASM: tl.constexpr,  # convert 8-bit key codes with inline PTX (CUDA only)
+    CODES_ASM: tl.constexpr,  # convert codes with inline PTX (CUDA only)
     SCALE_PREFETCH: tl.constexpr,  # load the next tile's per-token scales/zeros one tile ahead
 ):
     split = tl.program_id(0)
@@ -136,7 +136,7 @@ def _selective_decode_partial_kernel(
             b, h, split, num_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
             stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
             stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
-            GROUP, HEADS_N, HEAD_DIM, NBITS, Q_GROUP, CHUNK, KEY_PER_CHANNEL, KEY_BLOCK, KEY_ROWS, BLOCK_N,
+            GROUP, HEADS_N, HEAD_DIM, NBITS, Q_GROUP, CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS, BLOCK_N,
             DOT_PRECISION, CODES_ASM, SCALE_PREFETCH,
         )
 
@@ -156,13 +156,54 @@ def _selective_decode_partial_kernel(
 # their rounding cancels. Up to four chunks; each has its own accumulator.
 
 
+def _plane_ptx(nbits: int, shift: int) -> str:
+    """PTX: four packed bytes ($2) -> four float16 1024 + code of one bit plane ($0, $1: two halves each)."""
+    select = "prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342;"
+    if nbits == 8:
+        return select.replace("t,", "$2,")
+    mask = ((1 << nbits) - 1) * 0x01010101
+    return "{.reg .b32 t; " + f"shr.b32 t, $2, {shift}; and.b32 t, t, {mask:#010x}; " + select + "}"
+
+
+# Triton's jit cannot build strings: one constant per (bit width, plane shift), chosen in _plane_to_dot.
+_PTX_8 = tl.constexpr(_plane_ptx(8, 0))
+_PTX_4_0, _PTX_4_4 = tl.constexpr(_plane_ptx(4, 0)), tl.constexpr(_plane_ptx(4, 4))
+_PTX_2_0, _PTX_2_2 = tl.constexpr(_plane_ptx(2, 0)), tl.constexpr(_plane_ptx(2, 2))
+_PTX_2_4, _PTX_2_6 = tl.constexpr(_plane_ptx(2, 4)), tl.constexpr(_plane_ptx(2, 6))
+
+
+@triton.jit
+def _ptx_to_dot(bytes_, PTX: tl.constexpr):
+    return tl.inline_asm_elementwise(PTX, "=r,=r,r", [bytes_], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _plane_to_dot(bytes_, NBITS: tl.constexpr, SHIFT: tl.constexpr):
+    """Packed code bytes -> 1024 + code of plane SHIFT // NBITS as float16, with inline PTX."""
+    if NBITS == 8:
+        codes = _ptx_to_dot(bytes_, _PTX_8)
+    elif NBITS == 4:
+        if SHIFT == 0:
+            codes = _ptx_to_dot(bytes_, _PTX_4_0)
+        else:
+            codes = _ptx_to_dot(bytes_, _PTX_4_4)
+    elif SHIFT == 0:
+        codes = _ptx_to_dot(bytes_, _PTX_2_0)
+    elif SHIFT == 2:
+        codes = _ptx_to_dot(bytes_, _PTX_2_2)
+    elif SHIFT == 4:
+        codes = _ptx_to_dot(bytes_, _PTX_2_4)
+    else:
+        codes = _ptx_to_dot(bytes_, _PTX_2_6)
+    return codes
+
+
 @triton.jit
 def _codes_to_dot(bytes_, SHIFT: tl.constexpr, NBITS: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
     """Packed code bytes -> OFFSET + code: 1024 + code in float16, or the code in float32 (float32 inputs)."""
-    if ASM:  # two byte permutes per four 8-bit codes (opaque to Triton, which would re-layout the bytes)
-        codes = tl.inline_asm_elementwise(
-            "prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;",
-            "=r,=r,r", [bytes_], dtype=tl.float16, is_pure=True, pack=4)
+    if ASM:  # per four packed bytes: shift the plane down, mask, two byte permutes (opaque to Triton,
+        # which would otherwise unpack the bytes one per register)
+        codes = _plane_to_dot(bytes_, NBITS, SHIFT)
     else:
         if NBITS < 8:
             bytes_ = (bytes_ >> SHIFT) & ((1 << NBITS) - 1)
@@ -195,7 +236,7 @@ def _load_query_chunk(q_ptrs, head_ok, C: tl.constexpr, CHUNK: tl.constexpr, DOT
 def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, ks_tile, kz_tile,
                       qT, q_sum,
                       C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
-                      Q_GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, KEY_BLOCK: tl.constexpr,
+                      Q_GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, BLOCK_LENGTH: tl.constexpr,
                       KEY_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       ASM: tl.constexpr):
     """[BLOCK_N, HEADS_N] contribution of one channel chunk to the scores q . k."""
@@ -204,14 +245,14 @@ def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale
     offs_w = C * CHUNK + tl.arange(0, CHUNK)
     if KEY_PER_CHANNEL:
         if KEY_ROWS == 1:  # the tile lies inside one key group: one scale row, folded into the query
-            row = kscale_base + (start // KEY_BLOCK) * stride_ksn + offs_w
+            row = kscale_base + (start // BLOCK_LENGTH) * stride_ksn + offs_w
             ks = tl.load(KScale + row).to(tl.float32)
             kz = tl.load(KZero + row).to(tl.float32)
             q_scaled = (qT.to(tl.float32) * ks[:, None]).to(DOT_DTYPE)
             s = tl.dot(codes, q_scaled, input_precision=DOT_PRECISION)
             return s + (tl.sum(qT.to(tl.float32) * kz[:, None], 0) - OFFSET * tl.sum(q_scaled.to(tl.float32), 0))[None, :]
         else:  # tiles and key groups do not nest: dequantize with one scale row per token
-            rows = kscale_base + (pos // KEY_BLOCK)[:, None] * stride_ksn + offs_w[None, :]
+            rows = kscale_base + (pos // BLOCK_LENGTH)[:, None] * stride_ksn + offs_w[None, :]
             ks = tl.load(KScale + rows, mask=valid[:, None], other=0.0).to(tl.float32)
             kz = tl.load(KZero + rows, mask=valid[:, None], other=0.0).to(tl.float32)
             keys = ((codes.to(tl.float32) - OFFSET) * ks + kz).to(DOT_DTYPE)
@@ -224,18 +265,47 @@ def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale
 
 
 @triton.jit
-def _value_chunk_update(acc, VCodes, row_offs, valid, vs_tile, vz_tile, p, alpha,
+def _load_value_codes(VCodes, code_base, start, pos, valid, C: tl.constexpr, CHUNK: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, NBITS: tl.constexpr, VALUE_BLOCK: tl.constexpr,
+                      BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """[CHUNK, BLOCK_N] value codes (channels x tokens) of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code.
+
+    Value codes are block-major (``quant.to_block_major``, blocks of VALUE_BLOCK tokens): the tokens of
+    one byte column are adjacent, as the dot's inner dimension wants them.
+    """
+    PACKED: tl.constexpr = HEAD_DIM * NBITS // 8
+    COL: tl.constexpr = (C * CHUNK) % PACKED
+    SHIFT: tl.constexpr = (C * CHUNK) // PACKED * NBITS
+    offs_c = COL + tl.arange(0, CHUNK)
+    if VALUE_BLOCK % BLOCK_N == 0:
+        # the tile lies inside one block, whose bytes are allocated (the store's capacity is whole
+        # blocks): no mask, so the loads stay wide. Bytes past the stored tokens meet p = 0.
+        in_block = tl.multiple_of(start % VALUE_BLOCK, BLOCK_N)  # tiles start at multiples of BLOCK_N
+        tile = code_base + (start // VALUE_BLOCK) * (VALUE_BLOCK * PACKED) + in_block
+        offs_t = tl.arange(0, BLOCK_N)
+        bytes_ = tl.load(VCodes + tile + offs_c[:, None] * VALUE_BLOCK + offs_t[None, :])
+    else:  # tiles span blocks: one address per byte
+        token = (pos // VALUE_BLOCK) * (VALUE_BLOCK * PACKED) + pos % VALUE_BLOCK
+        bytes_ = tl.load(VCodes + code_base + offs_c[:, None] * VALUE_BLOCK + token[None, :], mask=valid[None, :],
+                         other=0)
+    return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
+
+
+@triton.jit
+def _value_chunk_update(acc, VCodes, code_base, start, pos, valid, vs_tile, vz_tile, p, alpha,
                         C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
-                        Q_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        Q_GROUP: tl.constexpr, VALUE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ASM: tl.constexpr):
     """acc [CHUNK, HEADS_N] (channels x heads) rescaled by alpha plus this tile's p @ values on the chunk."""
     OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0
-    codes = _load_chunk_codes(VCodes, row_offs, valid, C, CHUNK, HEAD_DIM, NBITS, DOT_DTYPE, False)
+    codes = _load_value_codes(VCodes, code_base, start, pos, valid, C, CHUNK, HEAD_DIM, NBITS, VALUE_BLOCK, BLOCK_N,
+                              DOT_DTYPE, ASM)
     vs = _column(vs_tile, (C * CHUNK) // Q_GROUP)
     vz = _column(vz_tile, (C * CHUNK) // Q_GROUP)
     p_scaled = (p * vs[:, None]).to(DOT_DTYPE)
     correction = tl.sum(p * vz[:, None] - OFFSET * p_scaled.to(tl.float32), 0)
     acc = acc * alpha[None, :] + correction[None, :]
-    return tl.dot(tl.trans(codes), p_scaled, acc, input_precision=DOT_PRECISION)
+    return tl.dot(codes, p_scaled, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -277,7 +347,7 @@ def _middle_chunk(
     stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
     stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     GROUP: tl.constexpr, HEADS_N: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
-    Q_GROUP: tl.constexpr, CHUNK: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, KEY_BLOCK: tl.constexpr,
+    Q_GROUP: tl.constexpr, CHUNK: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, BLOCK_LENGTH: tl.constexpr,
     KEY_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CODES_ASM: tl.constexpr,
     SCALE_PREFETCH: tl.constexpr,
 ):
@@ -322,29 +392,33 @@ def _middle_chunk(
                                                               NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
         key_args = (KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, ks_tile, kz_tile)
         s = _key_chunk_scores(*key_args, qT0, q_sum0, 0, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
-                              KEY_BLOCK, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+                              BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         if NUM_CHUNKS > 1:
             s += _key_chunk_scores(*key_args, qT1, q_sum1, 1, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
-                                   KEY_BLOCK, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+                                   BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         if NUM_CHUNKS > 2:
             s += _key_chunk_scores(*key_args, qT2, q_sum2, 2, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
-                                   KEY_BLOCK, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+                                   BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         if NUM_CHUNKS > 3:
             s += _key_chunk_scores(*key_args, qT3, q_sum3, 3, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
-                                   KEY_BLOCK, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+                                   BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))  # every tile has a valid token: m_new is finite
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
-        value_args = (VCodes, row_offs, valid, vs_tile, vz_tile, p, alpha)
-        acc0 = _value_chunk_update(acc0, *value_args, 0, CHUNK, HEAD_DIM, NBITS, Q_GROUP, DOT_DTYPE, DOT_PRECISION)
+        value_args = (VCodes, code_base, start, pos, valid, vs_tile, vz_tile, p, alpha)
+        acc0 = _value_chunk_update(acc0, *value_args, 0, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
+                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         if NUM_CHUNKS > 1:
-            acc1 = _value_chunk_update(acc1, *value_args, 1, CHUNK, HEAD_DIM, NBITS, Q_GROUP, DOT_DTYPE, DOT_PRECISION)
+            acc1 = _value_chunk_update(acc1, *value_args, 1, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
+                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         if NUM_CHUNKS > 2:
-            acc2 = _value_chunk_update(acc2, *value_args, 2, CHUNK, HEAD_DIM, NBITS, Q_GROUP, DOT_DTYPE, DOT_PRECISION)
+            acc2 = _value_chunk_update(acc2, *value_args, 2, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
+                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         if NUM_CHUNKS > 3:
-            acc3 = _value_chunk_update(acc3, *value_args, 3, CHUNK, HEAD_DIM, NBITS, Q_GROUP, DOT_DTYPE, DOT_PRECISION)
+            acc3 = _value_chunk_update(acc3, *value_args, 3, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
+                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         m_i = m_new
         if SCALE_PREFETCH:
             ks_tile, kz_tile, vs_tile, vz_tile = next_tiles
@@ -522,7 +596,9 @@ def selective_decode_attention(
             ``i // (num_heads // num_key_value_heads)``.
         sink_keys, sink_values: ``[batch_size, num_key_value_heads, sink_capacity, head_dim]``, 16-bit.
         key_codes, value_codes: uint8 ``[batch_size, num_key_value_heads, capacity, head_dim * nbits // 8]``,
-            codes packed in planes (``quant.pack``); ``None`` when ``num_stored == 0``.
+            codes packed in planes (``quant.pack``); value codes block-major in blocks of ``block_length``
+            tokens (``quant.to_block_major``; ``capacity`` a multiple of ``block_length``); ``None`` when
+            ``num_stored == 0``.
         key_scale, key_zero: float16 ``[B, H, capacity, head_dim // q_group_size]`` (``axis_key="token"``)
             or ``[B, H, capacity // block_length, head_dim]`` (``axis_key="channel"``).
         value_scale, value_zero: float16 ``[B, H, capacity, head_dim // q_group_size]``.
@@ -576,11 +652,12 @@ def selective_decode_attention(
             raise ValueError(f"key/value codes must have {packed} packed bytes per token for nbits={nbits}")
         if key_codes.shape[2] < num_stored:
             raise ValueError(f"num_stored={num_stored} exceeds the middle capacity {key_codes.shape[2]}")
-        key_codes, value_codes = last_contiguous(key_codes), last_contiguous(value_codes)
+        if value_codes.shape[2] % block_length:
+            raise ValueError(f"the middle capacity {value_codes.shape[2]} is not whole blocks of {block_length} "
+                             "(value codes are stored block-major)")
+        key_codes, value_codes = key_codes.contiguous(), value_codes.contiguous()  # views of the store: no copy
         key_scale, key_zero = last_contiguous(key_scale), last_contiguous(key_zero)
         value_scale, value_zero = last_contiguous(value_scale), last_contiguous(value_zero)
-        if key_codes.stride() != value_codes.stride():
-            key_codes, value_codes = key_codes.contiguous(), value_codes.contiguous()
         if key_scale.stride() != key_zero.stride():
             key_scale, key_zero = key_scale.contiguous(), key_zero.contiguous()
         if value_scale.stride() != value_zero.stride():
@@ -626,7 +703,7 @@ def selective_decode_attention(
         NBITS=nbits,
         Q_GROUP=q_group_size,
         KEY_PER_CHANNEL=axis_key == "channel",
-        KEY_BLOCK=block_length,
+        BLOCK_LENGTH=block_length,
         KEY_ROWS=_key_rows(config.block_n, block_length),
         HAS_PADDING=has_padding,
         BLOCK_N=config.block_n,
@@ -634,7 +711,7 @@ def selective_decode_attention(
         DOT_PRECISION="ieee" if query_states.dtype == torch.float32 else "tf32",
         HEADS_N=max(8, triton.next_power_of_2(group)),
         CHUNK=_chunk(head_dim, nbits, q_group_size),
-        CODES_ASM=nbits == 8 and device.type == "cuda",
+        CODES_ASM=device.type == "cuda",
         SCALE_PREFETCH=config.scale_prefetch,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

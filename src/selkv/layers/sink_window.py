@@ -11,7 +11,7 @@ Middle store (``B`` batch, ``H`` KV heads, ``C`` capacity, ``D`` head_dim,
     key_scale    float16 [B, H, C, D // G]   axis_key="token":   groups of G channels per token
                  float16 [B, H, C // T, D]   axis_key="channel": groups of T tokens per channel (KIVI)
     key_zero     like key_scale
-    value_codes  uint8   [B, H, C, P]
+    value_codes  uint8   [B, H, C, P]      each block of T tokens stored transposed (quant.to_block_major)
     value_scale  float16 [B, H, C, D // G]   values are always grouped per token
     value_zero   like value_scale
 
@@ -50,7 +50,9 @@ def dequantize_middle(
         keys = quant.dequantize(codes, key_scale[:, :, :groups], key_zero[:, :, :groups], block_length, dim=-2)
     else:
         keys = quant.dequantize(codes, key_scale[:, :, :num_stored], key_zero[:, :, :num_stored], q_group_size)
-    codes = quant.unpack(value_codes[:, :, :num_stored], nbits)
+    whole_blocks = -(-num_stored // block_length) * block_length
+    codes = quant.from_block_major(value_codes[:, :, :whole_blocks], block_length)[:, :, :num_stored]
+    codes = quant.unpack(codes, nbits)
     values = quant.dequantize(codes, value_scale[:, :, :num_stored], value_zero[:, :, :num_stored], q_group_size)
     return keys, values
 
@@ -107,7 +109,7 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             "key_codes": quant.pack(key_codes, self.nbits),
             "key_scale": key_scale,
             "key_zero": key_zero,
-            "value_codes": quant.pack(value_codes, self.nbits),
+            "value_codes": quant.to_block_major(quant.pack(value_codes, self.nbits), self.block_length),
             "value_scale": value_scale,
             "value_zero": value_zero,
         }
