@@ -255,9 +255,9 @@ def test_interpreter_scales_loaded_in_the_tile(axis_key):
 
 @interpreter_only
 @pytest.mark.parametrize("nbits,axis_key,block_length,block_n", [(8, "token", 32, 16), (4, "channel", 64, 16),
-                                                                 (2, "token", 64, 32)])
+                                                                 (2, "token", 64, 32), (4, "channel", 64, 0)])
 def test_interpreter_value_blocks_longer_than_tiles(nbits, axis_key, block_length, block_n):
-    """Blocks of block-major value codes spanning several tiles (the int4 default: blocks of 64, tiles of 32)."""
+    """Blocks of block-major value codes spanning several tiles; block_n=0: the default choice (64 here)."""
     module = kernel_module()
     config = module.DecodeConfig(block_n=block_n, block_exact=16, num_splits=3)
     shape = dict(SMALL, head_dim=64, num_heads=4, num_sink=4, num_stored=2 * block_length + block_n + 3,

@@ -20,6 +20,7 @@ the same kernels run in Triton's CPU interpreter, on CPU tensors (tests without 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -88,7 +89,8 @@ def _selective_decode_partial_kernel(
     BLOCK_EXACT: tl.constexpr,  # 16-bit tokens per tile
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32), else "tf32" (ignored for 16-bit)
     HEADS_N: tl.constexpr,  # GROUP rounded up to a power of two >= 8 (the middle's N dimension)
-    CHUNK: tl.constexpr,  # channels per middle chunk (one byte range, bit plane and scale group)
+    CHUNK: tl.constexpr,  # channels per middle value chunk (one byte range, bit plane and scale group)
+    KEY_CHUNK: tl.constexpr,  # channels per key chunk: CHUNK, or a whole bit plane for per-channel keys
     CODES_ASM: tl.constexpr,  # convert codes with inline PTX (CUDA only)
     SCALE_PREFETCH: tl.constexpr,  # load the next tile's per-token scales/zeros one tile ahead
 ):
@@ -136,7 +138,7 @@ def _selective_decode_partial_kernel(
             b, h, split, num_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
             stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
             stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
-            GROUP, HEADS_N, HEAD_DIM, NBITS, Q_GROUP, CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS, BLOCK_N,
+            GROUP, HEADS_N, HEAD_DIM, NBITS, Q_GROUP, CHUNK, KEY_CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS, BLOCK_N,
             DOT_PRECISION, CODES_ASM, SCALE_PREFETCH,
         )
 
@@ -347,22 +349,24 @@ def _middle_chunk(
     stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
     stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     GROUP: tl.constexpr, HEADS_N: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
-    Q_GROUP: tl.constexpr, CHUNK: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, BLOCK_LENGTH: tl.constexpr,
+    Q_GROUP: tl.constexpr, CHUNK: tl.constexpr, KEY_CHUNK: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr,
+    BLOCK_LENGTH: tl.constexpr,
     KEY_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CODES_ASM: tl.constexpr,
     SCALE_PREFETCH: tl.constexpr,
 ):
     """One program: tokens [split * tokens_per_split, ...) of the middle of row b, KV head h."""
     NUM_CHUNKS: tl.constexpr = HEAD_DIM // CHUNK
+    NUM_KEY_CHUNKS: tl.constexpr = HEAD_DIM // KEY_CHUNK
     DOT_DTYPE: tl.constexpr = tl.float32 if DOT_PRECISION == "ieee" else tl.float16
     offs_hn = tl.arange(0, HEADS_N)
-    offs_w = tl.arange(0, CHUNK)
+    offs_w = tl.arange(0, KEY_CHUNK)
     offs_n = tl.arange(0, BLOCK_N)
     head_ok = offs_hn < GROUP
-    q_ptrs = Q + b * stride_qb + (h * GROUP + offs_hn)[None, :] * stride_qh + offs_w[:, None]  # [CHUNK, HEADS_N]
-    qT0, q_sum0 = _load_query_chunk(q_ptrs, head_ok, 0, CHUNK, DOT_DTYPE)
-    qT1, q_sum1 = _load_query_chunk(q_ptrs, head_ok, 1 % NUM_CHUNKS, CHUNK, DOT_DTYPE)
-    qT2, q_sum2 = _load_query_chunk(q_ptrs, head_ok, 2 % NUM_CHUNKS, CHUNK, DOT_DTYPE)
-    qT3, q_sum3 = _load_query_chunk(q_ptrs, head_ok, 3 % NUM_CHUNKS, CHUNK, DOT_DTYPE)
+    q_ptrs = Q + b * stride_qb + (h * GROUP + offs_hn)[None, :] * stride_qh + offs_w[:, None]  # [KEY_CHUNK, HEADS_N]
+    qT0, q_sum0 = _load_query_chunk(q_ptrs, head_ok, 0, KEY_CHUNK, DOT_DTYPE)
+    qT1, q_sum1 = _load_query_chunk(q_ptrs, head_ok, 1 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
+    qT2, q_sum2 = _load_query_chunk(q_ptrs, head_ok, 2 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
+    qT3, q_sum3 = _load_query_chunk(q_ptrs, head_ok, 3 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
     m_i = tl.full([HEADS_N], float("-inf"), tl.float32)
     l_i = tl.zeros([HEADS_N], tl.float32)
     acc0 = tl.zeros([CHUNK, HEADS_N], tl.float32)
@@ -391,16 +395,16 @@ def _middle_chunk(
             ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(*scale_args, pos, valid, *scale_bases,
                                                               NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
         key_args = (KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, ks_tile, kz_tile)
-        s = _key_chunk_scores(*key_args, qT0, q_sum0, 0, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
+        s = _key_chunk_scores(*key_args, qT0, q_sum0, 0, KEY_CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
                               BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
-        if NUM_CHUNKS > 1:
-            s += _key_chunk_scores(*key_args, qT1, q_sum1, 1, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
+        if NUM_KEY_CHUNKS > 1:
+            s += _key_chunk_scores(*key_args, qT1, q_sum1, 1, KEY_CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
                                    BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
-        if NUM_CHUNKS > 2:
-            s += _key_chunk_scores(*key_args, qT2, q_sum2, 2, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
+        if NUM_KEY_CHUNKS > 2:
+            s += _key_chunk_scores(*key_args, qT2, q_sum2, 2, KEY_CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
                                    BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
-        if NUM_CHUNKS > 3:
-            s += _key_chunk_scores(*key_args, qT3, q_sum3, 3, CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
+        if NUM_KEY_CHUNKS > 3:
+            s += _key_chunk_scores(*key_args, qT3, q_sum3, 3, KEY_CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
                                    BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))  # every tile has a valid token: m_new is finite
@@ -478,11 +482,12 @@ def _merge_partials_kernel(
 class DecodeConfig:
     """Launch parameters of the partial kernel (``num_splits=0``: choose from the GPU's size).
 
-    The defaults serve every quantization: one warp per program and 32-token tiles won round 5
-    (benchmarks/NOTES.md, H200).
+    One warp per program won round 5 (benchmarks/NOTES.md, H200). ``block_n=0`` (middle tokens per
+    tile) chooses by layout: 64 when keys are grouped per channel over blocks that are a multiple
+    of 64 tokens (one key scale row per tile; round 6), else 32.
     """
 
-    block_n: int = 32
+    block_n: int = 0
     block_exact: int = 32
     num_warps: int = 1
     num_stages: int = 2
@@ -491,6 +496,14 @@ class DecodeConfig:
     # so that every program of a launch runs in one wave
     programs_per_sm: int = 8
     scale_prefetch: bool = True
+
+
+def _resolve(config: DecodeConfig, axis_key: str, block_length: int) -> DecodeConfig:
+    """``config`` with ``block_n`` chosen when it is 0 (see DecodeConfig)."""
+    if config.block_n:
+        return config
+    block_n = 64 if axis_key == "channel" and block_length % 64 == 0 else 32
+    return dataclasses.replace(config, block_n=block_n)
 
 
 def _chunk(head_dim: int, nbits: int, q_group_size: int) -> int:
@@ -628,7 +641,7 @@ def selective_decode_attention(
             raise ValueError(f"{name} is {t.dtype} but the query is {query_states.dtype}")
     if num_sink > sink_keys.shape[2] or num_recent > recent_keys.shape[2]:
         raise ValueError(f"num_sink={num_sink} / num_recent={num_recent} exceed the sink / window capacity")
-    config = config or DecodeConfig()
+    config = _resolve(config or DecodeConfig(), axis_key, block_length)
     device = query_states.device
 
     def last_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -711,6 +724,7 @@ def selective_decode_attention(
         DOT_PRECISION="ieee" if query_states.dtype == torch.float32 else "tf32",
         HEADS_N=max(8, triton.next_power_of_2(group)),
         CHUNK=_chunk(head_dim, nbits, q_group_size),
+        KEY_CHUNK=head_dim * nbits // 8 if axis_key == "channel" else _chunk(head_dim, nbits, q_group_size),
         CODES_ASM=device.type == "cuda",
         SCALE_PREFETCH=config.scale_prefetch,
         num_warps=config.num_warps,
