@@ -138,7 +138,8 @@ def _selective_decode_partial_kernel(
             b, h, split, num_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
             stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
             stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
-            GROUP, HEADS_N, HEAD_DIM, NBITS, Q_GROUP, CHUNK, KEY_CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS, BLOCK_N,
+            GROUP, HEADS_N, HEAD_DIM, NBITS, Q_GROUP, CHUNK, KEY_CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS,
+            BLOCK_N,
             DOT_PRECISION, CODES_ASM, SCALE_PREFETCH,
         )
 
