@@ -425,3 +425,42 @@ def test_selkv_attention_registered_for_from_config():
 
     model = AutoModelForCausalLM.from_config(tiny_llama_config(), attn_implementation="selkv")
     assert model.config._attn_implementation == "selkv"
+
+
+def _run_ptx(ptx: str, word: int) -> list[int]:
+    """Emulate the few PTX instructions of the code conversion on one 32-bit input ($2); -> [$0, $1]."""
+    regs = {"$2": word}
+
+    def value(x: str) -> int:
+        return regs[x] if x in regs else int(x, 0)
+
+    for line in ptx.strip("{}").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        if op == "shr.b32":
+            regs[dst] = value(src[0]) >> value(src[1])
+        elif op == "and.b32":
+            regs[dst] = value(src[0]) & value(src[1])
+        elif op == "prmt.b32":  # result byte i = byte (selector nibble i) of {src1, src0}
+            pool = (value(src[1]) << 32) | value(src[0])
+            selector = value(src[2])
+            regs[dst] = sum(((pool >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+    return [regs["$0"], regs["$1"]]
+
+
+@pytest.mark.parametrize("nbits,shift", [(8, 0), (4, 0), (4, 4), (2, 0), (2, 2), (2, 4), (2, 6)])
+def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
+    """The CUDA-only inline PTX: four packed bytes -> four float16 1024 + code of one bit plane."""
+    ptx = kernel_module()._plane_ptx(nbits, shift)
+    gen = random.Random(_seed())
+    for _ in range(200):
+        packed = [gen.randrange(256) for _ in range(4)]
+        word = sum(b << (8 * i) for i, b in enumerate(packed))
+        halves = [(r >> (16 * j)) & 0xFFFF for r in _run_ptx(ptx, word) for j in range(2)]
+        got = torch.tensor(halves, dtype=torch.int32).to(torch.int16).view(torch.float16).tolist()
+        assert got == [1024.0 + ((b >> shift) & ((1 << nbits) - 1)) for b in packed], (nbits, shift, packed)
