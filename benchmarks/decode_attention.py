@@ -215,7 +215,12 @@ def main() -> None:
         return
     copy_gbs = copy_bandwidth()
     fields = dict(item.split("=") for item in args.config.split(",") if item)
-    config = kernels.DecodeConfig(**{k: type(getattr(kernels.DecodeConfig, k))(v) for k, v in fields.items()})
+
+    def parse(name: str, text: str):
+        default = getattr(kernels.DecodeConfig, name)
+        return text.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(text)
+
+    config = kernels.DecodeConfig(**{k: parse(k, v) for k, v in fields.items()})
     rows = run(SHAPES, methods, config)
     result = dict(
         date=datetime.date.today().isoformat(), gpu=props.name, torch=torch.__version__, triton=triton.__version__,

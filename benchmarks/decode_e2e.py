@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU (a smoke test of this script)")
     parser.add_argument("--out", default="decode_e2e.json")
     args = parser.parse_args()
+    if args.steps < 1 or args.rounds < 1 or args.reference_steps < 1:
+        parser.error("--steps, --rounds and --reference-steps must be at least 1")
 
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -193,7 +195,7 @@ def main() -> None:
         return decoder
 
     def row(name: str, spec: str, attention: str, steps: int, timings: list[dict], cache) -> dict:
-        median = sorted(timings, key=lambda t: t["seconds"])[len(timings) // 2]
+        median = sorted(timings, key=lambda t: -t["seconds"])[len(timings) // 2]  # by tokens/s, as speedup()
         counted = kv_bytes(cache)
         per_sequence = counted["total"] / args.batch
         transient = max(t["transient"] for t in timings)
@@ -220,7 +222,7 @@ def main() -> None:
         for decoder, times in zip(decoders, timings):
             times.append(decoder.round(args.steps))
     rows = [row(*run, args.steps, times, decoder.cache) for run, times, decoder in zip(interleaved, timings, decoders)]
-    del decoders
+    del decoders, decoder
     torch.cuda.empty_cache() if device == "cuda" else None
     for name, spec, attention in runs:
         if "reference" in name:  # dequantize + SDPA: slow, run alone for a few steps

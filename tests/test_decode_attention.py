@@ -349,6 +349,13 @@ def test_interpreter_rejects_bad_inputs():
         module.selective_decode_attention(torch.randn(1, 3, 1, 32).half(), **args)
     with pytest.raises(ValueError, match="float32"):
         module.selective_decode_attention(torch.randn(1, 4, 1, 32).half(), **dict(args, sink_keys=args["sink_keys"].float()))
+    query = torch.randn(1, 4, 1, 32).half()
+    longer = torch.cat([args["value_codes"], torch.zeros_like(args["value_codes"][:, :, :16])], dim=2)
+    with pytest.raises(ValueError, match="same shape"):  # values are addressed with the keys' strides
+        module.selective_decode_attention(query, **dict(args, value_codes=longer))
+    with pytest.raises(ValueError, match="whole blocks of 16"):  # the value store is block-major
+        module.selective_decode_attention(query, **dict(args, key_codes=args["key_codes"][:, :, :24],
+                                                        value_codes=args["value_codes"][:, :, :24]))
 
 
 # ------------------------------------------------------------------- CUDA

@@ -553,6 +553,7 @@ def _splits(num_stored: int, rows: int, config: DecodeConfig, device: torch.devi
         wanted = (config.programs_per_sm * _num_sms(device)) // rows - 1  # minus the 16-bit program
         wanted = min(wanted, _cdiv(tiles, 4))  # each chunk pays a partial: keep >= 4 tiles
     wanted = max(1, min(wanted, tiles))
+    # whole tiles per split: every tile starts at a multiple of block_n (the kernel's value loads rely on it)
     tokens_per_split = _cdiv(tiles, wanted) * config.block_n
     return _cdiv(num_stored, tokens_per_split), tokens_per_split
 
@@ -666,6 +667,9 @@ def selective_decode_attention(
             raise ValueError(f"key/value codes must have {packed} packed bytes per token for nbits={nbits}")
         if key_codes.shape[2] < num_stored:
             raise ValueError(f"num_stored={num_stored} exceeds the middle capacity {key_codes.shape[2]}")
+        if value_codes.shape != key_codes.shape:  # the kernel addresses both with key_codes' strides
+            raise ValueError(f"value_codes {tuple(value_codes.shape)} and key_codes {tuple(key_codes.shape)} "
+                             "must have the same shape")
         if value_codes.shape[2] % block_length:
             raise ValueError(f"the middle capacity {value_codes.shape[2]} is not whole blocks of {block_length} "
                              "(value codes are stored block-major)")
@@ -726,7 +730,7 @@ def selective_decode_attention(
         HEADS_N=max(8, triton.next_power_of_2(group)),
         CHUNK=_chunk(head_dim, nbits, q_group_size),
         KEY_CHUNK=head_dim * nbits // 8 if axis_key == "channel" else _chunk(head_dim, nbits, q_group_size),
-        CODES_ASM=device.type == "cuda",
+        CODES_ASM=device.type == "cuda" and torch.version.hip is None,  # inline PTX: NVIDIA only
         SCALE_PREFETCH=config.scale_prefetch,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
