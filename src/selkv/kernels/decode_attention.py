@@ -20,10 +20,9 @@ the same kernels run in Triton's CPU interpreter, on CPU tensors (tests without 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -499,12 +498,13 @@ class DecodeConfig:
     scale_prefetch: bool = True
 
 
+@functools.lru_cache(maxsize=64)
 def _resolve(config: DecodeConfig, axis_key: str, block_length: int) -> DecodeConfig:
-    """``config`` with ``block_n`` chosen when it is 0 (see DecodeConfig)."""
+    """``config`` with ``block_n`` chosen when it is 0 (see DecodeConfig); cached: it runs every decode call."""
     if config.block_n:
         return config
     block_n = 64 if axis_key == "channel" and block_length % 64 == 0 else 32
-    return dataclasses.replace(config, block_n=block_n)
+    return replace(config, block_n=block_n)
 
 
 def _chunk(head_dim: int, nbits: int, q_group_size: int) -> int:
@@ -696,6 +696,7 @@ def selective_decode_attention(
     else:
         row_padding = sink_keys  # unused
 
+    chunk = _chunk(head_dim, nbits, q_group_size)
     num_splits, tokens_per_split = _splits(num_stored, batch_size * num_kv_heads, config, device)
     num_partials = num_splits + 1  # the last one reads the 16-bit regions
     partial_out = torch.empty(batch_size, num_heads, num_partials, head_dim, device=device, dtype=torch.float32)
@@ -728,8 +729,8 @@ def selective_decode_attention(
         BLOCK_EXACT=config.block_exact,
         DOT_PRECISION="ieee" if query_states.dtype == torch.float32 else "tf32",
         HEADS_N=max(8, triton.next_power_of_2(group)),
-        CHUNK=_chunk(head_dim, nbits, q_group_size),
-        KEY_CHUNK=head_dim * nbits // 8 if axis_key == "channel" else _chunk(head_dim, nbits, q_group_size),
+        CHUNK=chunk,
+        KEY_CHUNK=head_dim * nbits // 8 if axis_key == "channel" else chunk,  # per-channel keys: a whole bit plane
         CODES_ASM=device.type == "cuda" and torch.version.hip is None,  # inline PTX: NVIDIA only
         SCALE_PREFETCH=config.scale_prefetch,
         num_warps=config.num_warps,
