@@ -46,5 +46,14 @@ test-compat: $(COMPAT_VENV)/.installed
 eval: setup
 	$(VENV)/bin/selkv eval all --out results/eval
 
+# The GPU benchmarks need a CUDA GPU; this prints their commands (benchmarks/README.md says what each measures).
+bench:
+	@echo "On a machine with a CUDA GPU, from the repository root (see benchmarks/README.md):"
+	@echo "  PYTHONPATH=src python benchmarks/decode_attention.py --out decode_attention.json"
+	@echo "  PYTHONPATH=src python benchmarks/decode_e2e.py --out decode_e2e.json"
+	@echo "  PYTHONPATH=src python benchmarks/profile_e2e.py --out profile_e2e"
+	@echo "Without a GPU (compiles the kernel for sm_90 and counts its SASS):"
+	@echo "  python benchmarks/inspect_kernel.py --out /tmp/selkv_sass"
+
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) results

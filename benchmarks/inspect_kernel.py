@@ -2,7 +2,7 @@
 
     python benchmarks/inspect_kernel.py [--out DIR] [--quant int8 int4 ...] [--block-n 64 ...]
 
-Reads what costs no device time (benchmarks/NOTES.md): registers, spills, shared memory and an
+Reads what costs no device time (docs/kernel_notes.md): registers, spills, shared memory and an
 instruction histogram (matrix, conversion, load widths, shared-memory, shuffle, barrier) for the
 benchmark's shapes (32 query / 8 KV heads, head_dim 128, bf16). The launch arguments are captured
 from the real launcher on CPU tensors and specialized the way Triton's runtime would (16-byte

@@ -482,9 +482,9 @@ def _merge_partials_kernel(
 class DecodeConfig:
     """Launch parameters of the partial kernel (``num_splits=0``: choose from the GPU's size).
 
-    One warp per program won round 5 (benchmarks/NOTES.md, H200). ``block_n=0`` (middle tokens per
+    One warp per program was fastest for kernel v4 (docs/kernel_notes.md, H200). ``block_n=0`` (middle tokens per
     tile) chooses by layout: 64 when keys are grouped per channel over blocks that are a multiple
-    of 64 tokens (one key scale row per tile; round 6), else 32.
+    of 64 tokens (one key scale row per tile; kernel v5), else 32.
     """
 
     block_n: int = 0
@@ -542,7 +542,7 @@ def _splits(num_stored: int, rows: int, config: DecodeConfig, device: torch.devi
 
     Each row gets its middle chunks plus one program for its 16-bit tokens. All programs should fit
     in one wave of ``config.programs_per_sm`` resident programs per multiprocessor: a second, barely
-    filled wave doubled the kernel's time (benchmarks/NOTES.md, round 5). Chunks keep >= 4 tiles.
+    filled wave doubled the kernel's time (docs/kernel_notes.md, kernel v4). Chunks keep >= 4 tiles.
     """
     if num_stored == 0:
         return 0, config.block_n
