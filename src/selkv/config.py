@@ -38,14 +38,14 @@ _FIELDS: dict[str, dict[str, object]] = {
     "hf-hqq": {"bits": None, "residual": 128, "group": 0},
 }
 
-# Default key quantization axis per bit width, from the perplexity sweep in the
-# README: per-token keys are lossless at 8 bits, while at 4 and 2 bits a few
+# Default key quantization axis per bit width, from the perplexity sweep in
+# docs/eval_results.md: per-token keys are lossless at 8 bits, while at 4 and 2 bits a few
 # outlier channels dominate each token's range, so per-channel groups (KIVI)
 # cost far less accuracy.
 DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 2: "channel"}
 
 # Default group size (channels per value group, and per key group with per-token keys) and block (tokens
-# per per-channel key group, and per eviction) per bit width, from the perplexity sweep in the README
+# per per-channel key group, and per eviction) per bit width, from the perplexity sweep in docs/eval_results.md
 # (SmolLM2-135M, PG-19 and WikiText-2, 2,048 tokens, chunk 64, sink 4, window 124), under the memory
 # targets at 4,096 tokens (int4 >= 3.1x, int2 >= 5.0x smaller than a 16-bit full cache):
 # - int4: value groups of 32 with key blocks of 64 cost the same bytes as groups of 64 with blocks of 32

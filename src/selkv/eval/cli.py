@@ -27,7 +27,7 @@ DEFAULT_CACHES = (
 )
 
 # `selkv eval all`: (sub-folder, task, settings) of the full suite (`make eval`), sized so that it finishes in
-# about half an hour on a 2-core CPU; the README's evaluation tables come from it.
+# about half an hour on a 2-core CPU; the tables in docs/eval_results.md come from it.
 SUITE = (
     ("perplexity-pg19-2048", "perplexity", {"data": "pg19", "max_tokens": 2048, "chunk": 64, "segments": 1}),
     ("perplexity-wikitext2-2048", "perplexity", {"data": "wikitext2", "max_tokens": 2048, "chunk": 64, "segments": 1}),
