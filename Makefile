@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TF_OLDEST ?= 5.17.0
 COMPAT_VENV ?= .venv-tf517
 
-.PHONY: setup demo test test-fast test-compat eval bench clean
+.PHONY: setup demo lint test test-fast test-compat eval bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/selkv demo
 
-test: setup
+# ruff's rules are in pyproject.toml ([tool.ruff.lint]).
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+
+test: lint
 	$(PY) -m pytest -q -n 2 tests
 	$(MAKE) test-compat
 

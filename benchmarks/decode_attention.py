@@ -116,7 +116,7 @@ def run(shapes, methods, config=None, check=True) -> list[dict]:
         sdpa_bytes = 2 * k.numel() * 2 + query.numel() * 2
         rows.append(dict(batch=batch, context=context, method="bf16 SDPA", ms=bench(sdpa), ms_graph=bench_graph(sdpa),
                          bytes=sdpa_bytes))
-        del k, v
+        k = v = None  # frees the tensors (not del: the sdpa closure still names them)
         for name in methods:
             nbits, axis_key, group, block = FUSED[name.replace("dequant+SDPA ", "fused ")]
             args = random_storage(batch, context, nbits, axis_key, group, block)
@@ -134,7 +134,7 @@ def run(shapes, methods, config=None, check=True) -> list[dict]:
                     assert err < 2e-2, f"{name} at {batch}x{context}: relative error {err:.2e} vs the twin"
                 ms, ms_graph = bench(fn), bench_graph(fn)
             rows.append(dict(batch=batch, context=context, method=name, ms=ms, ms_graph=ms_graph, bytes=nbytes))
-            del args
+            args = None  # frees the storage before the next method (not del: the closures still name it)
             torch.cuda.empty_cache()
     for row in rows:
         base = next(r["ms"] for r in rows if (r["batch"], r["context"], r["method"]) == (row["batch"], row["context"], "bf16 SDPA"))
@@ -177,7 +177,7 @@ def sweep(shapes) -> list[dict]:
             print(f"sweep {name} {batch}x{context}: default {default_ms:.4f} ms, best {best_ms:.4f} ms {best}")
             found.append(dict(method=name, batch=batch, context=context, default_ms=default_ms, best_ms=best_ms,
                               best=best.__dict__, top5=[(ms, c.__dict__) for ms, c in results[:5]]))
-            del args
+            args = None
     return found
 
 

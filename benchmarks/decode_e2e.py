@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-import selkv  # noqa: E402  (registers attn_implementation="selkv")
+import selkv  # noqa: E402,F401  (registers attn_implementation="selkv")
 from selkv import kv_bytes, make_cache  # noqa: E402
 from selkv.models import forward_with_cache  # noqa: E402
 

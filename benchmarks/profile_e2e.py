@@ -133,7 +133,7 @@ def main() -> None:
         )
         print(f"{name}: idle gaps over 1 ms (no CPU operator running): {gaps}", flush=True)
         summary["caches"][name]["python_ms_per_step"] = python_profile(step, tokens, args.steps, device, name, args.out)
-        del cache
+        cache = None  # frees it before the next cache (not del: step still names it)
         if device == "cuda":
             torch.cuda.empty_cache()
     with open(os.path.join(args.out, "summary.json"), "w") as f:
