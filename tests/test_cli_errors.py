@@ -84,7 +84,8 @@ def one_line_error(capsys, argv: list[str], *needles: str) -> str:
     assert "Traceback" not in captured.err + captured.out
     lines = [line for line in err.splitlines() if not line.startswith("Loading weights")]
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"selkv {argv[0]}: error: "), lines[0]
+    prog = " ".join(["selkv", *argv[:2]]) if argv[0] == "eval" else f"selkv {argv[0]}"
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]

@@ -54,7 +54,7 @@ GENERATE_EPILOG = """\
 examples:
   selkv generate --prompt "Explain KV caches in two sentences."
   selkv generate --prompt-file article.txt --cache full --cache quant:bits=8,sink=4,window=124
-  selkv generate --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --attn selkv \\
+  selkv generate --model HuggingFaceTB/SmolLM2-360M-Instruct --device cuda --attn selkv \\
       --cache quant:bits=4,sink=4,window=124,key_axis=channel --prompt "..."
   selkv generate --no-chat --prompt "Once upon a time" --max-new-tokens 32
 """
@@ -62,7 +62,7 @@ examples:
 SIZE_EPILOG = """\
 examples:
   selkv size                                   the default cache set at 4096 tokens
-  selkv size --model meta-llama/Llama-3.1-8B --tokens 131072 --cache full --cache quant:bits=4,sink=4,window=124
+  selkv size --model HuggingFaceTB/SmolLM2-1.7B-Instruct --tokens 131072 --cache full --cache quant:bits=4,sink=4,window=124
 """
 
 DEMO_EPILOG = """\
@@ -70,6 +70,15 @@ examples:
   selkv demo
   selkv demo --device cuda --out results/demo-gpu
 """
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Text with line breaks (examples, module docstrings) is kept as written; one-line text is wrapped."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def positive_int(text: str) -> int:
@@ -97,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selkv",
         description="Selective KV-cache quantization: 16-bit sinks and window, quantized middle.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=MAIN_EPILOG,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -107,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate text with one or more caches, side by side, with speed and KV memory",
         description="Greedy generation with each --cache in turn; prints the text, decode tokens/s and the KV "
         "memory breakdown (16-bit regions, codes, scales) against a 16-bit full cache.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=GENERATE_EPILOG,
     )
     add_model_args(gen)
@@ -123,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV bytes of each cache at N tokens for a model's shape (no forward pass)",
         description="Pushes random states of the model's shape through each cache and counts the bytes of the "
         "tensors it holds: 16-bit regions, codes, scales, and the ratio to a 16-bit full cache.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=SIZE_EPILOG,
     )
     size.add_argument("--model", default="smollm2-135m", help="model whose config gives the shape (default smollm2-135m)")
@@ -137,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job on the embedded model: side-by-side generation, then a short real comparison",
         description="Generates with 'full' and 'quant:bits=8,sink=4,window=124' side by side, then runs a short "
         "perplexity/needle/memory comparison of the default cache set and prints the table.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=DEMO_EPILOG,
     )
     add_model_args(demo)
@@ -299,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = handlers.get(args.command) or getattr(args, "handler", None)
     if handler is None:
         parser.error(f"unknown command {args.command!r}")
-    prog = f"selkv {args.command}"
+    prog = " ".join(["selkv", args.command, *([args.task] if getattr(args, "task", None) else [])])
     try:
         return handler(args) or 0
     except KeyboardInterrupt:

@@ -74,19 +74,20 @@ def _add_common(parser: argparse.ArgumentParser, out_required: bool = True) -> N
 
 def add_commands(subparsers) -> None:
     """Register ``eval`` (one subcommand per task, plus ``all``) and ``report`` on an argparse subparsers object."""
+    from ..cli import HelpFormatter
     ev = subparsers.add_parser(
         "eval",
         help="compare caches on one task (perplexity, summarization, needle, memory, speed) or all of them",
         description="Run every --cache on the same inputs and write DIR/results.json (+ examples.jsonl while "
                     "running; a rerun with the same --out resumes).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=EVAL_EPILOG,
     )
     tasks = ev.add_subparsers(dest="task", metavar="TASK", required=True)
     for name, module in TASKS.items():
-        doc = (module.__doc__ or name).strip().splitlines()[0]
+        doc = " ".join((module.__doc__ or name).strip().split("\n\n")[0].split())  # the first paragraph
         parser = tasks.add_parser(name, help=doc, description=module.__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  formatter_class=HelpFormatter,
                                   epilog=f"example:\n  selkv eval {name} --cache full --cache "
                                          f"quant:bits=4,sink=4,window=124 --out results/{name}\n"
                                          f"Rerun the same command to resume an interrupted run.")
@@ -97,7 +98,7 @@ def add_commands(subparsers) -> None:
                                          "then the report",
                              description="Runs every task with the suite's settings into sub-folders of --out, "
                                          "then writes --out/report.md.",
-                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             formatter_class=HelpFormatter,
                              epilog="examples:\n  selkv eval all --quick --out results/quick    (a few minutes)\n"
                                     "  selkv eval all --out results/suite            (about half an hour on 2 CPU cores)")
     _add_common(suite)
@@ -106,8 +107,8 @@ def add_commands(subparsers) -> None:
 
     rep = subparsers.add_parser("report", help="turn results folders into a Markdown table and PNG plots",
                                 description="Reads DIR/results.json (recursively) and writes report.md + PNGs.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REPORT_EPILOG)
-    rep.add_argument("dirs", nargs="+", metavar="DIR")
+                                formatter_class=HelpFormatter, epilog=REPORT_EPILOG)
+    rep.add_argument("dirs", nargs="+", metavar="DIR", help="a results folder of `selkv eval` (searched recursively)")
     rep.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the first DIR)")
     rep.add_argument("--image-prefix", default=None, help="path prefix for the images inside report.md")
     rep.set_defaults(handler=cmd_report)
