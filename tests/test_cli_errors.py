@@ -273,7 +273,7 @@ def test_entry_point_prints_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(selkv.__file__).parents[1])}
     env.pop("SELKV_DEBUG", None)
     done = subprocess.run([sys.executable, "-m", "selkv.cli", "size", "--model", nope],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         f"selkv size: error: no model folder at {nope!r}; {selkv.models.MODEL_HELP}"

@@ -62,7 +62,8 @@ examples:
 SIZE_EPILOG = """\
 examples:
   selkv size                                   the default cache set at 4096 tokens
-  selkv size --model HuggingFaceTB/SmolLM2-1.7B-Instruct --tokens 131072 --cache full --cache quant:bits=4,sink=4,window=124
+  selkv size --model HuggingFaceTB/SmolLM2-1.7B-Instruct --tokens 131072 \\
+      --cache full --cache quant:bits=4,sink=4,window=124
 """
 
 DEMO_EPILOG = """\
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--cache", action="append", metavar="SPEC", help=SPEC_HELP)
     size.add_argument("--tokens", type=positive_int, default=4096, help="sequence length (default 4096)")
     size.add_argument("--batch-size", type=positive_int, default=1, help="batch size (default 1)")
-    size.add_argument("--chunk", type=positive_int, default=64, help="tokens per update, as in chunked scoring (default 64)")
+    size.add_argument("--chunk", type=positive_int, default=64,
+                      help="tokens per update, as in chunked scoring (default 64)")
 
     demo = sub.add_parser(
         "demo",

@@ -99,8 +99,8 @@ def add_commands(subparsers) -> None:
                              description="Runs every task with the suite's settings into sub-folders of --out, "
                                          "then writes --out/report.md.",
                              formatter_class=HelpFormatter,
-                             epilog="examples:\n  selkv eval all --quick --out results/quick    (a few minutes)\n"
-                                    "  selkv eval all --out results/suite            (about half an hour on 2 CPU cores)")
+                             epilog="examples:\n  selkv eval all --quick --out results/quick   (a few minutes)\n"
+                                    "  selkv eval all --out results/suite           (half an hour on 2 CPU cores)")
     _add_common(suite)
     suite.add_argument("--quick", action="store_true", help="the short demo-sized suite instead")
     suite.set_defaults(handler=cmd_eval_all)
