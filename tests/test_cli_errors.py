@@ -259,7 +259,7 @@ def test_bugs_keep_their_traceback(monkeypatch):
 
 
 def test_user_error_classes_are_value_errors():
-    assert issubclass(SelKVError, ValueError)  # callers that catch ValueError keep working
+    assert selkv.SelKVError is SelKVError and issubclass(SelKVError, ValueError)  # `except ValueError` still works
     for cls in (ModelNotFoundError, UnsupportedModelError, DeviceError):
         assert issubclass(cls, SelKVError)
 

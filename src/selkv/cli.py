@@ -186,6 +186,7 @@ def print_generations(results) -> None:
 
 
 def read_prompt_file(path: str) -> str:
+    """The text of ``--prompt-file``; a missing, unreadable or non-UTF-8 file is a one-line error."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -217,9 +218,9 @@ def cmd_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
     model, tokenizer = _load(args)
     inputs = encode_prompt(tokenizer, prompt, chat=False if args.no_chat else None)
-    if inputs["input_ids"].shape[-1] == 0:
-        raise SelKVError(f"the prompt {prompt!r} gives no tokens{' with --no-chat' if args.no_chat else ''}; "
-                         "give a non-empty --prompt" + ("" if not args.no_chat else " or drop --no-chat"))
+    if inputs["input_ids"].shape[-1] == 0:  # the model needs at least one token to predict from
+        hint = " or drop --no-chat (the chat template adds tokens)" if args.no_chat else ""
+        raise SelKVError(f"the prompt {prompt[:40]!r} gives no tokens; give a non-empty --prompt{hint}")
     print(f"prompt: {inputs['input_ids'].shape[-1]} tokens, model {args.model} ({model.dtype}, {model.device})\n")
     print_generations([generate(model, tokenizer, inputs, spec, args.max_new_tokens) for spec in specs])
     return 0
