@@ -8,6 +8,7 @@ attention.
 from .attention import register_attention  # registers attn_implementation="selkv" with transformers
 from .cache import SelectiveCache, kv_bytes, make_cache, model_shape
 from .config import CacheSpec, SpecError, parse_spec
+from .errors import SelKVError
 from .models import DEFAULT_MODEL, load_model, track_padding
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheSpec",
     "DEFAULT_MODEL",
+    "SelKVError",
     "SelectiveCache",
     "SpecError",
     "kv_bytes",

@@ -4,12 +4,20 @@
     selkv eval TASK --cache SPEC [--cache SPEC ...] --out DIR
     selkv report DIR [DIR ...]
     selkv demo
+
+Input that cannot be used (a missing model, file or device, a bad spec, an empty prompt) ends with one
+line on stderr and exit code 2; ``SELKV_DEBUG=1`` shows the traceback instead. Any other exception is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+from .errors import SelKVError
 
 SPEC_HELP = (
     "cache spec; repeat to compare. Kinds: full | drop:sink=S,window=W | "
@@ -31,6 +39,60 @@ DEMO_PROMPT = (
 )
 
 
+MAIN_EPILOG = """\
+examples:
+  selkv demo                                   side-by-side generation, then a short comparison
+  selkv generate --prompt "Why is the sky blue?" --cache full --cache quant:bits=4,sink=4,window=124
+  selkv size --tokens 32768                    KV bytes of the default cache set, no forward pass
+  selkv eval perplexity --data pg19 --out results/ppl
+  selkv report results/ppl
+
+Run 'selkv COMMAND --help' for a command's options. SELKV_DEBUG=1 shows tracebacks for input errors.
+"""
+
+GENERATE_EPILOG = """\
+examples:
+  selkv generate --prompt "Explain KV caches in two sentences."
+  selkv generate --prompt-file article.txt --cache full --cache quant:bits=8,sink=4,window=124
+  selkv generate --model HuggingFaceTB/SmolLM2-360M-Instruct --device cuda --attn selkv \\
+      --cache quant:bits=4,sink=4,window=124,key_axis=channel --prompt "..."
+  selkv generate --no-chat --prompt "Once upon a time" --max-new-tokens 32
+"""
+
+SIZE_EPILOG = """\
+examples:
+  selkv size                                   the default cache set at 4096 tokens
+  selkv size --model HuggingFaceTB/SmolLM2-1.7B-Instruct --tokens 131072 \\
+      --cache full --cache quant:bits=4,sink=4,window=124
+"""
+
+DEMO_EPILOG = """\
+examples:
+  selkv demo
+  selkv demo --device cuda --out results/demo-gpu
+"""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Text with line breaks (examples, module docstrings) is kept as written; one-line text is wrapped."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="'smollm2-135m' (embedded default), a Hugging Face model id or a local path")
@@ -45,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selkv",
         description="Selective KV-cache quantization: 16-bit sinks and window, quantized middle.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run 'selkv COMMAND --help' for a command's options.",
+        formatter_class=HelpFormatter,
+        epilog=MAIN_EPILOG,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -55,13 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate text with one or more caches, side by side, with speed and KV memory",
         description="Greedy generation with each --cache in turn; prints the text, decode tokens/s and the KV "
         "memory breakdown (16-bit regions, codes, scales) against a 16-bit full cache.",
+        formatter_class=HelpFormatter,
+        epilog=GENERATE_EPILOG,
     )
     add_model_args(gen)
     gen.add_argument("--cache", action="append", metavar="SPEC", help=SPEC_HELP + " (default: full)")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompt-file", help="read the prompt from this file")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
 
     size = sub.add_parser(
@@ -69,22 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV bytes of each cache at N tokens for a model's shape (no forward pass)",
         description="Pushes random states of the model's shape through each cache and counts the bytes of the "
         "tensors it holds: 16-bit regions, codes, scales, and the ratio to a 16-bit full cache.",
+        formatter_class=HelpFormatter,
+        epilog=SIZE_EPILOG,
     )
     size.add_argument("--model", default="smollm2-135m", help="model whose config gives the shape (default smollm2-135m)")
     size.add_argument("--cache", action="append", metavar="SPEC", help=SPEC_HELP)
-    size.add_argument("--tokens", type=int, default=4096, help="sequence length (default 4096)")
-    size.add_argument("--batch-size", type=int, default=1, help="batch size (default 1)")
-    size.add_argument("--chunk", type=int, default=64, help="tokens per update, as in chunked scoring (default 64)")
+    size.add_argument("--tokens", type=positive_int, default=4096, help="sequence length (default 4096)")
+    size.add_argument("--batch-size", type=positive_int, default=1, help="batch size (default 1)")
+    size.add_argument("--chunk", type=positive_int, default=64,
+                      help="tokens per update, as in chunked scoring (default 64)")
 
     demo = sub.add_parser(
         "demo",
         help="the main job on the embedded model: side-by-side generation, then a short real comparison",
         description="Generates with 'full' and 'quant:bits=8,sink=4,window=124' side by side, then runs a short "
         "perplexity/needle/memory comparison of the default cache set and prints the table.",
+        formatter_class=HelpFormatter,
+        epilog=DEMO_EPILOG,
     )
     add_model_args(demo)
     demo.add_argument("--out", default="results/demo", help="folder for the comparison's results (default results/demo)")
-    demo.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens to generate (default 48)")
 
     try:
         from .eval.cli import add_commands
@@ -116,6 +185,29 @@ def print_generations(results) -> None:
         )
 
 
+def read_prompt_file(path: str) -> str:
+    """The text of ``--prompt-file``; a missing, unreadable or non-UTF-8 file is a one-line error."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SelKVError(f"--prompt-file {path!r} does not exist; give a UTF-8 text file or use --prompt") from None
+    except UnicodeDecodeError as err:
+        raise SelKVError(f"--prompt-file {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise SelKVError(f"cannot read --prompt-file {path!r}: {err.strerror or err}") from None
+
+
+def prepare_out_dir(path: str, option: str = "--out") -> None:
+    """Create the output folder (and its parents) now, so that a bad path fails before the model loads."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise SelKVError(f"{option} {path!r} is a file; give a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SelKVError(f"cannot create the {option} folder {path!r}: {err.strerror or err}") from None
+
+
 def cmd_generate(args) -> int:
     from .config import parse_spec
     from .generation import encode_prompt, generate
@@ -123,11 +215,12 @@ def cmd_generate(args) -> int:
     specs = args.cache or ["full"]
     for spec in specs:
         parse_spec(spec)  # fail before loading the model
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    prompt = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
+    prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
     model, tokenizer = _load(args)
     inputs = encode_prompt(tokenizer, prompt, chat=False if args.no_chat else None)
+    if inputs["input_ids"].shape[-1] == 0:  # the model needs at least one token to predict from
+        hint = " or drop --no-chat (the chat template adds tokens)" if args.no_chat else ""
+        raise SelKVError(f"the prompt {prompt[:40]!r} gives no tokens; give a non-empty --prompt{hint}")
     print(f"prompt: {inputs['input_ids'].shape[-1]} tokens, model {args.model} ({model.dtype}, {model.device})\n")
     print_generations([generate(model, tokenizer, inputs, spec, args.max_new_tokens) for spec in specs])
     return 0
@@ -135,7 +228,8 @@ def cmd_generate(args) -> int:
 
 def cmd_size(args) -> int:
     from .config import parse_spec
-    from .sizing import load_config, size_table
+    from .models import load_config
+    from .sizing import size_table
 
     specs = args.cache or list(SIZE_CACHES)
     for spec in specs:
@@ -161,6 +255,7 @@ def demo_prompt() -> tuple[str, str]:
 def cmd_demo(args) -> int:
     from .generation import encode_prompt, generate
 
+    prepare_out_dir(args.out)
     model, tokenizer = _load(args)
     prompt, source = demo_prompt()
     inputs = encode_prompt(tokenizer, prompt)
@@ -177,6 +272,38 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _raised_by_selkv(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is selkv code (a deliberate check on the input),
+    not torch or transformers (where a ValueError means selkv passed something wrong: a bug)."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__", "").split(".")[0] == "selkv"
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Errors that mean "this input cannot be used", printed as one line; everything else is a bug."""
+    import torch
+
+    from .config import SpecError
+
+    if isinstance(err, (SelKVError, SpecError)):
+        return True
+    if isinstance(err, (ValueError, NotImplementedError)):  # selkv's own argument checks raise these
+        return _raised_by_selkv(err)
+    if isinstance(err, torch.OutOfMemoryError):  # the model, batch or context does not fit on the device
+        return True
+    # Files and folders the user named, and optional packages that are not installed (the message names them).
+    return isinstance(err, (OSError, ImportError))
+
+
+def error_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -184,10 +311,20 @@ def main(argv: list[str] | None = None) -> int:
     handler = handlers.get(args.command) or getattr(args, "handler", None)
     if handler is None:
         parser.error(f"unknown command {args.command!r}")
+    prog = " ".join(["selkv", args.command, *([args.task] if getattr(args, "task", None) else [])])
     try:
         return handler(args) or 0
-    except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as err:
-        print(f"selkv {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        resume = " (rerun with the same --out to resume)" if args.command == "eval" else ""
+        print(f"{prog}: interrupted{resume}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `selkv size | head`: the reader left; stay quiet at exit too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, NotImplementedError, OSError, ImportError, RuntimeError) as err:
+        if not is_user_error(err) or os.environ.get("SELKV_DEBUG"):
+            raise
+        print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
         return 2
 
 

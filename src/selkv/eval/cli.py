@@ -46,6 +46,21 @@ QUICK = (
 )
 
 
+EVAL_EPILOG = """\
+examples:
+  selkv eval perplexity --data pg19 --max-tokens 2048 --out results/ppl
+  selkv eval needle --cache full --cache quant:bits=4,sink=4,window=124 --out results/needle
+  selkv eval all --quick --out results/quick        (then: selkv report results/quick)
+Rerun the same command to resume an interrupted run.
+"""
+
+REPORT_EPILOG = """\
+examples:
+  selkv report results/ppl                    writes results/ppl/report.md and PNG plots
+  selkv report results/ppl results/needle --out docs/results --image-prefix results
+"""
+
+
 def _add_common(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
     from ..cli import SPEC_HELP, add_model_args
 
@@ -59,29 +74,41 @@ def _add_common(parser: argparse.ArgumentParser, out_required: bool = True) -> N
 
 def add_commands(subparsers) -> None:
     """Register ``eval`` (one subcommand per task, plus ``all``) and ``report`` on an argparse subparsers object."""
+    from ..cli import HelpFormatter
     ev = subparsers.add_parser(
         "eval",
         help="compare caches on one task (perplexity, summarization, needle, memory, speed) or all of them",
         description="Run every --cache on the same inputs and write DIR/results.json (+ examples.jsonl while "
                     "running; a rerun with the same --out resumes).",
+        formatter_class=HelpFormatter,
+        epilog=EVAL_EPILOG,
     )
     tasks = ev.add_subparsers(dest="task", metavar="TASK", required=True)
     for name, module in TASKS.items():
-        doc = (module.__doc__ or name).strip().splitlines()[0]
+        doc = " ".join((module.__doc__ or name).strip().split("\n\n")[0].split())  # the first paragraph
         parser = tasks.add_parser(name, help=doc, description=module.__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  formatter_class=HelpFormatter,
+                                  epilog=f"example:\n  selkv eval {name} --cache full --cache "
+                                         f"quant:bits=4,sink=4,window=124 --out results/{name}\n"
+                                         f"Rerun the same command to resume an interrupted run.")
         _add_common(parser)
         module.add_arguments(parser)
         parser.set_defaults(handler=cmd_eval)
     suite = tasks.add_parser("all", help="the full suite (every task, default caches) into sub-folders of --out, "
-                                         "then the report")
+                                         "then the report",
+                             description="Runs every task with the suite's settings into sub-folders of --out, "
+                                         "then writes --out/report.md.",
+                             formatter_class=HelpFormatter,
+                             epilog="examples:\n  selkv eval all --quick --out results/quick   (a few minutes)\n"
+                                    "  selkv eval all --out results/suite           (half an hour on 2 CPU cores)")
     _add_common(suite)
     suite.add_argument("--quick", action="store_true", help="the short demo-sized suite instead")
     suite.set_defaults(handler=cmd_eval_all)
 
     rep = subparsers.add_parser("report", help="turn results folders into a Markdown table and PNG plots",
-                                description="Reads DIR/results.json (recursively) and writes report.md + PNGs.")
-    rep.add_argument("dirs", nargs="+", metavar="DIR")
+                                description="Reads DIR/results.json (recursively) and writes report.md + PNGs.",
+                                formatter_class=HelpFormatter, epilog=REPORT_EPILOG)
+    rep.add_argument("dirs", nargs="+", metavar="DIR", help="a results folder of `selkv eval` (searched recursively)")
     rep.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the first DIR)")
     rep.add_argument("--image-prefix", default=None, help="path prefix for the images inside report.md")
     rep.set_defaults(handler=cmd_report)
@@ -97,8 +124,13 @@ def _specs(args) -> list[str]:
 
 
 def _load(args):
+    """Check the output folders, then load the model (so that a bad --out fails in a second, not after the load)."""
+    from ..cli import prepare_out_dir
     from ..models import load_model
 
+    prepare_out_dir(args.out)
+    if args.profile:
+        prepare_out_dir(args.profile, "--profile")
     return load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn)
 
 
@@ -138,8 +170,11 @@ def cmd_eval_all(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from ..cli import prepare_out_dir
     from . import report
 
+    if args.out:
+        prepare_out_dir(args.out)
     print(report.run(args.dirs, args.out, args.image_prefix))
     return 0
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from ..config import SpecError, parse_spec
+from ..errors import SelKVError
 from .common import RESULTS
 
 MIB = 1024 * 1024
@@ -28,24 +29,51 @@ def find_results(dirs: list[str]) -> list[tuple[Path, dict]]:
             raise FileNotFoundError(f"no {RESULTS} in {root} or below")
         for path in paths:
             try:
-                found.append((path.parent, json.loads(path.read_text(encoding="utf-8"))))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: not valid JSON ({err})") from None
+                payload = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise SelKVError(f"{path}: not valid JSON ({err})") from None
+            check_payload(path, payload)
+            found.append((path.parent, payload))
     return found
+
+
+def check_payload(path: Path, payload) -> None:
+    """Refuse a ``results.json`` that ``selkv eval`` did not write: the tables and plots index into it."""
+    expected = ('expected {"task": str, "settings": {...}, "results": [{"cache": str, "metrics": {...}}, ...]} '
+                "as written by `selkv eval`")
+
+    def bad(what: str):
+        raise SelKVError(f"{path}: not a selkv results file ({what}); {expected}")
+
+    if not isinstance(payload, dict):
+        bad(f"the top level is a JSON {type(payload).__name__}, not an object")
+    if not isinstance(payload.get("task"), str):
+        bad("no 'task' string")
+    if not isinstance(payload.get("settings", {}), dict):
+        bad("'settings' is not an object")
+    if not isinstance(payload.get("results"), list):
+        bad("no 'results' list")
+    for i, result in enumerate(payload["results"]):
+        if not isinstance(result, dict) or not isinstance(result.get("cache"), str):
+            bad(f"results[{i}] has no 'cache' string")
+        if not isinstance(result.get("metrics") or {}, dict):
+            bad(f"results[{i}]['metrics'] is not an object")
 
 
 def _fmt(value, spec: str = ".2f", missing: str = "–") -> str:
     if value is None:
         return missing
+    if not isinstance(value, (int, float)):  # a hand-edited or foreign value: show it as it is
+        return str(value)
     return format(value, spec)
 
 
 def _pct(value) -> str:
-    return "–" if value is None else f"{value * 100:+.2f}%"
+    return f"{value * 100:+.2f}%" if isinstance(value, (int, float)) else _fmt(value)
 
 
 def _mib(value) -> str:
-    return "–" if value is None else f"{value / MIB:.2f}"
+    return f"{value / MIB:.2f}" if isinstance(value, (int, float)) else _fmt(value)
 
 
 def _row(cells) -> str:
@@ -66,23 +94,21 @@ def _settings_line(payload: dict) -> str:
 
 def table_lines(payload: dict) -> list[str]:
     task, results = payload.get("task"), payload.get("results", [])
+    s = payload.get("settings", {})
     m = [(r["cache"], r.get("metrics") or {}) for r in results]
     if task == "perplexity":
-        s = payload["settings"]
         title = (f"Perplexity, {s.get('data')}: {s.get('max_tokens')} tokens x {s.get('segments', 1)} segment(s), "
                  f"chunk {s.get('chunk')}")
         rows = [[f"`{c}`", _fmt(x.get("ppl"), ".3f"), _pct(x.get("ppl_vs_full")), _fmt(x.get("nll"), ".4f"),
                  x.get("tokens", "–"), _mib(x.get("kv_bytes")), _fmt(x.get("compression"), ".2f")] for c, x in m]
         header = ["cache", "ppl", "vs full", "NLL", "tokens", "KV MiB", "compression"]
     elif task == "summarization":
-        s = payload["settings"]
         title = f"Summarization: ROUGE-L F1, {s.get('max_new_tokens')} new tokens, prefill chunk {s.get('chunk')}"
         rows = [[f"`{c}`", _fmt(x.get("rougeL"), ".4f"), _fmt(x.get("rougeL_diff_vs_full"), "+.4f"),
                  _fmt(x.get("rougeL_vs_full"), ".3f"), _fmt(x.get("token_match_vs_full"), ".3f"), x.get("n", "–"),
                  _fmt(x.get("compression"), ".2f")] for c, x in m]
         header = ["cache", "ROUGE-L", "vs full", "ROUGE-L vs full output", "token match vs full", "n", "compression"]
     elif task == "needle":
-        s = payload["settings"]
         lengths = [str(n) for n in s.get("lengths", [])]
         kv = any("kv_accuracy" in x for _, x in m)
         title = f"Needle: passkey accuracy by context length, prefill chunk {s.get('chunk')}"
@@ -92,7 +118,6 @@ def table_lines(payload: dict) -> list[str]:
         header = ["cache", "accuracy", *[f"{n} tok" for n in lengths], *(["KV retrieval"] if kv else []), "n",
                   "compression"]
     elif task == "memory":
-        s = payload["settings"]
         title = f"KV memory after {s.get('prompt_tokens')} prompt + {s.get('new_tokens')} new tokens"
         cuda = any("peak_device_bytes" in x for _, x in m)
         rows = [[f"`{c}`", _mib(x.get("kv_bytes")), _mib(x.get("kv_bytes_full16")), _fmt(x.get("compression"), ".2f"),
@@ -101,7 +126,6 @@ def table_lines(payload: dict) -> list[str]:
         header = ["cache", "KV MiB", "16-bit full MiB", "compression", "16-bit part", "codes", "scales",
                   *(["peak device MiB"] if cuda else [])]
     elif task == "speed":
-        s = payload["settings"]
         title = (f"Speed: batch {s.get('batch')}, context {s.get('context')}, {s.get('new_tokens')} new tokens, "
                  f"median of {s.get('repeats')} after {s.get('warmup')} warm-up")
         rows = [[f"`{c}`", _fmt(x.get("prefill_tok_s"), ".0f"), _fmt(x.get("decode_tok_s"), ".1f"),
@@ -162,7 +186,7 @@ def plot_memory(payload: dict, path: Path) -> bool:
     fig, ax = _figure()
     for cache, points in series:
         ax.plot([p["new_tokens"] for p in points], [p["kv_bytes"] / MIB for p in points], label=cache, marker=".")
-    ax.set_xlabel(f"new tokens (after a {payload['settings'].get('prompt_tokens')}-token prompt)")
+    ax.set_xlabel(f"new tokens (after a {payload.get('settings', {}).get('prompt_tokens')}-token prompt)")
     ax.set_ylabel("KV cache MiB")
     ax.set_title(f"KV memory vs new tokens ({payload.get('model')})")
     return _save(fig, ax, path)
@@ -186,7 +210,7 @@ def plot_perplexity(payload: dict, path: Path) -> bool:
     for family, pts in families.items():
         pts.sort()
         ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", label=family)
-    s = payload["settings"]
+    s = payload.get("settings", {})
     ax.set_xlabel("bits per quantized element")
     ax.set_xticks([2, 4, 8])
     ax.set_ylabel("perplexity")
@@ -206,7 +230,7 @@ def plot_needle(payload: dict, path: Path) -> bool:
         # A small vertical offset per cache keeps overlapping lines visible.
         ax.plot([float(d) for d in depths], [by_depth[d] + 0.01 * (i - len(rows) / 2) for d in depths],
                 marker="o", label=cache)
-    lengths = ", ".join(str(n) for n in payload["settings"].get("lengths", []))
+    lengths = ", ".join(str(n) for n in payload.get("settings", {}).get("lengths", []))
     ax.set_xlabel("needle depth (0 = start of the context, 1 = end)")
     ax.set_ylabel("passkey accuracy")
     ax.set_ylim(-0.05, 1.05)

@@ -1,0 +1,280 @@
+"""Bad input to the ``selkv`` CLI ends with one line on stderr and exit code 2, never a traceback;
+``load_model`` raises :class:`selkv.errors.SelKVError` subclasses with the same messages; genuine
+bugs keep their tracebacks.
+
+The models here are tiny random ones saved to a temporary folder with a word-level tokenizer, so
+that each case runs in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import selkv
+from selkv import cli
+from selkv.errors import DeviceError, ModelNotFoundError, SelKVError, UnsupportedModelError
+
+WORDS = ["[UNK]", "[EOS]", "hello", "world", "the", "cache", "is", "small"]
+
+
+def save_tokenizer(folder: Path) -> None:
+    """A word-level fast tokenizer with no special tokens added: an empty prompt gives zero tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(folder)
+
+
+def save_model(folder: Path, config, tokenizer: bool = True) -> str:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    if tokenizer:
+        save_tokenizer(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Local model folders: a tiny Llama, a tiny Falcon (attention outside AttentionInterface), a Llama
+    without tokenizer files, and a folder holding only the config of a model that is not a causal LM."""
+    from transformers import FalconConfig, LlamaConfig, T5Config
+
+    root = tmp_path_factory.mktemp("models")
+    llama = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, eos_token_id=1, pad_token_id=1)
+    falcon = FalconConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          eos_token_id=1)
+    t5 = root / "t5"
+    t5.mkdir()
+    T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2).save_pretrained(t5)
+    return {
+        "llama": save_model(root / "llama", llama),
+        "falcon": save_model(root / "falcon", falcon),
+        "no_tokenizer": save_model(root / "no_tokenizer", llama, tokenizer=False),
+        "t5": str(t5),
+    }
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Hub ids resolve against the local cache only: no network wait, the same error as a machine offline."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("SELKV_DEBUG", raising=False)
+
+
+def one_line_error(capsys, argv: list[str], *needles: str) -> str:
+    """Run ``selkv argv`` in-process; assert exit code 2 and one stderr line naming every needle."""
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, (code, captured.err)
+    assert "Traceback" not in captured.err + captured.out
+    lines = [line for line in err.splitlines() if not line.startswith("Loading weights")]
+    assert len(lines) == 1, err
+    prog = " ".join(["selkv", *argv[:2]]) if argv[0] == "eval" else f"selkv {argv[0]}"
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# ------------------------------------------------------------------ models that cannot be loaded
+
+
+def test_unknown_hub_model(capsys, offline):
+    line = one_line_error(capsys, ["generate", "--model", "no/such-model", "--prompt", "hi", "--device", "cpu"],
+                          "'no/such-model'")
+    assert "Hugging Face model id" in line  # what to pass instead
+
+
+@pytest.mark.parametrize("command", ["size", "generate"])
+def test_missing_model_folder(capsys, offline, tmp_path, command):
+    nope = str(tmp_path / "nope")
+    extra = ["--prompt", "hi", "--device", "cpu"] if command == "generate" else []
+    one_line_error(capsys, [command, "--model", nope, *extra], "no model folder", nope)
+
+
+def test_folder_without_config(capsys, offline, tmp_path):
+    one_line_error(capsys, ["size", "--model", str(tmp_path)], "has no config.json")
+
+
+def test_model_without_tokenizer(capsys, offline, models):
+    one_line_error(capsys, ["generate", "--model", models["no_tokenizer"], "--prompt", "hello", "--device", "cpu"],
+                   "cannot load a tokenizer", "tokenizer.json")
+
+
+def test_model_that_is_not_a_causal_lm(capsys, offline, models):
+    one_line_error(capsys, ["generate", "--model", models["t5"], "--prompt", "hello", "--device", "cpu"],
+                   "'t5'", "causal language model")
+
+
+def test_load_model_api_raises_selkv_errors(offline, tmp_path, models):
+    with pytest.raises(ModelNotFoundError, match="no model folder"):
+        selkv.load_model(str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(ModelNotFoundError, match="no/such-model"):
+        selkv.load_model("no/such-model", device="cpu")
+    with pytest.raises(UnsupportedModelError, match="causal language model"):
+        selkv.load_model(models["t5"], device="cpu")
+
+
+# ------------------------------------------------------------------ attn_implementation="selkv"
+
+
+def test_selkv_attention_on_unsupported_model(capsys, offline, models):
+    one_line_error(capsys, ["generate", "--model", models["falcon"], "--attn", "selkv", "--prompt", "hello",
+                            "--device", "cpu"], "FalconForCausalLM", "AttentionInterface", "'sdpa'")
+
+
+def test_load_model_selkv_attention_error_is_not_keyerror(offline, models):
+    with pytest.raises(UnsupportedModelError, match="FalconForCausalLM.*Use 'sdpa' or 'eager'") as info:
+        selkv.load_model(models["falcon"], device="cpu", attn_implementation="selkv")
+    assert isinstance(info.value, ValueError) and not isinstance(info.value, KeyError)
+    model, _ = selkv.load_model(models["falcon"], device="cpu", attn_implementation="sdpa")  # still loads
+    assert model.config.model_type == "falcon"
+
+
+def test_selkv_attention_on_supported_model_loads(offline, models):
+    model, tokenizer = selkv.load_model(models["llama"], device="cpu", attn_implementation="selkv")
+    assert model.config._attn_implementation == "selkv" and tokenizer.padding_side == "left"
+
+
+# ------------------------------------------------------------------ devices
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_cuda_on_cpu_only_torch(capsys, offline, models):
+    one_line_error(capsys, ["generate", "--model", models["llama"], "--device", "cuda", "--prompt", "hello"],
+                   "'cuda' is not available", "'cpu'")
+    with pytest.raises(DeviceError):
+        selkv.load_model(models["llama"], device="cuda")
+
+
+@pytest.mark.parametrize("device, needle", [("gpu", "unknown device 'gpu'"), ("cuda:99", "'cuda:99'")])
+def test_bad_device(capsys, offline, models, device, needle):
+    one_line_error(capsys, ["generate", "--model", models["llama"], "--device", device, "--prompt", "hello"], needle)
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def test_empty_prompt_without_chat_template(capsys, offline, models):
+    one_line_error(capsys, ["generate", "--model", models["llama"], "--device", "cpu", "--no-chat", "--prompt", ""],
+                   "gives no tokens", "--prompt")
+
+
+def test_prompt_file_is_a_folder(capsys, offline, tmp_path):
+    one_line_error(capsys, ["generate", "--prompt-file", str(tmp_path)], "--prompt-file", str(tmp_path))
+
+
+def test_prompt_that_works(capsys, offline, models):
+    assert cli.main(["generate", "--model", models["llama"], "--device", "cpu", "--no-chat",
+                     "--prompt", "hello world", "--max-new-tokens", "2"]) == 0
+    assert "=== full" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ output folders and reports
+
+
+def test_out_is_a_file(capsys, offline, tmp_path, models):
+    text, out = tmp_path / "text.txt", tmp_path / "taken"
+    text.write_text("hello world " * 50)
+    out.write_text("not a folder")
+    one_line_error(capsys, ["eval", "perplexity", "--model", models["llama"], "--device", "cpu", "--cache", "full",
+                            "--data", str(text), "--max-tokens", "16", "--out", str(out)], "--out", "is a file")
+
+
+def test_report_out_is_a_file(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"task": "memory", "settings": {}, "results": []}))
+    (tmp_path / "taken").write_text("")
+    one_line_error(capsys, ["report", str(run), "--out", str(tmp_path / "taken")], "is a file")
+
+
+@pytest.mark.parametrize("payload, needle", [
+    ([], "top level is a JSON list"),
+    ({"results": []}, "no 'task'"),
+    ({"task": "perplexity"}, "no 'results' list"),
+    ({"task": "perplexity", "settings": [], "results": []}, "'settings' is not an object"),
+    ({"task": "needle", "results": [{"metrics": {}}]}, "results[0] has no 'cache'"),
+    ({"task": "speed", "results": ["full"]}, "results[0] has no 'cache'"),
+    ({"task": "memory", "results": [{"cache": "full", "metrics": [1, 2]}]}, "results[0]['metrics']"),
+])
+def test_report_of_wrong_structure(capsys, tmp_path, payload, needle):
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    one_line_error(capsys, ["report", str(tmp_path)], "not a selkv results file", needle, "selkv eval")
+
+
+def test_report_shows_odd_metric_values(capsys, tmp_path):
+    payload = {"task": "perplexity", "results": [{"cache": "full", "metrics": {"ppl": "high", "kv_bytes": "?"}}]}
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert "| `full` | high |" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ interrupts, debugging and real bugs
+
+
+def test_interrupt_is_one_line(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_size", interrupted)
+    try:
+        code = cli.main(["size"])
+    except KeyboardInterrupt:  # re-raised here it would stop the whole pytest session
+        pytest.fail("KeyboardInterrupt escaped main() with a traceback")
+    assert code == 130
+    assert capsys.readouterr().err.strip() == "selkv size: interrupted"
+
+
+def test_selkv_debug_shows_the_traceback(monkeypatch, tmp_path):
+    monkeypatch.setenv("SELKV_DEBUG", "1")
+    with pytest.raises(ModelNotFoundError):
+        cli.main(["size", "--model", str(tmp_path / "nope")])
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    """A ValueError from outside selkv (here: json) means selkv passed something wrong: not a user error."""
+    monkeypatch.delenv("SELKV_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "cmd_size", lambda args: json.loads("{"))
+    with pytest.raises(json.JSONDecodeError):
+        cli.main(["size"])
+    monkeypatch.setattr(cli, "cmd_size", lambda args: {}["key"])
+    with pytest.raises(KeyError):
+        cli.main(["size"])
+
+
+def test_user_error_classes_are_value_errors():
+    assert selkv.SelKVError is SelKVError and issubclass(SelKVError, ValueError)  # `except ValueError` still works
+    for cls in (ModelNotFoundError, UnsupportedModelError, DeviceError):
+        assert issubclass(cls, SelKVError)
+
+
+# ------------------------------------------------------------------ the installed entry point
+
+
+def test_entry_point_prints_one_line(tmp_path):
+    """``python -m selkv.cli``: the same one line and exit code 2 as in-process, with nothing else on stderr."""
+    nope = str(tmp_path / "nope")
+    env = {**os.environ, "PYTHONPATH": str(Path(selkv.__file__).parents[1])}
+    env.pop("SELKV_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "selkv.cli", "size", "--model", nope],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"selkv size: error: no model folder at {nope!r}; {selkv.models.MODEL_HELP}"
+    ]
