@@ -25,26 +25,32 @@ each, ``--rounds`` times (the host's speed bounds the eager steps and drifts; ta
 slow stretch over every row). When the rows do not fit in device memory together, they run in
 groups, one after the other; the baseline stays and takes part in every group, so every row's
 "vs" ratio is the median of its per-round ratios to the baseline round run next to it. The full
-caches are rewound to the context length before each round (each round decodes the same positions);
-the selkv caches keep growing by ``--steps`` per round (their evictions are part of decoding).
+and the captured caches are set back to the context length before each round (each round decodes
+the same positions, evictions included); the eager selkv caches keep growing by ``--steps`` per round.
 
 Per row: tokens/s (batch x steps / seconds of the median round), ms/step, host ms/step (the time
 Python took to issue a step: near ms/step means the step waits on the host), GPU ms/step (CUDA
 events around ``--gpu-steps`` steps queued behind a sleeping kernel, so the GPU never waits for
-the host; "clean" says the host did finish queueing before the sleep ended), the byte floor
-(weights read + KV bytes held for the context, over the device-to-device copy bandwidth measured
-at the start of the run, read + write bytes), the % of that floor reached, and the peak device
-memory of the row alone (``torch.cuda.max_memory_allocated`` around its fill, warm-up and rounds,
-minus what the other rows held: weights + its own cache + its transients).
+the host; where a step synchronizes with the device, so the queueing cannot run ahead, the summed
+kernel time from ``torch.profiler`` instead, marked ``*``), the byte floor (weights read + KV bytes
+held for the context, over the device-to-device copy bandwidth measured at the start of the run,
+read + write bytes), the % of that floor reached, and the peak device memory of the row alone
+(``torch.cuda.max_memory_allocated`` around its fill, warm-up and rounds, minus what the other rows
+held: weights + its own cache + its transients). Weights read exclude the embedding table (a lookup
+reads ``batch`` rows of it).
 
 ``--max-batch`` measures the largest batch that runs one decode step at ``--max-batch-context``
-without running out of device memory: real caches, really filled, one real step, a binary search
-starting from the estimate (memory left after the weights over each sequence's cache bytes),
-all memory freed between probes, stopped after ``--max-batch-budget-s`` seconds (then the bounds
-found so far are reported). The full cache's probe runs ``static-flex`` compiled without CUDA
-graphs and with a dynamic batch dimension (a capture that runs out of memory leaves the graph
-tree unusable, and one compile serves every probe); selkv's probe runs its captured step when it
-exists, else the eager fused step.
+without running out of device memory: real caches, really filled, one real step, a search
+starting from the estimate (memory left after the weights over one sequence's allocated cache bytes),
+all memory freed between probes, stopped after ``--max-batch-budget-s`` seconds per path (then the
+bounds found so far are reported). The steps are compiled without CUDA graphs (a capture that runs
+out of memory leaves the graph tree unusable): the full cache's ``static-flex`` step with a dynamic
+batch dimension (one compile for every probe; one compile per probe where that fails), selkv's
+captured step where it exists, else its eager fused step.
+
+``--quick``: the first shape, 16 steps, no reference row, no max-batch search. ``--shapes none``:
+only the max-batch search. ``--layers N`` and ``--hold-gib G`` try the script on fewer layers and
+a "smaller card".
 """
 
 from __future__ import annotations
@@ -58,10 +64,10 @@ import importlib
 import importlib.util
 import inspect
 import json
-import math
 import os
 import sys
 import time
+import traceback
 
 import torch
 from tqdm.auto import tqdm
@@ -191,9 +197,14 @@ def _takes_cache_position(model) -> bool:
     return "cache_position" in inspect.signature(model.forward).parameters
 
 
-def decode_step(model):
-    """``step(tokens [batch, 1], cache, position [1]) -> logits [batch, vocab]`` through ``model(...)``."""
-    with_position = _takes_cache_position(model)
+def decode_step(model, positions: bool = False):
+    """``step(tokens [batch, 1], cache, position [1]) -> logits [batch, vocab]`` through ``model(...)``.
+
+    With ``positions`` the position goes in as ``cache_position`` where the model takes one (a rewound
+    ``StaticCache`` must not count its positions from its contents); else the call is the one
+    ``generate()`` makes, and the model reads positions from the cache.
+    """
+    with_position = positions and _takes_cache_position(model)
     name = cache_kwarg(model)  # looked up here: inside a compiled step the lookup's side effect forces a recompile
 
     def step(tokens, cache, position):
@@ -203,30 +214,67 @@ def decode_step(model):
     return step
 
 
-def captured_selkv(model, spec: str, batch: int, context: int, room: int, device, dtype):
-    """selkv's static cache filled to ``context`` + its captured decode step: ``(cache, step(tokens, cache, position))``.
+def fill_static_selective(cache, config, batch: int, context: int, device, dtype) -> None:
+    """Write random sink, middle and window into a static selkv cache's storage; set its device lengths to ``context``.
 
-    The one place that knows the static cache's API (``selkv.make_cache(..., max_cache_len=N)`` and
-    ``selkv.compile_decode_step``); raises :class:`Unavailable` where this selkv lacks them.
+    The middle rows past ``num_stored`` and the ring slots past the window are never read, so only the lengths
+    say how many tokens the cache holds.
+    """
+    from selkv.layers.sink_window import _MIDDLE
+
+    heads, head_dim = _kv_shape(config)
+    probe = torch.zeros(batch, heads, 1, head_dim, device=device, dtype=dtype)
+    for layer in cache.layers:
+        layer.lazy_initialization(probe, probe)
+        sink, window, block = layer.sink_capacity, layer.window_length, layer.block_length
+        num_stored = (context - sink - window) // block * block
+        num_recent = context - sink - num_stored
+        if num_stored + block > layer.middle_capacity or num_recent > layer.ring_length:
+            raise ValueError(f"context {context} does not fit a static cache of max_cache_len={layer.max_cache_len}")
+        for tensor in (layer.sink_keys, layer.sink_values, layer.recent_keys, layer.recent_values):
+            tensor.normal_()
+        for name in _MIDDLE:
+            tensor = getattr(layer, name, None)
+            if tensor is None:
+                continue
+            if not tensor.is_floating_point():
+                tensor.random_(0, 256)
+            elif "scale" in name:
+                tensor.uniform_(0.01, 0.03)
+            else:
+                tensor.uniform_(-1.0, 0.0)
+        layer.lengths.copy_(torch.tensor([sink, num_stored, num_recent, 0], dtype=layer.lengths.dtype))
+        layer.cumulative_length.fill_(context)
+
+
+def captured_selkv(model, spec: str, batch: int, context: int, room: int, device, dtype, graphs: bool = True):
+    """selkv's static cache filled to ``context`` + its captured decode step + how to rewind it.
+
+    Returns ``(cache, step(tokens, cache, position), rewind())``; ``rewind`` puts the device lengths back
+    to ``context`` (rows written past them are never read). The one place that knows the static cache's
+    API (``make_cache(..., max_cache_len=N)``, ``selkv.compile_decode_step``, the layers' device lengths).
+    ``graphs=False`` compiles without CUDA graphs.
     """
     if not hasattr(selkv, "compile_decode_step"):
         raise Unavailable("this selkv has no static cache / compile_decode_step yet")
-    if device != "cuda":
-        raise Unavailable("needs CUDA (the captured step replays a CUDA graph)")
     model.set_attn_implementation("selkv")
     cache = make_cache(spec, model.config, max_cache_len=context + room)
-    fill = getattr(cache, "fill_random", None)  # fills storage directly, no prefill
-    if fill is None:
-        raise Unavailable("the static selkv cache has no fill_random(batch, length) to fill it without a prefill")
-    fill(batch, context, device=device, dtype=dtype)
-    compiled = selkv.compile_decode_step(model)
-    return cache, lambda tokens, cache, position: compiled(tokens, cache)
+    fill_static_selective(cache, model.config, batch, context, device, dtype)
+    start = [(layer.lengths.clone(), layer.cumulative_length.clone()) for layer in cache.layers]
+
+    def rewind_lengths() -> None:
+        for layer, (lengths, seen) in zip(cache.layers, start):
+            layer.lengths.copy_(lengths)
+            layer.cumulative_length.copy_(seen)
+
+    compiled = selkv.compile_decode_step(model, mode="reduce-overhead" if device == "cuda" and graphs else None)
+    return cache, lambda tokens, cache, position: compiled(tokens, cache), rewind_lengths
 
 
 def compile_step(model, mode: str | None, dynamic: bool | None):
     """``decode_step(model)`` under ``torch.compile`` (no ``fullgraph``: flex's mask builder breaks the graph)."""
     options = dict(mode=mode) if mode else {}
-    return torch.compile(decode_step(model), dynamic=dynamic, **options)
+    return torch.compile(decode_step(model, positions=True), dynamic=dynamic, **options)
 
 
 def graph_breaks() -> dict[str, int]:
@@ -238,23 +286,25 @@ def graph_breaks() -> dict[str, int]:
 class Decoder:
     """Greedy decode steps of ``model`` over one filled cache; ``round`` times ``steps`` of them.
 
-    ``step(tokens, cache, position)`` returns logits ``[batch, vocab]``; ``rewind_to`` (a position
-    count, or None) is where a full cache is set back before each round.
+    ``step(tokens, cache, position)`` returns logits ``[batch, vocab]``. ``rewind()`` (or None) sets the
+    cache back to where it started before each round, so that every round decodes the same positions;
+    ``captured`` steps begin a new CUDA-graph step each call.
     """
 
-    def __init__(self, model, cache, step, attention: str, batch: int, rewind_to: int | None, captured: bool):
+    def __init__(self, model, cache, step, attention: str, batch: int, rewind=None, captured: bool = False):
         self.model, self.cache, self.step, self.attention = model, cache, step, attention
-        self.rewind_to, self.captured = rewind_to, captured
+        self.rewind, self.captured = rewind, captured
         device = model.device
         self.tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+        self.start_position = int(cache.get_seq_length())
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.cuda = device.type == "cuda"
         self._start_round()
 
     def _start_round(self) -> None:
-        if self.rewind_to is not None:
-            rewind(self.cache, self.rewind_to)
-            self.position.fill_(self.rewind_to)
+        if self.rewind is not None:
+            self.rewind()
+            self.position.fill_(self.start_position)
         else:
             self.position.fill_(int(self.cache.get_seq_length()))
 
@@ -290,11 +340,13 @@ class Decoder:
         return dict(seconds=seconds, host_seconds=host, transient=transient)
 
     @torch.no_grad()
-    def gpu_ms(self, steps: int, host_ms: float, cycles_per_ms: float) -> tuple[float, bool]:
-        """Device ms per step with the steps queued behind a sleeping kernel; whether the queueing beat the sleep.
+    def gpu_ms(self, steps: int, host_ms: float, cycles_per_ms: float) -> tuple[float, str]:
+        """Device ms per step, and how it was measured.
 
-        Events around steps issued one after the other time the host too when the host is the bound;
-        here the GPU sleeps while the host queues all ``steps``, then runs them back to back.
+        ``events``: CUDA events around ``steps`` steps queued behind a sleeping kernel (events around steps
+        issued one after the other time the host too when the host is the bound). When the host had not
+        queued every step before the sleep ended (a step that synchronizes with the device),
+        ``profiler``: the summed device time of the kernels the profiler saw, over the same steps.
         """
         self.model.set_attn_implementation(self.attention)
         self._start_round()
@@ -307,8 +359,16 @@ class Decoder:
         end.record()
         clean = not begin.query()  # still asleep when the last step was queued
         self._sync()
-        return begin.elapsed_time(end) / steps, clean
-
+        if clean:
+            return begin.elapsed_time(end) / steps, "events"
+        self._start_round()
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as profile:
+            for _ in range(steps):
+                self._one_step()
+            self._sync()
+        device_us = sum(getattr(e, "self_device_time_total", 0) for e in profile.key_averages())
+        return device_us / 1000 / steps, "profiler"
 
 def sleep_cycles_per_ms() -> float:
     """Clock cycles of ``torch.cuda._sleep`` per millisecond on this device."""
@@ -451,6 +511,13 @@ def search_max_batch(fits, guess: int, out_of_time) -> dict:
     return dict(max_batch=lo, fails_at=hi, exact=hi is not None and hi == lo + 1, probes=probes)
 
 
+def failure(error: BaseException) -> str:
+    """One line for a row that failed (the traceback goes to stderr, for whoever reads the log)."""
+    traceback.print_exception(error, file=sys.stderr)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"failed: {type(error).__name__}: {first}"[:300]
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower()
@@ -463,13 +530,18 @@ class Bench:
         self.args = args
         self.device = "cpu" if args.tiny else "cuda"
         self.dtype = torch.float32 if args.tiny else torch.bfloat16
-        self.model = build_model(TINY if args.tiny else LLAMA3_8B, self.device, self.dtype)
+        shape = dict(TINY if args.tiny else LLAMA3_8B)
+        if args.layers:
+            shape["num_hidden_layers"] = args.layers
+        self.model = build_model(shape, self.device, self.dtype)
         self.config = self.model.config
         self.weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.weights_read = weights_read(self.model)
         self.bandwidth = copy_bandwidth(self.device)
         self.cycles_per_ms = sleep_cycles_per_ms() if self.device == "cuda" else 0.0
         self.compile_ok = self.device == "cuda" or args.compile_on_cpu
+        # memory held for the whole run, to try the grouping and the max-batch search on a "smaller card"
+        self.ballast = torch.empty(int(args.hold_gib * GIB), dtype=torch.uint8, device=self.device) if args.hold_gib else None
         torch._dynamo.config.cache_size_limit = 64  # every row and shape is one more specialization of the step
         if hasattr(torch._dynamo.config, "recompile_limit"):
             torch._dynamo.config.recompile_limit = 64
@@ -481,13 +553,15 @@ class Bench:
         return 4 + a.rounds * max(a.steps, a.reference_steps) + a.gpu_steps + 2
 
     def check_runnable(self, row: RowKind) -> None:
-        if row.kind == "static" and not self.compile_ok:
-            raise Unavailable("needs CUDA (reduce-overhead captures CUDA graphs; --compile-on-cpu compiles sdpa on CPU)")
         if row.attention == "flex_attention" and self.device != "cuda":
             raise Unavailable("needs CUDA (flex_attention does not compile for this model on CPU)")
+        if row.compiled and not self.compile_ok:
+            raise Unavailable("needs CUDA (reduce-overhead captures CUDA graphs; --compile-on-cpu compiles on CPU)")
+        if row.kind == "captured" and not hasattr(selkv, "compile_decode_step"):
+            raise Unavailable("this selkv has no static cache / compile_decode_step yet")
 
     def make_decoder(self, row: RowKind, batch: int, context: int, shared: dict) -> Decoder:
-        """Build and fill ``row``'s cache, warm its step up (compiles), and return its Decoder."""
+        """Build and fill ``row``'s cache and return its Decoder (not warmed up yet)."""
         model, config, device, dtype = self.model, self.config, self.device, self.dtype
         model.set_attn_implementation(row.attention)
         if row.kind == "static":
@@ -499,21 +573,18 @@ class Bench:
                 fill_static(cache, config, batch, context, device, dtype)
                 shared["static"] = cache
             step = compile_step(model, "reduce-overhead" if device == "cuda" else None, False)
-            decoder = Decoder(model, cache, step, row.attention, batch, rewind_to=context, captured=device == "cuda")
-        elif row.kind == "captured":
-            spec_bits = row.spec
-            cache, step = captured_selkv(model, spec_bits, batch, context, self.room(), device, dtype)
-            decoder = Decoder(model, cache, step, row.attention, batch, rewind_to=None, captured=True)
-        else:
-            cache = make_cache(row.spec, config)
-            if row.kind == "dynamic":
-                fill_full(cache, config, batch, context, device, dtype)
-            else:
-                fill_selective(cache, config, batch, context, device, dtype, self.room())
-                assert all(layer.fused_decode == (row.attention == "selkv") for layer in cache.layers)
-            decoder = Decoder(model, cache, decode_step(model), row.attention, batch,
-                              rewind_to=context if row.kind == "dynamic" else None, captured=False)
-        return decoder
+            return Decoder(model, cache, step, row.attention, batch, rewind=lambda: rewind(cache, context),
+                           captured=device == "cuda")
+        if row.kind == "captured":
+            cache, step, rewind_lengths = captured_selkv(model, row.spec, batch, context, self.room(), device, dtype)
+            return Decoder(model, cache, step, row.attention, batch, rewind=rewind_lengths, captured=device == "cuda")
+        cache = make_cache(row.spec, config)
+        if row.kind == "dynamic":
+            fill_full(cache, config, batch, context, device, dtype)
+            return Decoder(model, cache, decode_step(model), row.attention, batch, rewind=lambda: rewind(cache, context))
+        fill_selective(cache, config, batch, context, device, dtype, self.room())
+        assert all(layer.fused_decode == (row.attention == "selkv") for layer in cache.layers)
+        return Decoder(model, cache, decode_step(model), row.attention, batch)
 
     def start(self, row: RowKind, batch: int, context: int, shared: dict) -> tuple[Decoder, dict]:
         """A filled, warmed-up Decoder and what its start cost: seconds, compile seconds, graph breaks, own bytes."""
@@ -549,13 +620,21 @@ class Bench:
                 runnable.append(row)
             except Unavailable as why:
                 skipped[row.key] = str(why)
-        baseline = next((row for key in BASELINES for row in runnable if row.key == key), None)
-        pending = [row for row in runnable if row is not baseline and row.kind != "reference"]
         shared: dict = {}  # the static rows read one StaticCache
-        base_decoder, group = None, 0
-        if baseline is not None:
-            base_decoder, info = self.start(baseline, batch, context, shared)
+        baseline = base_decoder = None
+        for candidate in [row for key in BASELINES for row in runnable if row.key == key]:
+            try:
+                base_decoder, info = self.start(candidate, batch, context, shared)
+            except Exception as error:  # the next strongest full path becomes the baseline
+                skipped[candidate.key] = failure(error)
+                shared.clear()
+                release()
+                continue
+            baseline = candidate
             results[baseline.key] = dict(info=info, timings=[], ids=[], gpu=[], kv=None)
+            break
+        pending = [row for row in runnable if row is not baseline and row.key not in skipped and row.kind != "reference"]
+        group = 0
         while pending or group == 0:
             members = [(baseline, base_decoder)] if baseline is not None else []
             while pending:
@@ -570,9 +649,10 @@ class Bench:
                     skipped[pending.pop(0).key] = str(why)
                     continue
                 except Exception as error:  # out of memory: a group of its own, or skipped if alone already
-                    if not is_out_of_memory(error):
-                        raise
                     release()
+                    if not is_out_of_memory(error):
+                        skipped[pending.pop(0).key] = failure(error)
+                        continue
                     if alone:
                         skipped[pending.pop(0).key] = "out of memory next to the baseline alone"
                         continue
@@ -581,6 +661,8 @@ class Bench:
                 pending.pop(0)
                 results[row.key] = dict(info=info, timings=[], ids=[], gpu=[], kv=None)
                 members.append((row, decoder))
+            if group > 0 and len(members) == 1 and baseline is not None:
+                break  # every row left was skipped: the baseline has had its rounds
             for r in tqdm(range(args.rounds), desc=f"{batch}x{context} group {group}", disable=not args.progress):
                 for row, decoder in members:
                     results[row.key]["timings"].append(decoder.round(args.steps))
@@ -601,7 +683,12 @@ class Bench:
         release()
         for row in runnable:  # the slow reference rows run alone, few steps
             if row.kind == "reference":
-                decoder, info = self.start(row, batch, context, shared)
+                try:
+                    decoder, info = self.start(row, batch, context, shared)
+                except Exception as error:
+                    skipped[row.key] = failure(error)
+                    release()
+                    continue
                 timing = decoder.round(args.reference_steps)
                 results[row.key] = dict(info=info, timings=[timing], ids=["alone"], gpu=[], kv=kv_bytes(decoder.cache))
                 decoder = None
@@ -635,7 +722,7 @@ class Bench:
             batch=batch, context=context, steps=steps, rounds=len(timings), round_ids=result["ids"],
             seconds=median["seconds"], tokens_per_s=batch * steps / median["seconds"], ms_per_step=ms,
             host_ms_per_step=1000 * median["host_seconds"] / steps,
-            gpu_ms_per_step=gpu[0], gpu_timing_clean=gpu[1],
+            gpu_ms_per_step=gpu[0], gpu_timing=gpu[1],
             round_tokens_per_s=[batch * steps / t["seconds"] for t in timings],
             kv_read_bytes=kv_read, weights_read_bytes=self.weights_read, floor_ms=floor_ms,
             floor_pct=100 * floor_ms / ms, peak_gib=peak / GIB if self.device == "cuda" else None,
@@ -653,14 +740,21 @@ class Bench:
             release()
             started = time.perf_counter()
             try:
-                fits, per_sequence, how = self._probe(path, context)
+                notes: list[str] = []
+                fits, per_sequence, how = self._probe(path, context, notes)
             except Unavailable as why:
                 out[path] = dict(skipped=str(why))
                 continue
             guess = max(1, int((free_bytes() - 2 * GIB) // per_sequence))
-            found = search_max_batch(fits, guess, lambda: time.perf_counter() - started > budget_s)
+            try:
+                found = search_max_batch(fits, guess, lambda since=started: time.perf_counter() - since > budget_s)
+            except Exception as error:  # a probe failed for another reason than memory: say so, go on
+                out[path] = dict(error=failure(error))
+                print(f"max batch at {context}: {path}: probe failed: {out[path]['error']}", flush=True)
+                release()
+                continue
             found.update(context=context, how=how, estimate=guess, seconds=time.perf_counter() - started,
-                         cache_bytes_per_sequence=per_sequence)
+                         cache_bytes_per_sequence=per_sequence, notes=notes)
             out[path] = found
             print(f"max batch at {context}: {path}: {found['max_batch']} (fails at {found['fails_at']}, "
                   f"probes {found['probes']}, {found['seconds']:.0f} s; {how})", flush=True)
@@ -671,61 +765,77 @@ class Bench:
                 result["vs_full"] = result["max_batch"] / full
         return out
 
-    def _probe(self, path: str, context: int):
-        """``fits(batch)`` for one path, the estimated cache bytes per sequence and how a probe runs."""
+    def _probe(self, path: str, context: int, notes: list[str]):
+        """``fits(batch)`` for one path, the cache bytes of one sequence and how a probe runs."""
         model, config, device, dtype = self.model, self.config, self.device, self.dtype
+        dynamic = {"batch": path == "full"}  # the full cache's step: one compile with a dynamic batch, if it works
         if path == "full":
             from transformers import StaticCache
 
-            model.set_attn_implementation("flex_attention")
-            step = compile_step(model, None, None)
-            how = "StaticCache + flex_attention, compiled (no CUDA graphs, dynamic batch)"
+            steps = {True: compile_step(model, None, None), False: compile_step(model, None, False)}
+            how = "StaticCache + flex_attention, compiled without CUDA graphs, batch dimension dynamic (unless the notes say)"
             per_sequence = full_kv_bytes(config, 1, context + 8)
 
             def build(batch):
+                model.set_attn_implementation("flex_attention")
                 cache = StaticCache(config=config, max_cache_len=context + 8)
                 fill_static(cache, config, batch, context, device, dtype)
-                for layer in cache.layers:
-                    torch._dynamo.mark_dynamic(layer.keys, 0)
-                    torch._dynamo.mark_dynamic(layer.values, 0)
-                return cache, step, "flex_attention"
+                if dynamic["batch"]:
+                    for layer in cache.layers:
+                        torch._dynamo.mark_dynamic(layer.keys, 0)
+                        torch._dynamo.mark_dynamic(layer.values, 0)
+                return cache, steps[dynamic["batch"]]
         else:
-            bits = int(path.removeprefix("int"))
-            spec = SPECS[bits]
-            per_sequence = RowKind(path, path, "selkv", "selkv", spec).estimate_bytes(config, 1, context)
+            spec = SPECS[int(path.removeprefix("int"))]
             if hasattr(selkv, "compile_decode_step"):
-                how = "selkv static cache, captured step"
+                how = "selkv static cache, captured step compiled without CUDA graphs"
 
                 def build(batch):
-                    cache, step = captured_selkv(model, spec, batch, context, 8, device, dtype)
-                    return cache, step, "selkv"
+                    cache, step, _ = captured_selkv(model, spec, batch, context, 8, device, dtype, graphs=False)
+                    return cache, step
             else:
                 how = "selkv dynamic cache, eager fused step (no captured step in this selkv)"
 
                 def build(batch):
+                    model.set_attn_implementation("selkv")
                     cache = make_cache(spec, config)
                     fill_selective(cache, config, batch, context, device, dtype, room=8)
-                    return cache, decode_step(model), "selkv"
+                    return cache, decode_step(model)
 
-        def fits(batch: int) -> bool:
-            cache = tokens = None
+            # the cache bytes of one sequence, as allocated, for the search's first guess
+            cache = build(1)[0]
+            per_sequence = kv_bytes(cache)["allocated"]
+            del cache
+            release()
+
+        def attempt(batch: int) -> bool | None:
+            """One probe: True (ran), False (out of memory), None (compile again without a dynamic batch)."""
             try:
-                cache, step, attention = build(batch)
-                model.set_attn_implementation(attention)
+                cache, step = build(batch)
                 tokens = torch.randint(0, config.vocab_size, (batch, 1), device=device)
-                torch._dynamo.mark_dynamic(tokens, 0)
+                if dynamic["batch"]:
+                    torch._dynamo.mark_dynamic(tokens, 0)
                 position = torch.full((1,), context, dtype=torch.long, device=device)
                 with torch.no_grad():
                     step(tokens, cache, position).argmax(-1)
                 torch.cuda.synchronize()
                 return True
-            except Exception as error:  # noqa: BLE001
-                if not is_out_of_memory(error):
+            except Exception as error:
+                if is_out_of_memory(error):
+                    return False
+                if not dynamic["batch"]:
                     raise
-                return False
-            finally:
-                del cache, tokens
+                dynamic["batch"] = False
+                notes.append(f"a dynamic batch did not compile ({failure(error)}); one compile per probe instead")
+                return None
+
+        def fits(batch: int) -> bool:
+            ok = attempt(batch)  # its frame (the cache, the step's buffers) is gone once it returns
+            release()
+            if ok is None:
+                ok = attempt(batch)
                 release()
+            return ok
 
         return fits, per_sequence, how
 
@@ -738,11 +848,14 @@ def print_table(shape: dict, bandwidth: float) -> None:
           f"% of floor | peak GiB | KV GiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in shape["rows"]:
-        gpu = "-" if r["gpu_ms_per_step"] is None else f"{r['gpu_ms_per_step']:.1f}" + ("" if r["gpu_timing_clean"] else "*")
+        gpu = "-" if r["gpu_ms_per_step"] is None else f"{r['gpu_ms_per_step']:.1f}" + ("" if r["gpu_timing"] == "events" else "*")
         vs = "-" if r["vs_baseline"] is None else f"{r['vs_baseline']:.2f}x"
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         print(f"| {r['name']} | {r['tokens_per_s']:.1f} | {vs} | {r['ms_per_step']:.2f} | {r['host_ms_per_step']:.2f} | "
               f"{gpu} | {r['floor_ms']:.2f} | {r['floor_pct']:.0f} % | {peak} | {r['kv_gib']:.2f} |")
+    if any(r["gpu_timing"] == "profiler" for r in shape["rows"]):
+        print("\n* summed kernel time from the profiler: the step synchronizes with the device, so events around "
+              "queued steps would time the host too")
     for key, why in shape["skipped"].items():
         print(f"skipped {key}: {why}")
     for r in shape["rows"]:
@@ -754,7 +867,8 @@ def print_table(shape: dict, bandwidth: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="BATCHxCONTEXT[,...] (default: %(default)s)")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
+                        help="BATCHxCONTEXT[,...] (default: %(default)s); 'none': only the max-batch search")
     parser.add_argument("--rows", default=DEFAULT_ROWS, help="rows to run, comma-separated (default: %(default)s); "
                         "also int2, int8-reference")
     parser.add_argument("--steps", type=int, default=64, help="decode steps per timed round")
@@ -769,6 +883,9 @@ def main() -> None:
     parser.add_argument("--max-batch-budget-s", type=float, default=120.0, help="seconds per path for the search")
     parser.add_argument("--reserve-gib", type=float, default=6.0,
                         help="device memory kept free when packing rows into one group")
+    parser.add_argument("--layers", type=int, default=0, help="decoder layers (default: the model's; fewer to try the script)")
+    parser.add_argument("--hold-gib", type=float, default=0.0,
+                        help="device memory held for the whole run (to try grouping and max-batch on a smaller card)")
     parser.add_argument("--quick", action="store_true",
                         help="one shape (the first), 16 steps, no reference row, no max-batch search")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU (a smoke test of this script)")
@@ -778,7 +895,7 @@ def main() -> None:
     if args.steps < 1 or args.rounds < 1 or args.reference_steps < 1 or args.gpu_steps < 1:
         parser.error("--steps, --rounds, --reference-steps and --gpu-steps must be at least 1")
     try:
-        shapes = parse_shapes(args.shapes)
+        shapes = [] if args.shapes == "none" else parse_shapes(args.shapes)
     except ValueError as error:
         parser.error(str(error))
     rows_known = catalog(args.extra)
@@ -811,6 +928,7 @@ def main() -> None:
         gpu=torch.cuda.get_device_name() if bench.device == "cuda" else "cpu",
         torch=torch.__version__, transformers=transformers.__version__, triton=_version("triton"),
         command="PYTHONPATH=src python " + " ".join(sys.argv), steps=args.steps, rounds=args.rounds,
+        layers=bench.config.num_hidden_layers, hold_gib=args.hold_gib,
         copy_bandwidth_bytes_per_s=bench.bandwidth, weights_gib=bench.weights / GIB,
         weights_read_gib=bench.weights_read / GIB,
         total_memory_gib=torch.cuda.mem_get_info()[1] / GIB if bench.device == "cuda" else None,
@@ -838,8 +956,8 @@ def main() -> None:
         save()
         print(f"\nlargest batch that decodes at {args.max_batch_context} context (measured):")
         for path, found in result["max_batch"].items():
-            if "skipped" in found:
-                print(f"- {path}: skipped: {found['skipped']}")
+            if "skipped" in found or "error" in found:
+                print(f"- {path}: not measured: {found.get('skipped') or found['error']}")
             else:
                 exact = "" if found["exact"] else f" (search stopped; fails at {found['fails_at']})"
                 ratio = f", {found['vs_full']:.2f}x full" if "vs_full" in found else ""
