@@ -1,39 +1,73 @@
 """End-to-end decode speed and memory of a Llama-3-8B-shaped model with random bf16 weights.
 
-    PYTHONPATH=src python benchmarks/decode_e2e.py [--batch 8] [--context 32768] [--out decode_e2e.json]
+    PYTHONPATH=src python benchmarks/decode_e2e.py [--shapes 8x32768,1x131072,32x8192] [--rows ...]
+        [--max-batch full,int8,int4] [--quick] [--out decode_e2e.json]
 
-The caches are filled directly with random data (no prefill: a 32k prefill at batch 8 would
-take most of the time budget and measures nothing about decode). Then ``--steps`` greedy
-decode steps run through ``model(...)`` (the same forward ``generate()`` calls each step),
-timed with CUDA synchronization; tokens/s = batch * steps / seconds of the median of ``--rounds``
-rounds. All caches are filled first and take turns, one round each (the host's speed bounds these
-steps and drifts; taking turns spreads a slow stretch over every row); the slow reference row runs
-alone at the end. The default 64 steps include the evictions a long decode pays (a block of 32
-tokens leaves the int8 window every 32 steps, 64 for int4). "host ms" is the time the Python side
-took to issue a step's work; when it is close to the step's wall time, the step waits on the host,
-not on the GPU. Rows:
+Every speed claim is measured against the strongest full-cache path a transformers user can pick
+today: ``StaticCache`` + ``attn_implementation="flex_attention"`` with the decode step under
+``torch.compile(mode="reduce-overhead")`` (row ``static-flex``). It cannot use ``fullgraph``:
+dynamo does not trace the ``warnings.warn`` inside ``create_block_mask``, so the mask is built
+between two captured graphs (the graph breaks are listed in the results). Rows (``--rows``):
 
-- ``full``: transformers' ``DynamicCache`` + SDPA (what ``generate()`` uses by default);
-- ``quant int8`` / ``quant int4`` + ``attn_implementation="selkv"``: the fused kernel;
-- ``quant int8 (reference)``: the same cache + SDPA, i.e. dequantize + SDPA every step;
-- ``hf-quanto:bits=4``: only if optimum-quanto is installed on the machine;
-- ``--extra SPEC``: more selkv specs with the fused kernel (e.g. other key layouts or groups).
+- ``static-flex``: ``StaticCache`` + flex_attention + compile: the baseline of every "vs" column;
+- ``static-sdpa``: ``StaticCache`` + sdpa + compile (sdpa gets a mask from a static cache, so
+  transformers expands K/V per query head before it);
+- ``dynamic``: ``DynamicCache`` + sdpa, eager (what ``generate()`` does by default);
+- ``int8`` / ``int4``: selkv's dynamic cache + ``attn_implementation="selkv"``, eager;
+- ``int8-captured`` / ``int4-captured`` / ``int2-captured``: selkv's static cache, the decode step
+  captured (``selkv.compile_decode_step``); skipped with a note where that API is missing;
+- ``int8-reference``: selkv int8 + sdpa (dequantize the middle every step), run alone, few steps;
+- ``--extra SPEC``: more selkv specs, eager with the fused kernel.
 
-The largest batch that fits at the context length is *computed*, not tried: GPU memory minus
-the model's weights, over the KV bytes each sequence needs (measured from the cache tensors
-with ``selkv.kv_bytes``) plus the per-sequence decode transients measured here.
+Caches are filled directly with random data (a 32k prefill at batch 8 measures nothing about
+decode). All rows of a shape are filled first and take turns, one round of ``--steps`` greedy steps
+each, ``--rounds`` times (the host's speed bounds the eager steps and drifts; taking turns spreads a
+slow stretch over every row). When the rows do not fit in device memory together, they run in
+groups, one after the other; the baseline stays and takes part in every group, so every row's
+"vs" ratio is the median of its per-round ratios to the baseline round run next to it. The full
+and the captured caches are set back to the context length before each round (each round decodes
+the same positions, evictions included); the eager selkv caches keep growing by ``--steps`` per round.
+
+Per row: tokens/s (batch x steps / seconds of the median round), ms/step, host ms/step (the time
+Python took to issue a step: near ms/step means the step waits on the host), GPU ms/step (CUDA
+events around ``--gpu-steps`` steps queued behind a sleeping kernel, so the GPU never waits for
+the host; where a step synchronizes with the device, so the queueing cannot run ahead, the summed
+kernel time from ``torch.profiler`` instead, marked ``*``), the byte floor (weights read + KV bytes
+held for the context, over the device-to-device copy bandwidth measured at the start of the run,
+read + write bytes), the % of that floor reached, and the peak device memory of the row alone
+(``torch.cuda.max_memory_allocated`` around its fill, warm-up and rounds, minus what the other rows
+held: weights + its own cache + its transients). Weights read exclude the embedding table (a lookup
+reads ``batch`` rows of it).
+
+``--max-batch`` measures the largest batch that runs one decode step at ``--max-batch-context``
+without running out of device memory: real caches, really filled, one real step, a search
+starting from the estimate (memory left after the weights over one sequence's allocated cache bytes),
+all memory freed between probes, stopped after ``--max-batch-budget-s`` seconds per path (then the
+bounds found so far are reported). The steps are compiled without CUDA graphs (a capture that runs
+out of memory leaves the graph tree unusable): the full cache's ``static-flex`` step with a dynamic
+batch dimension (one compile for every probe; one compile per probe where that fails), selkv's
+captured step where it exists, else its eager fused step.
+
+``--quick``: the first shape, 16 steps, no reference row, no max-batch search. ``--shapes none``:
+only the max-batch search. ``--layers N`` and ``--hold-gib G`` try the script on fewer layers and
+a "smaller card".
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
+import gc
+import importlib
 import importlib.util
+import inspect
 import json
-import math
 import os
 import sys
 import time
+import traceback
 
 import torch
 from tqdm.auto import tqdm
@@ -42,7 +76,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import selkv  # noqa: E402,F401  (registers attn_implementation="selkv")
 from selkv import kv_bytes, make_cache  # noqa: E402
-from selkv.models import forward_with_cache  # noqa: E402
+from selkv.models import cache_kwarg  # noqa: E402
 
 LLAMA3_8B = dict(
     hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -50,6 +84,12 @@ LLAMA3_8B = dict(
 )
 TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=256, vocab_size=512, max_position_embeddings=4096)
+SPECS = {bits: f"quant:bits={bits},sink=4,window=124" for bits in (8, 4, 2)}
+DEFAULT_SHAPES = "8x32768,1x131072,32x8192"
+# the headline comparison first: rows are packed into memory groups in this order
+DEFAULT_ROWS = "static-flex,int8-captured,int4-captured,int2-captured,static-sdpa,dynamic,int8,int4"
+BASELINES = ("static-flex", "static-sdpa", "dynamic")  # strongest first: the first that ran is the "vs" column
+GIB = 2**30
 
 
 def build_model(shape: dict, device: str, dtype: torch.dtype):
@@ -67,20 +107,62 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
     return model.eval()
 
 
+def _kv_shape(config) -> tuple[int, int]:
+    return config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+
+
+def full_kv_bytes(config, batch: int, tokens: int, element_size: int = 2) -> int:
+    """Bytes of 16-bit keys + values for ``tokens`` positions of every layer."""
+    heads, head_dim = _kv_shape(config)
+    return 2 * batch * tokens * config.num_hidden_layers * heads * head_dim * element_size
+
+
 def fill_full(cache, config, batch: int, context: int, device, dtype) -> None:
-    heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    heads, head_dim = _kv_shape(config)
     for layer_idx in range(config.num_hidden_layers):
         keys = torch.randn(batch, heads, context, head_dim, device=device, dtype=dtype)
         cache.update(keys, torch.randn_like(keys), layer_idx)
+
+
+def fill_static(cache, config, batch: int, context: int, device, dtype) -> None:
+    """Allocate a ``StaticCache`` (one-token update per layer) and write random keys/values for ``context`` positions.
+
+    Written in place, so that filling needs no memory beyond the cache (the max-batch probe runs close to the limit).
+    """
+    heads, head_dim = _kv_shape(config)
+    first = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
+    for layer_idx in range(config.num_hidden_layers):
+        cache.update(first, first, layer_idx, cache_kwargs={"cache_position": torch.arange(1, device=device)})
+    for layer in cache.layers:
+        layer.keys[:, :, :context].normal_()
+        layer.values[:, :, :context].normal_()
+    rewind(cache, context)
+
+
+def rewind(cache, length: int) -> None:
+    """Set a full cache back to ``length`` positions (transformers' static layers count them in a device tensor)."""
+    from transformers import DynamicCache
+
+    if isinstance(cache, DynamicCache):
+        extra = cache.get_seq_length() - length
+        if extra > 0:
+            cache.crop(-extra)  # a negative count removes tokens in every transformers 5 release
+        return
+    for layer in cache.layers:
+        counted = getattr(layer, "cumulative_length", None)
+        if isinstance(counted, torch.Tensor):
+            counted.fill_(length)
+        elif counted is not None:
+            layer.cumulative_length = length
 
 
 def fill_selective(cache, config, batch: int, context: int, device, dtype, room: int = 256) -> None:
     """Write random sink, middle (codes + scales) and window into every layer's storage.
 
     The middle gets spare capacity for ``room`` more tokens, so that the timed steps' evictions
-    append without the store doubling.
+    append without the store growing.
     """
-    heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    heads, head_dim = _kv_shape(config)
     for layer in cache.layers:
         sink, window, block = layer.num_sink_tokens, layer.window_length, layer.block_length
         num_stored = (context - sink - window) // block * block
@@ -107,160 +189,788 @@ def fill_selective(cache, config, batch: int, context: int, device, dtype, room:
         layer.cumulative_length = context
 
 
-class Decoder:
-    """Greedy decode steps of ``model`` over one filled cache; ``round`` times ``steps`` of them."""
+class Unavailable(Exception):
+    """A row that cannot run on this machine or with this selkv; the message says why."""
 
-    def __init__(self, model, cache, attention: str, batch: int):
-        self.model, self.cache, self.attention = model, cache, attention
-        self.tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=model.device)
+
+def _takes_cache_position(model) -> bool:
+    """transformers before 5.24 takes positions as ``cache_position``; 5.24 reads them from the cache."""
+    return "cache_position" in inspect.signature(model.forward).parameters
+
+
+def decode_step(model, positions: bool = False):
+    """``step(tokens [batch, 1], cache, position [1]) -> logits [batch, vocab]`` through ``model(...)``.
+
+    With ``positions`` the position goes in as ``cache_position`` where the model takes one (a rewound
+    ``StaticCache`` must not count its positions from its contents); else the call is the one
+    ``generate()`` makes, and the model reads positions from the cache.
+    """
+    with_position = positions and _takes_cache_position(model)
+    name = cache_kwarg(model)  # looked up here: inside a compiled step the lookup's side effect forces a recompile
+
+    def step(tokens, cache, position):
+        extra = {"cache_position": position} if with_position else {}
+        return model(input_ids=tokens, use_cache=True, logits_to_keep=1, **{name: cache}, **extra).logits[:, -1]
+
+    return step
+
+
+def fill_static_selective(cache, config, batch: int, context: int, device, dtype) -> None:
+    """Write random sink, middle and window into a static selkv cache's storage; set its device lengths to ``context``.
+
+    The middle rows past ``num_stored`` and the ring slots past the window are never read, so only the lengths
+    say how many tokens the cache holds.
+    """
+    from selkv.layers.sink_window import _MIDDLE
+
+    heads, head_dim = _kv_shape(config)
+    probe = torch.zeros(batch, heads, 1, head_dim, device=device, dtype=dtype)
+    for layer in cache.layers:
+        layer.lazy_initialization(probe, probe)
+        sink, window, block = layer.sink_capacity, layer.window_length, layer.block_length
+        num_stored = (context - sink - window) // block * block
+        num_recent = context - sink - num_stored
+        if num_stored + block > layer.middle_capacity or num_recent > layer.ring_length:
+            raise ValueError(f"context {context} does not fit a static cache of max_cache_len={layer.max_cache_len}")
+        for tensor in (layer.sink_keys, layer.sink_values, layer.recent_keys, layer.recent_values):
+            tensor.normal_()
+        for name in _MIDDLE:
+            tensor = getattr(layer, name, None)
+            if tensor is None:
+                continue
+            if not tensor.is_floating_point():
+                tensor.random_(0, 256)
+            elif "scale" in name:
+                tensor.uniform_(0.01, 0.03)
+            else:
+                tensor.uniform_(-1.0, 0.0)
+        layer.lengths.copy_(torch.tensor([sink, num_stored, num_recent, 0], dtype=layer.lengths.dtype))
+        layer.cumulative_length.fill_(context)
+
+
+def captured_selkv(model, spec: str, batch: int, context: int, room: int, device, dtype, graphs: bool = True):
+    """selkv's static cache filled to ``context`` + its captured decode step + how to rewind it.
+
+    Returns ``(cache, step(tokens, cache, position), rewind())``; ``rewind`` puts the device lengths back
+    to ``context`` (rows written past them are never read). The one place that knows the static cache's
+    API (``make_cache(..., max_cache_len=N)``, ``selkv.compile_decode_step``, the layers' device lengths).
+    ``graphs=False`` compiles without CUDA graphs.
+    """
+    if not hasattr(selkv, "compile_decode_step"):
+        raise Unavailable("this selkv has no static cache / compile_decode_step yet")
+    model.set_attn_implementation("selkv")
+    cache = make_cache(spec, model.config, max_cache_len=context + room)
+    fill_static_selective(cache, model.config, batch, context, device, dtype)
+    start = [(layer.lengths.clone(), layer.cumulative_length.clone()) for layer in cache.layers]
+
+    def rewind_lengths() -> None:
+        for layer, (lengths, seen) in zip(cache.layers, start):
+            layer.lengths.copy_(lengths)
+            layer.cumulative_length.copy_(seen)
+
+    compiled = selkv.compile_decode_step(model, mode="reduce-overhead" if device == "cuda" and graphs else None)
+    return cache, lambda tokens, cache, position: compiled(tokens, cache), rewind_lengths
+
+
+def compile_step(model, mode: str | None, dynamic: bool | None):
+    """``decode_step(model)`` under ``torch.compile`` (no ``fullgraph``: flex's mask builder breaks the graph)."""
+    options = dict(mode=mode) if mode else {}
+    return torch.compile(decode_step(model, positions=True), dynamic=dynamic, **options)
+
+
+def graph_breaks() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return dict(counters["graph_break"])
+
+
+class Decoder:
+    """Greedy decode steps of ``model`` over one filled cache; ``round`` times ``steps`` of them.
+
+    ``step(tokens, cache, position)`` returns logits ``[batch, vocab]``. ``rewind()`` (or None) sets the
+    cache back to where it started before each round, so that every round decodes the same positions;
+    ``captured`` steps begin a new CUDA-graph step each call.
+    """
+
+    def __init__(self, model, cache, step, attention: str, batch: int, rewind=None, captured: bool = False):
+        self.model, self.cache, self.step, self.attention = model, cache, step, attention
+        self.rewind, self.captured = rewind, captured
+        device = model.device
+        self.tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+        self.start_position = int(cache.get_seq_length())
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.cuda = device.type == "cuda"
+        self._start_round()
+
+    def _start_round(self) -> None:
+        if self.rewind is not None:
+            self.rewind()
+            self.position.fill_(self.start_position)
+        else:
+            self.position.fill_(int(self.cache.get_seq_length()))
 
     def _sync(self) -> None:
-        if self.model.device.type == "cuda":
+        if self.cuda:
             torch.cuda.synchronize()
+
+    def _one_step(self) -> None:
+        if self.captured:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self.step(self.tokens, self.cache, self.position)
+        self.tokens = logits.argmax(-1, keepdim=True)
+        self.position.add_(1)
 
     @torch.no_grad()
     def round(self, steps: int) -> dict:
         """Seconds for ``steps`` steps, host seconds spent issuing them, bytes allocated on top of the start."""
         self.model.set_attn_implementation(self.attention)
-        cuda = self.model.device.type == "cuda"
+        self._start_round()
         self._sync()
-        if cuda:
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() if cuda else 0
+        before = torch.cuda.memory_allocated() if self.cuda else 0
         host = 0.0
         start = time.perf_counter()
         for _ in range(steps):
             issued = time.perf_counter()
-            logits = forward_with_cache(self.model, self.cache, self.tokens, logits_to_keep=1).logits
-            self.tokens = logits[:, -1].argmax(-1, keepdim=True)
+            self._one_step()
             host += time.perf_counter() - issued
         self._sync()
         seconds = time.perf_counter() - start
-        transient = torch.cuda.max_memory_allocated() - before if cuda else 0
+        transient = torch.cuda.max_memory_allocated() - before if self.cuda else 0
         return dict(seconds=seconds, host_seconds=host, transient=transient)
 
+    @torch.no_grad()
+    def gpu_ms(self, steps: int, host_ms: float, cycles_per_ms: float) -> tuple[float, str]:
+        """Device ms per step, and how it was measured.
 
-def speedup(row: dict, full: dict) -> float:
-    """tokens/s over the full cache's: the median of the per-round ratios when both took turns (each
-    round's pair ran back to back, so host drift cancels), else the ratio of the medians."""
-    if row["rounds"] == full["rounds"] > 1:
-        ratios = sorted(a / b for a, b in zip(row["round_tokens_per_s"], full["round_tokens_per_s"]))
+        ``events``: CUDA events around ``steps`` steps queued behind a sleeping kernel (events around steps
+        issued one after the other time the host too when the host is the bound). When the host had not
+        queued every step before the sleep ended (a step that synchronizes with the device),
+        ``profiler``: the summed device time of the kernels the profiler saw, over the same steps.
+        """
+        self.model.set_attn_implementation(self.attention)
+        self._start_round()
+        self._sync()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(cycles_per_ms * (2 * host_ms * steps + 50)))
+        begin.record()
+        for _ in range(steps):
+            self._one_step()
+        end.record()
+        clean = not begin.query()  # still asleep when the last step was queued
+        self._sync()
+        if clean:
+            return begin.elapsed_time(end) / steps, "events"
+        self._start_round()
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as profile:
+            for _ in range(steps):
+                self._one_step()
+            self._sync()
+        device_us = sum(getattr(e, "self_device_time_total", 0) for e in profile.key_averages())
+        return device_us / 1000 / steps, "profiler"
+
+def sleep_cycles_per_ms() -> float:
+    """Clock cycles of ``torch.cuda._sleep`` per millisecond on this device."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 20_000_000
+    torch.cuda._sleep(cycles)  # warm-up
+    begin.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize()
+    return cycles / begin.elapsed_time(end)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), median of 10 copies of 2 GiB."""
+    size = 2 * GIB if device == "cuda" else 64 * 2**20
+    source = torch.randint(0, 255, (size,), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    times = []
+    for i in range(12):
+        if device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            target.copy_(source)
+            end.record()
+            torch.cuda.synchronize()
+            seconds = begin.elapsed_time(end) / 1000
+        else:
+            start = time.perf_counter()
+            target.copy_(source)
+            seconds = time.perf_counter() - start
+        if i >= 2:
+            times.append(seconds)
+    del source, target
+    return 2 * size / sorted(times)[len(times) // 2]
+
+
+def weights_read(model) -> int:
+    """Bytes of the weights one decode step reads: all of them but the embedding table (a lookup reads ``batch`` rows)."""
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding or tied)
+
+
+def free_bytes() -> int:
+    """Device memory a new allocation can still take (free + held by the caching allocator but unused)."""
+    return torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
+
+def release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclasses.dataclass
+class RowKind:
+    key: str
+    name: str
+    kind: str  # "static", "dynamic", "selkv", "captured", "reference"
+    attention: str
+    spec: str = "full"
+
+    @property
+    def compiled(self) -> bool:
+        return self.kind in ("static", "captured")
+
+    def estimate_bytes(self, config, batch: int, context: int) -> int:
+        """Rough device bytes of this row's cache (for packing rows into groups that fit)."""
+        full = full_kv_bytes(config, batch, context)
+        if self.kind in ("static", "dynamic"):
+            return full
+        bits = int(self.spec.split("bits=")[1].split(",")[0]) if "bits=" in self.spec else 16
+        return int(full * (bits + 1.5) / 16)
+
+
+def catalog(extra: list[str]) -> dict[str, RowKind]:
+    rows = [
+        RowKind("static-flex", "StaticCache + flex_attention + compile", "static", "flex_attention"),
+        RowKind("static-sdpa", "StaticCache + sdpa + compile", "static", "sdpa"),
+        RowKind("dynamic", "DynamicCache + sdpa, eager", "dynamic", "sdpa"),
+    ]
+    for bits in (8, 4, 2):
+        rows.append(RowKind(f"int{bits}", f"selkv int{bits}, eager (fused kernel)", "selkv", "selkv", SPECS[bits]))
+        rows.append(RowKind(f"int{bits}-captured", f"selkv int{bits}, captured", "captured", "selkv", SPECS[bits]))
+    rows.append(RowKind("int8-reference", "selkv int8 + sdpa (dequantize every step)", "reference", "sdpa", SPECS[8]))
+    rows += [RowKind(spec, f"{spec}, eager (fused kernel)", "selkv", "selkv", spec) for spec in extra]
+    return {row.key: row for row in rows}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        try:
+            batch, context = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"shape {item!r} is not BATCHxCONTEXT (e.g. 8x32768)") from None
+        if batch < 1 or context < 1:
+            raise ValueError(f"shape {item!r}: batch and context must be at least 1")
+        shapes.append((batch, context))
+    return shapes
+
+
+def speedup(row: dict, base: dict) -> float:
+    """tokens/s over the baseline's: the median of the ratios of rounds run next to each other (same round id:
+    each pair ran back to back, so host drift cancels), else the ratio of the medians."""
+    ids = row.get("round_ids") or list(range(len(row["round_tokens_per_s"])))
+    base_ids = base.get("round_ids") or list(range(len(base["round_tokens_per_s"])))
+    paired = dict(zip(base_ids, base["round_tokens_per_s"]))
+    if row["rounds"] > 1 and all(i in paired for i in ids):
+        ratios = sorted(t / paired[i] for i, t in zip(ids, row["round_tokens_per_s"]))
         return ratios[len(ratios) // 2]
-    return row["tokens_per_s"] / full["tokens_per_s"]
+    return row["tokens_per_s"] / base["tokens_per_s"]
+
+
+def search_max_batch(fits, guess: int, out_of_time) -> dict:
+    """The largest batch ``fits(batch)`` accepts, searched from ``guess``: step outwards (doubling the step)
+    until both sides are found, then bisect. ``out_of_time()`` stops early; the bounds found so far come back.
+
+    Returns ``max_batch`` (the largest batch seen to fit, 0 if none), ``fails_at`` (smallest seen to fail, or
+    None), ``exact`` (they are adjacent) and ``probes`` (``[batch, fits]`` in order).
+    """
+    probes, lo, hi = [], 0, None
+    batch, step = max(1, guess), 1
+    while not (hi is not None and hi == lo + 1) and not out_of_time():
+        ok = fits(batch)
+        probes.append([batch, ok])
+        if ok:
+            lo = max(lo, batch)
+        else:
+            hi = batch if hi is None else min(hi, batch)
+        if hi is None:  # no failure yet: look higher
+            batch, step = lo + step, step * 2
+        elif lo == 0 and hi > 1:  # no success yet: look lower
+            batch, step = max(1, hi - step), step * 2
+        elif hi == 1:
+            break
+        else:
+            batch = (lo + hi) // 2
+    return dict(max_batch=lo, fails_at=hi, exact=hi is not None and hi == lo + 1, probes=probes)
+
+
+def failure(error: BaseException) -> str:
+    """One line for a row that failed (the traceback goes to stderr, for whoever reads the log)."""
+    traceback.print_exception(error, file=sys.stderr)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"failed: {type(error).__name__}: {first}"[:300]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower()
+
+
+class Bench:
+    """One process's runs: the model, the measured copy bandwidth and the rows' caches."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = "cpu" if args.tiny else "cuda"
+        self.dtype = torch.float32 if args.tiny else torch.bfloat16
+        shape = dict(TINY if args.tiny else LLAMA3_8B)
+        if args.layers:
+            shape["num_hidden_layers"] = args.layers
+        self.model = build_model(shape, self.device, self.dtype)
+        self.config = self.model.config
+        self.weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.weights_read = weights_read(self.model)
+        self.bandwidth = copy_bandwidth(self.device)
+        self.cycles_per_ms = sleep_cycles_per_ms() if self.device == "cuda" else 0.0
+        self.compile_ok = self.device == "cuda" or args.compile_on_cpu
+        # memory held for the whole run, to try the grouping and the max-batch search on a "smaller card"
+        self.ballast = torch.empty(int(args.hold_gib * GIB), dtype=torch.uint8, device=self.device) if args.hold_gib else None
+        torch._dynamo.config.cache_size_limit = 64  # every row and shape is one more specialization of the step
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = 64
+
+    # -- building rows ---------------------------------------------------------------------------------------
+    def room(self) -> int:
+        """Positions a cache needs past the context: warm-up, every round, the GPU-timing steps."""
+        a = self.args
+        return 4 + a.rounds * max(a.steps, a.reference_steps) + a.gpu_steps + 2
+
+    def check_runnable(self, row: RowKind) -> None:
+        if row.attention == "flex_attention" and self.device != "cuda":
+            raise Unavailable("needs CUDA (flex_attention does not compile for this model on CPU)")
+        if row.compiled and not self.compile_ok:
+            raise Unavailable("needs CUDA (reduce-overhead captures CUDA graphs; --compile-on-cpu compiles on CPU)")
+        if row.kind == "captured" and not hasattr(selkv, "compile_decode_step"):
+            raise Unavailable("this selkv has no static cache / compile_decode_step yet")
+
+    def make_decoder(self, row: RowKind, batch: int, context: int, shared: dict) -> Decoder:
+        """Build and fill ``row``'s cache and return its Decoder (not warmed up yet)."""
+        model, config, device, dtype = self.model, self.config, self.device, self.dtype
+        model.set_attn_implementation(row.attention)
+        if row.kind == "static":
+            from transformers import StaticCache
+
+            cache = shared.get("static")
+            if cache is None:  # the static rows share one cache (they are the same storage, read two ways)
+                cache = StaticCache(config=config, max_cache_len=context + self.room())
+                fill_static(cache, config, batch, context, device, dtype)
+                shared["static"] = cache
+            step = compile_step(model, "reduce-overhead" if device == "cuda" else None, False)
+            return Decoder(model, cache, step, row.attention, batch, rewind=lambda: rewind(cache, context),
+                           captured=device == "cuda")
+        if row.kind == "captured":
+            cache, step, rewind_lengths = captured_selkv(model, row.spec, batch, context, self.room(), device, dtype)
+            return Decoder(model, cache, step, row.attention, batch, rewind=rewind_lengths, captured=device == "cuda")
+        cache = make_cache(row.spec, config)
+        if row.kind == "dynamic":
+            fill_full(cache, config, batch, context, device, dtype)
+            return Decoder(model, cache, decode_step(model), row.attention, batch, rewind=lambda: rewind(cache, context))
+        fill_selective(cache, config, batch, context, device, dtype, self.room())
+        assert all(layer.fused_decode == (row.attention == "selkv") for layer in cache.layers)
+        return Decoder(model, cache, decode_step(model), row.attention, batch)
+
+    def start(self, row: RowKind, batch: int, context: int, shared: dict) -> tuple[Decoder, dict]:
+        """A filled, warmed-up Decoder and what its start cost: seconds, compile seconds, graph breaks, own bytes."""
+        cuda = self.device == "cuda"
+        base = torch.cuda.memory_allocated() if cuda else 0
+        shared_before = shared.get("static")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        breaks = graph_breaks()
+        started = time.perf_counter()
+        decoder = self.make_decoder(row, batch, context, shared)
+        filled = time.perf_counter()
+        first = decoder.round(1)  # compiles
+        decoder.round(2)  # CUDA-graph rows record on the second call and replay from the third
+        info = dict(fill_s=filled - started, first_step_s=first["seconds"])
+        new_breaks = {k: v - breaks.get(k, 0) for k, v in graph_breaks().items() if v != breaks.get(k, 0)}
+        info["graph_breaks"] = new_breaks
+        reused = 0  # a cache another row filled counts for this row too
+        if shared_before is not None and decoder.cache is shared_before:
+            reused = sum(t.numel() * t.element_size() for layer in decoder.cache.layers for t in (layer.keys, layer.values))
+        info["held_bytes"] = (torch.cuda.memory_allocated() - base + reused) if cuda else 0
+        info["start_peak_bytes"] = (torch.cuda.max_memory_allocated() - base + reused) if cuda else 0
+        return decoder, info
+
+    # -- one shape -------------------------------------------------------------------------------------------
+    def run_shape(self, batch: int, context: int, rows: list[RowKind]) -> dict:
+        """Every row of ``rows`` at ``batch`` x ``context``: rounds taken in turn, in groups that fit in memory."""
+        args, cuda = self.args, self.device == "cuda"
+        notes, results, skipped, runnable = [], {}, {}, []
+        for row in rows:
+            try:
+                self.check_runnable(row)
+                runnable.append(row)
+            except Unavailable as why:
+                skipped[row.key] = str(why)
+        shared: dict = {}  # the static rows read one StaticCache
+        baseline = base_decoder = None
+        for candidate in [row for key in BASELINES for row in runnable if row.key == key]:
+            try:
+                base_decoder, info = self.start(candidate, batch, context, shared)
+            except Exception as error:  # the next strongest full path becomes the baseline
+                skipped[candidate.key] = failure(error)
+                shared.clear()
+                release()
+                continue
+            baseline = candidate
+            results[baseline.key] = dict(info=info, timings=[], ids=[], gpu=[], kv=None)
+            break
+        pending = [row for row in runnable if row is not baseline and row.key not in skipped and row.kind != "reference"]
+        group = 0
+        while pending or group == 0:
+            members = [(baseline, base_decoder)] if baseline is not None else []
+            while pending:
+                row = pending[0]
+                need = 0 if row.kind == "static" and "static" in shared else row.estimate_bytes(self.config, batch, context)
+                alone = len(members) == (baseline is not None)
+                if cuda and not alone and need + args.reserve_gib * GIB > free_bytes():
+                    break  # the next group takes it
+                try:
+                    decoder, info = self.start(row, batch, context, shared)
+                except Unavailable as why:
+                    skipped[pending.pop(0).key] = str(why)
+                    continue
+                except Exception as error:  # out of memory: a group of its own, or skipped if alone already
+                    release()
+                    if not is_out_of_memory(error):
+                        skipped[pending.pop(0).key] = failure(error)
+                        continue
+                    if alone:
+                        skipped[pending.pop(0).key] = "out of memory next to the baseline alone"
+                        continue
+                    notes.append(f"{row.key}: out of memory next to {[m[0].key for m in members]}: next group")
+                    break
+                pending.pop(0)
+                results[row.key] = dict(info=info, timings=[], ids=[], gpu=[], kv=None)
+                members.append((row, decoder))
+            if group > 0 and len(members) == 1 and baseline is not None:
+                break  # every row left was skipped: the baseline has had its rounds
+            for r in tqdm(range(args.rounds), desc=f"{batch}x{context} group {group}", disable=not args.progress):
+                for row, decoder in members:
+                    results[row.key]["timings"].append(decoder.round(args.steps))
+                    results[row.key]["ids"].append(f"{group}.{r}")
+            for row, decoder in members:
+                if cuda and not results[row.key]["gpu"]:
+                    host_ms = 1000 * max(t["host_seconds"] for t in results[row.key]["timings"]) / args.steps
+                    results[row.key]["gpu"].append(decoder.gpu_ms(args.gpu_steps, host_ms, self.cycles_per_ms))
+                if row.kind not in ("static", "dynamic"):
+                    results[row.key]["kv"] = kv_bytes(decoder.cache)
+            if baseline is None or baseline.kind != "static":
+                shared.pop("static", None)
+            members = decoder = None  # frees every cache but the baseline's
+            release()
+            group += 1
+        base_decoder = None
+        shared.clear()
+        release()
+        for row in runnable:  # the slow reference rows run alone, few steps
+            if row.kind == "reference":
+                try:
+                    decoder, info = self.start(row, batch, context, shared)
+                except Exception as error:
+                    skipped[row.key] = failure(error)
+                    release()
+                    continue
+                timing = decoder.round(args.reference_steps)
+                results[row.key] = dict(info=info, timings=[timing], ids=["alone"], gpu=[], kv=kv_bytes(decoder.cache))
+                decoder = None
+                release()
+        table = [self.summarize(row, results[row.key], batch, context) for row in rows if row.key in results]
+        base_row = next((r for r in table if baseline is not None and r["key"] == baseline.key), None)
+        for r in table:
+            r["vs_baseline"] = speedup(r, base_row) if base_row else None
+        return dict(batch=batch, context=context, baseline=baseline.key if baseline else None,
+                    baseline_name=baseline.name if baseline else None, rows=table, groups=group,
+                    skipped=skipped, notes=notes)
+
+    def summarize(self, row: RowKind, result: dict, batch: int, context: int) -> dict:
+        timings = result["timings"]
+        steps = self.args.reference_steps if row.kind == "reference" else self.args.steps
+        median = sorted(timings, key=lambda t: -t["seconds"])[len(timings) // 2]  # by tokens/s, as speedup()
+        counted = result.get("kv")
+        if counted is None:  # full caches: 16-bit K/V of the context (what attention must read)
+            kv_read = full_kv_bytes(self.config, batch, context)
+            kv_held = full_kv_bytes(self.config, batch, context + self.room()) if row.kind == "static" else kv_read
+        else:
+            kv_read, kv_held = counted["total"], counted["allocated"]
+        floor_ms = 1000 * (self.weights_read + kv_read) / self.bandwidth
+        ms = 1000 * median["seconds"] / steps
+        info = result["info"]
+        transient = max(t["transient"] for t in timings)
+        peak = self.weights + max(info["start_peak_bytes"], info["held_bytes"] + transient)
+        gpu = sorted(result["gpu"])[len(result["gpu"]) // 2] if result["gpu"] else (None, None)
+        return dict(
+            key=row.key, name=row.name, spec=row.spec, attention=row.attention, compiled=row.compiled,
+            batch=batch, context=context, steps=steps, rounds=len(timings), round_ids=result["ids"],
+            seconds=median["seconds"], tokens_per_s=batch * steps / median["seconds"], ms_per_step=ms,
+            host_ms_per_step=1000 * median["host_seconds"] / steps,
+            gpu_ms_per_step=gpu[0], gpu_timing=gpu[1],
+            round_tokens_per_s=[batch * steps / t["seconds"] for t in timings],
+            kv_read_bytes=kv_read, weights_read_bytes=self.weights_read, floor_ms=floor_ms,
+            floor_pct=100 * floor_ms / ms, peak_gib=peak / GIB if self.device == "cuda" else None,
+            kv_gib=kv_read / GIB, kv_allocated_gib=kv_held / GIB if kv_held is not None else None,
+            fill_s=info["fill_s"], first_step_s=info["first_step_s"], graph_breaks=info["graph_breaks"],
+        )
+
+    # -- largest batch ---------------------------------------------------------------------------------------
+    def max_batch(self, paths: list[str], context: int, budget_s: float) -> dict:
+        """The measured largest batch per path (``full``, ``int8``, ``int4``, ``int2``) at ``context``."""
+        out = {}
+        if self.device != "cuda":
+            return {path: dict(skipped="needs CUDA (probes run out of device memory on purpose)") for path in paths}
+        for path in paths:
+            release()
+            started = time.perf_counter()
+            try:
+                notes: list[str] = []
+                fits, per_sequence, how = self._probe(path, context, notes)
+            except Unavailable as why:
+                out[path] = dict(skipped=str(why))
+                continue
+            guess = max(1, int((free_bytes() - 2 * GIB) // per_sequence))
+            try:
+                found = search_max_batch(fits, guess, lambda since=started: time.perf_counter() - since > budget_s)
+            except Exception as error:  # a probe failed for another reason than memory: say so, go on
+                out[path] = dict(error=failure(error))
+                print(f"max batch at {context}: {path}: probe failed: {out[path]['error']}", flush=True)
+                release()
+                continue
+            found.update(context=context, how=how, estimate=guess, seconds=time.perf_counter() - started,
+                         cache_bytes_per_sequence=per_sequence, notes=notes)
+            out[path] = found
+            print(f"max batch at {context}: {path}: {found['max_batch']} (fails at {found['fails_at']}, "
+                  f"probes {found['probes']}, {found['seconds']:.0f} s; {how})", flush=True)
+            release()
+        full = out.get("full", {}).get("max_batch")
+        for result in out.values():
+            if full and "max_batch" in result:
+                result["vs_full"] = result["max_batch"] / full
+        return out
+
+    def _probe(self, path: str, context: int, notes: list[str]):
+        """``fits(batch)`` for one path, the cache bytes of one sequence and how a probe runs."""
+        model, config, device, dtype = self.model, self.config, self.device, self.dtype
+        dynamic = {"batch": path == "full"}  # the full cache's step: one compile with a dynamic batch, if it works
+        if path == "full":
+            from transformers import StaticCache
+
+            steps = {True: compile_step(model, None, None), False: compile_step(model, None, False)}
+            how = "StaticCache + flex_attention, compiled without CUDA graphs, batch dimension dynamic (unless the notes say)"
+            per_sequence = full_kv_bytes(config, 1, context + 8)
+
+            def build(batch):
+                model.set_attn_implementation("flex_attention")
+                cache = StaticCache(config=config, max_cache_len=context + 8)
+                fill_static(cache, config, batch, context, device, dtype)
+                if dynamic["batch"]:
+                    for layer in cache.layers:
+                        torch._dynamo.mark_dynamic(layer.keys, 0)
+                        torch._dynamo.mark_dynamic(layer.values, 0)
+                return cache, steps[dynamic["batch"]]
+        else:
+            spec = SPECS[int(path.removeprefix("int"))]
+            if hasattr(selkv, "compile_decode_step"):
+                how = "selkv static cache, captured step compiled without CUDA graphs"
+
+                def build(batch):
+                    cache, step, _ = captured_selkv(model, spec, batch, context, 8, device, dtype, graphs=False)
+                    return cache, step
+            else:
+                how = "selkv dynamic cache, eager fused step (no captured step in this selkv)"
+
+                def build(batch):
+                    model.set_attn_implementation("selkv")
+                    cache = make_cache(spec, config)
+                    fill_selective(cache, config, batch, context, device, dtype, room=8)
+                    return cache, decode_step(model)
+
+            # the cache bytes of one sequence, as allocated, for the search's first guess
+            cache = build(1)[0]
+            per_sequence = kv_bytes(cache)["allocated"]
+            del cache
+            release()
+
+        def attempt(batch: int) -> bool | None:
+            """One probe: True (ran), False (out of memory), None (compile again without a dynamic batch)."""
+            try:
+                cache, step = build(batch)
+                tokens = torch.randint(0, config.vocab_size, (batch, 1), device=device)
+                if dynamic["batch"]:
+                    torch._dynamo.mark_dynamic(tokens, 0)
+                position = torch.full((1,), context, dtype=torch.long, device=device)
+                with torch.no_grad():
+                    step(tokens, cache, position).argmax(-1)
+                torch.cuda.synchronize()
+                return True
+            except Exception as error:
+                if is_out_of_memory(error):
+                    return False
+                if not dynamic["batch"]:
+                    raise
+                dynamic["batch"] = False
+                notes.append(f"a dynamic batch did not compile ({failure(error)}); one compile per probe instead")
+                return None
+
+        def fits(batch: int) -> bool:
+            ok = attempt(batch)  # its frame (the cache, the step's buffers) is gone once it returns
+            release()
+            if ok is None:
+                ok = attempt(batch)
+                release()
+            return ok
+
+        return fits, per_sequence, how
+
+
+def print_table(shape: dict, bandwidth: float) -> None:
+    base = shape["baseline_name"] or "none"
+    print(f"\nbatch {shape['batch']} x {shape['context']} context; vs = tokens/s over {base} "
+          f"(median of per-round ratios); floor at {bandwidth / 1e12:.2f} TB/s copy bandwidth\n")
+    print(f"| row | tokens/s | vs {shape['baseline'] or '-'} | ms/step | host ms/step | GPU ms/step | floor ms | "
+          f"% of floor | peak GiB | KV GiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in shape["rows"]:
+        gpu = "-" if r["gpu_ms_per_step"] is None else f"{r['gpu_ms_per_step']:.1f}" + ("" if r["gpu_timing"] == "events" else "*")
+        vs = "-" if r["vs_baseline"] is None else f"{r['vs_baseline']:.2f}x"
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        print(f"| {r['name']} | {r['tokens_per_s']:.1f} | {vs} | {r['ms_per_step']:.2f} | {r['host_ms_per_step']:.2f} | "
+              f"{gpu} | {r['floor_ms']:.2f} | {r['floor_pct']:.0f} % | {peak} | {r['kv_gib']:.2f} |")
+    if any(r["gpu_timing"] == "profiler" for r in shape["rows"]):
+        print("\n* summed kernel time from the profiler: the step synchronizes with the device, so events around "
+              "queued steps would time the host too")
+    for key, why in shape["skipped"].items():
+        print(f"skipped {key}: {why}")
+    for r in shape["rows"]:
+        if r["graph_breaks"]:
+            print(f"graph breaks, {r['key']}: {r['graph_breaks']}")
+    for note in shape["notes"]:
+        print(f"note: {note}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
+                        help="BATCHxCONTEXT[,...] (default: %(default)s); 'none': only the max-batch search")
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help="rows to run, comma-separated (default: %(default)s); "
+                        "also int2, int8-reference")
     parser.add_argument("--steps", type=int, default=64, help="decode steps per timed round")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per cache; the median counts")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per row; the median counts")
     parser.add_argument("--reference-steps", type=int, default=6, help="steps of the slow reference row")
+    parser.add_argument("--gpu-steps", type=int, default=4, help="steps queued behind a sleep for GPU ms/step")
     parser.add_argument("--extra", action="append", default=[], metavar="SPEC",
-                        help="another selkv spec to run with the fused kernel (repeatable)")
+                        help="another selkv spec to run eager with the fused kernel (repeatable)")
+    parser.add_argument("--max-batch", default="full,int8,int4",
+                        help="paths whose largest batch is measured (full,int8,int4,int2; 'none' to skip)")
+    parser.add_argument("--max-batch-context", type=int, default=32768)
+    parser.add_argument("--max-batch-budget-s", type=float, default=120.0, help="seconds per path for the search")
+    parser.add_argument("--reserve-gib", type=float, default=8.0,
+                        help="device memory kept free when packing rows into one group")
+    parser.add_argument("--layers", type=int, default=0, help="decoder layers (default: the model's; fewer to try the script)")
+    parser.add_argument("--hold-gib", type=float, default=0.0,
+                        help="device memory held for the whole run (to try grouping and max-batch on a smaller card)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one shape (the first), 16 steps, no reference row, no max-batch search")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU (a smoke test of this script)")
+    parser.add_argument("--compile-on-cpu", action="store_true", help="with --tiny: compile the static sdpa row too")
     parser.add_argument("--out", default="decode_e2e.json")
     args = parser.parse_args()
-    if args.steps < 1 or args.rounds < 1 or args.reference_steps < 1:
-        parser.error("--steps, --rounds and --reference-steps must be at least 1")
+    if args.steps < 1 or args.rounds < 1 or args.reference_steps < 1 or args.gpu_steps < 1:
+        parser.error("--steps, --rounds, --reference-steps and --gpu-steps must be at least 1")
+    try:
+        shapes = [] if args.shapes == "none" else parse_shapes(args.shapes)
+    except ValueError as error:
+        parser.error(str(error))
+    rows_known = catalog(args.extra)
+    wanted = [key for key in args.rows.split(",") if key] + [spec for spec in args.extra if spec not in args.rows]
+    unknown = [key for key in wanted if key not in rows_known]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(rows_known)}")
+    paths = [] if args.max_batch in ("", "none") else args.max_batch.split(",")
+    if any(p not in ("full", "int8", "int4", "int2") for p in paths):
+        parser.error(f"--max-batch takes full, int8, int4, int2 or none, not {args.max_batch!r}")
+    if args.quick:
+        shapes, args.steps, paths = shapes[:1], 16, []
+        wanted = [key for key in wanted if rows_known[key].kind != "reference"]
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("no CUDA device: run with --tiny for the CPU smoke test")
+    args.progress = not os.environ.get("SELKV_NO_PROGRESS")
 
-    device = "cpu" if args.tiny else "cuda"
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    model = build_model(TINY if args.tiny else LLAMA3_8B, device, dtype)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    total_memory = torch.cuda.mem_get_info()[1] if device == "cuda" else 0
-    runs = [  # (name, cache spec, attention)
-        ("full", "full", "sdpa"),
-        ("quant int8 (fused)", "quant:bits=8,sink=4,window=124", "selkv"),
-        ("quant int4 (fused)", "quant:bits=4,sink=4,window=124", "selkv"),
-        ("quant int8 (reference: dequantize + SDPA)", "quant:bits=8,sink=4,window=124", "sdpa"),
-    ] + [(f"{spec} (fused)", spec, "selkv") for spec in args.extra]
+    bench = Bench(args)
     notes = []
     if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):
         notes.append("hf-quanto:bits=4 skipped: a prefilled 32k QuantizedCache cannot be filled directly")
     else:
         notes.append("hf-quanto:bits=4 not run: optimum-quanto is not installed on this machine")
-    def start(spec: str, attention: str) -> Decoder:
-        model.set_attn_implementation(attention)
-        cache = make_cache(spec, model.config)
-        if spec == "full":
-            fill_full(cache, model.config, args.batch, args.context, device, dtype)
-        else:
-            room = 2 + args.rounds * max(args.steps, args.reference_steps)
-            fill_selective(cache, model.config, args.batch, args.context, device, dtype, room)
-        if spec != "full":
-            assert all(layer.fused_decode == (attention == "selkv") for layer in cache.layers)
-        decoder = Decoder(model, cache, attention, args.batch)
-        decoder.round(2)  # warm-up: compiles the kernels
-        return decoder
-
-    def row(name: str, spec: str, attention: str, steps: int, timings: list[dict], cache) -> dict:
-        median = sorted(timings, key=lambda t: -t["seconds"])[len(timings) // 2]  # by tokens/s, as speedup()
-        counted = kv_bytes(cache)
-        per_sequence = counted["total"] / args.batch
-        transient = max(t["transient"] for t in timings)
-        fits = math.floor((total_memory - weights) / (per_sequence + transient / args.batch)) if device == "cuda" else 0
-        result = dict(
-            name=name, spec=spec, attention=attention, steps=steps, rounds=len(timings), seconds=median["seconds"],
-            tokens_per_s=args.batch * steps / median["seconds"], ms_per_step=1000 * median["seconds"] / steps,
-            host_ms_per_step=1000 * median["host_seconds"] / steps,
-            round_tokens_per_s=[args.batch * steps / t["seconds"] for t in timings],
-            peak_gib=(weights + counted["allocated"] + transient) / 2**30, kv_gib=counted["total"] / 2**30,
-            kv_allocated_gib=counted["allocated"] / 2**30, kv_bytes_per_sequence=per_sequence, max_batch_computed=fits,
-        )
-        print(f"{name}: {result['tokens_per_s']:.1f} tokens/s (rounds: "
-              f"{', '.join(f'{t:.1f}' for t in result['round_tokens_per_s'])}), {result['ms_per_step']:.1f} ms/step, "
-              f"host {result['host_ms_per_step']:.1f} ms/step, peak {result['peak_gib']:.1f} GiB", flush=True)
-        return result
-
-    # The fused rows and the full cache take turns, one round each, so that a slow stretch of the
-    # host (whose speed bounds these steps) falls on all of them alike.
-    interleaved = [run for run in runs if "reference" not in run[0]]
-    decoders = [start(spec, attention) for _, spec, attention in tqdm(interleaved, desc="filling caches")]
-    timings = [[] for _ in interleaved]
-    for _ in tqdm(range(args.rounds), desc="rounds"):
-        for decoder, times in zip(decoders, timings):
-            times.append(decoder.round(args.steps))
-    rows = [row(*run, args.steps, times, decoder.cache) for run, times, decoder in zip(interleaved, timings, decoders)]
-    del decoders, decoder
-    torch.cuda.empty_cache() if device == "cuda" else None
-    for name, spec, attention in runs:
-        if "reference" in name:  # dequantize + SDPA: slow, run alone for a few steps
-            decoder = start(spec, attention)
-            rows.append(row(name, spec, attention, args.reference_steps, [decoder.round(args.reference_steps)],
-                            decoder.cache))
-            del decoder
-            torch.cuda.empty_cache() if device == "cuda" else None
-
-    full = rows[0]
-    for row in rows:
-        row["speedup_vs_full"] = speedup(row, full)
-        row["batch_ratio_vs_full"] = row["max_batch_computed"] / full["max_batch_computed"] if full["max_batch_computed"] else 0
+    print(f"copy bandwidth {bench.bandwidth / 1e12:.3f} TB/s (read + write); weights {bench.weights / GIB:.2f} GiB, "
+          f"read per step {bench.weights_read / GIB:.2f} GiB", flush=True)
     import transformers
 
     result = dict(
         date=datetime.date.today().isoformat(),
-        gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        torch=torch.__version__, transformers=transformers.__version__,
-        command="PYTHONPATH=src python " + " ".join(sys.argv), batch=args.batch, context=args.context,
-        weights_gib=weights / 2**30, total_memory_gib=total_memory / 2**30, rows=rows, notes=notes,
-        method="caches filled directly with random data (no prefill); greedy steps through model(), "
-        "median of timed rounds; "
-        "max batch computed from measured KV bytes per sequence + measured decode transients; "
-        "rows take turns round by round; vs full = median of per-round ratios",
+        gpu=torch.cuda.get_device_name() if bench.device == "cuda" else "cpu",
+        torch=torch.__version__, transformers=transformers.__version__, triton=_version("triton"),
+        command="PYTHONPATH=src python " + " ".join(sys.argv), steps=args.steps, rounds=args.rounds,
+        layers=bench.config.num_hidden_layers, hold_gib=args.hold_gib,
+        copy_bandwidth_bytes_per_s=bench.bandwidth, weights_gib=bench.weights / GIB,
+        weights_read_gib=bench.weights_read / GIB,
+        total_memory_gib=torch.cuda.mem_get_info()[1] / GIB if bench.device == "cuda" else None,
+        shapes=[], max_batch={}, notes=notes,
+        method="caches filled directly with random data (no prefill); greedy steps through model(); rows take "
+        "turns round by round (in groups that fit in memory, the baseline in every group); tokens/s from the "
+        "median round; vs = median of per-round ratios to the baseline; GPU ms = CUDA events around steps queued "
+        "behind a sleeping kernel; floor = (weights read + KV bytes) / measured copy bandwidth; max batch = "
+        "largest batch that ran one decode step at the context without running out of memory",
     )
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\n{result['gpu']}, batch {args.batch} x {args.context} context, weights {weights / 2**30:.1f} GiB\n")
-    print("| cache | attention | tokens/s | vs full | ms/step | host ms/step | peak GiB | KV GiB | "
-          "max batch (computed) | vs full |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['spec']} | {r['attention']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_full']:.2f}x | "
-              f"{r['ms_per_step']:.1f} | {r['host_ms_per_step']:.1f} | "
-              f"{r['peak_gib']:.1f} | {r['kv_gib']:.1f} | {r['max_batch_computed']} | {r['batch_ratio_vs_full']:.2f}x |")
+
+    def save() -> None:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    for batch, context in shapes:
+        shape = bench.run_shape(batch, context, [rows_known[key] for key in wanted])
+        result["shapes"].append(shape)
+        save()
+        print_table(shape, bench.bandwidth)
+        torch._dynamo.reset()  # the next shape compiles afresh (static shapes, as generate() compiles)
+        release()
+    if paths:
+        result["max_batch"] = bench.max_batch(paths, args.max_batch_context, args.max_batch_budget_s)
+        save()
+        print(f"\nlargest batch that decodes at {args.max_batch_context} context (measured):")
+        for path, found in result["max_batch"].items():
+            if "skipped" in found or "error" in found:
+                print(f"- {path}: not measured: {found.get('skipped') or found['error']}")
+            else:
+                exact = "" if found["exact"] else f" (search stopped; fails at {found['fails_at']})"
+                ratio = f", {found['vs_full']:.2f}x full" if "vs_full" in found else ""
+                print(f"- {path}: {found['max_batch']}{exact}{ratio} ({found['how']})")
     for note in notes:
         print(f"note: {note}")
+
+
+def _version(package: str) -> str | None:
+    with contextlib.suppress(Exception):
+        return importlib.import_module(package).__version__
+    return None
 
 
 if __name__ == "__main__":

@@ -12,15 +12,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
 
-def _run(script: str, *args: str) -> None:
+def _run(script: str, *args: str) -> str:
     env = dict(os.environ, PYTHONPATH=os.path.join(BENCHMARKS, "..", "src"), SELKV_NO_PROGRESS="1")
-    subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args], check=True, env=env,
-                   capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args], check=True, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return done.stdout
 
 
 def test_speedup_is_the_median_of_paired_rounds():
@@ -33,18 +35,125 @@ def test_speedup_is_the_median_of_paired_rounds():
     assert speedup(alone, full) == pytest.approx(0.5)  # not paired: ratio of medians
 
 
+def test_speedup_pairs_rounds_by_id_across_groups():
+    from decode_e2e import speedup
+
+    # The baseline ran in two groups; the row only in the second: it pairs with rounds 1.0-1.2, not 0.x.
+    base = dict(rounds=6, round_ids=["0.0", "0.1", "0.2", "1.0", "1.1", "1.2"],
+                round_tokens_per_s=[10.0, 10.0, 10.0, 100.0, 50.0, 80.0], tokens_per_s=50.0)
+    row = dict(rounds=3, round_ids=["1.0", "1.1", "1.2"], round_tokens_per_s=[300.0, 100.0, 200.0],
+               tokens_per_s=200.0)
+    assert speedup(row, base) == pytest.approx(2.5)
+    assert speedup(base, base) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("guess", [1, 2, 36, 37, 38, 60, 1000])
+def test_search_max_batch_finds_the_largest_batch_that_fits(guess):
+    from decode_e2e import search_max_batch
+
+    tried = []
+
+    def fits(batch):
+        tried.append(batch)
+        return batch <= 37
+
+    found = search_max_batch(fits, guess, lambda: False)
+    assert found["max_batch"] == 37 and found["fails_at"] == 38 and found["exact"]
+    assert [p[0] for p in found["probes"]] == tried and len(tried) == len(set(tried)) <= 22
+
+
+def test_search_max_batch_reports_bounds_when_stopped_or_nothing_fits():
+    from decode_e2e import search_max_batch
+
+    nothing = search_max_batch(lambda batch: False, 8, lambda: False)
+    assert nothing["max_batch"] == 0 and nothing["fails_at"] == 1 and nothing["exact"]
+    calls = []
+    stopped = search_max_batch(lambda batch: calls.append(batch) or batch <= 37, 10, lambda: len(calls) >= 2)
+    assert stopped["max_batch"] == 11 and stopped["fails_at"] is None and not stopped["exact"]
+
+
+def test_parse_shapes_and_bad_shapes_get_one_line():
+    from decode_e2e import parse_shapes
+
+    assert parse_shapes("8x32768,1X131072") == [(8, 32768), (1, 131072)]
+    for bad in ("8", "8x", "0x100", "ax2"):
+        with pytest.raises(ValueError, match="BATCHxCONTEXT|at least 1"):
+            parse_shapes(bad)
+    env = dict(os.environ, PYTHONPATH=os.path.join(BENCHMARKS, "..", "src"))
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "decode_e2e.py"), "--tiny", "--shapes", "8by2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "BATCHxCONTEXT" in done.stderr
+
+
+def test_static_cache_fill_and_rewind():
+    from decode_e2e import TINY, build_model, fill_full, fill_static, rewind
+    from selkv.models import forward_with_cache
+    from transformers import DynamicCache, StaticCache
+
+    model = build_model(TINY, "cpu", torch.float32)
+    static = StaticCache(config=model.config, max_cache_len=40)
+    fill_static(static, model.config, 2, 30, "cpu", torch.float32)
+    assert int(static.get_seq_length()) == 30
+    for layer in static.layers:
+        assert layer.keys.shape[2] == 40 and bool((layer.keys[:, :, :30] != 0).all())
+        assert bool((layer.values[:, :, 30:] == 0).all())  # nothing written past the context
+    with torch.no_grad():
+        for _ in range(3):
+            forward_with_cache(model, static, torch.ones(2, 1, dtype=torch.long))
+    assert int(static.get_seq_length()) == 33
+    rewind(static, 30)
+    assert int(static.get_seq_length()) == 30
+    dynamic = DynamicCache(config=model.config)
+    fill_full(dynamic, model.config, 2, 30, "cpu", torch.float32)
+    rewind(dynamic, 25)
+    assert dynamic.get_seq_length() == 25 and dynamic.layers[0].keys.shape[2] == 25
+
+
+@pytest.mark.skipif(not hasattr(__import__("selkv"), "compile_decode_step"),
+                    reason="needs selkv's static selective cache (make_cache(..., max_cache_len=N))")
+def test_captured_selkv_fill_and_rewind():
+    from decode_e2e import SPECS, TINY, build_model, captured_selkv
+    from selkv.models import forward_with_cache
+
+    model = build_model(TINY, "cpu", torch.float32)
+    cache, step, rewind_lengths = captured_selkv(model, SPECS[8], 2, 300, 16, "cpu", torch.float32, graphs=False)
+    start = [layer.lengths.tolist() for layer in cache.layers]
+    for layer, (num_sink, num_stored, num_recent, ring_start) in zip(cache.layers, start):
+        assert num_sink + num_stored + num_recent == 300 and num_stored % layer.block_length == 0
+        assert num_stored > 0 and ring_start == 0 and num_recent <= layer.ring_length
+    assert int(cache.get_seq_length()) == 300
+    with torch.no_grad():  # eager one-token steps (the captured step's work, uncompiled) move the lengths on
+        for _ in range(40):
+            logits = forward_with_cache(model, cache, torch.ones(2, 1, dtype=torch.long)).logits
+    assert bool(torch.isfinite(logits).all()) and int(cache.get_seq_length()) == 340
+    assert [layer.lengths.tolist() for layer in cache.layers] != start
+    rewind_lengths()
+    assert [layer.lengths.tolist() for layer in cache.layers] == start and int(cache.get_seq_length()) == 300
+
+
 def test_decode_e2e_runs_small(tmp_path):
     out = tmp_path / "e2e.json"
-    _run("decode_e2e.py", "--tiny", "--batch", "2", "--context", "300", "--steps", "3", "--rounds", "3",
-         "--reference-steps", "2", "--extra", "quant:bits=4,sink=4,window=124,key_axis=token", "--out", str(out))
+    log = _run("decode_e2e.py", "--tiny", "--shapes", "2x300,1x200", "--steps", "3", "--rounds", "3",
+               "--reference-steps", "2", "--rows", "static-flex,static-sdpa,dynamic,int8,int4,int8-captured,"
+               "int8-reference", "--extra", "quant:bits=4,sink=4,window=124,key_axis=token", "--out", str(out))
     result = json.loads(out.read_text())
-    names = [row["name"] for row in result["rows"]]
-    assert names[0] == "full" and len(names) == 5 and any("reference" in n for n in names)
-    for row in result["rows"]:
-        assert row["tokens_per_s"] > 0 and 0 < row["host_ms_per_step"] <= row["ms_per_step"] * 1.01
-        assert len(row["round_tokens_per_s"]) == row["rounds"] == (1 if "reference" in row["name"] else 3)
-        assert row["kv_gib"] > 0
-    assert result["rows"][0]["speedup_vs_full"] == 1.0
+    assert result["copy_bandwidth_bytes_per_s"] > 0
+    assert [(s["batch"], s["context"]) for s in result["shapes"]] == [(2, 300), (1, 200)]
+    for shape in result["shapes"]:
+        keys = [row["key"] for row in shape["rows"]]
+        assert keys == ["dynamic", "int8", "int4", "int8-reference", "quant:bits=4,sink=4,window=124,key_axis=token"]
+        # on CPU the compiled rows skip with a reason, and the strongest full path that ran is the baseline
+        assert set(shape["skipped"]) == {"static-flex", "static-sdpa", "int8-captured"}
+        assert "needs CUDA" in shape["skipped"]["static-flex"]
+        assert shape["baseline"] == "dynamic"
+        for row in shape["rows"]:
+            assert row["tokens_per_s"] > 0 and 0 < row["host_ms_per_step"] <= row["ms_per_step"] * 1.01
+            assert len(row["round_tokens_per_s"]) == row["rounds"] == (1 if "reference" in row["key"] else 3)
+            assert row["kv_gib"] > 0 and row["floor_ms"] > 0 and row["floor_pct"] > 0
+            assert row["gpu_ms_per_step"] is None and row["peak_gib"] is None  # CUDA-only figures
+        assert shape["rows"][0]["vs_baseline"] == 1.0
+    assert all("needs CUDA" in found["skipped"] for found in result["max_batch"].values())
+    assert "skipped static-flex: needs CUDA" in log and "vs dynamic" in log
 
 
 def test_profile_e2e_runs_small(tmp_path):
