@@ -8,6 +8,7 @@ attention.
 from .attention import register_attention  # registers attn_implementation="selkv" with transformers
 from .cache import SelectiveCache, kv_bytes, make_cache, model_shape
 from .config import CacheSpec, SpecError, parse_spec
+from .generation import compile_decode_step
 from .models import DEFAULT_MODEL, load_model, track_padding
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "SelectiveCache",
     "SpecError",
+    "compile_decode_step",
     "kv_bytes",
     "load_model",
     "make_cache",

@@ -7,10 +7,11 @@ under the name ``"selkv"``, so that either of::
     AutoModelForCausalLM.from_pretrained(name, attn_implementation="selkv")
     model.set_attn_implementation("selkv")
 
-selects it. A :class:`~selkv.SelectiveCache` built for such a model hands one-token decode
-steps over as storage handles (``key.selkv_layer``); those steps read the compressed cache
-directly: the fused Triton kernel on CUDA, its PyTorch twin elsewhere. Everything else
-(prefill, other caches) is plain SDPA on the keys, values and mask it is given.
+selects it. A :class:`~selkv.SelectiveCache` built for such a model publishes each layer after a
+one-token decode step (``selkv.storage.publish``, keyed by ``layer_idx``); the attention function
+takes the layer's :class:`~selkv.storage.DecodeStorage` and reads the compressed cache directly:
+the fused Triton kernel on CUDA, its PyTorch twin elsewhere. Everything else (prefill, other
+caches) is plain SDPA on the keys, values and mask it is given.
 """
 
 from __future__ import annotations
@@ -20,19 +21,21 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .kernels import reference, storage_arguments, triton_available
+from .kernels import reference, triton_available
+from .storage import DecodeStorage, take_published
 
 ATTENTION_NAME = "selkv"
 
 
-def _use_kernel(query: torch.Tensor, layer, num_key_value_groups: int) -> bool:
+def _use_kernel(query: torch.Tensor, storage: DecodeStorage) -> bool:
     if not query.is_cuda or not triton_available():
         return False
     from .kernels import decode_attention_module
 
     kernels = decode_attention_module()
     head_dim = query.shape[-1]
-    return kernels.check_supported(head_dim, num_key_value_groups, layer.nbits, layer.q_group_size, query.dtype) is None
+    groups = query.shape[1] // storage.num_key_value_heads
+    return kernels.check_supported(head_dim, groups, storage.nbits, storage.q_group_size, query.dtype) is None
 
 
 def selkv_attention_forward(
@@ -49,17 +52,16 @@ def selkv_attention_forward(
 
     Returns ``([batch_size, q_len, num_heads, head_dim], None)``.
     """
-    layer = getattr(key, "selkv_layer", None)
+    layer = take_published(getattr(module, "layer_idx", None))
     if layer is None or query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    groups = query.shape[1] // layer.num_key_value_heads
-    args = storage_arguments(layer)
-    if _use_kernel(query, layer, groups):
+    storage = layer.decode_storage()
+    if _use_kernel(query, storage):
         from .kernels import decode_attention_module
 
-        out = decode_attention_module().selective_decode_attention(query, **args, scaling=scaling)
+        out = decode_attention_module().decode_attention(query, storage, scaling=scaling)
     else:
-        out = reference.selective_decode_attention(query, **args, scaling=scaling)
+        out = reference.selective_decode_attention(query, storage, scaling=scaling)
     return out, None
 
 

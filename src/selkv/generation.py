@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import kv_bytes, make_cache
-from .models import forward_with_cache
+from .models import cache_kwarg, forward_with_cache
 
 
 @dataclass
@@ -77,6 +77,30 @@ def greedy_decode(model, cache, last_logits: torch.Tensor, max_new_tokens: int, 
         out = forward_with_cache(model, cache, next_token)
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)
     return tokens
+
+
+def compile_decode_step(model, mode: str | None = "reduce-overhead", fullgraph: bool = True, backend: str = "inductor"):
+    """A compiled one-token decode step for static caches: ``step(input_ids [batch, 1], cache) -> logits [batch, vocab]``.
+
+    ``torch.compile(model, mode=mode, fullgraph=fullgraph)`` called with the cache and no positions or
+    mask: positions come from the cache's device lengths, so every step has the same shapes and, with
+    ``mode="reduce-overhead"`` on CUDA, replays one CUDA graph. Build the cache with ``max_cache_len``
+    and run the prefill eagerly (``forward_with_cache``) first. The logits belong to the graph:
+    use them (or clone them) before the next step.
+    """
+    compiled = torch.compile(model, mode=mode, fullgraph=fullgraph, dynamic=False, backend=backend)
+    name = cache_kwarg(model)
+
+    def step(input_ids: torch.Tensor, cache) -> torch.Tensor:
+        if not cache.is_compileable:
+            raise ValueError(
+                "compile_decode_step needs a static selkv cache (make_cache(spec, config, max_cache_len=N)) "
+                "and a model whose attention is 'selkv'"
+            )
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(input_ids=input_ids, use_cache=True, **{name: cache}).logits[:, -1]
+
+    return step
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
