@@ -113,7 +113,7 @@ def _selective_decode_partial_kernel(
         num_recent = tl.load(Lengths + 2)
         recent_start = tl.load(Lengths + 3)
         tiles = tl.cdiv(num_stored, BLOCK_N)
-        tokens_per_split = tl.maximum(tl.cdiv(tiles, num_partials - 1), MIN_SPLIT_TILES) * BLOCK_N
+        tokens_per_split = tl.maximum(tl.cdiv(tiles, tl.maximum(num_partials - 1, 1)), MIN_SPLIT_TILES) * BLOCK_N
 
     if split == num_partials - 1:
         # ---- the 16-bit regions: sink (minus this row's left padding), then the window
