@@ -94,10 +94,18 @@ class SelectiveCache(Cache):
         raise SpecError(f"SelectiveCache builds 'quant' and 'drop' caches, not {spec.kind!r}; use make_cache")
 
     def set_left_padding(self, attention_mask: torch.Tensor) -> None:
-        """Reserve sink room for left padding, from a 2D ``attention_mask`` ``[batch_size, seq_len]`` (1 = token)."""
-        if attention_mask is None or attention_mask.dim() != 2:
+        """Reserve sink room for left padding, from the first forward's ``attention_mask``.
+
+        2D ``[batch_size, seq_len]`` (1 = token), or the 4D ``[batch_size, 1, q_len, kv_len]`` mask that
+        ``generate`` builds itself for compileable caches (True or 0.0 = attended; its last query row
+        sees every real token of the prompt).
+        """
+        if attention_mask is None or attention_mask.dim() not in (2, 4):
             return
-        row_padding = (attention_mask.cumsum(-1) == 0).sum(-1)
+        if attention_mask.dim() == 4:
+            last_row = attention_mask[:, 0, -1]
+            attention_mask = last_row if last_row.dtype == torch.bool else last_row == 0
+        row_padding = (attention_mask.int().cumsum(-1) == 0).sum(-1)
         for layer in self.layers:
             layer.set_left_padding(int(row_padding.max()), row_padding)
 
