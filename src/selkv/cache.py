@@ -48,7 +48,6 @@ class SelectiveCache(Cache):
     def __init__(self, spec: str | CacheSpec, config, max_cache_len: int | None = None):
         shape = model_shape(config)
         self.spec = parse_spec(spec).check_model(shape["head_dim"])
-        self.max_cache_len = max_cache_len
         layers = [self._make_layer(self.spec, max_cache_len) for _ in range(shape["num_hidden_layers"])]
         super().__init__(layers=layers)
         # With selkv's attention, one-token decode steps read the compressed storage directly.
