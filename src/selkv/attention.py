@@ -27,15 +27,34 @@ from .storage import DecodeStorage, take_published
 ATTENTION_NAME = "selkv"
 
 
-def _use_kernel(query: torch.Tensor, storage: DecodeStorage) -> bool:
-    if not query.is_cuda or not triton_available():
-        return False
-    from .kernels import decode_attention_module
+# Whether Triton is installed, looked up once (an import-system lookup cannot be traced by torch.compile).
+_TRITON = triton_available()
+# The kernel module once imported. It is imported by an eager call (a prefill, or compile_decode_step),
+# never inside a compiled region: importing is not something torch.compile traces.
+_KERNELS = None
 
-    kernels = decode_attention_module()
+
+def kernel_module():
+    """selkv's fused kernel module when it can run here (Triton installed), importing it outside compiled code."""
+    global _KERNELS
+    if _KERNELS is None and _TRITON and not torch.compiler.is_compiling():
+        from .kernels import decode_attention_module
+
+        _KERNELS = decode_attention_module()
+    return _KERNELS
+
+
+def _use_kernel(query: torch.Tensor, storage: DecodeStorage):
+    """The kernel module if the fused kernel takes this step, else ``None`` (the PyTorch twin does)."""
+    if not query.is_cuda:
+        return None
+    kernels = kernel_module()
+    if kernels is None:
+        return None
     head_dim = query.shape[-1]
     groups = query.shape[1] // storage.num_key_value_heads
-    return kernels.check_supported(head_dim, groups, storage.nbits, storage.q_group_size, query.dtype) is None
+    supported = kernels.check_supported(head_dim, groups, storage.nbits, storage.q_group_size, query.dtype) is None
+    return kernels if supported else None
 
 
 def selkv_attention_forward(
@@ -54,12 +73,13 @@ def selkv_attention_forward(
     """
     layer = take_published(getattr(module, "layer_idx", None))
     if layer is None or query.shape[2] != 1:
+        if query.is_cuda:
+            kernel_module()  # import the kernels now (eagerly) for the decode steps that follow
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     storage = layer.decode_storage()
-    if _use_kernel(query, storage):
-        from .kernels import decode_attention_module
-
-        out = decode_attention_module().decode_attention(query, storage, scaling=scaling)
+    kernels = _use_kernel(query, storage)
+    if kernels is not None:
+        out = kernels.decode_attention(query, storage, scaling=scaling)
     else:
         out = reference.selective_decode_attention(query, storage, scaling=scaling)
     return out, None

@@ -88,6 +88,10 @@ def compile_decode_step(model, mode: str | None = "reduce-overhead", fullgraph: 
     and run the prefill eagerly (``forward_with_cache``) first. The logits belong to the graph:
     use them (or clone them) before the next step.
     """
+    from .attention import kernel_module
+
+    if model.device.type == "cuda":
+        kernel_module()  # imported here: a compiled region cannot import it
     compiled = torch.compile(model, mode=mode, fullgraph=fullgraph, dynamic=False, backend=backend)
     name = cache_kwarg(model)
 
