@@ -102,7 +102,8 @@ def compile_decode_step(model, mode: str | None = "reduce-overhead", fullgraph: 
                 "and a model whose attention is 'selkv'"
             )
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(input_ids=input_ids, use_cache=True, **{name: cache}).logits[:, -1]
+        with torch.no_grad():  # a decode step never needs gradients (the fused kernel has none)
+            return compiled(input_ids=input_ids, use_cache=True, **{name: cache}).logits[:, -1]
 
     return step
 
