@@ -237,3 +237,52 @@ def test_cuda_generate_compiles_the_static_cache_by_itself():
                                           **{cache_kwarg(model): cache}))
     assert hasattr(model, "_compiled_call"), "generate did not compile the decode step"
     assert torch.equal(outputs[1], outputs[0])
+
+
+# ---------------------------------------------------------- CLI and eval
+
+
+class _Tokenizer:
+    """What generation.generate needs from a tokenizer."""
+
+    eos_token_id = None
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return " ".join(map(str, tokens))
+
+
+@pytest.mark.parametrize("spec", ["quant:bits=4,sink=2,window=8,block=8", "full"])
+def test_generate_static_gives_the_dynamic_text(selkv_llama, spec):
+    from selkv.generation import generate
+
+    inputs = {"input_ids": torch.randint(3, 256, (1, 23), generator=torch.Generator().manual_seed(_seed()))}
+    dynamic = generate(selkv_llama, _Tokenizer(), inputs, spec, 40)
+    static = generate(selkv_llama, _Tokenizer(), inputs, spec, 40, static=True)
+    assert static.text == dynamic.text and static.cache == f"{spec} (static)"
+    assert static.kv["tokens"] == dynamic.kv["tokens"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--cache", "drop:sink=4,window=16", "--static"], "--static takes 'full' and 'quant'"),
+    (["--cache", "quant:bits=8", "--static", "--attn", "eager"], "--attn selkv"),
+])
+def test_cli_static_refuses_what_it_cannot_do(capsys, argv, message):
+    from selkv.cli import main
+
+    assert main(["generate", "--prompt", "hi", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_speed_task_reuses_one_static_cache(selkv_llama):
+    """--static: one preallocated cache per spec, reset between repeats (a compiled step keeps its graph)."""
+    from selkv.eval import speed
+
+    input_ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(_seed()))
+    cache = make_cache("quant:bits=8,sink=4,window=8,block=4", selkv_llama.config, max_cache_len=20 + 12)
+    sink_keys = None
+    for _ in range(2):
+        _, _, used = speed.time_once(selkv_llama, input_ids, "unused", 12, 0, cache=cache)
+        assert used is cache and int(cache.get_seq_length()) == 20 + 12
+        assert sink_keys is None or cache.layers[0].sink_keys is sink_keys, "reset must keep the tensors"
+        sink_keys = cache.layers[0].sink_keys
