@@ -350,15 +350,15 @@ def main() -> None:
             launch(name, inputs, 16, scaling)
         storage = random_storage(8, 32768, 8, "token", 64)
         query = torch.randn(8, 32, 1, D, device=device, dtype=torch.bfloat16)
-        v1.selective_decode_attention(query, **storage)
+        v1.selective_decode_attention(query, storage)
         torch.cuda.synchronize()
         return
     results = []
     for rows, splits in ((8, 128), (64, 16)):  # 1 x 32k and 8 x 32k with 8 KV heads
         storage = random_storage(rows // 8, 32768, 8, "token", 64)
         query = torch.randn(rows // 8, 32, 1, D, device=device, dtype=torch.bfloat16)
-        ms = do_bench_cudagraph(lambda: v1.selective_decode_attention(query, **storage), rep=200)
-        ms2 = do_bench(lambda: v1.selective_decode_attention(query, **storage), warmup=50, rep=300, return_mode="median")
+        ms = do_bench_cudagraph(lambda: v1.selective_decode_attention(query, storage), rep=200)
+        ms2 = do_bench(lambda: v1.selective_decode_attention(query, storage), warmup=50, rep=300, return_mode="median")
         k = torch.randn(rows // 8, 8, 32768, D, device=device, dtype=torch.bfloat16)
         vv = torch.randn_like(k)
         sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(query, k, vv, enable_gqa=True)  # noqa: E731

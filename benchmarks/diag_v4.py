@@ -22,12 +22,12 @@ storage4 = random_storage(8, 32768, 4, "channel", 64)
 C = K.DecodeConfig
 cases = {
     "proto b bn32 w1 asmK (16 splits)": lambda: proto.launch("b bn32 w1 asmK", inputs, 16, 0.088),
-    "src int8 default": lambda: K.selective_decode_attention(query, **storage),
-    "src int8 scales in the tile": lambda: K.selective_decode_attention(query, **storage, config=C(scale_prefetch=False)),
-    "src int8 7 programs/SM": lambda: K.selective_decode_attention(query, **storage, config=C(programs_per_sm=7)),
-    "src int8 bn64": lambda: K.selective_decode_attention(query, **storage, config=C(block_n=64)),
-    "src int4 default": lambda: K.selective_decode_attention(query, **storage4),
-    "src int4 scales in the tile": lambda: K.selective_decode_attention(query, **storage4, config=C(scale_prefetch=False)),
+    "src int8 default": lambda: K.selective_decode_attention(query, storage),
+    "src int8 scales in the tile": lambda: K.selective_decode_attention(query, storage, config=C(scale_prefetch=False)),
+    "src int8 7 programs/SM": lambda: K.selective_decode_attention(query, storage, config=C(programs_per_sm=7)),
+    "src int8 bn64": lambda: K.selective_decode_attention(query, storage, config=C(block_n=64)),
+    "src int4 default": lambda: K.selective_decode_attention(query, storage4),
+    "src int4 scales in the tile": lambda: K.selective_decode_attention(query, storage4, config=C(scale_prefetch=False)),
 }
 for name, fn in cases.items():
     if ncu:

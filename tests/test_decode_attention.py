@@ -24,7 +24,7 @@ from conftest import TOLERANCES, make_tiny_llama, tiny_llama_config  # noqa: E40
 
 from selkv import quant  # noqa: E402
 from selkv.kernels import interpreter_enabled, reference, triton_available  # noqa: E402
-from selkv.storage import DecodeStorage  # noqa: E402
+from selkv.storage import DecodeStorage, take_published  # noqa: E402
 from selkv.models import cache_kwarg  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -304,11 +304,13 @@ def _specialization(fn, args, kwargs) -> tuple:
     return tuple(key) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
 
 
-def test_one_compiled_kernel_for_a_whole_decode(monkeypatch):
+@pytest.mark.parametrize("static", [False, True])
+def test_one_compiled_kernel_for_a_whole_decode(monkeypatch, static):
     """64 decode steps (window ring, evictions into the middle) launch one kernel specialization each.
 
     Triton specializes int arguments on == 1 and on divisibility by 16; lengths that change every
-    step would otherwise recompile the kernel (seconds) in the middle of generation.
+    step would otherwise recompile the kernel (seconds) in the middle of generation. A static cache
+    hands the kernel its capacities (fixed) and its lengths on the device.
     """
     from selkv import make_cache
 
@@ -326,7 +328,8 @@ def test_one_compiled_kernel_for_a_whole_decode(monkeypatch):
 
         monkeypatch.setattr(module, name, Recorder(fn, calls))
     config = tiny_llama_config()
-    cache = make_cache("quant:bits=8,sink=4,window=16,block=8", config)
+    cache = make_cache("quant:bits=8,sink=4,window=16,block=8", config, max_cache_len=120 if static else None)
+    cache.enable_fused_decode()
     gen = torch.Generator().manual_seed(_seed())
     shape = (2, config.num_key_value_heads, 1, config.head_dim)
     cache.update(torch.randn(shape[:2] + (40, shape[3]), generator=gen), torch.randn(shape[:2] + (40, shape[3]), generator=gen), 0)
@@ -337,6 +340,7 @@ def test_one_compiled_kernel_for_a_whole_decode(monkeypatch):
         cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), 0)
         module.selective_decode_attention(query, layer.decode_storage())
         lengths.add((layer.num_stored, layer.num_recent))
+    take_published(0)  # no attention call took the last step's storage here
     assert len(lengths) > 16, "the test must see many different lengths"
     for name, calls in launches.items():
         assert len(calls) == 64
