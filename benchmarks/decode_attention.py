@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from selkv.kernels import decode_attention as kernels  # noqa: E402
 from selkv.kernels import reference  # noqa: E402
+from selkv.storage import DecodeStorage  # noqa: E402
 
 SHAPES = [(1, 32768), (8, 32768), (1, 131072), (32, 8192)]  # (batch, context)
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -39,8 +40,12 @@ FUSED = {  # name: (nbits, axis_key, q_group_size, block_length)
 
 
 def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: int, block: int = BLOCK,
-                   device="cuda", dtype=torch.bfloat16):
-    """Launcher arguments for a cache of ``context`` tokens filled with random codes and scales."""
+                   device="cuda", dtype=torch.bfloat16, device_lengths: bool = False) -> DecodeStorage:
+    """A cache of ``context`` tokens filled with random codes and scales.
+
+    ``device_lengths``: the lengths on the device, as a static cache holds them (the kernel reads
+    them; its grid comes from the capacities, here equal to the filled lengths).
+    """
     num_stored = (context - SINK - WINDOW) // block * block
     num_recent = context - SINK - num_stored
     B, H, D = batch, NUM_KV_HEADS, HEAD_DIM
@@ -56,7 +61,10 @@ def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: i
         return (-torch.rand(*shape, device=device)).half()
 
     key_rows, key_cols = (num_stored // block, D) if axis_key == "channel" else (num_stored, D // group)
-    return dict(
+    lengths = None
+    if device_lengths:
+        lengths = torch.tensor([SINK, num_stored, num_recent, 0], dtype=torch.int32, device=device)
+    return DecodeStorage(
         sink_keys=torch.randn(B, H, SINK, D, device=device, dtype=dtype),
         sink_values=torch.randn(B, H, SINK, D, device=device, dtype=dtype),
         num_sink=SINK,
@@ -67,7 +75,7 @@ def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: i
         recent_keys=torch.randn(B, H, WINDOW + block, D, device=device, dtype=dtype),
         recent_values=torch.randn(B, H, WINDOW + block, D, device=device, dtype=dtype),
         num_recent=num_recent,
-        nbits=nbits, q_group_size=group, axis_key=axis_key, block_length=block, row_padding=None,
+        nbits=nbits, q_group_size=group, axis_key=axis_key, block_length=block, row_padding=None, lengths=lengths,
     )
 
 
@@ -92,15 +100,12 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def dequantize_sdpa(query, args, scaling):
+def dequantize_sdpa(query, storage: DecodeStorage, scaling):
     """The reference path: dequantize the middle to bf16, concatenate, SDPA."""
-    keys, values = reference.dequantize_middle(
-        args["key_codes"], args["key_scale"], args["key_zero"], args["value_codes"], args["value_scale"],
-        args["value_zero"], args["num_stored"], nbits=args["nbits"], q_group_size=args["q_group_size"],
-        axis_key=args["axis_key"], block_length=args["block_length"],
-    )
-    k = torch.cat([args["sink_keys"], keys.to(query.dtype), args["recent_keys"][:, :, : args["num_recent"]]], dim=-2)
-    v = torch.cat([args["sink_values"], values.to(query.dtype), args["recent_values"][:, :, : args["num_recent"]]], dim=-2)
+    s = storage
+    keys, values = s.dequantize()
+    k = torch.cat([s.sink_keys, keys.to(query.dtype), s.recent_keys[:, :, : s.num_recent]], dim=-2)
+    v = torch.cat([s.sink_values, values.to(query.dtype), s.recent_values[:, :, : s.num_recent]], dim=-2)
     return F.scaled_dot_product_attention(query, k, v, scale=scaling, enable_gqa=True)
 
 
@@ -118,18 +123,20 @@ def run(shapes, methods, config=None, check=True) -> list[dict]:
                          bytes=sdpa_bytes))
         k = v = None  # frees the tensors (not del: the sdpa closure still names them)
         for name in methods:
-            nbits, axis_key, group, block = FUSED[name.replace("dequant+SDPA ", "fused ")]
-            args = random_storage(batch, context, nbits, axis_key, group, block)
-            nbytes = kernels.bytes_read(batch, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, SINK + args["num_recent"],
-                                        args["num_stored"], nbits, group, axis_key, block)
+            # "... dev": the lengths on the device, as a static cache's captured decode step reads them
+            device_lengths = name.endswith(" dev")
+            nbits, axis_key, group, block = FUSED[name.replace("dequant+SDPA ", "fused ").removesuffix(" dev")]
+            args = random_storage(batch, context, nbits, axis_key, group, block, device_lengths=device_lengths)
+            nbytes = kernels.bytes_read(batch, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, SINK + args.num_recent,
+                                        args.num_stored, nbits, group, axis_key, block)
             if name.startswith("dequant"):
                 ms = bench(lambda: dequantize_sdpa(query, args, scaling))
                 ms_graph = bench_graph(lambda: dequantize_sdpa(query, args, scaling))
             else:
-                fn = lambda: kernels.selective_decode_attention(query, **args, scaling=scaling, config=config)  # noqa: E731
+                fn = lambda: kernels.selective_decode_attention(query, args, scaling=scaling, config=config)  # noqa: E731
                 if check:
                     out = fn().float()
-                    want = reference.selective_decode_attention(query, **args, scaling=scaling).float()
+                    want = reference.selective_decode_attention(query, args, scaling=scaling).float()
                     err = ((out - want).norm() / want.norm()).item()
                     assert err < 2e-2, f"{name} at {batch}x{context}: relative error {err:.2e} vs the twin"
                 ms, ms_graph = bench(fn), bench_graph(fn)
@@ -165,14 +172,14 @@ def sweep(shapes) -> list[dict]:
                             cfg = kernels.DecodeConfig(block_n=block_n, num_warps=num_warps, num_stages=num_stages,
                                                        num_splits=splits)
                             try:
-                                ms = bench(lambda: kernels.selective_decode_attention(query, **args, config=cfg), 10, 40)
+                                ms = bench(lambda: kernels.selective_decode_attention(query, args, config=cfg), 10, 40)
                             except Exception as e:  # noqa: BLE001 (a config that does not compile: skip it)
                                 print(f"  {cfg}: {type(e).__name__}")
                                 continue
                             results.append((ms, cfg))
             results.sort(key=lambda r: r[0])
             default = kernels.DecodeConfig()
-            default_ms = bench(lambda: kernels.selective_decode_attention(query, **args, config=default))
+            default_ms = bench(lambda: kernels.selective_decode_attention(query, args, config=default))
             best_ms, best = results[0]
             print(f"sweep {name} {batch}x{context}: default {default_ms:.4f} ms, best {best_ms:.4f} ms {best}")
             found.append(dict(method=name, batch=batch, context=context, default_ms=default_ms, best_ms=best_ms,

@@ -175,7 +175,7 @@ def main() -> None:
                 config = kernels.DecodeConfig(**{**config.__dict__, "block_n": block_n})
             config = kernels._resolve(config, axis_key, block)
             fn, a, kw = capture_launch("_selective_decode_partial_kernel",
-                                       lambda: kernels.selective_decode_attention(query, **storage, config=config))
+                                       lambda: kernels.selective_decode_attention(query, storage, config=config))
             if "CODES_ASM" in kw:  # the launcher saw CPU tensors; a CUDA launch would take the PTX path
                 kw["CODES_ASM"] = True
             compiled = compile_sm90(fn, a, kw)

@@ -7,6 +7,7 @@ random numbers on every run (the seed is in each failure message); outputs are p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
@@ -23,6 +24,7 @@ from conftest import TOLERANCES, make_tiny_llama, tiny_llama_config  # noqa: E40
 
 from selkv import quant  # noqa: E402
 from selkv.kernels import interpreter_enabled, reference, triton_available  # noqa: E402
+from selkv.storage import DecodeStorage, take_published  # noqa: E402
 from selkv.models import cache_kwarg  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -62,8 +64,8 @@ def make_storage(
     dtype: torch.dtype,
     device: str,
     row_padding: list[int] | None = None,
-) -> dict:
-    """Launcher arguments from random keys/values quantized with quant.py, spare capacity poisoned with NaN."""
+) -> DecodeStorage:
+    """Storage of random keys/values quantized with quant.py, spare capacity poisoned with NaN."""
 
     def randn(*shape, scale=1.0):
         return torch.randn(*shape, generator=gen) * scale
@@ -96,7 +98,7 @@ def make_storage(
     )
     if num_stored == 0:
         args.update(key_codes=None, key_scale=None, key_zero=None, value_codes=None, value_scale=None, value_zero=None)
-        return args
+        return DecodeStorage(**args)
     keys = (randn(B, H, stored_cap, D) * key_gain).to(dtype)
     values = randn(B, H, stored_cap, D).to(dtype)
     if axis_key == "channel":
@@ -118,7 +120,25 @@ def make_storage(
         key_codes=kc.to(device), key_scale=ks.to(device), key_zero=kz.to(device),
         value_codes=vc.to(device), value_scale=vs.to(device), value_zero=vz.to(device),
     )
-    return args
+    return DecodeStorage(**args)
+
+
+def with_device_lengths(storage: DecodeStorage, gen: torch.Generator) -> DecodeStorage:
+    """The same tokens laid out as a static cache holds them: lengths on the device, the window in a ring
+    that starts at a random slot (and wraps), every capacity larger than what is filled."""
+    s = storage
+    ring = s.num_recent + 3 + int(torch.randint(0, 5, (1,), generator=gen))
+    start = int(torch.randint(0, ring, (1,), generator=gen))
+    slots = (start + torch.arange(s.num_recent)) % ring
+    ring_keys = torch.full(s.recent_keys.shape[:2] + (ring,) + s.recent_keys.shape[3:], float("nan"),
+                           dtype=s.recent_keys.dtype, device=s.recent_keys.device)
+    ring_values = ring_keys.clone()
+    ring_keys[:, :, slots.to(ring_keys.device)] = s.recent_keys[:, :, : s.num_recent]
+    ring_values[:, :, slots.to(ring_keys.device)] = s.recent_values[:, :, : s.num_recent]
+    lengths = torch.tensor([s.num_sink, s.num_stored, s.num_recent, start], dtype=torch.int32, device=s.sink_keys.device)
+    middle_capacity = s.key_codes.shape[2] if s.key_codes is not None else 0
+    return dataclasses.replace(s, recent_keys=ring_keys, recent_values=ring_values, num_sink=s.sink_keys.shape[2],
+                               num_stored=middle_capacity, num_recent=ring, lengths=lengths)
 
 
 def token_major(block_major: torch.Tensor, block: int) -> torch.Tensor:
@@ -130,8 +150,9 @@ def token_major(block_major: torch.Tensor, block: int) -> torch.Tensor:
     return block_major.cpu().reshape(B, H, capacity * P)[:, :, index.flatten()].reshape(B, H, capacity, P)
 
 
-def float64_reference(query: torch.Tensor, args: dict, scaling: float) -> torch.Tensor:
-    """Attention in float64 from the storage, dequantized independently of the twin; [B, 1, Hq, D]."""
+def float64_reference(query: torch.Tensor, storage: DecodeStorage, scaling: float) -> torch.Tensor:
+    """Attention in float64 from the storage (host lengths), dequantized independently of the twin; [B, 1, Hq, D]."""
+    args = vars(storage)
     nbits, D = args["nbits"], query.shape[-1]
     ns, nm, nr = args["num_sink"], args["num_stored"], args["num_recent"]
     keys = [args["sink_keys"][:, :, :ns].double().cpu()]
@@ -181,15 +202,17 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 REL_ERROR = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
-def check_case(module, device: str, dtype: torch.dtype, seed: int, config=None, **shape) -> None:
+def check_case(module, device: str, dtype: torch.dtype, seed: int, config=None, device_lengths=False, **shape) -> None:
     gen = torch.Generator().manual_seed(seed)
     num_heads = shape.pop("num_heads")
-    args = make_storage(gen, dtype=dtype, device=device, **shape)
+    storage = make_storage(gen, dtype=dtype, device=device, **shape)
     query = torch.randn(shape["batch_size"], num_heads, 1, shape["head_dim"], generator=gen).to(dtype).to(device)
     scaling = shape["head_dim"] ** -0.5
-    ref64 = float64_reference(query, args, scaling)
-    twin = reference.selective_decode_attention(query, **args, scaling=scaling)
-    where = f"seed={seed} dtype={dtype} shape={shape} num_heads={num_heads}"
+    ref64 = float64_reference(query, storage, scaling)
+    if device_lengths:
+        storage = with_device_lengths(storage, gen)
+    twin = reference.selective_decode_attention(query, storage, scaling=scaling)
+    where = f"seed={seed} dtype={dtype} shape={shape} num_heads={num_heads} device_lengths={device_lengths}"
     assert _relative_error(twin, ref64) < REL_ERROR[dtype] / 4, f"twin vs float64: {where}"
 
     poison = torch.full((shape["batch_size"], 1, num_heads, shape["head_dim"]), float("nan"), dtype=dtype, device=device)
@@ -202,7 +225,7 @@ def check_case(module, device: str, dtype: torch.dtype, seed: int, config=None, 
 
     module.torch.empty = poisoned_empty
     try:
-        out = launcher(query, **args, scaling=scaling, config=config)
+        out = launcher(query, storage, scaling=scaling, config=config)
     finally:
         module.torch.empty = real_empty
     assert out.shape == poison.shape and out.dtype == dtype, where
@@ -231,15 +254,18 @@ INTERPRETER_CASES = [
 
 
 @interpreter_only
+@pytest.mark.parametrize("device_lengths", [False, True])
 @pytest.mark.parametrize("nbits,axis_key,ratio,num_sink,num_stored,num_recent,padding,launch", INTERPRETER_CASES)
-def test_interpreter_matches_references(nbits, axis_key, ratio, num_sink, num_stored, num_recent, padding, launch):
+def test_interpreter_matches_references(nbits, axis_key, ratio, num_sink, num_stored, num_recent, padding, launch,
+                                        device_lengths):
+    """Host lengths (dynamic caches) and device lengths with a ring window and spare capacity (static caches)."""
     module = kernel_module()
     config = None if launch is None else module.DecodeConfig(block_n=launch[0], block_exact=16, num_splits=launch[1])
     # 2-bit planes of a 32-channel head are 8 channels wide, under the kernel's 16-channel chunks
     head_dim = 64 if nbits == 2 else SMALL["head_dim"]
     shape = dict(SMALL, head_dim=head_dim, num_heads=SMALL["num_kv_heads"] * ratio, num_sink=num_sink,
                  num_stored=num_stored, num_recent=num_recent, nbits=nbits, axis_key=axis_key, row_padding=padding)
-    check_case(module, "cpu", torch.float16, _seed(), config=config, **shape)
+    check_case(module, "cpu", torch.float16, _seed(), config=config, device_lengths=device_lengths, **shape)
 
 
 @interpreter_only
@@ -278,14 +304,15 @@ def _specialization(fn, args, kwargs) -> tuple:
     return tuple(key) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
 
 
-def test_one_compiled_kernel_for_a_whole_decode(monkeypatch):
+@pytest.mark.parametrize("static", [False, True])
+def test_one_compiled_kernel_for_a_whole_decode(monkeypatch, static):
     """64 decode steps (window ring, evictions into the middle) launch one kernel specialization each.
 
     Triton specializes int arguments on == 1 and on divisibility by 16; lengths that change every
-    step would otherwise recompile the kernel (seconds) in the middle of generation.
+    step would otherwise recompile the kernel (seconds) in the middle of generation. A static cache
+    hands the kernel its capacities (fixed) and its lengths on the device.
     """
     from selkv import make_cache
-    from selkv.kernels import storage_arguments
 
     module = kernel_module()
     launches = {"_selective_decode_partial_kernel": [], "_merge_partials_kernel": []}
@@ -301,7 +328,8 @@ def test_one_compiled_kernel_for_a_whole_decode(monkeypatch):
 
         monkeypatch.setattr(module, name, Recorder(fn, calls))
     config = tiny_llama_config()
-    cache = make_cache("quant:bits=8,sink=4,window=16,block=8", config)
+    cache = make_cache("quant:bits=8,sink=4,window=16,block=8", config, max_cache_len=120 if static else None)
+    cache.enable_fused_decode()
     gen = torch.Generator().manual_seed(_seed())
     shape = (2, config.num_key_value_heads, 1, config.head_dim)
     cache.update(torch.randn(shape[:2] + (40, shape[3]), generator=gen), torch.randn(shape[:2] + (40, shape[3]), generator=gen), 0)
@@ -310,8 +338,9 @@ def test_one_compiled_kernel_for_a_whole_decode(monkeypatch):
     lengths = set()
     for _ in range(64):
         cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), 0)
-        module.selective_decode_attention(query, **storage_arguments(layer))
+        module.selective_decode_attention(query, layer.decode_storage())
         lengths.add((layer.num_stored, layer.num_recent))
+    take_published(0)  # no attention call took the last step's storage here
     assert len(lengths) > 16, "the test must see many different lengths"
     for name, calls in launches.items():
         assert len(calls) == 64
@@ -341,21 +370,24 @@ def test_interpreter_float32_and_odd_block(axis_key):
 def test_interpreter_rejects_bad_inputs():
     module = kernel_module()
     gen = torch.Generator().manual_seed(_seed())
-    args = make_storage(gen, batch_size=1, num_kv_heads=2, head_dim=32, num_sink=2, num_stored=16, num_recent=3,
-                        nbits=4, q_group_size=16, axis_key="token", block_length=16, dtype=torch.float16, device="cpu")
+    storage = make_storage(gen, batch_size=1, num_kv_heads=2, head_dim=32, num_sink=2, num_stored=16, num_recent=3,
+                           nbits=4, q_group_size=16, axis_key="token", block_length=16, dtype=torch.float16,
+                           device="cpu")
+    replace = dataclasses.replace
     with pytest.raises(ValueError, match="query length"):
-        module.selective_decode_attention(torch.randn(1, 4, 2, 32).half(), **args)
+        module.selective_decode_attention(torch.randn(1, 4, 2, 32).half(), storage)
     with pytest.raises(ValueError, match="multiple"):
-        module.selective_decode_attention(torch.randn(1, 3, 1, 32).half(), **args)
+        module.selective_decode_attention(torch.randn(1, 3, 1, 32).half(), storage)
     with pytest.raises(ValueError, match="float32"):
-        module.selective_decode_attention(torch.randn(1, 4, 1, 32).half(), **dict(args, sink_keys=args["sink_keys"].float()))
+        module.selective_decode_attention(torch.randn(1, 4, 1, 32).half(),
+                                          replace(storage, sink_keys=storage.sink_keys.float()))
     query = torch.randn(1, 4, 1, 32).half()
-    longer = torch.cat([args["value_codes"], torch.zeros_like(args["value_codes"][:, :, :16])], dim=2)
+    longer = torch.cat([storage.value_codes, torch.zeros_like(storage.value_codes[:, :, :16])], dim=2)
     with pytest.raises(ValueError, match="same shape"):  # values are addressed with the keys' strides
-        module.selective_decode_attention(query, **dict(args, value_codes=longer))
+        module.selective_decode_attention(query, replace(storage, value_codes=longer))
     with pytest.raises(ValueError, match="whole blocks of 16"):  # the value store is block-major
-        module.selective_decode_attention(query, **dict(args, key_codes=args["key_codes"][:, :, :24],
-                                                        value_codes=args["value_codes"][:, :, :24]))
+        module.selective_decode_attention(query, replace(storage, key_codes=storage.key_codes[:, :, :24],
+                                                         value_codes=storage.value_codes[:, :, :24]))
 
 
 # ------------------------------------------------------------------- CUDA
@@ -390,7 +422,8 @@ def test_cuda_matches_references(dtype, head_dim, nbits, axis_key, ratio):
         shape = dict(batch_size=3, num_kv_heads=2, num_heads=2 * ratio, head_dim=head_dim,
                      q_group_size=min(64, head_dim), block_length=32, num_sink=num_sink, num_stored=num_stored,
                      num_recent=num_recent, nbits=nbits, axis_key=axis_key, row_padding=padding)
-        check_case(module, "cuda", dtype, seed + i, **shape)
+        for device_lengths in (False, True):
+            check_case(module, "cuda", dtype, seed + i, device_lengths=device_lengths, **shape)
 
 
 # ------------------------------------------------------------- generate()

@@ -9,6 +9,7 @@ from .attention import register_attention  # registers attn_implementation="selk
 from .cache import SelectiveCache, kv_bytes, make_cache, model_shape
 from .config import CacheSpec, SpecError, parse_spec
 from .errors import SelKVError
+from .generation import compile_decode_step
 from .models import DEFAULT_MODEL, load_model, track_padding
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "SelKVError",
     "SelectiveCache",
     "SpecError",
+    "compile_decode_step",
     "kv_bytes",
     "load_model",
     "make_cache",

@@ -7,10 +7,11 @@ under the name ``"selkv"``, so that either of::
     AutoModelForCausalLM.from_pretrained(name, attn_implementation="selkv")
     model.set_attn_implementation("selkv")
 
-selects it. A :class:`~selkv.SelectiveCache` built for such a model hands one-token decode
-steps over as storage handles (``key.selkv_layer``); those steps read the compressed cache
-directly: the fused Triton kernel on CUDA, its PyTorch twin elsewhere. Everything else
-(prefill, other caches) is plain SDPA on the keys, values and mask it is given.
+selects it. A :class:`~selkv.SelectiveCache` built for such a model publishes each layer after a
+one-token decode step (``selkv.storage.publish``, keyed by ``layer_idx``); the attention function
+takes the layer's :class:`~selkv.storage.DecodeStorage` and reads the compressed cache directly:
+the fused Triton kernel on CUDA, its PyTorch twin elsewhere. Everything else (prefill, other
+caches) is plain SDPA on the keys, values and mask it is given.
 """
 
 from __future__ import annotations
@@ -20,19 +21,40 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .kernels import reference, storage_arguments, triton_available
+from .kernels import reference, triton_available
+from .storage import DecodeStorage, take_published
 
 ATTENTION_NAME = "selkv"
 
 
-def _use_kernel(query: torch.Tensor, layer, num_key_value_groups: int) -> bool:
-    if not query.is_cuda or not triton_available():
-        return False
-    from .kernels import decode_attention_module
+# Whether Triton is installed, looked up once (an import-system lookup cannot be traced by torch.compile).
+_TRITON = triton_available()
+# The kernel module once imported. It is imported by an eager call (a prefill, or compile_decode_step),
+# never inside a compiled region: importing is not something torch.compile traces.
+_KERNELS = None
 
-    kernels = decode_attention_module()
+
+def kernel_module():
+    """selkv's fused kernel module when it can run here (Triton installed), importing it outside compiled code."""
+    global _KERNELS
+    if _KERNELS is None and _TRITON and not torch.compiler.is_compiling():
+        from .kernels import decode_attention_module
+
+        _KERNELS = decode_attention_module()
+    return _KERNELS
+
+
+def _use_kernel(query: torch.Tensor, storage: DecodeStorage):
+    """The kernel module if the fused kernel takes this step, else ``None`` (the PyTorch twin does)."""
+    if not query.is_cuda:
+        return None
+    kernels = kernel_module()
+    if kernels is None:
+        return None
     head_dim = query.shape[-1]
-    return kernels.check_supported(head_dim, num_key_value_groups, layer.nbits, layer.q_group_size, query.dtype) is None
+    groups = query.shape[1] // storage.num_key_value_heads
+    supported = kernels.check_supported(head_dim, groups, storage.nbits, storage.q_group_size, query.dtype) is None
+    return kernels if supported else None
 
 
 def selkv_attention_forward(
@@ -49,17 +71,17 @@ def selkv_attention_forward(
 
     Returns ``([batch_size, q_len, num_heads, head_dim], None)``.
     """
-    layer = getattr(key, "selkv_layer", None)
+    layer = take_published(getattr(module, "layer_idx", None))
     if layer is None or query.shape[2] != 1:
+        if query.is_cuda:
+            kernel_module()  # import the kernels now (eagerly) for the decode steps that follow
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    groups = query.shape[1] // layer.num_key_value_heads
-    args = storage_arguments(layer)
-    if _use_kernel(query, layer, groups):
-        from .kernels import decode_attention_module
-
-        out = decode_attention_module().selective_decode_attention(query, **args, scaling=scaling)
+    storage = layer.decode_storage()
+    kernels = _use_kernel(query, storage)
+    if kernels is not None:
+        out = kernels.decode_attention(query, storage, scaling=scaling)
     else:
-        out = reference.selective_decode_attention(query, **args, scaling=scaling)
+        out = reference.selective_decode_attention(query, storage, scaling=scaling)
     return out, None
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
+from transformers.cache_utils import Cache, DynamicCache, QuantizedCache, StaticCache
 
 from .config import CacheSpec, SpecError, parse_spec
 from .layers.evict import EvictLayer
 from .layers.sink_window import QuantizedSinkWindowLayer
+from .layers.static import StaticSinkWindowLayer
 from .quant import tensor_bytes
+from .storage import publish, take_published
 
 
 def _text_config(config):
@@ -38,12 +40,15 @@ class SelectiveCache(Cache):
     """A ``Cache`` whose layers are selkv layers, built from a :class:`CacheSpec`.
 
     It only builds ``layers`` and routes by ``layer_idx``; the policy lives in the layer classes.
+    With ``max_cache_len`` (``quant`` specs only) the layers are :class:`StaticSinkWindowLayer`: a fixed
+    capacity of that many positions, and one-token steps that ``torch.compile`` and CUDA graphs capture
+    (``is_compileable``, as transformers' ``StaticCache``) when the model's attention is ``"selkv"``.
     """
 
-    def __init__(self, spec: str | CacheSpec, config):
+    def __init__(self, spec: str | CacheSpec, config, max_cache_len: int | None = None):
         shape = model_shape(config)
         self.spec = parse_spec(spec).check_model(shape["head_dim"])
-        layers = [self._make_layer(self.spec) for _ in range(shape["num_hidden_layers"])]
+        layers = [self._make_layer(self.spec, max_cache_len) for _ in range(shape["num_hidden_layers"])]
         super().__init__(layers=layers)
         # With selkv's attention, one-token decode steps read the compressed storage directly.
         if getattr(_text_config(config), "_attn_implementation", None) == "selkv":
@@ -54,10 +59,24 @@ class SelectiveCache(Cache):
         for layer in self.layers:
             layer.fused_decode = enabled and layer.supports_fused_decode
 
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        # A one-token step whose storage selkv's attention reads in place: hand it over by layer_idx.
+        if self.layers[layer_idx].storage_step:
+            publish(layer_idx, self.layers[layer_idx])
+        else:
+            take_published(layer_idx)
+        return keys, values
+
     @staticmethod
-    def _make_layer(spec: CacheSpec):
+    def _make_layer(spec: CacheSpec, max_cache_len: int | None = None):
         if spec.kind == "quant":
-            return QuantizedSinkWindowLayer(
+            layer_class, extra = QuantizedSinkWindowLayer, {}
+            if max_cache_len is not None:
+                layer_class, extra = StaticSinkWindowLayer, {"max_cache_len": max_cache_len}
+            return layer_class(
                 spec.nbits,
                 spec.num_sink_tokens,
                 spec.window_length,
@@ -65,16 +84,27 @@ class SelectiveCache(Cache):
                 axis_key=spec.axis_key,
                 sym=spec.sym,
                 block_length=spec.block_length,
+                **extra,
             )
+        if max_cache_len is not None:
+            raise SpecError(f"max_cache_len (a static cache) needs a 'full' or 'quant' spec, not {spec.kind!r}")
         if spec.kind == "drop":
             return EvictLayer(spec.num_sink_tokens, spec.window_length, spec.block_length)
         raise SpecError(f"SelectiveCache builds 'quant' and 'drop' caches, not {spec.kind!r}; use make_cache")
 
     def set_left_padding(self, attention_mask: torch.Tensor) -> None:
-        """Reserve sink room for left padding, from a 2D ``attention_mask`` ``[batch_size, seq_len]`` (1 = token)."""
-        if attention_mask is None or attention_mask.dim() != 2:
+        """Reserve sink room for left padding, from the first forward's ``attention_mask``.
+
+        2D ``[batch_size, seq_len]`` (1 = token), or the 4D ``[batch_size, 1, q_len, kv_len]`` mask that
+        ``generate`` builds itself for compileable caches (True or 0.0 = attended; its last query row
+        sees every real token of the prompt).
+        """
+        if attention_mask is None or attention_mask.dim() not in (2, 4):
             return
-        row_padding = (attention_mask.cumsum(-1) == 0).sum(-1)
+        if attention_mask.dim() == 4:
+            last_row = attention_mask[:, 0, -1]
+            attention_mask = last_row if last_row.dtype == torch.bool else last_row == 0
+        row_padding = (attention_mask.int().cumsum(-1) == 0).sum(-1)
         for layer in self.layers:
             layer.set_left_padding(int(row_padding.max()), row_padding)
 
@@ -82,13 +112,26 @@ class SelectiveCache(Cache):
         self.layers[0].crop(tokens_to_remove)
 
 
-def make_cache(spec: str | CacheSpec, config) -> Cache:
+def make_cache(spec: str | CacheSpec, config, max_cache_len: int | None = None) -> Cache:
     """Build the cache a spec string describes, for a model ``config``.
 
     ``full`` gives transformers' ``DynamicCache``; ``hf-quanto``/``hf-hqq`` its ``QuantizedCache``;
     ``drop`` and ``quant`` a :class:`SelectiveCache`.
+
+    ``max_cache_len`` (positions: prompt, new tokens and left padding) makes the cache static, with
+    every tensor allocated once: ``full`` gives transformers' ``StaticCache``, ``quant`` a
+    :class:`SelectiveCache` of :class:`StaticSinkWindowLayer` whose decode steps ``torch.compile`` and
+    CUDA graphs capture (``model.generate`` then compiles them on CUDA, as for ``StaticCache``); the
+    model's attention must be ``"selkv"`` for that.
     """
     spec = parse_spec(spec).check_model(model_shape(config)["head_dim"])
+    if max_cache_len is not None:
+        if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 1:
+            raise SpecError(f"max_cache_len must be a positive integer, got {max_cache_len!r}")
+        if spec.kind == "full":
+            return StaticCache(config=config, max_cache_len=max_cache_len)
+        if spec.kind != "quant":
+            raise SpecError(f"max_cache_len (a static cache) needs a 'full' or 'quant' spec, not {str(spec)!r}")
     if spec.kind == "full":
         return DynamicCache(config=config)
     if spec.kind in ("hf-quanto", "hf-hqq"):
@@ -103,7 +146,7 @@ def make_cache(spec: str | CacheSpec, config) -> Cache:
             q_group_size=spec.q_group_size,
             residual_length=spec.residual_length,
         )
-    return SelectiveCache(spec, config)
+    return SelectiveCache(spec, config, max_cache_len=max_cache_len)
 
 
 def _dense_shape(layer) -> tuple[int, ...] | None:
@@ -127,7 +170,7 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2) -> dict[str, int | float
     """
     totals = {"bytes_16bit": 0, "bytes_codes": 0, "bytes_scales": 0, "allocated": 0}
     full16 = 0
-    tokens = cache.get_seq_length() if cache.layers else 0
+    tokens = int(cache.get_seq_length()) if cache.layers else 0
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", False):
             continue
@@ -147,7 +190,7 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2) -> dict[str, int | float
             if shape is None:
                 continue
             batch, heads, dims = shape[0], shape[1], shape[-1] * 2
-        full16 += batch * heads * dims * layer.get_seq_length() * element_size_16bit
+        full16 += batch * heads * dims * int(layer.get_seq_length()) * element_size_16bit
     total = totals["bytes_16bit"] + totals["bytes_codes"] + totals["bytes_scales"]
     return {
         **totals,

@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", help="read the prompt from this file")
     gen.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
+    gen.add_argument("--static", action="store_true",
+                     help="preallocate each cache for the prompt and the new tokens (make_cache max_cache_len) and, "
+                     "on CUDA, capture the decode step (torch.compile + CUDA graphs; the first steps compile); "
+                     "quant specs then use --attn selkv")
 
     size = sub.add_parser(
         "size",
@@ -215,6 +219,14 @@ def cmd_generate(args) -> int:
     specs = args.cache or ["full"]
     for spec in specs:
         parse_spec(spec)  # fail before loading the model
+    if args.static:
+        static_kinds = ("full", "quant")
+        bad = [spec for spec in specs if parse_spec(spec).kind not in static_kinds]
+        if bad:
+            raise SelKVError(f"--static takes 'full' and 'quant' caches, not {bad[0]!r}")
+        if args.attn == "eager":
+            raise SelKVError("--static reads quantized caches with selkv's attention; use --attn selkv (or leave it out)")
+        args.attn = "selkv"  # a static quant cache's decode step reads its storage in place
     prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
     model, tokenizer = _load(args)
     inputs = encode_prompt(tokenizer, prompt, chat=False if args.no_chat else None)
@@ -222,7 +234,8 @@ def cmd_generate(args) -> int:
         hint = " or drop --no-chat (the chat template adds tokens)" if args.no_chat else ""
         raise SelKVError(f"the prompt {prompt[:40]!r} gives no tokens; give a non-empty --prompt{hint}")
     print(f"prompt: {inputs['input_ids'].shape[-1]} tokens, model {args.model} ({model.dtype}, {model.device})\n")
-    print_generations([generate(model, tokenizer, inputs, spec, args.max_new_tokens) for spec in specs])
+    print_generations([generate(model, tokenizer, inputs, spec, args.max_new_tokens, static=args.static)
+                       for spec in specs])
     return 0
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import kv_bytes, make_cache
-from .models import forward_with_cache
+from .models import cache_kwarg, forward_with_cache
 
 
 @dataclass
@@ -21,9 +21,12 @@ class Generation:
     decode_s: float
     kv: dict
 
+    timed_tokens: int = 0  # tokens the decode time covers (0: all of them)
+
     @property
     def decode_tok_s(self) -> float:
-        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else float("nan")
+        steps = (self.timed_tokens or self.new_tokens) - 1
+        return steps / self.decode_s if self.decode_s > 0 and steps > 0 else float("nan")
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> dict:
@@ -36,11 +39,18 @@ def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> dict:
     return tokenizer(prompt, return_tensors="pt")
 
 
+# Decode steps of a compiled step that compile and capture it; left out of the decode time.
+CAPTURE_STEPS = 2
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, inputs: dict, spec: str, max_new_tokens: int) -> Generation:
+def generate(model, tokenizer, inputs: dict, spec: str, max_new_tokens: int, static: bool = False) -> Generation:
     """Greedy-decode ``max_new_tokens`` after ``inputs`` (one prompt) with a fresh cache built from ``spec``.
 
-    Prefill and decode are timed separately: the first new token comes from the prefill.
+    Prefill and decode are timed separately: the first new token comes from the prefill. ``static``:
+    the cache is preallocated for the prompt and the new tokens (``max_cache_len``) and, on CUDA, the
+    decode step is compiled and replayed as a CUDA graph (:func:`compile_decode_step`); its first
+    ``CAPTURE_STEPS`` steps (compilation) are left out of the decode time.
     """
     device = model.device
     input_ids = inputs["input_ids"].to(device)
@@ -48,7 +58,9 @@ def generate(model, tokenizer, inputs: dict, spec: str, max_new_tokens: int) -> 
         raise ValueError(f"generate takes one prompt, got a batch of {input_ids.shape[0]}")
     attention_mask = inputs.get("attention_mask")
     attention_mask = attention_mask.to(device) if attention_mask is not None else torch.ones_like(input_ids)
-    cache = make_cache(spec, model.config)
+    max_cache_len = input_ids.shape[-1] + max_new_tokens if static else None
+    cache = make_cache(spec, model.config, max_cache_len=max_cache_len)
+    step = compile_decode_step(model) if static and device.type == "cuda" and cache.is_compileable else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     start = time.perf_counter()
@@ -56,16 +68,27 @@ def generate(model, tokenizer, inputs: dict, spec: str, max_new_tokens: int) -> 
     last_logits = out.logits[:, -1]
     sync()
     prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
-    tokens = greedy_decode(model, cache, last_logits, max_new_tokens, eos_token_ids(model, tokenizer))
+    starts = [time.perf_counter()]
+    tokens = greedy_decode(model, cache, last_logits, max_new_tokens, eos_token_ids(model, tokenizer), step=step,
+                           on_step=lambda: (sync(), starts.append(time.perf_counter())) if step else None)
     sync()
-    decode_s = time.perf_counter() - start
+    end = time.perf_counter()
+    timed_tokens = len(tokens)
+    if step is not None and len(starts) > CAPTURE_STEPS + 1:  # leave compilation and capture out
+        starts, timed_tokens = starts[CAPTURE_STEPS:], len(tokens) - CAPTURE_STEPS
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    return Generation(str(spec), text, len(tokens), prefill_s, decode_s, kv_bytes(cache))
+    label = f"{spec} (static, captured)" if step else f"{spec} (static)" if static else str(spec)
+    return Generation(label, text, len(tokens), prefill_s, end - starts[0], kv_bytes(cache), timed_tokens)
 
 
-def greedy_decode(model, cache, last_logits: torch.Tensor, max_new_tokens: int, eos_ids: Iterable[int] = ()) -> list[int]:
-    """Greedy tokens after a prefill (batch 1): the first from ``last_logits``, then one step at a time."""
+def greedy_decode(
+    model, cache, last_logits: torch.Tensor, max_new_tokens: int, eos_ids: Iterable[int] = (), step=None, on_step=None
+) -> list[int]:
+    """Greedy tokens after a prefill (batch 1): the first from ``last_logits``, then one step at a time.
+
+    ``step``: a compiled step (:func:`compile_decode_step`) instead of the model's forward;
+    ``on_step``: called after each step (timing).
+    """
     eos = set(eos_ids)
     tokens: list[int] = []
     next_token = last_logits.argmax(-1, keepdim=True)  # [1, 1]
@@ -74,9 +97,40 @@ def greedy_decode(model, cache, last_logits: torch.Tensor, max_new_tokens: int, 
         tokens.append(token)
         if token in eos or len(tokens) == max_new_tokens:
             break
-        out = forward_with_cache(model, cache, next_token)
-        next_token = out.logits[:, -1].argmax(-1, keepdim=True)
+        logits = forward_with_cache(model, cache, next_token).logits[:, -1] if step is None else step(next_token, cache)
+        next_token = logits.argmax(-1, keepdim=True)
+        if on_step is not None:
+            on_step()
     return tokens
+
+
+def compile_decode_step(model, mode: str | None = "reduce-overhead", fullgraph: bool = True, backend: str = "inductor"):
+    """A compiled one-token decode step for static caches: ``step(input_ids [batch, 1], cache) -> logits [batch, vocab]``.
+
+    ``torch.compile(model, mode=mode, fullgraph=fullgraph)`` called with the cache and no positions or
+    mask: positions come from the cache's device lengths, so every step has the same shapes and, with
+    ``mode="reduce-overhead"`` on CUDA, replays one CUDA graph. Build the cache with ``max_cache_len``
+    and run the prefill eagerly (``forward_with_cache``) first. The logits belong to the graph:
+    use them (or clone them) before the next step.
+    """
+    from .attention import kernel_module
+
+    if model.device.type == "cuda":
+        kernel_module()  # imported here: a compiled region cannot import it
+    compiled = torch.compile(model, mode=mode, fullgraph=fullgraph, dynamic=False, backend=backend)
+    name = cache_kwarg(model)
+
+    def step(input_ids: torch.Tensor, cache) -> torch.Tensor:
+        if not cache.is_compileable:
+            raise ValueError(
+                "compile_decode_step needs a static selkv cache (make_cache(spec, config, max_cache_len=N)) "
+                "and a model whose attention is 'selkv'"
+            )
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad():  # a decode step never needs gradients (the fused kernel has none)
+            return compiled(input_ids=input_ids, use_cache=True, **{name: cache}).logits[:, -1]
+
+    return step
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

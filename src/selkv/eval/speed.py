@@ -7,6 +7,11 @@ exactly ``new_tokens`` steps with no early stop.
 
 Metrics per cache: ``prefill_tok_s`` (batch x context / prefill time), ``decode_tok_s``
 (batch x new_tokens / decode time), the per-repeat times, and KV memory at the end.
+
+``--static``: each cache is preallocated once for context + new tokens (``make_cache(...,
+max_cache_len=...)``, reset between repeats) and, on CUDA, its decode step is compiled and replayed
+as a CUDA graph (:func:`selkv.compile_decode_step`; the warm-up repeats compile it). Quant caches
+need ``--attn selkv`` for that; ``full`` becomes transformers' ``StaticCache``.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import time
 import torch
 
 from ..cache import make_cache
+from ..generation import compile_decode_step
 from ..models import forward_with_cache
 from .common import measure_cache, prefill, progress, sync
 
 TASK = "speed"
-DEFAULTS = {"batch": 1, "context": 1024, "new_tokens": 64, "repeats": 5, "warmup": 1, "chunk": 0, "seed": 0}
+DEFAULTS = {"batch": 1, "context": 1024, "new_tokens": 64, "repeats": 5, "warmup": 1, "chunk": 0, "seed": 0,
+            "static": False}
 
 
 def add_arguments(parser) -> None:
@@ -31,18 +38,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], help="timed repeats (default 5)")
     parser.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="untimed repeats first (default 1)")
     parser.add_argument("--chunk", type=int, default=DEFAULTS["chunk"], help="prefill chunk (default 0 = one pass)")
+    parser.add_argument("--static", action="store_true",
+                        help="static caches (max_cache_len) and, on CUDA, a captured decode step (see the module doc)")
 
 
 def settings_from_args(args) -> dict:
     return {"batch": args.batch, "context": args.context, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "warmup": args.warmup, "chunk": args.chunk, "seed": DEFAULTS["seed"]}
+            "warmup": args.warmup, "chunk": args.chunk, "seed": DEFAULTS["seed"], "static": args.static}
 
 
 @torch.inference_mode()
-def time_once(model, input_ids: torch.Tensor, spec: str, new_tokens: int, chunk: int) -> tuple[float, float, object]:
-    """(prefill seconds, decode seconds, cache) of one run with a fresh cache."""
+def time_once(model, input_ids: torch.Tensor, spec: str, new_tokens: int, chunk: int, cache=None,
+              step=None) -> tuple[float, float, object]:
+    """(prefill seconds, decode seconds, cache) of one run with a fresh cache (or ``cache``, reset).
+
+    ``step``: a compiled decode step (:func:`selkv.compile_decode_step`) for the decode.
+    """
     device = model.device
-    cache = make_cache(spec, model.config)
+    if cache is None:
+        cache = make_cache(spec, model.config)
+    else:
+        cache.reset()
     sync(device)
     start = time.perf_counter()
     last = prefill(model, input_ids, cache, chunk)
@@ -51,13 +67,14 @@ def time_once(model, input_ids: torch.Tensor, spec: str, new_tokens: int, chunk:
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(new_tokens):
-        next_token = forward_with_cache(model, cache, next_token).logits[:, -1].argmax(-1, keepdim=True)
+        logits = forward_with_cache(model, cache, next_token).logits[:, -1] if step is None else step(next_token, cache)
+        next_token = logits.argmax(-1, keepdim=True)
     sync(device)
     return prefill_s, time.perf_counter() - start, cache
 
 
 def run(model, tokenizer, specs: list[str], writer, batch: int, context: int, new_tokens: int, repeats: int,
-        warmup: int, chunk: int, seed: int = 0) -> None:
+        warmup: int, chunk: int, seed: int = 0, static: bool = False) -> None:
     if batch < 1 or context < 1 or new_tokens < 1 or repeats < 1 or warmup < 0:
         raise ValueError("--batch, --context, --new-tokens and --repeats must be >= 1 and --warmup >= 0")
     todo = [s for s in specs if writer.get(s, "timing") is None]
@@ -68,10 +85,16 @@ def run(model, tokenizer, specs: list[str], writer, batch: int, context: int, ne
     input_ids = torch.randint(0, vocab, (batch, context), generator=generator).to(model.device)
     writer.data = f"random token ids (seed {seed})"
     times: dict[str, list[tuple[float, float]]] = {s: [] for s in todo}
-    caches = {}
+    caches, steps = {}, {}
+    if static:  # one preallocated cache per spec, reset between repeats: the compiled step keeps its graph
+        step = compile_decode_step(model) if model.device.type == "cuda" else None
+        for spec in todo:
+            caches[spec] = make_cache(spec, model.config, max_cache_len=context + new_tokens)
+            steps[spec] = step if step is not None and caches[spec].is_compileable else None
     for repeat in progress(range(warmup + repeats), desc="speed (repeats)", unit="round"):
         for spec in todo:
-            prefill_s, decode_s, caches[spec] = time_once(model, input_ids, spec, new_tokens, chunk)
+            prefill_s, decode_s, caches[spec] = time_once(model, input_ids, spec, new_tokens, chunk,
+                                                          cache=caches.get(spec), step=steps.get(spec))
             if repeat >= warmup:
                 times[spec].append((prefill_s, decode_s))
     for spec in todo:
@@ -82,6 +105,8 @@ def run(model, tokenizer, specs: list[str], writer, batch: int, context: int, ne
             "decode_tok_s": batch * new_tokens / decode_s,
             "prefill_s": [t[0] for t in times[spec]],
             "decode_s": [t[1] for t in times[spec]],
+            "static": static,
+            "captured": steps.get(spec) is not None,
             **measure_cache(caches[spec]),
         })
 

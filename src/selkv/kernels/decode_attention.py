@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..storage import DecodeStorage
+
 _LOG2E = 1.4426950408889634  # 1/ln(2): the kernels use exp2/log2
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -51,7 +53,7 @@ def _exact_tile(q, Keys, Values, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRE
 # Lengths that change from one decode step to the next are not specialized on (Triton specializes an
 # int argument on == 1 and on divisibility by 16: a decode loop would compile a new kernel whenever
 # num_recent crossed such a value, seconds each, in the middle of generation).
-_VARYING_LENGTHS = ["num_sink", "num_stored", "num_recent", "tokens_per_split", "num_partials"]
+_VARYING_LENGTHS = ["num_sink", "num_stored", "num_recent", "tokens_per_split", "num_partials", "recent_capacity"]
 
 
 @triton.jit(do_not_specialize=_VARYING_LENGTHS)
@@ -62,10 +64,13 @@ def _selective_decode_partial_kernel(
     KCodes, KScale, KZero, VCodes, VScale, VZero,
     # [B] int32 left padding of each row (unused unless HAS_PADDING)
     RowPadding,
+    # [4] int32 num_sink, num_stored, num_recent, recent_start (unused unless DEVICE_LENGTHS)
+    Lengths,
     # outputs: partial outputs [B, Hq, S, D] float32, their log2-sum-exp [B, Hq, S] float32
     PartialOut, PartialLse,
     # sizes
     num_sink, num_stored, num_recent, tokens_per_split, num_kv_heads, num_partials,
+    recent_capacity,  # window slots (the ring's size with DEVICE_LENGTHS)
     scale_log2,  # softmax scale * log2(e)
     # strides (elements); the last dimension of every tensor is contiguous
     stride_qb, stride_qh,
@@ -84,6 +89,8 @@ def _selective_decode_partial_kernel(
     BLOCK_LENGTH: tl.constexpr,  # the cache's block: tokens per key group (KEY_PER_CHANNEL), per value-code block
     KEY_ROWS: tl.constexpr,  # 1: each middle tile lies inside one key group; 0: gather a scale row per token
     HAS_PADDING: tl.constexpr,
+    DEVICE_LENGTHS: tl.constexpr,  # lengths from Lengths; the int lengths are capacities; the window is a ring
+    MIN_SPLIT_TILES: tl.constexpr,  # with DEVICE_LENGTHS: tiles per middle program at least
     BLOCK_N: tl.constexpr,  # middle tokens per tile
     BLOCK_EXACT: tl.constexpr,  # 16-bit tokens per tile
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32), else "tf32" (ignored for 16-bit)
@@ -97,6 +104,16 @@ def _selective_decode_partial_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
     h = pid_bh % num_kv_heads
+    recent_start = 0
+    if DEVICE_LENGTHS:
+        # A captured decode step: the grid is sized from the capacities, the lengths are read here and
+        # the filled middle is spread over the middle programs (those past it find no tiles).
+        num_sink = tl.load(Lengths)
+        num_stored = tl.load(Lengths + 1)
+        num_recent = tl.load(Lengths + 2)
+        recent_start = tl.load(Lengths + 3)
+        tiles = tl.cdiv(num_stored, BLOCK_N)
+        tokens_per_split = tl.maximum(tl.cdiv(tiles, tl.maximum(num_partials - 1, 1)), MIN_SPLIT_TILES) * BLOCK_N
 
     if split == num_partials - 1:
         # ---- the 16-bit regions: sink (minus this row's left padding), then the window
@@ -122,6 +139,8 @@ def _selective_decode_partial_kernel(
         for start in range(0, num_recent, BLOCK_EXACT):
             pos = start + offs_e
             valid = pos < num_recent
+            if DEVICE_LENGTHS:  # the i-th oldest window token sits at slot (recent_start + i) % capacity
+                pos = (recent_start + pos) % recent_capacity
             offs = recent_base + pos[:, None] * stride_rn + offs_d[None, :]
             m_i, l_i, acc = _exact_tile(q, RecentK, RecentV, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRECISION)
         # ---- partial result of the 16-bit program: normalized output and log2-sum-exp (-inf when empty)
@@ -427,9 +446,9 @@ def _middle_chunk(
         if SCALE_PREFETCH:
             ks_tile, kz_tile, vs_tile, vz_tile = next_tiles
 
-    # partial result: normalized output and log2-sum-exp (a middle program always has tokens)
+    # partial result: normalized output and log2-sum-exp (-inf for a program past the filled middle)
     rows = (b * num_kv_heads * GROUP + h * GROUP + offs_hn) * num_partials + split  # [HEADS_N]
-    l_safe = tl.where(head_ok, l_i, 1.0)
+    l_safe = tl.where(head_ok & (l_i > 0.0), l_i, 1.0)
     _store_chunk(PartialOut, acc0, rows, head_ok, l_safe, 0, CHUNK, HEAD_DIM)
     if NUM_CHUNKS > 1:
         _store_chunk(PartialOut, acc1, rows, head_ok, l_safe, 1, CHUNK, HEAD_DIM)
@@ -471,7 +490,7 @@ def _merge_partials_kernel(
         acc = acc * alpha + tl.sum(w[:, None] * o, 0)
         denom = denom * alpha + tl.sum(w, 0)
         m = m_new
-    out = acc / denom
+    out = acc / tl.where(denom > 0.0, denom, 1.0)
     tl.store(Out + b * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 
@@ -510,6 +529,10 @@ def _resolve(config: DecodeConfig, axis_key: str, block_length: int) -> DecodeCo
 def _chunk(head_dim: int, nbits: int, q_group_size: int) -> int:
     """Channels per middle chunk: inside one bit plane (head_dim * nbits / 8 bytes) and one scale group."""
     return min(q_group_size, head_dim * nbits // 8)
+
+
+# Tiles a middle program reads at least (each program pays a partial output and its merge).
+_MIN_SPLIT_TILES = 4
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -551,7 +574,7 @@ def _splits(num_stored: int, rows: int, config: DecodeConfig, device: torch.devi
         wanted = config.num_splits
     else:
         wanted = (config.programs_per_sm * _num_sms(device)) // rows - 1  # minus the 16-bit program
-        wanted = min(wanted, _cdiv(tiles, 4))  # each chunk pays a partial: keep >= 4 tiles
+        wanted = min(wanted, _cdiv(tiles, _MIN_SPLIT_TILES))  # each chunk pays a partial: keep >= 4 tiles
     wanted = max(1, min(wanted, tiles))
     # whole tiles per split: every tile starts at a multiple of block_n (the kernel's value loads rely on it)
     tokens_per_split = _cdiv(tiles, wanted) * config.block_n
@@ -582,47 +605,30 @@ def check_supported(head_dim: int, num_groups: int, nbits: int, q_group_size: in
 
 def selective_decode_attention(
     query_states: torch.Tensor,
-    sink_keys: torch.Tensor,
-    sink_values: torch.Tensor,
-    num_sink: int,
-    key_codes: torch.Tensor | None,
-    key_scale: torch.Tensor | None,
-    key_zero: torch.Tensor | None,
-    value_codes: torch.Tensor | None,
-    value_scale: torch.Tensor | None,
-    value_zero: torch.Tensor | None,
-    num_stored: int,
-    recent_keys: torch.Tensor,
-    recent_values: torch.Tensor,
-    num_recent: int,
+    storage: DecodeStorage,
     *,
-    nbits: int,
-    q_group_size: int,
-    axis_key: str = "token",
-    block_length: int = 1,
-    row_padding: torch.Tensor | None = None,
     scaling: float | None = None,
     config: DecodeConfig | None = None,
 ) -> torch.Tensor:
-    """Attention of one query token over sink[:num_sink] + middle[:num_stored] + window[:num_recent].
+    """Attention of one query token over a layer's storage: sink, middle and window (see :class:`DecodeStorage`).
 
     Args:
         query_states: ``[batch_size, num_heads, 1, head_dim]``; query head ``i`` reads KV head
             ``i // (num_heads // num_key_value_heads)``.
-        sink_keys, sink_values: ``[batch_size, num_key_value_heads, sink_capacity, head_dim]``, 16-bit.
-        key_codes, value_codes: uint8 ``[batch_size, num_key_value_heads, capacity, head_dim * nbits // 8]``,
-            codes packed in planes (``quant.pack``); value codes block-major in blocks of ``block_length``
-            tokens (``quant.to_block_major``; ``capacity`` a multiple of ``block_length``); ``None`` when
-            ``num_stored == 0``.
-        key_scale, key_zero: float16 ``[B, H, capacity, head_dim // q_group_size]`` (``axis_key="token"``)
-            or ``[B, H, capacity // block_length, head_dim]`` (``axis_key="channel"``).
-        value_scale, value_zero: float16 ``[B, H, capacity, head_dim // q_group_size]``.
-        recent_keys, recent_values: ``[B, H, window_capacity, head_dim]``, 16-bit.
-        row_padding: ``[batch_size]`` int32 left padding per row (positions below it are masked), or ``None``.
+        storage: the layer's storage. With host lengths the grid is sized from ``num_stored``; with
+            device ``lengths`` (a static cache) from the capacities, and the kernel reads the lengths
+            itself: no host sync, one kernel specialization for the whole decode, capturable in a CUDA graph.
         scaling: softmax scale, ``head_dim ** -0.5`` by default.
     Returns:
         ``[batch_size, 1, num_heads, head_dim]`` in the query's dtype (transformers' attention output layout).
     """
+    s = storage
+    sink_keys, sink_values, recent_keys, recent_values = s.sink_keys, s.sink_values, s.recent_keys, s.recent_values
+    key_codes, key_scale, key_zero = s.key_codes, s.key_scale, s.key_zero
+    value_codes, value_scale, value_zero = s.value_codes, s.value_scale, s.value_zero
+    num_sink, num_stored, num_recent = s.num_sink, s.num_stored, s.num_recent
+    nbits, q_group_size, axis_key, block_length, row_padding = (
+        s.nbits, s.q_group_size, s.axis_key, s.block_length, s.row_padding)
     batch_size, num_heads, q_len, head_dim = query_states.shape
     num_kv_heads = sink_keys.shape[1]
     if q_len != 1:
@@ -695,6 +701,8 @@ def selective_decode_attention(
         row_padding = row_padding.to(device=device, dtype=torch.int32).contiguous()
     else:
         row_padding = sink_keys  # unused
+    device_lengths = s.lengths is not None
+    lengths = s.lengths.to(device=device, dtype=torch.int32) if device_lengths else sink_keys  # unused without
 
     chunk = _chunk(head_dim, nbits, q_group_size)
     num_splits, tokens_per_split = _splits(num_stored, batch_size * num_kv_heads, config, device)
@@ -707,8 +715,8 @@ def selective_decode_attention(
     _selective_decode_partial_kernel[(num_partials, batch_size * num_kv_heads)](
         query_states, sink_keys, sink_values, recent_keys, recent_values,
         key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
-        row_padding, partial_out, partial_lse,
-        num_sink, num_stored, num_recent, tokens_per_split, num_kv_heads, num_partials,
+        row_padding, lengths, partial_out, partial_lse,
+        num_sink, num_stored, num_recent, tokens_per_split, num_kv_heads, num_partials, recent_keys.shape[2],
         scaling * _LOG2E,
         query_states.stride(0), query_states.stride(1),
         sink_keys.stride(0), sink_keys.stride(1), sink_keys.stride(2),
@@ -725,6 +733,8 @@ def selective_decode_attention(
         BLOCK_LENGTH=block_length,
         KEY_ROWS=_key_rows(config.block_n, block_length),
         HAS_PADDING=has_padding,
+        DEVICE_LENGTHS=device_lengths,
+        MIN_SPLIT_TILES=_MIN_SPLIT_TILES,
         BLOCK_N=config.block_n,
         BLOCK_EXACT=config.block_exact,
         DOT_PRECISION="ieee" if query_states.dtype == torch.float32 else "tf32",
@@ -762,3 +772,64 @@ def bytes_read(
         key_scales = rows * num_stored * 2 * (head_dim // q_group_size) * 2
     query = batch_size * num_heads * head_dim * element_size
     return exact + codes + value_scales + key_scales + query
+
+
+# ------------------------------------------------ torch.compile / CUDA graphs
+#
+# torch.compile sees the launcher as one opaque operator (it needs no shapes from the storage's
+# lengths, which live on the device), so a compiled decode step calls it and a CUDA graph replays it.
+
+
+@torch.library.custom_op("selkv::selective_decode_attention", mutates_args=())
+def _selective_decode_attention_op(
+    query_states: torch.Tensor,
+    sink_keys: torch.Tensor,
+    sink_values: torch.Tensor,
+    key_codes: torch.Tensor,
+    key_scale: torch.Tensor,
+    key_zero: torch.Tensor,
+    value_codes: torch.Tensor,
+    value_scale: torch.Tensor,
+    value_zero: torch.Tensor,
+    recent_keys: torch.Tensor,
+    recent_values: torch.Tensor,
+    lengths: torch.Tensor,
+    row_padding: torch.Tensor | None,
+    num_sink: int,
+    num_stored: int,
+    num_recent: int,
+    nbits: int,
+    q_group_size: int,
+    axis_key: str,
+    block_length: int,
+    scaling: float,
+) -> torch.Tensor:
+    storage = DecodeStorage(
+        sink_keys, sink_values, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
+        recent_keys, recent_values, num_sink, num_stored, num_recent, nbits, q_group_size, axis_key,
+        block_length, row_padding, lengths,
+    )
+    return selective_decode_attention(query_states, storage, scaling=scaling)
+
+
+@_selective_decode_attention_op.register_fake
+def _(query_states, *args, **kwargs):
+    batch_size, num_heads, _, head_dim = query_states.shape
+    return query_states.new_empty(batch_size, 1, num_heads, head_dim)
+
+
+def decode_attention(query_states: torch.Tensor, storage: DecodeStorage, scaling: float | None = None) -> torch.Tensor:
+    """:func:`selective_decode_attention`, through the registered operator when the lengths are on the device.
+
+    Storage with device lengths (static caches) always has its middle allocated.
+    """
+    if storage.lengths is None:
+        return selective_decode_attention(query_states, storage, scaling=scaling)
+    head_dim = query_states.shape[-1]
+    s = storage
+    return _selective_decode_attention_op(
+        query_states, s.sink_keys, s.sink_values, s.key_codes, s.key_scale, s.key_zero, s.value_codes,
+        s.value_scale, s.value_zero, s.recent_keys, s.recent_values, s.lengths, s.row_padding,
+        s.num_sink, s.num_stored, s.num_recent, s.nbits, s.q_group_size, s.axis_key, s.block_length,
+        head_dim**-0.5 if scaling is None else float(scaling),
+    )

@@ -2,69 +2,80 @@
 
 They compute what the reference path computes (dequantize the middle, round it to the
 model's dtype, attend), in float32, and are what the fused kernels are tested against.
+With device lengths (a static cache) every shape is fixed by the capacities and the unfilled
+entries are masked, so ``torch.compile`` can capture a decode step that calls the twin.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..layers.sink_window import dequantize_middle
+from ..storage import DecodeStorage, dequantize_middle
 
-__all__ = ["dequantize_middle", "selective_decode_attention"]
+__all__ = ["dequantize_middle", "selective_decode_attention", "valid_positions"]
+
+
+def valid_positions(storage: DecodeStorage) -> torch.Tensor:
+    """bool ``[B, num_sink + num_stored + num_recent]``: which of the twin's concatenated positions hold tokens.
+
+    Positions are sink ``[:num_sink]``, middle ``[:num_stored]``, window ``[:num_recent]`` (the bounds);
+    sink positions below a row's left padding are padding.
+    """
+    s = storage
+    device = s.sink_keys.device
+    batch_size = s.sink_keys.shape[0]
+    sink_pos = torch.arange(s.num_sink, device=device)
+    middle_pos = torch.arange(s.num_stored, device=device)
+    slot = torch.arange(s.num_recent, device=device)
+    if s.lengths is None:
+        sink_ok = torch.ones(s.num_sink, dtype=torch.bool, device=device)
+        middle_ok = torch.ones(s.num_stored, dtype=torch.bool, device=device)
+        recent_ok = torch.ones(s.num_recent, dtype=torch.bool, device=device)
+    else:
+        lengths = s.lengths.to(device)
+        sink_ok = sink_pos < lengths[0]
+        middle_ok = middle_pos < lengths[1]
+        # ring: the i-th oldest window token sits at slot (recent_start + i) % capacity
+        recent_ok = torch.remainder(slot - lengths[3], s.recent_keys.shape[2]) < lengths[2]
+    sink_ok = sink_ok.expand(batch_size, -1)
+    if s.row_padding is not None:
+        sink_ok = sink_ok & (sink_pos[None, :] >= s.row_padding.to(device)[:, None])
+    return torch.cat([sink_ok, middle_ok.expand(batch_size, -1), recent_ok.expand(batch_size, -1)], dim=-1)
 
 
 def selective_decode_attention(
     query_states: torch.Tensor,
-    sink_keys: torch.Tensor,
-    sink_values: torch.Tensor,
-    num_sink: int,
-    key_codes: torch.Tensor | None,
-    key_scale: torch.Tensor | None,
-    key_zero: torch.Tensor | None,
-    value_codes: torch.Tensor | None,
-    value_scale: torch.Tensor | None,
-    value_zero: torch.Tensor | None,
-    num_stored: int,
-    recent_keys: torch.Tensor,
-    recent_values: torch.Tensor,
-    num_recent: int,
+    storage: DecodeStorage,
     *,
-    nbits: int,
-    q_group_size: int,
-    axis_key: str = "token",
-    block_length: int = 1,
-    row_padding: torch.Tensor | None = None,
     scaling: float | None = None,
     config=None,
 ) -> torch.Tensor:
     """Twin of :func:`selkv.kernels.decode_attention.selective_decode_attention` (``config`` is ignored).
 
-    Returns ``[batch_size, 1, num_heads, head_dim]`` in the query's dtype.
+    ``query_states`` ``[batch_size, num_heads, 1, head_dim]``; returns ``[batch_size, 1, num_heads, head_dim]``
+    in the query's dtype.
     """
+    s = storage
     batch_size, num_heads, q_len, head_dim = query_states.shape
-    num_kv_heads = sink_keys.shape[1]
+    num_kv_heads = s.num_key_value_heads
     group = num_heads // num_kv_heads
     dtype = query_states.dtype
-    keys = [sink_keys[:, :, :num_sink]]
-    values = [sink_values[:, :, :num_sink]]
-    if num_stored:
-        middle_keys, middle_values = dequantize_middle(
-            key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, num_stored,
-            nbits=nbits, q_group_size=q_group_size, axis_key=axis_key, block_length=block_length,
-        )
+    keys = [s.sink_keys[:, :, : s.num_sink]]
+    values = [s.sink_values[:, :, : s.num_sink]]
+    if s.num_stored:
+        middle_keys, middle_values = s.dequantize()
         keys.append(middle_keys.to(dtype))  # the reference path rounds to the model's dtype here too
         values.append(middle_values.to(dtype))
-    keys.append(recent_keys[:, :, :num_recent])
-    values.append(recent_values[:, :, :num_recent])
+    keys.append(s.recent_keys[:, :, : s.num_recent])
+    values.append(s.recent_values[:, :, : s.num_recent])
     k = torch.cat(keys, dim=-2).float()  # [B, H, N, D]
     v = torch.cat(values, dim=-2).float()
     q = query_states.float().reshape(batch_size, num_kv_heads, group * q_len, head_dim)  # [B, H, G, D]
     scaling = head_dim**-0.5 if scaling is None else scaling
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, G, N]
-    if row_padding is not None:
-        positions = torch.arange(k.shape[-2], device=k.device)
-        padded = positions[None, :] < row_padding.to(k.device)[:, None]  # [B, N]
-        scores = scores.masked_fill(padded[:, None, None, :], float("-inf"))
-        v = v.masked_fill(padded[:, None, :, None], 0.0)
+    if s.row_padding is not None or s.lengths is not None:
+        valid = valid_positions(s)  # [B, N]
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        v = v.masked_fill(~valid[:, None, :, None], 0.0)  # unwritten entries may hold anything
     out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, H, G, D]
     return out.reshape(batch_size, num_heads, q_len, head_dim).transpose(1, 2).to(dtype)

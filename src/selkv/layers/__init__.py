@@ -3,5 +3,6 @@
 from .base import SelectiveLayer
 from .evict import EvictLayer
 from .sink_window import QuantizedSinkWindowLayer
+from .static import StaticSinkWindowLayer
 
-__all__ = ["SelectiveLayer", "EvictLayer", "QuantizedSinkWindowLayer"]
+__all__ = ["SelectiveLayer", "EvictLayer", "QuantizedSinkWindowLayer", "StaticSinkWindowLayer"]

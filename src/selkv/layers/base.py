@@ -54,8 +54,10 @@ class SelectiveLayer(CacheLayerMixin):
         self.left_padding = 0
         self.row_padding = None  # [batch_size] int32: left padding of each row, when known
         # Set by the cache when the model's attention is selkv's: one-token decode steps then return
-        # handles instead of dequantized tensors, and the attention function reads the storage itself.
+        # the window only, and the attention function reads the storage itself (decode_storage).
         self.fused_decode = False
+        # Whether the last update was such a step (the cache then publishes this layer's storage).
+        self.storage_step = False
         self._reset_counts()
 
     def _reset_counts(self) -> None:
@@ -136,9 +138,10 @@ class SelectiveLayer(CacheLayerMixin):
             self.num_evicted += evict
             self._shift_recent(evict)
 
-        if self.fused_decode and query_length == 1 and not to_sink:
-            # The fused attention reads sink, middle and window from storage: nothing to assemble.
-            return self._decode_handles()
+        self.storage_step = self.fused_decode and query_length == 1 and not to_sink
+        if self.storage_step:
+            # selkv's attention reads sink, middle and window from storage (decode_storage): nothing to assemble.
+            return self.recent_keys[:, :, : self.num_recent], self.recent_values[:, :, : self.num_recent]
         if evict <= num_old:  # the window still holds every token of this call, exact
             exact_keys = self.recent_keys[:, :, : self.num_recent]
             exact_values = self.recent_values[:, :, : self.num_recent]
@@ -147,13 +150,6 @@ class SelectiveLayer(CacheLayerMixin):
             exact_keys, exact_values = new_keys, new_values
             num_read_back = stored_before + (num_old if self.retains_evicted else 0)
         return self._assemble(num_read_back, exact_keys, exact_values)
-
-    def _decode_handles(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The window as returned keys/values, tagged with this layer for selkv's attention function."""
-        keys = self.recent_keys[:, :, : self.num_recent]
-        values = self.recent_values[:, :, : self.num_recent]
-        keys.selkv_layer = self
-        return keys, values
 
     def _assemble(
         self, num_read_back: int, exact_keys: torch.Tensor, exact_values: torch.Tensor

@@ -24,37 +24,10 @@ from __future__ import annotations
 import torch
 
 from .. import quant
+from ..storage import DecodeStorage, dequantize_middle
 from .base import SelectiveLayer
 
 _MIDDLE = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
-
-
-def dequantize_middle(
-    key_codes: torch.Tensor,
-    key_scale: torch.Tensor,
-    key_zero: torch.Tensor,
-    value_codes: torch.Tensor,
-    value_scale: torch.Tensor,
-    value_zero: torch.Tensor,
-    num_stored: int,
-    *,
-    nbits: int,
-    q_group_size: int,
-    axis_key: str,
-    block_length: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``num_stored`` middle tokens as float32 ``[B, H, num_stored, head_dim]`` keys and values."""
-    codes = quant.unpack(key_codes[:, :, :num_stored], nbits)
-    if axis_key == "channel":
-        groups = -(-num_stored // block_length)
-        keys = quant.dequantize(codes, key_scale[:, :, :groups], key_zero[:, :, :groups], block_length, dim=-2)
-    else:
-        keys = quant.dequantize(codes, key_scale[:, :, :num_stored], key_zero[:, :, :num_stored], q_group_size)
-    whole_blocks = -(-num_stored // block_length) * block_length
-    codes = quant.from_block_major(value_codes[:, :, :whole_blocks], block_length)[:, :, :num_stored]
-    codes = quant.unpack(codes, nbits)
-    values = quant.dequantize(codes, value_scale[:, :, :num_stored], value_zero[:, :, :num_stored], q_group_size)
-    return keys, values
 
 
 class QuantizedSinkWindowLayer(SelectiveLayer):
@@ -101,11 +74,11 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             return quant.quantize(keys, self.nbits, self.block_length, dim=-2, sym=self.sym)
         return quant.quantize(keys, self.nbits, self.q_group_size, dim=-1, sym=self.sym)
 
-    def _evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        count = keys.shape[-2]
+    def _quantize_parts(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Middle entries of whole blocks of tokens ``[B, H, n, head_dim]``, by middle tensor name."""
         key_codes, key_scale, key_zero = self._quantize_keys(keys)
         value_codes, value_scale, value_zero = quant.quantize(values, self.nbits, self.q_group_size, dim=-1, sym=self.sym)
-        parts = {
+        return {
             "key_codes": quant.pack(key_codes, self.nbits),
             "key_scale": key_scale,
             "key_zero": key_zero,
@@ -113,6 +86,10 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             "value_scale": value_scale,
             "value_zero": value_zero,
         }
+
+    def _evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        count = keys.shape[-2]
+        parts = self._quantize_parts(keys, values)
         start, end = self._num_stored, self._num_stored + count
         self._ensure_capacity(end, parts)
         for name, part in parts.items():
@@ -148,6 +125,29 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             block_length=self.block_length,
         )
 
+    def decode_storage(self) -> DecodeStorage:
+        """This layer's storage as selkv's decode attention reads it (lengths as host integers)."""
+        return DecodeStorage(
+            sink_keys=self.sink_keys,
+            sink_values=self.sink_values,
+            key_codes=self.key_codes,
+            key_scale=self.key_scale,
+            key_zero=self.key_zero,
+            value_codes=self.value_codes,
+            value_scale=self.value_scale,
+            value_zero=self.value_zero,
+            recent_keys=self.recent_keys,
+            recent_values=self.recent_values,
+            num_sink=self.num_sink,
+            num_stored=self.num_stored,
+            num_recent=self.num_recent,
+            nbits=self.nbits,
+            q_group_size=self.q_group_size,
+            axis_key=self.axis_key,
+            block_length=self.block_length,
+            row_padding=self.row_padding,
+        )
+
     # ------------------------------------------------------------- accounting
 
     def _middle_tensors(self) -> dict[str, torch.Tensor]:
@@ -156,7 +156,7 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
     def _middle_used(self) -> dict[str, int]:
         if self.key_codes is None:
             return {}
-        count = self._num_stored
+        count = self.num_stored
 
         def used(name: str, rows: int) -> int:
             tensor = getattr(self, name)

@@ -1,0 +1,270 @@
+"""StaticSinkWindowLayer: selkv's quantized sink + window cache with a fixed capacity, for captured decoding.
+
+The same policy and the same quantization as :class:`QuantizedSinkWindowLayer` (16-bit sink and
+window, every token between them quantized once, in blocks of ``block_length``), laid out so that
+a one-token decode step has fixed shapes and no host synchronization, as transformers'
+``StaticCache`` does for the full cache: ``torch.compile`` traces it and a CUDA graph replays it.
+
+- Capacity: ``max_cache_len`` positions (left padding included). Every tensor is allocated once,
+  at the first update, when batch size, dtype and device are known.
+- Lengths live on the device: ``lengths`` int32 ``[4]`` = (num_sink, num_stored, num_recent,
+  recent_start) and ``cumulative_length`` (positions seen, int64).
+- The window is a ring of ``window_length + block_length`` slots: the ``i``-th oldest window token
+  sits at slot ``(recent_start + i) % ring``. Attention does not depend on the order of keys (RoPE
+  is already applied), so the ring is read in place.
+- Eviction inside the captured step: every step quantizes the ring's oldest block and writes it to
+  the middle rows ``[num_stored, num_stored + block)``; only when the ring is full does the step
+  advance ``num_stored`` (and ``recent_start``) past that block. Rows past ``num_stored`` are never
+  read, so the writes of the other steps are invisible; the middle has one spare block for them.
+- The sink has one spare slot: a step whose token does not go to the sink writes it there.
+
+Prefill (more than one token) and steps without selkv's attention run eagerly, with host lengths;
+they return what :class:`QuantizedSinkWindowLayer` returns. Past ``max_cache_len`` a prefill
+raises; a captured step keeps running with the middle full and drops the window's oldest tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..storage import DecodeStorage, dequantize_middle
+from .sink_window import _MIDDLE, QuantizedSinkWindowLayer
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
+    """:class:`QuantizedSinkWindowLayer` with a fixed capacity of ``max_cache_len`` positions and device lengths."""
+
+    def __init__(self, *args, max_cache_len: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        if max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be >= 1, got {max_cache_len}")
+        self.max_cache_len = max_cache_len
+
+    @property
+    def is_compileable(self) -> bool:
+        # One-token steps have fixed shapes only when selkv's attention reads the storage in place.
+        return self.fused_decode
+
+    def _reset_counts(self) -> None:
+        self.sink_keys = self.sink_values = None
+        self.recent_keys = self.recent_values = None
+        self.lengths = None  # int32 [4]: num_sink, num_stored, num_recent, recent_start
+        self.cumulative_length = None  # int64 []: positions seen
+        self.is_initialized = False
+
+    # Host views of the device lengths (each one synchronizes: accounting and eager steps only).
+    @property
+    def num_sink(self) -> int:
+        return int(self.lengths[0]) if self.is_initialized else 0
+
+    @property
+    def num_stored(self) -> int:
+        return int(self.lengths[1]) if self.is_initialized else 0
+
+    @property
+    def num_recent(self) -> int:
+        return int(self.lengths[2]) if self.is_initialized else 0
+
+    @property
+    def ring_length(self) -> int:
+        return self.window_length + self.block_length
+
+    @property
+    def middle_capacity(self) -> int:
+        """Middle tokens the capacity can need: positions past the sink and the window, in whole blocks."""
+        tokens = max(self.max_cache_len - self.sink_capacity - self.window_length, 0)
+        return -(-tokens // self.block_length) * self.block_length
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch_size, num_heads, _, head_dim = key_states.shape
+        self.batch_size, self.num_key_value_heads, self.head_dim = batch_size, num_heads, head_dim
+        value_dim = value_states.shape[-1]
+        sink_shape = (batch_size, num_heads, self.sink_capacity + 1, head_dim)  # + the spare slot
+        self.sink_keys = key_states.new_zeros(sink_shape)
+        self.sink_values = value_states.new_zeros(sink_shape[:-1] + (value_dim,))
+        ring_shape = (batch_size, num_heads, self.ring_length, head_dim)
+        self.recent_keys = key_states.new_zeros(ring_shape)
+        self.recent_values = value_states.new_zeros(ring_shape[:-1] + (value_dim,))
+        # The middle's tensors take their shapes and dtypes from quantizing one block of zeros.
+        rows = self.middle_capacity + self.block_length  # + the spare block
+        block = key_states.new_zeros(batch_size, num_heads, self.block_length, head_dim)
+        for name, part in self._quantize_parts(block, block).items():
+            length = rows // self.block_length if self._per_block(name) else rows
+            setattr(self, name, part.new_zeros(part.shape[:2] + (length,) + part.shape[3:]))
+        self.lengths = torch.zeros(4, dtype=torch.int32, device=self.device)
+        self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.is_initialized = True
+        # Fixed addresses: a CUDA graph replays reads and in-place writes of these tensors.
+        if not _is_compiling():
+            for tensor in (*self._all_tensors().values(), self.lengths, self.cumulative_length):
+                torch._dynamo.mark_static_address(tensor)
+
+    def _per_block(self, name: str) -> bool:
+        """Whether the middle tensor ``name`` has one row per block of tokens (per-channel key groups)."""
+        return self.axis_key == "channel" and name in ("key_scale", "key_zero")
+
+    # ---------------------------------------------------------------- updates
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``key_states``/``value_states`` ``[batch, kv_heads, q_len, head_dim]``; return what attention reads.
+
+        A one-token step with selkv's attention runs on the device (capturable) and returns the ring;
+        attention reads :meth:`decode_storage`. Anything else runs eagerly (see the module docstring).
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.storage_step = self.fused_decode and key_states.shape[-2] == 1
+        if self.storage_step:
+            self._decode_step(key_states, value_states)
+            return self.recent_keys, self.recent_values
+        return self._eager_update(key_states, value_states)
+
+    def _write_middle(self, parts: dict[str, torch.Tensor], first: torch.Tensor | int) -> None:
+        """Write quantized whole blocks into the middle from token ``first`` (a multiple of the block)."""
+        count = parts["key_codes"].shape[-2]
+        for name, part in parts.items():
+            per_block = self._per_block(name)
+            length = count // self.block_length if per_block else count
+            start = first // self.block_length if per_block else first
+            if isinstance(start, int):
+                getattr(self, name)[:, :, start : start + length] = part
+            else:
+                rows = start + torch.arange(length, device=self.device)
+                getattr(self, name).index_copy_(2, rows, part)
+
+    def _decode_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """One token, fixed shapes, device lengths only."""
+        block, ring, sink_capacity = self.block_length, self.ring_length, self.sink_capacity
+        num_sink, num_stored, num_recent, start = self.lengths.unbind()
+        # The sink takes the sequence's first tokens only; other tokens land in its spare slot.
+        to_sink = (num_sink < sink_capacity) & (num_stored + num_recent == 0)
+        sink_slot = torch.where(to_sink, num_sink, sink_capacity).view(1).long()
+        self.sink_keys.index_copy_(2, sink_slot, key_states)
+        self.sink_values.index_copy_(2, sink_slot, value_states)
+        # The next ring slot (a token that went to the sink leaves an unread copy there).
+        ring_slot = torch.remainder(start + num_recent, ring).view(1).long()
+        self.recent_keys.index_copy_(2, ring_slot, key_states)
+        self.recent_values.index_copy_(2, ring_slot, value_states)
+        num_recent = num_recent + (~to_sink).to(torch.int32)
+        # Quantize the ring's oldest block and write it after the stored middle; keep it (advance
+        # num_stored) only when the ring is full and the middle has room.
+        oldest = torch.remainder(start + torch.arange(block, device=self.device), ring)
+        parts = self._quantize_parts(self.recent_keys.index_select(2, oldest), self.recent_values.index_select(2, oldest))
+        self._write_middle(parts, num_stored)
+        commit = ((num_recent >= ring) & (num_stored < self.middle_capacity)).to(torch.int32)
+        # Only with the middle full: the ring overflows and its oldest token (overwritten above) is dropped.
+        drop = (num_recent - commit * block > ring).to(torch.int32)
+        new_lengths = torch.stack([
+            num_sink + to_sink.to(torch.int32),
+            num_stored + commit * block,
+            num_recent - commit * block - drop,
+            torch.remainder(start + commit * block + drop, ring),
+        ])
+        self.lengths.copy_(new_lengths)
+        self.cumulative_length.add_(1)
+
+    def _eager_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any number of tokens with host lengths (prefill); the same result as the dynamic layer's update."""
+        num_sink, num_stored, num_recent, start = self.lengths.tolist()
+        query_length = key_states.shape[-2]
+        to_sink = min(max(self.sink_capacity - num_sink, 0), query_length) if num_recent + num_stored == 0 else 0
+        if to_sink:
+            self.sink_keys[:, :, num_sink : num_sink + to_sink] = key_states[:, :, :to_sink]
+            self.sink_values[:, :, num_sink : num_sink + to_sink] = value_states[:, :, :to_sink]
+            num_sink += to_sink
+        new_keys, new_values = key_states[:, :, to_sink:], value_states[:, :, to_sink:]
+        order = torch.remainder(start + torch.arange(num_recent, device=self.device), self.ring_length)
+        window_keys = torch.cat([self.recent_keys.index_select(2, order), new_keys], dim=-2)
+        window_values = torch.cat([self.recent_values.index_select(2, order), new_values], dim=-2)
+        overflow = window_keys.shape[-2] - self.window_length
+        evict = (overflow // self.block_length) * self.block_length if overflow >= self.block_length else 0
+        if num_stored + evict > self.middle_capacity:
+            raise ValueError(
+                f"the static cache holds max_cache_len={self.max_cache_len} positions; this update needs "
+                f"{int(self.cumulative_length) + query_length}: build it with a larger max_cache_len"
+            )
+        if evict:
+            self._write_middle(self._quantize_parts(window_keys[:, :, :evict], window_values[:, :, :evict]), num_stored)
+        kept = window_keys.shape[-2] - evict
+        self.recent_keys[:, :, :kept] = window_keys[:, :, evict:]
+        self.recent_values[:, :, :kept] = window_values[:, :, evict:]
+        self.lengths.copy_(torch.tensor([num_sink, num_stored + evict, kept, 0], dtype=torch.int32))
+        self.cumulative_length.add_(query_length)
+        if evict <= num_recent:  # the window still holds every token of this call, exact
+            exact_keys, exact_values = window_keys[:, :, evict:], window_values[:, :, evict:]
+            num_read_back = num_stored + evict
+        else:  # this call's own tokens were evicted too: return them as given, read back only older ones
+            exact_keys, exact_values = new_keys, new_values
+            num_read_back = num_stored + num_recent
+        keys, values = [self.sink_keys[:, :, :num_sink]], [self.sink_values[:, :, :num_sink]]
+        if num_read_back:
+            middle_keys, middle_values = self._read_stored(num_read_back)
+            keys.append(middle_keys.to(self.dtype))
+            values.append(middle_values.to(self.dtype))
+        keys.append(exact_keys)
+        values.append(exact_values)
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    def _read_stored(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return dequantize_middle(
+            *(getattr(self, name) for name in _MIDDLE),
+            count,
+            nbits=self.nbits,
+            q_group_size=self.q_group_size,
+            axis_key=self.axis_key,
+            block_length=self.block_length,
+        )
+
+    def decode_storage(self) -> DecodeStorage:
+        """The storage with device lengths; the integer lengths are the capacities."""
+        return DecodeStorage(
+            sink_keys=self.sink_keys,
+            sink_values=self.sink_values,
+            key_codes=self.key_codes,
+            key_scale=self.key_scale,
+            key_zero=self.key_zero,
+            value_codes=self.value_codes,
+            value_scale=self.value_scale,
+            value_zero=self.value_zero,
+            recent_keys=self.recent_keys,
+            recent_values=self.recent_values,
+            num_sink=self.sink_capacity,
+            num_stored=self.middle_capacity,
+            num_recent=self.ring_length,
+            nbits=self.nbits,
+            q_group_size=self.q_group_size,
+            axis_key=self.axis_key,
+            block_length=self.block_length,
+            row_padding=self.row_padding,
+            lengths=self.lengths,
+        )
+
+    # ------------------------------------------------------- transformers API
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset): a fixed ``max_cache_len`` for captured one-token steps (positions from 0,
+        as ``StaticCache``), else what the eager update returns (positions seen plus this call's)."""
+        if self.fused_decode and query_length == 1:
+            return self.max_cache_len, 0
+        seen = int(self.cumulative_length) if self.is_initialized else 0
+        return seen + query_length, 0
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        """Positions seen: a device tensor once initialized (read it without a host sync in a captured step)."""
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        """Forget every token; the tensors (and their addresses, which a CUDA graph holds) stay."""
+        if self.is_initialized:
+            self.lengths.zero_()
+            self.cumulative_length.zero_()

@@ -1,0 +1,288 @@
+"""The static selective cache (``make_cache(spec, config, max_cache_len=N)``) and its captured decode step.
+
+The static layer must give what the dynamic layer gives for the same spec (same tokens, same
+attention), with every decode step on fixed shapes: ``torch.compile(fullgraph=True)`` traces one
+graph for a whole decode, evictions included, and CUDA graphs replay it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from conftest import TOLERANCES, make_tiny_llama, tiny_llama_config  # noqa: E402
+
+import selkv  # noqa: E402
+from selkv import SpecError, make_cache  # noqa: E402
+from selkv.kernels import reference  # noqa: E402
+from selkv.layers import StaticSinkWindowLayer  # noqa: E402
+from selkv.models import cache_kwarg, forward_with_cache  # noqa: E402
+from selkv.storage import take_published  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+cuda = pytest.mark.cuda
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+# Lossy specs whose windows are short enough that a short decode crosses several evictions.
+LOSSY = [
+    "quant:bits=8,sink=4,window=16,block=8",
+    "quant:bits=4,sink=2,window=8,block=8",  # per-channel keys (the int4 default)
+    "quant:bits=4,sink=4,window=12,block=4,key_axis=token,group=16",
+    "quant:bits=2,sink=3,window=10,block=8",
+]
+
+
+def _seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def _greedy(model, cache, prompts: torch.Tensor, steps: int, step_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens [batch, steps] after an eager prefill, and the last step's logits."""
+    tokens = []
+    with torch.inference_mode():
+        logits = forward_with_cache(model, cache, prompts).logits[:, -1]
+        for _ in range(steps):
+            token = logits.argmax(-1, keepdim=True)
+            tokens.append(token)
+            if step_fn is None:
+                logits = forward_with_cache(model, cache, token).logits[:, -1]
+            else:
+                logits = step_fn(token, cache).clone()
+    return torch.cat(tokens, dim=1), logits
+
+
+@pytest.fixture(scope="module")
+def selkv_llama():
+    return make_tiny_llama("selkv")
+
+
+@pytest.mark.parametrize("spec", LOSSY)
+def test_static_cache_decodes_like_the_dynamic_cache(selkv_llama, spec):
+    prompts = torch.randint(3, 256, (2, 29), generator=torch.Generator().manual_seed(_seed()))
+    steps = 50
+    dynamic = make_cache(spec, selkv_llama.config)
+    static = make_cache(spec, selkv_llama.config, max_cache_len=29 + steps + 5)
+    expected, expected_logits = _greedy(selkv_llama, dynamic, prompts, steps)
+    got, logits = _greedy(selkv_llama, static, prompts, steps)
+    layer, reference_layer = static.layers[0], dynamic.layers[0]
+    assert isinstance(layer, StaticSinkWindowLayer) and layer.fused_decode
+    assert reference_layer.num_stored >= 3 * reference_layer.block_length, "the test must cross several evictions"
+    assert (layer.num_sink, layer.num_stored, layer.num_recent) == (
+        reference_layer.num_sink, reference_layer.num_stored, reference_layer.num_recent)
+    assert torch.equal(got, expected), f"{spec}:\n{got}\n{expected}"
+    torch.testing.assert_close(logits, expected_logits, **TOLERANCES["kernel_fp32"])
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+@pytest.mark.parametrize("steps", [[1] * 45, [13, 1, 1, 40, 1, 7, 1, 1, 1, 1, 30, 1], [3, 1, 1, 1, 60, 1, 1]])
+def test_static_layer_stores_what_the_dynamic_layer_stores(axis, steps):
+    """Same tokens in, any mix of chunks and single tokens: the same attention over the storage after
+    each one-token step, and what a chunk's update returns is identical."""
+    spec = f"quant:bits=4,sink=3,window=9,block=4,key_axis={axis},group=16"
+    config = tiny_llama_config()
+    dynamic = make_cache(spec, config)
+    static = make_cache(spec, config, max_cache_len=sum(steps))
+    dynamic.enable_fused_decode()
+    static.enable_fused_decode()
+    gen = torch.Generator().manual_seed(_seed())
+    shape = (2, config.num_key_value_heads, config.head_dim)
+    for count in steps:
+        keys = torch.randn(shape[0], shape[1], count, shape[2], generator=gen)
+        values = torch.randn(shape[0], shape[1], count, shape[2], generator=gen)
+        out_dynamic = dynamic.update(keys, values, 0)
+        out_static = static.update(keys, values, 0)
+        if count > 1:
+            torch.testing.assert_close(out_static, out_dynamic, **TOLERANCES["lossless_fp32"])
+            continue
+        query = torch.randn(shape[0], config.num_attention_heads, 1, shape[2], generator=gen)
+        want = reference.selective_decode_attention(query, dynamic.layers[0].decode_storage())
+        got = reference.selective_decode_attention(query, static.layers[0].decode_storage())
+        torch.testing.assert_close(got, want, **TOLERANCES["kernel_fp32"])
+    assert int(static.get_seq_length()) == dynamic.get_seq_length() == sum(steps)
+    take_published(0)  # no attention call took the last step's storage here
+
+
+def test_left_padded_batch_matches_the_dynamic_cache(selkv_llama):
+    """Left padding goes to the sink's extra room as in the dynamic cache; generate() runs eagerly on CPU."""
+    spec = "quant:bits=8,sink=2,window=6,block=2"
+    prompts = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(_seed()))
+    mask = torch.ones_like(prompts)
+    prompts[1, :4], mask[1, :4] = 0, 0
+    outputs = []
+    for max_cache_len in (None, 12 + 20):
+        cache = make_cache(spec, selkv_llama.config, max_cache_len=max_cache_len)
+        selkv.track_padding(selkv_llama)
+        with torch.inference_mode():
+            outputs.append(selkv_llama.generate(prompts, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                                                pad_token_id=0, **{cache_kwarg(selkv_llama): cache}))
+        assert cache.layers[0].sink_capacity == 2 + 4
+    assert torch.equal(outputs[1], outputs[0])
+
+
+def test_static_cache_is_compileable_only_with_selkv_attention():
+    config = tiny_llama_config()
+    cache = make_cache("quant:bits=8,sink=4,window=16", config, max_cache_len=64)
+    assert not cache.is_compileable, "without selkv's attention a one-token step assembles dense keys"
+    cache.enable_fused_decode()
+    assert cache.is_compileable
+    assert not make_cache("quant:bits=8,sink=4,window=16", config).is_compileable
+    from transformers import StaticCache
+
+    assert isinstance(make_cache("full", config, max_cache_len=64), StaticCache)
+
+
+@pytest.mark.parametrize("spec,max_cache_len", [("drop:sink=4,window=16", 64), ("quant:bits=8", 0),
+                                                ("quant:bits=8", "64")])
+def test_bad_static_requests_say_what_to_do(spec, max_cache_len):
+    with pytest.raises(SpecError, match="max_cache_len"):
+        make_cache(spec, tiny_llama_config(), max_cache_len=max_cache_len)
+
+
+def test_prefill_past_the_capacity_is_refused_clearly():
+    config = tiny_llama_config()
+    cache = make_cache("quant:bits=8,sink=4,window=16,block=8", config, max_cache_len=40)
+    keys = torch.randn(1, config.num_key_value_heads, 64, config.head_dim)
+    with pytest.raises(ValueError, match="larger max_cache_len"):
+        cache.update(keys, keys, 0)
+
+
+def test_storage_is_found_without_tagging_tensors(selkv_llama):
+    """selkv's attention takes the storage its cache published for the layer; a plain key tensor
+    (another cache) falls back to SDPA: no attribute on tensors, nothing stale left behind."""
+    from selkv.storage import _PUBLISHED
+
+    cache = make_cache("quant:bits=8,sink=4,window=16,block=8", selkv_llama.config, max_cache_len=80)
+    _greedy(selkv_llama, cache, torch.randint(3, 256, (1, 30)), 3)
+    assert not _PUBLISHED, "every published storage must be taken by the attention call that follows"
+    layer = cache.layers[0]
+    assert not hasattr(layer.recent_keys, "selkv_layer")
+
+
+def test_compiled_decode_step_has_one_graph_for_a_whole_decode(selkv_llama):
+    """fullgraph=True: the captured step (twin attention on CPU) traces once; evictions and the ring
+    wrapping around never recompile; the tokens equal the eager static path's."""
+    import torch._dynamo
+
+    spec = "quant:bits=4,sink=2,window=8,block=4,key_axis=token,group=16"
+    prompts = torch.randint(3, 256, (2, 21), generator=torch.Generator().manual_seed(_seed()))
+    steps = 30
+    expected, _ = _greedy(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=21 + steps), prompts, steps)
+    torch._dynamo.reset()
+    step = selkv.compile_decode_step(selkv_llama, mode=None, fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got, _ = _greedy(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=21 + steps), prompts,
+                         steps, step_fn=step)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_reference_decode_step(selkv_llama):
+    """The compiled reference path (inductor on CPU: dequantization fused into attention) runs and agrees."""
+    import torch._dynamo
+
+    spec = "quant:bits=8,sink=4,window=16,block=8"
+    prompts = torch.randint(3, 256, (1, 25), generator=torch.Generator().manual_seed(_seed()))
+    steps = 20
+    expected, _ = _greedy(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=25 + steps), prompts, steps)
+    torch._dynamo.reset()
+    step = selkv.compile_decode_step(selkv_llama, mode=None, fullgraph=True)
+    got, _ = _greedy(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=25 + steps), prompts, steps,
+                     step_fn=step)
+    assert torch.equal(got, expected)
+
+
+# ------------------------------------------------------------------- CUDA
+
+
+@cuda
+@cuda_only
+@pytest.mark.parametrize("spec", ["quant:bits=8,sink=4,window=16,block=8", "quant:bits=4,sink=2,window=8,block=8"])
+def test_cuda_captured_decode_matches_the_eager_selkv_path(spec):
+    """CUDA graphs (mode="reduce-overhead") replaying the fused kernel give the eager dynamic path's tokens."""
+    import torch._dynamo
+
+    model = make_tiny_llama("selkv").to("cuda", torch.float16)
+    prompts = torch.randint(3, 256, (3, 27), generator=torch.Generator().manual_seed(_seed())).cuda()
+    steps = 60
+    expected, _ = _greedy(model, make_cache(spec, model.config), prompts, steps)
+    torch._dynamo.reset()
+    step = selkv.compile_decode_step(model)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got, _ = _greedy(model, make_cache(spec, model.config, max_cache_len=27 + steps), prompts, steps, step_fn=step)
+    assert torch.equal(got, expected), f"{spec}:\n{got}\n{expected}"
+
+
+@cuda
+@cuda_only
+def test_cuda_generate_compiles_the_static_cache_by_itself():
+    """model.generate with a static selkv cache takes transformers' compiled path (as for StaticCache)."""
+    import torch._dynamo
+
+    spec = "quant:bits=8,sink=4,window=16,block=8"
+    model = make_tiny_llama("selkv").to("cuda", torch.float16)
+    prompts = torch.randint(3, 256, (2, 19), generator=torch.Generator().manual_seed(_seed())).cuda()
+    outputs = []
+    for max_cache_len in (None, 19 + 40):
+        torch._dynamo.reset()
+        cache = make_cache(spec, model.config, max_cache_len=max_cache_len)
+        with torch.inference_mode():
+            outputs.append(model.generate(prompts, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                                          **{cache_kwarg(model): cache}))
+    assert hasattr(model, "_compiled_call"), "generate did not compile the decode step"
+    assert torch.equal(outputs[1], outputs[0])
+
+
+# ---------------------------------------------------------- CLI and eval
+
+
+class _Tokenizer:
+    """What generation.generate needs from a tokenizer."""
+
+    eos_token_id = None
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return " ".join(map(str, tokens))
+
+
+@pytest.mark.parametrize("spec", ["quant:bits=4,sink=2,window=8,block=8", "full"])
+def test_generate_static_gives_the_dynamic_text(selkv_llama, spec):
+    from selkv.generation import generate
+
+    inputs = {"input_ids": torch.randint(3, 256, (1, 23), generator=torch.Generator().manual_seed(_seed()))}
+    dynamic = generate(selkv_llama, _Tokenizer(), inputs, spec, 40)
+    static = generate(selkv_llama, _Tokenizer(), inputs, spec, 40, static=True)
+    assert static.text == dynamic.text and static.cache == f"{spec} (static)"
+    assert static.kv["tokens"] == dynamic.kv["tokens"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--cache", "drop:sink=4,window=16", "--static"], "--static takes 'full' and 'quant'"),
+    (["--cache", "quant:bits=8", "--static", "--attn", "eager"], "--attn selkv"),
+])
+def test_cli_static_refuses_what_it_cannot_do(capsys, argv, message):
+    from selkv.cli import main
+
+    assert main(["generate", "--prompt", "hi", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_speed_task_reuses_one_static_cache(selkv_llama):
+    """--static: one preallocated cache per spec, reset between repeats (a compiled step keeps its graph)."""
+    from selkv.eval import speed
+
+    input_ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(_seed()))
+    cache = make_cache("quant:bits=8,sink=4,window=8,block=4", selkv_llama.config, max_cache_len=20 + 12)
+    sink_keys = None
+    for _ in range(2):
+        _, _, used = speed.time_once(selkv_llama, input_ids, "unused", 12, 0, cache=cache)
+        assert used is cache and int(cache.get_seq_length()) == 20 + 12
+        assert sink_keys is None or cache.layers[0].sink_keys is sink_keys, "reset must keep the tensors"
+        sink_keys = cache.layers[0].sink_keys
