@@ -62,8 +62,14 @@ def make_storage(
     dtype: torch.dtype,
     device: str,
     row_padding: list[int] | None = None,
+    key_gain: torch.Tensor | None = None,
+    value_rms: float = 1.0,
 ) -> dict:
-    """Launcher arguments from random keys/values quantized with quant.py, spare capacity poisoned with NaN."""
+    """Launcher arguments from random keys/values quantized with quant.py, spare capacity poisoned with NaN.
+
+    ``key_gain`` ``[head_dim]`` multiplies each key channel (default: a tenth of the channels x5);
+    ``value_rms`` sets the values' magnitude.
+    """
 
     def randn(*shape, scale=1.0):
         return torch.randn(*shape, generator=gen) * scale
@@ -72,13 +78,14 @@ def make_storage(
     sink_cap, window_cap = num_sink + 3, num_recent + 5
     stored_cap = -(-(num_stored + block_length) // block_length) * block_length
     # Outlier channels, as real keys have, so that per-channel and per-token groups differ.
-    key_gain = 1.0 + 4.0 * (torch.rand(D, generator=gen) > 0.9).float()
+    if key_gain is None:
+        key_gain = 1.0 + 4.0 * (torch.rand(D, generator=gen) > 0.9).float()
 
     def region(cap, count):
         keys = torch.full((B, H, cap, D), float("nan"))
         values = torch.full((B, H, cap, D), float("nan"))
         keys[:, :, :count] = randn(B, H, count, D) * key_gain
-        values[:, :, :count] = randn(B, H, count, D)
+        values[:, :, :count] = randn(B, H, count, D, scale=value_rms)
         return keys.to(dtype), values.to(dtype)
 
     sink_keys, sink_values = region(sink_cap, num_sink)
@@ -98,7 +105,7 @@ def make_storage(
         args.update(key_codes=None, key_scale=None, key_zero=None, value_codes=None, value_scale=None, value_zero=None)
         return args
     keys = (randn(B, H, stored_cap, D) * key_gain).to(dtype)
-    values = randn(B, H, stored_cap, D).to(dtype)
+    values = randn(B, H, stored_cap, D, scale=value_rms).to(dtype)
     if axis_key == "channel":
         kc, ks, kz = quant.quantize(keys, nbits, block_length, dim=-2)
     else:
@@ -130,8 +137,12 @@ def token_major(block_major: torch.Tensor, block: int) -> torch.Tensor:
     return block_major.cpu().reshape(B, H, capacity * P)[:, :, index.flatten()].reshape(B, H, capacity, P)
 
 
-def float64_reference(query: torch.Tensor, args: dict, scaling: float) -> torch.Tensor:
-    """Attention in float64 from the storage, dequantized independently of the twin; [B, 1, Hq, D]."""
+def float64_reference(query: torch.Tensor, args: dict, scaling: float, round_middle: bool = True) -> torch.Tensor:
+    """Attention in float64 from the storage, dequantized independently of the twin; [B, 1, Hq, D].
+
+    ``round_middle``: round the dequantized middle to the query's dtype, as the model's cache does;
+    without it, exact attention over the kernel's own inputs (codes, scales, zeros).
+    """
     nbits, D = args["nbits"], query.shape[-1]
     ns, nm, nr = args["num_sink"], args["num_stored"], args["num_recent"]
     keys = [args["sink_keys"][:, :, :ns].double().cpu()]
@@ -155,8 +166,8 @@ def float64_reference(query: torch.Tensor, args: dict, scaling: float) -> torch.
             kz = args["key_zero"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
         vs = args["value_scale"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
         vz = args["value_zero"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
-        dtype = query.dtype
-        keys.append((codes(args["key_codes"]) * ks + kz).to(dtype).double())  # rounded like the model's cache
+        dtype = query.dtype if round_middle else torch.float64  # rounded like the model's cache, or exact
+        keys.append((codes(args["key_codes"]) * ks + kz).to(dtype).double())
         values.append((codes(token_major(args["value_codes"], args["block_length"])) * vs + vz).to(dtype).double())
     keys.append(args["recent_keys"][:, :, :nr].double().cpu())
     values.append(args["recent_values"][:, :, :nr].double().cpu())
