@@ -66,13 +66,12 @@ def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: in
     num_stored = (context - SINK - WINDOW) // block_length * block_length
     num_recent = context - SINK - num_stored
     B, H, D = batch_size, num_kv_heads, head_dim
-    key_gain = torch.ones(D)
-    key_gain[torch.randperm(D, generator=gen)[:3]] = torch.tensor([10.0, 20.0, 30.0])
-    key_gain = key_gain.to(device)
+    key_gain = torch.ones(D, device=device)
+    key_gain[torch.randperm(D, generator=gen, device=device)[:3]] = torch.tensor([10.0, 20.0, 30.0], device=device)
 
-    def states(count):  # [B, H, count, D] keys and values in dtype, drawn on CPU (reproducible)
-        keys = torch.randn(B, H, count, D, generator=gen).to(device) * key_gain
-        values = torch.randn(B, H, count, D, generator=gen).to(device) * value_rms
+    def states(count):  # [B, H, count, D] keys and values in dtype, drawn on the device (gen's)
+        keys = torch.randn(B, H, count, D, generator=gen, device=device) * key_gain
+        values = torch.randn(B, H, count, D, generator=gen, device=device) * value_rms
         return keys.to(dtype), values.to(dtype)
 
     sink_keys, sink_values = states(SINK)
@@ -129,10 +128,10 @@ def main() -> None:
     for name in args.quant:
         nbits, axis_key, q_group_size, block_length = QUANT[name]
         for value_rms in VALUE_RMS:
-            gen = torch.Generator().manual_seed(args.seed)  # the same draws at every RMS
+            gen = torch.Generator(device).manual_seed(args.seed)  # the same draws at every RMS
             cache = make_cache(gen, nbits, axis_key, q_group_size, block_length, value_rms, device=device, **shape)
-            query = torch.randn(shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen)
-            query = query.to(device=device, dtype=shape["dtype"])
+            query = torch.randn(shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen,
+                                device=device).to(shape["dtype"])
             out = kernels.selective_decode_attention(query, **cache, scaling=scaling)
             want = float64_attention(query, cache, scaling)
             error = ((out.double() - want).norm() / want.norm()).item()
