@@ -1,0 +1,175 @@
+"""The fused decode kernel's own error against float64 attention, by value magnitude, and its time.
+
+    PYTHONPATH=src python benchmarks/kernel_precision.py --out precision.json            # CUDA
+    PYTHONPATH=src python benchmarks/kernel_precision.py --cpu --out smoke.json          # CPU smoke test
+    PYTHONPATH=src python benchmarks/kernel_precision.py --kernel OLD.py --out old.json  # another kernel file
+
+On CUDA: 8 x 32k tokens at Llama-3-8B's attention shape (32 query / 8 KV heads, head_dim 128,
+bfloat16; sink 4, window 128, the rest quantized). Keys have three outlier channels (x10, x20,
+x30), which makes attention peaked; values are Gaussian with RMS 1, 0.1, 0.02 and 0.005. For each
+quantization and value RMS it prints the relative L2 error of the kernel against float64 attention
+over the same dequantized cache (codes * scale + zero, not rounded), and the kernel's median time
+over CUDA-graph replays (``triton.testing.do_bench_cudagraph``). ``--cpu`` runs a small float16
+case in Triton's CPU interpreter, without times. ``--kernel FILE`` loads the launcher from another
+copy of ``decode_attention.py`` (for example the file before a change) instead of selkv's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import inspect
+import json
+import os
+import sys
+
+CPU = "--cpu" in sys.argv
+if CPU:  # the interpreter must be chosen before Triton's first import
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from selkv import quant  # noqa: E402
+from selkv.storage import DecodeStorage  # noqa: E402
+
+VALUE_RMS = (1.0, 0.1, 0.02, 0.005)
+QUANT = {  # name: (nbits, axis_key, q_group_size, block_length), as benchmarks/decode_attention.py
+    "int8": (8, "token", 64, 32),
+    "int4": (4, "channel", 64, 32),
+    "int4 tok": (4, "token", 64, 32),
+    "int2": (2, "channel", 64, 32),
+    "int4 spec": (4, "channel", 32, 64),
+}
+CUDA_SHAPE = dict(batch_size=8, num_heads=32, num_kv_heads=8, head_dim=128, context=32768, dtype=torch.bfloat16)
+CPU_SHAPE = dict(batch_size=1, num_heads=4, num_kv_heads=1, head_dim=64, context=388, dtype=torch.float16)
+SINK, WINDOW = 4, 128
+
+
+def load_kernels(path: str | None):
+    """selkv's decode_attention module, or the one in ``path`` (loaded inside selkv.kernels)."""
+    if path is None:
+        from selkv.kernels import decode_attention_module
+
+        return decode_attention_module()
+    spec = importlib.util.spec_from_file_location("selkv.kernels._decode_attention_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: int, block_length: int,
+               value_rms: float, batch_size: int, num_kv_heads: int, head_dim: int, context: int,
+               dtype: torch.dtype, device: str, **_) -> DecodeStorage:
+    """Random keys (3 outlier channels) and values (RMS ``value_rms``), quantized as a layer stores them."""
+    num_stored = (context - SINK - WINDOW) // block_length * block_length
+    num_recent = context - SINK - num_stored
+    B, H, D = batch_size, num_kv_heads, head_dim
+    key_gain = torch.ones(D, device=device)
+    key_gain[torch.randperm(D, generator=gen, device=device)[:3]] = torch.tensor([10.0, 20.0, 30.0], device=device)
+
+    def states(count):  # [B, H, count, D] keys and values in dtype, drawn on the device (gen's)
+        keys = torch.randn(B, H, count, D, generator=gen, device=device) * key_gain
+        values = torch.randn(B, H, count, D, generator=gen, device=device) * value_rms
+        return keys.to(dtype), values.to(dtype)
+
+    sink_keys, sink_values = states(SINK)
+    recent_keys, recent_values = states(num_recent)
+    keys, values = states(num_stored)
+    if axis_key == "channel":
+        key_codes, key_scale, key_zero = quant.quantize(keys, nbits, block_length, dim=-2)
+    else:
+        key_codes, key_scale, key_zero = quant.quantize(keys, nbits, q_group_size, dim=-1)
+    value_codes, value_scale, value_zero = quant.quantize(values, nbits, q_group_size, dim=-1)
+    del keys, values
+    return DecodeStorage(
+        sink_keys=sink_keys, sink_values=sink_values, num_sink=SINK,
+        key_codes=quant.pack(key_codes, nbits), key_scale=key_scale, key_zero=key_zero,
+        value_codes=quant.to_block_major(quant.pack(value_codes, nbits), block_length),
+        value_scale=value_scale, value_zero=value_zero, num_stored=num_stored,
+        recent_keys=recent_keys, recent_values=recent_values, num_recent=num_recent,
+        nbits=nbits, q_group_size=q_group_size, axis_key=axis_key, block_length=block_length, row_padding=None,
+    )
+
+
+def run_kernel(kernels, query: torch.Tensor, storage: DecodeStorage, scaling: float) -> torch.Tensor:
+    """The launcher of ``kernels`` on ``storage``; a kernel file from before the DecodeStorage view
+    (``--kernel``) takes the storage's fields as keyword arguments instead."""
+    if "storage" in inspect.signature(kernels.selective_decode_attention).parameters:
+        return kernels.selective_decode_attention(query, storage, scaling=scaling)
+    fields = {f.name: getattr(storage, f.name) for f in dataclasses.fields(storage) if f.name != "lengths"}
+    return kernels.selective_decode_attention(query, **fields, scaling=scaling)
+
+
+def float64_attention(query: torch.Tensor, storage: DecodeStorage, scaling: float) -> torch.Tensor:
+    """[B, 1, Hq, D] float64 attention over the sink, the dequantized middle (not rounded) and the window."""
+    keys, values = storage.dequantize()
+    recent = slice(0, storage.num_recent)
+    k = torch.cat([storage.sink_keys.double(), keys.double(), storage.recent_keys[:, :, recent].double()], dim=-2)
+    v = torch.cat([storage.sink_values.double(), values.double(), storage.recent_values[:, :, recent].double()], dim=-2)
+    B, Hq, _, D = query.shape
+    H = k.shape[1]
+    q = query.double().reshape(B, H, Hq // H, D)  # [B, H, G, D]
+    out = torch.softmax(q @ k.transpose(-1, -2) * scaling, dim=-1) @ v  # [B, H, G, D]
+    return out.reshape(B, Hq, 1, D).transpose(1, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON results file")
+    parser.add_argument("--cpu", action="store_true", help="small float16 case in Triton's CPU interpreter, no times")
+    parser.add_argument("--kernel", default=None, help="a decode_attention.py to load instead of selkv's")
+    parser.add_argument("--quant", nargs="+", default=list(QUANT), choices=list(QUANT))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not CPU and not torch.cuda.is_available():
+        sys.exit("no CUDA GPU: run with --cpu for the interpreter smoke test")
+    kernels = load_kernels(args.kernel)
+    shape = CPU_SHAPE if CPU else CUDA_SHAPE
+    device = "cpu" if CPU else "cuda"
+    scaling = shape["head_dim"] ** -0.5
+    rows = []
+    for name in args.quant:
+        nbits, axis_key, q_group_size, block_length = QUANT[name]
+        for value_rms in VALUE_RMS:
+            gen = torch.Generator(device).manual_seed(args.seed)  # the same draws at every RMS
+            cache = make_cache(gen, nbits, axis_key, q_group_size, block_length, value_rms, device=device, **shape)
+            query = torch.randn(shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen,
+                                device=device).to(shape["dtype"])
+            out = run_kernel(kernels, query, cache, scaling)
+            want = float64_attention(query, cache, scaling)
+            error = ((out.double() - want).norm() / want.norm()).item()
+            ms = None
+            if not CPU:
+                from triton.testing import do_bench_cudagraph
+
+                def step(query=query, cache=cache):
+                    return run_kernel(kernels, query, cache, scaling)
+
+                ms = do_bench_cudagraph(step, rep=200, return_mode="median")
+            rows.append(dict(quant=name, nbits=nbits, axis_key=axis_key, q_group_size=q_group_size,
+                             block_length=block_length, value_rms=value_rms, rel_l2=error, ms=ms,
+                             finite=bool(torch.isfinite(out).all())))
+            del cache, out, want  # free the 8 x 32k cache and the float64 copies before the next one
+            print(f"{name:10s} value RMS {value_rms:<6} rel. L2 {error:.2e}" + (f"  {ms:.4f} ms" if ms else ""),
+                  flush=True)
+    meta = dict(shape={k: str(v) for k, v in shape.items()}, sink=SINK, window=WINDOW, seed=args.seed,
+                kernel=args.kernel or "selkv", device=torch.cuda.get_device_name() if not CPU else "cpu (interpreter)",
+                torch=torch.__version__, triton=__import__("triton").__version__)
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"\nrel. L2 error vs float64 ({meta['device']}; {args.kernel or 'selkv kernel'}):")
+    print("| quantization | " + " | ".join(f"RMS {r}" for r in VALUE_RMS) + " | ms (median) |")
+    print("|---" * (len(VALUE_RMS) + 2) + "|")
+    for name in args.quant:
+        mine = [r for r in rows if r["quant"] == name]
+        times = sorted(r["ms"] for r in mine if r["ms"] is not None)
+        ms = f"{times[len(times) // 2]:.4f}" if times else "-"
+        print(f"| {name} | " + " | ".join(f"{r['rel_l2']:.1e}" for r in mine) + f" | {ms} |")
+
+
+if __name__ == "__main__":
+    main()
