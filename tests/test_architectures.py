@@ -41,8 +41,8 @@ ARCHITECTURES = {
     # Mistral-7B-v0.1: one window for every layer, so every layer slides.
     "mistral": _llama_like("MistralConfig", sliding_window=8),
     "mistral-no-window": _llama_like("MistralConfig", sliding_window=None),
-    # Phi-3-mini's head_dim is 96, which the default groups (32, 64) did not all divide; 24 here.
-    "phi3": _llama_like("Phi3Config", hidden_size=96, num_key_value_heads=4),
+    # Phi-3-mini's head_dim, 96, which the per-bit default groups (64, 32) do not all divide.
+    "phi3": _llama_like("Phi3Config", hidden_size=384, num_key_value_heads=4),
     "gemma": _llama_like("GemmaConfig", head_dim=16),
     "gemma2": _llama_like("Gemma2Config", head_dim=16, **_SLIDING),
     "gemma3": _llama_like("Gemma3TextConfig", head_dim=16, **_SLIDING),
@@ -57,8 +57,8 @@ ARCHITECTURES = {
     "granite": _llama_like("GraniteConfig"),
     "smollm3": _llama_like("SmolLM3Config"),
     "cohere": _llama_like("CohereConfig"),
-    # StableLM-3B's head_dim is 80; 40 here (default groups 8).
-    "stablelm": _llama_like("StableLmConfig", hidden_size=160, num_key_value_heads=4),
+    # StableLM-3B's head_dim, 80 (as Phi-2's and Pythia-2.8B's).
+    "stablelm": _llama_like("StableLmConfig", hidden_size=320, num_key_value_heads=4),
     "qwen2-moe": _llama_like("Qwen2MoeConfig", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                              shared_expert_intermediate_size=32),
 }
@@ -85,7 +85,7 @@ SELKV_ATTENTION = {
 
 # Lossless: nothing leaves the window.
 LOSSLESS = "quant:bits=8,sink=4,window=4096"
-# Lossy: tokens 4.. leave a window of 8 in blocks of 4 and are stored as int8.
+# Lossy: tokens 4.. leave a window of 8 in blocks of 4 and are stored as int8 (default group).
 INT8 = "quant:bits=8,sink=4,window=8,block=4"
 
 
@@ -126,9 +126,9 @@ def test_cache_shape_is_what_the_model_caches(name):
     with torch.no_grad():
         forward_with_cache(model, cache, torch.randint(3, 256, (1, 5)))
     shape = selkv.model_shape(model.config)
-    for layer, layer_type in zip(cache.layers, shape["layer_types"]):
+    for layer in cache.layers:
         assert layer.keys.shape[1:] == (shape["num_key_value_heads"], 5, shape["head_dim"])
-        assert layer.is_sliding == (layer_type != "full_attention")
+    assert cache.is_sliding == [layer_type != "full_attention" for layer_type in shape["layer_types"]]
     # `selkv size` counts what the cache holds (float32 here: 4 bytes per element).
     assert cache_size("full", model.config, 5, dtype=torch.float32)["total"] == selkv.kv_bytes(cache)["total"]
 

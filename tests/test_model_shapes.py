@@ -7,11 +7,13 @@ import torch
 from transformers import DynamicCache
 
 import selkv
-from selkv.config import MAX_SETTING, SpecError
+from selkv.config import SpecError
 from selkv.layers import QuantizedSinkWindowLayer
 from selkv.sizing import cache_size, size_table
 
 from conftest import tiny_llama_config
+
+MAX_SETTING = 2**31 - 1  # the largest integer a spec takes
 
 # A window longer than every sequence here: nothing leaves it, so these caches equal `full`.
 LOSSLESS = ["quant:bits=8,sink=4,window=4096", "drop:sink=4,window=4096"]
