@@ -7,6 +7,8 @@ what ``full`` does, unpadded and left-padded, with the model's own attention and
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import transformers
@@ -100,7 +102,7 @@ def make_model(name: str, attn: str = "default"):
     return model
 
 
-def greedy(model, input_ids, spec, attention_mask=None, max_new_tokens=8):
+def greedy(model, input_ids, attention_mask, spec, max_new_tokens=6):
     cache = selkv.make_cache(spec, model.config)
     with torch.no_grad():
         out = model.generate(input_ids, attention_mask=attention_mask, **{cache_kwarg(model): cache},
@@ -133,24 +135,31 @@ def test_cache_shape_is_what_the_model_caches(name):
     assert cache_size("full", model.config, 5, dtype=torch.float32)["total"] == selkv.kv_bytes(cache)["total"]
 
 
+def prompt(padded: bool):
+    """``(input_ids, attention_mask)``: one row of 10 tokens, or rows of 10 and 5 tokens left-padded."""
+    torch.manual_seed(99)
+    return left_padded([10, 5]) if padded else (torch.randint(3, 256, (1, 10)), None)
+
+
+@functools.lru_cache(maxsize=None)
+def full_tokens(name: str, padded: bool) -> torch.Tensor:
+    """What ``full`` generates with the model's own attention (selkv's attention runs sdpa on a ``full`` cache)."""
+    return greedy(make_model(name), *prompt(padded), "full")
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("attn", ["default", "selkv"])
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_lossless_spec_generates_what_full_does(name, attn, padded):
     model = make_model(name, attn)
-    if padded:
-        input_ids, attention_mask = left_padded([10, 5])
-    else:
-        input_ids, attention_mask = torch.randint(3, 256, (1, 10)), None
     if attn == "selkv" and SELKV_ATTENTION.get(name) == "refused":
         with pytest.raises(ValueError, match="does not apply attention-logit softcapping"):
-            greedy(model, input_ids, LOSSLESS, attention_mask)
+            greedy(model, *prompt(padded), LOSSLESS)
         return
     if attn == "selkv":
         expected = "sdpa" if SELKV_ATTENTION.get(name) == "kept sdpa" else "selkv"
         assert model.config._attn_implementation == expected
-    reference = greedy(model, input_ids, "full", attention_mask)
-    assert torch.equal(greedy(model, input_ids, LOSSLESS, attention_mask), reference)
+    assert torch.equal(greedy(model, *prompt(padded), LOSSLESS), full_tokens(name, padded))
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
