@@ -179,3 +179,12 @@ def test_grown_sink_and_window_return_every_token_exactly(sink, window):
 def test_a_missing_config_is_a_clear_error(config):
     with pytest.raises(TypeError, match="needs the model's config"):
         selkv.make_cache("quant:bits=4", config)
+
+
+def test_a_long_window_grows_by_doubling():
+    layer = QuantizedSinkWindowLayer(8, num_sink_tokens=0, window_length=4000, q_group_size=16, block_length=8)
+    capacities = set()
+    for _ in range(3000):
+        layer.update(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16))
+        capacities.add(layer.recent_keys.shape[-2])
+    assert capacities == {256, 512, 1024, 2048, 4008}

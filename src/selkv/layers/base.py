@@ -183,8 +183,9 @@ class SelectiveLayer(CacheLayerMixin):
     def _append_recent(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         num_new = keys.shape[-2]
         end = self.num_recent + num_new
-        if end > self.recent_keys.shape[-2]:  # a chunk longer than the spare room: grow the buffer once
-            grow = end - self.recent_keys.shape[-2]
+        if end > self.recent_keys.shape[-2]:  # no spare room: grow by doubling, up to window + block
+            capacity = self.recent_keys.shape[-2]
+            grow = max(end, min(2 * capacity, self.window_length + self.block_length)) - capacity
             self.recent_keys = torch.cat([self.recent_keys, self.recent_keys.new_zeros(self._shape(grow))], dim=-2)
             self.recent_values = torch.cat(
                 [self.recent_values, self.recent_values.new_zeros(self._shape(grow, values.shape[-1]))], dim=-2
