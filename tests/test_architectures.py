@@ -182,7 +182,7 @@ def test_int8_teacher_forced_logits_are_close_to_full(name):
         return
     assert selkv.kv_bytes(cache)["bytes_codes"] > 0  # the middle really is int8
     error = (got - reference).norm() / reference.norm()
-    assert error < 2e-2, float(error)
+    assert error < 1e-2, float(error)  # measured 1e-5 to 2.5e-3
 
 
 @pytest.mark.parametrize("name", REFUSED)
