@@ -20,12 +20,12 @@ from selkv.models import cache_kwarg, forward_with_cache
 from selkv.sizing import cache_size
 
 # Every config: 2 layers, 4 attention heads, a 256-token vocabulary.
-_COMMON = dict(vocab_size=256, num_hidden_layers=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-               max_position_embeddings=512)
+_COMMON = {"vocab_size": 256, "num_hidden_layers": 2, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+           "max_position_embeddings": 512}
 
 
 def _llama_like(name: str, **settings):
-    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
     return lambda: getattr(transformers, name)(**_COMMON, **{**shape, **settings})
 
 
@@ -33,7 +33,7 @@ def _other(name: str, **settings):
     return lambda: getattr(transformers, name)(**_COMMON, **settings)
 
 
-_SLIDING = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+_SLIDING = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}
 ARCHITECTURES = {
     "llama": _llama_like("LlamaConfig"),
     "qwen2": _llama_like("Qwen2Config"),
@@ -141,7 +141,7 @@ def prompt(padded: bool):
     return left_padded([10, 5]) if padded else (torch.randint(3, 256, (1, 10)), None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def full_tokens(name: str, padded: bool) -> torch.Tensor:
     """What ``full`` generates with the model's own attention (selkv's attention runs sdpa on a ``full`` cache)."""
     return greedy(make_model(name), *prompt(padded), "full")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 from transformers import DynamicCache
 
 import selkv
 from selkv.config import SpecError
 from selkv.layers import QuantizedSinkWindowLayer
 from selkv.sizing import cache_size, size_table
-
-from conftest import tiny_llama_config
 
 MAX_SETTING = 2**31 - 1  # the largest integer a spec takes
 
@@ -166,7 +165,7 @@ def test_grown_sink_and_window_return_every_token_exactly(sink, window):
     layer = QuantizedSinkWindowLayer(8, num_sink_tokens=sink, window_length=window, q_group_size=16, block_length=8)
     states = torch.randn(1, 2, 900, 16)
     for start, step in zip(range(0, 900, 90), [90] * 10):  # chunks, then room for one-token steps
-        keys, values = layer.update(states[:, :, start : start + step], -states[:, :, start : start + step])
+        keys, _ = layer.update(states[:, :, start : start + step], -states[:, :, start : start + step])
     torch.testing.assert_close(keys, states, rtol=0, atol=0)
     for _ in range(100):  # one token at a time: the buffers keep growing
         token = torch.randn(1, 2, 1, 16)

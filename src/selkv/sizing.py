@@ -69,9 +69,10 @@ def _group(spec: str, config) -> str:
 
 def size_table(specs: list[str], config, tokens: int, batch_size: int = 1, chunk: int = 64) -> str:
     """A Markdown table of :func:`cache_size` for each spec, in MiB, with the group size each spec gets here."""
+    title = (f"KV cache at {tokens} tokens, batch {batch_size}, fed in chunks of {chunk} (bfloat16 model; "
+             f"{describe_model(config)})\n")
     rows = [
-        f"KV cache at {tokens} tokens, batch {batch_size}, fed in chunks of {chunk} (bfloat16 model; "
-        f"{describe_model(config)})\n",
+        title,
         "| cache | group | total MiB | 16-bit MiB | codes MiB | scales MiB | vs 16-bit full |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
