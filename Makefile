@@ -45,7 +45,7 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 	touch $@
 
 test-compat: $(COMPAT_VENV)/.installed
-	$(COMPAT_VENV)/bin/python -m pytest -q -n 2 -m "not slow" tests/test_quant.py tests/test_cache_layers.py tests/test_generate.py tests/test_decode_attention.py
+	$(COMPAT_VENV)/bin/python -m pytest -q -n 2 -m "not slow" tests/test_quant.py tests/test_cache_layers.py tests/test_model_shapes.py tests/test_generate.py tests/test_decode_attention.py
 
 eval: setup
 	$(VENV)/bin/selkv eval all --out results/eval

@@ -217,13 +217,6 @@ def test_good_specs_round_trip():
     assert selkv.parse_spec("quant:bits=2").axis_key == "channel"
 
 
-def test_models_with_sliding_window_layers_are_rejected():
-    config = tiny_llama_config()
-    config.layer_types = ["sliding_attention", "full_attention"]
-    with pytest.raises(SpecError, match="full-attention layers only"):
-        selkv.make_cache("quant:bits=8", config)
-
-
 def test_crop_is_refused_clearly(tiny_llama):
     cache = selkv.make_cache("quant:bits=8", tiny_llama.config)
     with pytest.raises(NotImplementedError, match="cannot crop"):

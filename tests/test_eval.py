@@ -285,3 +285,13 @@ def test_embedded_model_finds_the_needle_with_full_cache(smollm):
     assert example["answer"] in out["output"]
     evicted = needle.answer(model, tok, example["prompt"], "drop:sink=4,window=124", 64, needle.PASSKEY_NEW_TOKENS, eos)
     assert example["answer"] not in evicted["output"]
+
+
+def test_report_names_the_default_group_each_spec_got(text_file, tmp_path):
+    # head_dim 48: the per-bit default group (32 at 4 bits) does not divide it; gcd(48, 32) = 16 does.
+    model, tok = make_tiny_llama(head_dim=48), ByteTokenizer()
+    specs = ["full", "quant:bits=4,sink=4,window=32", "quant:bits=8,group=16"]
+    payload = run_task(perplexity, model, tok, "tiny", specs, str(tmp_path / "ppl"), _ppl_settings(text_file, 1))
+    assert payload["default_groups"] == {"quant:bits=4,sink=4,window=32": 16}
+    markdown = report.run([str(tmp_path / "ppl")], str(tmp_path / "report"))
+    assert "default groups: `quant:bits=4,sink=4,window=32` 16" in markdown

@@ -120,3 +120,15 @@ def test_tensor_bytes_counts_every_reachable_tensor_once():
     b = torch.zeros(3, 4, dtype=torch.uint8)
     assert quant.tensor_bytes([a, {"b": b, "again": a}, None, (b,)]) == 20 + 12
     assert quant.tensor_bytes(None) == 0 and math.isfinite(quant.tensor_bytes([]))
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+@pytest.mark.parametrize("top", [65504.0, 60000.0, -65504.0, 40000.0])
+def test_symmetric_groups_near_the_float16_maximum_stay_within_half_a_step(nbits, top):
+    # -2**(nbits-1) * scale must be a finite float16: groups whose range needs a larger scale keep
+    # the asymmetric scale and zero (same decoding formula) instead of saturating.
+    x = torch.tensor([[top, -3.0, 1.0, top / 2]])
+    codes, scale, zero = quant.quantize(x, nbits, 4, sym=True)
+    assert torch.isfinite(scale.float()).all() and torch.isfinite(zero.float()).all()
+    y = quant.dequantize(codes, scale, zero, 4)
+    assert bool(((x - y).abs() <= _bound(x, scale, 4, -1)).all()), (x - y).abs().max()

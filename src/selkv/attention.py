@@ -71,6 +71,11 @@ def selkv_attention_forward(
 
     Returns ``([batch_size, q_len, num_heads, head_dim], None)``.
     """
+    if kwargs.get("softcap") is not None:
+        raise ValueError(
+            "attn_implementation='selkv' does not apply attention-logit softcapping (Gemma 2); load this model "
+            "with attn_implementation='eager' (selkv caches work with it)"
+        )
     layer = take_published(getattr(module, "layer_idx", None))
     if layer is None or query.shape[2] != 1:
         if query.is_cuda:

@@ -15,6 +15,7 @@ Every error names the field, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from .quant import SUPPORTED_NBITS
@@ -29,7 +30,7 @@ _FIELDS: dict[str, dict[str, object]] = {
         "bits": None,
         "sink": 4,
         "window": 124,
-        "group": 0,  # 0: min(head_dim, DEFAULT_GROUP[bits]), resolved by check_model
+        "group": 0,  # 0: gcd(head_dim, DEFAULT_GROUP[bits]), resolved by check_model
         "key_axis": "",  # "": the per-bit-width default below
         "sym": 0,
         "block": 0,  # 0: DEFAULT_BLOCK[bits]
@@ -52,6 +53,8 @@ DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 2: "channel"}
 #   (3.14x) but +0.00% / +0.41% instead of +0.40% / +0.67%.
 # - int2: key blocks of 32 (+9.1% / +26.2%, 5.06x). Blocks of 16 are more accurate (+5.5% / +16.2%) but
 #   4.4x; block=64 with group=32 is worse (+16.5% / +38.0%). `block=16` remains a spec away.
+# A head_dim the per-bit default does not divide (96: Phi-3-mini; 80: Phi-2, StableLM-3B, Pythia-2.8B)
+# gets the largest group that divides both: gcd(head_dim, default), 32 and 16 there.
 DEFAULT_GROUP = {8: 64, 4: 32, 2: 64}
 DEFAULT_BLOCK = {8: 32, 4: 64, 2: 32}
 
@@ -95,7 +98,7 @@ class CacheSpec:
         if self.kind in ("full", "drop"):
             return self
         default_group = DEFAULT_GROUP[self.nbits] if self.kind == "quant" else 64  # transformers' own default
-        group = self.q_group_size or min(head_dim, default_group)
+        group = self.q_group_size or math.gcd(head_dim, default_group)
         if head_dim % group:
             raise SpecError(f"{self.kind}: group={group} must divide the model's head_dim ({head_dim})")
         if self.kind != "quant":
@@ -106,11 +109,19 @@ class CacheSpec:
         return replace(self, q_group_size=group)
 
 
+# Larger settings are no use (a window of 2**31 tokens is far beyond any model's context) and beyond
+# int64 they would only fail later inside torch.
+MAX_SETTING = 2**31 - 1
+
+
 def _as_int(kind: str, key: str, value: str) -> int:
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise SpecError(f"{kind}: {key}={value!r} is not an integer") from None
+    if number > MAX_SETTING:
+        raise SpecError(f"{kind}: {key}={value} is too large; the largest allowed is {MAX_SETTING}")
+    return number
 
 
 def parse_spec(spec: str | CacheSpec) -> CacheSpec:

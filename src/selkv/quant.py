@@ -9,8 +9,10 @@ element an unsigned ``nbits`` code, so that
     x ≈ code * scale + zero,        code ∈ [0, 2**nbits - 1]
 
 Asymmetric groups put ``zero`` at the group minimum; symmetric ones put it at
-``-2**(nbits-1) * scale``. Both use the same formula, so readers (the reference
-path and the Triton kernels) never need to know which was used.
+``-2**(nbits-1) * scale`` (except groups whose largest magnitude exceeds
+``(2**(nbits-1) - 1) / 2**(nbits-1)`` of float16's maximum, where that zero point
+would overflow float16: they stay asymmetric). Both use the same formula, so
+readers (the reference path and the Triton kernels) never need to know which was used.
 
 Scales and zeros are stored as float16, which has more mantissa than bfloat16.
 They are rounded *outwards* (zero down, scale up) before codes are computed, so
@@ -68,19 +70,21 @@ def quantize(
     xf = xf.movedim(dim, -1)
     grouped = xf.unflatten(-1, (size // group_size, group_size))  # [..., n_groups, group_size]
 
+    lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    zero = _round_outwards(lo, float("-inf"))
+    scale = _round_outwards((hi - zero.float()) / levels, float("inf"))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: any scale works
     if sym:
         absmax = grouped.abs().amax(dim=-1)
         half = 2 ** (nbits - 1)
-        scale = _round_outwards(absmax / (half - 1), float("inf"))
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        # The zero point -half * scale must stay finite in float16: larger groups saturate.
-        scale = scale.clamp(max=_FP16_MAX / half)
-        zero = (-half * scale.float()).to(SCALE_DTYPE)  # exact: scale times a power of two
-    else:
-        lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
-        zero = _round_outwards(lo, float("-inf"))
-        scale = _round_outwards((hi - zero.float()) / levels, float("inf"))
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: any scale works
+        sym_scale = _round_outwards(absmax / (half - 1), float("inf"))
+        sym_scale = torch.where(sym_scale > 0, sym_scale, torch.ones_like(sym_scale))
+        # The zero point -half * scale must stay finite in float16. Groups whose range needs a larger
+        # scale (|x| above (half - 1) / half of float16's maximum) keep the asymmetric scale and zero,
+        # which readers decode by the same formula.
+        fits = sym_scale <= _FP16_MAX / half
+        sym_zero = (-half * sym_scale.float()).to(SCALE_DTYPE)  # exact: scale times a power of two
+        scale, zero = torch.where(fits, sym_scale, scale), torch.where(fits, sym_zero, zero)
 
     codes = torch.round((grouped - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1))
     codes = codes.clamp_(0, levels).to(torch.uint8).flatten(-2).movedim(-1, dim)

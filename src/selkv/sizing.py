@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import kv_bytes, make_cache, model_shape
+from .cache import bytes_summary, layer_bytes, layer_plan, make_cache, model_shape, resolve_spec
 
 
 def load_config(name_or_path: str):
@@ -25,37 +25,62 @@ def cache_size(spec: str, config, tokens: int, batch_size: int = 1, chunk: int =
                dtype: torch.dtype = torch.bfloat16) -> dict:
     """``kv_bytes`` of ``spec`` after ``tokens`` tokens fed in chunks of ``chunk`` (the perplexity protocol).
 
-    Every layer of a cache holds the same tensors for the same token count, so one layer is filled
-    and its bytes are multiplied by the number of layers.
+    Layers of one kind (full attention, or sliding with one window) hold the same tensors for the
+    same token count, so one layer of each kind is filled and its bytes are multiplied by the
+    number of such layers.
     """
     if tokens < 1 or chunk < 1 or batch_size < 1:
         raise ValueError(f"tokens, chunk and batch_size must be >= 1 (got {tokens}, {chunk}, {batch_size})")
     shape = model_shape(config)
     cache = make_cache(spec, config)
-    done = 0
-    while done < tokens:
-        count = min(chunk, tokens - done)
-        states = torch.randn(batch_size, shape["num_key_value_heads"], count, shape["head_dim"], dtype=dtype)
-        cache.update(states, states.clone(), 0)
-        done += count
-    counted = kv_bytes(cache)
-    layers = shape["num_hidden_layers"]
-    scaled = {key: value * layers for key, value in counted.items() if key not in ("tokens", "compression")}
-    return {**counted, **scaled}
+    kinds: dict[tuple, list[int]] = {}
+    for layer_idx, plan in enumerate(layer_plan(config)):
+        kinds.setdefault(plan, []).append(layer_idx)
+    totals = dict.fromkeys(("bytes_16bit", "bytes_codes", "bytes_scales", "allocated", "full16"), 0)
+    for layer_ids in kinds.values():
+        done = 0
+        while done < tokens:
+            count = min(chunk, tokens - done)
+            states = torch.randn(batch_size, shape["num_key_value_heads"], count, shape["head_dim"], dtype=dtype)
+            cache.update(states, states.clone(), layer_ids[0])
+            done += count
+        for key, value in layer_bytes(cache.layers[layer_ids[0]]).items():
+            totals[key] += value * len(layer_ids)
+    return bytes_summary(totals, tokens)
+
+
+def describe_model(config) -> str:
+    """One line on the cache shape of ``config``: layers by kind, KV heads, head_dim."""
+    shape = model_shape(config)
+    plans = layer_plan(config)
+    sliding = [window for layer_type, window in plans if layer_type != "full_attention"]
+    layers = f"{shape['num_hidden_layers']} layers"
+    if sliding:
+        windows = ", ".join(str(w) for w in sorted(set(sliding)))
+        layers += (f" ({len(plans) - len(sliding)} full-attention; {len(sliding)} sliding-window of {windows} tokens, "
+                   "kept 16-bit)")
+    return f"{layers}, {shape['num_key_value_heads']} KV heads, head_dim {shape['head_dim']}"
+
+
+def _group(spec: str, config) -> str:
+    group = resolve_spec(spec, config).q_group_size
+    return str(group) if group else "–"
 
 
 def size_table(specs: list[str], config, tokens: int, batch_size: int = 1, chunk: int = 64) -> str:
-    """A Markdown table of :func:`cache_size` for each spec, in MiB."""
+    """A Markdown table of :func:`cache_size` for each spec, in MiB, with the group size each spec gets here."""
+    title = (f"KV cache at {tokens} tokens, batch {batch_size}, fed in chunks of {chunk} (bfloat16 model; "
+             f"{describe_model(config)})\n")
     rows = [
-        f"KV cache at {tokens} tokens, batch {batch_size}, fed in chunks of {chunk} (bfloat16 model)\n",
-        "| cache | total MiB | 16-bit MiB | codes MiB | scales MiB | vs 16-bit full |",
-        "|---|---:|---:|---:|---:|---:|",
+        title,
+        "| cache | group | total MiB | 16-bit MiB | codes MiB | scales MiB | vs 16-bit full |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     mib = 2**20
     for spec in specs:
         b = cache_size(spec, config, tokens, batch_size, chunk)
         rows.append(
-            f"| `{spec}` | {b['total'] / mib:.2f} | {b['bytes_16bit'] / mib:.2f} | {b['bytes_codes'] / mib:.2f} | "
-            f"{b['bytes_scales'] / mib:.2f} | {b['compression']:.2f}x |"
+            f"| `{spec}` | {_group(spec, config)} | {b['total'] / mib:.2f} | {b['bytes_16bit'] / mib:.2f} | "
+            f"{b['bytes_codes'] / mib:.2f} | {b['bytes_scales'] / mib:.2f} | {b['compression']:.2f}x |"
         )
     return "\n".join(rows)

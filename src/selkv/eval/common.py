@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from ..cache import kv_bytes
+from ..cache import kv_bytes, resolve_spec
+from ..config import parse_spec
 from ..generation import eos_token_ids, greedy_decode  # noqa: F401  (the tasks import them from here)
 from ..models import forward_with_cache
 
@@ -291,8 +292,19 @@ def run_task(module, model, tokenizer, model_name: str, specs: list[str], out_di
     with maybe_profile(profile_dir):
         module.run(model, tokenizer, specs, writer, **settings)
     writer.extra.setdefault("environment", environment(model))
+    writer.extra["default_groups"] = default_groups(specs, model.config)
     writer.extra["seconds_this_run"] = round(time.time() - started, 1)
     return writer.flush(complete=True)
+
+
+def default_groups(specs: list[str], config) -> dict[str, int]:
+    """The group size each spec that does not set one gets on this model (it depends on head_dim)."""
+    groups = {}
+    for spec in specs:
+        parsed = parse_spec(spec)
+        if parsed.kind in ("quant", "hf-quanto", "hf-hqq") and not parsed.q_group_size:
+            groups[spec] = resolve_spec(parsed, config).q_group_size
+    return groups
 
 
 def _unique(specs: list[str]) -> list[str]:

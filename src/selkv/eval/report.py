@@ -89,7 +89,9 @@ def _settings_line(payload: dict) -> str:
     env = payload.get("environment", {})
     where = f"; {env.get('device', '')} {env.get('dtype', '')}".rstrip() if env else ""
     partial = "" if payload.get("complete") else " **(incomplete run)**"
-    return f"Model `{payload.get('model')}`, data `{payload.get('data')}`; {settings}{where}.{partial}"
+    groups = payload.get("default_groups") or {}
+    groups = "; default groups: " + ", ".join(f"`{spec}` {group}" for spec, group in groups.items()) if groups else ""
+    return f"Model `{payload.get('model')}`, data `{payload.get('data')}`; {settings}{where}{groups}.{partial}"
 
 
 def table_lines(payload: dict) -> list[str]:

@@ -29,6 +29,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+# Sink and window positions allocated at the first update (the default sink, and window + block, fit in it).
+INITIAL_CAPACITY = 256
+
 
 class SelectiveLayer(CacheLayerMixin):
     """Base class of selkv's cache layers. Subclasses define the middle region.
@@ -94,10 +97,13 @@ class SelectiveLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         batch_size, num_heads, _, head_dim = key_states.shape
         self.batch_size, self.num_key_value_heads, self.head_dim = batch_size, num_heads, head_dim
-        sink_shape = (batch_size, num_heads, self.sink_capacity, head_dim)
+        # A long sink or window is not preallocated (window=100000 would take gigabytes before the tenth
+        # token): each buffer starts at INITIAL_CAPACITY positions (or the first chunk) and grows as tokens arrive.
+        first = max(key_states.shape[-2], INITIAL_CAPACITY)
+        sink_shape = (batch_size, num_heads, min(self.sink_capacity, first), head_dim)
         self.sink_keys = key_states.new_zeros(sink_shape)
         self.sink_values = value_states.new_zeros(sink_shape[:-1] + value_states.shape[-1:])
-        window_shape = (batch_size, num_heads, self.window_length + self.block_length, head_dim)
+        window_shape = (batch_size, num_heads, min(self.window_length + self.block_length, first), head_dim)
         self.recent_keys = key_states.new_zeros(window_shape)
         self.recent_values = value_states.new_zeros(window_shape[:-1] + value_states.shape[-1:])
         self.is_initialized = True
@@ -126,6 +132,12 @@ class SelectiveLayer(CacheLayerMixin):
 
         if to_sink:
             end = self.num_sink + to_sink
+            if end > self.sink_keys.shape[-2]:  # a long sink: grow it to what it will hold
+                grow = min(self.sink_capacity, max(end, 2 * self.sink_keys.shape[-2])) - self.sink_keys.shape[-2]
+                self.sink_keys = torch.cat([self.sink_keys, self.sink_keys.new_zeros(self._shape(grow))], dim=-2)
+                self.sink_values = torch.cat(
+                    [self.sink_values, self.sink_values.new_zeros(self._shape(grow, self.sink_values.shape[-1]))], dim=-2
+                )
             self.sink_keys[:, :, self.num_sink : end] = key_states[:, :, :to_sink]
             self.sink_values[:, :, self.num_sink : end] = value_states[:, :, :to_sink]
             self.num_sink = end
@@ -167,8 +179,9 @@ class SelectiveLayer(CacheLayerMixin):
     def _append_recent(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         num_new = keys.shape[-2]
         end = self.num_recent + num_new
-        if end > self.recent_keys.shape[-2]:  # a chunk longer than the spare room: grow the buffer once
-            grow = end - self.recent_keys.shape[-2]
+        if end > self.recent_keys.shape[-2]:  # no spare room: grow by doubling, up to window + block
+            capacity = self.recent_keys.shape[-2]
+            grow = max(end, min(2 * capacity, self.window_length + self.block_length)) - capacity
             self.recent_keys = torch.cat([self.recent_keys, self.recent_keys.new_zeros(self._shape(grow))], dim=-2)
             self.recent_values = torch.cat(
                 [self.recent_values, self.recent_values.new_zeros(self._shape(grow, values.shape[-1]))], dim=-2
