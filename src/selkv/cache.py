@@ -121,9 +121,12 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2) -> dict[str, int | float
     """Exact KV memory of ``cache``, counted from the tensors it holds.
 
     Returns ``bytes_16bit`` (unquantized sink/window/residual), ``bytes_codes``, ``bytes_scales``,
-    ``total`` (their sum: the filled part), ``allocated`` (every tensor whole, spare capacity
-    included), ``tokens`` (positions seen), ``full16`` (what a 16-bit full cache of the same tokens
-    holds) and ``compression`` (``full16 / total``).
+    ``total`` (their sum: the filled part), ``allocated`` (the memory really held: the storage of
+    every tensor, spare capacity included; selkv layers count each storage once), ``tokens``
+    (positions seen), ``full16`` (what a 16-bit full cache of the same tokens holds),
+    ``compression`` (``full16 / allocated``: how much less memory the cache holds) and
+    ``compression_filled`` (``full16 / total``, the filled part only). selkv's buffers keep little
+    spare room: less than a page of 8 tokens in the window, at most 1/128 of the middle's tokens.
     """
     totals = {"bytes_16bit": 0, "bytes_codes": 0, "bytes_scales": 0, "allocated": 0}
     full16 = 0
@@ -154,5 +157,6 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2) -> dict[str, int | float
         "total": total,
         "tokens": tokens,
         "full16": full16,
-        "compression": full16 / total if total else 1.0,
+        "compression": full16 / totals["allocated"] if totals["allocated"] else 1.0,
+        "compression_filled": full16 / total if total else 1.0,
     }

@@ -40,22 +40,27 @@ def cache_size(spec: str, config, tokens: int, batch_size: int = 1, chunk: int =
         done += count
     counted = kv_bytes(cache)
     layers = shape["num_hidden_layers"]
-    scaled = {key: value * layers for key, value in counted.items() if key not in ("tokens", "compression")}
+    scaled = {key: value * layers for key, value in counted.items() if not key.startswith(("tokens", "compression"))}
     return {**counted, **scaled}
 
 
 def size_table(specs: list[str], config, tokens: int, batch_size: int = 1, chunk: int = 64) -> str:
-    """A Markdown table of :func:`cache_size` for each spec, in MiB."""
+    """A Markdown table of :func:`cache_size` for each spec, in MiB.
+
+    ``held`` is the memory the cache really holds (every buffer's storage, spare room included), and
+    the ratio compares it with a 16-bit full cache; ``filled`` = 16-bit + codes + scales.
+    """
     rows = [
         f"KV cache at {tokens} tokens, batch {batch_size}, fed in chunks of {chunk} (bfloat16 model)\n",
-        "| cache | total MiB | 16-bit MiB | codes MiB | scales MiB | vs 16-bit full |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| cache | held MiB | filled MiB | 16-bit MiB | codes MiB | scales MiB | vs 16-bit full |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     mib = 2**20
     for spec in specs:
         b = cache_size(spec, config, tokens, batch_size, chunk)
         rows.append(
-            f"| `{spec}` | {b['total'] / mib:.2f} | {b['bytes_16bit'] / mib:.2f} | {b['bytes_codes'] / mib:.2f} | "
+            f"| `{spec}` | {b['allocated'] / mib:.2f} | {b['total'] / mib:.2f} | {b['bytes_16bit'] / mib:.2f} | "
+            f"{b['bytes_codes'] / mib:.2f} | "
             f"{b['bytes_scales'] / mib:.2f} | {b['compression']:.2f}x |"
         )
     return "\n".join(rows)

@@ -1,8 +1,10 @@
 """QuantizedSinkWindowLayer: 16-bit sink and window, every token between them quantized once.
 
 This is selkv's strategy. Tokens leaving the window (in blocks of
-``block_length``) are quantized exactly once and appended to the middle store,
-which grows by doubling; nothing is ever re-quantized.
+``block_length``) are quantized exactly once and appended to the middle store;
+nothing is ever re-quantized. The store grows in whole blocks and keeps at most
+``1 / middle_spare_divisor`` of its tokens as spare room (see ``_ensure_capacity``),
+so the memory held stays within a fraction of a percent of what is filled.
 
 Middle store (``B`` batch, ``H`` KV heads, ``C`` capacity, ``D`` head_dim,
 ``P = D * nbits // 8`` packed bytes, ``G`` = ``q_group_size``, ``T`` = ``block_length``)::
@@ -62,6 +64,9 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
 
     retains_evicted = True
     supports_fused_decode = True
+    # Spare room of the middle store, at most 1/128 of the stored tokens (costs at most 0.8 % of the
+    # compression; a store shorter than 128 blocks grows exactly, block by block).
+    middle_spare_divisor = 128
 
     def __init__(
         self,
@@ -123,19 +128,33 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
         self._num_stored = end
 
     def _ensure_capacity(self, needed: int, parts: dict[str, torch.Tensor]) -> None:
+        """Make room for ``needed`` tokens (whole blocks) in every middle tensor, shaped like ``parts``.
+
+        Growing copies the whole store. The new capacity is ``needed`` plus spare room of
+        ``needed // middle_spare_divisor`` tokens rounded down to whole blocks: the spare room (memory
+        held but not filled) is at most that fraction of the store, and a store that has to grow again
+        copies itself once per ``middle_spare_divisor``-th of its length (rounded down to blocks), so
+        the copying amortizes to fewer than ``2 * middle_spare_divisor`` tokens of storage per evicted
+        token (below ``middle_spare_divisor`` blocks the store grows exactly, by the evicted blocks, and
+        copies fewer than ``middle_spare_divisor`` blocks per evicted block). Capacity stays whole blocks: the value codes are
+        block-major and the fused kernel loads whole blocks.
+        """
         capacity = 0 if self.key_codes is None else self.key_codes.shape[-2]
         if needed <= capacity:
             return
-        new_capacity = max(needed, 2 * capacity, 4 * self.block_length)
-        new_capacity = -(-new_capacity // self.block_length) * self.block_length  # whole key groups
+        needed = -(-needed // self.block_length) * self.block_length
+        spare = needed // self.middle_spare_divisor // self.block_length * self.block_length
+        new_capacity = needed + spare
         for name, part in parts.items():
             rows = new_capacity
             if name.startswith("key_") and name != "key_codes" and self.axis_key == "channel":
                 rows = new_capacity // self.block_length
-            grown = part.new_zeros(part.shape[:2] + (rows,) + part.shape[3:])
+            grown = part.new_empty(part.shape[:2] + (rows,) + part.shape[3:])
             old = getattr(self, name)
-            if old is not None:
-                grown[:, :, : old.shape[-2]] = old
+            filled = 0 if old is None else old.shape[-2]
+            if filled:
+                grown[:, :, :filled] = old
+            grown[:, :, filled:] = 0  # rows past the stored tokens are read (with p = 0) by whole-block loads
             setattr(self, name, grown)
 
     def _read_stored(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
