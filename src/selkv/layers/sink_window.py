@@ -4,7 +4,7 @@ This is selkv's strategy. Tokens leaving the window (in blocks of
 ``block_length``) are quantized exactly once and appended to the middle store;
 nothing is ever re-quantized. The store grows in whole blocks and keeps at most
 ``1 / middle_spare_divisor`` of its tokens as spare room (see ``_ensure_capacity``),
-so the memory held stays within a fraction of a percent of what is filled.
+so the memory held stays within a percent of what is filled.
 
 Middle store (``B`` batch, ``H`` KV heads, ``C`` capacity, ``D`` head_dim,
 ``P = D * nbits // 8`` packed bytes, ``G`` = ``q_group_size``, ``T`` = ``block_length``)::
@@ -22,6 +22,8 @@ Entries ``[:num_stored]`` (tokens) are filled. Dequantized, each element is
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -128,23 +130,28 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
         self._num_stored = end
 
     def _ensure_capacity(self, needed: int, parts: dict[str, torch.Tensor]) -> None:
-        """Make room for ``needed`` tokens (whole blocks) in every middle tensor, shaped like ``parts``.
+        """Make room for ``needed`` tokens in every middle tensor, shaped like ``parts``.
 
-        Growing copies the whole store. The new capacity is ``needed`` plus spare room of
-        ``needed // middle_spare_divisor`` tokens rounded down to whole blocks: the spare room (memory
-        held but not filled) is at most that fraction of the store, and a store that has to grow again
-        copies itself once per ``middle_spare_divisor``-th of its length (rounded down to blocks), so
-        the copying amortizes to fewer than ``2 * middle_spare_divisor`` tokens of storage per evicted
-        token (below ``middle_spare_divisor`` blocks the store grows exactly, by the evicted blocks, and
-        copies fewer than ``middle_spare_divisor`` blocks per evicted block). Capacity stays whole blocks: the value codes are
-        block-major and the fused kernel loads whole blocks.
+        The capacity is counted in units of ``lcm(block_length, 16)`` tokens: whole blocks (the value
+        codes are block-major and the fused kernel loads whole blocks), and a multiple of 16 so that the
+        store's strides keep their divisibility by 16 as it grows (Triton specializes the kernel on it:
+        a changing divisibility would recompile it in the middle of a generation). For the default
+        blocks (32 and 64) the unit is one block.
+
+        Growing copies the whole store. The new capacity is ``needed`` rounded up to a unit plus spare
+        room of ``needed // middle_spare_divisor`` tokens rounded down to units: the spare room (memory
+        held but not filled) is at most that fraction of the store beyond the rounding, and a store
+        that has to grow again copies itself once per ``middle_spare_divisor``-th of its length
+        (rounded down to units), so the copying amortizes to fewer than ``2 * middle_spare_divisor``
+        tokens of storage per evicted token (below ``middle_spare_divisor`` units the store grows
+        exactly, by the evicted units, and copies fewer than ``middle_spare_divisor`` units per unit).
         """
         capacity = 0 if self.key_codes is None else self.key_codes.shape[-2]
         if needed <= capacity:
             return
-        needed = -(-needed // self.block_length) * self.block_length
-        spare = needed // self.middle_spare_divisor // self.block_length * self.block_length
-        new_capacity = needed + spare
+        unit = math.lcm(self.block_length, 16)
+        spare = needed // self.middle_spare_divisor // unit * unit
+        new_capacity = -(-needed // unit) * unit + spare
         for name, part in parts.items():
             rows = new_capacity
             if name.startswith("key_") and name != "key_codes" and self.axis_key == "channel":
