@@ -21,7 +21,9 @@ import selkv
 from selkv.layers import SelectiveLayer
 
 # SmolLM2-135M's cache shape (the embedded model): 30 layers, 3 KV heads, head_dim 64.
-EMBEDDED_SHAPE = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576, head_dim=64)
+EMBEDDED_SHAPE = {
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "head_dim": 64,
+}
 TOKENS = 4096
 
 
@@ -91,7 +93,7 @@ def test_memory_held_meets_the_targets(spec, target, chunk, no_assembly):
 
 @pytest.mark.parametrize("chunk", [512, 1])
 def test_a_long_chunk_leaves_no_oversized_window_behind(chunk):
-    config = LlamaConfig(**dict(EMBEDDED_SHAPE, num_hidden_layers=1))
+    config = LlamaConfig(**{**EMBEDDED_SHAPE, "num_hidden_layers": 1})
     cache = fill(selkv.make_cache("drop:sink=4,window=124", config), config, 2048, chunk)
     layer = cache.layers[0]
     per_token = config.num_key_value_heads * config.head_dim * 2 * 2

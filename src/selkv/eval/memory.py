@@ -80,6 +80,6 @@ def run(model, tokenizer, specs: list[str], writer, data: str, prompt_tokens: in
 
 def aggregate(records: list[dict]) -> dict:
     record = records[-1]
-    keys = ("kv_bytes", "kv_bytes_filled", "kv_bytes_full16", "compression", "kv_bytes_16bit", "kv_bytes_codes", "kv_bytes_scales",
-            "kv_tokens", "peak_device_bytes", "peak_device_bytes_above_start", "series")
+    keys = ("kv_bytes", "kv_bytes_filled", "kv_bytes_full16", "compression", "kv_bytes_16bit", "kv_bytes_codes",
+            "kv_bytes_scales", "kv_tokens", "peak_device_bytes", "peak_device_bytes_above_start", "series")
     return {k: record[k] for k in keys if k in record}

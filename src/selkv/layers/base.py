@@ -144,9 +144,10 @@ class SelectiveLayer(CacheLayerMixin):
         if not self.retains_evicted:
             # Nothing evicted can be read back: this call reads the sink and the whole window as earlier
             # calls left it, plus its own tokens (the window holds exactly these now), before evicting.
+            sink, window = slice(0, self.num_sink), slice(0, self.num_recent)
             returned = (
-                torch.cat([self.sink_keys[:, :, : self.num_sink], self.recent_keys[:, :, : self.num_recent]], dim=-2),
-                torch.cat([self.sink_values[:, :, : self.num_sink], self.recent_values[:, :, : self.num_recent]], dim=-2),
+                torch.cat([self.sink_keys[:, :, sink], self.recent_keys[:, :, window]], dim=-2),
+                torch.cat([self.sink_values[:, :, sink], self.recent_values[:, :, window]], dim=-2),
             )
         stored_before = self.num_stored
         if evict:
