@@ -171,8 +171,9 @@ def fill_selective(cache, config, batch: int, context: int, device, dtype, room:
         layer.lazy_initialization(probe, probe)
         layer.sink_keys.normal_()
         layer.sink_values.normal_()
-        layer.recent_keys.normal_()
-        layer.recent_values.normal_()
+        # the window buffer as a decode step finds it (the layer grows it with the tokens it holds)
+        layer.recent_keys = torch.randn(batch, heads, window + block, head_dim, device=device, dtype=dtype)
+        layer.recent_values = torch.randn_like(layer.recent_keys)
         capacity = num_stored + (-(-room // block) + 1) * block
         packed = head_dim * layer.nbits // 8
         groups = head_dim // layer.q_group_size

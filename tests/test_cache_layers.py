@@ -99,6 +99,40 @@ def test_evict_layer_keeps_sink_and_window_and_predicts_mask_sizes(steps):
         assert layer.num_recent < layer.window_length + layer.block_length
 
 
+def test_evict_layer_chunk_longer_than_the_window_reads_the_previous_window():
+    # After 200 tokens the layer keeps the sink (0-3) and the window (68-199); a 200-token chunk must
+    # attend to both, not to the sink and itself alone (a second chat turn sees the end of the first).
+    layer = EvictLayer(num_sink_tokens=4, window_length=124, block_length=32)
+    layer.update(_position_states(0, 200), _position_states(0, 200))
+    kept_before = list(range(4)) + list(range(200 - layer.num_recent, 200))
+    assert kept_before[4] <= 76
+    kv_length, kv_offset = layer.get_mask_sizes(200)
+    out_keys, out_values = layer.update(_position_states(200, 200), _position_states(200, 200))
+    positions = (out_keys[0, 0, :, 0] + 0.5).round().long().tolist()
+    assert positions == kept_before + list(range(200, 400))
+    assert (kv_length, kv_offset) == (len(positions), 400 - len(positions))
+    torch.testing.assert_close(out_values, out_keys)
+
+
+@pytest.mark.parametrize(("first", "second"), [(200, 200), (190, 40), (191, 1)])
+def test_evict_cache_chunk_equals_full_attention_over_what_it_keeps(tiny_llama, first, second):
+    # The second chunk's logits from `drop` equal full attention restricted, for that chunk's queries,
+    # to the sink + the window kept after the first chunk + the chunk itself (causal).
+    input_ids = torch.randint(3, 256, (1, first + second))
+    cache = selkv.make_cache("drop:sink=4,window=124,block=32", tiny_llama.config)
+    with torch.no_grad():
+        forward_with_cache(tiny_llama, cache, input_ids[:, :first])
+        window_start = first - cache.layers[0].num_recent
+        got = forward_with_cache(tiny_llama, cache, input_ids[:, first:]).logits
+        total = first + second
+        allowed = torch.ones(total, total).tril().bool()
+        allowed[first:, 4:window_start] = False
+        mask = torch.zeros(1, 1, total, total).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        reference = tiny_llama(input_ids=input_ids, attention_mask=mask).logits[:, first:]
+    assert window_start > 4  # tokens were evicted: the restriction matters
+    torch.testing.assert_close(got, reference, **TOLERANCES["lossless_fp32"])
+
+
 def test_each_token_is_quantized_exactly_once(monkeypatch):
     quantized = []
     original = quant.quantize
@@ -124,13 +158,24 @@ def test_each_token_is_quantized_exactly_once(monkeypatch):
         assert torch.equal(final[:, :, :stored], codes)
 
 
-def test_middle_store_grows_by_doubling():
+def test_middle_store_grows_in_bounded_pages():
+    # Capacity in units of lcm(block, 16) tokens, spare room at most 1/128 of the stored tokens beyond the
+    # rounding to a unit, and the copies made by growing stay amortized: fewer than 2 * 128 tokens
+    # copied per evicted token.
     layer = QuantizedSinkWindowLayer(8, num_sink_tokens=0, window_length=4, q_group_size=16, block_length=4)
-    capacities = set()
-    for _ in range(600):
-        layer.update(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16))
-        capacities.add(layer.key_codes.shape[-2] if layer.key_codes is not None else 0)
-    assert len(capacities) <= 8  # 0, 16, 32, ..., 1024: a handful of reallocations, not one per block
+    copied, capacity = 0, 0
+    for count in [1] * 300 + [7, 1, 1, 33] * 40 + [1] * 300 + [600]:
+        layer.update(torch.randn(1, 1, count, 16), torch.randn(1, 1, count, 16))
+        if layer.key_codes is None:
+            continue
+        if layer.key_codes.shape[-2] != capacity:
+            copied, capacity = copied + capacity, layer.key_codes.shape[-2]
+        assert capacity % 16 == 0
+        assert all(t.shape[-2] == capacity for t in (layer.value_codes, layer.key_scale, layer.value_scale))
+        spare = capacity - layer.num_stored
+        assert spare < layer.num_stored // 128 // 16 * 16 + 16, (capacity, layer.num_stored)
+    assert layer.num_stored > 128 * 4 * layer.block_length  # long enough for the spare room to be used
+    assert copied < 2 * 128 * layer.num_stored
 
 
 def test_bytes_are_counted_from_the_tensors():

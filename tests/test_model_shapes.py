@@ -58,7 +58,7 @@ def test_lossless_spec_on_a_hybrid_model_returns_and_counts_what_full_does(spec)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     counted, reference = selkv.kv_bytes(cache), selkv.kv_bytes(full)
     assert counted["total"] == reference["total"] == reference["full16"]
-    assert counted["compression"] == reference["compression"] == 1.0
+    assert counted["compression_filled"] == reference["compression"] == 1.0  # selkv's buffers keep spare pages
     # Sliding layers hold their window only, in both caches: 7 tokens there, 30 in the full-attention layer.
     assert reference["total"] == (7 + 30 + 7) * 2 * 32 * 2 * 2  # KV heads * head_dim * (K, V) * bfloat16
 
@@ -180,10 +180,13 @@ def test_a_missing_config_is_a_clear_error(config):
         selkv.make_cache("quant:bits=4", config)
 
 
-def test_a_long_window_grows_by_doubling():
+def test_a_long_window_grows_in_proportional_pages():
+    """A long window is not regrown (and copied) every few steps: its pages grow with it (about 1/32 of its
+    tokens), so filling 3,000 tokens takes about a hundred regrowths, and the spare room stays bounded."""
     layer = QuantizedSinkWindowLayer(8, num_sink_tokens=0, window_length=4000, q_group_size=16, block_length=8)
     capacities = set()
     for _ in range(3000):
         layer.update(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16))
         capacities.add(layer.recent_keys.shape[-2])
-    assert capacities == {256, 512, 1024, 2048, 4008}
+    assert len(capacities) < 150
+    assert layer.recent_keys.shape[-2] - layer.num_recent <= 3000 // 32

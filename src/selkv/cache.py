@@ -262,10 +262,13 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2) -> dict[str, int | float
     """Exact KV memory of ``cache``, counted from the tensors it holds.
 
     Returns ``bytes_16bit`` (unquantized sink/window/residual, and every sliding-window layer),
-    ``bytes_codes``, ``bytes_scales``, ``total`` (their sum: the filled part), ``allocated`` (every
-    tensor whole, spare capacity included), ``tokens`` (positions seen), ``full16`` (what a 16-bit
-    ``full`` cache of the same tokens holds; its sliding-window layers hold only their window) and
-    ``compression`` (``full16 / total``).
+    ``bytes_codes``, ``bytes_scales``, ``total`` (their sum: the filled part), ``allocated`` (the
+    memory really held: the storage of every tensor, spare capacity included; selkv layers count each
+    storage once), ``tokens`` (positions seen), ``full16`` (what a 16-bit ``full`` cache of the same
+    tokens holds; its sliding-window layers hold only their window), ``compression`` (``full16 /
+    allocated``: how much less memory the cache holds) and ``compression_filled`` (``full16 / total``,
+    the filled part only). selkv's buffers keep little spare room: less than a page of 8 tokens in
+    the window, at most 1/128 of the middle's tokens.
     """
     totals = {"bytes_16bit": 0, "bytes_codes": 0, "bytes_scales": 0, "allocated": 0, "full16": 0}
     for layer in cache.layers:
@@ -277,4 +280,10 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2) -> dict[str, int | float
 def bytes_summary(totals: dict[str, int], tokens: int) -> dict[str, int | float]:
     """Summed :func:`layer_bytes` plus ``total``, ``tokens`` and ``compression``, as :func:`kv_bytes` returns them."""
     total = totals["bytes_16bit"] + totals["bytes_codes"] + totals["bytes_scales"]
-    return {**totals, "total": total, "tokens": tokens, "compression": totals["full16"] / total if total else 1.0}
+    return {
+        **totals,
+        "total": total,
+        "tokens": tokens,
+        "compression": totals["full16"] / totals["allocated"] if totals["allocated"] else 1.0,
+        "compression_filled": totals["full16"] / total if total else 1.0,
+    }

@@ -73,14 +73,15 @@ def size_table(specs: list[str], config, tokens: int, batch_size: int = 1, chunk
              f"{describe_model(config)})\n")
     rows = [
         title,
-        "| cache | group | total MiB | 16-bit MiB | codes MiB | scales MiB | vs 16-bit full |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| cache | group | held MiB | filled MiB | 16-bit MiB | codes MiB | scales MiB | vs 16-bit full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     mib = 2**20
     for spec in specs:
         b = cache_size(spec, config, tokens, batch_size, chunk)
         rows.append(
-            f"| `{spec}` | {_group(spec, config)} | {b['total'] / mib:.2f} | {b['bytes_16bit'] / mib:.2f} | "
-            f"{b['bytes_codes'] / mib:.2f} | {b['bytes_scales'] / mib:.2f} | {b['compression']:.2f}x |"
+            f"| `{spec}` | {_group(spec, config)} | {b['allocated'] / mib:.2f} | {b['total'] / mib:.2f} | "
+            f"{b['bytes_16bit'] / mib:.2f} | {b['bytes_codes'] / mib:.2f} | {b['bytes_scales'] / mib:.2f} | "
+            f"{b['compression']:.2f}x |"
         )
     return "\n".join(rows)

@@ -226,10 +226,15 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk: int, on_logits: Callab
 
 
 def measure_cache(cache) -> dict:
-    """KV memory of a cache after an example: ``kv_bytes``, ``kv_bytes_full16``, ``compression`` (+ breakdown)."""
+    """KV memory of a cache after an example: ``kv_bytes``, ``kv_bytes_full16``, ``compression`` (+ breakdown).
+
+    ``kv_bytes`` is the memory the cache really holds (``kv_bytes(cache)["allocated"]``, spare room
+    included); ``kv_bytes_filled`` the filled part (16-bit + codes + scales).
+    """
     counted = kv_bytes(cache)
     return {
-        "kv_bytes": counted["total"],
+        "kv_bytes": counted["allocated"],
+        "kv_bytes_filled": counted["total"],
         "kv_bytes_full16": counted["full16"],
         "compression": counted["compression"],
         "kv_bytes_16bit": counted["bytes_16bit"],

@@ -3,9 +3,10 @@
 Counted from the tensors the cache holds (``selkv.kv_bytes``), against what a 16-bit full cache of
 the same tokens would hold. On CUDA the peak allocated device memory of each run is recorded too.
 
-Metrics per cache: ``kv_bytes``, ``kv_bytes_full16``, ``compression`` at the end (prompt + all new
-tokens), ``peak_device_bytes`` (CUDA only) and ``series``: ``[{"new_tokens", "tokens", "kv_bytes",
-"kv_bytes_full16"}, ...]`` every ``every`` new tokens, for the "memory vs new tokens" plot.
+Metrics per cache: ``kv_bytes`` (the memory held, spare room included), ``kv_bytes_filled``,
+``kv_bytes_full16``, ``compression`` at the end (prompt + all new tokens), ``peak_device_bytes``
+(CUDA only) and ``series``: ``[{"new_tokens", "tokens", "kv_bytes", "kv_bytes_full16"}, ...]`` every
+``every`` new tokens, for the "memory vs new tokens" plot.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def settings_from_args(args) -> dict:
 
 def _point(cache, new_tokens: int) -> dict:
     counted = kv_bytes(cache)
-    return {"new_tokens": new_tokens, "tokens": counted["tokens"], "kv_bytes": counted["total"],
+    return {"new_tokens": new_tokens, "tokens": counted["tokens"], "kv_bytes": counted["allocated"],
             "kv_bytes_full16": counted["full16"]}
 
 
@@ -79,6 +80,6 @@ def run(model, tokenizer, specs: list[str], writer, data: str, prompt_tokens: in
 
 def aggregate(records: list[dict]) -> dict:
     record = records[-1]
-    keys = ("kv_bytes", "kv_bytes_full16", "compression", "kv_bytes_16bit", "kv_bytes_codes", "kv_bytes_scales",
-            "kv_tokens", "peak_device_bytes", "peak_device_bytes_above_start", "series")
+    keys = ("kv_bytes", "kv_bytes_filled", "kv_bytes_full16", "compression", "kv_bytes_16bit", "kv_bytes_codes",
+            "kv_bytes_scales", "kv_tokens", "peak_device_bytes", "peak_device_bytes_above_start", "series")
     return {k: record[k] for k in keys if k in record}

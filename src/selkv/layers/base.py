@@ -13,11 +13,18 @@ key groups (KIVI) their ``block`` tokens.
 
 What one ``update`` returns (the keys/values attention reads) is the cache as
 earlier calls left it, plus this call's tokens exact: tokens evicted during
-this call that were already cached are read back as the middle stores them;
-tokens of this call are always returned as given, even those evicted at once
-(a long prompt attends to itself exactly and is compressed before the next
-call). For a one-token decode step this is exactly the stored cache, which is
-what the fused kernel reads.
+this call that were already cached are read back as the middle stores them
+(the eviction baseline, which stores nothing, returns its whole previous
+window); tokens of this call are always returned as given, even those evicted
+at once (a long prompt attends to itself exactly and is compressed before the
+next call). For a one-token decode step of the quantized layer this is exactly
+the stored cache, which is what the fused kernel reads.
+
+Memory: every buffer is sized to what it holds. The window buffer grows in
+pages of ``window_page_length`` tokens as tokens arrive and is cut back after
+an eviction, so a long chunk leaves no oversized buffer behind; subclasses size
+the middle store the same way (spare room bounded, see ``_ensure_capacity`` in
+the quantized layer). ``nbytes`` counts the storage really held.
 
 Left padding: a batch whose rows are left-padded to the same length calls
 :meth:`set_left_padding` first; the sink then holds ``S + max_padding``
@@ -48,6 +55,9 @@ class SelectiveLayer(CacheLayerMixin):
     supports_fused_decode = False
     # Whether rows may be left-padded (padding positions must stay addressable by the attention mask).
     supports_left_padding = True
+    # The window buffer grows and shrinks in pages of this many tokens: at most a page of spare room
+    # (a few KiB per layer), and a decode step reallocates the buffer only every page of tokens.
+    window_page_length = 8
 
     def __init__(self, num_sink_tokens: int, window_length: int, block_length: int = 1):
         super().__init__()
@@ -103,7 +113,8 @@ class SelectiveLayer(CacheLayerMixin):
         sink_shape = (batch_size, num_heads, min(self.sink_capacity, first), head_dim)
         self.sink_keys = key_states.new_zeros(sink_shape)
         self.sink_values = value_states.new_zeros(sink_shape[:-1] + value_states.shape[-1:])
-        window_shape = (batch_size, num_heads, min(self.window_length + self.block_length, first), head_dim)
+        # The window buffer starts empty and grows with what arrives (``_append_recent``).
+        window_shape = (batch_size, num_heads, 0, head_dim)
         self.recent_keys = key_states.new_zeros(window_shape)
         self.recent_values = value_states.new_zeros(window_shape[:-1] + value_states.shape[-1:])
         self.is_initialized = True
@@ -144,6 +155,14 @@ class SelectiveLayer(CacheLayerMixin):
         new_keys, new_values = key_states[:, :, to_sink:], value_states[:, :, to_sink:]
 
         self._append_recent(new_keys, new_values)
+        if not self.retains_evicted:
+            # Nothing evicted can be read back: this call reads the sink and the whole window as earlier
+            # calls left it, plus its own tokens (the window holds exactly these now), before evicting.
+            sink, window = slice(0, self.num_sink), slice(0, self.num_recent)
+            returned = (
+                torch.cat([self.sink_keys[:, :, sink], self.recent_keys[:, :, window]], dim=-2),
+                torch.cat([self.sink_values[:, :, sink], self.recent_values[:, :, window]], dim=-2),
+            )
         stored_before = self.num_stored
         if evict:
             self._evict(self.recent_keys[:, :, :evict], self.recent_values[:, :, :evict])
@@ -151,6 +170,8 @@ class SelectiveLayer(CacheLayerMixin):
             self._shift_recent(evict)
 
         self.storage_step = self.fused_decode and query_length == 1 and not to_sink
+        if not self.retains_evicted:
+            return returned
         if self.storage_step:
             # selkv's attention reads sink, middle and window from storage (decode_storage): nothing to assemble.
             return self.recent_keys[:, :, : self.num_recent], self.recent_values[:, :, : self.num_recent]
@@ -160,7 +181,7 @@ class SelectiveLayer(CacheLayerMixin):
             num_read_back = self.num_stored
         else:  # this call's own tokens were evicted too: return them as given, read back only older ones
             exact_keys, exact_values = new_keys, new_values
-            num_read_back = stored_before + (num_old if self.retains_evicted else 0)
+            num_read_back = stored_before + num_old
         return self._assemble(num_read_back, exact_keys, exact_values)
 
     def _assemble(
@@ -176,22 +197,47 @@ class SelectiveLayer(CacheLayerMixin):
         values.append(exact_values)
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
+    def _window_page(self, num_tokens: int) -> int:
+        """Growth unit of the window buffer at ``num_tokens`` tokens: ``window_page_length``, or about 1/32
+        of the tokens for long windows (so a window of thousands of tokens is not copied every 8 steps)."""
+        page = self.window_page_length
+        return max(page, num_tokens // 32 // page * page)
+
+    def _window_capacity(self, num_tokens: int) -> int:
+        """Window buffer length for ``num_tokens`` tokens: whole pages."""
+        page = self._window_page(num_tokens)
+        return -(-num_tokens // page) * page
+
+    def _resize_recent(self, capacity: int) -> None:
+        """Move the window's tokens into buffers of ``capacity`` tokens (the old buffers are freed)."""
+        keys = self.recent_keys.new_zeros(self._shape(capacity))
+        values = self.recent_values.new_zeros(self._shape(capacity, self.recent_values.shape[-1]))
+        keys[:, :, : self.num_recent] = self.recent_keys[:, :, : self.num_recent]
+        values[:, :, : self.num_recent] = self.recent_values[:, :, : self.num_recent]
+        self.recent_keys, self.recent_values = keys, values
+
     def _append_recent(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         num_new = keys.shape[-2]
         end = self.num_recent + num_new
-        if end > self.recent_keys.shape[-2]:  # no spare room: grow by doubling, up to window + block
-            capacity = self.recent_keys.shape[-2]
-            grow = max(end, min(2 * capacity, self.window_length + self.block_length)) - capacity
-            self.recent_keys = torch.cat([self.recent_keys, self.recent_keys.new_zeros(self._shape(grow))], dim=-2)
-            self.recent_values = torch.cat(
-                [self.recent_values, self.recent_values.new_zeros(self._shape(grow, values.shape[-1]))], dim=-2
-            )
+        if end > self.recent_keys.shape[-2]:  # grow by whole pages (a long chunk: once, to fit it)
+            self._resize_recent(self._window_capacity(end))
         self.recent_keys[:, :, self.num_recent : end] = keys
         self.recent_values[:, :, self.num_recent : end] = values
         self.num_recent = end
 
     def _shift_recent(self, count: int) -> None:
+        """Drop the window's oldest ``count`` tokens (already handed to ``_evict``)."""
         keep = self.num_recent - count
+        fitted = self._window_capacity(keep)
+        if self.recent_keys.shape[-2] > fitted + self._window_page(keep):
+            # More than a page spare (an eviction of a block, or a long chunk): move the kept tokens into a
+            # fitted buffer, so the buffer never stays larger than what it holds. Within a page of the fit
+            # (evictions shorter than a page), shift in place rather than reallocate every step.
+            self.recent_keys = self.recent_keys[:, :, count : self.num_recent]
+            self.recent_values = self.recent_values[:, :, count : self.num_recent]
+            self.num_recent = keep
+            self._resize_recent(fitted)
+            return
         if keep:
             self.recent_keys[:, :, :keep] = self.recent_keys[:, :, count : self.num_recent].clone()
             self.recent_values[:, :, :keep] = self.recent_values[:, :, count : self.num_recent].clone()
@@ -228,10 +274,10 @@ class SelectiveLayer(CacheLayerMixin):
         """(kv_length, kv_offset) of what the next ``update`` of ``query_length`` tokens returns."""
         if self.retains_evicted:
             return self.cumulative_length + query_length, 0
-        to_sink, num_old, evict = self._plan(query_length)
-        exact = self.num_recent + query_length - to_sink - evict if evict <= num_old else query_length - to_sink
-        kv_length = self.num_sink + to_sink + exact
-        # The returned tokens end with this call's tokens, which sit at the last positions: place the mask there.
+        # The sink, the whole window as it stands and this call's tokens (see ``update``).
+        kv_length = self.num_sink + self.num_recent + query_length
+        # The returned tokens end with this call's tokens, which sit at the last positions: place the mask
+        # there. Every earlier token then lies before every query, so the causal mask shows them all.
         return kv_length, self.cumulative_length + query_length - kv_length
 
     def get_seq_length(self) -> int:
@@ -286,17 +332,21 @@ class SelectiveLayer(CacheLayerMixin):
         """Bytes held, from the tensors themselves.
 
         ``bytes_16bit`` (sink + window), ``bytes_codes`` and ``bytes_scales`` count the filled
-        part; ``bytes_allocated`` counts every tensor whole (spare window and middle capacity included).
+        part; ``bytes_allocated`` counts the storage of every tensor the layer holds, each storage
+        once (spare window and middle capacity included): the memory really held.
         """
         if not self.is_initialized:
             return {"bytes_16bit": 0, "bytes_codes": 0, "bytes_scales": 0, "bytes_allocated": 0}
         per_token = self.batch_size * self.num_key_value_heads * (self.head_dim + self.recent_values.shape[-1])
         used16 = (self.num_sink + self.num_recent) * per_token * self.sink_keys.element_size()
         middle = self._middle_used()
-        allocated = sum(t.numel() * t.element_size() for t in self._all_tensors().values())
+        tensors = list(self._all_tensors().values())
+        if self.row_padding is not None:
+            tensors.append(self.row_padding)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return {
             "bytes_16bit": used16,
             "bytes_codes": middle.get("codes", 0),
             "bytes_scales": middle.get("scales", 0),
-            "bytes_allocated": allocated,
+            "bytes_allocated": sum(storages.values()),
         }

@@ -1,8 +1,10 @@
 """QuantizedSinkWindowLayer: 16-bit sink and window, every token between them quantized once.
 
 This is selkv's strategy. Tokens leaving the window (in blocks of
-``block_length``) are quantized exactly once and appended to the middle store,
-which grows by doubling; nothing is ever re-quantized.
+``block_length``) are quantized exactly once and appended to the middle store;
+nothing is ever re-quantized. The store grows in whole blocks and keeps at most
+``1 / middle_spare_divisor`` of its tokens as spare room (see ``_ensure_capacity``),
+so the memory held stays within a percent of what is filled.
 
 Middle store (``B`` batch, ``H`` KV heads, ``C`` capacity, ``D`` head_dim,
 ``P = D * nbits // 8`` packed bytes, ``G`` = ``q_group_size``, ``T`` = ``block_length``)::
@@ -21,6 +23,8 @@ Entries ``[:num_stored]`` (tokens) are filled. Dequantized, each element is
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import quant
@@ -35,6 +39,9 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
 
     retains_evicted = True
     supports_fused_decode = True
+    # Spare room of the middle store, at most 1/128 of the stored tokens (costs at most 0.8 % of the
+    # compression; a store shorter than 128 blocks grows exactly, block by block).
+    middle_spare_divisor = 128
 
     def __init__(
         self,
@@ -100,19 +107,38 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
         self._num_stored = end
 
     def _ensure_capacity(self, needed: int, parts: dict[str, torch.Tensor]) -> None:
+        """Make room for ``needed`` tokens in every middle tensor, shaped like ``parts``.
+
+        The capacity is counted in units of ``lcm(block_length, 16)`` tokens: whole blocks (the value
+        codes are block-major and the fused kernel loads whole blocks), and a multiple of 16 so that the
+        store's strides keep their divisibility by 16 as it grows (Triton specializes the kernel on it:
+        a changing divisibility would recompile it in the middle of a generation). For the default
+        blocks (32 and 64) the unit is one block.
+
+        Growing copies the whole store. The new capacity is ``needed`` rounded up to a unit plus spare
+        room of ``needed // middle_spare_divisor`` tokens rounded down to units: the spare room (memory
+        held but not filled) is at most that fraction of the store beyond the rounding, and a store
+        that has to grow again copies itself once per ``middle_spare_divisor``-th of its length
+        (rounded down to units), so the copying amortizes to fewer than ``2 * middle_spare_divisor``
+        tokens of storage per evicted token (below ``middle_spare_divisor`` units the store grows
+        exactly, by the evicted units, and copies fewer than ``middle_spare_divisor`` units per unit).
+        """
         capacity = 0 if self.key_codes is None else self.key_codes.shape[-2]
         if needed <= capacity:
             return
-        new_capacity = max(needed, 2 * capacity, 4 * self.block_length)
-        new_capacity = -(-new_capacity // self.block_length) * self.block_length  # whole key groups
+        unit = math.lcm(self.block_length, 16)
+        spare = needed // self.middle_spare_divisor // unit * unit
+        new_capacity = -(-needed // unit) * unit + spare
         for name, part in parts.items():
             rows = new_capacity
             if name.startswith("key_") and name != "key_codes" and self.axis_key == "channel":
                 rows = new_capacity // self.block_length
-            grown = part.new_zeros(part.shape[:2] + (rows,) + part.shape[3:])
+            grown = part.new_empty(part.shape[:2] + (rows,) + part.shape[3:])
             old = getattr(self, name)
-            if old is not None:
-                grown[:, :, : old.shape[-2]] = old
+            filled = 0 if old is None else old.shape[-2]
+            if filled:
+                grown[:, :, :filled] = old
+            grown[:, :, filled:] = 0  # rows past the stored tokens are read (with p = 0) by whole-block loads
             setattr(self, name, grown)
 
     def _read_stored(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
