@@ -232,8 +232,11 @@ class SelectiveLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        """Forget every token and the batch's padding: the layer is then as if new (the next batch may differ)."""
         self._reset_counts()
         self._reset_middle()
+        self.left_padding = 0
+        self.row_padding = None
 
     def _reset_middle(self) -> None:
         pass
