@@ -182,3 +182,41 @@ def test_reset_cache_behaves_like_a_new_one(attn):
         reused = decode_logits(model, cache, input_ids, attention_mask)
         fresh = decode_logits(model, selkv.make_cache(spec, model.config), input_ids, attention_mask)
         torch.testing.assert_close(reused, fresh, **TOLERANCES["lossless_fp32"])
+
+
+# ------------------------------------- dequantizing the middle in place (CPU decode)
+
+
+@pytest.mark.parametrize("nbits,axis_key", [(8, "token"), (4, "channel"), (2, "token")])
+@pytest.mark.parametrize("num_stored", [64, 70])  # whole blocks (decode) and a partial block
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_middle_dequantized_into_a_slice_equals_the_plain_formula(nbits, axis_key, num_stored, dtype):
+    """Codes read in place (block-major values seen in token order) give exactly code * scale + zero."""
+    from selkv import quant
+    from selkv.layers.sink_window import dequantize_middle
+
+    B, H, D, G, T, capacity = 2, 3, 64, 32, 32, 128
+    keys, values = torch.randn(B, H, capacity, D), torch.randn(B, H, capacity, D)
+    if axis_key == "channel":
+        key_codes, key_scale, key_zero = quant.quantize(keys, nbits, T, dim=-2)
+    else:
+        key_codes, key_scale, key_zero = quant.quantize(keys, nbits, G)
+    value_codes, value_scale, value_zero = quant.quantize(values, nbits, G)
+
+    def plain(codes, scale, zero, group, dim):  # scales repeated per element along ``dim``, then the first tokens
+        scale = scale.float().repeat_interleave(group, dim=dim)[:, :, :num_stored]
+        zero = zero.float().repeat_interleave(group, dim=dim)[:, :, :num_stored]
+        return torch.addcmul(zero, codes[:, :, :num_stored].float(), scale).to(dtype)
+
+    expected_keys = plain(key_codes, key_scale, key_zero, *((T, 2) if axis_key == "channel" else (G, 3)))
+    expected_values = plain(value_codes, value_scale, value_zero, G, 3)
+    stored = (quant.pack(key_codes, nbits), key_scale, key_zero,
+              quant.to_block_major(quant.pack(value_codes, nbits), T), value_scale, value_zero)
+    settings = dict(nbits=nbits, q_group_size=G, axis_key=axis_key, block_length=T, dtype=dtype)
+    returned = dequantize_middle(*stored, num_stored, **settings)
+    buffers = [torch.full((B, H, num_stored + 9, D), float("nan"), dtype=dtype) for _ in range(2)]
+    dequantize_middle(*stored, num_stored, **settings, out_keys=buffers[0][:, :, 4 : 4 + num_stored],
+                      out_values=buffers[1][:, :, 4 : 4 + num_stored])
+    for got in (returned, (buffers[0][:, :, 4 : 4 + num_stored], buffers[1][:, :, 4 : 4 + num_stored])):
+        assert torch.equal(got[0], expected_keys) and torch.equal(got[1], expected_values)
+    assert buffers[0][:, :, :4].isnan().all() and buffers[1][:, :, 4 + num_stored :].isnan().all()

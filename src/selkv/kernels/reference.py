@@ -45,19 +45,21 @@ def selective_decode_attention(
     num_kv_heads = sink_keys.shape[1]
     group = num_heads // num_kv_heads
     dtype = query_states.dtype
-    keys = [sink_keys[:, :, :num_sink]]
-    values = [sink_values[:, :, :num_sink]]
+    # sink + middle + window in one float32 buffer; the middle is dequantized straight into its slice,
+    # rounded to the model's dtype first as the reference path does
+    middle_end = num_sink + num_stored
+    k = query_states.new_empty((batch_size, num_kv_heads, middle_end + num_recent, head_dim), dtype=torch.float32)
+    v = query_states.new_empty(k.shape[:-1] + recent_values.shape[-1:], dtype=torch.float32)
+    k[:, :, :num_sink] = sink_keys[:, :, :num_sink]
+    v[:, :, :num_sink] = sink_values[:, :, :num_sink]
     if num_stored:
-        middle_keys, middle_values = dequantize_middle(
+        dequantize_middle(
             key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, num_stored,
-            nbits=nbits, q_group_size=q_group_size, axis_key=axis_key, block_length=block_length,
+            nbits=nbits, q_group_size=q_group_size, axis_key=axis_key, block_length=block_length, dtype=dtype,
+            out_keys=k[:, :, num_sink:middle_end], out_values=v[:, :, num_sink:middle_end],
         )
-        keys.append(middle_keys.to(dtype))  # the reference path rounds to the model's dtype here too
-        values.append(middle_values.to(dtype))
-    keys.append(recent_keys[:, :, :num_recent])
-    values.append(recent_values[:, :, :num_recent])
-    k = torch.cat(keys, dim=-2).float()  # [B, H, N, D]
-    v = torch.cat(values, dim=-2).float()
+    k[:, :, middle_end:] = recent_keys[:, :, :num_recent]  # [B, H, N, D]
+    v[:, :, middle_end:] = recent_values[:, :, :num_recent]
     q = query_states.float().reshape(batch_size, num_kv_heads, group * q_len, head_dim)  # [B, H, G, D]
     scaling = head_dim**-0.5 if scaling is None else scaling
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, G, N]
