@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -65,11 +66,37 @@ def tiny_llama():
     return make_tiny_llama()
 
 
+def _embedded_model_missing() -> str | None:
+    """Why the embedded model cannot load here (``None``: it can): its package and its converted copy are absent."""
+    from selkv.models import EMBEDDED, cache_dir
+
+    package = EMBEDDED["smollm2-135m"][0]
+    if importlib.util.find_spec(package) is not None or (cache_dir() / "smollm2-135m" / "config.json").exists():
+        return None
+    return f"the embedded model needs the {package.replace('_', '-')!r} package (`make setup` installs it)"
+
+
+def _missing_package(module: str, pip_name: str) -> str | None:
+    top = module.split(".")[0]
+    if importlib.util.find_spec(top) is None or importlib.util.find_spec(module) is None:
+        return f"needs the {pip_name!r} package (pip install 'selkv[peers]')"
+    return None
+
+
+EMBEDDED_MISSING = _embedded_model_missing()
+QUANTO_MISSING = _missing_package("optimum.quanto", "optimum-quanto")
+# Marks for tests that load the embedded model ("smollm2-135m") or build an 'hf-quanto' cache.
+needs_embedded_model = pytest.mark.skipif(EMBEDDED_MISSING is not None, reason=EMBEDDED_MISSING or "")
+needs_quanto = pytest.mark.skipif(QUANTO_MISSING is not None, reason=QUANTO_MISSING or "")
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """The embedded SmolLM2-135M-Instruct in float32 on CPU: (model, tokenizer)."""
     import selkv
 
+    if EMBEDDED_MISSING:
+        pytest.skip(EMBEDDED_MISSING)
     return selkv.load_model("smollm2-135m", device="cpu", dtype=torch.float32)
 
 

@@ -13,7 +13,7 @@ from selkv.layers import EvictLayer, QuantizedSinkWindowLayer
 from selkv.models import forward_with_cache
 from selkv.sizing import cache_size
 
-from conftest import TOLERANCES, tiny_llama_config
+from conftest import TOLERANCES, needs_embedded_model, tiny_llama_config
 
 
 def chunked_logits(model, input_ids, cache, chunk):
@@ -198,6 +198,7 @@ def test_bytes_are_counted_from_the_tensors():
 
 
 @pytest.mark.slow
+@needs_embedded_model
 @pytest.mark.parametrize(("spec", "target"), [
     ("quant:bits=8,sink=4,window=124", 1.8),
     ("quant:bits=4,sink=4,window=124", 3.1),

@@ -12,7 +12,7 @@ import selkv
 from selkv.cli import main as cli_main
 from selkv.models import cache_kwarg, forward_with_cache
 
-from conftest import TOLERANCES, read_book
+from conftest import TOLERANCES, needs_embedded_model, needs_quanto, read_book
 
 ALL_KINDS = [
     "full",
@@ -20,7 +20,7 @@ ALL_KINDS = [
     "quant:bits=8,sink=4,window=16",
     "quant:bits=4,sink=4,window=16,key_axis=channel,block=8",
     "quant:bits=2,sink=0,window=0",
-    "hf-quanto:bits=4,residual=16",
+    pytest.param("hf-quanto:bits=4,residual=16", marks=needs_quanto),
 ]
 
 
@@ -162,6 +162,7 @@ def test_embedded_model_logits_stay_close_to_full(smollm):
 
 
 @pytest.mark.slow
+@needs_embedded_model
 def test_cli_generate_prints_text_speed_and_memory(capsys):
     code = cli_main(["generate", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "6", "--prompt",
                      "Name three colours.", "--cache", "full", "--cache", "quant:bits=8,sink=4,window=124"])

@@ -12,10 +12,15 @@ one-token decode step (``selkv.storage.publish``, keyed by ``layer_idx``); the a
 takes the layer's :class:`~selkv.storage.DecodeStorage` and reads the compressed cache directly:
 the fused Triton kernel on CUDA, its PyTorch twin elsewhere. Everything else (prefill, other
 caches) is plain SDPA on the keys, values and mask it is given.
+
+Left padding is read from the attention mask of each decode step, so a padded batch is right
+without :func:`selkv.track_padding`; that hook only adds sink room, so that each row's sink holds
+its first real tokens rather than padding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -57,6 +62,35 @@ def _use_kernel(query: torch.Tensor, storage: DecodeStorage):
     return kernels if supported else None
 
 
+def _row_padding_from_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Each row's left padding ``[batch_size]`` int32 from a decode step's mask, or ``None`` without a mask.
+
+    ``attention_mask`` is what transformers hands the attention function: sdpa's boolean
+    ``[batch_size, 1, q_len, kv_length]`` (True = attend), or an additive float mask (0 = attend).
+    A selkv layer's ``get_mask_sizes`` gives ``kv_offset = 0`` and ``kv_length`` = every position
+    seen, so column ``i`` is position ``i``, which is the ``i``-th token of sink + middle + window.
+    The padding is the number of masked columns before the first attended one in the last query row.
+    Device ops only (no host sync), so the step stays capturable.
+    """
+    if attention_mask is None:
+        return None
+    last_row = attention_mask[:, 0, -1, :]  # [batch_size, kv_length]
+    attended = last_row if last_row.dtype == torch.bool else last_row == 0
+    return attended.to(torch.uint8).argmax(-1).to(torch.int32)  # argmax gives the first attended column
+
+
+def _refuse_padding(attention_mask: torch.Tensor | None) -> None:
+    """For layers whose kept tokens are not contiguous positions (``drop``): no padded rows."""
+    if attention_mask is None:
+        return
+    attended = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    if not bool(attended[:, :, -1, :].all()):  # the last query token attends to every earlier real token
+        raise NotImplementedError(
+            "this selkv cache does not support left-padded batches (its kept tokens are not contiguous "
+            "positions, which the padding mask assumes); run rows one at a time"
+        )
+
+
 def selkv_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -76,12 +110,16 @@ def selkv_attention_forward(
             "attn_implementation='selkv' does not apply attention-logit softcapping (Gemma 2); load this model "
             "with attn_implementation='eager' (selkv caches work with it)"
         )
+    if getattr(key, "selkv_refuses_padding", False):
+        _refuse_padding(attention_mask)
     layer = take_published(getattr(module, "layer_idx", None))
     if layer is None or query.shape[2] != 1:
         if query.is_cuda:
             kernel_module()  # import the kernels now (eagerly) for the decode steps that follow
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     storage = layer.decode_storage()
+    if attention_mask is not None:  # the mask knows the padding whether or not track_padding told the cache
+        storage = dataclasses.replace(storage, row_padding=_row_padding_from_mask(attention_mask))
     kernels = _use_kernel(query, storage)
     if kernels is not None:
         out = kernels.decode_attention(query, storage, scaling=scaling)

@@ -98,15 +98,34 @@ def dequantize(
     group_size: int,
     dim: int = -1,
     dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize` for unpacked ``codes``; returns ``dtype``."""
+    """Inverse of :func:`quantize` for unpacked ``codes``; returns ``dtype``, written into ``out`` when given.
+
+    ``codes`` may be any strided view (for example block-major value codes seen in token order) and
+    ``out`` any view shaped like ``codes`` (a slice of a larger buffer): codes are read once and
+    ``out`` written once, which is what a decode step that dequantizes the whole middle pays for.
+    """
     dim = dim % codes.dim()
-    scale = scale.float().repeat_interleave(group_size, dim=dim)
-    zero = zero.float().repeat_interleave(group_size, dim=dim)
-    if scale.shape[dim] != codes.shape[dim]:  # a partly filled last group (callers slice codes)
-        scale = scale.narrow(dim, 0, codes.shape[dim])
-        zero = zero.narrow(dim, 0, codes.shape[dim])
-    return torch.addcmul(zero, codes.float(), scale).to(dtype)
+    length = codes.shape[dim]
+    if length % group_size:  # a partly filled last group (callers slice codes): repeat scales per element
+        scale = scale.float().repeat_interleave(group_size, dim=dim).narrow(dim, 0, length)
+        zero = zero.float().repeat_interleave(group_size, dim=dim).narrow(dim, 0, length)
+        result = torch.addcmul(zero, codes.float(), scale).to(dtype)
+        return result if out is None else out.copy_(result)
+    groups = length // group_size
+    # Each group's scale and zero broadcast over its group_size elements (no repeated copies). Three
+    # in-place passes (convert, scale, shift) over the result beat one broadcasting addcmul on CPU.
+    scale = scale.narrow(dim, 0, groups).float().unsqueeze(dim + 1)
+    zero = zero.narrow(dim, 0, groups).float().unsqueeze(dim + 1)
+    in_place = out is not None and dtype == torch.float32 and out.dtype == torch.float32
+    result = out if in_place else torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    result.copy_(codes)
+    result.unflatten(dim, (groups, group_size)).mul_(scale).add_(zero)
+    if in_place:
+        return out
+    result = result.to(dtype)  # float32 math, then rounded
+    return result if out is None else out.copy_(result)
 
 
 # Bit packing.
@@ -164,6 +183,15 @@ def from_block_major(packed: torch.Tensor, block: int) -> torch.Tensor:
     if n % block:
         raise ValueError(f"{n} rows are not whole blocks of {block}")
     return packed.reshape(*lead, n // block, p, block).transpose(-1, -2).reshape(*lead, n, p)
+
+
+def token_order_view(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """Block-major rows ``[..., n, P]`` seen in token order without a copy: ``[..., n // block, block, P]``."""
+    *lead, n, p = packed.shape
+    if n % block:
+        raise ValueError(f"{n} rows are not whole blocks of {block}")
+    # each block's block * P bytes are contiguous (rows are): regroup them as [P, block] and transpose
+    return packed.unflatten(-2, (n // block, block)).flatten(-2).unflatten(-1, (p, block)).transpose(-1, -2)
 
 
 def packed_dim(head_dim: int, nbits: int) -> int:

@@ -49,18 +49,37 @@ def dequantize_middle(
     q_group_size: int,
     axis_key: str,
     block_length: int,
+    dtype: torch.dtype = torch.float32,
+    out_keys: torch.Tensor | None = None,
+    out_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``num_stored`` middle tokens as float32 ``[B, H, num_stored, head_dim]`` keys and values."""
+    """The first ``num_stored`` middle tokens as ``[B, H, num_stored, head_dim]`` keys and values in ``dtype``.
+
+    The math is float32, rounded to ``dtype`` at the end. ``out_keys``/``out_values`` (views of
+    that shape, e.g. slices of the tensors attention reads) receive the result without a copy.
+    """
     codes = quant.unpack(key_codes[:, :, :num_stored], nbits)
     if axis_key == "channel":
         groups = -(-num_stored // block_length)
-        keys = quant.dequantize(codes, key_scale[:, :, :groups], key_zero[:, :, :groups], block_length, dim=-2)
+        keys = quant.dequantize(codes, key_scale[:, :, :groups], key_zero[:, :, :groups], block_length, dim=-2,
+                                dtype=dtype, out=out_keys)
     else:
-        keys = quant.dequantize(codes, key_scale[:, :, :num_stored], key_zero[:, :, :num_stored], q_group_size)
-    whole_blocks = -(-num_stored // block_length) * block_length
-    codes = quant.from_block_major(value_codes[:, :, :whole_blocks], block_length)[:, :, :num_stored]
-    codes = quant.unpack(codes, nbits)
-    values = quant.dequantize(codes, value_scale[:, :, :num_stored], value_zero[:, :, :num_stored], q_group_size)
+        keys = quant.dequantize(codes, key_scale[:, :, :num_stored], key_zero[:, :, :num_stored], q_group_size,
+                                dtype=dtype, out=out_keys)
+    value_scale, value_zero = value_scale[:, :, :num_stored], value_zero[:, :, :num_stored]
+    if num_stored % block_length == 0:  # whole blocks (always, in decode): read the codes in place, in token order
+        blocks = num_stored // block_length
+        codes = quant.token_order_view(value_codes[:, :, :num_stored], block_length)
+        codes = quant.unpack(codes.contiguous(), nbits)  # transposing bytes, then converting, beats one strided pass
+        values = quant.dequantize(  # [B, H, blocks, block_length, head_dim], a view of [B, H, num_stored, head_dim]
+            codes, value_scale.unflatten(2, (blocks, block_length)), value_zero.unflatten(2, (blocks, block_length)),
+            q_group_size, dtype=dtype, out=None if out_values is None else out_values.unflatten(2, (blocks, block_length)),
+        ).flatten(2, 3)
+    else:
+        whole_blocks = -(-num_stored // block_length) * block_length
+        codes = quant.from_block_major(value_codes[:, :, :whole_blocks], block_length)[:, :, :num_stored]
+        values = quant.dequantize(quant.unpack(codes, nbits), value_scale, value_zero, q_group_size, dtype=dtype,
+                                  out=out_values)
     return keys, values
 
 

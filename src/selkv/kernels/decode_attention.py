@@ -117,7 +117,7 @@ def _selective_decode_partial_kernel(
         tokens_per_split = tl.maximum(tl.cdiv(tiles, tl.maximum(num_partials - 1, 1)), MIN_SPLIT_TILES) * BLOCK_N
 
     if split == num_partials - 1:
-        # ---- the 16-bit regions: sink (minus this row's left padding), then the window
+        # ---- the 16-bit regions: sink, then the window (positions below this row's left padding masked)
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
         head_ok = offs_g < GROUP
@@ -137,9 +137,10 @@ def _selective_decode_partial_kernel(
             offs = sink_base + pos[:, None] * stride_sn + offs_d[None, :]
             m_i, l_i, acc = _exact_tile(q, SinkK, SinkV, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRECISION)
         recent_base = b * stride_rb + h * stride_rh
+        first_recent = first - num_sink - num_stored  # padding that reaches into the window (without sink room)
         for start in range(0, num_recent, BLOCK_EXACT):
             pos = start + offs_e
-            valid = pos < num_recent
+            valid = (pos < num_recent) & (pos >= first_recent)
             if DEVICE_LENGTHS:  # the i-th oldest window token sits at slot (recent_start + i) % capacity
                 pos = (recent_start + pos) % recent_capacity
             offs = recent_base + pos[:, None] * stride_rn + offs_d[None, :]
@@ -152,9 +153,12 @@ def _selective_decode_partial_kernel(
         tl.store(PartialOut + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_ok[:, None])
         tl.store(PartialLse + row, lse, mask=head_ok)
     else:
+        first_stored = 0
+        if HAS_PADDING:  # padding beyond the sink (a cache that was not given sink room for it)
+            first_stored = tl.load(RowPadding + b) - num_sink
         _middle_chunk(
             Q, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
-            b, h, split, num_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
+            b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
             stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
             stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
             GROUP, HEADS_N, HEAD_DIM, NBITS, Q_GROUP, CHUNK, KEY_CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS,
@@ -397,7 +401,7 @@ def _store_chunk(PartialOut, acc, rows, head_ok, l_safe, acc_exp, C: tl.constexp
 @triton.jit
 def _middle_chunk(
     Q, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
-    b, h, split, num_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
+    b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
     stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
     stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     GROUP: tl.constexpr, HEADS_N: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
@@ -406,7 +410,11 @@ def _middle_chunk(
     KEY_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CODES_ASM: tl.constexpr,
     SCALE_PREFETCH: tl.constexpr,
 ):
-    """One program: tokens [split * tokens_per_split, ...) of the middle of row b, KV head h."""
+    """One program: tokens [split * tokens_per_split, ...) of the middle of row b, KV head h.
+
+    Middle tokens below ``first_stored`` are padding and masked; tiles wholly below it are skipped
+    (the first tile starts at a multiple of BLOCK_N, as the value-code loads assume).
+    """
     NUM_CHUNKS: tl.constexpr = HEAD_DIM // CHUNK
     NUM_KEY_CHUNKS: tl.constexpr = HEAD_DIM // KEY_CHUNK
     DOT_DTYPE: tl.constexpr = tl.float32 if DOT_PRECISION == "ieee" else tl.float16
@@ -430,6 +438,7 @@ def _middle_chunk(
     vscale_base = b * stride_vsb + h * stride_vsh
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, num_stored)
+    lo = tl.maximum(lo, (first_stored // BLOCK_N) * BLOCK_N)  # every tile run has a token at or past first_stored
     NUM_GROUPS: tl.constexpr = HEAD_DIM // Q_GROUP
     GROUPS_PAD: tl.constexpr = 2 if NUM_GROUPS == 1 else NUM_GROUPS
     scale_args = (KScale, KZero, VScale, VZero)
@@ -439,7 +448,7 @@ def _middle_chunk(
     acc_exp = v_exp  # the exponents of the accumulators' gains
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
-        valid = pos < hi
+        valid = (pos < hi) & (pos >= first_stored)
         row_offs = code_base + pos * stride_cn
         if SCALE_PREFETCH:  # the next tile's scales load while this tile computes
             next_tiles = _scale_tiles(*scale_args, pos + BLOCK_N, pos + BLOCK_N < hi, *scale_bases,
@@ -481,7 +490,8 @@ def _middle_chunk(
         if SCALE_PREFETCH:
             ks_tile, kz_tile, vs_tile, vz_tile, v_exp = next_tiles
 
-    # partial result: normalized output and log2-sum-exp (-inf for a program past the filled middle)
+    # partial result: normalized output and log2-sum-exp (-inf for a program past the filled middle or whose
+    # tokens are all padding)
     rows = (b * num_kv_heads * GROUP + h * GROUP + offs_hn) * num_partials + split  # [HEADS_N]
     l_safe = tl.where(head_ok & (l_i > 0.0), l_i, 1.0)
     _store_chunk(PartialOut, acc0, rows, head_ok, l_safe, acc_exp, 0, CHUNK, HEAD_DIM)
@@ -491,7 +501,7 @@ def _middle_chunk(
         _store_chunk(PartialOut, acc2, rows, head_ok, l_safe, acc_exp, 2, CHUNK, HEAD_DIM)
     if NUM_CHUNKS > 3:
         _store_chunk(PartialOut, acc3, rows, head_ok, l_safe, acc_exp, 3, CHUNK, HEAD_DIM)
-    tl.store(PartialLse + rows, m_i + tl.log2(l_safe), mask=head_ok)
+    tl.store(PartialLse + rows, tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf")), mask=head_ok)
 
 
 @triton.jit(do_not_specialize=["num_partials"])

@@ -18,8 +18,9 @@ __all__ = ["dequantize_middle", "selective_decode_attention", "valid_positions"]
 def valid_positions(storage: DecodeStorage) -> torch.Tensor:
     """bool ``[B, num_sink + num_stored + num_recent]``: which of the twin's concatenated positions hold tokens.
 
-    Positions are sink ``[:num_sink]``, middle ``[:num_stored]``, window ``[:num_recent]`` (the bounds);
-    sink positions below a row's left padding are padding.
+    Positions are sink ``[:num_sink]``, middle ``[:num_stored]``, window ``[:num_recent]`` (the bounds).
+    Sequence positions below a row's left padding are padding, wherever they lie: in the sink, or past
+    it when the cache was given no sink room for the padding.
     """
     s = storage
     device = s.sink_keys.device
@@ -31,16 +32,19 @@ def valid_positions(storage: DecodeStorage) -> torch.Tensor:
         sink_ok = torch.ones(s.num_sink, dtype=torch.bool, device=device)
         middle_ok = torch.ones(s.num_stored, dtype=torch.bool, device=device)
         recent_ok = torch.ones(s.num_recent, dtype=torch.bool, device=device)
+        positions = torch.arange(s.num_sink + s.num_stored + s.num_recent, device=device)
     else:
         lengths = s.lengths.to(device)
         sink_ok = sink_pos < lengths[0]
         middle_ok = middle_pos < lengths[1]
         # ring: the i-th oldest window token sits at slot (recent_start + i) % capacity
-        recent_ok = torch.remainder(slot - lengths[3], s.recent_keys.shape[2]) < lengths[2]
-    sink_ok = sink_ok.expand(batch_size, -1)
+        age = torch.remainder(slot - lengths[3], s.recent_keys.shape[2])
+        recent_ok = age < lengths[2]
+        positions = torch.cat([sink_pos, lengths[0] + middle_pos, lengths[0] + lengths[1] + age])
+    valid = torch.cat([sink_ok, middle_ok, recent_ok]).expand(batch_size, -1)
     if s.row_padding is not None:
-        sink_ok = sink_ok & (sink_pos[None, :] >= s.row_padding.to(device)[:, None])
-    return torch.cat([sink_ok, middle_ok.expand(batch_size, -1), recent_ok.expand(batch_size, -1)], dim=-1)
+        valid = valid & (positions[None, :] >= s.row_padding.to(device)[:, None])
+    return valid
 
 
 def selective_decode_attention(
@@ -60,16 +64,21 @@ def selective_decode_attention(
     num_kv_heads = s.num_key_value_heads
     group = num_heads // num_kv_heads
     dtype = query_states.dtype
-    keys = [s.sink_keys[:, :, : s.num_sink]]
-    values = [s.sink_values[:, :, : s.num_sink]]
+    # sink + middle + window in one float32 buffer; the middle is dequantized straight into its slice,
+    # rounded to the model's dtype first as the reference path does
+    middle_end = s.num_sink + s.num_stored
+    k = query_states.new_empty((batch_size, num_kv_heads, middle_end + s.num_recent, head_dim), dtype=torch.float32)
+    v = query_states.new_empty(k.shape[:-1] + s.recent_values.shape[-1:], dtype=torch.float32)
+    k[:, :, : s.num_sink] = s.sink_keys[:, :, : s.num_sink]
+    v[:, :, : s.num_sink] = s.sink_values[:, :, : s.num_sink]
     if s.num_stored:
-        middle_keys, middle_values = s.dequantize()
-        keys.append(middle_keys.to(dtype))  # the reference path rounds to the model's dtype here too
-        values.append(middle_values.to(dtype))
-    keys.append(s.recent_keys[:, :, : s.num_recent])
-    values.append(s.recent_values[:, :, : s.num_recent])
-    k = torch.cat(keys, dim=-2).float()  # [B, H, N, D]
-    v = torch.cat(values, dim=-2).float()
+        dequantize_middle(
+            s.key_codes, s.key_scale, s.key_zero, s.value_codes, s.value_scale, s.value_zero, s.num_stored,
+            nbits=s.nbits, q_group_size=s.q_group_size, axis_key=s.axis_key, block_length=s.block_length,
+            dtype=dtype, out_keys=k[:, :, s.num_sink : middle_end], out_values=v[:, :, s.num_sink : middle_end],
+        )
+    k[:, :, middle_end:] = s.recent_keys[:, :, : s.num_recent]  # [B, H, N, D]
+    v[:, :, middle_end:] = s.recent_values[:, :, : s.num_recent]
     q = query_states.float().reshape(batch_size, num_kv_heads, group * q_len, head_dim)  # [B, H, G, D]
     scaling = head_dim**-0.5 if scaling is None else scaling
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, G, N]

@@ -187,15 +187,22 @@ class SelectiveLayer(CacheLayerMixin):
     def _assemble(
         self, num_read_back: int, exact_keys: torch.Tensor, exact_values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = [self.sink_keys[:, :, : self.num_sink]]
-        values = [self.sink_values[:, :, : self.num_sink]]
+        """Sink + the first ``num_read_back`` middle tokens (dequantized) + ``exact_*``, along the sequence.
+
+        One buffer per output: the middle is dequantized straight into its slice (no concatenation
+        pass over the whole sequence, which a decode step would pay again every step).
+        """
+        num_sink, num_exact = self.num_sink, exact_keys.shape[-2]
+        middle_end = num_sink + num_read_back
+        keys = exact_keys.new_empty(self._shape(middle_end + num_exact))
+        values = exact_values.new_empty(self._shape(middle_end + num_exact, exact_values.shape[-1]))
+        keys[:, :, :num_sink] = self.sink_keys[:, :, :num_sink]
+        values[:, :, :num_sink] = self.sink_values[:, :, :num_sink]
         if num_read_back:
-            middle_keys, middle_values = self._read_stored(num_read_back)
-            keys.append(middle_keys.to(self.dtype))
-            values.append(middle_values.to(self.dtype))
-        keys.append(exact_keys)
-        values.append(exact_values)
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+            self._read_stored(num_read_back, keys[:, :, num_sink:middle_end], values[:, :, num_sink:middle_end])
+        keys[:, :, middle_end:] = exact_keys
+        values[:, :, middle_end:] = exact_values
+        return keys, values
 
     def _window_page(self, num_tokens: int) -> int:
         """Growth unit of the window buffer at ``num_tokens`` tokens: ``window_page_length``, or about 1/32
@@ -256,8 +263,10 @@ class SelectiveLayer(CacheLayerMixin):
     def _evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Take the oldest window tokens ``[batch, kv_heads, n, head_dim]`` (n a multiple of ``block_length``)."""
 
-    def _read_stored(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``count`` stored middle tokens, as float tensors."""
+    def _read_stored(
+        self, count: int, out_keys: torch.Tensor | None = None, out_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``count`` stored middle tokens in the cache's dtype, written into ``out_*`` when given."""
         raise NotImplementedError
 
     def _middle_tensors(self) -> dict[str, torch.Tensor]:
@@ -287,8 +296,11 @@ class SelectiveLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        """Forget every token and the batch's padding: the layer is then as if new (the next batch may differ)."""
         self._reset_counts()
         self._reset_middle()
+        self.left_padding = 0
+        self.row_padding = None
 
     def _reset_middle(self) -> None:
         pass

@@ -6,6 +6,8 @@ Xiao et al., "Efficient Streaming Language Models with Attention Sinks", 2023
 
 from __future__ import annotations
 
+import torch
+
 from .base import SelectiveLayer
 
 
@@ -21,3 +23,13 @@ class EvictLayer(SelectiveLayer):
     # The kept positions are not contiguous, so transformers' padding mask (a slice of the 2D
     # attention mask) cannot describe them.
     supports_left_padding = False
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.cumulative_length == key_states.shape[-2]:
+            # The first chunk's mask covers every position from 0: selkv's attention checks it for
+            # padding, which later masks (a slice that misses the sink) could not show.
+            keys.selkv_refuses_padding = True
+        return keys, values

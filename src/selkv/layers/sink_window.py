@@ -141,7 +141,9 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             grown[:, :, filled:] = 0  # rows past the stored tokens are read (with p = 0) by whole-block loads
             setattr(self, name, grown)
 
-    def _read_stored(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_stored(
+        self, count: int, out_keys: torch.Tensor | None = None, out_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return dequantize_middle(
             *(getattr(self, name) for name in _MIDDLE),
             count,
@@ -149,6 +151,9 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             q_group_size=self.q_group_size,
             axis_key=self.axis_key,
             block_length=self.block_length,
+            dtype=self.dtype,
+            out_keys=out_keys,
+            out_values=out_values,
         )
 
     def decode_storage(self) -> DecodeStorage:
