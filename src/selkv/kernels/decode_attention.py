@@ -317,32 +317,15 @@ def _load_value_codes(VCodes, code_base, start, pos, valid, C: tl.constexpr, CHU
     return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
 
 
-# Value scales enter the value dot inside float16 products p * scale (p <= 1). Small values have small
-# scales (int8 at value RMS 0.005: ~1e-4), which put most products among float16's subnormals, whose
-# absolute rounding (up to 2^-25) then dominates the output. So each tile's value scales and zeros are
-# multiplied by a gain, the power of two that brings the tile's largest value scale into
-# [2^_VALUE_GAIN_LOG2, 2^(_VALUE_GAIN_LOG2 + 1)): products stay normal down to p ~ 2^-28 and, with
-# p <= 1, under float16's maximum. Powers of two are exact: the accumulators carry their gain's
-# exponent (the biased float32 exponent of the largest scale), are rescaled exactly when it changes
-# from one tile to the next, and the gain is divided out when a chunk is stored. One gain per tile,
-# not per group: a scalar costs no registers and the few instructions are shared by all chunks.
-_VALUE_GAIN_LOG2 = tl.constexpr(14)
-
-
 @triton.jit
-def _two_to(exponent):
-    """2.0 ** exponent (int32, -126..127) as float32, exactly, from its bits."""
-    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _value_chunk_update(acc, VCodes, code_base, start, pos, valid, vs_tile, vz_tile, p, alpha, acc_exp, v_exp,
+def _value_chunk_update(acc, VCodes, code_base, start, pos, valid, vs_tile, vz_tile, p, alpha,
                         C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
                         Q_GROUP: tl.constexpr, VALUE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ASM: tl.constexpr):
     """acc [CHUNK, HEADS_N] (channels x heads) rescaled by alpha plus this tile's p @ values on the chunk.
 
-    vs_tile, vz_tile carry the tile's gains (exponents v_exp); acc carries those of exponents acc_exp.
+    ``p * value_scale`` is rounded to float16 for the dot: small value scales (int8 values of RMS below
+    ~0.05) fall among float16's subnormals and lose precision (docs/kernel_notes.md, 2026-12-02).
     """
     OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0
     codes = _load_value_codes(VCodes, code_base, start, pos, valid, C, CHUNK, HEAD_DIM, NBITS, VALUE_BLOCK, BLOCK_N,
@@ -351,19 +334,14 @@ def _value_chunk_update(acc, VCodes, code_base, start, pos, valid, vs_tile, vz_t
     vz = _column(vz_tile, (C * CHUNK) // Q_GROUP)
     p_scaled = (p * vs[:, None]).to(DOT_DTYPE)
     correction = tl.sum(p * vz[:, None] - OFFSET * p_scaled.to(tl.float32), 0)
-    regain = _two_to(acc_exp - v_exp)  # this tile's gain over acc's
-    acc = acc * (alpha * regain)[None, :] + correction[None, :]
+    acc = acc * alpha[None, :] + correction[None, :]
     return tl.dot(codes, p_scaled, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _scale_tiles(KScale, KZero, VScale, VZero, pos, valid, kscale_base, stride_ksn, vscale_base, stride_vsn,
                  NUM_GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr):
-    """Per-token scales/zeros of a tile as float32 [BLOCK_N, GROUPS_PAD] tiles (keys: zeros if per channel).
-
-    Value scales/zeros come multiplied by the tile's gain (see _VALUE_GAIN_LOG2), whose int32
-    exponent is returned last: gain = 2 ** (_VALUE_GAIN_LOG2 + 127 - exponent).
-    """
+    """Per-token scales/zeros of a tile as float32 [BLOCK_N, GROUPS_PAD] tiles (keys: zeros if per channel)."""
     offs_g = tl.arange(0, GROUPS_PAD)
     mask = valid[:, None] & (offs_g < NUM_GROUPS)[None, :]
     v_offs = vscale_base + pos[:, None] * stride_vsn + offs_g[None, :]
@@ -376,10 +354,7 @@ def _scale_tiles(KScale, KZero, VScale, VZero, pos, valid, kscale_base, stride_k
         k_offs = kscale_base + pos[:, None] * stride_ksn + offs_g[None, :]
         ks = tl.load(KScale + k_offs, mask=mask, other=0.0).to(tl.float32)
         kz = tl.load(KZero + k_offs, mask=mask, other=0.0).to(tl.float32)
-    # biased exponent of the largest scale, at least float16's smallest (2^-24): scales are > 0
-    v_exp = tl.maximum(tl.max(tl.max(vs, 0), 0).to(tl.int32, bitcast=True) >> 23, 127 - 24)
-    gain = _two_to(127 - v_exp + _VALUE_GAIN_LOG2)  # (a constexpr on the left would wrap the tensor)
-    return ks, kz, vs * gain, vz * gain, v_exp
+    return ks, kz, vs, vz
 
 
 @triton.jit
@@ -390,11 +365,10 @@ def _column(tile, G: tl.constexpr):
 
 
 @triton.jit
-def _store_chunk(PartialOut, acc, rows, head_ok, l_safe, acc_exp, C: tl.constexpr, CHUNK: tl.constexpr,
+def _store_chunk(PartialOut, acc, rows, head_ok, l_safe, C: tl.constexpr, CHUNK: tl.constexpr,
                  HEAD_DIM: tl.constexpr):
     offs_w = C * CHUNK + tl.arange(0, CHUNK)
-    gain = _two_to(127 - acc_exp + _VALUE_GAIN_LOG2)  # acc's gain, divided out
-    tl.store(PartialOut + rows[None, :] * HEAD_DIM + offs_w[:, None], acc / (l_safe * gain)[None, :],
+    tl.store(PartialOut + rows[None, :] * HEAD_DIM + offs_w[:, None], acc / l_safe[None, :],
              mask=head_ok[None, :])
 
 
@@ -443,9 +417,8 @@ def _middle_chunk(
     GROUPS_PAD: tl.constexpr = 2 if NUM_GROUPS == 1 else NUM_GROUPS
     scale_args = (KScale, KZero, VScale, VZero)
     scale_bases = (kscale_base, stride_ksn, vscale_base, stride_vsn)
-    ks_tile, kz_tile, vs_tile, vz_tile, v_exp = _scale_tiles(*scale_args, lo + offs_n, lo + offs_n < hi,
-                                                             *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
-    acc_exp = v_exp  # the exponents of the accumulators' gains
+    ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(*scale_args, lo + offs_n, lo + offs_n < hi, *scale_bases,
+                                                      NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         valid = (pos < hi) & (pos >= first_stored)
@@ -454,8 +427,8 @@ def _middle_chunk(
             next_tiles = _scale_tiles(*scale_args, pos + BLOCK_N, pos + BLOCK_N < hi, *scale_bases,
                                       NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
         else:
-            ks_tile, kz_tile, vs_tile, vz_tile, v_exp = _scale_tiles(*scale_args, pos, valid, *scale_bases,
-                                                                     NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
+            ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(*scale_args, pos, valid, *scale_bases,
+                                                              NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
         key_args = (KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, ks_tile, kz_tile)
         s = _key_chunk_scores(*key_args, qT0, q_sum0, 0, KEY_CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
                               BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
@@ -473,7 +446,7 @@ def _middle_chunk(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
-        value_args = (VCodes, code_base, start, pos, valid, vs_tile, vz_tile, p, alpha, acc_exp, v_exp)
+        value_args = (VCodes, code_base, start, pos, valid, vs_tile, vz_tile, p, alpha)
         acc0 = _value_chunk_update(acc0, *value_args, 0, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
                                         BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         if NUM_CHUNKS > 1:
@@ -486,21 +459,20 @@ def _middle_chunk(
             acc3 = _value_chunk_update(acc3, *value_args, 3, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
                                         BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         m_i = m_new
-        acc_exp = v_exp
         if SCALE_PREFETCH:
-            ks_tile, kz_tile, vs_tile, vz_tile, v_exp = next_tiles
+            ks_tile, kz_tile, vs_tile, vz_tile = next_tiles
 
     # partial result: normalized output and log2-sum-exp (-inf for a program past the filled middle or whose
     # tokens are all padding)
     rows = (b * num_kv_heads * GROUP + h * GROUP + offs_hn) * num_partials + split  # [HEADS_N]
     l_safe = tl.where(head_ok & (l_i > 0.0), l_i, 1.0)
-    _store_chunk(PartialOut, acc0, rows, head_ok, l_safe, acc_exp, 0, CHUNK, HEAD_DIM)
+    _store_chunk(PartialOut, acc0, rows, head_ok, l_safe, 0, CHUNK, HEAD_DIM)
     if NUM_CHUNKS > 1:
-        _store_chunk(PartialOut, acc1, rows, head_ok, l_safe, acc_exp, 1, CHUNK, HEAD_DIM)
+        _store_chunk(PartialOut, acc1, rows, head_ok, l_safe, 1, CHUNK, HEAD_DIM)
     if NUM_CHUNKS > 2:
-        _store_chunk(PartialOut, acc2, rows, head_ok, l_safe, acc_exp, 2, CHUNK, HEAD_DIM)
+        _store_chunk(PartialOut, acc2, rows, head_ok, l_safe, 2, CHUNK, HEAD_DIM)
     if NUM_CHUNKS > 3:
-        _store_chunk(PartialOut, acc3, rows, head_ok, l_safe, acc_exp, 3, CHUNK, HEAD_DIM)
+        _store_chunk(PartialOut, acc3, rows, head_ok, l_safe, 3, CHUNK, HEAD_DIM)
     tl.store(PartialLse + rows, tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf")), mask=head_ok)
 
 
