@@ -14,10 +14,14 @@ import pytest
 import torch
 from conftest import TOLERANCES, make_tiny_llama, read_book
 
-from selkv.eval import common, memory, needle, perplexity, report, rouge, speed
-from selkv.eval.cli import DEFAULT_CACHES, add_commands
-from selkv.eval.common import ResultsWriter, SettingsMismatch, run_task
+from selkv.cli import add_eval_commands
+from selkv.eval import memory, needle, perplexity, report, rouge, speed
 from selkv.eval.data import DataError, read_jsonl
+from selkv.eval.prompts import encode
+from selkv.eval.results import ResultsWriter, SettingsMismatch
+from selkv.eval.runner import run_task
+from selkv.eval.suite import DEFAULT_CACHES
+from selkv.generation import eos_token_ids
 
 TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
@@ -244,7 +248,7 @@ def test_profile_writes_trace_and_tables(tiny, text_file, tmp_path):
 
 def test_cli_registers_eval_and_report():
     parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command"))
+    add_eval_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "perplexity", "--out", "x", "--cache", "full", "--chunk", "1"])
     assert args.task == "perplexity" and args.chunk == 1 and args.handler.__name__ == "cmd_eval"
     args = parser.parse_args(["eval", "all", "--out", "x", "--quick"])
@@ -252,6 +256,24 @@ def test_cli_registers_eval_and_report():
     args = parser.parse_args(["report", "a", "b"])
     assert args.dirs == ["a", "b"]
     assert len(DEFAULT_CACHES) == 7 and DEFAULT_CACHES[0] == "full"
+
+
+def test_moved_eval_names_still_resolve_with_a_warning():
+    """selkv.eval.common and selkv.eval.cli were split; their names resolve with a DeprecationWarning."""
+    from selkv.eval import cli as eval_cli
+    from selkv.eval import common
+    from selkv.generation import prefill
+
+    with pytest.warns(DeprecationWarning, match="use selkv.eval.results.ResultsWriter"):
+        assert common.ResultsWriter is ResultsWriter
+    with pytest.warns(DeprecationWarning, match="use selkv.generation.prefill"):
+        assert common.prefill is prefill
+    with pytest.raises(AttributeError, match=r"use str\(spec\)"):
+        common.spec_label  # noqa: B018
+    with pytest.warns(DeprecationWarning, match="use selkv.eval.suite.DEFAULT_CACHES"):
+        assert eval_cli.DEFAULT_CACHES is DEFAULT_CACHES
+    with pytest.raises(ImportError, match="moved to selkv.cli.add_eval_commands"):
+        from selkv.eval.cli import add_commands  # noqa: F401
 
 
 def test_cli_rejects_bad_spec_before_loading(tmp_path, capsys):
@@ -267,7 +289,7 @@ def test_cli_rejects_bad_spec_before_loading(tmp_path, capsys):
 @pytest.mark.slow
 def test_embedded_model_int8_is_near_full(smollm):
     model, tok = smollm
-    ids = common.encode(tok, read_book(6000))[:384]
+    ids = encode(tok, read_book(6000))[:384]
     full, _, _ = perplexity.score(model, ids, "full", 64)
     int8, _, kv = perplexity.score(model, ids, "quant:bits=8,sink=4,window=124", 64)
     dropped, _, _ = perplexity.score(model, ids, "drop:sink=4,window=124", 64)
@@ -280,7 +302,7 @@ def test_embedded_model_int8_is_near_full(smollm):
 def test_embedded_model_finds_the_needle_with_full_cache(smollm):
     model, tok = smollm
     example = needle.passkey_examples(tok, [768], [0.3], 1, 0, None)[0]
-    eos = common.eos_token_ids(model, tok)
+    eos = eos_token_ids(model, tok)
     out = needle.answer(model, tok, example["prompt"], "full", 64, needle.PASSKEY_NEW_TOKENS, eos)
     assert example["answer"] in out["output"]
     evicted = needle.answer(model, tok, example["prompt"], "drop:sink=4,window=124", 64, needle.PASSKEY_NEW_TOKENS, eos)

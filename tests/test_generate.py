@@ -10,6 +10,7 @@ import torch
 
 import selkv
 from selkv.cli import main as cli_main
+from selkv.generation import decode_tokens, eos_token_ids, greedy_decode, prefill
 from selkv.models import cache_kwarg, forward_with_cache
 
 from conftest import TOLERANCES, needs_embedded_model, needs_quanto, read_book
@@ -103,6 +104,48 @@ def test_beam_search_reorders_the_cache(tiny_llama):
     assert torch.equal(lossless, reference)
     lossy, cache = greedy(tiny_llama, input_ids, "quant:bits=8,sink=2,window=4,block=2", num_beams=3, max_new_tokens=12)
     assert lossy.shape == reference.shape and cache.layers[0].num_stored > 0
+
+
+# ---------------------------------------------- selkv's own prefill and greedy loop
+
+
+@pytest.mark.parametrize("spec", ["full", "quant:bits=4,sink=2,window=8,block=4", "drop:sink=4,window=16,block=8"])
+def test_prefill_and_greedy_loop_give_transformers_greedy_tokens(tiny_llama, spec):
+    """generation.prefill + greedy_decode (the loop generate and the eval tasks use) pick model.generate's tokens,
+    stopping at EOS as it does."""
+    input_ids = torch.randint(3, 256, (1, 37))
+    expected, _ = greedy(tiny_llama, input_ids, spec, max_new_tokens=30)
+    cache = selkv.make_cache(spec, tiny_llama.config)
+    with torch.inference_mode():
+        last = prefill(tiny_llama, input_ids, cache)
+        tokens = greedy_decode(tiny_llama, cache, last, 30, eos_token_ids(tiny_llama, None))
+    assert tokens == expected[0].tolist()
+
+
+def test_chunked_prefill_feeds_every_token_once(tiny_llama):
+    input_ids = torch.randint(3, 256, (2, 30))
+    seen = []
+    cache = selkv.make_cache("full", tiny_llama.config)
+    with torch.inference_mode():
+        last = prefill(tiny_llama, input_ids, cache, chunk=7, on_logits=lambda start, logits: seen.append((start, logits)))
+        one_pass = tiny_llama(input_ids).logits
+    assert [start for start, _ in seen] == [0, 7, 14, 21, 28] and int(cache.get_seq_length()) == 30
+    torch.testing.assert_close(torch.cat([logits for _, logits in seen], dim=1), one_pass, **TOLERANCES["kernel_fp32"])
+    torch.testing.assert_close(last, one_pass[:, -1], **TOLERANCES["kernel_fp32"])
+
+
+@pytest.mark.parametrize("feed_last", [False, True])
+def test_greedy_loop_feeds_the_last_token_only_when_asked(tiny_llama, feed_last):
+    input_ids = torch.randint(3, 256, (2, 12))
+    cache = selkv.make_cache("full", tiny_llama.config)
+    steps = []
+    with torch.inference_mode():
+        tokens, logits = decode_tokens(tiny_llama, cache, prefill(tiny_llama, input_ids, cache), 5,
+                                       on_step=lambda: steps.append(int(cache.get_seq_length())), feed_last=feed_last)
+        expected = tiny_llama(torch.cat([input_ids, tokens], dim=1)).logits[:, -1 if feed_last else -2]
+    assert tokens.shape == (2, 5) and steps == list(range(13, 13 + len(steps)))
+    assert int(cache.get_seq_length()) == 12 + 5 - (not feed_last)
+    torch.testing.assert_close(logits, expected, **TOLERANCES["kernel_fp32"])
 
 
 @pytest.mark.slow

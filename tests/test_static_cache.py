@@ -22,8 +22,9 @@ from conftest import TOLERANCES, make_tiny_llama, tiny_llama_config  # noqa: E40
 import selkv  # noqa: E402
 from selkv import SpecError, make_cache  # noqa: E402
 from selkv.kernels import reference  # noqa: E402
+from selkv.generation import decode_tokens, prefill  # noqa: E402
 from selkv.layers import StaticSinkWindowLayer  # noqa: E402
-from selkv.models import cache_kwarg, forward_with_cache  # noqa: E402
+from selkv.models import cache_kwarg  # noqa: E402
 from selkv.storage import take_published  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -44,18 +45,9 @@ def _seed() -> int:
 
 
 def _greedy(model, cache, prompts: torch.Tensor, steps: int, step_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy tokens [batch, steps] after an eager prefill, and the last step's logits."""
-    tokens = []
+    """Greedy tokens [batch, steps] after an eager prefill (each fed back), and the last step's logits."""
     with torch.inference_mode():
-        logits = forward_with_cache(model, cache, prompts).logits[:, -1]
-        for _ in range(steps):
-            token = logits.argmax(-1, keepdim=True)
-            tokens.append(token)
-            if step_fn is None:
-                logits = forward_with_cache(model, cache, token).logits[:, -1]
-            else:
-                logits = step_fn(token, cache).clone()
-    return torch.cat(tokens, dim=1), logits
+        return decode_tokens(model, cache, prefill(model, prompts, cache), steps, step=step_fn, feed_last=True)
 
 
 @pytest.fixture(scope="module")

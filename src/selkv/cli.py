@@ -1,9 +1,15 @@
 """`selkv` command line: parse and dispatch only.
 
     selkv generate --cache full --cache quant:bits=8,sink=4,window=124 --prompt "..."
+    selkv size [--cache SPEC ...] [--tokens N]
     selkv eval TASK --cache SPEC [--cache SPEC ...] --out DIR
     selkv report DIR [DIR ...]
     selkv demo
+
+The work lives below: ``generation`` (generate), ``sizing`` (size), ``eval`` (the tasks, the report, and
+the default cache sets in ``eval.suite``). Dependency order, each importing only those before it
+(tests/test_import_order.py checks it): errors, quant <- config, storage, layers <- cache <- attention,
+kernels <- models, generation, sizing <- eval <- cli.
 
 Input that cannot be used (a missing model, file or device, a bad spec, an empty prompt) ends with one
 line on stderr and exit code 2; ``SELKV_DEBUG=1`` shows the traceback instead. Any other exception is a
@@ -18,26 +24,28 @@ import sys
 from pathlib import Path
 
 from .errors import SelKVError
+from .eval import report
+from .eval.runner import run_task
+from .eval.suite import (
+    DEFAULT_CACHES,
+    DEMO_CACHES,
+    DEMO_PROMPT,
+    QUICK,
+    SIZE_CACHES,
+    SUITE,
+    TASKS,
+    demo_comparison,
+    demo_prompt,
+    run_suite,
+)
+
+__all__ = ["DEMO_CACHES", "DEMO_PROMPT", "SIZE_CACHES", "add_eval_commands", "build_parser", "demo_prompt", "main"]
 
 SPEC_HELP = (
     "cache spec; repeat to compare. Kinds: full | drop:sink=S,window=W | "
     "quant:bits=2|4|8,sink=S,window=W[,group=G][,key_axis=token|channel][,sym=0|1][,block=T] | "
     "hf-quanto:bits=2|4,residual=R | hf-hqq:bits=B,residual=R"
 )
-DEMO_CACHES = ("full", "quant:bits=8,sink=4,window=124")
-SIZE_CACHES = (
-    "full",
-    "drop:sink=4,window=124",
-    "quant:bits=8,sink=4,window=124",
-    "quant:bits=4,sink=4,window=124",
-    "quant:bits=2,sink=4,window=124",
-    "hf-quanto:bits=4,residual=128",
-)
-DEMO_PROMPT = (
-    "Explain in a few sentences why the key/value cache of a language model grows with the context length, "
-    "and one way to make it smaller."
-)
-
 
 MAIN_EPILOG = """\
 examples:
@@ -70,6 +78,20 @@ DEMO_EPILOG = """\
 examples:
   selkv demo
   selkv demo --device cuda --out results/demo-gpu
+"""
+
+EVAL_EPILOG = """\
+examples:
+  selkv eval perplexity --data pg19 --max-tokens 2048 --out results/ppl
+  selkv eval needle --cache full --cache quant:bits=4,sink=4,window=124 --out results/needle
+  selkv eval all --quick --out results/quick        (then: selkv report results/quick)
+Rerun the same command to resume an interrupted run.
+"""
+
+REPORT_EPILOG = """\
+examples:
+  selkv report results/ppl                    writes results/ppl/report.md and PNG plots
+  selkv report results/ppl results/needle --out docs/results --image-prefix results
 """
 
 
@@ -159,16 +181,73 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="results/demo", help="folder for the comparison's results (default results/demo)")
     demo.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens to generate (default 48)")
 
-    try:
-        from .eval.cli import add_commands
-    except ImportError:  # the evaluation suite's optional dependencies are missing
-        add_commands = None
-    if add_commands is not None:
-        add_commands(sub)
+    add_eval_commands(sub)
     return parser
 
 
+def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    parser.add_argument("--cache", action="append", metavar="SPEC",
+                        help=SPEC_HELP + " (default: the comparison set " + ", ".join(DEFAULT_CACHES) + ")")
+    parser.add_argument("--out", required=True, help="results folder; rerun with the same folder to resume")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="write a torch.profiler Chrome trace and top-operator tables to DIR")
+
+
+def add_eval_commands(subparsers) -> None:
+    """Register ``eval`` (one subcommand per task, plus ``all``) and ``report`` on an argparse subparsers object."""
+    ev = subparsers.add_parser(
+        "eval",
+        help="compare caches on one task (perplexity, summarization, needle, memory, speed) or all of them",
+        description="Run every --cache on the same inputs and write DIR/results.json (+ examples.jsonl while "
+                    "running; a rerun with the same --out resumes).",
+        formatter_class=HelpFormatter,
+        epilog=EVAL_EPILOG,
+    )
+    tasks = ev.add_subparsers(dest="task", metavar="TASK", required=True)
+    for name, module in TASKS.items():
+        doc = " ".join((module.__doc__ or name).strip().split("\n\n")[0].split())  # the first paragraph
+        parser = tasks.add_parser(name, help=doc, description=module.__doc__,
+                                  formatter_class=HelpFormatter,
+                                  epilog=f"example:\n  selkv eval {name} --cache full --cache "
+                                         f"quant:bits=4,sink=4,window=124 --out results/{name}\n"
+                                         f"Rerun the same command to resume an interrupted run.")
+        _add_eval_args(parser)
+        module.add_arguments(parser)
+        parser.set_defaults(handler=cmd_eval)
+    suite = tasks.add_parser("all", help="the full suite (every task, default caches) into sub-folders of --out, "
+                                         "then the report",
+                             description="Runs every task with the suite's settings into sub-folders of --out, "
+                                         "then writes --out/report.md.",
+                             formatter_class=HelpFormatter,
+                             epilog="examples:\n  selkv eval all --quick --out results/quick   (a few minutes)\n"
+                                    "  selkv eval all --out results/suite           (half an hour on 2 CPU cores)")
+    _add_eval_args(suite)
+    suite.add_argument("--quick", action="store_true", help="the short demo-sized suite instead")
+    suite.set_defaults(handler=cmd_eval_all)
+
+    rep = subparsers.add_parser("report", help="turn results folders into a Markdown table and PNG plots",
+                                description="Reads DIR/results.json (recursively) and writes report.md + PNGs.",
+                                formatter_class=HelpFormatter, epilog=REPORT_EPILOG)
+    rep.add_argument("dirs", nargs="+", metavar="DIR", help="a results folder of `selkv eval` (searched recursively)")
+    rep.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the first DIR)")
+    rep.add_argument("--image-prefix", default=None, help="path prefix for the images inside report.md")
+    rep.set_defaults(handler=cmd_report)
+
+
+def checked_specs(specs: list[str] | None, default) -> list[str]:
+    """The ``--cache`` specs (``default`` when none were given), each parsed now: a bad spec fails before the
+    model loads."""
+    from .config import parse_spec
+
+    specs = list(specs or default)
+    for spec in specs:
+        parse_spec(spec)
+    return specs
+
+
 def _load(args):
+    """The model and tokenizer of ``--model``, ``--device``, ``--dtype`` and ``--attn``."""
     from .models import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn)
@@ -216,9 +295,7 @@ def cmd_generate(args) -> int:
     from .config import parse_spec
     from .generation import encode_prompt, generate
 
-    specs = args.cache or ["full"]
-    for spec in specs:
-        parse_spec(spec)  # fail before loading the model
+    specs = checked_specs(args.cache, ["full"])
     if args.static:
         static_kinds = ("full", "quant")
         bad = [spec for spec in specs if parse_spec(spec).kind not in static_kinds]
@@ -240,29 +317,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_size(args) -> int:
-    from .config import parse_spec
     from .models import load_config
     from .sizing import size_table
 
-    specs = args.cache or list(SIZE_CACHES)
-    for spec in specs:
-        parse_spec(spec)
+    specs = checked_specs(args.cache, SIZE_CACHES)
     print(size_table(specs, load_config(args.model), args.tokens, args.batch_size, args.chunk))
     return 0
-
-
-def demo_prompt() -> tuple[str, str]:
-    """(prompt, where it came from): a CNN/DailyMail article to summarize, long enough that the middle is quantized."""
-    import json
-
-    from .eval.data import data_root
-
-    path = data_root() / "summarization" / "cnn_dailymail_test.jsonl"
-    if path.exists():
-        with open(path, encoding="utf-8") as f:
-            article = json.loads(f.readline())["document"]
-        return f"Summarize this article in three sentences.\n\n{article}", f"the first article of {path}"
-    return DEMO_PROMPT, "a built-in prompt (no CNN/DailyMail file found; set SELKV_DATA)"
 
 
 def cmd_demo(args) -> int:
@@ -275,13 +335,44 @@ def cmd_demo(args) -> int:
     print(f"# 1. Side by side: {' vs '.join(DEMO_CACHES)}")
     print(f"prompt: {source} ({inputs['input_ids'].shape[-1]} tokens)\n")
     print_generations([generate(model, tokenizer, inputs, spec, args.max_new_tokens) for spec in DEMO_CACHES])
-    try:
-        from .eval.cli import demo_comparison
-    except ImportError as err:
-        print(f"(skipping the comparison: {err})")
-        return 0
     print("# 2. A short comparison of the default cache set")
     demo_comparison(args.out, model=model, tokenizer=tokenizer, model_name=args.model)
+    return 0
+
+
+def _prepare_eval_dirs(args) -> None:
+    """Check the output folders before the model loads (a bad --out fails in a second, not after the load)."""
+    prepare_out_dir(args.out)
+    if args.profile:
+        prepare_out_dir(args.profile, "--profile")
+
+
+def cmd_eval(args) -> int:
+    module = TASKS[args.task]
+    specs = checked_specs(args.cache, DEFAULT_CACHES)
+    settings = module.settings_from_args(args)
+    _prepare_eval_dirs(args)
+    model, tokenizer = _load(args)
+    payload = run_task(module, model, tokenizer, args.model, specs, args.out, settings, profile_dir=args.profile)
+    print("\n".join(report.table_lines(payload)))
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def cmd_eval_all(args) -> int:
+    specs = checked_specs(args.cache, DEFAULT_CACHES)
+    _prepare_eval_dirs(args)
+    model, tokenizer = _load(args)
+    text = run_suite(args.out, QUICK if args.quick else SUITE, model, tokenizer, args.model, specs, args.profile)
+    print(text)
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    if args.out:
+        prepare_out_dir(args.out)
+    print(report.run(args.dirs, args.out, args.image_prefix))
     return 0
 
 

@@ -1,9 +1,13 @@
-"""Greedy generation with a given cache spec, timed, with the cache's memory at the end."""
+"""Prefill, greedy decoding and timed generation with a given cache spec.
+
+The one chunked prefill loop (:func:`prefill`) and the one greedy decode loop (:func:`decode_tokens`)
+live here; ``generate``, the evaluation tasks and the tests all step the model through them.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -61,17 +65,20 @@ def generate(model, tokenizer, inputs: dict, spec: str, max_new_tokens: int, sta
     max_cache_len = input_ids.shape[-1] + max_new_tokens if static else None
     cache = make_cache(spec, model.config, max_cache_len=max_cache_len)
     step = compile_decode_step(model) if static and device.type == "cuda" and cache.is_compileable else None
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     start = time.perf_counter()
-    out = forward_with_cache(model, cache, input_ids, attention_mask=attention_mask)
-    last_logits = out.logits[:, -1]
-    sync()
+    last_logits = prefill(model, input_ids, cache, attention_mask=attention_mask)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
     starts = [time.perf_counter()]
+
+    def step_done() -> None:  # times every step of a captured decode, to leave its compilation out
+        synchronize(device)
+        starts.append(time.perf_counter())
+
     tokens = greedy_decode(model, cache, last_logits, max_new_tokens, eos_token_ids(model, tokenizer), step=step,
-                           on_step=lambda: (sync(), starts.append(time.perf_counter())) if step else None)
-    sync()
+                           on_step=step_done if step else None)
+    synchronize(device)
     end = time.perf_counter()
     timed_tokens = len(tokens)
     if step is not None and len(starts) > CAPTURE_STEPS + 1:  # leave compilation and capture out
@@ -81,27 +88,87 @@ def generate(model, tokenizer, inputs: dict, spec: str, max_new_tokens: int, sta
     return Generation(label, text, len(tokens), prefill_s, end - starts[0], kv_bytes(cache), timed_tokens)
 
 
+def prefill(
+    model,
+    input_ids: torch.Tensor,
+    cache,
+    chunk: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    on_logits: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Feed ``input_ids`` ``[batch_size, seq_len]`` into ``cache`` in chunks of ``chunk`` tokens (0: one pass).
+
+    Each chunk attends to the cache the earlier chunks left behind, so compressed tokens are read back
+    as stored (a one-pass prefill lets every token see every other one exactly). ``attention_mask``
+    ``[batch_size, seq_len]`` (left padding): each chunk gets its columns up to the chunk's end.
+    ``on_logits(start, logits)`` sees every chunk's logits ``[batch_size, chunk_len, vocab_size]``.
+    Returns the last position's logits ``[batch_size, vocab_size]``.
+    """
+    seq_len = input_ids.shape[-1]
+    chunk_len = chunk if chunk and chunk > 0 else seq_len
+    last = None
+    for start in range(0, seq_len, chunk_len):
+        end = start + chunk_len
+        mask = {} if attention_mask is None else {"attention_mask": attention_mask[:, :end]}
+        logits = forward_with_cache(model, cache, input_ids[:, start:end], **mask).logits
+        if on_logits is not None:
+            on_logits(start, logits)
+        last = logits[:, -1]
+    return last
+
+
+def decode_tokens(
+    model,
+    cache,
+    last_logits: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: Iterable[int] = (),
+    step: Callable[[torch.Tensor, object], torch.Tensor] | None = None,
+    on_step: Callable[[], None] | None = None,
+    feed_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy decode loop: tokens after a prefill, the first from ``last_logits`` ``[batch_size, vocab_size]``.
+
+    Each token is fed back one step at a time. Stops after ``max_new_tokens`` tokens, or (batch size 1)
+    after a token in ``eos_ids``. The last token is fed too when ``feed_last`` (fixed-length runs that
+    measure the cache after every step: ``max_new_tokens`` steps); otherwise the loop ends without it
+    (one step fewer, as text generation does).
+
+    ``step``: a compiled step (:func:`compile_decode_step`) instead of the model's forward;
+    ``on_step``: called after each step (timing, measuring).
+    Returns ``(tokens [batch_size, new_tokens], logits [batch_size, vocab_size])``: the logits after the
+    last step (``last_logits`` when there was none).
+    """
+    eos = set(eos_ids)
+    if eos and last_logits.shape[0] != 1:
+        raise ValueError(f"stopping at EOS takes one sequence, got a batch of {last_logits.shape[0]}")
+    tokens: list[torch.Tensor] = []
+    logits = last_logits
+    for _ in range(max_new_tokens):
+        next_token = logits.argmax(-1, keepdim=True)  # [batch_size, 1]
+        tokens.append(next_token)
+        if (eos and int(next_token) in eos) or (len(tokens) == max_new_tokens and not feed_last):
+            break
+        logits = forward_with_cache(model, cache, next_token).logits[:, -1] if step is None else step(next_token, cache)
+        if on_step is not None:
+            on_step()
+    if step is not None and logits is not last_logits:
+        logits = logits.clone()  # a captured step's logits belong to its graph: the next replay overwrites them
+    if not tokens:
+        return last_logits.new_empty((last_logits.shape[0], 0), dtype=torch.long), logits
+    return torch.cat(tokens, dim=1), logits
+
+
 def greedy_decode(
     model, cache, last_logits: torch.Tensor, max_new_tokens: int, eos_ids: Iterable[int] = (), step=None, on_step=None
 ) -> list[int]:
-    """Greedy tokens after a prefill (batch 1): the first from ``last_logits``, then one step at a time.
+    """Greedy token ids after a prefill of one sequence (batch size 1): :func:`decode_tokens` as a list.
 
     ``step``: a compiled step (:func:`compile_decode_step`) instead of the model's forward;
     ``on_step``: called after each step (timing).
     """
-    eos = set(eos_ids)
-    tokens: list[int] = []
-    next_token = last_logits.argmax(-1, keepdim=True)  # [1, 1]
-    for _ in range(max_new_tokens):
-        token = int(next_token)
-        tokens.append(token)
-        if token in eos or len(tokens) == max_new_tokens:
-            break
-        logits = forward_with_cache(model, cache, next_token).logits[:, -1] if step is None else step(next_token, cache)
-        next_token = logits.argmax(-1, keepdim=True)
-        if on_step is not None:
-            on_step()
-    return tokens
+    tokens, _ = decode_tokens(model, cache, last_logits, max_new_tokens, eos_ids, step=step, on_step=on_step)
+    return tokens[0].tolist()
 
 
 def compile_decode_step(model, mode: str | None = "reduce-overhead", fullgraph: bool = True, backend: str = "inductor"):
@@ -140,6 +207,12 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer read next covers it; nothing on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def format_bytes(n: float) -> str:

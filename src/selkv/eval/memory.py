@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 
 from ..cache import kv_bytes, make_cache
-from ..models import forward_with_cache
-from .common import encode, measure_cache, prefill, progress
+from ..generation import decode_tokens, prefill
 from .data import load_text
+from .kv_metrics import measure_cache
+from .prompts import encode
+from .runner import progress
 
 TASK = "memory"
 DEFAULTS = {"data": "pg19", "prompt_tokens": 1024, "new_tokens": 256, "every": 16, "chunk": 64}
@@ -53,12 +55,15 @@ def measure(model, prompt_ids: list[int], spec: str, new_tokens: int, every: int
     cache = make_cache(spec, model.config)
     last = prefill(model, torch.tensor([prompt_ids], device=device), cache, chunk)
     series = [_point(cache, 0)]
-    next_token = last.argmax(-1, keepdim=True)
-    for step in range(1, new_tokens + 1):
-        out = forward_with_cache(model, cache, next_token)
-        next_token = out.logits[:, -1].argmax(-1, keepdim=True)
-        if step % every == 0 or step == new_tokens:
-            series.append(_point(cache, step))
+    steps = 0
+
+    def after_step() -> None:
+        nonlocal steps
+        steps += 1
+        if steps % every == 0 or steps == new_tokens:
+            series.append(_point(cache, steps))
+
+    decode_tokens(model, cache, last, new_tokens, on_step=after_step, feed_last=True)
     record = {"series": series, **measure_cache(cache)}
     if cuda:
         torch.cuda.synchronize(device)

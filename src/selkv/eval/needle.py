@@ -21,8 +21,11 @@ import random
 import torch
 
 from ..cache import make_cache
-from .common import aggregate_kv, encode, eos_token_ids, greedy_decode, measure_cache, prefill, progress
+from ..generation import eos_token_ids, greedy_decode, prefill
 from .data import load_essays, load_kv_retrieval
+from .kv_metrics import aggregate_kv, measure_cache
+from .prompts import encode
+from .runner import progress
 
 TASK = "needle"
 DEFAULTS = {"lengths": [1024, 2048], "depths": [0.1, 0.3, 0.5, 0.7, 0.9], "trials": 2, "chunk": 64, "seed": 0,

@@ -17,9 +17,11 @@ import math
 import torch
 
 from ..cache import make_cache
-from ..models import forward_with_cache
-from .common import aggregate_kv, encode, measure_cache, progress
+from ..generation import prefill
 from .data import load_text
+from .kv_metrics import aggregate_kv, measure_cache
+from .prompts import encode
+from .runner import progress
 
 TASK = "perplexity"
 DEFAULTS = {"data": "pg19", "max_tokens": 2048, "chunk": 64, "segments": 1}
@@ -66,13 +68,14 @@ def score(model, ids: list[int], spec: str, chunk: int) -> tuple[float, int, dic
     cache = make_cache(spec, model.config)
     total = torch.zeros((), dtype=torch.float64, device=device)
     seq_len = input_ids.shape[-1]
-    step = chunk if chunk > 0 else seq_len
-    for start in range(0, seq_len, step):
-        logits = forward_with_cache(model, cache, input_ids[:, start : start + step]).logits
-        end = min(start + step, seq_len - 1)  # positions start..end-1 predict tokens start+1..end
+
+    def add_nll(start: int, logits: torch.Tensor) -> None:  # logits: [1, chunk_len, vocab_size]
+        end = min(start + logits.shape[1], seq_len - 1)  # positions start..end-1 predict tokens start+1..end
         if end > start:
             nll = torch.nn.functional.cross_entropy(logits[0, : end - start].float(), targets[start:end], reduction="sum")
-            total += nll.double()
+            total.add_(nll.double())
+
+    prefill(model, input_ids, cache, chunk, on_logits=add_nll)
     return float(total), seq_len - 1, measure_cache(cache)
 
 

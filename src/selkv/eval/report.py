@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import SpecError, parse_spec
 from ..errors import SelKVError
-from .common import RESULTS
+from .results import RESULTS
 
 MIB = 1024 * 1024
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 import torch
 
 from ..cache import make_cache
-from .common import aggregate_kv, chat_ids, eos_token_ids, greedy_decode, measure_cache, prefill, progress
+from ..generation import eos_token_ids, greedy_decode, prefill
 from .data import load_summarization
+from .kv_metrics import aggregate_kv, measure_cache
+from .prompts import chat_ids
+from .runner import progress
 
 TASK = "summarization"
 DEFAULTS = {"data": "cnn_dailymail", "limit": 20, "max_new_tokens": 64, "chunk": 64, "max_doc_tokens": 3072,

@@ -22,9 +22,9 @@ import time
 import torch
 
 from ..cache import make_cache
-from ..generation import compile_decode_step
-from ..models import forward_with_cache
-from .common import measure_cache, prefill, progress, sync
+from ..generation import compile_decode_step, decode_tokens, prefill, synchronize
+from .kv_metrics import measure_cache
+from .runner import progress
 
 TASK = "speed"
 DEFAULTS = {"batch": 1, "context": 1024, "new_tokens": 64, "repeats": 5, "warmup": 1, "chunk": 0, "seed": 0,
@@ -59,17 +59,14 @@ def time_once(model, input_ids: torch.Tensor, spec: str, new_tokens: int, chunk:
         cache = make_cache(spec, model.config)
     else:
         cache.reset()
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     last = prefill(model, input_ids, cache, chunk)
-    next_token = last.argmax(-1, keepdim=True)  # [batch, 1]
-    sync(device)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    for _ in range(new_tokens):
-        logits = forward_with_cache(model, cache, next_token).logits[:, -1] if step is None else step(next_token, cache)
-        next_token = logits.argmax(-1, keepdim=True)
-    sync(device)
+    decode_tokens(model, cache, last, new_tokens, step=step, feed_last=True)
+    synchronize(device)
     return prefill_s, time.perf_counter() - start, cache
 
 

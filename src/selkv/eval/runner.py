@@ -1,0 +1,91 @@
+"""Runs one task module over cache specs into a run folder: writer, resume, profiling, progress, environment.
+
+Every task module has ``TASK``, ``DEFAULTS``, ``add_arguments``, ``settings_from_args``,
+``run(model, tokenizer, specs, writer, **settings)``, ``aggregate`` and optionally ``compare``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import torch
+
+from ..cache import resolve_spec
+from ..config import parse_spec
+from .results import ResultsWriter
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm progress bar (stderr); quiet when SELKV_NO_PROGRESS is set."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=bool(os.environ.get("SELKV_NO_PROGRESS")), dynamic_ncols=True, **kwargs)
+
+
+@contextlib.contextmanager
+def maybe_profile(profile_dir: str | None):
+    """Profile the block with torch.profiler when ``profile_dir`` is given (see :mod:`selkv.eval.profile`)."""
+    if not profile_dir:
+        yield
+        return
+    from .profile import profiled
+
+    with profiled(profile_dir):
+        yield
+
+
+def run_task(module, model, tokenizer, model_name: str, specs: list[str], out_dir: str, settings: dict,
+             profile_dir: str | None = None) -> dict:
+    """Run one task module over ``specs`` into ``out_dir``; returns the final ``results.json`` payload."""
+    specs = _unique(specs)
+    started = time.time()
+    writer = ResultsWriter(out_dir, module.TASK, model_name, settings, specs, module.aggregate,
+                           compare=getattr(module, "compare", None))
+    if writer.resumed:
+        print(f"resuming {out_dir}: {writer.resumed} finished example(s) found")
+    with maybe_profile(profile_dir):
+        module.run(model, tokenizer, specs, writer, **settings)
+    writer.extra.setdefault("environment", environment(model))
+    writer.extra["default_groups"] = default_groups(specs, model.config)
+    writer.extra["seconds_this_run"] = round(time.time() - started, 1)
+    return writer.flush(complete=True)
+
+
+def _unique(specs: list[str]) -> list[str]:
+    seen, out = set(), []
+    for spec in specs:
+        if spec not in seen:
+            seen.add(spec)
+            out.append(spec)
+    return out
+
+
+def environment(model) -> dict:
+    import platform
+
+    import transformers
+
+    device = getattr(model, "device", torch.device("cpu"))
+    info = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+        "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def default_groups(specs: list[str], config) -> dict[str, int]:
+    """The group size each spec that does not set one gets on this model (it depends on head_dim)."""
+    groups = {}
+    for spec in specs:
+        parsed = parse_spec(spec)
+        if parsed.kind in ("quant", "hf-quanto", "hf-hqq") and not parsed.q_group_size:
+            groups[spec] = resolve_spec(parsed, config).q_group_size
+    return groups
