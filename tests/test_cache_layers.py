@@ -263,6 +263,41 @@ def test_good_specs_round_trip():
     assert selkv.parse_spec("quant:bits=2").axis_key == "channel"
 
 
+def test_each_kind_is_one_spec_class_in_the_registry():
+    from selkv.specs import SPECS
+
+    examples = {"full": "full", "drop": "drop", "quant": "quant:bits=4", "hf-quanto": "hf-quanto:bits=4",
+                "hf-hqq": "hf-hqq:bits=4"}
+    assert list(SPECS) == list(examples)
+    for kind, text in examples.items():
+        spec = selkv.parse_spec(text)
+        assert type(spec) is SPECS[kind] and spec.kind == kind and isinstance(spec, selkv.CacheSpec)
+    # Capabilities, not kind names: a static cache, a bit width to sweep, the bits per stored value.
+    assert [k for k, t in examples.items() if selkv.parse_spec(t).supports_static] == ["full", "quant"]
+    assert [selkv.parse_spec(t).bits for t in examples.values()] == [16, None, 4, 4, 4]
+
+
+def test_spec_builds_its_cache():
+    config = tiny_llama_config()
+    assert isinstance(selkv.parse_spec("drop").build(config), selkv.SelectiveCache)
+    cache = selkv.parse_spec("quant:bits=4").build(config)
+    assert isinstance(cache, selkv.SelectiveCache) and cache.spec.q_group_size == 32  # resolved for head_dim 32
+    assert isinstance(selkv.parse_spec("full").build(config), DynamicCache)
+    with pytest.raises(TypeError, match="use make_cache"):
+        selkv.SelectiveCache("drop", config)
+    with pytest.raises(SpecError, match="max_cache_len \\(a static cache\\) needs a 'full' or 'quant' spec, not 'drop'"):
+        selkv.make_cache("drop", config, max_cache_len=64)
+
+
+def test_flat_fields_of_other_kinds_warn_and_keep_their_old_values():
+    with pytest.warns(DeprecationWarning, match="has no 'nbits'"):
+        assert selkv.parse_spec("full").nbits is None
+    with pytest.warns(DeprecationWarning, match="has no 'residual_length'"):
+        assert selkv.parse_spec("quant:bits=4").residual_length == 0
+    with pytest.raises(AttributeError):
+        selkv.parse_spec("full").colour
+
+
 def test_crop_is_refused_clearly(tiny_llama):
     cache = selkv.make_cache("quant:bits=8", tiny_llama.config)
     with pytest.raises(NotImplementedError, match="cannot crop"):

@@ -238,7 +238,7 @@ def add_eval_commands(subparsers) -> None:
 def checked_specs(specs: list[str] | None, default) -> list[str]:
     """The ``--cache`` specs (``default`` when none were given), each parsed now: a bad spec fails before the
     model loads."""
-    from .config import parse_spec
+    from .specs import parse_spec
 
     specs = list(specs or default)
     for spec in specs:
@@ -292,13 +292,12 @@ def prepare_out_dir(path: str, option: str = "--out") -> None:
 
 
 def cmd_generate(args) -> int:
-    from .config import parse_spec
+    from .specs import parse_spec
     from .generation import encode_prompt, generate
 
     specs = checked_specs(args.cache, ["full"])
     if args.static:
-        static_kinds = ("full", "quant")
-        bad = [spec for spec in specs if parse_spec(spec).kind not in static_kinds]
+        bad = [spec for spec in specs if not parse_spec(spec).supports_static]
         if bad:
             raise SelKVError(f"--static takes 'full' and 'quant' caches, not {bad[0]!r}")
         if args.attn == "eager":
@@ -391,7 +390,7 @@ def is_user_error(err: BaseException) -> bool:
     """Errors that mean "this input cannot be used", printed as one line; everything else is a bug."""
     import torch
 
-    from .config import SpecError
+    from .specs import SpecError
 
     if isinstance(err, (SelKVError, SpecError)):
         return True

@@ -21,3 +21,7 @@ class UnsupportedModelError(SelKVError):
 
 class DeviceError(SelKVError):
     """A device string torch does not know, or a device this machine does not have."""
+
+
+class SpecError(ValueError):
+    """A cache spec string or value that cannot be used."""

@@ -63,7 +63,7 @@ def describe_model(config) -> str:
 
 
 def _group(spec: str, config) -> str:
-    group = resolve_spec(spec, config).q_group_size
+    group = resolve_spec(spec, config).group
     return str(group) if group else "–"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import SpecError, parse_spec
+from ..specs import SpecError, parse_spec
 from ..errors import SelKVError
 from .results import RESULTS
 
@@ -143,18 +143,7 @@ def _bits(spec: str) -> int | None:
         parsed = parse_spec(spec)
     except SpecError:
         return None
-    return 16 if parsed.kind == "full" else parsed.nbits
-
-
-def _family(spec: str) -> str:
-    """A line label for the bits plot: the spec without its bit width."""
-    parsed = parse_spec(spec)
-    if parsed.kind == "quant":
-        return (f"quant sink={parsed.num_sink_tokens},window={parsed.window_length},"
-                f"key_axis={parsed.axis_key}" + (f",group={parsed.q_group_size}" if parsed.q_group_size else ""))
-    if parsed.kind in ("hf-quanto", "hf-hqq"):
-        return f"{parsed.kind} residual={parsed.residual_length}"
-    return parsed.kind
+    return parsed.bits
 
 
 def _plt():
@@ -202,13 +191,13 @@ def plot_perplexity(payload: dict, path: Path) -> bool:
     fig, ax = _figure()
     families: dict[str, list[tuple[int, float]]] = {}
     for cache, bits, ppl in points:
-        kind = parse_spec(cache).kind
-        if kind == "full":
+        parsed = parse_spec(cache)
+        if parsed.sweeps_bits:
+            families.setdefault(parsed.family, []).append((bits, ppl))
+        elif parsed.bits == 16:  # the 16-bit reference
             ax.axhline(ppl, color="black", lw=1, label="full (16-bit)")
-        elif kind == "drop":
+        else:  # no bit width (eviction): a reference line too
             ax.axhline(ppl, color="gray", ls="--", lw=1, label=cache)
-        else:
-            families.setdefault(_family(cache), []).append((bits, ppl))
     for family, pts in families.items():
         pts.sort()
         ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", label=family)

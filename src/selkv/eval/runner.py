@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..cache import resolve_spec
-from ..config import parse_spec
+from ..specs import parse_spec
 from .results import ResultsWriter
 
 
@@ -86,6 +86,6 @@ def default_groups(specs: list[str], config) -> dict[str, int]:
     groups = {}
     for spec in specs:
         parsed = parse_spec(spec)
-        if parsed.kind in ("quant", "hf-quanto", "hf-hqq") and not parsed.q_group_size:
-            groups[spec] = resolve_spec(parsed, config).q_group_size
+        if not parsed.is_resolved:
+            groups[spec] = resolve_spec(parsed, config).group
     return groups

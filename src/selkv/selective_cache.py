@@ -1,0 +1,75 @@
+"""SelectiveCache: a transformers ``Cache`` whose full-attention layers are selkv layers."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from .layers.base import SelectiveLayer
+from .shapes import _build_layers, _text_config, model_shape
+from .storage import publish, take_published
+
+
+class SelectiveCache(Cache):
+    """A ``Cache`` whose full-attention layers are selkv layers, built from a ``drop`` or ``quant`` spec.
+
+    It only builds ``layers`` and routes by ``layer_idx``; the policy lives in the layer classes.
+    With ``max_cache_len`` (``quant`` specs only) the layers are :class:`StaticSinkWindowLayer`: a fixed
+    capacity of that many positions, and one-token steps that ``torch.compile`` and CUDA graphs capture
+    (``is_compileable``, as transformers' ``StaticCache``) when the model's attention is ``"selkv"``.
+    Sliding-window layers of hybrid models (Gemma 2/3, Mistral with a window) keep transformers'
+    ``DynamicSlidingWindowLayer``: they hold at most ``sliding_window`` tokens in 16 bits.
+
+    ``spec`` is a parsed spec (``selkv.parse_spec``) whose ``make_layer(max_cache_len)`` builds one layer;
+    ``make_cache`` takes spec strings.
+    """
+
+    def __init__(self, spec, config, max_cache_len: int | None = None):
+        if isinstance(spec, str):
+            raise TypeError(f"SelectiveCache takes a parsed spec; use make_cache({spec!r}, config) or "
+                            f"SelectiveCache(parse_spec({spec!r}), config)")
+        self.spec = spec.check_model(model_shape(config)["head_dim"])
+        super().__init__(layers=_build_layers(config, lambda: self.spec.make_layer(max_cache_len)))
+        # With selkv's attention, one-token decode steps read the compressed storage directly.
+        if getattr(_text_config(config), "_attn_implementation", None) == "selkv":
+            self.enable_fused_decode()
+
+    def enable_fused_decode(self, enabled: bool = True) -> None:
+        """Let one-token decode steps skip dequantization (selkv's attention then reads storage itself)."""
+        for layer in self._selkv_layers():
+            layer.fused_decode = enabled and layer.supports_fused_decode
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        # A one-token step whose storage selkv's attention reads in place: hand it over by layer_idx.
+        if getattr(self.layers[layer_idx], "storage_step", False):
+            publish(layer_idx, self.layers[layer_idx])
+        else:
+            take_published(layer_idx)
+        return keys, values
+
+    def _selkv_layers(self) -> list[SelectiveLayer]:
+        """The full-attention layers (sliding-window layers are transformers' own)."""
+        return [layer for layer in self.layers if isinstance(layer, SelectiveLayer)]
+
+    def set_left_padding(self, attention_mask: torch.Tensor) -> None:
+        """Reserve sink room for left padding, from the first forward's ``attention_mask``.
+
+        2D ``[batch_size, seq_len]`` (1 = token), or the 4D ``[batch_size, 1, q_len, kv_len]`` mask that
+        ``generate`` builds itself for compileable caches (True or 0.0 = attended; its last query row
+        sees every real token of the prompt).
+        """
+        if attention_mask is None or attention_mask.dim() not in (2, 4):
+            return
+        if attention_mask.dim() == 4:
+            last_row = attention_mask[:, 0, -1]
+            attention_mask = last_row if last_row.dtype == torch.bool else last_row == 0
+        row_padding = (attention_mask.int().cumsum(-1) == 0).sum(-1)
+        for layer in self._selkv_layers():
+            layer.set_left_padding(int(row_padding.max()), row_padding)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        layers = self._selkv_layers()
+        (layers[0] if layers else super()).crop(tokens_to_remove)

@@ -1,0 +1,75 @@
+"""``hf-quanto:bits=4,residual=128[,group=64]`` and ``hf-hqq:...``: transformers' ``QuantizedCache``.
+
+The most recent ``residual`` tokens stay in 16 bits; older ones are quantized by the optimum-quanto or
+HQQ backend. On hybrid models only the full-attention layers are quantized.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import ClassVar
+
+from transformers.cache_utils import Cache, HQQQuantizedLayer, QuantizedCache, QuantoQuantizedLayer
+
+from ..shapes import _build_layers, model_shape
+from .base import GroupedSpec, SpecFields
+
+
+@dataclass(frozen=True)
+class HFQuantizedSpec(GroupedSpec):
+    """A transformers ``QuantizedCache`` backend: ``nbits``, ``residual_length``, ``q_group_size``."""
+
+    residual_length: int = 128
+
+    keys: ClassVar[dict[str, object]] = {"bits": None, "residual": 128, "group": 0}
+    default_group: ClassVar[int] = 64  # transformers' own default
+    # Bit widths the backend takes; its name in transformers; the module it needs; its pip name; its layer.
+    supported_nbits: ClassVar[tuple[int, ...]]
+    backend: ClassVar[str]
+    package: ClassVar[str]
+    pip_name: ClassVar[str]
+    layer_class: ClassVar[type]
+
+    @classmethod
+    def from_fields(cls, fields: SpecFields) -> HFQuantizedSpec:
+        nbits = fields.bits(cls.supported_nbits)
+        group = fields.group()
+        return cls(nbits=nbits, residual_length=fields.at_least("residual", 0), q_group_size=group)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:bits={self.nbits},residual={self.residual_length}{self._group_text()}"
+
+    @property
+    def family(self) -> str:
+        return f"{self.kind} residual={self.residual_length}"
+
+    def build(self, config, max_cache_len: int | None = None) -> Cache:
+        spec = self.check_model(model_shape(config)["head_dim"])
+        if importlib.util.find_spec(self.package.split(".")[0]) is None or importlib.util.find_spec(self.package) is None:
+            raise ImportError(f"cache {str(spec)!r} needs the {self.pip_name!r} package: pip install 'selkv[peers]'")
+        settings = {"nbits": spec.nbits, "q_group_size": spec.q_group_size, "residual_length": spec.residual_length}
+        if all(layer_type == "full_attention" for layer_type in model_shape(config)["layer_types"]):
+            return QuantizedCache(backend=self.backend, config=config, **settings)
+        # transformers' QuantizedCache refuses sliding-window layers: quantize the full-attention ones only.
+        return Cache(layers=_build_layers(config, lambda: self.layer_class(**settings)))
+
+
+@dataclass(frozen=True)
+class HFQuantoSpec(HFQuantizedSpec):
+    kind: ClassVar[str] = "hf-quanto"
+    supported_nbits: ClassVar[tuple[int, ...]] = (2, 4)
+    backend: ClassVar[str] = "quanto"
+    package: ClassVar[str] = "optimum.quanto"
+    pip_name: ClassVar[str] = "optimum-quanto"
+    layer_class: ClassVar[type] = QuantoQuantizedLayer
+
+
+@dataclass(frozen=True)
+class HFHQQSpec(HFQuantizedSpec):
+    kind: ClassVar[str] = "hf-hqq"
+    supported_nbits: ClassVar[tuple[int, ...]] = (1, 2, 3, 4, 8)
+    backend: ClassVar[str] = "hqq"
+    package: ClassVar[str] = "hqq"
+    pip_name: ClassVar[str] = "hqq"
+    layer_class: ClassVar[type] = HQQQuantizedLayer

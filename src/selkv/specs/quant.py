@@ -1,0 +1,114 @@
+"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T]``.
+
+16-bit sink and window, every token between quantized once to ``bits`` bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import SpecError
+from ..layers.sink_window import QuantizedSinkWindowLayer
+from ..layers.static import StaticSinkWindowLayer
+from ..quant import SUPPORTED_NBITS
+from .base import GroupedSpec, SelectiveSpec, SpecFields
+
+# Default key quantization axis per bit width, from the perplexity sweep in
+# docs/eval_results.md: per-token keys are lossless at 8 bits, while at 4 and 2 bits a few
+# outlier channels dominate each token's range, so per-channel groups (KIVI)
+# cost far less accuracy.
+DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 2: "channel"}
+
+# Default group size (channels per value group, and per key group with per-token keys) and block (tokens
+# per per-channel key group, and per eviction) per bit width, from the perplexity sweep in docs/eval_results.md
+# (SmolLM2-135M, PG-19 and WikiText-2, 2,048 tokens, chunk 64, sink 4, window 124), under the memory
+# targets at 4,096 tokens (int4 >= 3.1x, int2 >= 5.0x smaller than a 16-bit full cache):
+# - int4: value groups of 32 with key blocks of 64 cost the same bytes as groups of 64 with blocks of 32
+#   (3.14x) but +0.00% / +0.41% instead of +0.40% / +0.67%.
+# - int2: key blocks of 32 (+9.1% / +26.2%, 5.06x). Blocks of 16 are more accurate (+5.5% / +16.2%) but
+#   4.4x; block=64 with group=32 is worse (+16.5% / +38.0%). `block=16` remains a spec away.
+# A head_dim the per-bit default does not divide (96: Phi-3-mini; 80: Phi-2, StableLM-3B, Pythia-2.8B)
+# gets the largest group that divides both: gcd(head_dim, default), 32 and 16 there.
+DEFAULT_GROUP = {8: 64, 4: 32, 2: 64}
+DEFAULT_BLOCK = {8: 32, 4: 64, 2: 32}
+
+
+@dataclass(frozen=True)
+class QuantSpec(GroupedSpec, SelectiveSpec):
+    """``quant``: selkv's selective quantization (see :class:`QuantizedSinkWindowLayer`)."""
+
+    num_sink_tokens: int = 4
+    window_length: int = 124
+    axis_key: str = "token"
+    sym: bool = False
+    block_length: int = 1
+
+    kind: ClassVar[str] = "quant"
+    keys: ClassVar[dict[str, object]] = {
+        "bits": None,
+        "sink": 4,
+        "window": 124,
+        "group": 0,  # 0: gcd(head_dim, DEFAULT_GROUP[bits]), resolved by check_model
+        "key_axis": "",  # "": the per-bit-width default DEFAULT_KEY_AXIS
+        "sym": 0,
+        "block": 0,  # 0: DEFAULT_BLOCK[bits]
+    }
+    text_keys: ClassVar[tuple[str, ...]] = ("key_axis",)
+    supports_static: ClassVar[bool] = True
+    default_group: ClassVar[dict[int, int]] = DEFAULT_GROUP
+
+    @classmethod
+    def from_fields(cls, fields: SpecFields) -> QuantSpec:
+        nbits = fields.bits(SUPPORTED_NBITS)
+        axis = fields.values["key_axis"] or DEFAULT_KEY_AXIS[nbits]
+        if axis not in ("token", "channel"):
+            raise SpecError(f"quant: key_axis={axis!r} is not allowed; allowed: token, channel")
+        sym = fields.values["sym"]
+        if sym not in (0, 1):
+            raise SpecError(f"quant: sym={sym} is not allowed; allowed: 0, 1")
+        group = fields.group()
+        if "block" not in fields.given:
+            fields.values["block"] = DEFAULT_BLOCK[nbits]
+        return cls(
+            nbits=nbits,
+            num_sink_tokens=fields.at_least("sink", 0),
+            window_length=fields.at_least("window", 0),
+            q_group_size=group,
+            axis_key=axis,
+            sym=bool(sym),
+            block_length=fields.at_least("block", 1),
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"quant:bits={self.nbits},sink={self.num_sink_tokens},window={self.window_length}{self._group_text()},"
+            f"key_axis={self.axis_key},sym={int(self.sym)},block={self.block_length}"
+        )
+
+    @property
+    def family(self) -> str:
+        return (f"quant sink={self.num_sink_tokens},window={self.window_length},"
+                f"key_axis={self.axis_key}" + self._group_text())
+
+    def check_model(self, head_dim: int) -> QuantSpec:
+        resolved = super().check_model(head_dim)
+        per_byte = 8 // self.nbits
+        if head_dim % per_byte:
+            raise SpecError(f"bits={self.nbits} packs {per_byte} codes per byte; head_dim={head_dim} is not a multiple")
+        return resolved
+
+    def make_layer(self, max_cache_len: int | None = None) -> QuantizedSinkWindowLayer:
+        layer_class, extra = QuantizedSinkWindowLayer, {}
+        if max_cache_len is not None:
+            layer_class, extra = StaticSinkWindowLayer, {"max_cache_len": max_cache_len}
+        return layer_class(
+            self.nbits,
+            self.num_sink_tokens,
+            self.window_length,
+            self.q_group_size,
+            axis_key=self.axis_key,
+            sym=self.sym,
+            block_length=self.block_length,
+            **extra,
+        )
