@@ -158,6 +158,9 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
 
     def decode_storage(self) -> DecodeStorage:
         """This layer's storage as selkv's decode attention reads it (lengths as host integers)."""
+        return self._storage(self.num_sink, self.num_stored, self.num_recent)
+
+    def _storage(self, num_sink: int, num_stored: int, num_recent: int, lengths=None) -> DecodeStorage:
         return DecodeStorage(
             sink_keys=self.sink_keys,
             sink_values=self.sink_values,
@@ -169,14 +172,15 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             value_zero=self.value_zero,
             recent_keys=self.recent_keys,
             recent_values=self.recent_values,
-            num_sink=self.num_sink,
-            num_stored=self.num_stored,
-            num_recent=self.num_recent,
+            num_sink=num_sink,
+            num_stored=num_stored,
+            num_recent=num_recent,
             nbits=self.nbits,
             q_group_size=self.q_group_size,
             axis_key=self.axis_key,
             block_length=self.block_length,
             row_padding=self.row_padding,
+            lengths=lengths,
         )
 
     # ------------------------------------------------------------- accounting

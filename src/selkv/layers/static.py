@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from ..storage import DecodeStorage, dequantize_middle
-from .sink_window import _MIDDLE, QuantizedSinkWindowLayer
+from ..storage import DecodeStorage
+from .sink_window import QuantizedSinkWindowLayer
 
 
 def _is_compiling() -> bool:
@@ -212,39 +212,9 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         values.append(exact_values)
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
-    def _read_stored(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return dequantize_middle(
-            *(getattr(self, name) for name in _MIDDLE),
-            count,
-            nbits=self.nbits,
-            q_group_size=self.q_group_size,
-            axis_key=self.axis_key,
-            block_length=self.block_length,
-        )
-
     def decode_storage(self) -> DecodeStorage:
         """The storage with device lengths; the integer lengths are the capacities."""
-        return DecodeStorage(
-            sink_keys=self.sink_keys,
-            sink_values=self.sink_values,
-            key_codes=self.key_codes,
-            key_scale=self.key_scale,
-            key_zero=self.key_zero,
-            value_codes=self.value_codes,
-            value_scale=self.value_scale,
-            value_zero=self.value_zero,
-            recent_keys=self.recent_keys,
-            recent_values=self.recent_values,
-            num_sink=self.sink_capacity,
-            num_stored=self.middle_capacity,
-            num_recent=self.ring_length,
-            nbits=self.nbits,
-            q_group_size=self.q_group_size,
-            axis_key=self.axis_key,
-            block_length=self.block_length,
-            row_padding=self.row_padding,
-            lengths=self.lengths,
-        )
+        return self._storage(self.sink_capacity, self.middle_capacity, self.ring_length, self.lengths)
 
     # ------------------------------------------------------- transformers API
 
