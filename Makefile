@@ -56,6 +56,9 @@ bench:
 	@echo "  PYTHONPATH=src python benchmarks/decode_attention.py --out decode_attention.json"
 	@echo "  PYTHONPATH=src python benchmarks/decode_e2e.py --out decode_e2e.json"
 	@echo "  PYTHONPATH=src python benchmarks/profile_e2e.py --out profile_e2e"
+	@echo "  PYTHONPATH=src python benchmarks/kernel_precision.py --out kernel_precision.json"
+	@echo "On this machine (CPU decode speed, full vs int8 on the embedded model):"
+	@echo "  PYTHONPATH=src python benchmarks/cpu_decode.py --rounds 5"
 	@echo "Without a GPU (compiles the kernel for sm_90 and counts its SASS):"
 	@echo "  python benchmarks/inspect_kernel.py --out /tmp/selkv_sass"
 
