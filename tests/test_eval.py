@@ -1,4 +1,4 @@
-"""Evaluation suite: chunked scoring reads the cache, resume, input errors, report, CLI wiring.
+"""Evaluation suite: chunked scoring reads the cache, resume, input errors, report.
 
 A tiny random Llama with a byte-level tokenizer stand-in covers the logic; tests marked slow use the
 embedded model and stay short.
@@ -6,15 +6,14 @@ embedded model and stay short.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, make_tiny_llama, read_book
 
-from selkv.cli import add_eval_commands
+from helpers import TOLERANCES, make_tiny_llama, read_book
+
 from selkv.eval import memory, needle, perplexity, report, rouge, speed
 from selkv.eval.data import DataError, read_jsonl
 from selkv.eval.prompts import encode
@@ -54,9 +53,6 @@ def text_file(tmp_path):
     return str(path)
 
 
-# ------------------------------------------------------------------ perplexity
-
-
 @pytest.mark.parametrize("chunk", [1, 16, 64])
 @pytest.mark.parametrize("lossless", ["quant:bits=4,sink=4,window=512", "quant:bits=2,sink=0,window=400,block=8",
                                       "drop:sink=4,window=512"])
@@ -91,12 +87,8 @@ def test_chunks_read_the_compressed_cache(tiny):
     assert lossy != full and dropped != full
 
 
-# ------------------------------------------------------------------ results and resume
-
-
 def _ppl_settings(text_file, segments=4):
     return {"data": text_file, "max_tokens": 96, "chunk": 32, "segments": segments}
-
 
 SPECS = ["full", "quant:bits=4,sink=4,window=16,block=8", "drop:sink=4,window=16,block=8"]
 
@@ -155,9 +147,6 @@ def test_results_json_is_replaced_atomically(tmp_path):
     assert json.loads((tmp_path / "examples.jsonl").read_text())["y"] is None
 
 
-# ------------------------------------------------------------------ input errors
-
-
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text('{"document": "a", "summary": "b"}\n\n{"document": "c", "summary": \n', encoding="utf-8")
@@ -176,9 +165,6 @@ def test_unknown_named_set_is_reported():
 
     with pytest.raises(FileNotFoundError, match="named sets: wikitext2"):
         load_text("no-such-set")
-
-
-# ------------------------------------------------------------------ the other tasks on the tiny model
 
 
 @pytest.fixture
@@ -246,18 +232,6 @@ def test_profile_writes_trace_and_tables(tiny, text_file, tmp_path):
     assert "By self time" in (tmp_path / "prof" / "top_operators.md").read_text()
 
 
-def test_cli_registers_eval_and_report():
-    parser = argparse.ArgumentParser()
-    add_eval_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "perplexity", "--out", "x", "--cache", "full", "--chunk", "1"])
-    assert args.task == "perplexity" and args.chunk == 1 and args.handler.__name__ == "cmd_eval"
-    args = parser.parse_args(["eval", "all", "--out", "x", "--quick"])
-    assert args.quick and args.cache is None
-    args = parser.parse_args(["report", "a", "b"])
-    assert args.dirs == ["a", "b"]
-    assert len(DEFAULT_CACHES) == 7 and DEFAULT_CACHES[0] == "full"
-
-
 def test_moved_eval_names_still_resolve_with_a_warning():
     """selkv.eval.common and selkv.eval.cli were split; their names resolve with a DeprecationWarning."""
     from selkv.eval import cli as eval_cli
@@ -274,16 +248,6 @@ def test_moved_eval_names_still_resolve_with_a_warning():
         assert eval_cli.DEFAULT_CACHES is DEFAULT_CACHES
     with pytest.raises(ImportError, match="moved to selkv.cli.add_eval_commands"):
         from selkv.eval.cli import add_commands  # noqa: F401
-
-
-def test_cli_rejects_bad_spec_before_loading(tmp_path, capsys):
-    from selkv.cli import main
-
-    assert main(["eval", "perplexity", "--out", str(tmp_path), "--cache", "quant:bits=3"]) == 2
-    assert "bits=3" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------ the embedded model
 
 
 @pytest.mark.slow

@@ -1,19 +1,16 @@
-"""model.generate() with selkv caches: equivalence, batches with padding, beam search, the embedded model, the CLI."""
+"""model.generate() with selkv caches: equivalence, batches with padding, beam search, the embedded model."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import TOLERANCES, needs_quanto, read_book
+
 import selkv
-from selkv.cli import main as cli_main
 from selkv.generation import decode_tokens, eos_token_ids, greedy_decode, prefill
 from selkv.models import cache_kwarg, forward_with_cache
-
-from conftest import TOLERANCES, needs_embedded_model, needs_quanto, read_book
 
 ALL_KINDS = [
     "full",
@@ -104,9 +101,6 @@ def test_beam_search_reorders_the_cache(tiny_llama):
     assert torch.equal(lossless, reference)
     lossy, cache = greedy(tiny_llama, input_ids, "quant:bits=8,sink=2,window=4,block=2", num_beams=3, max_new_tokens=12)
     assert lossy.shape == reference.shape and cache.layers[0].num_stored > 0
-
-
-# ---------------------------------------------- selkv's own prefill and greedy loop
 
 
 @pytest.mark.parametrize("spec", ["full", "quant:bits=4,sink=2,window=8,block=4", "drop:sink=4,window=16,block=8"])
@@ -202,27 +196,3 @@ def test_embedded_model_logits_stay_close_to_full(smollm):
     assert relative["quant:bits=4,sink=4,window=124"] < 0.05, relative
     # eviction forgets: far larger error than either quantized cache
     assert relative["drop:sink=4,window=124"] > 2 * relative["quant:bits=4,sink=4,window=124"], relative
-
-
-@pytest.mark.slow
-@needs_embedded_model
-def test_cli_generate_prints_text_speed_and_memory(capsys):
-    code = cli_main(["generate", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "6", "--prompt",
-                     "Name three colours.", "--cache", "full", "--cache", "quant:bits=8,sink=4,window=124"])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "=== full" in out and "=== quant:bits=8,sink=4,window=124" in out
-    assert out.count("tok/s") == 2 and "16-bit full cache" in out
-
-
-def test_cli_reports_bad_specs_without_a_traceback(capsys):
-    assert cli_main(["generate", "--cache", "quant:bits=5", "--prompt", "x"]) == 2
-    assert "bits=5 is not supported" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("command", [[], ["generate"], ["demo"]])
-def test_help_describes_every_command(command):
-    out = subprocess.run([sys.executable, "-m", "selkv.cli", *command, "--help"], capture_output=True, text=True, check=True).stdout
-    assert "usage: selkv" in out
-    if command == ["generate"]:
-        assert "--cache" in out and "quant:bits=2|4|8" in out

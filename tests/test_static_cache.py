@@ -7,29 +7,22 @@ graph for a whole decode, evictions included, and CUDA graphs replay it.
 
 from __future__ import annotations
 
-import os
-import random
-import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import TOLERANCES, _seed, cuda_only, make_tiny_llama, tiny_llama_config
 
-from conftest import TOLERANCES, make_tiny_llama, tiny_llama_config  # noqa: E402
+import selkv
+from selkv import SpecError, make_cache
+from selkv.generation import decode_tokens, prefill
+from selkv.kernels import reference
+from selkv.layers import StaticSinkWindowLayer
+from selkv.models import cache_kwarg
+from selkv.storage import take_published
 
-import selkv  # noqa: E402
-from selkv import SpecError, make_cache  # noqa: E402
-from selkv.kernels import reference  # noqa: E402
-from selkv.generation import decode_tokens, prefill  # noqa: E402
-from selkv.layers import StaticSinkWindowLayer  # noqa: E402
-from selkv.models import cache_kwarg  # noqa: E402
-from selkv.storage import take_published  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.cuda
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
 
 # Lossy specs whose windows are short enough that a short decode crosses several evictions.
 LOSSY = [
@@ -38,10 +31,6 @@ LOSSY = [
     "quant:bits=4,sink=4,window=12,block=4,key_axis=token,group=16",
     "quant:bits=2,sink=3,window=10,block=8",
 ]
-
-
-def _seed() -> int:
-    return random.SystemRandom().randrange(2**31)
 
 
 def _greedy(model, cache, prompts: torch.Tensor, steps: int, step_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,9 +179,6 @@ def test_inductor_compiles_the_reference_decode_step(selkv_llama):
     assert torch.equal(got, expected)
 
 
-# ------------------------------------------------------------------- CUDA
-
-
 @cuda
 @cuda_only
 @pytest.mark.parametrize("spec", ["quant:bits=8,sink=4,window=16,block=8", "quant:bits=4,sink=2,window=8,block=8"])
@@ -231,9 +217,6 @@ def test_cuda_generate_compiles_the_static_cache_by_itself():
     assert torch.equal(outputs[1], outputs[0])
 
 
-# ---------------------------------------------------------- CLI and eval
-
-
 class _Tokenizer:
     """What generation.generate needs from a tokenizer."""
 
@@ -252,18 +235,6 @@ def test_generate_static_gives_the_dynamic_text(selkv_llama, spec):
     static = generate(selkv_llama, _Tokenizer(), inputs, spec, 40, static=True)
     assert static.text == dynamic.text and static.cache == f"{spec} (static)"
     assert static.kv["tokens"] == dynamic.kv["tokens"]
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--cache", "drop:sink=4,window=16", "--static"], "--static takes 'full' and 'quant'"),
-    (["--cache", "quant:bits=8", "--static", "--attn", "eager"], "--attn selkv"),
-])
-def test_cli_static_refuses_what_it_cannot_do(capsys, argv, message):
-    from selkv.cli import main
-
-    assert main(["generate", "--prompt", "hi", *argv]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
 
 
 def test_speed_task_reuses_one_static_cache(selkv_llama):

@@ -8,211 +8,28 @@ random numbers on every run (the seed is in each failure message); outputs are p
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
-import sys
 
 import pytest
 import torch
 
-# Without a GPU the kernels run in Triton's CPU interpreter, which must be chosen before Triton's
-# first import (conftest.py sets it for the whole session; this covers running the file alone).
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import (
+    REL_ERROR,
+    SMALL,
+    TOLERANCES,
+    _relative_error,
+    _seed,
+    cuda_only,
+    float64_reference,
+    interpreter_only,
+    kernel_module,
+    make_storage,
+    tiny_llama_config,
+    with_device_lengths,
+)
 
-from conftest import TOLERANCES, make_tiny_llama, tiny_llama_config  # noqa: E402
-
-from selkv import quant  # noqa: E402
-from selkv.kernels import interpreter_enabled, reference, triton_available  # noqa: E402
-from selkv.storage import DecodeStorage, take_published  # noqa: E402
-from selkv.models import cache_kwarg  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-# On a GPU machine the compiled kernels are tested instead (Triton is compiled or interpreted per process).
-interpreter_only = pytest.mark.skipif(HAS_CUDA, reason="a GPU is present: the compiled kernels are tested instead")
-
-
-def kernel_module():
-    """The kernel module; without a GPU its kernels must run in the interpreter (never skip silently)."""
-    assert triton_available(), "triton is not installed: `make setup` installs it (the dev extra)"
-    assert HAS_CUDA or interpreter_enabled(), (
-        "no GPU and Triton was imported before TRITON_INTERPRET=1 was set; run with TRITON_INTERPRET=1"
-    )
-    from selkv.kernels import decode_attention_module
-
-    return decode_attention_module()
-
-
-def _seed() -> int:
-    return random.SystemRandom().randrange(2**31)
-
-
-def make_storage(
-    gen: torch.Generator,
-    *,
-    batch_size: int,
-    num_kv_heads: int,
-    head_dim: int,
-    num_sink: int,
-    num_stored: int,
-    num_recent: int,
-    nbits: int,
-    q_group_size: int,
-    axis_key: str,
-    block_length: int,
-    dtype: torch.dtype,
-    device: str,
-    row_padding: list[int] | None = None,
-    key_gain: torch.Tensor | None = None,
-    value_rms: float = 1.0,
-) -> DecodeStorage:
-    """Storage of random keys/values quantized with quant.py, spare capacity poisoned with NaN.
-
-    ``key_gain`` ``[head_dim]`` multiplies each key channel (default: a tenth of the channels x5);
-    ``value_rms`` sets the values' magnitude.
-    """
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen) * scale
-
-    B, H, D = batch_size, num_kv_heads, head_dim
-    sink_cap, window_cap = num_sink + 3, num_recent + 5
-    stored_cap = -(-(num_stored + block_length) // block_length) * block_length
-    # Outlier channels, as real keys have, so that per-channel and per-token groups differ.
-    if key_gain is None:
-        key_gain = 1.0 + 4.0 * (torch.rand(D, generator=gen) > 0.9).float()
-
-    def region(cap, count):
-        keys = torch.full((B, H, cap, D), float("nan"))
-        values = torch.full((B, H, cap, D), float("nan"))
-        keys[:, :, :count] = randn(B, H, count, D) * key_gain
-        values[:, :, :count] = randn(B, H, count, D, scale=value_rms)
-        return keys.to(dtype), values.to(dtype)
-
-    sink_keys, sink_values = region(sink_cap, num_sink)
-    recent_keys, recent_values = region(window_cap, num_recent)
-    if row_padding is not None:  # padding positions hold finite junk that would dominate if read
-        for b, pad in enumerate(row_padding):
-            sink_keys[b, :, :pad] = 30.0
-            sink_values[b, :, :pad] = 1000.0
-    args = dict(
-        sink_keys=sink_keys.to(device), sink_values=sink_values.to(device), num_sink=num_sink,
-        recent_keys=recent_keys.to(device), recent_values=recent_values.to(device), num_recent=num_recent,
-        num_stored=num_stored, nbits=nbits, q_group_size=q_group_size, axis_key=axis_key,
-        block_length=block_length,
-        row_padding=None if row_padding is None else torch.tensor(row_padding, dtype=torch.int32, device=device),
-    )
-    if num_stored == 0:
-        args.update(key_codes=None, key_scale=None, key_zero=None, value_codes=None, value_scale=None, value_zero=None)
-        return DecodeStorage(**args)
-    keys = (randn(B, H, stored_cap, D) * key_gain).to(dtype)
-    values = randn(B, H, stored_cap, D, scale=value_rms).to(dtype)
-    if axis_key == "channel":
-        kc, ks, kz = quant.quantize(keys, nbits, block_length, dim=-2)
-    else:
-        kc, ks, kz = quant.quantize(keys, nbits, q_group_size, dim=-1)
-    vc, vs, vz = quant.quantize(values, nbits, q_group_size, dim=-1)
-    kc, vc = quant.pack(kc, nbits), quant.pack(vc, nbits)
-    # Poison what lies beyond num_stored: random codes, NaN scales.
-    kc[:, :, num_stored:] = torch.randint(0, 256, kc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)
-    vc[:, :, num_stored:] = torch.randint(0, 256, vc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)
-    vc = quant.to_block_major(vc, block_length)  # the layer's value layout
-    key_rows = -(-num_stored // block_length) if axis_key == "channel" else num_stored
-    for t in (ks, kz):
-        t[:, :, key_rows:] = float("nan")
-    for t in (vs, vz):
-        t[:, :, num_stored:] = float("nan")
-    args.update(
-        key_codes=kc.to(device), key_scale=ks.to(device), key_zero=kz.to(device),
-        value_codes=vc.to(device), value_scale=vs.to(device), value_zero=vz.to(device),
-    )
-    return DecodeStorage(**args)
-
-
-def with_device_lengths(storage: DecodeStorage, gen: torch.Generator) -> DecodeStorage:
-    """The same tokens laid out as a static cache holds them: lengths on the device, the window in a ring
-    that starts at a random slot (and wraps), every capacity larger than what is filled."""
-    s = storage
-    ring = s.num_recent + 3 + int(torch.randint(0, 5, (1,), generator=gen))
-    start = int(torch.randint(0, ring, (1,), generator=gen))
-    slots = (start + torch.arange(s.num_recent)) % ring
-    ring_keys = torch.full(s.recent_keys.shape[:2] + (ring,) + s.recent_keys.shape[3:], float("nan"),
-                           dtype=s.recent_keys.dtype, device=s.recent_keys.device)
-    ring_values = ring_keys.clone()
-    ring_keys[:, :, slots.to(ring_keys.device)] = s.recent_keys[:, :, : s.num_recent]
-    ring_values[:, :, slots.to(ring_keys.device)] = s.recent_values[:, :, : s.num_recent]
-    lengths = torch.tensor([s.num_sink, s.num_stored, s.num_recent, start], dtype=torch.int32, device=s.sink_keys.device)
-    middle_capacity = s.key_codes.shape[2] if s.key_codes is not None else 0
-    return dataclasses.replace(s, recent_keys=ring_keys, recent_values=ring_values, num_sink=s.sink_keys.shape[2],
-                               num_stored=middle_capacity, num_recent=ring, lengths=lengths)
-
-
-def token_major(block_major: torch.Tensor, block: int) -> torch.Tensor:
-    """Block-major value codes back in token order, by addresses: token n's byte c of a (row, head) sits at
-    (n // block) * block * P + c * block + n % block (written independently of quant.from_block_major)."""
-    B, H, capacity, P = block_major.shape
-    n, c = torch.arange(capacity)[:, None], torch.arange(P)[None, :]
-    index = (n // block) * block * P + c * block + n % block
-    return block_major.cpu().reshape(B, H, capacity * P)[:, :, index.flatten()].reshape(B, H, capacity, P)
-
-
-def float64_reference(
-    query: torch.Tensor, storage: DecodeStorage, scaling: float, round_middle: bool = True
-) -> torch.Tensor:
-    """Attention in float64 from the storage (host lengths), dequantized independently of the twin; [B, 1, Hq, D].
-
-    ``round_middle``: round the dequantized middle to the query's dtype, as the model's cache does;
-    without it, exact attention over the kernel's own inputs (codes, scales, zeros).
-    """
-    args = vars(storage)
-    nbits, D = args["nbits"], query.shape[-1]
-    ns, nm, nr = args["num_sink"], args["num_stored"], args["num_recent"]
-    keys = [args["sink_keys"][:, :, :ns].double().cpu()]
-    values = [args["sink_values"][:, :, :ns].double().cpu()]
-    if nm:
-        per_byte = 8 // nbits
-        mask = 2**nbits - 1
-
-        def codes(packed):  # plane p of byte j is channel p * D/k + j
-            packed = packed[:, :, :nm].cpu().long()
-            return torch.cat([(packed >> (p * nbits)) & mask for p in range(per_byte)], dim=-1).double()
-
-        g = args["q_group_size"]
-        if args["axis_key"] == "channel":
-            t = args["block_length"]
-            rows = torch.arange(nm) // t
-            ks = args["key_scale"].cpu().double()[:, :, rows]
-            kz = args["key_zero"].cpu().double()[:, :, rows]
-        else:
-            ks = args["key_scale"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
-            kz = args["key_zero"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
-        vs = args["value_scale"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
-        vz = args["value_zero"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
-        dtype = query.dtype if round_middle else torch.float64  # rounded like the model's cache, or exact
-        keys.append((codes(args["key_codes"]) * ks + kz).to(dtype).double())
-        values.append((codes(token_major(args["value_codes"], args["block_length"])) * vs + vz).to(dtype).double())
-    keys.append(args["recent_keys"][:, :, :nr].double().cpu())
-    values.append(args["recent_values"][:, :, :nr].double().cpu())
-    k, v = torch.cat(keys, -2), torch.cat(values, -2)
-    B, Hq = query.shape[:2]
-    H = k.shape[1]
-    q = query.double().cpu().reshape(B, H, Hq // H, D)
-    scores = q @ k.transpose(-1, -2) * scaling
-    if args["row_padding"] is not None:
-        padded = torch.arange(k.shape[-2])[None, :] < args["row_padding"].cpu().long()[:, None]
-        scores = scores.masked_fill(padded[:, None, None, :], float("-inf"))
-        v = v.masked_fill(padded[:, None, :, None], 0.0)
-    out = torch.softmax(scores, -1) @ v
-    return out.reshape(B, Hq, 1, D).transpose(1, 2)
-
-
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
-
-
-# (max relative error to float64) by dtype: the kernel rounds p to 16 bits before p @ v.
-REL_ERROR = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+from selkv.kernels import reference
+from selkv.storage import take_published
 
 
 def check_case(module, device: str, dtype: torch.dtype, seed: int, config=None, device_lengths=False, **shape) -> None:
@@ -247,11 +64,6 @@ def check_case(module, device: str, dtype: torch.dtype, seed: int, config=None, 
     assert err < REL_ERROR[dtype], f"kernel vs float64 rel. error {err:.2e}: {where}"
     tol = TOLERANCES["kernel_fp32" if dtype == torch.float32 else "kernel_bf16"]
     torch.testing.assert_close(out.float().cpu(), twin.float().cpu(), **tol, msg=lambda m: f"{where}\n{m}")
-
-
-# ------------------------------------------------------------ interpreter (CPU, CI)
-
-SMALL = dict(batch_size=2, num_kv_heads=2, head_dim=32, q_group_size=16, block_length=16)
 
 INTERPRETER_CASES = [
     # (nbits, axis_key, group ratio, num_sink, num_stored, num_recent, padding, (block_n, num_splits))
@@ -402,9 +214,6 @@ def test_interpreter_rejects_bad_inputs():
         module.selective_decode_attention(query, replace(storage, key_codes=storage.key_codes[:, :, :24],
                                                          value_codes=storage.value_codes[:, :, :24]))
 
-
-# ------------------------------------------------------------------- CUDA
-
 CUDA_LENGTHS = [  # (num_sink, num_stored, num_recent)
     (4, 0, 1),
     (4, 32, 124),
@@ -438,16 +247,8 @@ def test_cuda_matches_references(dtype, head_dim, nbits, axis_key, ratio):
         for device_lengths in (False, True):
             check_case(module, "cuda", dtype, seed + i, device_lengths=device_lengths, **shape)
 
-
-# ------------------------------------------- precision on small values (interpreter and CUDA)
-#
-# The kernel's own error, against float64 attention over the same dequantized cache, must not
-# depend on the values' magnitude. Small values have small scales, and products p * scale rounded
-# to float16 fell among its subnormals (int8 at 8 x 32k: rel. error 1.7e-3 at value RMS 1,
-# 1.2e-1 at 0.005). Keys get a few outlier channels (x10-x30), as real keys have: with them,
-# attention is peaked and most p are small.
-
 PRECISION_RMS = (1.0, 0.1, 0.02, 0.005)
+
 PRECISION_QUANT = [(8, "token"), (8, "channel"), (4, "token"), (4, "channel"), (2, "token"), (2, "channel")]
 
 
@@ -502,6 +303,7 @@ def check_precision_grid(module, device: str, dtype: torch.dtype, config=None, *
 # wrong results on the H200 (Triton 3.6, 2026-12-02), so the kernel does not have it. These tests show
 # the defect and must pass once it is fixed (strict: an unexpected pass fails the run).
 SMALL_VALUES_OPEN = pytest.mark.xfail(strict=True, reason="issue 9 defect 4: precision on small values, open")
+
 INTERPRETER_PRECISION = dict(batch_size=1, num_kv_heads=1, num_heads=4, q_group_size=16, block_length=64,
                              num_sink=4, num_stored=256, num_recent=16)
 
@@ -551,7 +353,6 @@ def test_interpreter_refuses_bfloat16():
     with pytest.raises(ValueError, match="interpreter"):
         module.selective_decode_attention(torch.randn(1, 2, 1, 32).bfloat16(), storage)
 
-
 CUDA_PRECISION = dict(batch_size=2, num_kv_heads=8, num_heads=32, head_dim=128, q_group_size=64, block_length=32,
                       num_sink=4, num_stored=8192, num_recent=128)
 
@@ -572,47 +373,6 @@ def test_cuda_value_magnitudes_changing_between_tiles(dtype):
     shape = dict(CUDA_PRECISION, nbits=8, axis_key="token")
     err = kernel_error(kernel_module(), "cuda", dtype, _seed(), 0.002, value_gain_log2=_gain_steps, **shape)
     assert err < REL_ERROR[dtype] / 5, err
-
-
-# ------------------------------------------------------------- generate()
-
-
-def _greedy(attn_implementation: str, spec: str, device: str, dtype: torch.dtype, prompts: torch.Tensor, mask=None):
-    import selkv  # noqa: F401  (registers "selkv")
-    from selkv import make_cache
-
-    model = make_tiny_llama(attn_implementation).to(device=device, dtype=dtype)
-    cache = make_cache(spec, model.config)
-    with torch.no_grad():
-        out = model.generate(
-            prompts.to(device), attention_mask=None if mask is None else mask.to(device), **{cache_kwarg(model): cache},
-            max_new_tokens=24, do_sample=False, pad_token_id=0,
-        )
-    layer = cache.layers[0]
-    return out.cpu(), layer
-
-
-SPECS = ["quant:bits=4,sink=2,window=8,block=4", "quant:bits=8,sink=3,window=5,block=2,key_axis=token"]
-
-
-@pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
-def test_generate_selkv_matches_sdpa(spec, device):
-    prompts = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(_seed()))
-    expected, ref_layer = _greedy("sdpa", spec, device, torch.float32, prompts)
-    got, layer = _greedy("selkv", spec, device, torch.float32, prompts)
-    assert layer.fused_decode and not ref_layer.fused_decode
-    assert layer.num_stored > 0, "the test must reach the quantized middle"
-    assert torch.equal(got, expected), f"{spec} on {device}:\n{got}\n{expected}"
-
-
-def test_selkv_attention_registered_for_from_config():
-    import selkv  # noqa: F401
-    from transformers import AutoModelForCausalLM
-
-
-    model = AutoModelForCausalLM.from_config(tiny_llama_config(), attn_implementation="selkv")
-    assert model.config._attn_implementation == "selkv"
 
 
 def _run_ptx(ptx: str, word: int) -> list[int]:
@@ -652,3 +412,74 @@ def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
         halves = [(r >> (16 * j)) & 0xFFFF for r in _run_ptx(ptx, word) for j in range(2)]
         got = torch.tensor(halves, dtype=torch.int32).to(torch.int16).view(torch.float16).tolist()
         assert got == [1024.0 + ((b >> shift) & ((1 << nbits) - 1)) for b in packed], (nbits, shift, packed)
+
+
+@pytest.mark.parametrize("nbits,num_sink,num_stored,num_recent,padding,launch", [
+    (8, 4, 48, 21, [0, 30, 60], (16, 3)),  # row 1: padding ends in the middle; row 2: in the window
+    (4, 2, 64, 9, [66, 5, 17], (16, 4)),  # row 0: every middle tile is padding (an empty partial)
+    (8, 0, 32, 16, [40, 0, 33], None),
+])
+@pytest.mark.parametrize("device_lengths", [False, True])
+def test_kernel_masks_padding_past_the_sink(
+    nbits, num_sink, num_stored, num_recent, padding, launch, device_lengths
+):
+    """On CUDA the compiled kernel, elsewhere Triton's interpreter."""
+    module = kernel_module()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    shape = dict(SMALL, batch_size=3, num_sink=num_sink, num_stored=num_stored, num_recent=num_recent, nbits=nbits,
+                 axis_key="token")
+    storage = make_storage(gen, dtype=torch.float16, device=device, row_padding=padding, **shape)
+    for b, pad in enumerate(padding):  # junk in the padded middle and window: it would dominate if read
+        middle = slice(0, max(0, min(pad - num_sink, num_stored)))
+        if num_stored:
+            storage.key_zero[b, :, middle] = 30.0
+            storage.value_zero[b, :, middle] = 1000.0
+        storage.recent_keys[b, :, : max(0, pad - num_sink - num_stored)] = 30.0
+        storage.recent_values[b, :, : max(0, pad - num_sink - num_stored)] = 1000.0
+    query = torch.randn(3, 4, 1, SMALL["head_dim"], generator=gen).half().to(device)
+    config = None if launch is None else module.DecodeConfig(block_n=launch[0], block_exact=16, num_splits=launch[1])
+    ref64 = float64_reference(query, storage, SMALL["head_dim"] ** -0.5)
+    if device_lengths:  # the same tokens as a static cache holds them (ring window, lengths on the device)
+        storage = with_device_lengths(storage, gen)
+    twin = reference.selective_decode_attention(query, storage)
+    out = module.selective_decode_attention(query, storage, config=config)
+    assert torch.isfinite(out).all(), f"seed={seed}"
+    assert _relative_error(twin, ref64) < REL_ERROR[torch.float16] / 4, f"twin, seed={seed}"
+    assert _relative_error(out, ref64) < REL_ERROR[torch.float16], f"kernel, seed={seed}"
+
+
+@pytest.mark.parametrize("nbits,axis_key", [(8, "token"), (4, "channel"), (2, "token")])
+@pytest.mark.parametrize("num_stored", [64, 70])  # whole blocks (decode) and a partial block
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_middle_dequantized_into_a_slice_equals_the_plain_formula(nbits, axis_key, num_stored, dtype):
+    """Codes read in place (block-major values seen in token order) give exactly code * scale + zero."""
+    from selkv import quant
+    from selkv.storage import dequantize_middle
+
+    B, H, D, G, T, capacity = 2, 3, 64, 32, 32, 128
+    keys, values = torch.randn(B, H, capacity, D), torch.randn(B, H, capacity, D)
+    if axis_key == "channel":
+        key_codes, key_scale, key_zero = quant.quantize(keys, nbits, T, dim=-2)
+    else:
+        key_codes, key_scale, key_zero = quant.quantize(keys, nbits, G)
+    value_codes, value_scale, value_zero = quant.quantize(values, nbits, G)
+
+    def plain(codes, scale, zero, group, dim):  # scales repeated per element along ``dim``, then the first tokens
+        scale = scale.float().repeat_interleave(group, dim=dim)[:, :, :num_stored]
+        zero = zero.float().repeat_interleave(group, dim=dim)[:, :, :num_stored]
+        return torch.addcmul(zero, codes[:, :, :num_stored].float(), scale).to(dtype)
+
+    expected_keys = plain(key_codes, key_scale, key_zero, *((T, 2) if axis_key == "channel" else (G, 3)))
+    expected_values = plain(value_codes, value_scale, value_zero, G, 3)
+    stored = (quant.pack(key_codes, nbits), key_scale, key_zero,
+              quant.to_block_major(quant.pack(value_codes, nbits), T), value_scale, value_zero)
+    settings = dict(nbits=nbits, q_group_size=G, axis_key=axis_key, block_length=T, dtype=dtype)
+    returned = dequantize_middle(*stored, num_stored, **settings)
+    buffers = [torch.full((B, H, num_stored + 9, D), float("nan"), dtype=dtype) for _ in range(2)]
+    dequantize_middle(*stored, num_stored, **settings, out_keys=buffers[0][:, :, 4 : 4 + num_stored],
+                      out_values=buffers[1][:, :, 4 : 4 + num_stored])
+    for got in (returned, (buffers[0][:, :, 4 : 4 + num_stored], buffers[1][:, :, 4 : 4 + num_stored])):
+        assert torch.equal(got[0], expected_keys) and torch.equal(got[1], expected_values)
+    assert buffers[0][:, :, :4].isnan().all() and buffers[1][:, :, 4 + num_stored :].isnan().all()

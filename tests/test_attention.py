@@ -1,4 +1,4 @@
-"""Left-padded batches without the padding hook, and caches reused after ``reset()``.
+"""selkv's attention function: equal to sdpa in generate(), padding read from masks, caches reused after ``reset()``.
 
 Models here are built fresh (``make_tiny_llama``), never through ``selkv.load_model``, so no
 ``track_padding`` hook tells the cache about padding: selkv's attention must read it from the mask.
@@ -6,25 +6,54 @@ Models here are built fresh (``make_tiny_llama``), never through ``selkv.load_mo
 
 from __future__ import annotations
 
+
 import pytest
 import torch
-from conftest import TOLERANCES, make_tiny_llama
-from test_decode_attention import (
-    REL_ERROR,
-    SMALL,
-    _relative_error,
-    _seed,
-    float64_reference,
-    kernel_module,
-    make_storage,
-    with_device_lengths,
-)
+
+from helpers import TOLERANCES, _seed, cuda_only, make_tiny_llama, tiny_llama_config
 
 import selkv
-from selkv.kernels import reference
 from selkv.models import cache_kwarg, forward_with_cache
 
+
+def _greedy(attn_implementation: str, spec: str, device: str, dtype: torch.dtype, prompts: torch.Tensor, mask=None):
+    import selkv  # noqa: F401  (registers "selkv")
+    from selkv import make_cache
+
+    model = make_tiny_llama(attn_implementation).to(device=device, dtype=dtype)
+    cache = make_cache(spec, model.config)
+    with torch.no_grad():
+        out = model.generate(
+            prompts.to(device), attention_mask=None if mask is None else mask.to(device), **{cache_kwarg(model): cache},
+            max_new_tokens=24, do_sample=False, pad_token_id=0,
+        )
+    layer = cache.layers[0]
+    return out.cpu(), layer
+
+SPECS = ["quant:bits=4,sink=2,window=8,block=4", "quant:bits=8,sink=3,window=5,block=2,key_axis=token"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_generate_selkv_matches_sdpa(spec, device):
+    prompts = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(_seed()))
+    expected, ref_layer = _greedy("sdpa", spec, device, torch.float32, prompts)
+    got, layer = _greedy("selkv", spec, device, torch.float32, prompts)
+    assert layer.fused_decode and not ref_layer.fused_decode
+    assert layer.num_stored > 0, "the test must reach the quantized middle"
+    assert torch.equal(got, expected), f"{spec} on {device}:\n{got}\n{expected}"
+
+
+def test_selkv_attention_registered_for_from_config():
+    import selkv  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(), attn_implementation="selkv")
+    assert model.config._attn_implementation == "selkv"
+
 LOSSLESS = "quant:bits=8,sink=4,window=300"  # nothing leaves the window: equal to the full cache
+
 LOSSY = "quant:bits=4,sink=4,window=8,block=4"  # most tokens read back from 4-bit codes
 
 
@@ -66,9 +95,6 @@ def decode_logits(model, cache, input_ids, attention_mask=None, steps: int = 6) 
             attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=-1)
         logits.append(forward_with_cache(model, cache, token, attention_mask=attention_mask).logits[:, -1])
     return torch.stack(logits, dim=1)
-
-
-# ------------------------------------------------------- defect: mask ignored
 
 
 def test_selkv_attention_reads_padding_from_the_mask(selkv_llama):
@@ -135,45 +161,6 @@ def test_row_padding_from_a_float_mask():
     assert _row_padding_from_mask(None) is None
 
 
-@pytest.mark.parametrize("nbits,num_sink,num_stored,num_recent,padding,launch", [
-    (8, 4, 48, 21, [0, 30, 60], (16, 3)),  # row 1: padding ends in the middle; row 2: in the window
-    (4, 2, 64, 9, [66, 5, 17], (16, 4)),  # row 0: every middle tile is padding (an empty partial)
-    (8, 0, 32, 16, [40, 0, 33], None),
-])
-@pytest.mark.parametrize("device_lengths", [False, True])
-def test_kernel_masks_padding_past_the_sink(
-    nbits, num_sink, num_stored, num_recent, padding, launch, device_lengths
-):
-    """On CUDA the compiled kernel, elsewhere Triton's interpreter."""
-    module = kernel_module()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    seed = _seed()
-    gen = torch.Generator().manual_seed(seed)
-    shape = dict(SMALL, batch_size=3, num_sink=num_sink, num_stored=num_stored, num_recent=num_recent, nbits=nbits,
-                 axis_key="token")
-    storage = make_storage(gen, dtype=torch.float16, device=device, row_padding=padding, **shape)
-    for b, pad in enumerate(padding):  # junk in the padded middle and window: it would dominate if read
-        middle = slice(0, max(0, min(pad - num_sink, num_stored)))
-        if num_stored:
-            storage.key_zero[b, :, middle] = 30.0
-            storage.value_zero[b, :, middle] = 1000.0
-        storage.recent_keys[b, :, : max(0, pad - num_sink - num_stored)] = 30.0
-        storage.recent_values[b, :, : max(0, pad - num_sink - num_stored)] = 1000.0
-    query = torch.randn(3, 4, 1, SMALL["head_dim"], generator=gen).half().to(device)
-    config = None if launch is None else module.DecodeConfig(block_n=launch[0], block_exact=16, num_splits=launch[1])
-    ref64 = float64_reference(query, storage, SMALL["head_dim"] ** -0.5)
-    if device_lengths:  # the same tokens as a static cache holds them (ring window, lengths on the device)
-        storage = with_device_lengths(storage, gen)
-    twin = reference.selective_decode_attention(query, storage)
-    out = module.selective_decode_attention(query, storage, config=config)
-    assert torch.isfinite(out).all(), f"seed={seed}"
-    assert _relative_error(twin, ref64) < REL_ERROR[torch.float16] / 4, f"twin, seed={seed}"
-    assert _relative_error(out, ref64) < REL_ERROR[torch.float16], f"kernel, seed={seed}"
-
-
-# ---------------------------------------------------------- defect: reset()
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "selkv"])
 def test_reset_cache_behaves_like_a_new_one(attn):
     model = make_tiny_llama(attn)
@@ -189,41 +176,3 @@ def test_reset_cache_behaves_like_a_new_one(attn):
         reused = decode_logits(model, cache, input_ids, attention_mask)
         fresh = decode_logits(model, selkv.make_cache(spec, model.config), input_ids, attention_mask)
         torch.testing.assert_close(reused, fresh, **TOLERANCES["lossless_fp32"])
-
-
-# ------------------------------------- dequantizing the middle in place (CPU decode)
-
-
-@pytest.mark.parametrize("nbits,axis_key", [(8, "token"), (4, "channel"), (2, "token")])
-@pytest.mark.parametrize("num_stored", [64, 70])  # whole blocks (decode) and a partial block
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_middle_dequantized_into_a_slice_equals_the_plain_formula(nbits, axis_key, num_stored, dtype):
-    """Codes read in place (block-major values seen in token order) give exactly code * scale + zero."""
-    from selkv import quant
-    from selkv.storage import dequantize_middle
-
-    B, H, D, G, T, capacity = 2, 3, 64, 32, 32, 128
-    keys, values = torch.randn(B, H, capacity, D), torch.randn(B, H, capacity, D)
-    if axis_key == "channel":
-        key_codes, key_scale, key_zero = quant.quantize(keys, nbits, T, dim=-2)
-    else:
-        key_codes, key_scale, key_zero = quant.quantize(keys, nbits, G)
-    value_codes, value_scale, value_zero = quant.quantize(values, nbits, G)
-
-    def plain(codes, scale, zero, group, dim):  # scales repeated per element along ``dim``, then the first tokens
-        scale = scale.float().repeat_interleave(group, dim=dim)[:, :, :num_stored]
-        zero = zero.float().repeat_interleave(group, dim=dim)[:, :, :num_stored]
-        return torch.addcmul(zero, codes[:, :, :num_stored].float(), scale).to(dtype)
-
-    expected_keys = plain(key_codes, key_scale, key_zero, *((T, 2) if axis_key == "channel" else (G, 3)))
-    expected_values = plain(value_codes, value_scale, value_zero, G, 3)
-    stored = (quant.pack(key_codes, nbits), key_scale, key_zero,
-              quant.to_block_major(quant.pack(value_codes, nbits), T), value_scale, value_zero)
-    settings = dict(nbits=nbits, q_group_size=G, axis_key=axis_key, block_length=T, dtype=dtype)
-    returned = dequantize_middle(*stored, num_stored, **settings)
-    buffers = [torch.full((B, H, num_stored + 9, D), float("nan"), dtype=dtype) for _ in range(2)]
-    dequantize_middle(*stored, num_stored, **settings, out_keys=buffers[0][:, :, 4 : 4 + num_stored],
-                      out_values=buffers[1][:, :, 4 : 4 + num_stored])
-    for got in (returned, (buffers[0][:, :, 4 : 4 + num_stored], buffers[1][:, :, 4 : 4 + num_stored])):
-        assert torch.equal(got[0], expected_keys) and torch.equal(got[1], expected_values)
-    assert buffers[0][:, :, :4].isnan().all() and buffers[1][:, :, 4 + num_stored :].isnan().all()

@@ -1,6 +1,7 @@
-"""Bad input to the ``selkv`` CLI ends with one line on stderr and exit code 2, never a traceback;
-``load_model`` raises :class:`selkv.errors.SelKVError` subclasses with the same messages; genuine
-bugs keep their tracebacks.
+"""The ``selkv`` CLI: commands, help, and bad input.
+
+Bad input ends with one line on stderr and exit code 2, never a traceback; ``load_model`` raises
+:class:`selkv.errors.SelKVError` subclasses with the same messages; genuine bugs keep their tracebacks.
 
 The models here are tiny random ones saved to a temporary folder with a word-level tokenizer, so
 that each case runs in well under a second.
@@ -8,6 +9,7 @@ that each case runs in well under a second.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -17,9 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import needs_embedded_model
+
 import selkv
 from selkv import cli
+from selkv.cli import add_eval_commands, main as cli_main
 from selkv.errors import DeviceError, ModelNotFoundError, SelKVError, UnsupportedModelError
+from selkv.eval.suite import DEFAULT_CACHES
 
 WORDS = ["[UNK]", "[EOS]", "hello", "world", "the", "cache", "is", "small"]
 
@@ -91,9 +97,6 @@ def one_line_error(capsys, argv: list[str], *needles: str) -> str:
     return lines[0]
 
 
-# ------------------------------------------------------------------ models that cannot be loaded
-
-
 def test_unknown_hub_model(capsys, offline):
     line = one_line_error(capsys, ["generate", "--model", "no/such-model", "--prompt", "hi", "--device", "cpu"],
                           "'no/such-model'")
@@ -130,9 +133,6 @@ def test_load_model_api_raises_selkv_errors(offline, tmp_path, models):
         selkv.load_model(models["t5"], device="cpu")
 
 
-# ------------------------------------------------------------------ attn_implementation="selkv"
-
-
 def test_selkv_attention_on_unsupported_model(capsys, offline, models):
     one_line_error(capsys, ["generate", "--model", models["falcon"], "--attn", "selkv", "--prompt", "hello",
                             "--device", "cpu"], "FalconForCausalLM", "AttentionInterface", "'sdpa'")
@@ -151,9 +151,6 @@ def test_selkv_attention_on_supported_model_loads(offline, models):
     assert model.config._attn_implementation == "selkv" and tokenizer.padding_side == "left"
 
 
-# ------------------------------------------------------------------ devices
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
 def test_cuda_on_cpu_only_torch(capsys, offline, models):
     one_line_error(capsys, ["generate", "--model", models["llama"], "--device", "cuda", "--prompt", "hello"],
@@ -165,9 +162,6 @@ def test_cuda_on_cpu_only_torch(capsys, offline, models):
 @pytest.mark.parametrize("device, needle", [("gpu", "unknown device 'gpu'"), ("cuda:99", "'cuda:99'")])
 def test_bad_device(capsys, offline, models, device, needle):
     one_line_error(capsys, ["generate", "--model", models["llama"], "--device", device, "--prompt", "hello"], needle)
-
-
-# ------------------------------------------------------------------ prompts
 
 
 def test_empty_prompt_without_chat_template(capsys, offline, models):
@@ -183,9 +177,6 @@ def test_prompt_that_works(capsys, offline, models):
     assert cli.main(["generate", "--model", models["llama"], "--device", "cpu", "--no-chat",
                      "--prompt", "hello world", "--max-new-tokens", "2"]) == 0
     assert "=== full" in capsys.readouterr().out
-
-
-# ------------------------------------------------------------------ output folders and reports
 
 
 def test_out_is_a_file(capsys, offline, tmp_path, models):
@@ -225,9 +216,6 @@ def test_report_shows_odd_metric_values(capsys, tmp_path):
     assert "| `full` | high |" in capsys.readouterr().out
 
 
-# ------------------------------------------------------------------ interrupts, debugging and real bugs
-
-
 def test_interrupt_is_one_line(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
@@ -264,9 +252,6 @@ def test_user_error_classes_are_value_errors():
         assert issubclass(cls, SelKVError)
 
 
-# ------------------------------------------------------------------ the installed entry point
-
-
 def test_entry_point_prints_one_line(tmp_path):
     """``python -m selkv.cli``: the same one line and exit code 2 as in-process, with nothing else on stderr."""
     nope = str(tmp_path / "nope")
@@ -278,3 +263,58 @@ def test_entry_point_prints_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"selkv size: error: no model folder at {nope!r}; {selkv.models.MODEL_HELP}"
     ]
+
+
+def test_cli_registers_eval_and_report():
+    parser = argparse.ArgumentParser()
+    add_eval_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "perplexity", "--out", "x", "--cache", "full", "--chunk", "1"])
+    assert args.task == "perplexity" and args.chunk == 1 and args.handler.__name__ == "cmd_eval"
+    args = parser.parse_args(["eval", "all", "--out", "x", "--quick"])
+    assert args.quick and args.cache is None
+    args = parser.parse_args(["report", "a", "b"])
+    assert args.dirs == ["a", "b"]
+    assert len(DEFAULT_CACHES) == 7 and DEFAULT_CACHES[0] == "full"
+
+
+def test_cli_rejects_bad_spec_before_loading(tmp_path, capsys):
+    from selkv.cli import main
+
+    assert main(["eval", "perplexity", "--out", str(tmp_path), "--cache", "quant:bits=3"]) == 2
+    assert "bits=3" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_embedded_model
+def test_cli_generate_prints_text_speed_and_memory(capsys):
+    code = cli_main(["generate", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "6", "--prompt",
+                     "Name three colours.", "--cache", "full", "--cache", "quant:bits=8,sink=4,window=124"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "=== full" in out and "=== quant:bits=8,sink=4,window=124" in out
+    assert out.count("tok/s") == 2 and "16-bit full cache" in out
+
+
+def test_cli_reports_bad_specs_without_a_traceback(capsys):
+    assert cli_main(["generate", "--cache", "quant:bits=5", "--prompt", "x"]) == 2
+    assert "bits=5 is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["demo"]])
+def test_help_describes_every_command(command):
+    out = subprocess.run([sys.executable, "-m", "selkv.cli", *command, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "usage: selkv" in out
+    if command == ["generate"]:
+        assert "--cache" in out and "quant:bits=2|4|8" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--cache", "drop:sink=4,window=16", "--static"], "--static takes 'full' and 'quant'"),
+    (["--cache", "quant:bits=8", "--static", "--attn", "eager"], "--attn selkv"),
+])
+def test_cli_static_refuses_what_it_cannot_do(capsys, argv, message):
+    from selkv.cli import main
+
+    assert main(["generate", "--prompt", "hi", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

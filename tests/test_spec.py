@@ -1,0 +1,93 @@
+"""Cache specs: parsing, errors that name field, value and allowed values, the registry of kinds."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import DynamicCache
+
+from helpers import tiny_llama_config
+
+import selkv
+from selkv.config import SpecError
+
+BAD_SPECS = {
+    "quant:bits=3": "bits=3 is not supported; allowed: 2, 4, 8",
+    "quant:sink=4": "missing required field 'bits'",
+    "quant:bits=4,sink=-1": "sink=-1 must be >= 0",
+    "drop:window=0": "window=0 must be >= 1",
+    "quant:bits=4,window=x": "window='x' is not an integer",
+    "quant:bits=4,colour=red": "unknown field 'colour'",
+    "quant:bits=4,key_axis=head": "key_axis='head' is not allowed",
+    "quant:bits=4,bits=8": "given twice",
+    "quant:bits=4,group=0": "group=0 must be >= 1",
+    "zip:bits=4": "unknown cache kind 'zip'",
+    "quant:bits": "expected key=value",
+    "": "non-empty string",
+    "hf-quanto:bits=8": "bits=8 is not supported",
+}
+
+
+@pytest.mark.parametrize("spec", BAD_SPECS)
+def test_bad_specs_name_field_value_and_allowed(spec):
+    with pytest.raises(SpecError, match=BAD_SPECS[spec].replace("(", r"\(")):
+        selkv.parse_spec(spec)
+
+
+def test_group_must_divide_head_dim():
+    with pytest.raises(SpecError, match=r"group=24 must divide the model's head_dim \(32\)"):
+        selkv.make_cache("quant:bits=4,group=24", tiny_llama_config())
+
+
+def test_good_specs_round_trip():
+    for text in ["full", "drop:sink=4,window=124", "quant:bits=2,sink=4,window=124,group=32,key_axis=channel,sym=1,block=16",
+                 "hf-quanto:bits=4,residual=128"]:
+        spec = selkv.parse_spec(text)
+        assert selkv.parse_spec(str(spec)) == spec
+    assert selkv.parse_spec("quant:bits=8").axis_key == "token"
+    assert selkv.parse_spec("quant:bits=2").axis_key == "channel"
+
+
+def test_each_kind_is_one_spec_class_in_the_registry():
+    from selkv.specs import SPECS
+
+    examples = {"full": "full", "drop": "drop", "quant": "quant:bits=4", "hf-quanto": "hf-quanto:bits=4",
+                "hf-hqq": "hf-hqq:bits=4"}
+    assert list(SPECS) == list(examples)
+    for kind, text in examples.items():
+        spec = selkv.parse_spec(text)
+        assert type(spec) is SPECS[kind] and spec.kind == kind and isinstance(spec, selkv.CacheSpec)
+    # Capabilities, not kind names: a static cache, a bit width to sweep, the bits per stored value.
+    assert [k for k, t in examples.items() if selkv.parse_spec(t).supports_static] == ["full", "quant"]
+    assert [selkv.parse_spec(t).bits for t in examples.values()] == [16, None, 4, 4, 4]
+
+
+def test_spec_builds_its_cache():
+    config = tiny_llama_config()
+    assert isinstance(selkv.parse_spec("drop").build(config), selkv.SelectiveCache)
+    cache = selkv.parse_spec("quant:bits=4").build(config)
+    assert isinstance(cache, selkv.SelectiveCache) and cache.spec.q_group_size == 32  # resolved for head_dim 32
+    assert isinstance(selkv.parse_spec("full").build(config), DynamicCache)
+    with pytest.raises(TypeError, match="use make_cache"):
+        selkv.SelectiveCache("drop", config)
+    with pytest.raises(SpecError, match="max_cache_len \\(a static cache\\) needs a 'full' or 'quant' spec, not 'drop'"):
+        selkv.make_cache("drop", config, max_cache_len=64)
+
+
+def test_flat_fields_of_other_kinds_warn_and_keep_their_old_values():
+    with pytest.warns(DeprecationWarning, match="has no 'nbits'"):
+        assert selkv.parse_spec("full").nbits is None
+    with pytest.warns(DeprecationWarning, match="has no 'residual_length'"):
+        assert selkv.parse_spec("quant:bits=4").residual_length == 0
+    with pytest.raises(AttributeError):
+        selkv.parse_spec("full").colour
+
+MAX_SETTING = 2**31 - 1  # the largest integer a spec takes
+
+
+@pytest.mark.parametrize("field", ["bits", "sink", "window", "group", "block"])
+def test_integers_beyond_the_bound_are_refused_when_parsed(field):
+    huge = str(2**64)
+    spec = f"quant:bits=4,{field}={huge}" if field != "bits" else f"quant:bits={huge}"
+    with pytest.raises(SpecError, match=f"{field}={huge} is too large; the largest allowed is {MAX_SETTING}"):
+        selkv.parse_spec(spec)
+    assert selkv.parse_spec(f"drop:window={MAX_SETTING}").window_length == MAX_SETTING
