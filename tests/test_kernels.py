@@ -301,8 +301,10 @@ def check_precision_grid(module, device: str, dtype: torch.dtype, config=None, *
 # Issue 9, defect 4 is open: the kernel rounds p * value_scale to float16, and int8's small value scales
 # fall among float16's subnormals. A power-of-two gain on the scales fixed it in the interpreter but gave
 # wrong results on the H200 (Triton 3.6, 2026-12-02), so the kernel does not have it. These tests show
-# the defect and must pass once it is fixed (strict: an unexpected pass fails the run).
-SMALL_VALUES_OPEN = pytest.mark.xfail(strict=True, reason="issue 9 defect 4: precision on small values, open")
+# the defect and must pass once it is fixed. Not strict: inputs are drawn from a fresh seed each run and
+# some draws stay under the bound even with the defect (an XPASS is reported, not failed); drop the mark
+# with the fix.
+SMALL_VALUES_OPEN = pytest.mark.xfail(strict=False, reason="issue 9 defect 4: precision on small values, open")
 
 INTERPRETER_PRECISION = dict(batch_size=1, num_kv_heads=1, num_heads=4, q_group_size=16, block_length=64,
                              num_sink=4, num_stored=256, num_recent=16)
