@@ -95,9 +95,13 @@ def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: in
     )
 
 
-def run_kernel(kernels, query: torch.Tensor, storage: DecodeStorage, scaling: float) -> torch.Tensor:
-    """The launcher of ``kernels`` on ``storage``; a kernel file from before the DecodeStorage view
-    (``--kernel``) takes the storage's fields as keyword arguments instead."""
+def run_kernel(kernels, query: torch.Tensor, storage: DecodeStorage, scaling: float,
+               value_dot: str | None = None) -> torch.Tensor:
+    """The launcher of ``kernels`` on ``storage`` (``value_dot``: that DecodeConfig.value_dot); a kernel
+    file from before the DecodeStorage view (``--kernel``) takes the storage's fields as keyword arguments."""
+    if value_dot is not None:
+        config = kernels.DecodeConfig(value_dot=value_dot)
+        return kernels.selective_decode_attention(query, storage, scaling=scaling, config=config)
     if "storage" in inspect.signature(kernels.selective_decode_attention).parameters:
         return kernels.selective_decode_attention(query, storage, scaling=scaling)
     fields = {f.name: getattr(storage, f.name) for f in dataclasses.fields(storage) if f.name != "lengths"}
@@ -123,6 +127,8 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="small float16 case in Triton's CPU interpreter, no times")
     parser.add_argument("--kernel", default=None, help="a decode_attention.py to load instead of selkv's")
     parser.add_argument("--quant", nargs="+", default=list(QUANT), choices=list(QUANT))
+    parser.add_argument("--value-dot", nargs="+", default=[None], metavar="DOT",
+                        help="DecodeConfig.value_dot variants to compare (default: the kernel's default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not CPU and not torch.cuda.is_available():
@@ -132,14 +138,15 @@ def main() -> None:
     device = "cpu" if CPU else "cuda"
     scaling = shape["head_dim"] ** -0.5
     rows = []
-    for name in args.quant:
+    for name, value_dot in [(n, d) for n in args.quant for d in args.value_dot]:
         nbits, axis_key, q_group_size, block_length = QUANT[name]
+        label = name if value_dot is None else f"{name} {value_dot}"
         for value_rms in VALUE_RMS:
             gen = torch.Generator(device).manual_seed(args.seed)  # the same draws at every RMS
             cache = make_cache(gen, nbits, axis_key, q_group_size, block_length, value_rms, device=device, **shape)
             query = torch.randn(shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen,
                                 device=device).to(shape["dtype"])
-            out = run_kernel(kernels, query, cache, scaling)
+            out = run_kernel(kernels, query, cache, scaling, value_dot)
             want = float64_attention(query, cache, scaling)
             error = ((out.double() - want).norm() / want.norm()).item()
             ms = None
@@ -147,14 +154,14 @@ def main() -> None:
                 from triton.testing import do_bench_cudagraph
 
                 def step(query=query, cache=cache):
-                    return run_kernel(kernels, query, cache, scaling)
+                    return run_kernel(kernels, query, cache, scaling, value_dot)
 
                 ms = do_bench_cudagraph(step, rep=200, return_mode="median")
-            rows.append(dict(quant=name, nbits=nbits, axis_key=axis_key, q_group_size=q_group_size,
+            rows.append(dict(quant=label, value_dot=value_dot, nbits=nbits, axis_key=axis_key, q_group_size=q_group_size,
                              block_length=block_length, value_rms=value_rms, rel_l2=error, ms=ms,
                              finite=bool(torch.isfinite(out).all())))
             del cache, out, want  # free the 8 x 32k cache and the float64 copies before the next one
-            print(f"{name:10s} value RMS {value_rms:<6} rel. L2 {error:.2e}" + (f"  {ms:.4f} ms" if ms else ""),
+            print(f"{label:18s} value RMS {value_rms:<6} rel. L2 {error:.2e}" + (f"  {ms:.4f} ms" if ms else ""),
                   flush=True)
     meta = dict(shape={k: str(v) for k, v in shape.items()}, sink=SINK, window=WINDOW, seed=args.seed,
                 kernel=args.kernel or "selkv", device=torch.cuda.get_device_name() if not CPU else "cpu (interpreter)",
@@ -164,7 +171,7 @@ def main() -> None:
     print(f"\nrel. L2 error vs float64 ({meta['device']}; {args.kernel or 'selkv kernel'}):")
     print("| quantization | " + " | ".join(f"RMS {r}" for r in VALUE_RMS) + " | ms (median) |")
     print("|---" * (len(VALUE_RMS) + 2) + "|")
-    for name in args.quant:
+    for name in dict.fromkeys(r["quant"] for r in rows):
         mine = [r for r in rows if r["quant"] == name]
         times = sorted(r["ms"] for r in mine if r["ms"] is not None)
         ms = f"{times[len(times) // 2]:.4f}" if times else "-"

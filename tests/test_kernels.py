@@ -298,13 +298,9 @@ def check_precision_grid(module, device: str, dtype: torch.dtype, config=None, *
     return errors
 
 
-# Issue 9, defect 4 is open: the kernel rounds p * value_scale to float16, and int8's small value scales
-# fall among float16's subnormals. A power-of-two gain on the scales fixed it in the interpreter but gave
-# wrong results on the H200 (Triton 3.6, 2026-12-02), so the kernel does not have it. These tests show
-# the defect and must pass once it is fixed. Not strict: inputs are drawn from a fresh seed each run and
-# some draws stay under the bound even with the defect (an XPASS is reported, not failed); drop the mark
-# with the fix.
-SMALL_VALUES_OPEN = pytest.mark.xfail(strict=False, reason="issue 9 defect 4: precision on small values, open")
+# The value dot once took p * value_scale rounded to float16, where int8's small value scales fall among
+# float16's subnormals (value_dot="fp16"; error 4.8e-2 at value RMS 0.005 on the H200). These tests failed
+# then; the default value_dot="dequant" passes them.
 
 INTERPRETER_PRECISION = dict(batch_size=1, num_kv_heads=1, num_heads=4, q_group_size=16, block_length=64,
                              num_sink=4, num_stored=256, num_recent=16)
@@ -313,8 +309,7 @@ INTERPRETER_PRECISION = dict(batch_size=1, num_kv_heads=1, num_heads=4, q_group_
 @interpreter_only
 @pytest.mark.parametrize(
     "dtype,nbits,axis_key",
-    [pytest.param(torch.float16, *q, marks=SMALL_VALUES_OPEN) if q[0] == 8 else (torch.float16, *q)
-     for q in PRECISION_QUANT] + [(torch.float32, 8, "token"), (torch.float32, 4, "channel")],
+    [(torch.float16, *q) for q in PRECISION_QUANT] + [(torch.float32, 8, "token"), (torch.float32, 4, "channel")],
 )
 def test_interpreter_precision_on_small_values(dtype, nbits, axis_key):
     """float16 and float32 (the interpreter computes bfloat16 wrongly: bfloat16 runs in the CUDA tests)."""
@@ -331,7 +326,6 @@ def _gain_steps(num_tokens: int) -> torch.Tensor:
 
 
 @interpreter_only
-@SMALL_VALUES_OPEN
 @pytest.mark.parametrize("scale_prefetch", [True, False])
 def test_interpreter_value_magnitudes_changing_between_tiles(scale_prefetch):
     """Small values (RMS 0.002) whose magnitude jumps by up to 2^10 from one 16-token tile to the next
@@ -341,6 +335,21 @@ def test_interpreter_value_magnitudes_changing_between_tiles(scale_prefetch):
     shape = dict(INTERPRETER_PRECISION, head_dim=32, nbits=8, axis_key="token", block_length=16, num_stored=160)
     err = kernel_error(module, "cpu", torch.float16, _seed(), 0.002, config, value_gain_log2=_gain_steps, **shape)
     assert err < REL_ERROR[torch.float16] / 5, err
+
+
+@interpreter_only
+def test_interpreter_fp16_value_dot_loses_small_values():
+    """The grid can fail: the scale-folded value dot (value_dot="fp16") loses precision on small int8 values."""
+    module = kernel_module()
+    config = module.DecodeConfig(block_n=64, block_exact=32, num_splits=2, value_dot="fp16")
+    with pytest.raises(AssertionError, match="grows as values shrink"):
+        check_precision_grid(module, "cpu", torch.float16, config, head_dim=32, nbits=8, axis_key="token",
+                             **INTERPRETER_PRECISION)
+
+
+def test_unknown_value_dot_is_refused():
+    with pytest.raises(ValueError, match="allowed: dequant, fp16"):
+        kernel_module().DecodeConfig(value_dot="tf32")
 
 
 @interpreter_only
@@ -360,7 +369,6 @@ CUDA_PRECISION = dict(batch_size=2, num_kv_heads=8, num_heads=32, head_dim=128, 
 
 
 @cuda_only
-@pytest.mark.xfail(strict=False, reason="issue 9 defect 4: precision on small values, open (not run on CUDA since)")
 @pytest.mark.parametrize("nbits,axis_key", PRECISION_QUANT)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_precision_on_small_values(dtype, nbits, axis_key):
@@ -369,7 +377,6 @@ def test_cuda_precision_on_small_values(dtype, nbits, axis_key):
 
 
 @cuda_only
-@SMALL_VALUES_OPEN
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_value_magnitudes_changing_between_tiles(dtype):
     shape = dict(CUDA_PRECISION, nbits=8, axis_key="token")

@@ -100,6 +100,7 @@ def _selective_decode_partial_kernel(
     KEY_CHUNK: tl.constexpr,  # channels per key chunk: CHUNK, or a whole bit plane for per-channel keys
     CODES_ASM: tl.constexpr,  # convert codes with inline PTX (CUDA only)
     SCALE_PREFETCH: tl.constexpr,  # load the next tile's per-token scales/zeros one tile ahead
+    VALUE_DOT: tl.constexpr,  # operands of the middle's value dot (see _value_chunk_update)
 ):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -163,7 +164,7 @@ def _selective_decode_partial_kernel(
             stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
             GROUP, HEADS_N, HEAD_DIM, NBITS, Q_GROUP, CHUNK, KEY_CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS,
             BLOCK_N,
-            DOT_PRECISION, CODES_ASM, SCALE_PREFETCH,
+            DOT_PRECISION, CODES_ASM, SCALE_PREFETCH, VALUE_DOT,
         )
 
 
@@ -321,20 +322,28 @@ def _load_value_codes(VCodes, code_base, start, pos, valid, C: tl.constexpr, CHU
 def _value_chunk_update(acc, VCodes, code_base, start, pos, valid, vs_tile, vz_tile, p, alpha,
                         C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
                         Q_GROUP: tl.constexpr, VALUE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ASM: tl.constexpr):
+                        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ASM: tl.constexpr,
+                        VALUE_DOT: tl.constexpr):
     """acc [CHUNK, HEADS_N] (channels x heads) rescaled by alpha plus this tile's p @ values on the chunk.
 
-    ``p * value_scale`` is rounded to float16 for the dot: small value scales (int8 values of RMS below
-    ~0.05) fall among float16's subnormals and lose precision (docs/kernel_notes.md, 2026-12-02).
+    VALUE_DOT chooses the dot's operands with 16-bit inputs (float32 inputs take exact float32 codes):
+    - 0 ("dequant"): values dequantized to float16 in the tile (``code * scale + zero``), then
+      ``values @ p``: float16's relative precision at any value magnitude.
+    - 1 ("fp16"): ``(1024 + code) @ (p * value_scale)``, the scale folded into p. Small value scales
+      (int8 values of RMS below ~0.05) put ``p * value_scale`` among float16's subnormals, which lose
+      precision: relative L2 4.8e-2 at value RMS 0.005 (docs/kernel_notes.md, 2026-12-02).
     """
     OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0
     codes = _load_value_codes(VCodes, code_base, start, pos, valid, C, CHUNK, HEAD_DIM, NBITS, VALUE_BLOCK, BLOCK_N,
                               DOT_DTYPE, ASM)
     vs = _column(vs_tile, (C * CHUNK) // Q_GROUP)
     vz = _column(vz_tile, (C * CHUNK) // Q_GROUP)
+    acc = acc * alpha[None, :]
+    if DOT_DTYPE == tl.float16 and VALUE_DOT == 0:
+        values = (codes - OFFSET) * vs.to(DOT_DTYPE)[None, :] + vz.to(DOT_DTYPE)[None, :]
+        return tl.dot(values, p.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
     p_scaled = (p * vs[:, None]).to(DOT_DTYPE)
-    correction = tl.sum(p * vz[:, None] - OFFSET * p_scaled.to(tl.float32), 0)
-    acc = acc * alpha[None, :] + correction[None, :]
+    acc += tl.sum(p * vz[:, None] - OFFSET * p_scaled.to(tl.float32), 0)[None, :]
     return tl.dot(codes, p_scaled, acc, input_precision=DOT_PRECISION)
 
 
@@ -382,7 +391,7 @@ def _middle_chunk(
     Q_GROUP: tl.constexpr, CHUNK: tl.constexpr, KEY_CHUNK: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr,
     BLOCK_LENGTH: tl.constexpr,
     KEY_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CODES_ASM: tl.constexpr,
-    SCALE_PREFETCH: tl.constexpr,
+    SCALE_PREFETCH: tl.constexpr, VALUE_DOT: tl.constexpr,
 ):
     """One program: tokens [split * tokens_per_split, ...) of the middle of row b, KV head h.
 
@@ -448,16 +457,16 @@ def _middle_chunk(
         l_i = l_i * alpha + tl.sum(p, 0)
         value_args = (VCodes, code_base, start, pos, valid, vs_tile, vz_tile, p, alpha)
         acc0 = _value_chunk_update(acc0, *value_args, 0, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
-                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
         if NUM_CHUNKS > 1:
             acc1 = _value_chunk_update(acc1, *value_args, 1, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
-                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
         if NUM_CHUNKS > 2:
             acc2 = _value_chunk_update(acc2, *value_args, 2, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
-                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
         if NUM_CHUNKS > 3:
             acc3 = _value_chunk_update(acc3, *value_args, 3, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
-                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
         m_i = m_new
         if SCALE_PREFETCH:
             ks_tile, kz_tile, vs_tile, vz_tile = next_tiles
@@ -532,7 +541,17 @@ class DecodeConfig:
     # so that every program of a launch runs in one wave
     programs_per_sm: int = 8
     scale_prefetch: bool = True
+    # the middle's value dot: "dequant" (values dequantized to float16 in the tile) or "fp16" (the value
+    # scale folded into p: up to 9 % faster for int4 per-token keys, imprecise on small values); see
+    # _value_chunk_update and docs/kernel_notes.md (2026-12-02)
+    value_dot: str = "dequant"
 
+    def __post_init__(self):
+        if self.value_dot not in VALUE_DOTS:
+            raise ValueError(f"value_dot={self.value_dot!r}; allowed: {', '.join(VALUE_DOTS)}")
+
+
+VALUE_DOTS = ("dequant", "fp16")  # DecodeConfig.value_dot, in the kernel's VALUE_DOT order
 
 @functools.lru_cache(maxsize=64)
 def _resolve(config: DecodeConfig, axis_key: str, block_length: int) -> DecodeConfig:
@@ -762,6 +781,7 @@ def selective_decode_attention(
         KEY_CHUNK=head_dim * nbits // 8 if axis_key == "channel" else chunk,  # per-channel keys: a whole bit plane
         CODES_ASM=device.type == "cuda" and torch.version.hip is None,  # inline PTX: NVIDIA only
         SCALE_PREFETCH=config.scale_prefetch,
+        VALUE_DOT=VALUE_DOTS.index(config.value_dot),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
