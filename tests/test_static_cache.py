@@ -15,7 +15,7 @@ from helpers import TOLERANCES, _seed, cuda_only, make_tiny_llama, tiny_llama_co
 
 import selkv
 from selkv import SpecError, make_cache
-from selkv.generation import decode_tokens, prefill
+from selkv.generation import decode_tokens, forward_with_cache, prefill
 from selkv.kernels import reference
 from selkv.layers import StaticSinkWindowLayer
 from selkv.models import cache_kwarg
@@ -179,42 +179,76 @@ def test_inductor_compiles_the_reference_decode_step(selkv_llama):
     assert torch.equal(got, expected)
 
 
+# Inductor rounds a float16 model's other ops (norms, projections) differently from eager, so a compiled
+# decode's logits differ from eager ones by a few float16 steps: measured on the H200 (2026-12-02), at most
+# 0.018 (int8) and 0.081 (int4, whose per-channel codes can flip) on logits of magnitude ~7, while the
+# static cache run eagerly equals the dynamic one exactly. Greedy tokens then part where two logits are
+# within that distance (gaps of 0.002-0.016 were seen), so the captured path is compared on the eager
+# path's own tokens (teacher forcing), step by step. A wrong cache (a lost eviction, a stale length)
+# moves logits by whole units.
+CAPTURED_LOGITS_ATOL = 0.25
+
+
+def _forced_logits(model, cache, prompts: torch.Tensor, tokens: torch.Tensor, step_fn=None) -> torch.Tensor:
+    """[batch, steps, vocab] float32 logits before each of ``tokens`` [batch, steps], each token fed in turn."""
+    logits = []
+    with torch.inference_mode():
+        last = prefill(model, prompts, cache)
+        for t in range(tokens.shape[1]):
+            logits.append(last.float().clone())
+            if t + 1 < tokens.shape[1]:
+                token = tokens[:, t:t + 1]
+                last = forward_with_cache(model, cache, token).logits[:, -1] if step_fn is None \
+                    else step_fn(token, cache)
+    return torch.stack(logits, 1)
+
+
+def _assert_logits_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    worst = (got - want).abs().max().item()
+    assert worst <= CAPTURED_LOGITS_ATOL, f"{what}: logits off by {worst:.3f} (> {CAPTURED_LOGITS_ATOL})"
+
+
 @cuda
 @cuda_only
 @pytest.mark.parametrize("spec", ["quant:bits=8,sink=4,window=16,block=8", "quant:bits=4,sink=2,window=8,block=8"])
 def test_cuda_captured_decode_matches_the_eager_selkv_path(spec):
-    """CUDA graphs (mode="reduce-overhead") replaying the fused kernel give the eager dynamic path's tokens."""
+    """CUDA graphs (mode="reduce-overhead") replaying the fused kernel give the eager dynamic path's logits
+    on its tokens, through several evictions (run eagerly, the static cache gives them to float16 rounding)."""
     import torch._dynamo
 
     model = make_tiny_llama("selkv").to("cuda", torch.float16)
     prompts = torch.randint(3, 256, (3, 27), generator=torch.Generator().manual_seed(_seed())).cuda()
     steps = 60
-    expected, _ = _greedy(model, make_cache(spec, model.config), prompts, steps)
+    tokens, _ = _greedy(model, make_cache(spec, model.config), prompts, steps)
+    want = _forced_logits(model, make_cache(spec, model.config), prompts, tokens)
+    static = _forced_logits(model, make_cache(spec, model.config, max_cache_len=27 + steps), prompts, tokens)
+    torch.testing.assert_close(static, want, atol=1e-2, rtol=0, msg=f"{spec}: the static cache run eagerly differs")
     torch._dynamo.reset()
     step = selkv.compile_decode_step(model)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        got, _ = _greedy(model, make_cache(spec, model.config, max_cache_len=27 + steps), prompts, steps, step_fn=step)
-    assert torch.equal(got, expected), f"{spec}:\n{got}\n{expected}"
+        got = _forced_logits(model, make_cache(spec, model.config, max_cache_len=27 + steps), prompts, tokens, step)
+    _assert_logits_close(got, want, spec)
 
 
 @cuda
 @cuda_only
 def test_cuda_generate_compiles_the_static_cache_by_itself():
-    """model.generate with a static selkv cache takes transformers' compiled path (as for StaticCache)."""
+    """model.generate with a static selkv cache takes transformers' compiled path (as for StaticCache);
+    its logits equal the eager dynamic path's on the tokens it chose."""
     import torch._dynamo
 
     spec = "quant:bits=8,sink=4,window=16,block=8"
     model = make_tiny_llama("selkv").to("cuda", torch.float16)
     prompts = torch.randint(3, 256, (2, 19), generator=torch.Generator().manual_seed(_seed())).cuda()
-    outputs = []
-    for max_cache_len in (None, 19 + 40):
-        torch._dynamo.reset()
-        cache = make_cache(spec, model.config, max_cache_len=max_cache_len)
-        with torch.inference_mode():
-            outputs.append(model.generate(prompts, max_new_tokens=40, do_sample=False, pad_token_id=0,
-                                          **{cache_kwarg(model): cache}))
+    torch._dynamo.reset()
+    cache = make_cache(spec, model.config, max_cache_len=19 + 40)
+    with torch.inference_mode():
+        out = model.generate(prompts, max_new_tokens=40, do_sample=False, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True, **{cache_kwarg(model): cache})
     assert hasattr(model, "_compiled_call"), "generate did not compile the decode step"
-    assert torch.equal(outputs[1], outputs[0])
+    got = torch.stack(out.logits, 1).float()
+    want = _forced_logits(model, make_cache(spec, model.config), prompts, out.sequences[:, prompts.shape[1]:])
+    _assert_logits_close(got, want, spec)
 
 
 class _Tokenizer:
