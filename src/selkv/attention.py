@@ -20,6 +20,7 @@ its first real tokens rather than padding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import torch
 from transformers import AttentionInterface
@@ -60,6 +61,18 @@ def _use_kernel(query: torch.Tensor, storage: DecodeStorage):
     groups = query.shape[1] // storage.num_key_value_heads
     supported = kernels.check_supported(head_dim, groups, storage.nbits, storage.q_group_size, query.dtype) is None
     return kernels if supported else None
+
+
+def kernel_device(device: torch.device):
+    """A context that makes ``device`` the current CUDA device for a kernel launch.
+
+    Triton launches on the current CUDA device whatever device its tensors are on, and a model split
+    with ``device_map`` runs its later layers on other GPUs than the current one. Compiled steps are
+    left alone: a CUDA graph is captured and replayed on one device.
+    """
+    if device.type != "cuda" or device.index is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _row_padding_from_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -122,7 +135,8 @@ def selkv_attention_forward(
         storage = dataclasses.replace(storage, row_padding=_row_padding_from_mask(attention_mask))
     kernels = _use_kernel(query, storage)
     if kernels is not None:
-        out = kernels.decode_attention(query, storage, scaling=scaling)
+        with kernel_device(query.device):
+            out = kernels.decode_attention(query, storage, scaling=scaling)
     else:
         out = reference.selective_decode_attention(query, storage, scaling=scaling)
     return out, None

@@ -11,7 +11,7 @@ from .specs import CacheSpec, SpecError, parse_spec
 
 __all__ = [
     "SLIDING_LAYER_TYPES", "SelectiveCache", "bytes_summary", "kv_bytes", "layer_bytes", "layer_plan", "make_cache",
-    "model_shape", "resolve_spec",
+    "model_shape", "resolve_spec", "bytes_per_device",
 ]
 
 
@@ -81,7 +81,7 @@ def layer_bytes(layer, element_size_16bit: int = 2) -> dict[str, int]:
     return counted
 
 
-def kv_bytes(cache: Cache, element_size_16bit: int = 2) -> dict[str, int | float]:
+def kv_bytes(cache: Cache, element_size_16bit: int = 2, per_device: bool = False) -> dict[str, int | float]:
     """Exact KV memory of ``cache``, counted from the tensors it holds.
 
     Returns ``bytes_16bit`` (unquantized sink/window/residual, and every sliding-window layer),
@@ -92,12 +92,36 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2) -> dict[str, int | float
     allocated``: how much less memory the cache holds) and ``compression_filled`` (``full16 / total``,
     the filled part only). selkv's buffers keep little spare room: less than a page of 8 tokens in
     the window, at most 1/128 of the middle's tokens.
+
+    ``per_device`` adds ``per_device``: the same counts for the layers on each device (a model split
+    with ``device_map``), keyed by device name (``"cuda:0"``, ``"cpu"``).
     """
     totals = {"bytes_16bit": 0, "bytes_codes": 0, "bytes_scales": 0, "allocated": 0, "full16": 0}
     for layer in cache.layers:
         for key, value in layer_bytes(layer, element_size_16bit).items():
             totals[key] += value
-    return bytes_summary(totals, int(cache.get_seq_length()) if cache.layers else 0)
+    summary = bytes_summary(totals, int(cache.get_seq_length()) if cache.layers else 0)
+    if per_device:
+        summary["per_device"] = bytes_per_device(cache, summary["tokens"], element_size_16bit)
+    return summary
+
+
+def _layer_device(layer) -> str:
+    """Where a filled cache layer's tensors live: selkv layers and transformers' record it at their first update."""
+    device = getattr(layer, "device", None)
+    return str(device if device is not None else layer.keys.device)
+
+
+def bytes_per_device(cache: Cache, tokens: int, element_size_16bit: int = 2) -> dict[str, dict[str, int | float]]:
+    """:func:`kv_bytes`'s counts for the filled layers of each device, keyed by device name."""
+    totals: dict[str, dict[str, int]] = {}
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            counted = layer_bytes(layer, element_size_16bit)
+            device = totals.setdefault(_layer_device(layer), dict.fromkeys(counted, 0))
+            for key, value in counted.items():
+                device[key] += value
+    return {device: bytes_summary(counted, tokens) for device, counted in totals.items()}
 
 
 def bytes_summary(totals: dict[str, int], tokens: int) -> dict[str, int | float]:
