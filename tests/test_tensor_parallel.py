@@ -23,6 +23,8 @@ from selkv.kernels import reference
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "src")
 NUM_ATTENTION_HEADS, NUM_KEY_VALUE_HEADS, WORLD_SIZE = 8, 4, 2
+# "cuda" runs both processes' ranks on GPUs 0 and 1 (NCCL, the fused kernel); the default keeps them on CPU (gloo).
+DEVICE = os.environ.get("SELKV_TP_DEVICE", "cpu")
 
 
 def _varied_tiny_llama():
@@ -40,6 +42,9 @@ def _run(command: list[str], out_dir: str) -> None:
            if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
+    env["SELKV_TP_DEVICE"] = DEVICE
+    if DEVICE == "cpu":  # transformers puts each rank on a GPU when it sees one
+        env["CUDA_VISIBLE_DEVICES"] = ""
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
@@ -47,6 +52,8 @@ def _run(command: list[str], out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory):
     """(single-process results, [rank 0 results, rank 1 results]) of tests/tp_worker.py."""
+    if DEVICE == "cuda" and torch.cuda.device_count() < WORLD_SIZE:
+        pytest.skip(f"SELKV_TP_DEVICE=cuda needs {WORLD_SIZE} GPUs")
     root = tmp_path_factory.mktemp("tp")
     model_dir, single_dir, tp_dir = (str(root / name) for name in ("model", "single", "tp"))
     os.makedirs(single_dir), os.makedirs(tp_dir)

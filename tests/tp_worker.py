@@ -5,7 +5,8 @@
 and transformers joins the ranks through gloo. For every case it greedy-decodes a batch with a fresh
 selkv cache (a chunked prefill, so the middle is quantized before the decode reads it) and writes
 ``OUT_DIR/rank{RANK}.json``: per case the new tokens, the key/value heads each cache layer holds and
-``kv_bytes``.
+``kv_bytes``. ``SELKV_TP_DEVICE=cuda`` puts the single process on the GPU too (the fused kernel then reads
+each rank's storage).
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def main(model_dir: str, out_dir: str) -> None:
     rank = int(os.environ.get("RANK", 0))
     parallel = {"tp_plan": "auto"} if int(os.environ.get("WORLD_SIZE", 1)) > 1 else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="selkv", **parallel)
+    if not parallel:  # under torchrun transformers places each rank (on GPU `LOCAL_RANK` when it sees GPUs)
+        model.to(os.environ.get("SELKV_TP_DEVICE", "cpu"))
     generator = torch.Generator().manual_seed(5)
-    input_ids = torch.randint(3, model.config.vocab_size, (2, PROMPT_LENGTH), generator=generator)
+    input_ids = torch.randint(3, model.config.vocab_size, (2, PROMPT_LENGTH), generator=generator).to(model.device)
     results = {"tp_size": getattr(model, "_tp_size", None) or 1, "cases": {}}
     for name, spec, static, attention in CASES:
         model.set_attn_implementation(attention)
