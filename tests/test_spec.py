@@ -43,8 +43,8 @@ def test_good_specs_round_trip():
                  "hf-quanto:bits=4,residual=128"]:
         spec = selkv.parse_spec(text)
         assert selkv.parse_spec(str(spec)) == spec
-    assert selkv.parse_spec("quant:bits=8").axis_key == "token"
-    assert selkv.parse_spec("quant:bits=2").axis_key == "channel"
+    assert selkv.parse_spec("quant:bits=8").key_axis == "token"
+    assert selkv.parse_spec("quant:bits=2").key_axis == "channel"
 
 
 def test_each_kind_is_one_spec_class_in_the_registry():
@@ -65,7 +65,7 @@ def test_spec_builds_its_cache():
     config = tiny_llama_config()
     assert isinstance(selkv.parse_spec("drop").build(config), selkv.SelectiveCache)
     cache = selkv.parse_spec("quant:bits=4").build(config)
-    assert isinstance(cache, selkv.SelectiveCache) and cache.spec.q_group_size == 32  # resolved for head_dim 32
+    assert isinstance(cache, selkv.SelectiveCache) and cache.spec.group == 32  # resolved for head_dim 32
     assert isinstance(selkv.parse_spec("full").build(config), DynamicCache)
     with pytest.raises(TypeError, match="use make_cache"):
         selkv.SelectiveCache("drop", config)
@@ -81,6 +81,25 @@ def test_flat_fields_of_other_kinds_warn_and_keep_their_old_values():
     with pytest.raises(AttributeError):
         selkv.parse_spec("full").colour
 
+
+@pytest.mark.parametrize(("text", "renamed"), [
+    ("quant:bits=2,sink=3,window=40,group=16,key_axis=token,block=8",
+     {"nbits": "bits", "num_sink_tokens": "sink", "window_length": "window", "q_group_size": "group",
+      "axis_key": "key_axis", "block_length": "block"}),
+    ("drop:sink=2,window=9,block=4", {"num_sink_tokens": "sink", "window_length": "window", "block_length": "block"}),
+    ("hf-quanto:bits=2,residual=7,group=16", {"nbits": "bits", "residual_length": "residual", "q_group_size": "group"}),
+])
+def test_fields_are_named_as_spec_keys_and_old_names_warn(text, renamed):
+    spec = selkv.parse_spec(text)
+    given = dict(item.split("=") for item in text.partition(":")[2].split(","))
+    for old, new in renamed.items():
+        value = getattr(spec, new)
+        assert str(value) == given[new]
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; use .{new}"):
+            assert getattr(spec, old) == value
+        with pytest.raises(AttributeError):  # read-only, as every spec field
+            setattr(spec, old, value)
+
 MAX_SETTING = 2**31 - 1  # the largest integer a spec takes
 
 
@@ -90,4 +109,4 @@ def test_integers_beyond_the_bound_are_refused_when_parsed(field):
     spec = f"quant:bits=4,{field}={huge}" if field != "bits" else f"quant:bits={huge}"
     with pytest.raises(SpecError, match=f"{field}={huge} is too large; the largest allowed is {MAX_SETTING}"):
         selkv.parse_spec(spec)
-    assert selkv.parse_spec(f"drop:window={MAX_SETTING}").window_length == MAX_SETTING
+    assert selkv.parse_spec(f"drop:window={MAX_SETTING}").window == MAX_SETTING

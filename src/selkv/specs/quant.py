@@ -38,11 +38,11 @@ DEFAULT_BLOCK = {8: 32, 4: 64, 2: 32}
 class QuantSpec(GroupedSpec, SelectiveSpec):
     """``quant``: selkv's selective quantization (see :class:`QuantizedSinkWindowLayer`)."""
 
-    num_sink_tokens: int = 4
-    window_length: int = 124
-    axis_key: str = "token"
+    sink: int = 4
+    window: int = 124
+    key_axis: str = "token"
     sym: bool = False
-    block_length: int = 1
+    block: int = 1
 
     kind: ClassVar[str] = "quant"
     keys: ClassVar[dict[str, object]] = {
@@ -60,8 +60,8 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
 
     @classmethod
     def from_fields(cls, fields: SpecFields) -> QuantSpec:
-        nbits = fields.bits(SUPPORTED_NBITS)
-        axis = fields.values["key_axis"] or DEFAULT_KEY_AXIS[nbits]
+        bits = fields.bits(SUPPORTED_NBITS)
+        axis = fields.values["key_axis"] or DEFAULT_KEY_AXIS[bits]
         if axis not in ("token", "channel"):
             raise SpecError(f"quant: key_axis={axis!r} is not allowed; allowed: token, channel")
         sym = fields.values["sym"]
@@ -69,46 +69,47 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             raise SpecError(f"quant: sym={sym} is not allowed; allowed: 0, 1")
         group = fields.group()
         if "block" not in fields.given:
-            fields.values["block"] = DEFAULT_BLOCK[nbits]
+            fields.values["block"] = DEFAULT_BLOCK[bits]
         return cls(
-            nbits=nbits,
-            num_sink_tokens=fields.at_least("sink", 0),
-            window_length=fields.at_least("window", 0),
-            q_group_size=group,
-            axis_key=axis,
+            bits=bits,
+            sink=fields.at_least("sink", 0),
+            window=fields.at_least("window", 0),
+            group=group,
+            key_axis=axis,
             sym=bool(sym),
-            block_length=fields.at_least("block", 1),
+            block=fields.at_least("block", 1),
         )
 
     def __str__(self) -> str:
         return (
-            f"quant:bits={self.nbits},sink={self.num_sink_tokens},window={self.window_length}{self._group_text()},"
-            f"key_axis={self.axis_key},sym={int(self.sym)},block={self.block_length}"
+            f"quant:bits={self.bits},sink={self.sink},window={self.window}{self._group_text()},"
+            f"key_axis={self.key_axis},sym={int(self.sym)},block={self.block}"
         )
 
     @property
     def family(self) -> str:
-        return (f"quant sink={self.num_sink_tokens},window={self.window_length},"
-                f"key_axis={self.axis_key}" + self._group_text())
+        return (f"quant sink={self.sink},window={self.window},"
+                f"key_axis={self.key_axis}" + self._group_text())
 
     def check_model(self, head_dim: int) -> QuantSpec:
         resolved = super().check_model(head_dim)
-        per_byte = 8 // self.nbits
+        per_byte = 8 // self.bits
         if head_dim % per_byte:
-            raise SpecError(f"bits={self.nbits} packs {per_byte} codes per byte; head_dim={head_dim} is not a multiple")
+            raise SpecError(f"bits={self.bits} packs {per_byte} codes per byte; head_dim={head_dim} is not a multiple")
         return resolved
 
     def make_layer(self, max_cache_len: int | None = None) -> QuantizedSinkWindowLayer:
         layer_class, extra = QuantizedSinkWindowLayer, {}
         if max_cache_len is not None:
             layer_class, extra = StaticSinkWindowLayer, {"max_cache_len": max_cache_len}
+        # Layers keep transformers' vocabulary (nbits, q_group_size, axis_key).
         return layer_class(
-            self.nbits,
-            self.num_sink_tokens,
-            self.window_length,
-            self.q_group_size,
-            axis_key=self.axis_key,
+            self.bits,
+            self.sink,
+            self.window,
+            self.group,
+            axis_key=self.key_axis,
             sym=self.sym,
-            block_length=self.block_length,
+            block_length=self.block,
             **extra,
         )
