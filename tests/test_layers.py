@@ -197,6 +197,28 @@ def test_bytes_are_counted_from_the_tensors():
     assert counted["allocated"] >= counted["total"]
 
 
+@pytest.mark.parametrize(("kbits", "vbits"), [(8, 2), (2, 4), (4, 4)])
+def test_key_and_value_code_bytes_are_counted_apart(kbits, vbits):
+    """Keys and values of their own bit widths: each side's codes counted from the tensors the layer holds."""
+    config = tiny_llama_config()
+    cache = selkv.make_cache(f"quant:kbits={kbits},vbits={vbits},sink=4,window=20,block=8,group=16", config)
+    for layer_idx in range(config.num_hidden_layers):
+        for _ in range(4):
+            cache.update(torch.randn(2, 2, 30, 32), torch.randn(2, 2, 30, 32), layer_idx)
+    counted = selkv.kv_bytes(cache)
+    layer = cache.layers[0]
+    stored, layers = layer.num_stored, config.num_hidden_layers
+    assert stored > 0
+    # measured: the filled rows of the tensors the layer really holds
+    held = {name: getattr(layer, name)[:, :, :stored] for name in ("key_codes", "value_codes")}
+    assert counted["bytes_key_codes"] == layers * held["key_codes"].numel() * held["key_codes"].element_size()
+    assert counted["bytes_value_codes"] == layers * held["value_codes"].numel() * held["value_codes"].element_size()
+    # and they are kbits / vbits per element: 32 channels, 2 rows x 2 heads
+    assert counted["bytes_key_codes"] == layers * 4 * stored * 32 * kbits // 8
+    assert counted["bytes_value_codes"] == layers * 4 * stored * 32 * vbits // 8
+    assert counted["bytes_codes"] == counted["bytes_key_codes"] + counted["bytes_value_codes"]
+
+
 @pytest.mark.slow
 @needs_embedded_model
 @pytest.mark.parametrize(("spec", "target"), [

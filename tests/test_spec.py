@@ -24,6 +24,11 @@ BAD_SPECS = {
     "quant:bits": "expected key=value",
     "": "non-empty string",
     "hf-quanto:bits=8": "bits=8 is not supported",
+    "quant:bits=4,kbits=8": "bits=4 disagrees with kbits=8",
+    "quant:bits=4,kbits=4,vbits=2": "bits=4 disagrees with vbits=2",
+    "quant:kbits=4": "missing field 'vbits'",
+    "quant:vbits=2,sink=4": "missing field 'kbits'",
+    "quant:kbits=4,vbits=3": "vbits=3 is not supported; allowed: 2, 4, 8",
 }
 
 
@@ -45,6 +50,32 @@ def test_good_specs_round_trip():
         assert selkv.parse_spec(str(spec)) == spec
     assert selkv.parse_spec("quant:bits=8").key_axis == "token"
     assert selkv.parse_spec("quant:bits=2").key_axis == "channel"
+
+
+@pytest.mark.parametrize(("text", "canonical", "kbits", "vbits"), [
+    ("quant:bits=4", "quant:bits=4,", 4, 4),
+    ("quant:kbits=8,vbits=8", "quant:bits=8,", 8, 8),
+    ("quant:bits=2,kbits=2", "quant:bits=2,", 2, 2),
+    ("quant:kbits=4,vbits=2", "quant:kbits=4,vbits=2,", 4, 2),
+    ("quant:vbits=4,kbits=2,key_axis=token", "quant:kbits=2,vbits=4,", 2, 4),
+])
+def test_key_and_value_bits(text, canonical, kbits, vbits):
+    spec = selkv.parse_spec(text)
+    assert (spec.kbits, spec.vbits) == (kbits, vbits)
+    assert str(spec).startswith(canonical) and selkv.parse_spec(str(spec)) == spec
+    assert spec.bits == (kbits + vbits) / 2
+
+
+def test_per_bit_defaults_follow_the_side_they_concern():
+    # key_axis and block (per-channel key groups) follow kbits; group (value groups) follows vbits.
+    from selkv.specs import DEFAULT_BLOCK, DEFAULT_GROUP, DEFAULT_KEY_AXIS
+
+    for kbits, vbits in [(8, 2), (2, 8), (4, 2), (8, 4)]:
+        spec = selkv.parse_spec(f"quant:kbits={kbits},vbits={vbits}").check_model(128)
+        assert spec.key_axis == DEFAULT_KEY_AXIS[kbits] and spec.block == DEFAULT_BLOCK[kbits]
+        assert spec.group == DEFAULT_GROUP[vbits]
+        layer = spec.make_layer()
+        assert (layer.nbits, layer.value_nbits, layer.q_group_size) == (kbits, vbits, spec.group)
 
 
 def test_each_kind_is_one_spec_class_in_the_registry():

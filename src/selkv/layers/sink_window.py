@@ -6,14 +6,14 @@ nothing is ever re-quantized. The store grows in whole blocks and keeps at most
 ``1 / middle_spare_divisor`` of its tokens as spare room (see ``_ensure_capacity``),
 so the memory held stays within a percent of what is filled.
 
-Middle store (``B`` batch, ``H`` KV heads, ``C`` capacity, ``D`` head_dim,
-``P = D * nbits // 8`` packed bytes, ``G`` = ``q_group_size``, ``T`` = ``block_length``)::
+Middle store (``B`` batch, ``H`` KV heads, ``C`` capacity, ``D`` head_dim, ``P_k = D * nbits // 8``
+and ``P_v = D * value_nbits // 8`` packed bytes, ``G`` = ``q_group_size``, ``T`` = ``block_length``)::
 
-    key_codes    uint8   [B, H, C, P]      codes packed in planes along D (see quant.pack)
+    key_codes    uint8   [B, H, C, P_k]    codes packed in planes along D (see quant.pack)
     key_scale    float16 [B, H, C, D // G]   axis_key="token":   groups of G channels per token
                  float16 [B, H, C // T, D]   axis_key="channel": groups of T tokens per channel (KIVI)
     key_zero     like key_scale
-    value_codes  uint8   [B, H, C, P]      each block of T tokens stored transposed (quant.to_block_major)
+    value_codes  uint8   [B, H, C, P_v]    each block of T tokens stored transposed (quant.to_block_major)
     value_scale  float16 [B, H, C, D // G]   values are always grouped per token
     value_zero   like value_scale
 
@@ -35,7 +35,11 @@ _MIDDLE = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "
 
 
 class QuantizedSinkWindowLayer(SelectiveLayer):
-    """Sink + quantized middle + window. Spec: ``quant:bits=B,sink=S,window=W[,group=G][,key_axis=..][,sym=..]``."""
+    """Sink + quantized middle + window. Spec: ``quant:bits=B,sink=S,window=W[,group=G][,key_axis=..][,sym=..]``.
+
+    ``nbits`` is the bit width of key codes, and of value codes unless ``value_nbits`` is given
+    (``quant:kbits=K,vbits=V``: keys usually need more bits than values, KIVI).
+    """
 
     retains_evicted = True
     supports_fused_decode = True
@@ -52,12 +56,16 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
         axis_key: str = "token",
         sym: bool = False,
         block_length: int = 32,
+        value_nbits: int | None = None,
     ):
+        value_nbits = nbits if value_nbits is None else value_nbits
         quant.check_nbits(nbits)
+        quant.check_nbits(value_nbits)
         if axis_key not in ("token", "channel"):
             raise ValueError(f"axis_key must be 'token' or 'channel', got {axis_key!r}")
         super().__init__(num_sink_tokens, window_length, block_length)
         self.nbits = nbits
+        self.value_nbits = value_nbits
         self.q_group_size = q_group_size
         self.axis_key = axis_key
         self.sym = sym
@@ -84,12 +92,13 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
     def _quantize_parts(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Middle entries of whole blocks of tokens ``[B, H, n, head_dim]``, by middle tensor name."""
         key_codes, key_scale, key_zero = self._quantize_keys(keys)
-        value_codes, value_scale, value_zero = quant.quantize(values, self.nbits, self.q_group_size, dim=-1, sym=self.sym)
+        value_codes, value_scale, value_zero = quant.quantize(values, self.value_nbits, self.q_group_size, dim=-1,
+                                                                sym=self.sym)
         return {
             "key_codes": quant.pack(key_codes, self.nbits),
             "key_scale": key_scale,
             "key_zero": key_zero,
-            "value_codes": quant.to_block_major(quant.pack(value_codes, self.nbits), self.block_length),
+            "value_codes": quant.to_block_major(quant.pack(value_codes, self.value_nbits), self.block_length),
             "value_scale": value_scale,
             "value_zero": value_zero,
         }
@@ -147,7 +156,8 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
         return dequantize_middle(
             *(getattr(self, name) for name in _MIDDLE),
             count,
-            nbits=self.nbits,
+            key_nbits=self.nbits,
+            value_nbits=self.value_nbits,
             q_group_size=self.q_group_size,
             axis_key=self.axis_key,
             block_length=self.block_length,
@@ -175,7 +185,8 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             num_sink=num_sink,
             num_stored=num_stored,
             num_recent=num_recent,
-            nbits=self.nbits,
+            key_nbits=self.nbits,
+            value_nbits=self.value_nbits,
             q_group_size=self.q_group_size,
             axis_key=self.axis_key,
             block_length=self.block_length,
@@ -198,11 +209,11 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             return rows * tensor[:, :, :1].numel() * tensor.element_size()
 
         key_scale_rows = count // self.block_length if self.axis_key == "channel" else count
-        codes = used("key_codes", count) + used("value_codes", count)
+        key_codes, value_codes = used("key_codes", count), used("value_codes", count)
         scales = (
             used("key_scale", key_scale_rows)
             + used("key_zero", key_scale_rows)
             + used("value_scale", count)
             + used("value_zero", count)
         )
-        return {"codes": codes, "scales": scales}
+        return {"codes": key_codes + value_codes, "key_codes": key_codes, "value_codes": value_codes, "scales": scales}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from ..errors import SpecError
@@ -62,10 +62,10 @@ class SpecFields:
             raise SpecError(f"{self.kind}: group={group} must be >= 1")
         return group
 
-    def bits(self, allowed: tuple[int, ...]) -> int:
-        nbits = self.values["bits"]
+    def bits(self, allowed: tuple[int, ...], key: str = "bits") -> int:
+        nbits = self.values[key]
         if nbits not in allowed:
-            raise SpecError(f"{self.kind}: bits={nbits} is not supported; allowed: {', '.join(map(str, allowed))}")
+            raise SpecError(f"{self.kind}: {key}={nbits} is not supported; allowed: {', '.join(map(str, allowed))}")
         return nbits
 
 
@@ -147,7 +147,7 @@ class CacheSpec:
         # Called only when normal lookup fails, so it costs nothing on current names.
         # An old field name: the renamed field's value (read-only: specs are frozen), with a warning.
         new = _RENAMED_FIELDS.get(name)
-        if new is not None and new in {field.name for field in fields(self)}:
+        if new is not None and new in self.keys:
             warnings.warn(f"{type(self).__name__}.{name} is deprecated; use .{new} (fields are named as spec keys)",
                           DeprecationWarning, stacklevel=2)
             return getattr(self, new)
@@ -163,13 +163,17 @@ class CacheSpec:
 class GroupedSpec(CacheSpec):
     """A spec with a bit width and a quantization group size (0: the model's default)."""
 
-    # Fields are named as their spec keys (these replace the base's read-only properties).
-    bits: int = 0
+    # Fields are named as their spec keys (this one replaces the base's read-only property).
     group: int = 0
 
     sweeps_bits: ClassVar[bool] = True
     # The group size when none is given, for a bit width (before gcd with head_dim).
     default_group: ClassVar[dict[int, int] | int] = 64
+
+    @property
+    def group_bits(self) -> int:
+        """The bit width whose default group size applies (``default_group``)."""
+        return self.bits
 
     @property
     def is_resolved(self) -> bool:
@@ -179,7 +183,7 @@ class GroupedSpec(CacheSpec):
         return f",group={self.group}" if self.group else ""
 
     def check_model(self, head_dim: int) -> GroupedSpec:
-        default = self.default_group if isinstance(self.default_group, int) else self.default_group[self.bits]
+        default = self.default_group if isinstance(self.default_group, int) else self.default_group[self.group_bits]
         group = self.group or math.gcd(head_dim, default)
         if head_dim % group:
             raise SpecError(f"{self.kind}: group={group} must divide the model's head_dim ({head_dim})")

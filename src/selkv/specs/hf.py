@@ -21,6 +21,7 @@ class HFQuantizedSpec(GroupedSpec):
     """A transformers ``QuantizedCache`` backend: ``bits``, ``residual``, ``group`` (its ``nbits``,
     ``residual_length``, ``q_group_size``)."""
 
+    bits: int = 0
     residual: int = 128
 
     keys: ClassVar[dict[str, object]] = {"bits": None, "residual": 128, "group": 0}

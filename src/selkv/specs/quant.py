@@ -1,6 +1,11 @@
 """``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T]``.
 
-16-bit sink and window, every token between quantized once to ``bits`` bits.
+16-bit sink and window, every token between quantized once to ``bits`` bits, or to ``kbits`` bits per
+key and ``vbits`` per value (``quant:kbits=4,vbits=2``; ``bits=B`` is the shorthand for both).
+
+Defaults that depend on the bit width follow the side they concern: ``key_axis`` and ``block`` (the
+tokens of a per-channel key group) follow ``kbits``; ``group`` follows ``vbits``, since value groups
+always use it (per-token key groups, with ``key_axis=token``, share it).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ DEFAULT_BLOCK = {8: 32, 4: 64, 2: 32}
 class QuantSpec(GroupedSpec, SelectiveSpec):
     """``quant``: selkv's selective quantization (see :class:`QuantizedSinkWindowLayer`)."""
 
+    kbits: int = 0
+    vbits: int = 0
     sink: int = 4
     window: int = 124
     key_axis: str = "token"
@@ -46,13 +53,15 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
 
     kind: ClassVar[str] = "quant"
     keys: ClassVar[dict[str, object]] = {
-        "bits": None,
+        "bits": 0,  # 0: not given (then kbits and vbits are required)
+        "kbits": 0,  # 0: bits
+        "vbits": 0,  # 0: bits
         "sink": 4,
         "window": 124,
-        "group": 0,  # 0: gcd(head_dim, DEFAULT_GROUP[bits]), resolved by check_model
-        "key_axis": "",  # "": the per-bit-width default DEFAULT_KEY_AXIS
+        "group": 0,  # 0: gcd(head_dim, DEFAULT_GROUP[vbits]), resolved by check_model
+        "key_axis": "",  # "": DEFAULT_KEY_AXIS[kbits]
         "sym": 0,
-        "block": 0,  # 0: DEFAULT_BLOCK[bits]
+        "block": 0,  # 0: DEFAULT_BLOCK[kbits]
     }
     text_keys: ClassVar[tuple[str, ...]] = ("key_axis",)
     supports_static: ClassVar[bool] = True
@@ -60,8 +69,8 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
 
     @classmethod
     def from_fields(cls, fields: SpecFields) -> QuantSpec:
-        bits = fields.bits(SUPPORTED_NBITS)
-        axis = fields.values["key_axis"] or DEFAULT_KEY_AXIS[bits]
+        kbits, vbits = cls._bit_widths(fields)
+        axis = fields.values["key_axis"] or DEFAULT_KEY_AXIS[kbits]
         if axis not in ("token", "channel"):
             raise SpecError(f"quant: key_axis={axis!r} is not allowed; allowed: token, channel")
         sym = fields.values["sym"]
@@ -69,9 +78,10 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             raise SpecError(f"quant: sym={sym} is not allowed; allowed: 0, 1")
         group = fields.group()
         if "block" not in fields.given:
-            fields.values["block"] = DEFAULT_BLOCK[bits]
+            fields.values["block"] = DEFAULT_BLOCK[kbits]
         return cls(
-            bits=bits,
+            kbits=kbits,
+            vbits=vbits,
             sink=fields.at_least("sink", 0),
             window=fields.at_least("window", 0),
             group=group,
@@ -80,9 +90,44 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             block=fields.at_least("block", 1),
         )
 
+    @staticmethod
+    def _bit_widths(fields: SpecFields) -> tuple[int, int]:
+        """(kbits, vbits) from ``bits`` and/or ``kbits``/``vbits``."""
+        given = fields.given
+        if "bits" not in given and not ("kbits" in given and "vbits" in given):
+            if "kbits" in given or "vbits" in given:
+                missing = "vbits" if "kbits" in given else "kbits"
+                raise SpecError(f"quant: missing field {missing!r}; give both kbits and vbits, or bits=B for both")
+            raise SpecError("quant: missing required field 'bits' (or both 'kbits' and 'vbits')")
+        if "bits" in given:
+            fields.bits(SUPPORTED_NBITS)
+        widths = []
+        for key in ("kbits", "vbits"):
+            if key not in given:
+                widths.append(fields.values["bits"])
+                continue
+            width = fields.bits(SUPPORTED_NBITS, key)
+            if "bits" in given and width != fields.values["bits"]:
+                raise SpecError(f"quant: bits={fields.values['bits']} disagrees with {key}={width}; give bits=B "
+                                "for both, or kbits and vbits without bits")
+            widths.append(width)
+        return widths[0], widths[1]
+
+    @property
+    def bits(self) -> int | float:
+        """Bits per stored code: ``kbits`` when keys and values share it, else their mean."""
+        return self.kbits if self.kbits == self.vbits else (self.kbits + self.vbits) / 2
+
+    @property
+    def group_bits(self) -> int:
+        return self.vbits  # the default group size is a value group's (see the module docstring)
+
+    def _bits_text(self) -> str:
+        return f"bits={self.kbits}" if self.kbits == self.vbits else f"kbits={self.kbits},vbits={self.vbits}"
+
     def __str__(self) -> str:
         return (
-            f"quant:bits={self.bits},sink={self.sink},window={self.window}{self._group_text()},"
+            f"quant:{self._bits_text()},sink={self.sink},window={self.window}{self._group_text()},"
             f"key_axis={self.key_axis},sym={int(self.sym)},block={self.block}"
         )
 
@@ -93,9 +138,9 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
 
     def check_model(self, head_dim: int) -> QuantSpec:
         resolved = super().check_model(head_dim)
-        per_byte = 8 // self.bits
+        per_byte = 8 // min(self.kbits, self.vbits)
         if head_dim % per_byte:
-            raise SpecError(f"bits={self.bits} packs {per_byte} codes per byte; head_dim={head_dim} is not a multiple")
+            raise SpecError(f"bits={min(self.kbits, self.vbits)} packs {per_byte} codes per byte; head_dim={head_dim} is not a multiple")
         return resolved
 
     def make_layer(self, max_cache_len: int | None = None) -> QuantizedSinkWindowLayer:
@@ -104,12 +149,13 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             layer_class, extra = StaticSinkWindowLayer, {"max_cache_len": max_cache_len}
         # Layers keep transformers' vocabulary (nbits, q_group_size, axis_key).
         return layer_class(
-            self.bits,
+            self.kbits,
             self.sink,
             self.window,
             self.group,
             axis_key=self.key_axis,
             sym=self.sym,
             block_length=self.block,
+            value_nbits=self.vbits,
             **extra,
         )
