@@ -138,10 +138,12 @@ def make_storage(
     key_gain: torch.Tensor | None = None,
     value_rms: float = 1.0,
     value_nbits: int | None = None,
+    rotate: str = "none",
 ) -> DecodeStorage:
     """Storage of random keys/values quantized with quant.py, spare capacity poisoned with NaN.
 
-    ``nbits`` is the keys' bit width, and the values' unless ``value_nbits`` is given.
+    ``nbits`` is the keys' bit width, and the values' unless ``value_nbits`` is given. ``rotate``: the
+    middle's keys are rotated (``quant.rotation_matrix``) before they are quantized, as the layer does.
     ``key_gain`` ``[head_dim]`` multiplies each key channel (default: a tenth of the channels x5);
     ``value_rms`` sets the values' magnitude.
     """
@@ -180,7 +182,8 @@ def make_storage(
     if num_stored == 0:
         args.update(key_codes=None, key_scale=None, key_zero=None, value_codes=None, value_scale=None, value_zero=None)
         return DecodeStorage(**args)
-    keys = (randn(B, H, stored_cap, D) * key_gain).to(dtype)
+    rotation = quant.rotation_matrix(rotate, D)
+    keys = quant.rotate((randn(B, H, stored_cap, D) * key_gain).to(dtype), rotation)
     values = randn(B, H, stored_cap, D, scale=value_rms).to(dtype)
     if axis_key == "channel":
         kc, ks, kz = quant.quantize(keys, nbits, block_length, dim=-2)
@@ -200,6 +203,7 @@ def make_storage(
     args.update(
         key_codes=kc.to(device), key_scale=ks.to(device), key_zero=kz.to(device),
         value_codes=vc.to(device), value_scale=vs.to(device), value_zero=vz.to(device),
+        key_rotation=None if rotation is None else rotation.to(device),
     )
     return DecodeStorage(**args)
 
@@ -262,7 +266,10 @@ def float64_reference(
         vs = args["value_scale"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
         vz = args["value_zero"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
         dtype = query.dtype if round_middle else torch.float64  # rounded like the model's cache, or exact
-        keys.append((codes(args["key_codes"], args["key_nbits"]) * ks + kz).to(dtype).double())
+        middle_keys = codes(args["key_codes"], args["key_nbits"]) * ks + kz
+        if args["key_rotation"] is not None:  # stored rotated: rotate back (orthogonal: its transpose)
+            middle_keys = middle_keys @ args["key_rotation"].cpu().double().T
+        keys.append(middle_keys.to(dtype).double())
         values.append((codes(token_major(args["value_codes"], args["block_length"]), args["value_nbits"]) * vs + vz).to(dtype).double())
     keys.append(args["recent_keys"][:, :, :nr].double().cpu())
     values.append(args["recent_values"][:, :, :nr].double().cpu())

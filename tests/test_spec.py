@@ -29,6 +29,7 @@ BAD_SPECS = {
     "quant:kbits=4": "missing field 'vbits'",
     "quant:vbits=2,sink=4": "missing field 'kbits'",
     "quant:kbits=4,vbits=3": "vbits=3 is not supported; allowed: 2, 4, 8",
+    "quant:bits=4,rotate=random": "rotate='random' is not allowed; allowed: none, hadamard",
 }
 
 
@@ -64,6 +65,19 @@ def test_key_and_value_bits(text, canonical, kbits, vbits):
     assert (spec.kbits, spec.vbits) == (kbits, vbits)
     assert str(spec).startswith(canonical) and selkv.parse_spec(str(spec)) == spec
     assert spec.bits == (kbits + vbits) / 2
+
+
+def test_rotate_key():
+    plain, rotated = selkv.parse_spec("quant:bits=4"), selkv.parse_spec("quant:bits=4,rotate=hadamard")
+    assert plain.rotate == "none" and "rotate" not in str(plain)  # the default is left out of str(spec)
+    assert rotated.rotate == "hadamard" and str(rotated).endswith(",rotate=hadamard")
+    assert selkv.parse_spec(str(rotated)) == rotated and rotated.family != plain.family
+    assert selkv.parse_spec("quant:bits=4,rotate=none") == plain
+    assert rotated.make_layer().rotate == "hadamard"
+    with pytest.raises(SpecError, match="rotate=hadamard needs a power-of-two head_dim; this model's is 96"):
+        rotated.check_model(96)
+    with pytest.raises(SpecError, match="power-of-two head_dim"):
+        selkv.make_cache("quant:bits=4,rotate=hadamard", tiny_llama_config(head_dim=48))
 
 
 def test_per_bit_defaults_follow_the_side_they_concern():

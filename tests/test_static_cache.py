@@ -31,6 +31,7 @@ LOSSY = [
     "quant:bits=4,sink=4,window=12,block=4,key_axis=token,group=16",
     "quant:bits=2,sink=3,window=10,block=8",
     "quant:kbits=4,vbits=2,sink=3,window=10,block=8",  # keys and values of their own bit widths
+    "quant:bits=4,sink=3,window=10,block=8,key_axis=token,group=16,rotate=hadamard",  # rotated middle keys
 ]
 
 

@@ -53,20 +53,27 @@ def dequantize_middle(
     dtype: torch.dtype = torch.float32,
     out_keys: torch.Tensor | None = None,
     out_values: torch.Tensor | None = None,
+    key_rotation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``num_stored`` middle tokens as ``[B, H, num_stored, head_dim]`` keys and values in ``dtype``.
 
     The math is float32, rounded to ``dtype`` at the end. ``out_keys``/``out_values`` (views of
     that shape, e.g. slices of the tensors attention reads) receive the result without a copy.
+    ``key_rotation`` ``[head_dim, head_dim]``: the keys were stored rotated by it; they are rotated back.
     """
     codes = quant.unpack(key_codes[:, :, :num_stored], key_nbits)
+    # rotated keys are dequantized in float32 and rotated back before rounding to dtype
+    key_dtype, key_out = (dtype, out_keys) if key_rotation is None else (torch.float32, None)
     if axis_key == "channel":
         groups = -(-num_stored // block_length)
         keys = quant.dequantize(codes, key_scale[:, :, :groups], key_zero[:, :, :groups], block_length, dim=-2,
-                                dtype=dtype, out=out_keys)
+                                dtype=key_dtype, out=key_out)
     else:
         keys = quant.dequantize(codes, key_scale[:, :, :num_stored], key_zero[:, :, :num_stored], q_group_size,
-                                dtype=dtype, out=out_keys)
+                                dtype=key_dtype, out=key_out)
+    if key_rotation is not None:
+        keys = quant.unrotate(keys, key_rotation).to(dtype)
+        keys = keys if out_keys is None else out_keys.copy_(keys)
     value_scale, value_zero = value_scale[:, :, :num_stored], value_zero[:, :, :num_stored]
     if num_stored % block_length == 0:  # whole blocks (always, in decode): read the codes in place, in token order
         blocks = num_stored // block_length
@@ -101,6 +108,9 @@ class DecodeStorage:
         num_sink, num_stored, num_recent: filled lengths, or their upper bounds when ``lengths`` is set.
         key_nbits, value_nbits: bits per key code and per value code.
         q_group_size, axis_key, block_length: the middle's quantization layout.
+        key_rotation: float32 ``[D, D]`` orthogonal matrix the middle's keys were multiplied by before they
+            were quantized (``quant:rotate=hadamard``), or ``None``. Attention over the middle then uses
+            ``query @ key_rotation``; sink and window keys are never rotated.
         row_padding: int32 ``[B]`` left padding of each row (its sink positions below it are padding),
             or ``None``.
         lengths: int32 ``[4]`` on the device (num_sink, num_stored, num_recent, recent_start), or ``None``.
@@ -126,13 +136,14 @@ class DecodeStorage:
     block_length: int = 1
     row_padding: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
+    key_rotation: torch.Tensor | None = None
 
     @property
     def num_key_value_heads(self) -> int:
         return self.sink_keys.shape[1]
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Middle tokens ``[:num_stored]`` as float32 ``[B, H, num_stored, D]`` keys and values.
+        """Middle tokens ``[:num_stored]`` as float32 ``[B, H, num_stored, D]`` keys (rotated back) and values.
 
         With device ``lengths``, ``num_stored`` is the capacity: entries past ``lengths[1]`` are
         stale or unwritten and the caller masks them.
@@ -143,7 +154,7 @@ class DecodeStorage:
         return dequantize_middle(
             self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale, self.value_zero,
             self.num_stored, key_nbits=self.key_nbits, value_nbits=self.value_nbits, q_group_size=self.q_group_size, axis_key=self.axis_key,
-            block_length=self.block_length,
+            block_length=self.block_length, key_rotation=self.key_rotation,
         )
 
 

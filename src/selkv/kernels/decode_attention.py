@@ -59,8 +59,9 @@ _VARYING_LENGTHS = ["num_sink", "num_stored", "num_recent", "tokens_per_split", 
 
 @triton.jit(do_not_specialize=_VARYING_LENGTHS)
 def _selective_decode_partial_kernel(
-    # pointers: query [B, Hq, 1, D]; 16-bit sink/window [B, H, cap, D]
-    Q, SinkK, SinkV, RecentK, RecentV,
+    # pointers: query [B, Hq, 1, D]; the query the middle's keys are read with ([B, Hq, 1, D], same strides:
+    # the query itself, or query @ key_rotation for rotated keys); 16-bit sink/window [B, H, cap, D]
+    Q, QMiddle, SinkK, SinkV, RecentK, RecentV,
     # middle: codes [B, H, C, P] uint8 (P by each one's bit width); scales/zeros float16 (layouts in the launcher's docstring)
     KCodes, KScale, KZero, VCodes, VScale, VZero,
     # [B] int32 left padding of each row (unused unless HAS_PADDING)
@@ -160,7 +161,7 @@ def _selective_decode_partial_kernel(
         if HAS_PADDING:  # padding beyond the sink (a cache that was not given sink room for it)
             first_stored = tl.load(RowPadding + b) - num_sink
         _middle_chunk(
-            Q, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
+            QMiddle, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
             b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
             stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_vcb, stride_vch,
             stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
@@ -686,6 +687,8 @@ def selective_decode_attention(
     why = check_supported(head_dim, group, key_nbits, q_group_size, query_states.dtype, value_nbits)
     if why:
         raise ValueError(f"the fused decode kernel does not support {why}")
+    if s.key_rotation is not None and tuple(s.key_rotation.shape) != (head_dim, head_dim):
+        raise ValueError(f"key_rotation has shape {tuple(s.key_rotation.shape)}; expected [{head_dim}, {head_dim}]")
     if axis_key not in ("token", "channel"):
         raise ValueError(f"axis_key must be 'token' or 'channel', got {axis_key!r}")
     for name, t in (("sink_keys", sink_keys), ("sink_values", sink_values), ("recent_keys", recent_keys),
@@ -703,6 +706,12 @@ def selective_decode_attention(
         return t if t.stride(-1) == 1 else t.contiguous()
 
     query_states = last_contiguous(query_states)
+    # Rotated middle keys are read with the rotated query, (q R) . (k R) = q . k: one small matmul per step
+    # outside the kernel, kept in float32 (the kernel rounds it to its dot dtype as it does the query).
+    middle_query = query_states
+    if s.key_rotation is not None and num_stored:
+        query_states = query_states.contiguous()
+        middle_query = torch.matmul(query_states.float(), s.key_rotation.to(device=device, dtype=torch.float32))
     sink_keys, sink_values = last_contiguous(sink_keys), last_contiguous(sink_values)
     recent_keys, recent_values = last_contiguous(recent_keys), last_contiguous(recent_values)
     if sink_keys.stride() != sink_values.stride():
@@ -761,7 +770,7 @@ def selective_decode_attention(
     scaling = head_dim**-0.5 if scaling is None else float(scaling)
 
     _selective_decode_partial_kernel[(num_partials, batch_size * num_kv_heads)](
-        query_states, sink_keys, sink_values, recent_keys, recent_values,
+        query_states, middle_query, sink_keys, sink_values, recent_keys, recent_values,
         key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
         row_padding, lengths, partial_out, partial_lse,
         num_sink, num_stored, num_recent, tokens_per_split, num_kv_heads, num_partials, recent_keys.shape[2],
@@ -850,6 +859,7 @@ def _selective_decode_attention_op(
     recent_values: torch.Tensor,
     lengths: torch.Tensor,
     row_padding: torch.Tensor | None,
+    key_rotation: torch.Tensor | None,
     num_sink: int,
     num_stored: int,
     num_recent: int,
@@ -865,7 +875,7 @@ def _selective_decode_attention_op(
         value_codes=value_codes, value_scale=value_scale, value_zero=value_zero, recent_keys=recent_keys,
         recent_values=recent_values, num_sink=num_sink, num_stored=num_stored, num_recent=num_recent,
         key_nbits=key_nbits, value_nbits=value_nbits, q_group_size=q_group_size, axis_key=axis_key,
-        block_length=block_length, row_padding=row_padding, lengths=lengths,
+        block_length=block_length, row_padding=row_padding, lengths=lengths, key_rotation=key_rotation,
     )
     return selective_decode_attention(query_states, storage, scaling=scaling)
 
@@ -887,7 +897,7 @@ def decode_attention(query_states: torch.Tensor, storage: DecodeStorage, scaling
     s = storage
     return _selective_decode_attention_op(
         query_states, s.sink_keys, s.sink_values, s.key_codes, s.key_scale, s.key_zero, s.value_codes,
-        s.value_scale, s.value_zero, s.recent_keys, s.recent_values, s.lengths, s.row_padding,
+        s.value_scale, s.value_zero, s.recent_keys, s.recent_values, s.lengths, s.row_padding, s.key_rotation,
         s.num_sink, s.num_stored, s.num_recent, s.key_nbits, s.value_nbits, s.q_group_size, s.axis_key, s.block_length,
         head_dim**-0.5 if scaling is None else float(scaling),
     )

@@ -19,6 +19,12 @@ and ``P_v = D * value_nbits // 8`` packed bytes, ``G`` = ``q_group_size``, ``T``
 
 Entries ``[:num_stored]`` (tokens) are filled. Dequantized, each element is
 ``code * scale + zero``.
+
+With ``rotate="hadamard"`` the keys entering the middle are multiplied by a normalized Hadamard matrix
+(``key_rotation``, ``[D, D]``, from ``quant.rotation_matrix``) before they are quantized, which spreads
+outlier channels over all channels. Sink and window keys stay as given. Readers of the middle either
+rotate the query (the fused kernel: ``(q R) . (k R) = q . k``) or rotate the dequantized keys back
+(the dense path and the PyTorch twin).
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
     """Sink + quantized middle + window. Spec: ``quant:bits=B,sink=S,window=W[,group=G][,key_axis=..][,sym=..]``.
 
     ``nbits`` is the bit width of key codes, and of value codes unless ``value_nbits`` is given
-    (``quant:kbits=K,vbits=V``: keys usually need more bits than values, KIVI).
+    (``quant:kbits=K,vbits=V``: keys usually need more bits than values, KIVI). ``rotate``: "none" or
+    "hadamard" (keys rotated before they are quantized; see the module docstring).
     """
 
     retains_evicted = True
@@ -57,18 +64,23 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
         sym: bool = False,
         block_length: int = 32,
         value_nbits: int | None = None,
+        rotate: str = "none",
     ):
         value_nbits = nbits if value_nbits is None else value_nbits
         quant.check_nbits(nbits)
         quant.check_nbits(value_nbits)
         if axis_key not in ("token", "channel"):
             raise ValueError(f"axis_key must be 'token' or 'channel', got {axis_key!r}")
+        if rotate not in quant.ROTATIONS:
+            raise ValueError(f"rotate must be one of {quant.ROTATIONS}, got {rotate!r}")
         super().__init__(num_sink_tokens, window_length, block_length)
         self.nbits = nbits
         self.value_nbits = value_nbits
         self.q_group_size = q_group_size
         self.axis_key = axis_key
         self.sym = sym
+        self.rotate = rotate
+        self.key_rotation = None  # [head_dim, head_dim] float32 once the head_dim and device are known
         self._reset_middle()
 
     def _reset_middle(self) -> None:
@@ -79,6 +91,14 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
     @property
     def num_stored(self) -> int:
         return self._num_stored
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._init_rotation(key_states)
+
+    def _init_rotation(self, key_states: torch.Tensor) -> None:
+        # One matrix per (head_dim, device), shared by every layer: not part of the layer's bytes.
+        self.key_rotation = quant.rotation_matrix(self.rotate, key_states.shape[-1], key_states.device)
 
     # ----------------------------------------------------------- quantization
 
@@ -91,7 +111,7 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
 
     def _quantize_parts(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Middle entries of whole blocks of tokens ``[B, H, n, head_dim]``, by middle tensor name."""
-        key_codes, key_scale, key_zero = self._quantize_keys(keys)
+        key_codes, key_scale, key_zero = self._quantize_keys(quant.rotate(keys, self.key_rotation))
         value_codes, value_scale, value_zero = quant.quantize(values, self.value_nbits, self.q_group_size, dim=-1,
                                                                 sym=self.sym)
         return {
@@ -164,6 +184,7 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             dtype=self.dtype,
             out_keys=out_keys,
             out_values=out_values,
+            key_rotation=self.key_rotation,
         )
 
     def decode_storage(self) -> DecodeStorage:
@@ -192,6 +213,7 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             block_length=self.block_length,
             row_padding=self.row_padding,
             lengths=lengths,
+            key_rotation=self.key_rotation,
         )
 
     # ------------------------------------------------------------- accounting

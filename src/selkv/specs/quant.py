@@ -1,4 +1,4 @@
-"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T]``.
+"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T][,rotate=hadamard|none]``.
 
 16-bit sink and window, every token between quantized once to ``bits`` bits, or to ``kbits`` bits per
 key and ``vbits`` per value (``quant:kbits=4,vbits=2``; ``bits=B`` is the shorthand for both).
@@ -6,6 +6,11 @@ key and ``vbits`` per value (``quant:kbits=4,vbits=2``; ``bits=B`` is the shorth
 Defaults that depend on the bit width follow the side they concern: ``key_axis`` and ``block`` (the
 tokens of a per-channel key group) follow ``kbits``; ``group`` follows ``vbits``, since value groups
 always use it (per-token key groups, with ``key_axis=token``, share it).
+
+``rotate=hadamard`` multiplies each key entering the middle by a normalized Hadamard matrix before it
+is quantized (QuaRot, SpinQuant): outlier channels are spread over all channels, attention is unchanged
+(``q . k = (q H) . (k H)``). It needs a power-of-two ``head_dim``. ``str(spec)`` names it only when it
+differs from :data:`DEFAULT_ROTATE`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import ClassVar
 from ..errors import SpecError
 from ..layers.sink_window import QuantizedSinkWindowLayer
 from ..layers.static import StaticSinkWindowLayer
-from ..quant import SUPPORTED_NBITS
+from ..quant import ROTATIONS, SUPPORTED_NBITS
 from .base import GroupedSpec, SelectiveSpec, SpecFields
 
 # Default key quantization axis per bit width, from the perplexity sweep in
@@ -37,6 +42,8 @@ DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 2: "channel"}
 # gets the largest group that divides both: gcd(head_dim, default), 32 and 16 there.
 DEFAULT_GROUP = {8: 64, 4: 32, 2: 64}
 DEFAULT_BLOCK = {8: 32, 4: 64, 2: 32}
+# Key rotation when none is given: "none" until a measured sweep chooses the defaults.
+DEFAULT_ROTATE = "none"
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     key_axis: str = "token"
     sym: bool = False
     block: int = 1
+    rotate: str = DEFAULT_ROTATE
 
     kind: ClassVar[str] = "quant"
     keys: ClassVar[dict[str, object]] = {
@@ -62,8 +70,9 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         "key_axis": "",  # "": DEFAULT_KEY_AXIS[kbits]
         "sym": 0,
         "block": 0,  # 0: DEFAULT_BLOCK[kbits]
+        "rotate": DEFAULT_ROTATE,
     }
-    text_keys: ClassVar[tuple[str, ...]] = ("key_axis",)
+    text_keys: ClassVar[tuple[str, ...]] = ("key_axis", "rotate")
     supports_static: ClassVar[bool] = True
     default_group: ClassVar[dict[int, int]] = DEFAULT_GROUP
 
@@ -76,6 +85,9 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         sym = fields.values["sym"]
         if sym not in (0, 1):
             raise SpecError(f"quant: sym={sym} is not allowed; allowed: 0, 1")
+        rotate = fields.values["rotate"]
+        if rotate not in ROTATIONS:
+            raise SpecError(f"quant: rotate={rotate!r} is not allowed; allowed: {', '.join(ROTATIONS)}")
         group = fields.group()
         if "block" not in fields.given:
             fields.values["block"] = DEFAULT_BLOCK[kbits]
@@ -88,6 +100,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             key_axis=axis,
             sym=bool(sym),
             block=fields.at_least("block", 1),
+            rotate=rotate,
         )
 
     @staticmethod
@@ -128,19 +141,25 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     def __str__(self) -> str:
         return (
             f"quant:{self._bits_text()},sink={self.sink},window={self.window}{self._group_text()},"
-            f"key_axis={self.key_axis},sym={int(self.sym)},block={self.block}"
+            f"key_axis={self.key_axis},sym={int(self.sym)},block={self.block}{self._rotate_text()}"
         )
+
+    def _rotate_text(self) -> str:
+        return "" if self.rotate == DEFAULT_ROTATE else f",rotate={self.rotate}"
 
     @property
     def family(self) -> str:
         return (f"quant sink={self.sink},window={self.window},"
-                f"key_axis={self.key_axis}" + self._group_text())
+                f"key_axis={self.key_axis}" + self._group_text() + self._rotate_text())
 
     def check_model(self, head_dim: int) -> QuantSpec:
         resolved = super().check_model(head_dim)
         per_byte = 8 // min(self.kbits, self.vbits)
         if head_dim % per_byte:
             raise SpecError(f"bits={min(self.kbits, self.vbits)} packs {per_byte} codes per byte; head_dim={head_dim} is not a multiple")
+        if self.rotate == "hadamard" and head_dim & (head_dim - 1):
+            raise SpecError(f"quant: rotate=hadamard needs a power-of-two head_dim; this model's is {head_dim} "
+                            "(use rotate=none)")
         return resolved
 
     def make_layer(self, max_cache_len: int | None = None) -> QuantizedSinkWindowLayer:
@@ -157,5 +176,6 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             sym=self.sym,
             block_length=self.block,
             value_nbits=self.vbits,
+            rotate=self.rotate,
             **extra,
         )
