@@ -75,7 +75,8 @@ def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: i
         recent_keys=torch.randn(B, H, WINDOW + block, D, device=device, dtype=dtype),
         recent_values=torch.randn(B, H, WINDOW + block, D, device=device, dtype=dtype),
         num_recent=num_recent,
-        nbits=nbits, q_group_size=group, axis_key=axis_key, block_length=block, row_padding=None, lengths=lengths,
+        key_nbits=nbits, value_nbits=nbits, q_group_size=group, axis_key=axis_key, block_length=block,
+        row_padding=None, lengths=lengths,
     )
 
 

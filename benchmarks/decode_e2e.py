@@ -180,7 +180,8 @@ def fill_selective(cache, config, batch: int, context: int, device, dtype, room:
         key_rows, key_cols = (capacity // block, head_dim) if layer.axis_key == "channel" else (capacity, groups)
         shape = (batch, heads)
         layer.key_codes = torch.randint(0, 256, shape + (capacity, packed), dtype=torch.uint8, device=device)
-        layer.value_codes = torch.randint(0, 256, shape + (capacity, packed), dtype=torch.uint8, device=device)
+        value_packed = head_dim * layer.value_nbits // 8
+        layer.value_codes = torch.randint(0, 256, shape + (capacity, value_packed), dtype=torch.uint8, device=device)
         layer.key_scale = (torch.rand(shape + (key_rows, key_cols), device=device) * 0.02 + 0.01).half()
         layer.key_zero = (-torch.rand(shape + (key_rows, key_cols), device=device)).half()
         layer.value_scale = (torch.rand(shape + (capacity, groups), device=device) * 0.02 + 0.01).half()

@@ -91,7 +91,8 @@ def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: in
         value_codes=quant.to_block_major(quant.pack(value_codes, nbits), block_length),
         value_scale=value_scale, value_zero=value_zero, num_stored=num_stored,
         recent_keys=recent_keys, recent_values=recent_values, num_recent=num_recent,
-        nbits=nbits, q_group_size=q_group_size, axis_key=axis_key, block_length=block_length, row_padding=None,
+        key_nbits=nbits, value_nbits=nbits, q_group_size=q_group_size, axis_key=axis_key, block_length=block_length,
+        row_padding=None,
     )
 
 

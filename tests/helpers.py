@@ -137,9 +137,13 @@ def make_storage(
     row_padding: list[int] | None = None,
     key_gain: torch.Tensor | None = None,
     value_rms: float = 1.0,
+    value_nbits: int | None = None,
+    rotate: str = "none",
 ) -> DecodeStorage:
     """Storage of random keys/values quantized with quant.py, spare capacity poisoned with NaN.
 
+    ``nbits`` is the keys' bit width, and the values' unless ``value_nbits`` is given. ``rotate``: the
+    middle's keys are rotated (``quant.rotation_matrix``) before they are quantized, as the layer does.
     ``key_gain`` ``[head_dim]`` multiplies each key channel (default: a tenth of the channels x5);
     ``value_rms`` sets the values' magnitude.
     """
@@ -148,6 +152,7 @@ def make_storage(
         return torch.randn(*shape, generator=gen) * scale
 
     B, H, D = batch_size, num_kv_heads, head_dim
+    value_nbits = nbits if value_nbits is None else value_nbits
     sink_cap, window_cap = num_sink + 3, num_recent + 5
     stored_cap = -(-(num_stored + block_length) // block_length) * block_length
     # Outlier channels, as real keys have, so that per-channel and per-token groups differ.
@@ -170,21 +175,22 @@ def make_storage(
     args = dict(
         sink_keys=sink_keys.to(device), sink_values=sink_values.to(device), num_sink=num_sink,
         recent_keys=recent_keys.to(device), recent_values=recent_values.to(device), num_recent=num_recent,
-        num_stored=num_stored, nbits=nbits, q_group_size=q_group_size, axis_key=axis_key,
+        num_stored=num_stored, key_nbits=nbits, value_nbits=value_nbits, q_group_size=q_group_size, axis_key=axis_key,
         block_length=block_length,
         row_padding=None if row_padding is None else torch.tensor(row_padding, dtype=torch.int32, device=device),
     )
     if num_stored == 0:
         args.update(key_codes=None, key_scale=None, key_zero=None, value_codes=None, value_scale=None, value_zero=None)
         return DecodeStorage(**args)
-    keys = (randn(B, H, stored_cap, D) * key_gain).to(dtype)
+    rotation = quant.rotation_matrix(rotate, D)
+    keys = quant.rotate((randn(B, H, stored_cap, D) * key_gain).to(dtype), rotation)
     values = randn(B, H, stored_cap, D, scale=value_rms).to(dtype)
     if axis_key == "channel":
         kc, ks, kz = quant.quantize(keys, nbits, block_length, dim=-2)
     else:
         kc, ks, kz = quant.quantize(keys, nbits, q_group_size, dim=-1)
-    vc, vs, vz = quant.quantize(values, nbits, q_group_size, dim=-1)
-    kc, vc = quant.pack(kc, nbits), quant.pack(vc, nbits)
+    vc, vs, vz = quant.quantize(values, value_nbits, q_group_size, dim=-1)
+    kc, vc = quant.pack(kc, nbits), quant.pack(vc, value_nbits)
     # Poison what lies beyond num_stored: random codes, NaN scales.
     kc[:, :, num_stored:] = torch.randint(0, 256, kc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)
     vc[:, :, num_stored:] = torch.randint(0, 256, vc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)
@@ -197,6 +203,7 @@ def make_storage(
     args.update(
         key_codes=kc.to(device), key_scale=ks.to(device), key_zero=kz.to(device),
         value_codes=vc.to(device), value_scale=vs.to(device), value_zero=vz.to(device),
+        key_rotation=None if rotation is None else rotation.to(device),
     )
     return DecodeStorage(**args)
 
@@ -237,15 +244,13 @@ def float64_reference(
     without it, exact attention over the kernel's own inputs (codes, scales, zeros).
     """
     args = vars(storage)
-    nbits, D = args["nbits"], query.shape[-1]
+    D = query.shape[-1]
     ns, nm, nr = args["num_sink"], args["num_stored"], args["num_recent"]
     keys = [args["sink_keys"][:, :, :ns].double().cpu()]
     values = [args["sink_values"][:, :, :ns].double().cpu()]
     if nm:
-        per_byte = 8 // nbits
-        mask = 2**nbits - 1
-
-        def codes(packed):  # plane p of byte j is channel p * D/k + j
+        def codes(packed, nbits):  # plane p of byte j is channel p * D/k + j
+            per_byte, mask = 8 // nbits, 2**nbits - 1
             packed = packed[:, :, :nm].cpu().long()
             return torch.cat([(packed >> (p * nbits)) & mask for p in range(per_byte)], dim=-1).double()
 
@@ -261,8 +266,11 @@ def float64_reference(
         vs = args["value_scale"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
         vz = args["value_zero"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
         dtype = query.dtype if round_middle else torch.float64  # rounded like the model's cache, or exact
-        keys.append((codes(args["key_codes"]) * ks + kz).to(dtype).double())
-        values.append((codes(token_major(args["value_codes"], args["block_length"])) * vs + vz).to(dtype).double())
+        middle_keys = codes(args["key_codes"], args["key_nbits"]) * ks + kz
+        if args["key_rotation"] is not None:  # stored rotated: rotate back (orthogonal: its transpose)
+            middle_keys = middle_keys @ args["key_rotation"].cpu().double().T
+        keys.append(middle_keys.to(dtype).double())
+        values.append((codes(token_major(args["value_codes"], args["block_length"]), args["value_nbits"]) * vs + vz).to(dtype).double())
     keys.append(args["recent_keys"][:, :, :nr].double().cpu())
     values.append(args["recent_values"][:, :, :nr].double().cpu())
     k, v = torch.cat(keys, -2), torch.cat(values, -2)

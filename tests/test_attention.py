@@ -30,7 +30,9 @@ def _greedy(attn_implementation: str, spec: str, device: str, dtype: torch.dtype
     layer = cache.layers[0]
     return out.cpu(), layer
 
-SPECS = ["quant:bits=4,sink=2,window=8,block=4", "quant:bits=8,sink=3,window=5,block=2,key_axis=token"]
+SPECS = ["quant:bits=4,sink=2,window=8,block=4", "quant:bits=8,sink=3,window=5,block=2,key_axis=token",
+         "quant:kbits=4,vbits=2,sink=2,window=8,block=4", "quant:kbits=2,vbits=8,sink=2,window=8,block=4,key_axis=token",
+         "quant:bits=4,sink=2,window=8,block=4,key_axis=token,group=16,rotate=hadamard"]
 
 
 @pytest.mark.parametrize("spec", SPECS)

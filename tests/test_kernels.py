@@ -94,6 +94,33 @@ def test_interpreter_matches_references(nbits, axis_key, ratio, num_sink, num_st
 
 
 @interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("axis_key", ["token", "channel"])
+@pytest.mark.parametrize("key_nbits,value_nbits", [(4, 2), (8, 4), (2, 4)])
+def test_interpreter_keys_and_values_of_their_own_bit_widths(key_nbits, value_nbits, axis_key, dtype):
+    """Key and value codes of different widths (``quant:kbits=K,vbits=V``): packed rows of their own sizes."""
+    module = kernel_module()
+    config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=3)
+    shape = dict(SMALL, head_dim=64, num_heads=4, num_sink=3, num_stored=80, num_recent=11, nbits=key_nbits,
+                 value_nbits=value_nbits, axis_key=axis_key, row_padding=[0, 2])
+    check_case(module, "cpu", dtype, _seed(), config=config, **shape)
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("nbits,value_nbits,axis_key", [(4, 4, "token"), (2, 4, "token"), (4, 2, "channel")])
+@pytest.mark.parametrize("device_lengths", [False, True])
+def test_interpreter_rotated_keys(nbits, value_nbits, axis_key, dtype, device_lengths):
+    """Middle keys stored rotated (``rotate=hadamard``): the kernel reads them with the rotated query, the
+    references rotate them back; sink and window keys are not rotated."""
+    module = kernel_module()
+    config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=3)
+    shape = dict(SMALL, head_dim=64, num_heads=4, num_sink=3, num_stored=80, num_recent=11, nbits=nbits,
+                 value_nbits=value_nbits, axis_key=axis_key, row_padding=[2, 0], rotate="hadamard")
+    check_case(module, "cpu", dtype, _seed(), config=config, device_lengths=device_lengths, **shape)
+
+
+@interpreter_only
 @pytest.mark.parametrize("axis_key", ["token", "channel"])
 def test_interpreter_scales_loaded_in_the_tile(axis_key):
     """Scales loaded with their tile instead of one tile ahead (``scale_prefetch=False``)."""
@@ -208,7 +235,7 @@ def test_interpreter_rejects_bad_inputs():
                                           replace(storage, sink_keys=storage.sink_keys.float()))
     query = torch.randn(1, 4, 1, 32).half()
     longer = torch.cat([storage.value_codes, torch.zeros_like(storage.value_codes[:, :, :16])], dim=2)
-    with pytest.raises(ValueError, match="same shape"):  # values are addressed with the keys' strides
+    with pytest.raises(ValueError, match="same batch, heads and capacity"):  # rows are addressed alike
         module.selective_decode_attention(query, replace(storage, value_codes=longer))
     with pytest.raises(ValueError, match="whole blocks of 16"):  # the value store is block-major
         module.selective_decode_attention(query, replace(storage, key_codes=storage.key_codes[:, :, :24],
@@ -484,7 +511,7 @@ def test_middle_dequantized_into_a_slice_equals_the_plain_formula(nbits, axis_ke
     expected_values = plain(value_codes, value_scale, value_zero, G, 3)
     stored = (quant.pack(key_codes, nbits), key_scale, key_zero,
               quant.to_block_major(quant.pack(value_codes, nbits), T), value_scale, value_zero)
-    settings = dict(nbits=nbits, q_group_size=G, axis_key=axis_key, block_length=T, dtype=dtype)
+    settings = dict(key_nbits=nbits, value_nbits=nbits, q_group_size=G, axis_key=axis_key, block_length=T, dtype=dtype)
     returned = dequantize_middle(*stored, num_stored, **settings)
     buffers = [torch.full((B, H, num_stored + 9, D), float("nan"), dtype=dtype) for _ in range(2)]
     dequantize_middle(*stored, num_stored, **settings, out_keys=buffers[0][:, :, 4 : 4 + num_stored],

@@ -112,8 +112,8 @@ def test_unsupported_layer_types_are_refused_clearly():
                                                   (64, {8: 64, 4: 32, 2: 64}), (16, {8: 16, 4: 16, 2: 16})])
 def test_default_group_divides_head_dim(head_dim, groups):
     for nbits, group in groups.items():
-        assert selkv.parse_spec(f"quant:bits={nbits}").check_model(head_dim).q_group_size == group
-    assert selkv.parse_spec("hf-quanto:bits=4").check_model(head_dim).q_group_size == min(groups[8], 64)
+        assert selkv.parse_spec(f"quant:bits={nbits}").check_model(head_dim).group == group
+    assert selkv.parse_spec("hf-quanto:bits=4").check_model(head_dim).group == min(groups[8], 64)
 
 
 @pytest.mark.parametrize("spec", ["quant:bits=8", "quant:bits=4", "quant:bits=2", "hf-quanto:bits=2,residual=8"])

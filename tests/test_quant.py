@@ -62,6 +62,24 @@ def test_non_finite_and_constant_groups_give_finite_output(nbits, sym):
     assert y[0, 2] >= y[0, 1] >= y[0, 3]  # +inf saturates high, -inf low
 
 
+@pytest.mark.parametrize("dim", [1, 2, 16, 64, 128])
+def test_hadamard_is_orthogonal_symmetric_and_flat(dim):
+    matrix = quant.hadamard(dim)
+    assert matrix.dtype == torch.float32 and matrix.shape == (dim, dim)
+    torch.testing.assert_close(matrix @ matrix.T, torch.eye(dim), atol=1e-6, rtol=0)
+    assert torch.equal(matrix, matrix.T)
+    assert torch.allclose(matrix.abs(), torch.full((dim, dim), dim**-0.5))  # every channel spread evenly
+    assert quant.hadamard(dim) is matrix  # built once per (dim, dtype, device)
+    x = torch.randn(3, 5, dim)
+    torch.testing.assert_close(quant.unrotate(quant.rotate(x, matrix), matrix), x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [0, 3, 96])
+def test_hadamard_refuses_other_sizes(dim):
+    with pytest.raises(ValueError, match=f"power-of-two head_dim, got {dim}"):
+        quant.hadamard(dim)
+
+
 @pytest.mark.parametrize("nbits", [2, 4, 8])
 @pytest.mark.parametrize("head_dim", [8, 64, 128])
 def test_pack_unpack_round_trip_and_size(nbits, head_dim):

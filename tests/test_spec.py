@@ -24,6 +24,12 @@ BAD_SPECS = {
     "quant:bits": "expected key=value",
     "": "non-empty string",
     "hf-quanto:bits=8": "bits=8 is not supported",
+    "quant:bits=4,kbits=8": "bits=4 disagrees with kbits=8",
+    "quant:bits=4,kbits=4,vbits=2": "bits=4 disagrees with vbits=2",
+    "quant:kbits=4": "missing field 'vbits'",
+    "quant:vbits=2,sink=4": "missing field 'kbits'",
+    "quant:kbits=4,vbits=3": "vbits=3 is not supported; allowed: 2, 4, 8",
+    "quant:bits=4,rotate=random": "rotate='random' is not allowed; allowed: none, hadamard",
 }
 
 
@@ -43,8 +49,47 @@ def test_good_specs_round_trip():
                  "hf-quanto:bits=4,residual=128"]:
         spec = selkv.parse_spec(text)
         assert selkv.parse_spec(str(spec)) == spec
-    assert selkv.parse_spec("quant:bits=8").axis_key == "token"
-    assert selkv.parse_spec("quant:bits=2").axis_key == "channel"
+    assert selkv.parse_spec("quant:bits=8").key_axis == "token"
+    assert selkv.parse_spec("quant:bits=2").key_axis == "channel"
+
+
+@pytest.mark.parametrize(("text", "canonical", "kbits", "vbits"), [
+    ("quant:bits=4", "quant:bits=4,", 4, 4),
+    ("quant:kbits=8,vbits=8", "quant:bits=8,", 8, 8),
+    ("quant:bits=2,kbits=2", "quant:bits=2,", 2, 2),
+    ("quant:kbits=4,vbits=2", "quant:kbits=4,vbits=2,", 4, 2),
+    ("quant:vbits=4,kbits=2,key_axis=token", "quant:kbits=2,vbits=4,", 2, 4),
+])
+def test_key_and_value_bits(text, canonical, kbits, vbits):
+    spec = selkv.parse_spec(text)
+    assert (spec.kbits, spec.vbits) == (kbits, vbits)
+    assert str(spec).startswith(canonical) and selkv.parse_spec(str(spec)) == spec
+    assert spec.bits == (kbits + vbits) / 2
+
+
+def test_rotate_key():
+    plain, rotated = selkv.parse_spec("quant:bits=4"), selkv.parse_spec("quant:bits=4,rotate=hadamard")
+    assert plain.rotate == "none" and "rotate" not in str(plain)  # the default is left out of str(spec)
+    assert rotated.rotate == "hadamard" and str(rotated).endswith(",rotate=hadamard")
+    assert selkv.parse_spec(str(rotated)) == rotated and rotated.family != plain.family
+    assert selkv.parse_spec("quant:bits=4,rotate=none") == plain
+    assert rotated.make_layer().rotate == "hadamard"
+    with pytest.raises(SpecError, match="rotate=hadamard needs a power-of-two head_dim; this model's is 96"):
+        rotated.check_model(96)
+    with pytest.raises(SpecError, match="power-of-two head_dim"):
+        selkv.make_cache("quant:bits=4,rotate=hadamard", tiny_llama_config(head_dim=48))
+
+
+def test_per_bit_defaults_follow_the_side_they_concern():
+    # key_axis and block (per-channel key groups) follow kbits; group (value groups) follows vbits.
+    from selkv.specs import DEFAULT_BLOCK, DEFAULT_GROUP, DEFAULT_KEY_AXIS
+
+    for kbits, vbits in [(8, 2), (2, 8), (4, 2), (8, 4)]:
+        spec = selkv.parse_spec(f"quant:kbits={kbits},vbits={vbits}").check_model(128)
+        assert spec.key_axis == DEFAULT_KEY_AXIS[kbits] and spec.block == DEFAULT_BLOCK[kbits]
+        assert spec.group == DEFAULT_GROUP[vbits]
+        layer = spec.make_layer()
+        assert (layer.nbits, layer.value_nbits, layer.q_group_size) == (kbits, vbits, spec.group)
 
 
 def test_each_kind_is_one_spec_class_in_the_registry():
@@ -65,7 +110,7 @@ def test_spec_builds_its_cache():
     config = tiny_llama_config()
     assert isinstance(selkv.parse_spec("drop").build(config), selkv.SelectiveCache)
     cache = selkv.parse_spec("quant:bits=4").build(config)
-    assert isinstance(cache, selkv.SelectiveCache) and cache.spec.q_group_size == 32  # resolved for head_dim 32
+    assert isinstance(cache, selkv.SelectiveCache) and cache.spec.group == 32  # resolved for head_dim 32
     assert isinstance(selkv.parse_spec("full").build(config), DynamicCache)
     with pytest.raises(TypeError, match="use make_cache"):
         selkv.SelectiveCache("drop", config)
@@ -81,6 +126,25 @@ def test_flat_fields_of_other_kinds_warn_and_keep_their_old_values():
     with pytest.raises(AttributeError):
         selkv.parse_spec("full").colour
 
+
+@pytest.mark.parametrize(("text", "renamed"), [
+    ("quant:bits=2,sink=3,window=40,group=16,key_axis=token,block=8",
+     {"nbits": "bits", "num_sink_tokens": "sink", "window_length": "window", "q_group_size": "group",
+      "axis_key": "key_axis", "block_length": "block"}),
+    ("drop:sink=2,window=9,block=4", {"num_sink_tokens": "sink", "window_length": "window", "block_length": "block"}),
+    ("hf-quanto:bits=2,residual=7,group=16", {"nbits": "bits", "residual_length": "residual", "q_group_size": "group"}),
+])
+def test_fields_are_named_as_spec_keys_and_old_names_warn(text, renamed):
+    spec = selkv.parse_spec(text)
+    given = dict(item.split("=") for item in text.partition(":")[2].split(","))
+    for old, new in renamed.items():
+        value = getattr(spec, new)
+        assert str(value) == given[new]
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; use .{new}"):
+            assert getattr(spec, old) == value
+        with pytest.raises(AttributeError):  # read-only, as every spec field
+            setattr(spec, old, value)
+
 MAX_SETTING = 2**31 - 1  # the largest integer a spec takes
 
 
@@ -90,4 +154,4 @@ def test_integers_beyond_the_bound_are_refused_when_parsed(field):
     spec = f"quant:bits=4,{field}={huge}" if field != "bits" else f"quant:bits={huge}"
     with pytest.raises(SpecError, match=f"{field}={huge} is too large; the largest allowed is {MAX_SETTING}"):
         selkv.parse_spec(spec)
-    assert selkv.parse_spec(f"drop:window={MAX_SETTING}").window_length == MAX_SETTING
+    assert selkv.parse_spec(f"drop:window={MAX_SETTING}").window == MAX_SETTING

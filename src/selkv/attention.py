@@ -59,7 +59,9 @@ def _use_kernel(query: torch.Tensor, storage: DecodeStorage):
         return None
     head_dim = query.shape[-1]
     groups = query.shape[1] // storage.num_key_value_heads
-    supported = kernels.check_supported(head_dim, groups, storage.nbits, storage.q_group_size, query.dtype) is None
+    why = kernels.check_supported(head_dim, groups, storage.key_nbits, storage.q_group_size, query.dtype,
+                                  storage.value_nbits)
+    supported = why is None
     return kernels if supported else None
 
 

@@ -42,6 +42,10 @@ def make_cache(spec: str | CacheSpec, config, max_cache_len: int | None = None) 
     return parsed.build(config, max_cache_len=max_cache_len)
 
 
+# What layer_bytes counts per layer (and kv_bytes sums).
+LAYER_BYTE_KEYS = ("bytes_16bit", "bytes_codes", "bytes_key_codes", "bytes_value_codes", "bytes_scales", "allocated", "full16")
+
+
 def _dense_shape(layer) -> tuple[int, ...] | None:
     """[batch, heads, seq, head_dim] of a transformers cache layer, dense or quantized (quanto or HQQ)."""
     if layer.keys is not None and layer.keys.dim() == 4:
@@ -54,23 +58,27 @@ def _dense_shape(layer) -> tuple[int, ...] | None:
 
 
 def layer_bytes(layer, element_size_16bit: int = 2) -> dict[str, int]:
-    """One cache layer's bytes (see :func:`kv_bytes`): ``bytes_16bit``, ``bytes_codes``, ``bytes_scales``,
+    """One cache layer's bytes (see :func:`kv_bytes`): ``bytes_16bit``, ``bytes_codes`` (``bytes_key_codes`` +
+    ``bytes_value_codes``), ``bytes_scales``,
     ``allocated`` and ``full16``, what the layer of a 16-bit ``full`` cache would hold for the same tokens.
     """
-    counted = {"bytes_16bit": 0, "bytes_codes": 0, "bytes_scales": 0, "allocated": 0, "full16": 0}
+    counted = dict.fromkeys(LAYER_BYTE_KEYS, 0)
     if not getattr(layer, "is_initialized", False):
         return counted
     if hasattr(layer, "nbytes"):  # selkv layers
         own = layer.nbytes()
-        for key in ("bytes_16bit", "bytes_codes", "bytes_scales"):
+        for key in ("bytes_16bit", "bytes_codes", "bytes_key_codes", "bytes_value_codes", "bytes_scales"):
             counted[key] = own[key]
         counted["allocated"] = own["bytes_allocated"]
         batch, heads, dims = layer.batch_size, layer.num_key_value_heads, layer.head_dim * 2
         tokens = int(layer.get_seq_length())
     else:  # transformers layers: dense keys/values plus anything quantized
         dense = tensor_bytes([layer.keys, layer.values])
-        quantized = tensor_bytes([getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)])
+        quantized_keys = tensor_bytes(getattr(layer, "_quantized_keys", None))
+        quantized_values = tensor_bytes(getattr(layer, "_quantized_values", None))
+        quantized = quantized_keys + quantized_values
         counted["bytes_16bit"], counted["bytes_codes"], counted["allocated"] = dense, quantized, dense + quantized
+        counted["bytes_key_codes"], counted["bytes_value_codes"] = quantized_keys, quantized_values
         shape = _dense_shape(layer)
         if shape is None:
             return counted
@@ -85,7 +93,8 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2, per_device: bool = False
     """Exact KV memory of ``cache``, counted from the tensors it holds.
 
     Returns ``bytes_16bit`` (unquantized sink/window/residual, and every sliding-window layer),
-    ``bytes_codes``, ``bytes_scales``, ``total`` (their sum: the filled part), ``allocated`` (the
+    ``bytes_codes`` (``bytes_key_codes`` + ``bytes_value_codes``: keys and values may have their own bit
+    widths), ``bytes_scales``, ``total`` (their sum: the filled part), ``allocated`` (the
     memory really held: the storage of every tensor, spare capacity included; selkv layers count each
     storage once), ``tokens`` (positions seen), ``full16`` (what a 16-bit ``full`` cache of the same
     tokens holds; its sliding-window layers hold only their window), ``compression`` (``full16 /
@@ -96,7 +105,7 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2, per_device: bool = False
     ``per_device`` adds ``per_device``: the same counts for the layers on each device (a model split
     with ``device_map``), keyed by device name (``"cuda:0"``, ``"cpu"``).
     """
-    totals = {"bytes_16bit": 0, "bytes_codes": 0, "bytes_scales": 0, "allocated": 0, "full16": 0}
+    totals = dict.fromkeys(LAYER_BYTE_KEYS, 0)
     for layer in cache.layers:
         for key, value in layer_bytes(layer, element_size_16bit).items():
             totals[key] += value

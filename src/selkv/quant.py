@@ -1,4 +1,4 @@
-"""All of selkv's quantization math: group quantization, bit packing and byte counts.
+"""All of selkv's quantization math: group quantization, rotation, bit packing and byte counts.
 
 Nothing else in the package computes scales or packs codes.
 
@@ -23,6 +23,9 @@ value.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -126,6 +129,48 @@ def dequantize(
         return out
     result = result.to(dtype)  # float32 math, then rounded
     return result if out is None else out.copy_(result)
+
+
+# Rotation.
+#
+# Outlier channels (a few key channels 10-30x larger than the rest) set the range of every per-token
+# group they fall in, so the other channels get few levels. An orthogonal rotation spreads each
+# outlier over all channels before quantization (QuaRot, SpinQuant), and attention does not change:
+# q . k = (q R) . (k R) for any orthogonal R. The normalized Hadamard matrix is orthogonal, symmetric
+# (its own inverse) and has entries of one magnitude, so it spreads every channel evenly.
+
+ROTATIONS = ("none", "hadamard")
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard(dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The normalized Hadamard matrix ``[dim, dim]`` (Sylvester's construction): orthogonal and symmetric.
+
+    ``dim`` must be a power of two. One tensor per (dim, dtype, device) is built and shared (read-only).
+    """
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {dim}; use rotate=none")
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < dim:  # [[H, H], [H, -H]]
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return (matrix / math.sqrt(dim)).to(dtype=dtype, device=device)
+
+
+def rotation_matrix(rotate: str, dim: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The float32 ``[dim, dim]`` matrix of rotation ``rotate`` (one of :data:`ROTATIONS`); ``None`` for "none"."""
+    if rotate not in ROTATIONS:
+        raise ValueError(f"rotate must be one of {ROTATIONS}, got {rotate!r}")
+    return None if rotate == "none" else hadamard(dim, torch.float32, torch.device(device))
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """``x [..., dim] @ rotation`` in float32 (``x`` itself when ``rotation`` is None)."""
+    return x if rotation is None else torch.matmul(x.float(), rotation)
+
+
+def unrotate(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of :func:`rotate` (``rotation`` is orthogonal: its transpose), in float32."""
+    return x if rotation is None else torch.matmul(x.float(), rotation.T)
 
 
 # Bit packing.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import bytes_summary, layer_bytes, layer_plan, make_cache, model_shape, resolve_spec
+from .cache import LAYER_BYTE_KEYS, bytes_summary, layer_bytes, layer_plan, make_cache, model_shape, resolve_spec
 
 
 def load_config(name_or_path: str):
@@ -36,7 +36,7 @@ def cache_size(spec: str, config, tokens: int, batch_size: int = 1, chunk: int =
     kinds: dict[tuple, list[int]] = {}
     for layer_idx, plan in enumerate(layer_plan(config)):
         kinds.setdefault(plan, []).append(layer_idx)
-    totals = dict.fromkeys(("bytes_16bit", "bytes_codes", "bytes_scales", "allocated", "full16"), 0)
+    totals = dict.fromkeys(LAYER_BYTE_KEYS, 0)
     for layer_ids in kinds.values():
         done = 0
         while done < tokens:

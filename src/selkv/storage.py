@@ -2,7 +2,7 @@
 
 A selective layer holds, per batch row and KV head::
 
-    [ sink: 16-bit ][ middle: nbits codes + float16 scales/zeros ][ window: 16-bit ]
+    [ sink: 16-bit ][ middle: key_nbits / value_nbits codes + float16 scales/zeros ][ window: 16-bit ]
 
 The layer produces a :class:`DecodeStorage` (``layer.decode_storage()``); the fused kernel's
 launcher, its PyTorch twin (``kernels/reference.py``), the tests and the benchmarks consume it.
@@ -45,32 +45,40 @@ def dequantize_middle(
     value_zero: torch.Tensor,
     num_stored: int,
     *,
-    nbits: int,
+    key_nbits: int,
+    value_nbits: int,
     q_group_size: int,
     axis_key: str,
     block_length: int,
     dtype: torch.dtype = torch.float32,
     out_keys: torch.Tensor | None = None,
     out_values: torch.Tensor | None = None,
+    key_rotation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``num_stored`` middle tokens as ``[B, H, num_stored, head_dim]`` keys and values in ``dtype``.
 
     The math is float32, rounded to ``dtype`` at the end. ``out_keys``/``out_values`` (views of
     that shape, e.g. slices of the tensors attention reads) receive the result without a copy.
+    ``key_rotation`` ``[head_dim, head_dim]``: the keys were stored rotated by it; they are rotated back.
     """
-    codes = quant.unpack(key_codes[:, :, :num_stored], nbits)
+    codes = quant.unpack(key_codes[:, :, :num_stored], key_nbits)
+    # rotated keys are dequantized in float32 and rotated back before rounding to dtype
+    key_dtype, key_out = (dtype, out_keys) if key_rotation is None else (torch.float32, None)
     if axis_key == "channel":
         groups = -(-num_stored // block_length)
         keys = quant.dequantize(codes, key_scale[:, :, :groups], key_zero[:, :, :groups], block_length, dim=-2,
-                                dtype=dtype, out=out_keys)
+                                dtype=key_dtype, out=key_out)
     else:
         keys = quant.dequantize(codes, key_scale[:, :, :num_stored], key_zero[:, :, :num_stored], q_group_size,
-                                dtype=dtype, out=out_keys)
+                                dtype=key_dtype, out=key_out)
+    if key_rotation is not None:
+        keys = quant.unrotate(keys, key_rotation).to(dtype)
+        keys = keys if out_keys is None else out_keys.copy_(keys)
     value_scale, value_zero = value_scale[:, :, :num_stored], value_zero[:, :, :num_stored]
     if num_stored % block_length == 0:  # whole blocks (always, in decode): read the codes in place, in token order
         blocks = num_stored // block_length
         codes = quant.token_order_view(value_codes[:, :, :num_stored], block_length)
-        codes = quant.unpack(codes.contiguous(), nbits)  # transposing bytes, then converting, beats one strided pass
+        codes = quant.unpack(codes.contiguous(), value_nbits)  # transposing bytes, then converting, beats one strided pass
         values = quant.dequantize(  # [B, H, blocks, block_length, head_dim], a view of [B, H, num_stored, head_dim]
             codes, value_scale.unflatten(2, (blocks, block_length)), value_zero.unflatten(2, (blocks, block_length)),
             q_group_size, dtype=dtype, out=None if out_values is None else out_values.unflatten(2, (blocks, block_length)),
@@ -78,18 +86,19 @@ def dequantize_middle(
     else:
         whole_blocks = -(-num_stored // block_length) * block_length
         codes = quant.from_block_major(value_codes[:, :, :whole_blocks], block_length)[:, :, :num_stored]
-        values = quant.dequantize(quant.unpack(codes, nbits), value_scale, value_zero, q_group_size, dtype=dtype,
+        values = quant.dequantize(quant.unpack(codes, value_nbits), value_scale, value_zero, q_group_size, dtype=dtype,
                                   out=out_values)
     return keys, values
 
 
 @dataclass(frozen=True)
 class DecodeStorage:
-    """One layer's decode storage (``B`` batch, ``H`` KV heads, ``D`` head_dim, ``P = D * nbits // 8``).
+    """One layer's decode storage (``B`` batch, ``H`` KV heads, ``D`` head_dim; ``P = D * key_nbits // 8`` packed
+    bytes per key, ``D * value_nbits // 8`` per value).
 
     Attributes:
         sink_keys, sink_values: ``[B, H, sink_capacity, D]`` 16-bit.
-        key_codes, value_codes: uint8 ``[B, H, C, P]``, codes packed in planes (``quant.pack``); value
+        key_codes, value_codes: uint8 ``[B, H, C, P]`` (``P`` of their own bit width), codes packed in planes (``quant.pack``); value
             codes block-major in blocks of ``block_length`` tokens (``quant.to_block_major``; ``C`` a
             multiple of ``block_length``). ``None`` when the layer has no middle yet.
         key_scale, key_zero: float16 ``[B, H, C, D // q_group_size]`` (``axis_key="token"``) or
@@ -97,7 +106,11 @@ class DecodeStorage:
         value_scale, value_zero: float16 ``[B, H, C, D // q_group_size]``.
         recent_keys, recent_values: ``[B, H, window_capacity, D]`` 16-bit.
         num_sink, num_stored, num_recent: filled lengths, or their upper bounds when ``lengths`` is set.
-        nbits, q_group_size, axis_key, block_length: the middle's quantization layout.
+        key_nbits, value_nbits: bits per key code and per value code.
+        q_group_size, axis_key, block_length: the middle's quantization layout.
+        key_rotation: float32 ``[D, D]`` orthogonal matrix the middle's keys were multiplied by before they
+            were quantized (``quant:rotate=hadamard``), or ``None``. Attention over the middle then uses
+            ``query @ key_rotation``; sink and window keys are never rotated.
         row_padding: int32 ``[B]`` left padding of each row (its sink positions below it are padding),
             or ``None``.
         lengths: int32 ``[4]`` on the device (num_sink, num_stored, num_recent, recent_start), or ``None``.
@@ -116,19 +129,21 @@ class DecodeStorage:
     num_sink: int
     num_stored: int
     num_recent: int
-    nbits: int
+    key_nbits: int
+    value_nbits: int
     q_group_size: int
     axis_key: str = "token"
     block_length: int = 1
     row_padding: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
+    key_rotation: torch.Tensor | None = None
 
     @property
     def num_key_value_heads(self) -> int:
         return self.sink_keys.shape[1]
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Middle tokens ``[:num_stored]`` as float32 ``[B, H, num_stored, D]`` keys and values.
+        """Middle tokens ``[:num_stored]`` as float32 ``[B, H, num_stored, D]`` keys (rotated back) and values.
 
         With device ``lengths``, ``num_stored`` is the capacity: entries past ``lengths[1]`` are
         stale or unwritten and the caller masks them.
@@ -138,8 +153,8 @@ class DecodeStorage:
             return empty, empty
         return dequantize_middle(
             self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale, self.value_zero,
-            self.num_stored, nbits=self.nbits, q_group_size=self.q_group_size, axis_key=self.axis_key,
-            block_length=self.block_length,
+            self.num_stored, key_nbits=self.key_nbits, value_nbits=self.value_nbits, q_group_size=self.q_group_size, axis_key=self.axis_key,
+            block_length=self.block_length, key_rotation=self.key_rotation,
         )
 
 

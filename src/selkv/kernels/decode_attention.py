@@ -2,7 +2,7 @@
 
 One decode step (query length 1) attends over a layer's cache as it is stored::
 
-    [ sink: 16-bit ][ middle: nbits codes + float16 scales/zeros ][ window: 16-bit ]
+    [ sink: 16-bit ][ middle: key/value codes + float16 scales/zeros ][ window: 16-bit ]
 
 The kernels read the codes in registers and never write a 16-bit copy of the
 history: codes enter the dot products as float16 (1024 + code, by their bits)
@@ -59,9 +59,10 @@ _VARYING_LENGTHS = ["num_sink", "num_stored", "num_recent", "tokens_per_split", 
 
 @triton.jit(do_not_specialize=_VARYING_LENGTHS)
 def _selective_decode_partial_kernel(
-    # pointers: query [B, Hq, 1, D]; 16-bit sink/window [B, H, cap, D]
-    Q, SinkK, SinkV, RecentK, RecentV,
-    # middle: codes [B, H, C, P] uint8; scales/zeros float16 (layouts in the launcher's docstring)
+    # pointers: query [B, Hq, 1, D]; the query the middle's keys are read with ([B, Hq, 1, D], same strides:
+    # the query itself, or query @ key_rotation for rotated keys); 16-bit sink/window [B, H, cap, D]
+    Q, QMiddle, SinkK, SinkV, RecentK, RecentV,
+    # middle: codes [B, H, C, P] uint8 (P by each one's bit width); scales/zeros float16 (layouts in the launcher's docstring)
     KCodes, KScale, KZero, VCodes, VScale, VZero,
     # [B] int32 left padding of each row (unused unless HAS_PADDING)
     RowPadding,
@@ -77,14 +78,16 @@ def _selective_decode_partial_kernel(
     stride_qb, stride_qh,
     stride_sb, stride_sh, stride_sn,
     stride_rb, stride_rh, stride_rn,
-    stride_cb, stride_ch, stride_cn,
+    stride_cb, stride_ch, stride_cn,  # key codes
+    stride_vcb, stride_vch,  # value codes (each row's blocks are contiguous: block-major)
     stride_ksb, stride_ksh, stride_ksn,
     stride_vsb, stride_vsh, stride_vsn,
     # meta-parameters
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # GROUP rounded up to a power of two >= 16 (tl.dot's smallest M)
     HEAD_DIM: tl.constexpr,
-    NBITS: tl.constexpr,
+    KEY_NBITS: tl.constexpr,
+    VALUE_NBITS: tl.constexpr,
     Q_GROUP: tl.constexpr,  # channels per scale group (per-token groups)
     KEY_PER_CHANNEL: tl.constexpr,  # keys grouped per channel over BLOCK_LENGTH tokens (KIVI)
     BLOCK_LENGTH: tl.constexpr,  # the cache's block: tokens per key group (KEY_PER_CHANNEL), per value-code block
@@ -158,11 +161,11 @@ def _selective_decode_partial_kernel(
         if HAS_PADDING:  # padding beyond the sink (a cache that was not given sink room for it)
             first_stored = tl.load(RowPadding + b) - num_sink
         _middle_chunk(
-            Q, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
+            QMiddle, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
             b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
-            stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
+            stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_vcb, stride_vch,
             stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
-            GROUP, HEADS_N, HEAD_DIM, NBITS, Q_GROUP, CHUNK, KEY_CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS,
+            GROUP, HEADS_N, HEAD_DIM, KEY_NBITS, VALUE_NBITS, Q_GROUP, CHUNK, KEY_CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS,
             BLOCK_N,
             DOT_PRECISION, CODES_ASM, SCALE_PREFETCH, VALUE_DOT,
         )
@@ -385,9 +388,10 @@ def _store_chunk(PartialOut, acc, rows, head_ok, l_safe, C: tl.constexpr, CHUNK:
 def _middle_chunk(
     Q, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
     b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
-    stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
+    stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_vcb, stride_vch,
     stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
-    GROUP: tl.constexpr, HEADS_N: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
+    GROUP: tl.constexpr, HEADS_N: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_NBITS: tl.constexpr,
+    VALUE_NBITS: tl.constexpr,
     Q_GROUP: tl.constexpr, CHUNK: tl.constexpr, KEY_CHUNK: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr,
     BLOCK_LENGTH: tl.constexpr,
     KEY_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CODES_ASM: tl.constexpr,
@@ -417,6 +421,7 @@ def _middle_chunk(
     acc2 = tl.zeros([CHUNK, HEADS_N], tl.float32)
     acc3 = tl.zeros([CHUNK, HEADS_N], tl.float32)
     code_base = b * stride_cb + h * stride_ch
+    value_code_base = b * stride_vcb + h * stride_vch
     kscale_base = b * stride_ksb + h * stride_ksh
     vscale_base = b * stride_vsb + h * stride_vsh
     lo = split * tokens_per_split
@@ -439,33 +444,33 @@ def _middle_chunk(
             ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(*scale_args, pos, valid, *scale_bases,
                                                               NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
         key_args = (KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, ks_tile, kz_tile)
-        s = _key_chunk_scores(*key_args, qT0, q_sum0, 0, KEY_CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
+        s = _key_chunk_scores(*key_args, qT0, q_sum0, 0, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
                               BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         if NUM_KEY_CHUNKS > 1:
-            s += _key_chunk_scores(*key_args, qT1, q_sum1, 1, KEY_CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
+            s += _key_chunk_scores(*key_args, qT1, q_sum1, 1, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
                                    BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         if NUM_KEY_CHUNKS > 2:
-            s += _key_chunk_scores(*key_args, qT2, q_sum2, 2, KEY_CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
+            s += _key_chunk_scores(*key_args, qT2, q_sum2, 2, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
                                    BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         if NUM_KEY_CHUNKS > 3:
-            s += _key_chunk_scores(*key_args, qT3, q_sum3, 3, KEY_CHUNK, HEAD_DIM, NBITS, Q_GROUP, KEY_PER_CHANNEL,
+            s += _key_chunk_scores(*key_args, qT3, q_sum3, 3, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
                                    BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))  # every tile has a valid token: m_new is finite
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
-        value_args = (VCodes, code_base, start, pos, valid, vs_tile, vz_tile, p, alpha)
-        acc0 = _value_chunk_update(acc0, *value_args, 0, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
+        value_args = (VCodes, value_code_base, start, pos, valid, vs_tile, vz_tile, p, alpha)
+        acc0 = _value_chunk_update(acc0, *value_args, 0, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
                                         BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
         if NUM_CHUNKS > 1:
-            acc1 = _value_chunk_update(acc1, *value_args, 1, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
+            acc1 = _value_chunk_update(acc1, *value_args, 1, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
                                         BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
         if NUM_CHUNKS > 2:
-            acc2 = _value_chunk_update(acc2, *value_args, 2, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
+            acc2 = _value_chunk_update(acc2, *value_args, 2, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
                                         BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
         if NUM_CHUNKS > 3:
-            acc3 = _value_chunk_update(acc3, *value_args, 3, CHUNK, HEAD_DIM, NBITS, Q_GROUP, BLOCK_LENGTH,
+            acc3 = _value_chunk_update(acc3, *value_args, 3, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
                                         BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
         m_i = m_new
         if SCALE_PREFETCH:
@@ -617,22 +622,27 @@ def _splits(num_stored: int, rows: int, config: DecodeConfig, device: torch.devi
     return _cdiv(num_stored, tokens_per_split), tokens_per_split
 
 
-def check_supported(head_dim: int, num_groups: int, nbits: int, q_group_size: int, dtype: torch.dtype) -> str | None:
-    """Why the fused kernel cannot take these shapes (``None``: it can)."""
+def check_supported(head_dim: int, num_groups: int, nbits: int, q_group_size: int, dtype: torch.dtype,
+                    value_nbits: int | None = None) -> str | None:
+    """Why the fused kernel cannot take these shapes (``None``: it can); ``nbits`` of keys, ``value_nbits``
+    of values (default: ``nbits``)."""
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} (supported: float16, bfloat16, float32)"
     if dtype == torch.bfloat16 and interpreter_enabled():  # seen with Triton 3.9: outputs off by 1e9
         return "bfloat16 in Triton's CPU interpreter, which computes it wrongly (float16 and float32 work there)"
     if not _pow2(head_dim) or head_dim < 16:
         return f"head_dim={head_dim} (a power of two >= 16 is needed)"
-    if nbits not in (2, 4, 8):
-        return f"nbits={nbits}"
+    value_nbits = nbits if value_nbits is None else value_nbits
+    for bits in (nbits, value_nbits):
+        if bits not in (2, 4, 8):
+            return f"nbits={bits}"
     if not _pow2(q_group_size) or head_dim % q_group_size:
         return f"q_group_size={q_group_size} (a power of two dividing head_dim is needed)"
-    chunk = _chunk(head_dim, nbits, q_group_size)
-    if chunk < 16 or head_dim // chunk > 4:
-        return (f"head_dim={head_dim}, nbits={nbits}, q_group_size={q_group_size}: the kernel reads the head in "
-                f"at most 4 chunks of >= 16 channels (one bit plane and scale group each); this needs {chunk}")
+    for bits in (nbits, value_nbits):
+        chunk = _chunk(head_dim, bits, q_group_size)
+        if chunk < 16 or head_dim // chunk > 4:
+            return (f"head_dim={head_dim}, nbits={bits}, q_group_size={q_group_size}: the kernel reads the head in "
+                    f"at most 4 chunks of >= 16 channels (one bit plane and scale group each); this needs {chunk}")
     if num_groups < 1:
         return f"num_key_value_groups={num_groups}"
     return None
@@ -665,8 +675,8 @@ def selective_decode_attention(
     key_codes, key_scale, key_zero = s.key_codes, s.key_scale, s.key_zero
     value_codes, value_scale, value_zero = s.value_codes, s.value_scale, s.value_zero
     num_sink, num_stored, num_recent = s.num_sink, s.num_stored, s.num_recent
-    nbits, q_group_size, axis_key, block_length, row_padding = (
-        s.nbits, s.q_group_size, s.axis_key, s.block_length, s.row_padding)
+    key_nbits, value_nbits, q_group_size, axis_key, block_length, row_padding = (
+        s.key_nbits, s.value_nbits, s.q_group_size, s.axis_key, s.block_length, s.row_padding)
     batch_size, num_heads, q_len, head_dim = query_states.shape
     num_kv_heads = sink_keys.shape[1]
     if q_len != 1:
@@ -674,9 +684,11 @@ def selective_decode_attention(
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
     group = num_heads // num_kv_heads
-    why = check_supported(head_dim, group, nbits, q_group_size, query_states.dtype)
+    why = check_supported(head_dim, group, key_nbits, q_group_size, query_states.dtype, value_nbits)
     if why:
         raise ValueError(f"the fused decode kernel does not support {why}")
+    if s.key_rotation is not None and tuple(s.key_rotation.shape) != (head_dim, head_dim):
+        raise ValueError(f"key_rotation has shape {tuple(s.key_rotation.shape)}; expected [{head_dim}, {head_dim}]")
     if axis_key not in ("token", "channel"):
         raise ValueError(f"axis_key must be 'token' or 'channel', got {axis_key!r}")
     for name, t in (("sink_keys", sink_keys), ("sink_values", sink_values), ("recent_keys", recent_keys),
@@ -694,6 +706,12 @@ def selective_decode_attention(
         return t if t.stride(-1) == 1 else t.contiguous()
 
     query_states = last_contiguous(query_states)
+    # Rotated middle keys are read with the rotated query, (q R) . (k R) = q . k: one small matmul per step
+    # outside the kernel, kept in float32 (the kernel rounds it to its dot dtype as it does the query).
+    middle_query = query_states
+    if s.key_rotation is not None and num_stored:
+        query_states = query_states.contiguous()
+        middle_query = torch.matmul(query_states.float(), s.key_rotation.to(device=device, dtype=torch.float32))
     sink_keys, sink_values = last_contiguous(sink_keys), last_contiguous(sink_values)
     recent_keys, recent_values = last_contiguous(recent_keys), last_contiguous(recent_values)
     if sink_keys.stride() != sink_values.stride():
@@ -706,14 +724,15 @@ def selective_decode_attention(
         recent_keys = recent_values = sink_keys if sink_keys.numel() else query_states
 
     if num_stored:
-        packed = head_dim * nbits // 8
-        if key_codes is None or key_codes.shape[-1] != packed or value_codes.shape[-1] != packed:
-            raise ValueError(f"key/value codes must have {packed} packed bytes per token for nbits={nbits}")
+        key_packed, value_packed = head_dim * key_nbits // 8, head_dim * value_nbits // 8
+        if key_codes is None or key_codes.shape[-1] != key_packed or value_codes.shape[-1] != value_packed:
+            raise ValueError(f"key/value codes must have {key_packed}/{value_packed} packed bytes per token for "
+                             f"key_nbits={key_nbits}, value_nbits={value_nbits}")
         if key_codes.shape[2] < num_stored:
             raise ValueError(f"num_stored={num_stored} exceeds the middle capacity {key_codes.shape[2]}")
-        if value_codes.shape != key_codes.shape:  # the kernel addresses both with key_codes' strides
+        if value_codes.shape[:3] != key_codes.shape[:3]:  # the kernel addresses both rows with key_codes' rows
             raise ValueError(f"value_codes {tuple(value_codes.shape)} and key_codes {tuple(key_codes.shape)} "
-                             "must have the same shape")
+                             "must have the same batch, heads and capacity")
         if value_codes.shape[2] % block_length:
             raise ValueError(f"the middle capacity {value_codes.shape[2]} is not whole blocks of {block_length} "
                              "(value codes are stored block-major)")
@@ -742,7 +761,7 @@ def selective_decode_attention(
     device_lengths = s.lengths is not None
     lengths = s.lengths.to(device=device, dtype=torch.int32) if device_lengths else sink_keys  # unused without
 
-    chunk = _chunk(head_dim, nbits, q_group_size)
+    chunk = _chunk(head_dim, value_nbits, q_group_size)
     num_splits, tokens_per_split = _splits(num_stored, batch_size * num_kv_heads, config, device)
     num_partials = num_splits + 1  # the last one reads the 16-bit regions
     partial_out = torch.empty(batch_size, num_heads, num_partials, head_dim, device=device, dtype=torch.float32)
@@ -751,7 +770,7 @@ def selective_decode_attention(
     scaling = head_dim**-0.5 if scaling is None else float(scaling)
 
     _selective_decode_partial_kernel[(num_partials, batch_size * num_kv_heads)](
-        query_states, sink_keys, sink_values, recent_keys, recent_values,
+        query_states, middle_query, sink_keys, sink_values, recent_keys, recent_values,
         key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
         row_padding, lengths, partial_out, partial_lse,
         num_sink, num_stored, num_recent, tokens_per_split, num_kv_heads, num_partials, recent_keys.shape[2],
@@ -760,12 +779,14 @@ def selective_decode_attention(
         sink_keys.stride(0), sink_keys.stride(1), sink_keys.stride(2),
         recent_keys.stride(0), recent_keys.stride(1), recent_keys.stride(2),
         key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
+        value_codes.stride(0), value_codes.stride(1),
         key_scale.stride(0), key_scale.stride(1), key_scale.stride(2),
         value_scale.stride(0), value_scale.stride(1), value_scale.stride(2),
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
-        NBITS=nbits,
+        KEY_NBITS=key_nbits,
+        VALUE_NBITS=value_nbits,
         Q_GROUP=q_group_size,
         KEY_PER_CHANNEL=axis_key == "channel",
         BLOCK_LENGTH=block_length,
@@ -778,7 +799,8 @@ def selective_decode_attention(
         DOT_PRECISION="ieee" if query_states.dtype == torch.float32 else "tf32",
         HEADS_N=max(8, triton.next_power_of_2(group)),
         CHUNK=chunk,
-        KEY_CHUNK=head_dim * nbits // 8 if axis_key == "channel" else chunk,  # per-channel keys: a whole bit plane
+        # per-channel keys: a whole bit plane; per-token keys: one plane and scale group
+        KEY_CHUNK=head_dim * key_nbits // 8 if axis_key == "channel" else _chunk(head_dim, key_nbits, q_group_size),
         CODES_ASM=device.type == "cuda" and torch.version.hip is None,  # inline PTX: NVIDIA only
         SCALE_PREFETCH=config.scale_prefetch,
         VALUE_DOT=VALUE_DOTS.index(config.value_dot),
@@ -799,11 +821,14 @@ def selective_decode_attention(
 def bytes_read(
     batch_size: int, num_heads: int, num_kv_heads: int, head_dim: int, num_exact: int, num_stored: int,
     nbits: int, q_group_size: int, axis_key: str, block_length: int, element_size: int = 2,
+    value_nbits: int | None = None,
 ) -> int:
-    """Bytes one call must read from memory: query, 16-bit tokens, codes and scales/zeros (for GB/s)."""
+    """Bytes one call must read from memory: query, 16-bit tokens, codes and scales/zeros (for GB/s);
+    ``nbits`` of keys, ``value_nbits`` of values (default: ``nbits``)."""
     rows = batch_size * num_kv_heads
     exact = rows * num_exact * 2 * head_dim * element_size
-    codes = rows * num_stored * 2 * head_dim * nbits // 8
+    value_nbits = nbits if value_nbits is None else value_nbits
+    codes = rows * num_stored * head_dim * (nbits + value_nbits) // 8
     value_scales = rows * num_stored * 2 * (head_dim // q_group_size) * 2
     if axis_key == "channel":
         key_scales = rows * math.ceil(num_stored / block_length) * 2 * head_dim * 2
@@ -834,19 +859,23 @@ def _selective_decode_attention_op(
     recent_values: torch.Tensor,
     lengths: torch.Tensor,
     row_padding: torch.Tensor | None,
+    key_rotation: torch.Tensor | None,
     num_sink: int,
     num_stored: int,
     num_recent: int,
-    nbits: int,
+    key_nbits: int,
+    value_nbits: int,
     q_group_size: int,
     axis_key: str,
     block_length: int,
     scaling: float,
 ) -> torch.Tensor:
     storage = DecodeStorage(
-        sink_keys, sink_values, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
-        recent_keys, recent_values, num_sink, num_stored, num_recent, nbits, q_group_size, axis_key,
-        block_length, row_padding, lengths,
+        sink_keys=sink_keys, sink_values=sink_values, key_codes=key_codes, key_scale=key_scale, key_zero=key_zero,
+        value_codes=value_codes, value_scale=value_scale, value_zero=value_zero, recent_keys=recent_keys,
+        recent_values=recent_values, num_sink=num_sink, num_stored=num_stored, num_recent=num_recent,
+        key_nbits=key_nbits, value_nbits=value_nbits, q_group_size=q_group_size, axis_key=axis_key,
+        block_length=block_length, row_padding=row_padding, lengths=lengths, key_rotation=key_rotation,
     )
     return selective_decode_attention(query_states, storage, scaling=scaling)
 
@@ -868,7 +897,7 @@ def decode_attention(query_states: torch.Tensor, storage: DecodeStorage, scaling
     s = storage
     return _selective_decode_attention_op(
         query_states, s.sink_keys, s.sink_values, s.key_codes, s.key_scale, s.key_zero, s.value_codes,
-        s.value_scale, s.value_zero, s.recent_keys, s.recent_values, s.lengths, s.row_padding,
-        s.num_sink, s.num_stored, s.num_recent, s.nbits, s.q_group_size, s.axis_key, s.block_length,
+        s.value_scale, s.value_zero, s.recent_keys, s.recent_values, s.lengths, s.row_padding, s.key_rotation,
+        s.num_sink, s.num_stored, s.num_recent, s.key_nbits, s.value_nbits, s.q_group_size, s.axis_key, s.block_length,
         head_dim**-0.5 if scaling is None else float(scaling),
     )

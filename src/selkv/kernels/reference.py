@@ -74,8 +74,9 @@ def selective_decode_attention(
     if s.num_stored:
         dequantize_middle(
             s.key_codes, s.key_scale, s.key_zero, s.value_codes, s.value_scale, s.value_zero, s.num_stored,
-            nbits=s.nbits, q_group_size=s.q_group_size, axis_key=s.axis_key, block_length=s.block_length,
+            key_nbits=s.key_nbits, value_nbits=s.value_nbits, q_group_size=s.q_group_size, axis_key=s.axis_key, block_length=s.block_length,
             dtype=dtype, out_keys=k[:, :, s.num_sink : middle_end], out_values=v[:, :, s.num_sink : middle_end],
+            key_rotation=s.key_rotation,  # rotated keys rotated back: the same scores as (q R) . (k R)
         )
     k[:, :, middle_end:] = s.recent_keys[:, :, : s.num_recent]  # [B, H, N, D]
     v[:, :, middle_end:] = s.recent_values[:, :, : s.num_recent]

@@ -274,7 +274,8 @@ class SelectiveLayer(CacheLayerMixin):
         return {}
 
     def _middle_used(self) -> dict[str, int]:
-        """Bytes of the middle store that hold tokens (excluding spare capacity), by kind: codes, scales."""
+        """Bytes of the middle store that hold tokens (excluding spare capacity), by kind: codes (key_codes +
+        value_codes), scales."""
         return {}
 
     # ------------------------------------------------------- transformers API
@@ -343,12 +344,13 @@ class SelectiveLayer(CacheLayerMixin):
     def nbytes(self) -> dict[str, int]:
         """Bytes held, from the tensors themselves.
 
-        ``bytes_16bit`` (sink + window), ``bytes_codes`` and ``bytes_scales`` count the filled
-        part; ``bytes_allocated`` counts the storage of every tensor the layer holds, each storage
+        ``bytes_16bit`` (sink + window), ``bytes_codes`` (``bytes_key_codes`` + ``bytes_value_codes``)
+        and ``bytes_scales`` count the filled part; ``bytes_allocated`` counts the storage of every tensor the layer holds, each storage
         once (spare window and middle capacity included): the memory really held.
         """
         if not self.is_initialized:
-            return {"bytes_16bit": 0, "bytes_codes": 0, "bytes_scales": 0, "bytes_allocated": 0}
+            return {"bytes_16bit": 0, "bytes_codes": 0, "bytes_key_codes": 0, "bytes_value_codes": 0,
+                    "bytes_scales": 0, "bytes_allocated": 0}
         per_token = self.batch_size * self.num_key_value_heads * (self.head_dim + self.recent_values.shape[-1])
         used16 = (self.num_sink + self.num_recent) * per_token * self.sink_keys.element_size()
         middle = self._middle_used()
@@ -359,6 +361,8 @@ class SelectiveLayer(CacheLayerMixin):
         return {
             "bytes_16bit": used16,
             "bytes_codes": middle.get("codes", 0),
+            "bytes_key_codes": middle.get("key_codes", 0),
+            "bytes_value_codes": middle.get("value_codes", 0),
             "bytes_scales": middle.get("scales", 0),
             "bytes_allocated": sum(storages.values()),
         }

@@ -6,19 +6,25 @@ nothing is ever re-quantized. The store grows in whole blocks and keeps at most
 ``1 / middle_spare_divisor`` of its tokens as spare room (see ``_ensure_capacity``),
 so the memory held stays within a percent of what is filled.
 
-Middle store (``B`` batch, ``H`` KV heads, ``C`` capacity, ``D`` head_dim,
-``P = D * nbits // 8`` packed bytes, ``G`` = ``q_group_size``, ``T`` = ``block_length``)::
+Middle store (``B`` batch, ``H`` KV heads, ``C`` capacity, ``D`` head_dim, ``P_k = D * nbits // 8``
+and ``P_v = D * value_nbits // 8`` packed bytes, ``G`` = ``q_group_size``, ``T`` = ``block_length``)::
 
-    key_codes    uint8   [B, H, C, P]      codes packed in planes along D (see quant.pack)
+    key_codes    uint8   [B, H, C, P_k]    codes packed in planes along D (see quant.pack)
     key_scale    float16 [B, H, C, D // G]   axis_key="token":   groups of G channels per token
                  float16 [B, H, C // T, D]   axis_key="channel": groups of T tokens per channel (KIVI)
     key_zero     like key_scale
-    value_codes  uint8   [B, H, C, P]      each block of T tokens stored transposed (quant.to_block_major)
+    value_codes  uint8   [B, H, C, P_v]    each block of T tokens stored transposed (quant.to_block_major)
     value_scale  float16 [B, H, C, D // G]   values are always grouped per token
     value_zero   like value_scale
 
 Entries ``[:num_stored]`` (tokens) are filled. Dequantized, each element is
 ``code * scale + zero``.
+
+With ``rotate="hadamard"`` the keys entering the middle are multiplied by a normalized Hadamard matrix
+(``key_rotation``, ``[D, D]``, from ``quant.rotation_matrix``) before they are quantized, which spreads
+outlier channels over all channels. Sink and window keys stay as given. Readers of the middle either
+rotate the query (the fused kernel: ``(q R) . (k R) = q . k``) or rotate the dequantized keys back
+(the dense path and the PyTorch twin).
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ _MIDDLE = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "
 
 
 class QuantizedSinkWindowLayer(SelectiveLayer):
-    """Sink + quantized middle + window. Spec: ``quant:bits=B,sink=S,window=W[,group=G][,key_axis=..][,sym=..]``."""
+    """Sink + quantized middle + window. Spec: ``quant:bits=B,sink=S,window=W[,group=G][,key_axis=..][,sym=..]``.
+
+    ``nbits`` is the bit width of key codes, and of value codes unless ``value_nbits`` is given
+    (``quant:kbits=K,vbits=V``: keys usually need more bits than values, KIVI). ``rotate``: "none" or
+    "hadamard" (keys rotated before they are quantized; see the module docstring).
+    """
 
     retains_evicted = True
     supports_fused_decode = True
@@ -52,15 +63,24 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
         axis_key: str = "token",
         sym: bool = False,
         block_length: int = 32,
+        value_nbits: int | None = None,
+        rotate: str = "none",
     ):
+        value_nbits = nbits if value_nbits is None else value_nbits
         quant.check_nbits(nbits)
+        quant.check_nbits(value_nbits)
         if axis_key not in ("token", "channel"):
             raise ValueError(f"axis_key must be 'token' or 'channel', got {axis_key!r}")
+        if rotate not in quant.ROTATIONS:
+            raise ValueError(f"rotate must be one of {quant.ROTATIONS}, got {rotate!r}")
         super().__init__(num_sink_tokens, window_length, block_length)
         self.nbits = nbits
+        self.value_nbits = value_nbits
         self.q_group_size = q_group_size
         self.axis_key = axis_key
         self.sym = sym
+        self.rotate = rotate
+        self.key_rotation = None  # [head_dim, head_dim] float32 once the head_dim and device are known
         self._reset_middle()
 
     def _reset_middle(self) -> None:
@@ -71,6 +91,14 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
     @property
     def num_stored(self) -> int:
         return self._num_stored
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._init_rotation(key_states)
+
+    def _init_rotation(self, key_states: torch.Tensor) -> None:
+        # One matrix per (head_dim, device), shared by every layer: not part of the layer's bytes.
+        self.key_rotation = quant.rotation_matrix(self.rotate, key_states.shape[-1], key_states.device)
 
     # ----------------------------------------------------------- quantization
 
@@ -83,13 +111,14 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
 
     def _quantize_parts(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Middle entries of whole blocks of tokens ``[B, H, n, head_dim]``, by middle tensor name."""
-        key_codes, key_scale, key_zero = self._quantize_keys(keys)
-        value_codes, value_scale, value_zero = quant.quantize(values, self.nbits, self.q_group_size, dim=-1, sym=self.sym)
+        key_codes, key_scale, key_zero = self._quantize_keys(quant.rotate(keys, self.key_rotation))
+        value_codes, value_scale, value_zero = quant.quantize(values, self.value_nbits, self.q_group_size, dim=-1,
+                                                                sym=self.sym)
         return {
             "key_codes": quant.pack(key_codes, self.nbits),
             "key_scale": key_scale,
             "key_zero": key_zero,
-            "value_codes": quant.to_block_major(quant.pack(value_codes, self.nbits), self.block_length),
+            "value_codes": quant.to_block_major(quant.pack(value_codes, self.value_nbits), self.block_length),
             "value_scale": value_scale,
             "value_zero": value_zero,
         }
@@ -147,13 +176,15 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
         return dequantize_middle(
             *(getattr(self, name) for name in _MIDDLE),
             count,
-            nbits=self.nbits,
+            key_nbits=self.nbits,
+            value_nbits=self.value_nbits,
             q_group_size=self.q_group_size,
             axis_key=self.axis_key,
             block_length=self.block_length,
             dtype=self.dtype,
             out_keys=out_keys,
             out_values=out_values,
+            key_rotation=self.key_rotation,
         )
 
     def decode_storage(self) -> DecodeStorage:
@@ -175,12 +206,14 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             num_sink=num_sink,
             num_stored=num_stored,
             num_recent=num_recent,
-            nbits=self.nbits,
+            key_nbits=self.nbits,
+            value_nbits=self.value_nbits,
             q_group_size=self.q_group_size,
             axis_key=self.axis_key,
             block_length=self.block_length,
             row_padding=self.row_padding,
             lengths=lengths,
+            key_rotation=self.key_rotation,
         )
 
     # ------------------------------------------------------------- accounting
@@ -198,11 +231,11 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             return rows * tensor[:, :, :1].numel() * tensor.element_size()
 
         key_scale_rows = count // self.block_length if self.axis_key == "channel" else count
-        codes = used("key_codes", count) + used("value_codes", count)
+        key_codes, value_codes = used("key_codes", count), used("value_codes", count)
         scales = (
             used("key_scale", key_scale_rows)
             + used("key_zero", key_scale_rows)
             + used("value_scale", count)
             + used("value_zero", count)
         )
-        return {"codes": codes, "scales": scales}
+        return {"codes": key_codes + value_codes, "key_codes": key_codes, "value_codes": value_codes, "scales": scales}

@@ -90,6 +90,7 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         ring_shape = (batch_size, num_heads, self.ring_length, head_dim)
         self.recent_keys = key_states.new_zeros(ring_shape)
         self.recent_values = value_states.new_zeros(ring_shape[:-1] + (value_dim,))
+        self._init_rotation(key_states)
         # The middle's tensors take their shapes and dtypes from quantizing one block of zeros.
         rows = self.middle_capacity + self.block_length  # + the spare block
         block = key_states.new_zeros(batch_size, num_heads, self.block_length, head_dim)

@@ -4,7 +4,8 @@ A spec string names a cache kind and its settings::
 
     full
     drop:sink=4,window=124
-    quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T]
+    quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T][,rotate=hadamard|none]
+    quant:kbits=4,vbits=2,...
     hf-quanto:bits=4,residual=128[,group=64]
     hf-hqq:bits=4,residual=128[,group=64]
 
@@ -21,7 +22,7 @@ from .base import MAX_SETTING, CacheSpec, GroupedSpec, SelectiveSpec
 from .drop import DropSpec
 from .full import FullSpec
 from .hf import HFHQQSpec, HFQuantizedSpec, HFQuantoSpec
-from .quant import DEFAULT_BLOCK, DEFAULT_GROUP, DEFAULT_KEY_AXIS, QuantSpec
+from .quant import DEFAULT_BLOCK, DEFAULT_GROUP, DEFAULT_KEY_AXIS, DEFAULT_ROTATE, QuantSpec
 
 # Every cache kind, by the name a spec string starts with.
 SPECS: dict[str, type[CacheSpec]] = {spec.kind: spec for spec in (FullSpec, DropSpec, QuantSpec, HFQuantoSpec, HFHQQSpec)}
@@ -41,7 +42,7 @@ def parse_spec(spec: str | CacheSpec) -> CacheSpec:
 
 
 __all__ = [
-    "DEFAULT_BLOCK", "DEFAULT_GROUP", "DEFAULT_KEY_AXIS", "KINDS", "MAX_SETTING", "SPECS",
+    "DEFAULT_BLOCK", "DEFAULT_GROUP", "DEFAULT_KEY_AXIS", "DEFAULT_ROTATE", "KINDS", "MAX_SETTING", "SPECS",
     "CacheSpec", "DropSpec", "FullSpec", "GroupedSpec", "HFHQQSpec", "HFQuantizedSpec", "HFQuantoSpec",
     "QuantSpec", "SelectiveSpec", "SpecError", "parse_spec",
 ]

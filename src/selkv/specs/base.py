@@ -24,6 +24,11 @@ _FLAT_FIELDS = {
     "nbits": None, "num_sink_tokens": 0, "window_length": 0, "q_group_size": 0, "axis_key": "token",
     "sym": False, "block_length": 1, "residual_length": 0,
 }
+# Old field names -> the spec keys that name the fields now (a field is named as its spec key).
+_RENAMED_FIELDS = {
+    "nbits": "bits", "num_sink_tokens": "sink", "window_length": "window", "q_group_size": "group",
+    "axis_key": "key_axis", "block_length": "block", "residual_length": "residual",
+}
 
 
 def _as_int(kind: str, key: str, value: str) -> int:
@@ -57,10 +62,10 @@ class SpecFields:
             raise SpecError(f"{self.kind}: group={group} must be >= 1")
         return group
 
-    def bits(self, allowed: tuple[int, ...]) -> int:
-        nbits = self.values["bits"]
+    def bits(self, allowed: tuple[int, ...], key: str = "bits") -> int:
+        nbits = self.values[key]
         if nbits not in allowed:
-            raise SpecError(f"{self.kind}: bits={nbits} is not supported; allowed: {', '.join(map(str, allowed))}")
+            raise SpecError(f"{self.kind}: {key}={nbits} is not supported; allowed: {', '.join(map(str, allowed))}")
         return nbits
 
 
@@ -139,6 +144,13 @@ class CacheSpec:
         raise NotImplementedError
 
     def __getattr__(self, name: str):
+        # Called only when normal lookup fails, so it costs nothing on current names.
+        # An old field name: the renamed field's value (read-only: specs are frozen), with a warning.
+        new = _RENAMED_FIELDS.get(name)
+        if new is not None and new in self.keys:
+            warnings.warn(f"{type(self).__name__}.{name} is deprecated; use .{new} (fields are named as spec keys)",
+                          DeprecationWarning, stacklevel=2)
+            return getattr(self, new)
         # A field of the flat `CacheSpec` this kind does not have: its old value, with a warning.
         if name in _FLAT_FIELDS:
             warnings.warn(f"{type(self).__name__} ({self.kind!r}) has no {name!r}; reading it is deprecated",
@@ -151,34 +163,31 @@ class CacheSpec:
 class GroupedSpec(CacheSpec):
     """A spec with a bit width and a quantization group size (0: the model's default)."""
 
-    nbits: int = 0
-    q_group_size: int = 0
+    # Fields are named as their spec keys (this one replaces the base's read-only property).
+    group: int = 0
 
     sweeps_bits: ClassVar[bool] = True
     # The group size when none is given, for a bit width (before gcd with head_dim).
     default_group: ClassVar[dict[int, int] | int] = 64
 
     @property
-    def bits(self) -> int:
-        return self.nbits
-
-    @property
-    def group(self) -> int:
-        return self.q_group_size
+    def group_bits(self) -> int:
+        """The bit width whose default group size applies (``default_group``)."""
+        return self.bits
 
     @property
     def is_resolved(self) -> bool:
-        return bool(self.q_group_size)
+        return bool(self.group)
 
     def _group_text(self) -> str:
-        return f",group={self.q_group_size}" if self.q_group_size else ""
+        return f",group={self.group}" if self.group else ""
 
     def check_model(self, head_dim: int) -> GroupedSpec:
-        default = self.default_group if isinstance(self.default_group, int) else self.default_group[self.nbits]
-        group = self.q_group_size or math.gcd(head_dim, default)
+        default = self.default_group if isinstance(self.default_group, int) else self.default_group[self.group_bits]
+        group = self.group or math.gcd(head_dim, default)
         if head_dim % group:
             raise SpecError(f"{self.kind}: group={group} must divide the model's head_dim ({head_dim})")
-        return replace(self, q_group_size=group)
+        return replace(self, group=group)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from .base import SelectiveSpec, SpecFields
 
 @dataclass(frozen=True)
 class DropSpec(SelectiveSpec):
-    """``drop``: StreamingLLM-style eviction in blocks of ``block_length`` tokens."""
+    """``drop``: StreamingLLM-style eviction in blocks of ``block`` tokens."""
 
-    num_sink_tokens: int = 4
-    window_length: int = 124
-    block_length: int = 32
+    sink: int = 4
+    window: int = 124
+    block: int = 32
 
     kind: ClassVar[str] = "drop"
     keys: ClassVar[dict[str, object]] = {"sink": 4, "window": 124, "block": 32}
@@ -24,15 +24,15 @@ class DropSpec(SelectiveSpec):
     @classmethod
     def from_fields(cls, fields: SpecFields) -> DropSpec:
         return cls(
-            num_sink_tokens=fields.at_least("sink", 0),
-            window_length=fields.at_least("window", 1),
-            block_length=fields.at_least("block", 1),
+            sink=fields.at_least("sink", 0),
+            window=fields.at_least("window", 1),
+            block=fields.at_least("block", 1),
         )
 
     def __str__(self) -> str:
-        return f"drop:sink={self.num_sink_tokens},window={self.window_length},block={self.block_length}"
+        return f"drop:sink={self.sink},window={self.window},block={self.block}"
 
     def make_layer(self, max_cache_len: int | None = None) -> EvictLayer:
         if max_cache_len is not None:
             raise SpecError(f"max_cache_len (a static cache) needs a 'full' or 'quant' spec, not {self.kind!r}")
-        return EvictLayer(self.num_sink_tokens, self.window_length, self.block_length)
+        return EvictLayer(self.sink, self.window, self.block)

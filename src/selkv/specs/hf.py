@@ -18,9 +18,11 @@ from .base import GroupedSpec, SpecFields
 
 @dataclass(frozen=True)
 class HFQuantizedSpec(GroupedSpec):
-    """A transformers ``QuantizedCache`` backend: ``nbits``, ``residual_length``, ``q_group_size``."""
+    """A transformers ``QuantizedCache`` backend: ``bits``, ``residual``, ``group`` (its ``nbits``,
+    ``residual_length``, ``q_group_size``)."""
 
-    residual_length: int = 128
+    bits: int = 0
+    residual: int = 128
 
     keys: ClassVar[dict[str, object]] = {"bits": None, "residual": 128, "group": 0}
     default_group: ClassVar[int] = 64  # transformers' own default
@@ -33,22 +35,22 @@ class HFQuantizedSpec(GroupedSpec):
 
     @classmethod
     def from_fields(cls, fields: SpecFields) -> HFQuantizedSpec:
-        nbits = fields.bits(cls.supported_nbits)
+        bits = fields.bits(cls.supported_nbits)
         group = fields.group()
-        return cls(nbits=nbits, residual_length=fields.at_least("residual", 0), q_group_size=group)
+        return cls(bits=bits, residual=fields.at_least("residual", 0), group=group)
 
     def __str__(self) -> str:
-        return f"{self.kind}:bits={self.nbits},residual={self.residual_length}{self._group_text()}"
+        return f"{self.kind}:bits={self.bits},residual={self.residual}{self._group_text()}"
 
     @property
     def family(self) -> str:
-        return f"{self.kind} residual={self.residual_length}"
+        return f"{self.kind} residual={self.residual}"
 
     def build(self, config, max_cache_len: int | None = None) -> Cache:
         spec = self.check_model(model_shape(config)["head_dim"])
         if importlib.util.find_spec(self.package.split(".")[0]) is None or importlib.util.find_spec(self.package) is None:
             raise ImportError(f"cache {str(spec)!r} needs the {self.pip_name!r} package: pip install 'selkv[peers]'")
-        settings = {"nbits": spec.nbits, "q_group_size": spec.q_group_size, "residual_length": spec.residual_length}
+        settings = {"nbits": spec.bits, "q_group_size": spec.group, "residual_length": spec.residual}
         if all(layer_type == "full_attention" for layer_type in model_shape(config)["layer_types"]):
             return QuantizedCache(backend=self.backend, config=config, **settings)
         # transformers' QuantizedCache refuses sliding-window layers: quantize the full-attention ones only.

@@ -1,6 +1,16 @@
-"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T]``.
+"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T][,rotate=hadamard|none]``.
 
-16-bit sink and window, every token between quantized once to ``bits`` bits.
+16-bit sink and window, every token between quantized once to ``bits`` bits, or to ``kbits`` bits per
+key and ``vbits`` per value (``quant:kbits=4,vbits=2``; ``bits=B`` is the shorthand for both).
+
+Defaults that depend on the bit width follow the side they concern: ``key_axis`` and ``block`` (the
+tokens of a per-channel key group) follow ``kbits``; ``group`` follows ``vbits``, since value groups
+always use it (per-token key groups, with ``key_axis=token``, share it).
+
+``rotate=hadamard`` multiplies each key entering the middle by a normalized Hadamard matrix before it
+is quantized (QuaRot, SpinQuant): outlier channels are spread over all channels, attention is unchanged
+(``q . k = (q H) . (k H)``). It needs a power-of-two ``head_dim``. ``str(spec)`` names it only when it
+differs from :data:`DEFAULT_ROTATE`.
 """
 
 from __future__ import annotations
@@ -11,7 +21,7 @@ from typing import ClassVar
 from ..errors import SpecError
 from ..layers.sink_window import QuantizedSinkWindowLayer
 from ..layers.static import StaticSinkWindowLayer
-from ..quant import SUPPORTED_NBITS
+from ..quant import ROTATIONS, SUPPORTED_NBITS
 from .base import GroupedSpec, SelectiveSpec, SpecFields
 
 # Default key quantization axis per bit width, from the perplexity sweep in
@@ -32,83 +42,140 @@ DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 2: "channel"}
 # gets the largest group that divides both: gcd(head_dim, default), 32 and 16 there.
 DEFAULT_GROUP = {8: 64, 4: 32, 2: 64}
 DEFAULT_BLOCK = {8: 32, 4: 64, 2: 32}
+# Key rotation when none is given: "none" until a measured sweep chooses the defaults.
+DEFAULT_ROTATE = "none"
 
 
 @dataclass(frozen=True)
 class QuantSpec(GroupedSpec, SelectiveSpec):
     """``quant``: selkv's selective quantization (see :class:`QuantizedSinkWindowLayer`)."""
 
-    num_sink_tokens: int = 4
-    window_length: int = 124
-    axis_key: str = "token"
+    kbits: int = 0
+    vbits: int = 0
+    sink: int = 4
+    window: int = 124
+    key_axis: str = "token"
     sym: bool = False
-    block_length: int = 1
+    block: int = 1
+    rotate: str = DEFAULT_ROTATE
 
     kind: ClassVar[str] = "quant"
     keys: ClassVar[dict[str, object]] = {
-        "bits": None,
+        "bits": 0,  # 0: not given (then kbits and vbits are required)
+        "kbits": 0,  # 0: bits
+        "vbits": 0,  # 0: bits
         "sink": 4,
         "window": 124,
-        "group": 0,  # 0: gcd(head_dim, DEFAULT_GROUP[bits]), resolved by check_model
-        "key_axis": "",  # "": the per-bit-width default DEFAULT_KEY_AXIS
+        "group": 0,  # 0: gcd(head_dim, DEFAULT_GROUP[vbits]), resolved by check_model
+        "key_axis": "",  # "": DEFAULT_KEY_AXIS[kbits]
         "sym": 0,
-        "block": 0,  # 0: DEFAULT_BLOCK[bits]
+        "block": 0,  # 0: DEFAULT_BLOCK[kbits]
+        "rotate": DEFAULT_ROTATE,
     }
-    text_keys: ClassVar[tuple[str, ...]] = ("key_axis",)
+    text_keys: ClassVar[tuple[str, ...]] = ("key_axis", "rotate")
     supports_static: ClassVar[bool] = True
     default_group: ClassVar[dict[int, int]] = DEFAULT_GROUP
 
     @classmethod
     def from_fields(cls, fields: SpecFields) -> QuantSpec:
-        nbits = fields.bits(SUPPORTED_NBITS)
-        axis = fields.values["key_axis"] or DEFAULT_KEY_AXIS[nbits]
+        kbits, vbits = cls._bit_widths(fields)
+        axis = fields.values["key_axis"] or DEFAULT_KEY_AXIS[kbits]
         if axis not in ("token", "channel"):
             raise SpecError(f"quant: key_axis={axis!r} is not allowed; allowed: token, channel")
         sym = fields.values["sym"]
         if sym not in (0, 1):
             raise SpecError(f"quant: sym={sym} is not allowed; allowed: 0, 1")
+        rotate = fields.values["rotate"]
+        if rotate not in ROTATIONS:
+            raise SpecError(f"quant: rotate={rotate!r} is not allowed; allowed: {', '.join(ROTATIONS)}")
         group = fields.group()
         if "block" not in fields.given:
-            fields.values["block"] = DEFAULT_BLOCK[nbits]
+            fields.values["block"] = DEFAULT_BLOCK[kbits]
         return cls(
-            nbits=nbits,
-            num_sink_tokens=fields.at_least("sink", 0),
-            window_length=fields.at_least("window", 0),
-            q_group_size=group,
-            axis_key=axis,
+            kbits=kbits,
+            vbits=vbits,
+            sink=fields.at_least("sink", 0),
+            window=fields.at_least("window", 0),
+            group=group,
+            key_axis=axis,
             sym=bool(sym),
-            block_length=fields.at_least("block", 1),
+            block=fields.at_least("block", 1),
+            rotate=rotate,
         )
+
+    @staticmethod
+    def _bit_widths(fields: SpecFields) -> tuple[int, int]:
+        """(kbits, vbits) from ``bits`` and/or ``kbits``/``vbits``."""
+        given = fields.given
+        if "bits" not in given and not ("kbits" in given and "vbits" in given):
+            if "kbits" in given or "vbits" in given:
+                missing = "vbits" if "kbits" in given else "kbits"
+                raise SpecError(f"quant: missing field {missing!r}; give both kbits and vbits, or bits=B for both")
+            raise SpecError("quant: missing required field 'bits' (or both 'kbits' and 'vbits')")
+        if "bits" in given:
+            fields.bits(SUPPORTED_NBITS)
+        widths = []
+        for key in ("kbits", "vbits"):
+            if key not in given:
+                widths.append(fields.values["bits"])
+                continue
+            width = fields.bits(SUPPORTED_NBITS, key)
+            if "bits" in given and width != fields.values["bits"]:
+                raise SpecError(f"quant: bits={fields.values['bits']} disagrees with {key}={width}; give bits=B "
+                                "for both, or kbits and vbits without bits")
+            widths.append(width)
+        return widths[0], widths[1]
+
+    @property
+    def bits(self) -> int | float:
+        """Bits per stored code: ``kbits`` when keys and values share it, else their mean."""
+        return self.kbits if self.kbits == self.vbits else (self.kbits + self.vbits) / 2
+
+    @property
+    def group_bits(self) -> int:
+        return self.vbits  # the default group size is a value group's (see the module docstring)
+
+    def _bits_text(self) -> str:
+        return f"bits={self.kbits}" if self.kbits == self.vbits else f"kbits={self.kbits},vbits={self.vbits}"
 
     def __str__(self) -> str:
         return (
-            f"quant:bits={self.nbits},sink={self.num_sink_tokens},window={self.window_length}{self._group_text()},"
-            f"key_axis={self.axis_key},sym={int(self.sym)},block={self.block_length}"
+            f"quant:{self._bits_text()},sink={self.sink},window={self.window}{self._group_text()},"
+            f"key_axis={self.key_axis},sym={int(self.sym)},block={self.block}{self._rotate_text()}"
         )
+
+    def _rotate_text(self) -> str:
+        return "" if self.rotate == DEFAULT_ROTATE else f",rotate={self.rotate}"
 
     @property
     def family(self) -> str:
-        return (f"quant sink={self.num_sink_tokens},window={self.window_length},"
-                f"key_axis={self.axis_key}" + self._group_text())
+        return (f"quant sink={self.sink},window={self.window},"
+                f"key_axis={self.key_axis}" + self._group_text() + self._rotate_text())
 
     def check_model(self, head_dim: int) -> QuantSpec:
         resolved = super().check_model(head_dim)
-        per_byte = 8 // self.nbits
+        per_byte = 8 // min(self.kbits, self.vbits)
         if head_dim % per_byte:
-            raise SpecError(f"bits={self.nbits} packs {per_byte} codes per byte; head_dim={head_dim} is not a multiple")
+            raise SpecError(f"bits={min(self.kbits, self.vbits)} packs {per_byte} codes per byte; head_dim={head_dim} is not a multiple")
+        if self.rotate == "hadamard" and head_dim & (head_dim - 1):
+            raise SpecError(f"quant: rotate=hadamard needs a power-of-two head_dim; this model's is {head_dim} "
+                            "(use rotate=none)")
         return resolved
 
     def make_layer(self, max_cache_len: int | None = None) -> QuantizedSinkWindowLayer:
         layer_class, extra = QuantizedSinkWindowLayer, {}
         if max_cache_len is not None:
             layer_class, extra = StaticSinkWindowLayer, {"max_cache_len": max_cache_len}
+        # Layers keep transformers' vocabulary (nbits, q_group_size, axis_key).
         return layer_class(
-            self.nbits,
-            self.num_sink_tokens,
-            self.window_length,
-            self.q_group_size,
-            axis_key=self.axis_key,
+            self.kbits,
+            self.sink,
+            self.window,
+            self.group,
+            axis_key=self.key_axis,
             sym=self.sym,
-            block_length=self.block_length,
+            block_length=self.block,
+            value_nbits=self.vbits,
+            rotate=self.rotate,
             **extra,
         )
