@@ -60,7 +60,10 @@ def test_static_cache_decodes_like_the_dynamic_cache(selkv_llama, spec):
     assert (layer.num_sink, layer.num_stored, layer.num_recent) == (
         reference_layer.num_sink, reference_layer.num_stored, reference_layer.num_recent)
     assert torch.equal(got, expected), f"{spec}:\n{got}\n{expected}"
-    torch.testing.assert_close(logits, expected_logits, **TOLERANCES["kernel_fp32"])
+    # The window is a ring in the static layer, so float32 sums run in another order; over 50 steps such
+    # differences reach the keys being quantized and can move a code that sits on a rounding boundary
+    # (2.9e-4 seen in about one run of eight). A wrong eviction or length moves logits by far more.
+    torch.testing.assert_close(logits, expected_logits, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("axis", ["token", "channel"])
