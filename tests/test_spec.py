@@ -69,15 +69,29 @@ def test_key_and_value_bits(text, canonical, kbits, vbits):
 
 def test_rotate_key():
     plain, rotated = selkv.parse_spec("quant:bits=4"), selkv.parse_spec("quant:bits=4,rotate=hadamard")
-    assert plain.rotate == "none" and "rotate" not in str(plain)  # the default is left out of str(spec)
+    assert plain.rotate == "" and "rotate" not in str(plain)  # left out: resolved by check_model
     assert rotated.rotate == "hadamard" and str(rotated).endswith(",rotate=hadamard")
     assert selkv.parse_spec(str(rotated)) == rotated and rotated.family != plain.family
-    assert selkv.parse_spec("quant:bits=4,rotate=none") == plain
+    assert selkv.parse_spec("quant:bits=4,rotate=none").rotate == "none"
     assert rotated.make_layer().rotate == "hadamard"
     with pytest.raises(SpecError, match="rotate=hadamard needs a power-of-two head_dim; this model's is 96"):
         rotated.check_model(96)
     with pytest.raises(SpecError, match="power-of-two head_dim"):
         selkv.make_cache("quant:bits=4,rotate=hadamard", tiny_llama_config(head_dim=48))
+    with pytest.raises(SpecError, match="rotate='sideways' is not allowed"):
+        selkv.parse_spec("quant:bits=4,rotate=sideways")
+
+
+@pytest.mark.parametrize("kbits", [8, 4, 2])
+def test_default_rotation_follows_the_key_bits_and_the_head_dim(kbits):
+    from selkv.specs import DEFAULT_ROTATE
+
+    spec = selkv.parse_spec(f"quant:kbits={kbits},vbits=4")
+    resolved = spec.check_model(64)
+    assert resolved.rotate == DEFAULT_ROTATE[kbits] and resolved.is_resolved and not spec.is_resolved
+    assert selkv.parse_spec(str(resolved)) == resolved  # the canonical string names the resolved rotation
+    assert spec.check_model(96).rotate == "none"  # a head_dim without a Hadamard matrix: no rotation, no error
+    assert spec.make_layer().rotate == DEFAULT_ROTATE[kbits]
 
 
 def test_per_bit_defaults_follow_the_side_they_concern():

@@ -139,7 +139,7 @@ def dequantize(
 # q . k = (q R) . (k R) for any orthogonal R. The normalized Hadamard matrix is orthogonal, symmetric
 # (its own inverse) and has entries of one magnitude, so it spreads every channel evenly.
 
-ROTATIONS = ("none", "hadamard")
+ROTATIONS = ("none", "hadamard", "hadamard-signs")
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,7 +160,20 @@ def rotation_matrix(rotate: str, dim: int, device: torch.device | str = "cpu") -
     """The float32 ``[dim, dim]`` matrix of rotation ``rotate`` (one of :data:`ROTATIONS`); ``None`` for "none"."""
     if rotate not in ROTATIONS:
         raise ValueError(f"rotate must be one of {ROTATIONS}, got {rotate!r}")
-    return None if rotate == "none" else hadamard(dim, torch.float32, torch.device(device))
+    if rotate == "none":
+        return None
+    if rotate == "hadamard":
+        return hadamard(dim, torch.float32, torch.device(device))
+    return _signed_hadamard(dim, torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _signed_hadamard(dim: int, device: torch.device) -> torch.Tensor:
+    """``diag(signs) @ H``: channels flip sign (fixed pseudo-random signs, seed 0) before the Hadamard
+    matrix mixes them (QuaRot's randomized Hadamard), so that a structure the plain matrix keeps
+    aligned, e.g. outliers in channels of one Hadamard pattern, is broken up. Orthogonal."""
+    signs = torch.randint(0, 2, (dim,), generator=torch.Generator().manual_seed(0)).double() * 2 - 1
+    return (signs[:, None] * hadamard(dim, torch.float64)).to(dtype=torch.float32, device=device)
 
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:

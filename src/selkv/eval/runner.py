@@ -86,6 +86,6 @@ def default_groups(specs: list[str], config) -> dict[str, int]:
     groups = {}
     for spec in specs:
         parsed = parse_spec(spec)
-        if not parsed.is_resolved:
+        if not parsed.is_resolved and not parsed.group:
             groups[spec] = resolve_spec(parsed, config).group
     return groups

@@ -9,13 +9,14 @@ always use it (per-token key groups, with ``key_axis=token``, share it).
 
 ``rotate=hadamard`` multiplies each key entering the middle by a normalized Hadamard matrix before it
 is quantized (QuaRot, SpinQuant): outlier channels are spread over all channels, attention is unchanged
-(``q . k = (q H) . (k H)``). It needs a power-of-two ``head_dim``. ``str(spec)`` names it only when it
-differs from :data:`DEFAULT_ROTATE`.
+(``q . k = (q H) . (k H)``). ``rotate=hadamard-signs`` flips fixed pseudo-random channel signs first.
+Rotation needs a power-of-two ``head_dim``; left out, it is :data:`DEFAULT_ROTATE` for ``kbits`` where
+the head_dim allows it and ``none`` elsewhere (resolved by ``check_model``, as the group is).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from ..errors import SpecError
@@ -42,8 +43,11 @@ DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 2: "channel"}
 # gets the largest group that divides both: gcd(head_dim, default), 32 and 16 there.
 DEFAULT_GROUP = {8: 64, 4: 32, 2: 64}
 DEFAULT_BLOCK = {8: 32, 4: 64, 2: 32}
-# Key rotation when none is given: "none" until a measured sweep chooses the defaults.
-DEFAULT_ROTATE = "none"
+# Key rotation per key bit width, from the float32 perplexity sweep in docs/eval_results.md (2026-12-02,
+# SmolLM2-135M, chunk 64): sign-flipped Hadamard keys take int2 from +9.3% / +11.3% / +26.2% to
+# +4.2% / +5.2% / +12.5% (PG-19 2,048 / 4,096, WikiText-2) and int4 from +0.28% / +0.33% / +0.41% to
+# +0.28% / +0.31% / +0.09%, at the same bytes; int8 is within 0.05% without it.
+DEFAULT_ROTATE = {8: "none", 4: "hadamard-signs", 2: "hadamard-signs"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     key_axis: str = "token"
     sym: bool = False
     block: int = 1
-    rotate: str = DEFAULT_ROTATE
+    rotate: str = ""  # "": DEFAULT_ROTATE[kbits] where head_dim allows, resolved by check_model
 
     kind: ClassVar[str] = "quant"
     keys: ClassVar[dict[str, object]] = {
@@ -70,7 +74,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         "key_axis": "",  # "": DEFAULT_KEY_AXIS[kbits]
         "sym": 0,
         "block": 0,  # 0: DEFAULT_BLOCK[kbits]
-        "rotate": DEFAULT_ROTATE,
+        "rotate": "",  # "": DEFAULT_ROTATE[kbits] (none where head_dim is not a power of two)
     }
     text_keys: ClassVar[tuple[str, ...]] = ("key_axis", "rotate")
     supports_static: ClassVar[bool] = True
@@ -86,7 +90,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         if sym not in (0, 1):
             raise SpecError(f"quant: sym={sym} is not allowed; allowed: 0, 1")
         rotate = fields.values["rotate"]
-        if rotate not in ROTATIONS:
+        if rotate and rotate not in ROTATIONS:
             raise SpecError(f"quant: rotate={rotate!r} is not allowed; allowed: {', '.join(ROTATIONS)}")
         group = fields.group()
         if "block" not in fields.given:
@@ -145,7 +149,11 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         )
 
     def _rotate_text(self) -> str:
-        return "" if self.rotate == DEFAULT_ROTATE else f",rotate={self.rotate}"
+        return f",rotate={self.rotate}" if self.rotate else ""
+
+    @property
+    def is_resolved(self) -> bool:
+        return bool(self.group) and bool(self.rotate)
 
     @property
     def family(self) -> str:
@@ -157,9 +165,12 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         per_byte = 8 // min(self.kbits, self.vbits)
         if head_dim % per_byte:
             raise SpecError(f"bits={min(self.kbits, self.vbits)} packs {per_byte} codes per byte; head_dim={head_dim} is not a multiple")
-        if self.rotate == "hadamard" and head_dim & (head_dim - 1):
-            raise SpecError(f"quant: rotate=hadamard needs a power-of-two head_dim; this model's is {head_dim} "
+        power_of_two = not head_dim & (head_dim - 1)
+        if self.rotate not in ("", "none") and not power_of_two:
+            raise SpecError(f"quant: rotate={self.rotate} needs a power-of-two head_dim; this model's is {head_dim} "
                             "(use rotate=none)")
+        if not self.rotate:
+            resolved = replace(resolved, rotate=DEFAULT_ROTATE[self.kbits] if power_of_two else "none")
         return resolved
 
     def make_layer(self, max_cache_len: int | None = None) -> QuantizedSinkWindowLayer:
@@ -176,6 +187,6 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             sym=self.sym,
             block_length=self.block,
             value_nbits=self.vbits,
-            rotate=self.rotate,
+            rotate=self.rotate or DEFAULT_ROTATE[self.kbits],
             **extra,
         )
