@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from transformers.cache_utils import Cache
 
 from .quant import tensor_bytes
@@ -96,7 +97,7 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2, per_device: bool = False
     ``bytes_codes`` (``bytes_key_codes`` + ``bytes_value_codes``: keys and values may have their own bit
     widths), ``bytes_scales``, ``total`` (their sum: the filled part), ``allocated`` (the
     memory really held: the storage of every tensor, spare capacity included; selkv layers count each
-    storage once), ``tokens`` (positions seen), ``full16`` (what a 16-bit ``full`` cache of the same
+    storage once, and the key rotation matrix their layers share once per cache), ``tokens`` (positions seen), ``full16`` (what a 16-bit ``full`` cache of the same
     tokens holds; its sliding-window layers hold only their window), ``compression`` (``full16 /
     allocated``: how much less memory the cache holds) and ``compression_filled`` (``full16 / total``,
     the filled part only). selkv's buffers keep little spare room: less than a page of 8 tokens in
@@ -109,6 +110,7 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2, per_device: bool = False
     for layer in cache.layers:
         for key, value in layer_bytes(layer, element_size_16bit).items():
             totals[key] += value
+    totals["allocated"] += shared_bytes(cache.layers)
     summary = bytes_summary(totals, int(cache.get_seq_length()) if cache.layers else 0)
     if per_device:
         summary["per_device"] = bytes_per_device(cache, summary["tokens"], element_size_16bit)
@@ -121,15 +123,29 @@ def _layer_device(layer) -> str:
     return str(device if device is not None else layer.keys.device)
 
 
+def shared_bytes(layers) -> int:
+    """Storage that selkv layers share (the key rotation matrix, one per head_dim and device), counted once."""
+    storages = {}
+    for layer in layers:
+        rotation = getattr(layer, "key_rotation", None)
+        if isinstance(rotation, torch.Tensor):
+            storages[rotation.untyped_storage().data_ptr()] = rotation.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
 def bytes_per_device(cache: Cache, tokens: int, element_size_16bit: int = 2) -> dict[str, dict[str, int | float]]:
     """:func:`kv_bytes`'s counts for the filled layers of each device, keyed by device name."""
     totals: dict[str, dict[str, int]] = {}
+    layers: dict[str, list] = {}
     for layer in cache.layers:
         if getattr(layer, "is_initialized", False):
             counted = layer_bytes(layer, element_size_16bit)
             device = totals.setdefault(_layer_device(layer), dict.fromkeys(counted, 0))
+            layers.setdefault(_layer_device(layer), []).append(layer)
             for key, value in counted.items():
                 device[key] += value
+    for name, counted in totals.items():
+        counted["allocated"] += shared_bytes(layers[name])
     return {device: bytes_summary(counted, tokens) for device, counted in totals.items()}
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .cache import LAYER_BYTE_KEYS, bytes_summary, layer_bytes, layer_plan, make_cache, model_shape, resolve_spec
+from .cache import (LAYER_BYTE_KEYS, bytes_summary, layer_bytes, layer_plan, make_cache, model_shape, resolve_spec,
+                    shared_bytes)
 
 
 def load_config(name_or_path: str):
@@ -46,6 +47,7 @@ def cache_size(spec: str, config, tokens: int, batch_size: int = 1, chunk: int =
             done += count
         for key, value in layer_bytes(cache.layers[layer_ids[0]]).items():
             totals[key] += value * len(layer_ids)
+    totals["allocated"] += shared_bytes(cache.layers)  # the rotation matrix all layers share, once
     return bytes_summary(totals, tokens)
 
 
