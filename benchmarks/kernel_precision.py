@@ -8,7 +8,9 @@ On CUDA: 8 x 32k tokens at Llama-3-8B's attention shape (32 query / 8 KV heads, 
 bfloat16; sink 4, window 128, the rest quantized). Keys have three outlier channels (x10, x20,
 x30), which makes attention peaked; values are Gaussian with RMS 1, 0.1, 0.02 and 0.005. For each
 quantization and value RMS it prints the relative L2 error of the kernel against float64 attention
-over the same dequantized cache (codes * scale + zero, not rounded), and the kernel's median time
+over the same dequantized cache (codes * scale + zero, not rounded: the kernel's own error), against
+float64 attention over the keys and values before quantization (the layout's whole error: "vs
+unquantized"), and the kernel's median time
 over CUDA-graph replays (``triton.testing.do_bench_cudagraph``). ``--cpu`` runs a small float16
 case in Triton's CPU interpreter, without times. ``--kernel FILE`` loads the launcher from another
 copy of ``decode_attention.py`` (for example the file before a change) instead of selkv's.
@@ -36,12 +38,17 @@ from selkv import quant  # noqa: E402
 from selkv.storage import DecodeStorage  # noqa: E402
 
 VALUE_RMS = (1.0, 0.1, 0.02, 0.005)
-QUANT = {  # name: (nbits, axis_key, q_group_size, block_length), as benchmarks/decode_attention.py
+QUANT = {  # name: (nbits, axis_key, q_group_size, block_length[, rotate]), as benchmarks/decode_attention.py
     "int8": (8, "token", 64, 32),
     "int4": (4, "channel", 64, 32),
     "int4 tok": (4, "token", 64, 32),
     "int2": (2, "channel", 64, 32),
     "int4 spec": (4, "channel", 32, 64),
+    # rotated keys (quant.rotation_matrix): the spec defaults at 4 and 2 bits, and the per-token layout;
+    # the kernel's time includes rotating the query
+    "int4 spec rot": (4, "channel", 32, 64, "hadamard-signs"),
+    "int2 rot": (2, "channel", 64, 32, "hadamard-signs"),
+    "int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
 }
 CUDA_SHAPE = dict(batch_size=8, num_heads=32, num_kv_heads=8, head_dim=128, context=32768, dtype=torch.bfloat16)
 CPU_SHAPE = dict(batch_size=1, num_heads=4, num_kv_heads=1, head_dim=64, context=388, dtype=torch.float16)
@@ -63,8 +70,9 @@ def load_kernels(path: str | None):
 
 def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: int, block_length: int,
                value_rms: float, batch_size: int, num_kv_heads: int, head_dim: int, context: int,
-               dtype: torch.dtype, device: str, **_) -> DecodeStorage:
-    """Random keys (3 outlier channels) and values (RMS ``value_rms``), quantized as a layer stores them."""
+               dtype: torch.dtype, device: str, rotate: str = "none", **_) -> DecodeStorage:
+    """Random keys (3 outlier channels) and values (RMS ``value_rms``), quantized as a layer stores them
+    (middle keys rotated first when ``rotate`` is not "none")."""
     num_stored = (context - SINK - WINDOW) // block_length * block_length
     num_recent = context - SINK - num_stored
     B, H, D = batch_size, num_kv_heads, head_dim
@@ -79,21 +87,24 @@ def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: in
     sink_keys, sink_values = states(SINK)
     recent_keys, recent_values = states(num_recent)
     keys, values = states(num_stored)
+    rotation = quant.rotation_matrix(rotate, D, device)
+    keys = quant.rotate(keys, rotation)  # float32 when rotated, as the layer quantizes them
     if axis_key == "channel":
         key_codes, key_scale, key_zero = quant.quantize(keys, nbits, block_length, dim=-2)
     else:
         key_codes, key_scale, key_zero = quant.quantize(keys, nbits, q_group_size, dim=-1)
     value_codes, value_scale, value_zero = quant.quantize(values, nbits, q_group_size, dim=-1)
-    del keys, values
-    return DecodeStorage(
+    keys = quant.unrotate(keys, rotation).to(dtype)  # the middle as it was before quantization
+    storage = DecodeStorage(
         sink_keys=sink_keys, sink_values=sink_values, num_sink=SINK,
         key_codes=quant.pack(key_codes, nbits), key_scale=key_scale, key_zero=key_zero,
         value_codes=quant.to_block_major(quant.pack(value_codes, nbits), block_length),
         value_scale=value_scale, value_zero=value_zero, num_stored=num_stored,
         recent_keys=recent_keys, recent_values=recent_values, num_recent=num_recent,
         key_nbits=nbits, value_nbits=nbits, q_group_size=q_group_size, axis_key=axis_key, block_length=block_length,
-        row_padding=None,
+        row_padding=None, key_rotation=rotation,
     )
+    return storage, (keys, values)
 
 
 def run_kernel(kernels, query: torch.Tensor, storage: DecodeStorage, scaling: float,
@@ -109,9 +120,10 @@ def run_kernel(kernels, query: torch.Tensor, storage: DecodeStorage, scaling: fl
     return kernels.selective_decode_attention(query, **fields, scaling=scaling)
 
 
-def float64_attention(query: torch.Tensor, storage: DecodeStorage, scaling: float) -> torch.Tensor:
-    """[B, 1, Hq, D] float64 attention over the sink, the dequantized middle (not rounded) and the window."""
-    keys, values = storage.dequantize()
+def float64_attention(query: torch.Tensor, storage: DecodeStorage, scaling: float, middle=None) -> torch.Tensor:
+    """[B, 1, Hq, D] float64 attention over the sink, the dequantized middle (not rounded) and the window;
+    ``middle``: (keys, values) to use instead of the dequantized middle (the states before quantization)."""
+    keys, values = storage.dequantize() if middle is None else middle
     recent = slice(0, storage.num_recent)
     k = torch.cat([storage.sink_keys.double(), keys.double(), storage.recent_keys[:, :, recent].double()], dim=-2)
     v = torch.cat([storage.sink_values.double(), values.double(), storage.recent_values[:, :, recent].double()], dim=-2)
@@ -140,16 +152,19 @@ def main() -> None:
     scaling = shape["head_dim"] ** -0.5
     rows = []
     for name, value_dot in [(n, d) for n in args.quant for d in args.value_dot]:
-        nbits, axis_key, q_group_size, block_length = QUANT[name]
+        nbits, axis_key, q_group_size, block_length, *rotate = QUANT[name]
         label = name if value_dot is None else f"{name} {value_dot}"
         for value_rms in VALUE_RMS:
             gen = torch.Generator(device).manual_seed(args.seed)  # the same draws at every RMS
-            cache = make_cache(gen, nbits, axis_key, q_group_size, block_length, value_rms, device=device, **shape)
+            cache, middle = make_cache(gen, nbits, axis_key, q_group_size, block_length, value_rms, device=device,
+                               rotate=rotate[0] if rotate else "none", **shape)
             query = torch.randn(shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen,
                                 device=device).to(shape["dtype"])
             out = run_kernel(kernels, query, cache, scaling, value_dot)
             want = float64_attention(query, cache, scaling)
             error = ((out.double() - want).norm() / want.norm()).item()
+            exact = float64_attention(query, cache, scaling, middle)  # over the keys and values before quantization
+            error_quant = ((out.double() - exact).norm() / exact.norm()).item()
             ms = None
             if not CPU:
                 from triton.testing import do_bench_cudagraph
@@ -158,11 +173,12 @@ def main() -> None:
                     return run_kernel(kernels, query, cache, scaling, value_dot)
 
                 ms = do_bench_cudagraph(step, rep=200, return_mode="median")
-            rows.append(dict(quant=label, value_dot=value_dot, nbits=nbits, axis_key=axis_key, q_group_size=q_group_size,
-                             block_length=block_length, value_rms=value_rms, rel_l2=error, ms=ms,
+            rows.append(dict(quant=label, value_dot=value_dot, rotate=rotate[0] if rotate else "none", nbits=nbits, axis_key=axis_key, q_group_size=q_group_size,
+                             block_length=block_length, value_rms=value_rms, rel_l2=error, rel_l2_vs_unquantized=error_quant, ms=ms,
                              finite=bool(torch.isfinite(out).all())))
-            del cache, out, want  # free the 8 x 32k cache and the float64 copies before the next one
-            print(f"{label:18s} value RMS {value_rms:<6} rel. L2 {error:.2e}" + (f"  {ms:.4f} ms" if ms else ""),
+            del cache, middle, out, want, exact  # free the 8 x 32k cache and the float64 copies before the next one
+            print(f"{label:18s} value RMS {value_rms:<6} rel. L2 {error:.2e} (vs unquantized {error_quant:.2e})"
+                  + (f"  {ms:.4f} ms" if ms else ""),
                   flush=True)
     meta = dict(shape={k: str(v) for k, v in shape.items()}, sink=SINK, window=WINDOW, seed=args.seed,
                 kernel=args.kernel or "selkv", device=torch.cuda.get_device_name() if not CPU else "cpu (interpreter)",
