@@ -110,13 +110,14 @@ def test_interpreter_keys_and_values_of_their_own_bit_widths(key_nbits, value_nb
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("nbits,value_nbits,axis_key", [(4, 4, "token"), (2, 4, "token"), (4, 2, "channel")])
 @pytest.mark.parametrize("device_lengths", [False, True])
-def test_interpreter_rotated_keys(nbits, value_nbits, axis_key, dtype, device_lengths):
-    """Middle keys stored rotated (``rotate=hadamard``): the kernel reads them with the rotated query, the
-    references rotate them back; sink and window keys are not rotated."""
+@pytest.mark.parametrize("rotate", ["hadamard", "hadamard-signs"])
+def test_interpreter_rotated_keys(nbits, value_nbits, axis_key, dtype, device_lengths, rotate):
+    """Middle keys stored rotated: the kernel reads them with the rotated query, the references rotate them
+    back; sink and window keys are not rotated. The signed matrix is not symmetric: a transpose shows."""
     module = kernel_module()
     config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=3)
     shape = dict(SMALL, head_dim=64, num_heads=4, num_sink=3, num_stored=80, num_recent=11, nbits=nbits,
-                 value_nbits=value_nbits, axis_key=axis_key, row_padding=[2, 0], rotate="hadamard")
+                 value_nbits=value_nbits, axis_key=axis_key, row_padding=[2, 0], rotate=rotate)
     check_case(module, "cpu", dtype, _seed(), config=config, device_lengths=device_lengths, **shape)
 
 

@@ -365,7 +365,7 @@ def _exact_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("rotate", ["hadamard", "none"])
+@pytest.mark.parametrize("rotate", ["hadamard", "hadamard-signs", "none"])
 def test_rotation_leaves_attention_exact_when_nothing_is_lost(rotate, static):
     """8-bit groups of one channel store every float32 value almost exactly (a group's range is one value):
     with or without rotated keys, what the dense path reads and what the twin attends to is what was given."""
@@ -390,7 +390,7 @@ def test_rotation_leaves_attention_exact_when_nothing_is_lost(rotate, static):
             torch.testing.assert_close(out_values, all_values, **TOLERANCES["kernel_fp32"])
             continue
         layer = cache.layers[0]
-        assert layer.num_stored > 0 and (layer.key_rotation is not None) == (rotate == "hadamard")
+        assert layer.num_stored > 0 and (layer.key_rotation is not None) == (rotate != "none")
         query = torch.randn(2, 4, 1, 32, generator=gen)
         got = reference.selective_decode_attention(query, layer.decode_storage())
         torch.testing.assert_close(got.double(), _exact_attention(query, all_keys, all_values),

@@ -74,6 +74,15 @@ def test_hadamard_is_orthogonal_symmetric_and_flat(dim):
     torch.testing.assert_close(quant.unrotate(quant.rotate(x, matrix), matrix), x, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dim", [2, 64, 128])
+def test_signed_hadamard_is_orthogonal_and_not_symmetric(dim):
+    matrix = quant.rotation_matrix("hadamard-signs", dim)
+    torch.testing.assert_close(matrix @ matrix.T, torch.eye(dim), atol=1e-6, rtol=0)
+    assert not torch.equal(matrix, matrix.T) and not torch.equal(matrix, quant.hadamard(dim))
+    assert torch.equal(quant.rotation_matrix("hadamard-signs", dim), matrix)  # fixed signs: the same every time
+    assert quant.rotation_matrix("none", dim) is None
+
+
 @pytest.mark.parametrize("dim", [0, 3, 96])
 def test_hadamard_refuses_other_sizes(dim):
     with pytest.raises(ValueError, match=f"power-of-two head_dim, got {dim}"):

@@ -29,7 +29,7 @@ BAD_SPECS = {
     "quant:kbits=4": "missing field 'vbits'",
     "quant:vbits=2,sink=4": "missing field 'kbits'",
     "quant:kbits=4,vbits=3": "vbits=3 is not supported; allowed: 2, 4, 8",
-    "quant:bits=4,rotate=random": "rotate='random' is not allowed; allowed: none, hadamard",
+    "quant:bits=4,rotate=random": "rotate='random' is not allowed; allowed: none, hadamard, hadamard-signs",
 }
 
 
