@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from selkv import quant  # noqa: E402
 from selkv.kernels import decode_attention as kernels  # noqa: E402
 from selkv.kernels import reference  # noqa: E402
 from selkv.storage import DecodeStorage  # noqa: E402
@@ -36,12 +37,20 @@ FUSED = {  # name: (nbits, axis_key, q_group_size, block_length)
     "fused int4 tok": (4, "token", 64, BLOCK),
     "fused int2": (2, "channel", 64, BLOCK),
     "fused int4 spec": (4, "channel", 32, 64),  # the int4 spec's defaults: groups of 32, key blocks of 64
+    # rotated keys (rotate=hadamard-signs, the 4- and 2-bit spec defaults): the query is rotated once per
+    # call in the launcher, which the times include
+    "fused int4 spec rot": (4, "channel", 32, 64, "hadamard-signs"),
+    "fused int2 rot": (2, "channel", 64, 32, "hadamard-signs"),
+    "fused int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
 }
+ACCURACY_RMS = (1.0, 0.02)  # value RMS of the accuracy column
 
 
 def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: int, block: int = BLOCK,
-                   device="cuda", dtype=torch.bfloat16, device_lengths: bool = False) -> DecodeStorage:
-    """A cache of ``context`` tokens filled with random codes and scales.
+                   rotate: str = "none", device="cuda", dtype=torch.bfloat16,
+                   device_lengths: bool = False) -> DecodeStorage:
+    """A cache of ``context`` tokens filled with random codes and scales (``rotate``: the middle's keys
+    are read as rotated by that matrix, as a layer stores them).
 
     ``device_lengths``: the lengths on the device, as a static cache holds them (the kernel reads
     them; its grid comes from the capacities, here equal to the filled lengths).
@@ -76,8 +85,31 @@ def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: i
         recent_values=torch.randn(B, H, WINDOW + block, D, device=device, dtype=dtype),
         num_recent=num_recent,
         key_nbits=nbits, value_nbits=nbits, q_group_size=group, axis_key=axis_key, block_length=block,
-        row_padding=None, lengths=lengths,
+        row_padding=None, lengths=lengths, key_rotation=quant.rotation_matrix(rotate, D, device),
     )
+
+
+def layout_errors(name: str, device: str = "cuda", shape: dict | None = None) -> dict[str, float]:
+    """The fused kernel's attention error for layout ``name`` against float64 attention over the keys and
+    values *before* quantization (the layout's whole cost), on ``benchmarks/kernel_precision.py``'s cache:
+    keys with three outlier channels (x10, x20, x30), values of RMS 1 and 0.02; 8 x 32k by default."""
+    import kernel_precision
+
+    nbits, axis_key, group, block, *rotate = FUSED[name.replace("dequant+SDPA ", "fused ").removesuffix(" dev")]
+    shape = dict(kernel_precision.CUDA_SHAPE if shape is None else shape)
+    errors = {}
+    for rms in ACCURACY_RMS:
+        gen = torch.Generator(device).manual_seed(0)
+        storage, middle = kernel_precision.make_cache(gen, nbits, axis_key, group, block, rms, device=device,
+                                                      rotate=rotate[0] if rotate else "none", **shape)
+        query = torch.randn(shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen,
+                            device=device).to(shape["dtype"])
+        scaling = shape["head_dim"] ** -0.5
+        out = kernels.selective_decode_attention(query, storage, scaling=scaling).double()
+        exact = kernel_precision.float64_attention(query, storage, scaling, middle)
+        errors[f"error_rms_{rms}"] = ((out - exact).norm() / exact.norm()).item()
+        del storage, middle, out, exact
+    return errors
 
 
 def bench(fn, warmup: int = 50, rep: int = 300) -> float:
@@ -126,8 +158,9 @@ def run(shapes, methods, config=None, check=True) -> list[dict]:
         for name in methods:
             # "... dev": the lengths on the device, as a static cache's captured decode step reads them
             device_lengths = name.endswith(" dev")
-            nbits, axis_key, group, block = FUSED[name.replace("dequant+SDPA ", "fused ").removesuffix(" dev")]
-            args = random_storage(batch, context, nbits, axis_key, group, block, device_lengths=device_lengths)
+            nbits, axis_key, group, block, *rotate = FUSED[name.replace("dequant+SDPA ", "fused ").removesuffix(" dev")]
+            args = random_storage(batch, context, nbits, axis_key, group, block, rotate=rotate[0] if rotate else "none",
+                                  device_lengths=device_lengths)
             nbytes = kernels.bytes_read(batch, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, SINK + args.num_recent,
                                         args.num_stored, nbits, group, axis_key, block)
             if name.startswith("dequant"):
@@ -191,14 +224,16 @@ def sweep(shapes) -> list[dict]:
 
 def table(rows, copy_gbs) -> str:
     lines = [
-        "| batch x context | method | median ms | GB/s | % of copy | speed-up vs SDPA | graph ms | graph speed-up |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| batch x context | method | median ms | GB/s | % of copy | speed-up vs SDPA | graph ms | graph speed-up | "
+        "error vs float64, value RMS 1 / 0.02 (8 x 32k) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        errors = " / ".join(f"{r[f'error_rms_{rms}']:.1e}" for rms in ACCURACY_RMS) if "error_rms_1.0" in r else "-"
         lines.append(
             f"| {r['batch']} x {r['context'] // 1024}k | {r['method']} | {r['ms']:.4f} | {r['gb_per_s']:.0f} | "
             f"{100 * r['gb_per_s'] / copy_gbs:.0f} % | {r['speedup_vs_sdpa']:.2f}x | {r['ms_graph']:.4f} | "
-            f"{r['speedup_vs_sdpa_graph']:.2f}x |"
+            f"{r['speedup_vs_sdpa_graph']:.2f}x | {errors} |"
         )
     return "\n".join(lines)
 
@@ -209,6 +244,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="only sweep launch parameters at (1, 32k) and (8, 32k)")
     parser.add_argument("--methods", default="dequant+SDPA int8,fused int8,fused int4,fused int4 tok,fused int2,"
                         "fused int4 spec")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="add each fused layout's error vs float64 on keys with outlier channels (8 x 32k)")
     parser.add_argument("--config", default="", metavar="FIELD=VALUE,...",
                         help="DecodeConfig fields for the fused rows, e.g. programs_per_sm=10,block_n=64")
     args = parser.parse_args()
@@ -230,6 +267,10 @@ def main() -> None:
 
     config = kernels.DecodeConfig(**{k: parse(k, v) for k, v in fields.items()})
     rows = run(SHAPES, methods, config)
+    if args.accuracy:
+        errors = {m: layout_errors(m) for m in methods if not m.startswith("dequant")}
+        for row in rows:
+            row.update(errors.get(row["method"], {}))
     result = dict(
         date=datetime.date.today().isoformat(), gpu=props.name, torch=torch.__version__, triton=triton.__version__,
         command="PYTHONPATH=src python " + " ".join(sys.argv), copy_gb_per_s=copy_gbs,

@@ -166,9 +166,10 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for name in args.quant:
-        nbits, axis_key, group, block = FUSED[name]
+        nbits, axis_key, group, block, *rotate = FUSED[name]
         for block_n in args.block_n or [None]:
-            storage = random_storage(1, args.context, nbits, axis_key, group, block, device="cpu")
+            storage = random_storage(1, args.context, nbits, axis_key, group, block,
+                                     rotate=rotate[0] if rotate else "none", device="cpu")
             query = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
             config = kernels.DecodeConfig()
             if block_n:

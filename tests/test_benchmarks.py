@@ -131,6 +131,28 @@ def test_captured_selkv_fill_and_rewind():
     assert [layer.lengths.tolist() for layer in cache.layers] == start and int(cache.get_seq_length()) == 300
 
 
+@pytest.mark.parametrize("name", ["fused int4 spec", "fused int4 tok", "fused int4 spec rot"])
+def test_decode_attention_accuracy_column_runs_small(name):
+    """The accuracy column of decode_attention.py (kernel in Triton's interpreter, float16, a small cache):
+    each layout's error against the keys and values before quantization, per value RMS."""
+    from decode_attention import ACCURACY_RMS, layout_errors
+
+    shape = dict(batch_size=1, num_heads=4, num_kv_heads=1, head_dim=64, context=388, dtype=torch.float16)
+    errors = layout_errors(name, device="cpu", shape=shape)
+    assert set(errors) == {f"error_rms_{rms}" for rms in ACCURACY_RMS}
+    assert all(0.0 < e < 2.0 for e in errors.values()), errors
+
+
+def test_per_token_int4_keys_show_their_cost_in_the_accuracy_column():
+    """Keys with outlier channels: per-token int4 keys err far more than per-channel ones (the column's point)."""
+    from decode_attention import layout_errors
+
+    shape = dict(batch_size=1, num_heads=4, num_kv_heads=1, head_dim=64, context=388, dtype=torch.float16)
+    per_token = layout_errors("fused int4 tok", device="cpu", shape=shape)["error_rms_1.0"]
+    per_channel = layout_errors("fused int4 spec", device="cpu", shape=shape)["error_rms_1.0"]
+    assert per_token > 3 * per_channel, (per_token, per_channel)
+
+
 def test_decode_e2e_runs_small(tmp_path):
     out = tmp_path / "e2e.json"
     log = _run("decode_e2e.py", "--tiny", "--shapes", "2x300,1x200", "--steps", "3", "--rounds", "3",
