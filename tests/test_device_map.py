@@ -2,8 +2,8 @@
 
 There is one real device on a CPU machine, so the second device here is ``meta`` (shapes without data):
 a decoder layer moved there, with its inputs moved to it as accelerate's hooks do, shows where the
-cache allocates, not what it computes. Two GPUs (tensors, the kernel launch device) are exercised by
-the two-GPU benchmark only.
+cache allocates, not what it computes. Two real GPUs (tensors, the kernel's launch device) are not
+exercised by these tests.
 """
 
 from __future__ import annotations

@@ -61,8 +61,7 @@ def _use_kernel(query: torch.Tensor, storage: DecodeStorage):
     groups = query.shape[1] // storage.num_key_value_heads
     why = kernels.check_supported(head_dim, groups, storage.key_nbits, storage.q_group_size, query.dtype,
                                   storage.value_nbits)
-    supported = why is None
-    return kernels if supported else None
+    return kernels if why is None else None
 
 
 def kernel_device(device: torch.device):

@@ -139,9 +139,10 @@ def bytes_per_device(cache: Cache, tokens: int, element_size_16bit: int = 2) -> 
     layers: dict[str, list] = {}
     for layer in cache.layers:
         if getattr(layer, "is_initialized", False):
+            name = _layer_device(layer)
             counted = layer_bytes(layer, element_size_16bit)
-            device = totals.setdefault(_layer_device(layer), dict.fromkeys(counted, 0))
-            layers.setdefault(_layer_device(layer), []).append(layer)
+            device = totals.setdefault(name, dict.fromkeys(counted, 0))
+            layers.setdefault(name, []).append(layer)
             for key, value in counted.items():
                 device[key] += value
     for name, counted in totals.items():

@@ -109,7 +109,7 @@ class DecodeStorage:
         key_nbits, value_nbits: bits per key code and per value code.
         q_group_size, axis_key, block_length: the middle's quantization layout.
         key_rotation: float32 ``[D, D]`` orthogonal matrix the middle's keys were multiplied by before they
-            were quantized (``quant:rotate=hadamard``), or ``None``. Attention over the middle then uses
+            were quantized (``quant:rotate=...``), or ``None``. Attention over the middle then uses
             ``query @ key_rotation``; sink and window keys are never rotated.
         row_padding: int32 ``[B]`` left padding of each row (its sink positions below it are padding),
             or ``None``.

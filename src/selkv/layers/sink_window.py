@@ -20,8 +20,8 @@ and ``P_v = D * value_nbits // 8`` packed bytes, ``G`` = ``q_group_size``, ``T``
 Entries ``[:num_stored]`` (tokens) are filled. Dequantized, each element is
 ``code * scale + zero``.
 
-With ``rotate="hadamard"`` the keys entering the middle are multiplied by a normalized Hadamard matrix
-(``key_rotation``, ``[D, D]``, from ``quant.rotation_matrix``) before they are quantized, which spreads
+With ``rotate="hadamard"`` or ``"hadamard-signs"`` the keys entering the middle are multiplied by an
+orthogonal matrix (``key_rotation``, ``[D, D]``, from ``quant.rotation_matrix``) before they are quantized, which spreads
 outlier channels over all channels. Sink and window keys stay as given. Readers of the middle either
 rotate the query (the fused kernel: ``(q R) . (k R) = q . k``) or rotate the dequantized keys back
 (the dense path and the PyTorch twin).
@@ -44,8 +44,8 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
     """Sink + quantized middle + window. Spec: ``quant:bits=B,sink=S,window=W[,group=G][,key_axis=..][,sym=..]``.
 
     ``nbits`` is the bit width of key codes, and of value codes unless ``value_nbits`` is given
-    (``quant:kbits=K,vbits=V``: keys usually need more bits than values, KIVI). ``rotate``: "none" or
-    "hadamard" (keys rotated before they are quantized; see the module docstring).
+    (``quant:kbits=K,vbits=V``: keys usually need more bits than values, KIVI). ``rotate``: one of
+    ``quant.ROTATIONS`` (keys rotated before they are quantized; see the module docstring).
     """
 
     retains_evicted = True
@@ -97,7 +97,7 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
         self._init_rotation(key_states)
 
     def _init_rotation(self, key_states: torch.Tensor) -> None:
-        # One matrix per (head_dim, device), shared by every layer: not part of the layer's bytes.
+        # One matrix per (head_dim, device), shared by every layer: kv_bytes counts it once per cache.
         self.key_rotation = quant.rotation_matrix(self.rotate, key_states.shape[-1], key_states.device)
 
     # ----------------------------------------------------------- quantization

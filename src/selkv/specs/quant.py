@@ -1,4 +1,4 @@
-"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T][,rotate=hadamard|none]``.
+"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T][,rotate=R]``.
 
 16-bit sink and window, every token between quantized once to ``bits`` bits, or to ``kbits`` bits per
 key and ``vbits`` per value (``quant:kbits=4,vbits=2``; ``bits=B`` is the shorthand for both).
