@@ -45,8 +45,9 @@ starting from the estimate (memory left after the weights over one sequence's al
 all memory freed between probes, stopped after ``--max-batch-budget-s`` seconds per path (then the
 bounds found so far are reported). The steps are compiled without CUDA graphs (a capture that runs
 out of memory leaves the graph tree unusable): the full cache's ``static-flex`` step with a dynamic
-batch dimension (one compile for every probe; one compile per probe where that fails), selkv's
-captured step where it exists, else its eager fused step.
+batch dimension (one compile for every probe; one compile per probe where that fails); selkv's
+static cache (the one its captured step holds) with its eager fused step, since a captured step
+would compile again for every batch probed.
 
 ``--quick``: the first shape, 16 steps, no reference row, no max-batch search. ``--shapes none``:
 only the max-batch search. ``--layers N`` and ``--hold-gib G`` try the script on fewer layers and
@@ -791,11 +792,15 @@ class Bench:
         else:
             spec = SPECS[int(path.removeprefix("int"))]
             if hasattr(selkv, "compile_decode_step"):
-                how = "selkv static cache, captured step compiled without CUDA graphs"
+                # eager: a compiled step would compile again for every batch probed (minutes per probe);
+                # the static cache it runs on is the one the captured step holds
+                how = "selkv static cache, eager fused step"
 
                 def build(batch):
-                    cache, step, _ = captured_selkv(model, spec, batch, context, 8, device, dtype, graphs=False)
-                    return cache, step
+                    model.set_attn_implementation("selkv")
+                    cache = make_cache(spec, config, max_cache_len=context + 8)
+                    fill_static_selective(cache, config, batch, context, device, dtype)
+                    return cache, decode_step(model)
             else:
                 how = "selkv dynamic cache, eager fused step (no captured step in this selkv)"
 

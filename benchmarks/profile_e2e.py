@@ -1,6 +1,6 @@
 """Where one decode step's time goes: full cache vs selkv int8 and int4 (fused), Llama-3-8B shape, random weights.
 
-    PYTHONPATH=src python benchmarks/profile_e2e.py [--out DIR] [--tiny]
+    PYTHONPATH=src python benchmarks/profile_e2e.py [--out DIR] [--tiny] [--captured]
 
 Same setup as ``decode_e2e.py`` (caches filled directly, batch 8 x 32k). For each cache, two warm-up
 steps, then ``--steps`` steps under ``torch.profiler`` (CPU + CUDA activities). Prints the wall time
@@ -9,6 +9,11 @@ by CPU time; writes the tables, a Chrome trace per cache and ``summary.json`` un
 The summary lists every gap over 1 ms in which no CPU operator ran (a kernel compile, say), read
 off the trace. Then the same steps again under ``cProfile`` (``python_<cache>.txt``): which Python
 functions the host time goes to, since a decode step of this size is bound by the host.
+
+``--captured`` profiles the compiled steps instead: the full ``StaticCache`` with flex_attention and
+selkv's static int8 / int4 / int2 caches, each step compiled as ``decode_e2e.py`` compiles it but
+without CUDA graphs, so that the profiler sees every kernel of the step (a graph replays the same
+kernels without the host's launches). The device time by kernel is what the captured step costs.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from decode_e2e import LLAMA3_8B, TINY, build_model, fill_full, fill_selective  # noqa: E402
+from decode_e2e import (  # noqa: E402
+    LLAMA3_8B, TINY, build_model, captured_selkv, compile_step, fill_full, fill_selective, fill_static,
+)
 
 import selkv  # noqa: E402,F401  (registers attn_implementation="selkv")
 from selkv import make_cache  # noqa: E402
@@ -47,6 +54,13 @@ def idle_gaps(trace_path: str, min_ms: float = 1.0) -> list[dict]:
         if op["ts"] + op["dur"] > end:
             end, last = op["ts"] + op["dur"], op
     return gaps
+
+
+def top_kernels(events, steps: int, count: int = 12) -> dict[str, float]:
+    """The ``count`` operators with the most device time of their own, in ms per step."""
+    timed = [(getattr(e, "self_device_time_total", 0), e.key) for e in events]
+    timed = sorted((t for t in timed if t[0] > 0), reverse=True)[:count]
+    return {key[:80]: round(us / 1000 / steps, 4) for us, key in timed}
 
 
 def python_profile(step, tokens, steps: int, device: str, name: str, out: str) -> float:
@@ -70,6 +84,41 @@ def python_profile(step, tokens, steps: int, device: str, name: str, out: str) -
     return round(1000 * wall, 1)
 
 
+def eager_runs(model, args, device, dtype):
+    """``(name, cache, step(tokens) -> tokens)`` for the full cache (sdpa) and selkv int8 / int4, eager."""
+    runs = (("full", "full", "sdpa"), ("int8", "quant:bits=8,sink=4,window=124", "selkv"),
+            ("int4", "quant:bits=4,sink=4,window=124", "selkv"))
+    for name, spec, attention in runs:
+        model.set_attn_implementation(attention)
+        cache = make_cache(spec, model.config)
+        (fill_full if spec == "full" else fill_selective)(cache, model.config, args.batch, args.context, device, dtype)
+
+        def step(tokens, cache=cache):
+            logits = forward_with_cache(model, cache, tokens, logits_to_keep=1).logits
+            return logits[:, -1].argmax(-1, keepdim=True)
+
+        yield name, cache, step
+
+
+def compiled_runs(model, args, device, dtype):
+    """The compiled static-cache steps without CUDA graphs: full ``StaticCache`` + flex (CUDA only), selkv int8 / int4 / int2."""
+    from transformers import StaticCache
+
+    room = 2 * args.steps + 8  # warm-up, profiled and cProfiled steps all fit
+    if device == "cuda":  # inductor's CPU flex_attention cannot lower this decode step
+        model.set_attn_implementation("flex_attention")
+        cache = StaticCache(config=model.config, max_cache_len=args.context + room)
+        fill_static(cache, model.config, args.batch, args.context, device, dtype)
+        flex = compile_step(model, None, False)
+        position = torch.tensor([args.context], device=device)
+        yield "static-flex", cache, lambda tokens: flex(tokens, cache, position).argmax(-1, keepdim=True)
+    for bits in (8, 4, 2):
+        cache, step, _ = captured_selkv(model, f"quant:bits={bits}", args.batch, args.context, room, device, dtype,
+                                        graphs=False)
+        yield f"int{bits}-compiled", cache, lambda tokens, cache=cache, step=step: step(tokens, cache, None).argmax(
+            -1, keepdim=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
@@ -77,6 +126,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU (a smoke test of this script)")
     parser.add_argument("--out", default="profile_e2e")
+    parser.add_argument("--captured", action="store_true",
+                        help="profile the compiled static-cache steps (flex full cache, selkv int8/int4/int2)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = "cpu" if args.tiny else "cuda"
@@ -88,18 +139,9 @@ def main() -> None:
     sort_device = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     summary = dict(command="PYTHONPATH=src python " + " ".join(sys.argv), batch=args.batch, context=args.context,
                    steps=args.steps, caches={})
-    runs = (("full", "full", "sdpa"), ("int8", "quant:bits=8,sink=4,window=124", "selkv"),
-            ("int4", "quant:bits=4,sink=4,window=124", "selkv"))
-    for name, spec, attention in runs:
-        model.set_attn_implementation(attention)
-        cache = make_cache(spec, model.config)
-        (fill_full if spec == "full" else fill_selective)(cache, model.config, args.batch, args.context, device, dtype)
+    runs = eager_runs(model, args, device, dtype) if not args.captured else compiled_runs(model, args, device, dtype)
+    for name, cache, step in runs:
         tokens = torch.randint(0, model.config.vocab_size, (args.batch, 1), device=device)
-
-        def step(tokens):
-            logits = forward_with_cache(model, cache, tokens, logits_to_keep=1).logits
-            return logits[:, -1].argmax(-1, keepdim=True)
-
         with torch.no_grad():
             for _ in range(2):
                 tokens = step(tokens)
@@ -130,6 +172,7 @@ def main() -> None:
         summary["caches"][name] = dict(
             wall_ms_per_step=round(1000 * wall, 1), idle_gaps_over_1ms=gaps,
             wall_ms_per_step_without_gaps=round(1000 * wall - sum(g["ms"] for g in gaps) / args.steps, 1),
+            device_ms_per_step=round(device_us / 1000, 3), top_kernels_ms_per_step=top_kernels(events, args.steps),
         )
         print(f"{name}: idle gaps over 1 ms (no CPU operator running): {gaps}", flush=True)
         summary["caches"][name]["python_ms_per_step"] = python_profile(step, tokens, args.steps, device, name, args.out)

@@ -275,6 +275,27 @@ def test_cuda_matches_references(dtype, head_dim, nbits, axis_key, ratio):
         for device_lengths in (False, True):
             check_case(module, "cuda", dtype, seed + i, device_lengths=device_lengths, **shape)
 
+# (key bits, value bits, key axis, rotation): the rotated defaults and split widths, compiled for CUDA.
+CUDA_ROTATED_CASES = [(4, 4, "channel", "hadamard-signs"), (2, 2, "channel", "hadamard-signs"),
+                      (4, 2, "channel", "hadamard-signs"), (4, 4, "token", "hadamard"), (8, 4, "token", "none")]
+
+
+@cuda_only
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("nbits,value_nbits,axis_key,rotate", CUDA_ROTATED_CASES)
+def test_cuda_rotated_keys_and_split_bit_widths(nbits, value_nbits, axis_key, rotate, head_dim):
+    """The compiled kernel on rotated middle keys and on key/value codes of their own widths (bf16, GQA 4)."""
+    module = kernel_module()
+    seed = _seed()
+    for i, (num_sink, num_stored, num_recent) in enumerate(CUDA_LENGTHS):
+        padding = [0, num_sink - 4, 1] if num_sink > 4 else None
+        shape = dict(batch_size=3, num_kv_heads=2, num_heads=8, head_dim=head_dim, q_group_size=min(64, head_dim),
+                     block_length=32, num_sink=num_sink, num_stored=num_stored, num_recent=num_recent, nbits=nbits,
+                     value_nbits=value_nbits, axis_key=axis_key, row_padding=padding,
+                     rotate=rotate)
+        check_case(module, "cuda", torch.bfloat16, seed + i, device_lengths=i % 2 == 1, **shape)
+
+
 PRECISION_RMS = (1.0, 0.1, 0.02, 0.005)
 
 PRECISION_QUANT = [(8, "token"), (8, "channel"), (4, "token"), (4, "channel"), (2, "token"), (2, "channel")]
@@ -402,6 +423,14 @@ CUDA_PRECISION = dict(batch_size=2, num_kv_heads=8, num_heads=32, head_dim=128, 
 def test_cuda_precision_on_small_values(dtype, nbits, axis_key):
     """Llama-3-8B's attention shape (32 query / 8 KV heads, head_dim 128), 8k tokens, default launch."""
     check_precision_grid(kernel_module(), "cuda", dtype, nbits=nbits, axis_key=axis_key, **CUDA_PRECISION)
+
+
+@cuda_only
+@pytest.mark.parametrize("nbits,rotate", [(4, "hadamard-signs"), (2, "hadamard-signs")])
+def test_cuda_precision_of_rotated_keys_on_small_values(nbits, rotate):
+    """The rotated int4 / int2 defaults on the precision grid: the query is rotated outside the kernel."""
+    check_precision_grid(kernel_module(), "cuda", torch.bfloat16, nbits=nbits, axis_key="channel", rotate=rotate,
+                         **CUDA_PRECISION)
 
 
 @cuda_only
