@@ -611,6 +611,8 @@ class Bench:
             reused = sum(t.numel() * t.element_size() for layer in decoder.cache.layers for t in (layer.keys, layer.values))
         info["held_bytes"] = (torch.cuda.memory_allocated() - base + reused) if cuda else 0
         info["start_peak_bytes"] = (torch.cuda.max_memory_allocated() - base + reused) if cuda else 0
+        print(f"{batch}x{context} {row.key}: filled in {info['fill_s']:.0f} s, first step {info['first_step_s']:.0f} s, "
+              f"ready after {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         return decoder, info
 
     # -- one shape -------------------------------------------------------------------------------------------

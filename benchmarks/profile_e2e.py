@@ -140,7 +140,7 @@ def main() -> None:
     summary = dict(command="PYTHONPATH=src python " + " ".join(sys.argv), batch=args.batch, context=args.context,
                    steps=args.steps, caches={})
     runs = eager_runs(model, args, device, dtype) if not args.captured else compiled_runs(model, args, device, dtype)
-    for name, cache, step in runs:
+    for name, _cache, step in runs:  # the generator builds the next cache as the loop moves on
         tokens = torch.randint(0, model.config.vocab_size, (args.batch, 1), device=device)
         with torch.no_grad():
             for _ in range(2):
@@ -176,7 +176,6 @@ def main() -> None:
         )
         print(f"{name}: idle gaps over 1 ms (no CPU operator running): {gaps}", flush=True)
         summary["caches"][name]["python_ms_per_step"] = python_profile(step, tokens, args.steps, device, name, args.out)
-        cache = None  # frees it before the next cache (not del: step still names it)
         if device == "cuda":
             torch.cuda.empty_cache()
     with open(os.path.join(args.out, "summary.json"), "w") as f:
