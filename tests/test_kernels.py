@@ -262,18 +262,24 @@ CUDA_CASES = [
 ]
 
 
+def _cuda_shapes(head_dim: int, num_heads: int, **layout):
+    """(index, shape) for each of CUDA_LENGTHS: 3 rows, 2 KV heads, the third row left-padded in the sink."""
+    for i, (num_sink, num_stored, num_recent) in enumerate(CUDA_LENGTHS):
+        padding = [0, num_sink - 4, 1] if num_sink > 4 else None
+        yield i, dict(batch_size=3, num_kv_heads=2, num_heads=num_heads, head_dim=head_dim,
+                      q_group_size=min(64, head_dim), block_length=32, num_sink=num_sink, num_stored=num_stored,
+                      num_recent=num_recent, row_padding=padding, **layout)
+
+
 @cuda_only
 @pytest.mark.parametrize("dtype,head_dim,nbits,axis_key,ratio", CUDA_CASES)
 def test_cuda_matches_references(dtype, head_dim, nbits, axis_key, ratio):
     module = kernel_module()
     seed = _seed()
-    for i, (num_sink, num_stored, num_recent) in enumerate(CUDA_LENGTHS):
-        padding = [0, num_sink - 4, 1] if num_sink > 4 else None
-        shape = dict(batch_size=3, num_kv_heads=2, num_heads=2 * ratio, head_dim=head_dim,
-                     q_group_size=min(64, head_dim), block_length=32, num_sink=num_sink, num_stored=num_stored,
-                     num_recent=num_recent, nbits=nbits, axis_key=axis_key, row_padding=padding)
+    for i, shape in _cuda_shapes(head_dim, 2 * ratio, nbits=nbits, axis_key=axis_key):
         for device_lengths in (False, True):
             check_case(module, "cuda", dtype, seed + i, device_lengths=device_lengths, **shape)
+
 
 # (key bits, value bits, key axis, rotation): the rotated defaults and split widths, compiled for CUDA.
 CUDA_ROTATED_CASES = [(4, 4, "channel", "hadamard-signs"), (2, 2, "channel", "hadamard-signs"),
@@ -287,12 +293,7 @@ def test_cuda_rotated_keys_and_split_bit_widths(nbits, value_nbits, axis_key, ro
     """The compiled kernel on rotated middle keys and on key/value codes of their own widths (bf16, GQA 4)."""
     module = kernel_module()
     seed = _seed()
-    for i, (num_sink, num_stored, num_recent) in enumerate(CUDA_LENGTHS):
-        padding = [0, num_sink - 4, 1] if num_sink > 4 else None
-        shape = dict(batch_size=3, num_kv_heads=2, num_heads=8, head_dim=head_dim, q_group_size=min(64, head_dim),
-                     block_length=32, num_sink=num_sink, num_stored=num_stored, num_recent=num_recent, nbits=nbits,
-                     value_nbits=value_nbits, axis_key=axis_key, row_padding=padding,
-                     rotate=rotate)
+    for i, shape in _cuda_shapes(head_dim, 8, nbits=nbits, value_nbits=value_nbits, axis_key=axis_key, rotate=rotate):
         check_case(module, "cuda", torch.bfloat16, seed + i, device_lengths=i % 2 == 1, **shape)
 
 
