@@ -251,19 +251,26 @@ def fill_static_selective(cache, config, batch: int, context: int, device, dtype
         layer.cumulative_length.fill_(context)
 
 
-def captured_selkv(model, spec: str, batch: int, context: int, room: int, device, dtype, graphs: bool = True):
-    """selkv's static cache filled to ``context`` + its captured decode step + how to rewind it.
-
-    Returns ``(cache, step(tokens, cache, position), rewind())``; ``rewind`` puts the device lengths back
-    to ``context`` (rows written past them are never read). The one place that knows the static cache's
-    API (``make_cache(..., max_cache_len=N)``, ``selkv.compile_decode_step``, the layers' device lengths).
-    ``graphs=False`` compiles without CUDA graphs.
-    """
+def static_selkv(model, spec: str, batch: int, context: int, room: int, device, dtype):
+    """selkv's static cache (``make_cache(..., max_cache_len=N)``) filled to ``context``, ``room`` tokens
+    to spare, with the model's attention set to the fused kernel."""
     if not hasattr(selkv, "compile_decode_step"):
         raise Unavailable("this selkv has no static cache / compile_decode_step yet")
     model.set_attn_implementation("selkv")
     cache = make_cache(spec, model.config, max_cache_len=context + room)
     fill_static_selective(cache, model.config, batch, context, device, dtype)
+    return cache
+
+
+def captured_selkv(model, spec: str, batch: int, context: int, room: int, device, dtype, graphs: bool = True):
+    """selkv's static cache filled to ``context`` + its captured decode step + how to rewind it.
+
+    Returns ``(cache, step(tokens, cache, position), rewind())``; ``rewind`` puts the device lengths back
+    to ``context`` (rows written past them are never read). With ``static_selkv``, the one place that
+    knows the static cache's API (``selkv.compile_decode_step``, the layers' device lengths).
+    ``graphs=False`` compiles without CUDA graphs.
+    """
+    cache = static_selkv(model, spec, batch, context, room, device, dtype)
     start = [(layer.lengths.clone(), layer.cumulative_length.clone()) for layer in cache.layers]
 
     def rewind_lengths() -> None:
@@ -799,10 +806,7 @@ class Bench:
                 how = "selkv static cache, eager fused step"
 
                 def build(batch):
-                    model.set_attn_implementation("selkv")
-                    cache = make_cache(spec, config, max_cache_len=context + 8)
-                    fill_static_selective(cache, config, batch, context, device, dtype)
-                    return cache, decode_step(model)
+                    return static_selkv(model, spec, batch, context, 8, device, dtype), decode_step(model)
             else:
                 how = "selkv dynamic cache, eager fused step (no captured step in this selkv)"
 

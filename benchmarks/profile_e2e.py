@@ -85,7 +85,8 @@ def python_profile(step, tokens, steps: int, device: str, name: str, out: str) -
 
 
 def eager_runs(model, args, device, dtype):
-    """``(name, cache, step(tokens) -> tokens)`` for the full cache (sdpa) and selkv int8 / int4, eager."""
+    """``(name, step(tokens) -> tokens)`` for the full cache (sdpa) and selkv int8 / int4, eager; each step
+    holds its cache."""
     runs = (("full", "full", "sdpa"), ("int8", "quant:bits=8,sink=4,window=124", "selkv"),
             ("int4", "quant:bits=4,sink=4,window=124", "selkv"))
     for name, spec, attention in runs:
@@ -97,7 +98,7 @@ def eager_runs(model, args, device, dtype):
             logits = forward_with_cache(model, cache, tokens, logits_to_keep=1).logits
             return logits[:, -1].argmax(-1, keepdim=True)
 
-        yield name, cache, step
+        yield name, step
 
 
 def compiled_runs(model, args, device, dtype):
@@ -111,11 +112,11 @@ def compiled_runs(model, args, device, dtype):
         fill_static(cache, model.config, args.batch, args.context, device, dtype)
         flex = compile_step(model, None, False)
         position = torch.tensor([args.context], device=device)
-        yield "static-flex", cache, lambda tokens: flex(tokens, cache, position).argmax(-1, keepdim=True)
+        yield "static-flex", lambda tokens, cache=cache: flex(tokens, cache, position).argmax(-1, keepdim=True)
     for bits in (8, 4, 2):
         cache, step, _ = captured_selkv(model, f"quant:bits={bits}", args.batch, args.context, room, device, dtype,
                                         graphs=False)
-        yield f"int{bits}-compiled", cache, lambda tokens, cache=cache, step=step: step(tokens, cache, None).argmax(
+        yield f"int{bits}-compiled", lambda tokens, cache=cache, step=step: step(tokens, cache, None).argmax(
             -1, keepdim=True)
 
 
@@ -140,7 +141,7 @@ def main() -> None:
     summary = dict(command="PYTHONPATH=src python " + " ".join(sys.argv), batch=args.batch, context=args.context,
                    steps=args.steps, caches={})
     runs = eager_runs(model, args, device, dtype) if not args.captured else compiled_runs(model, args, device, dtype)
-    for name, _cache, step in runs:  # the generator builds the next cache as the loop moves on
+    for name, step in runs:  # the generator builds the next cache as the loop moves on
         tokens = torch.randint(0, model.config.vocab_size, (args.batch, 1), device=device)
         with torch.no_grad():
             for _ in range(2):

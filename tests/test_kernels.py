@@ -427,11 +427,11 @@ def test_cuda_precision_on_small_values(dtype, nbits, axis_key):
 
 
 @cuda_only
-@pytest.mark.parametrize("nbits,rotate", [(4, "hadamard-signs"), (2, "hadamard-signs")])
-def test_cuda_precision_of_rotated_keys_on_small_values(nbits, rotate):
+@pytest.mark.parametrize("nbits", [4, 2])
+def test_cuda_precision_of_rotated_keys_on_small_values(nbits):
     """The rotated int4 / int2 defaults on the precision grid: the query is rotated outside the kernel."""
-    check_precision_grid(kernel_module(), "cuda", torch.bfloat16, nbits=nbits, axis_key="channel", rotate=rotate,
-                         **CUDA_PRECISION)
+    check_precision_grid(kernel_module(), "cuda", torch.bfloat16, nbits=nbits, axis_key="channel",
+                         rotate="hadamard-signs", **CUDA_PRECISION)
 
 
 @cuda_only
