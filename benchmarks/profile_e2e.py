@@ -1,6 +1,6 @@
 """Where one decode step's time goes: full cache vs selkv int8 and int4 (fused), Llama-3-8B shape, random weights.
 
-    PYTHONPATH=src python benchmarks/profile_e2e.py [--out DIR] [--tiny] [--captured]
+    PYTHONPATH=src python benchmarks/profile_e2e.py [--out DIR] [--tiny] [--captured] [--caches int4,...]
 
 Same setup as ``decode_e2e.py`` (caches filled directly, batch 8 x 32k). For each cache, two warm-up
 steps, then ``--steps`` steps under ``torch.profiler`` (CPU + CUDA activities). Prints the wall time
@@ -56,6 +56,31 @@ def idle_gaps(trace_path: str, min_ms: float = 1.0) -> list[dict]:
     return gaps
 
 
+# Device time by kind of kernel, matched on lower-cased kernel names (first match wins): the attention kernels
+# (selkv's partial + merge kernels; flex_attention's, which inductor emits as templates, "triton_tem_": without
+# max-autotune its matrix multiplies stay in cuBLAS), the matrix multiplies, everything else (norms, RoPE,
+# activations, cache writes and the window's quantization, inductor's fused elementwise kernels).
+KERNEL_KINDS = (
+    ("attention", ("selective_decode", "merge_partials", "flex", "triton_tem_", "attention", "flash")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "mm_", "matmul")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(key in lowered for key in keys)), "other")
+
+
+def device_ms_by_kind(events, steps: int) -> dict[str, float]:
+    """Device ms per step of every kernel, summed by :func:`kernel_kind`."""
+    totals = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    for event in events:
+        us = getattr(event, "self_device_time_total", 0)
+        if us > 0 and getattr(event, "device_type", None) != torch.autograd.DeviceType.CPU:
+            totals[kernel_kind(event.key)] += us
+    return {kind: round(us / 1000 / steps, 3) for kind, us in totals.items()}
+
+
 def top_kernels(events, steps: int, count: int = 12) -> dict[str, float]:
     """The ``count`` operators with the most device time of their own, in ms per step."""
     timed = [(getattr(e, "self_device_time_total", 0), e.key) for e in events]
@@ -90,6 +115,8 @@ def eager_runs(model, args, device, dtype):
     runs = (("full", "full", "sdpa"), ("int8", "quant:bits=8,sink=4,window=124", "selkv"),
             ("int4", "quant:bits=4,sink=4,window=124", "selkv"))
     for name, spec, attention in runs:
+        if name not in args.caches:
+            continue
         model.set_attn_implementation(attention)
         cache = make_cache(spec, model.config)
         (fill_full if spec == "full" else fill_selective)(cache, model.config, args.batch, args.context, device, dtype)
@@ -106,7 +133,7 @@ def compiled_runs(model, args, device, dtype):
     from transformers import StaticCache
 
     room = 2 * args.steps + 8  # warm-up, profiled and cProfiled steps all fit
-    if device == "cuda":  # inductor's CPU flex_attention cannot lower this decode step
+    if device == "cuda" and "static-flex" in args.caches:  # inductor's CPU flex_attention cannot lower this step
         model.set_attn_implementation("flex_attention")
         cache = StaticCache(config=model.config, max_cache_len=args.context + room)
         fill_static(cache, model.config, args.batch, args.context, device, dtype)
@@ -114,6 +141,8 @@ def compiled_runs(model, args, device, dtype):
         position = torch.tensor([args.context], device=device)
         yield "static-flex", lambda tokens, cache=cache: flex(tokens, cache, position).argmax(-1, keepdim=True)
     for bits in (8, 4, 2):
+        if f"int{bits}" not in args.caches:
+            continue
         cache, step, _ = captured_selkv(model, f"quant:bits={bits}", args.batch, args.context, room, device, dtype,
                                         graphs=False)
         yield f"int{bits}-compiled", lambda tokens, cache=cache, step=step: step(tokens, cache, None).argmax(
@@ -129,7 +158,14 @@ def main() -> None:
     parser.add_argument("--out", default="profile_e2e")
     parser.add_argument("--captured", action="store_true",
                         help="profile the compiled static-cache steps (flex full cache, selkv int8/int4/int2)")
+    parser.add_argument("--caches", default=None,
+                        help="caches to profile, comma-separated (default: all; full,int8,int4 eager; "
+                             "static-flex,int8,int4,int2 with --captured)")
     args = parser.parse_args()
+    known = ("static-flex", "int8", "int4", "int2") if args.captured else ("full", "int8", "int4")
+    args.caches = known if args.caches is None else tuple(args.caches.split(","))
+    if unknown := sorted(set(args.caches) - set(known)):
+        parser.error(f"unknown cache(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     os.makedirs(args.out, exist_ok=True)
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -173,14 +209,15 @@ def main() -> None:
         summary["caches"][name] = dict(
             wall_ms_per_step=round(1000 * wall, 1), idle_gaps_over_1ms=gaps,
             wall_ms_per_step_without_gaps=round(1000 * wall - sum(g["ms"] for g in gaps) / args.steps, 1),
-            device_ms_per_step=round(device_us / 1000, 3), top_kernels_ms_per_step=top_kernels(events, args.steps),
+            device_ms_per_step=round(device_us / 1000, 3), device_ms_per_step_by_kind=device_ms_by_kind(events, args.steps),
+            top_kernels_ms_per_step=top_kernels(events, args.steps),
         )
         print(f"{name}: idle gaps over 1 ms (no CPU operator running): {gaps}", flush=True)
         summary["caches"][name]["python_ms_per_step"] = python_profile(step, tokens, args.steps, device, name, args.out)
         if device == "cuda":
             torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        with open(os.path.join(args.out, "summary.json"), "w") as f:  # after every cache: a cut-off run keeps these
+            json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":

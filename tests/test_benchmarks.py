@@ -186,3 +186,12 @@ def test_profile_e2e_runs_small(tmp_path):
         assert cache["wall_ms_per_step"] > 0 and cache["python_ms_per_step"] > 0
         assert (tmp_path / f"python_{name}.txt").read_text().startswith(f"{name}: ")
         assert (tmp_path / f"trace_{name}.json.gz").exists()
+
+
+def test_profile_e2e_kernel_kinds():
+    from profile_e2e import kernel_kind
+
+    assert kernel_kind("_selective_decode_partial_kernel") == kernel_kind("_merge_partials_kernel") == "attention"
+    assert kernel_kind("triton_tem_fused_0") == "attention"  # inductor's flex_attention template
+    assert kernel_kind("nvjet_tst_128x64_64x4_1x2_h_bz_coopA_NTN") == kernel_kind("sm90_xmma_gemm_bf16") == "matmul"
+    assert kernel_kind("triton_poi_fused_add_mul_rsqrt_0") == "other"
