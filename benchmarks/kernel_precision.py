@@ -86,20 +86,12 @@ def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: in
 
     sink_keys, sink_values = states(SINK)
     recent_keys, recent_values = states(num_recent)
-    keys, values = states(num_stored)
+    keys, values = states(num_stored)  # the middle as it was before quantization
     rotation = quant.rotation_matrix(rotate, D, device)
-    keys = quant.rotate(keys, rotation)  # float32 when rotated, as the layer quantizes them
-    if axis_key == "channel":
-        key_codes, key_scale, key_zero = quant.quantize(keys, nbits, block_length, dim=-2)
-    else:
-        key_codes, key_scale, key_zero = quant.quantize(keys, nbits, q_group_size, dim=-1)
-    value_codes, value_scale, value_zero = quant.quantize(values, nbits, q_group_size, dim=-1)
-    keys = quant.unrotate(keys, rotation).to(dtype)  # the middle as it was before quantization
+    parts = quant.quantize_middle(keys, values, key_nbits=nbits, value_nbits=nbits, q_group_size=q_group_size,
+                                  axis_key=axis_key, block_length=block_length, key_rotation=rotation)
     storage = DecodeStorage(
-        sink_keys=sink_keys, sink_values=sink_values, num_sink=SINK,
-        key_codes=quant.pack(key_codes, nbits), key_scale=key_scale, key_zero=key_zero,
-        value_codes=quant.to_block_major(quant.pack(value_codes, nbits), block_length),
-        value_scale=value_scale, value_zero=value_zero, num_stored=num_stored,
+        sink_keys=sink_keys, sink_values=sink_values, num_sink=SINK, **parts, num_stored=num_stored,
         recent_keys=recent_keys, recent_values=recent_values, num_recent=num_recent,
         key_nbits=nbits, value_nbits=nbits, q_group_size=q_group_size, axis_key=axis_key, block_length=block_length,
         row_padding=None, key_rotation=rotation,

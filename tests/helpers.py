@@ -183,14 +183,12 @@ def make_storage(
         args.update(key_codes=None, key_scale=None, key_zero=None, value_codes=None, value_scale=None, value_zero=None)
         return DecodeStorage(**args)
     rotation = quant.rotation_matrix(rotate, D)
-    keys = quant.rotate((randn(B, H, stored_cap, D) * key_gain).to(dtype), rotation)
+    keys = (randn(B, H, stored_cap, D) * key_gain).to(dtype)
     values = randn(B, H, stored_cap, D, scale=value_rms).to(dtype)
-    if axis_key == "channel":
-        kc, ks, kz = quant.quantize(keys, nbits, block_length, dim=-2)
-    else:
-        kc, ks, kz = quant.quantize(keys, nbits, q_group_size, dim=-1)
-    vc, vs, vz = quant.quantize(values, value_nbits, q_group_size, dim=-1)
-    kc, vc = quant.pack(kc, nbits), quant.pack(vc, value_nbits)
+    parts = quant.quantize_middle(keys, values, key_nbits=nbits, value_nbits=value_nbits, q_group_size=q_group_size,
+                                  axis_key=axis_key, block_length=block_length, key_rotation=rotation)
+    kc, ks, kz = parts["key_codes"], parts["key_scale"], parts["key_zero"]
+    vc, vs, vz = quant.from_block_major(parts["value_codes"], block_length), parts["value_scale"], parts["value_zero"]
     # Poison what lies beyond num_stored: random codes, NaN scales.
     kc[:, :, num_stored:] = torch.randint(0, 256, kc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)
     vc[:, :, num_stored:] = torch.randint(0, 256, vc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)

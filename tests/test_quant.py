@@ -159,3 +159,28 @@ def test_symmetric_groups_near_the_float16_maximum_stay_within_half_a_step(nbits
     assert torch.isfinite(scale.float()).all() and torch.isfinite(zero.float()).all()
     y = quant.dequantize(codes, scale, zero, 4)
     assert bool(((x - y).abs() <= _bound(x, scale, 4, -1)).all()), (x - y).abs().max()
+
+
+@pytest.mark.parametrize("axis_key,rotate,key_nbits,value_nbits", [
+    ("token", "none", 8, 8), ("channel", "hadamard-signs", 4, 4), ("channel", "hadamard-signs", 2, 4),
+    ("token", "hadamard", 4, 2),
+])
+def test_quantize_middle_is_read_back_within_half_a_step(axis_key, rotate, key_nbits, value_nbits):
+    from selkv.storage import dequantize_middle
+
+    gen = torch.Generator().manual_seed(3)
+    block, group, head_dim, count = 32, 32, 64, 96
+    keys = torch.randn(2, 3, count, head_dim, generator=gen) * (1 + 9 * (torch.arange(head_dim) % 16 == 0))
+    values = torch.randn(2, 3, count, head_dim, generator=gen) * 0.02
+    rotation = quant.rotation_matrix(rotate, head_dim)
+    layout = dict(key_nbits=key_nbits, value_nbits=value_nbits, q_group_size=group, axis_key=axis_key,
+                  block_length=block)
+    parts = quant.quantize_middle(keys, values, key_rotation=rotation, **layout)
+    assert parts["key_codes"].shape[-1] == head_dim * key_nbits // 8
+    assert parts["value_codes"].shape[-1] == head_dim * value_nbits // 8
+    read_keys, read_values = dequantize_middle(**parts, num_stored=count, key_rotation=rotation, **layout)
+    # per element at most half a step of its own group (keys: in the rotated basis, where they were quantized)
+    key_dim, key_group = (-2, block) if axis_key == "channel" else (-1, group)
+    key_error = quant.rotate(read_keys, rotation) - quant.rotate(keys, rotation)
+    assert (key_error.abs() <= _bound(keys, parts["key_scale"], key_group, key_dim) + 1e-5).all()
+    assert ((read_values - values).abs() <= _bound(values, parts["value_scale"], group, -1)).all()

@@ -102,26 +102,12 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
 
     # ----------------------------------------------------------- quantization
 
-    def _quantize_keys(self, keys: torch.Tensor):
-        if self.axis_key == "channel":
-            # Outlier channels dominate per-token ranges at low bit widths; a per-channel group over
-            # a block of tokens keeps each channel's own range (KIVI).
-            return quant.quantize(keys, self.nbits, self.block_length, dim=-2, sym=self.sym)
-        return quant.quantize(keys, self.nbits, self.q_group_size, dim=-1, sym=self.sym)
-
     def _quantize_parts(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Middle entries of whole blocks of tokens ``[B, H, n, head_dim]``, by middle tensor name."""
-        key_codes, key_scale, key_zero = self._quantize_keys(quant.rotate(keys, self.key_rotation))
-        value_codes, value_scale, value_zero = quant.quantize(values, self.value_nbits, self.q_group_size, dim=-1,
-                                                                sym=self.sym)
-        return {
-            "key_codes": quant.pack(key_codes, self.nbits),
-            "key_scale": key_scale,
-            "key_zero": key_zero,
-            "value_codes": quant.to_block_major(quant.pack(value_codes, self.value_nbits), self.block_length),
-            "value_scale": value_scale,
-            "value_zero": value_zero,
-        }
+        return quant.quantize_middle(
+            keys, values, key_nbits=self.nbits, value_nbits=self.value_nbits, q_group_size=self.q_group_size,
+            axis_key=self.axis_key, block_length=self.block_length, key_rotation=self.key_rotation, sym=self.sym,
+        )
 
     def _evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         count = keys.shape[-2]
