@@ -318,3 +318,24 @@ def test_cli_static_refuses_what_it_cannot_do(capsys, argv, message):
     assert main(["generate", "--prompt", "hi", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("task,flag,value,message", [
+    ("perplexity", "--data", "no-such-set", "no text file or named set 'no-such-set'"),
+    ("perplexity", "--max-tokens", "1", "--max-tokens must be >= 2"),
+    ("memory", "--data", "no-such-set", "no text file or named set"),
+    ("summarization", "--data", "no-such-set", "no summarization file or named set"),
+    ("needle", "--kv-data", "no-such-set", "no KV-retrieval file or named set"),
+])
+def test_eval_input_errors_come_before_the_model_loads(monkeypatch, tmp_path, capsys, task, flag, value, message):
+    from selkv import cli
+
+    def never(args):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "_load", never)
+    monkeypatch.delenv("SELKV_DEBUG", raising=False)
+    assert cli.main(["eval", task, "--out", str(tmp_path / "out"), flag, value, "--cache", "full"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing written either

@@ -351,6 +351,8 @@ def cmd_eval(args) -> int:
     module = TASKS[args.task]
     specs = checked_specs(args.cache, DEFAULT_CACHES)
     settings = module.settings_from_args(args)
+    if hasattr(module, "check"):  # a bad --data fails in a second, not after the model loads
+        module.check(settings)
     _prepare_eval_dirs(args)
     model, tokenizer = _load(args)
     payload = run_task(module, model, tokenizer, args.model, specs, args.out, settings, profile_dir=args.profile)

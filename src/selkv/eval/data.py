@@ -63,6 +63,32 @@ def _resolve(name_or_path: str, named: dict) -> tuple[Path | None, tuple | None]
     return None, None
 
 
+def _found(name_or_path: str, named: dict, what: str) -> tuple[Path | None, tuple | None]:
+    """:func:`_resolve`, or FileNotFoundError naming the sets when neither a file nor a download is there."""
+    path, hf = _resolve(name_or_path, named)
+    if path is None and hf is None:
+        raise FileNotFoundError(
+            f"no {what} file or named set {name_or_path!r}; named sets: {', '.join(named)} (looked under {data_root()})"
+        )
+    return path, hf
+
+
+def check_text(name_or_path: str) -> None:
+    """Raise what :func:`load_text` would for a missing source, without reading it."""
+    if not name_or_path.startswith("hf:"):
+        _found(name_or_path, TEXT_SETS, "text")
+
+
+def check_summarization(name_or_path: str) -> None:
+    """Raise what :func:`load_summarization` would for a missing source, without reading it."""
+    _found(name_or_path, SUMMARIZATION_SETS, "summarization")
+
+
+def check_kv_retrieval(name_or_path: str) -> None:
+    """Raise what :func:`load_kv_retrieval` would for a missing source, without reading it."""
+    _found(name_or_path, KV_RETRIEVAL_SETS, "KV-retrieval")
+
+
 def describe(path: str | Path) -> str:
     """How results name an input file: ``shared/data/...`` for the shared sets, else the path as given."""
     path = Path(path)
@@ -112,35 +138,27 @@ def load_text(name_or_path: str) -> tuple[str, str]:
         parts = name_or_path[3:].split(":")
         rows = _hf_load((parts[0], parts[1] if len(parts) > 1 else None, "test"))
         return "\n\n".join(rows["text"]), name_or_path
-    path, hf = _resolve(name_or_path, TEXT_SETS)
+    path, hf = _found(name_or_path, TEXT_SETS, "text")
     if path is not None:
         if path.suffix == ".jsonl":
             rows = read_jsonl(path, required=("text",))
             return "\n\n".join(r["text"] for r in rows), describe(path)
         return path.read_text(encoding="utf-8").replace("\r\n", "\n"), describe(path)
-    if hf is not None:
-        rows = _hf_load(hf)
-        return "\n\n".join(rows[hf[3]][:50] if hf[0] == "deepmind/pg19" else rows[hf[3]]), f"hf:{hf[0]}"
-    raise FileNotFoundError(
-        f"no text file or named set {name_or_path!r}; named sets: {', '.join(TEXT_SETS)} (looked under {data_root()})"
-    )
+    rows = _hf_load(hf)
+    return "\n\n".join(rows[hf[3]][:50] if hf[0] == "deepmind/pg19" else rows[hf[3]]), f"hf:{hf[0]}"
 
 
 def load_summarization(name_or_path: str, limit: int | None = None) -> tuple[list[dict], str]:
     """(records with ``id``, ``document``, ``summary``; description) of a JSONL file or named set."""
-    path, hf = _resolve(name_or_path, SUMMARIZATION_SETS)
+    path, hf = _found(name_or_path, SUMMARIZATION_SETS, "summarization")
     if path is not None:
         records = read_jsonl(path, required=("document", "summary"))
         source = describe(path)
-    elif hf is not None:
+    else:
         rows = _hf_load(hf)
         doc_key, sum_key = ("article", "highlights") if "cnn" in hf[0] else ("document", "summary")
         records = [{"id": str(r.get("id", i)), "document": r[doc_key], "summary": r[sum_key]} for i, r in enumerate(rows)]
         source = f"hf:{hf[0]}"
-    else:
-        raise FileNotFoundError(
-            f"no summarization file or named set {name_or_path!r}; named sets: {', '.join(SUMMARIZATION_SETS)}"
-        )
     return (records[:limit] if limit else records), source
 
 
@@ -155,8 +173,6 @@ def load_essays(path: str | None = None) -> tuple[list[str], str]:
 
 def load_kv_retrieval(name_or_path: str, limit: int | None = None) -> tuple[list[dict], str]:
     """Lost-in-the-Middle key-value retrieval records (``ordered_kv_records``, ``key``, ``value``)."""
-    path, _ = _resolve(name_or_path, KV_RETRIEVAL_SETS)
-    if path is None:
-        raise FileNotFoundError(f"no KV-retrieval file or named set {name_or_path!r}; named sets: {', '.join(KV_RETRIEVAL_SETS)}")
+    path, _ = _found(name_or_path, KV_RETRIEVAL_SETS, "KV-retrieval")
     records = read_jsonl(path, required=("ordered_kv_records", "key", "value"))
     return (records[:limit] if limit else records), describe(path)

@@ -15,7 +15,7 @@ import torch
 
 from ..cache import kv_bytes, make_cache
 from ..generation import decode_tokens, prefill
-from .data import load_text
+from .data import check_text, load_text
 from .kv_metrics import measure_cache
 from .prompts import encode
 from .runner import progress
@@ -30,6 +30,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--new-tokens", type=int, default=DEFAULTS["new_tokens"], help="tokens to generate (default 256)")
     parser.add_argument("--every", type=int, default=DEFAULTS["every"], help="measure every N new tokens (default 16)")
     parser.add_argument("--chunk", type=int, default=DEFAULTS["chunk"], help="prefill chunk (default 64, 0 = one pass)")
+
+
+def check(settings: dict) -> None:
+    """Input errors found before the model loads."""
+    check_text(settings["data"])
 
 
 def settings_from_args(args) -> dict:

@@ -22,7 +22,7 @@ import torch
 
 from ..cache import make_cache
 from ..generation import eos_token_ids, greedy_decode, prefill
-from .data import load_essays, load_kv_retrieval
+from .data import check_kv_retrieval, load_essays, load_kv_retrieval
 from .kv_metrics import aggregate_kv, measure_cache
 from .prompts import encode
 from .runner import progress
@@ -57,6 +57,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kv-pairs", type=int, default=DEFAULTS["kv_pairs"],
                         help="key-value pairs shown per record, a window around the gold pair that keeps its "
                              "relative position; 0 = all (default 20)")
+
+
+def check(settings: dict) -> None:
+    """Input errors found before the model loads."""
+    if settings["kv_data"]:
+        check_kv_retrieval(settings["kv_data"])
 
 
 def settings_from_args(args) -> dict:

@@ -18,7 +18,7 @@ import torch
 
 from ..cache import make_cache
 from ..generation import prefill
-from .data import load_text
+from .data import check_text, load_text
 from .kv_metrics import aggregate_kv, measure_cache
 from .prompts import encode
 from .runner import progress
@@ -44,10 +44,20 @@ def settings_from_args(args) -> dict:
     return {"data": args.data, "max_tokens": args.max_tokens, "chunk": args.chunk, "segments": args.segments}
 
 
-def load_segments(tokenizer, data: str, max_tokens: int, segments: int) -> tuple[list[list[int]], str]:
-    """``segments`` consecutive token segments of ``max_tokens`` from the start of the text."""
+def check(settings: dict) -> None:
+    """Input errors found before the model loads."""
+    _check_lengths(settings["max_tokens"], settings["segments"])
+    check_text(settings["data"])
+
+
+def _check_lengths(max_tokens: int, segments: int) -> None:
     if max_tokens < 2 or segments < 1:
         raise ValueError(f"--max-tokens must be >= 2 and --segments >= 1, got {max_tokens} and {segments}")
+
+
+def load_segments(tokenizer, data: str, max_tokens: int, segments: int) -> tuple[list[list[int]], str]:
+    """``segments`` consecutive token segments of ``max_tokens`` from the start of the text."""
+    _check_lengths(max_tokens, segments)
     text, source = load_text(data)
     needed = max_tokens * segments
     # Tokenize a prefix first (large files take seconds); fall back to the whole text if it is too short.

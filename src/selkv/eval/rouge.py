@@ -15,7 +15,7 @@ import torch
 
 from ..cache import make_cache
 from ..generation import eos_token_ids, greedy_decode, prefill
-from .data import load_summarization
+from .data import check_summarization, load_summarization
 from .kv_metrics import aggregate_kv, measure_cache
 from .prompts import chat_ids
 from .runner import progress
@@ -41,6 +41,11 @@ def add_arguments(parser) -> None:
                         help="truncate documents to this many tokens (default 3072)")
     parser.add_argument("--instruction", default=None,
                         help="instruction before the document (default: one sentence for xsum, 3 sentences otherwise)")
+
+
+def check(settings: dict) -> None:
+    """Input errors found before the model loads."""
+    check_summarization(settings["data"])
 
 
 def settings_from_args(args) -> dict:

@@ -1,7 +1,8 @@
 """Runs one task module over cache specs into a run folder: writer, resume, profiling, progress, environment.
 
 Every task module has ``TASK``, ``DEFAULTS``, ``add_arguments``, ``settings_from_args``,
-``run(model, tokenizer, specs, writer, **settings)``, ``aggregate`` and optionally ``compare``.
+``run(model, tokenizer, specs, writer, **settings)``, ``aggregate``, and optionally ``compare`` and
+``check(settings)`` (input errors found before the model loads).
 """
 
 from __future__ import annotations
