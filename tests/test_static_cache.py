@@ -289,3 +289,25 @@ def test_speed_task_reuses_one_static_cache(selkv_llama):
         assert used is cache and int(cache.get_seq_length()) == 20 + 12
         assert sink_keys is None or cache.layers[0].sink_keys is sink_keys, "reset must keep the tensors"
         sink_keys = cache.layers[0].sink_keys
+
+
+def test_decoding_past_the_capacity_is_refused_on_the_cpu_and_counted_when_compiled(selkv_llama):
+    """Past its capacity the eager CPU step raises, as a prefill does; a compiled step (which cannot
+    stop) keeps decoding as a sliding window and counts the dropped tokens instead of hiding them."""
+    spec, prompts = "quant:bits=8,sink=4,window=16,block=8", torch.randint(3, 256, (1, 20))
+    cache = make_cache(spec, selkv_llama.config, max_cache_len=40)
+    capacity = 4 + 24 + 16 + 8  # sink, middle (40 - 4 - 16 rounded up to blocks), window + the ring's spare block
+    with pytest.raises(ValueError, match="larger max_cache_len"):
+        _greedy(selkv_llama, cache, prompts, capacity)
+    assert cache.dropped_tokens == 0
+    cache = make_cache(spec, selkv_llama.config, max_cache_len=40)
+    _greedy(selkv_llama, cache, prompts, capacity - 20)  # fills it exactly: nothing dropped, nothing raised
+    assert cache.dropped_tokens == 0 and int(cache.get_seq_length()) == capacity
+    torch._dynamo.reset()
+    step = selkv.compile_decode_step(selkv_llama, mode=None, fullgraph=True, backend="eager")
+    cache = make_cache(spec, selkv_llama.config, max_cache_len=40)
+    _greedy(selkv_llama, cache, prompts, capacity - 20 + 5, step_fn=step)
+    assert cache.dropped_tokens == 5
+    with torch.inference_mode():  # the cache's tensors were made under inference mode
+        cache.reset()
+    assert cache.dropped_tokens == 0

@@ -50,6 +50,13 @@ class SelectiveCache(Cache):
             take_published(layer_idx)
         return keys, values
 
+    @property
+    def dropped_tokens(self) -> int:
+        """Tokens a static cache's compiled or CUDA decode steps dropped past its capacity (0 when none;
+        a host sync). Such steps cannot stop, so they keep decoding as a sliding window and count here."""
+        return max((int(layer.dropped) for layer in self._selkv_layers() if getattr(layer, "dropped", None) is not None),
+                   default=0)
+
     def _selkv_layers(self) -> list[SelectiveLayer]:
         """The full-attention layers (sliding-window layers are transformers' own)."""
         return [layer for layer in self.layers if isinstance(layer, SelectiveLayer)]

@@ -19,8 +19,12 @@ a one-token decode step has fixed shapes and no host synchronization, as transfo
 - The sink has one spare slot: a step whose token does not go to the sink writes it there.
 
 Prefill (more than one token) and steps without selkv's attention run eagerly, with host lengths;
-they return what :class:`QuantizedSinkWindowLayer` returns. Past ``max_cache_len`` a prefill
-raises; a captured step keeps running with the middle full and drops the window's oldest tokens.
+they return what :class:`QuantizedSinkWindowLayer` returns.
+
+Past the capacity (``max_cache_len`` rounded up to whole blocks, plus the ring's spare block) a
+prefill raises, and so does a one-token step on the CPU, where reading the lengths costs nothing.
+A compiled or CUDA step cannot stop without a host sync: it keeps decoding with the middle full,
+drops the window's oldest token and counts it in ``dropped`` (``SelectiveCache.dropped_tokens``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         self.recent_keys = self.recent_values = None
         self.lengths = None  # int32 [4]: num_sink, num_stored, num_recent, recent_start
         self.cumulative_length = None  # int64 []: positions seen
+        self.dropped = None  # int64 []: tokens dropped past the capacity
         self.is_initialized = False
 
     # Host views of the device lengths (each one synchronizes: accounting and eager steps only).
@@ -99,10 +104,11 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
             setattr(self, name, part.new_zeros(part.shape[:2] + (length,) + part.shape[3:]))
         self.lengths = torch.zeros(4, dtype=torch.int32, device=self.device)
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.dropped = torch.zeros((), dtype=torch.int64, device=self.device)
         self.is_initialized = True
         # Fixed addresses: a CUDA graph replays reads and in-place writes of these tensors.
         if not _is_compiling():
-            for tensor in (*self._all_tensors().values(), self.lengths, self.cumulative_length):
+            for tensor in (*self._all_tensors().values(), self.lengths, self.cumulative_length, self.dropped):
                 torch._dynamo.mark_static_address(tensor)
 
     def _per_block(self, name: str) -> bool:
@@ -146,6 +152,13 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         num_sink, num_stored, num_recent, start = self.lengths.unbind()
         # The sink takes the sequence's first tokens only; other tokens land in its spare slot.
         to_sink = (num_sink < sink_capacity) & (num_stored + num_recent == 0)
+        # The ring's oldest block moves to the middle (commit) when the ring is full and the middle has
+        # room; with the middle full the ring overflows and its oldest token is dropped.
+        num_recent_after = num_recent + (~to_sink).to(torch.int32)
+        commit = ((num_recent_after >= ring) & (num_stored < self.middle_capacity)).to(torch.int32)
+        drop = (num_recent_after - commit * block > ring).to(torch.int32)
+        if self.device.type == "cpu" and not _is_compiling() and bool(drop):
+            raise self._capacity_error(int(self.cumulative_length) + 1)
         sink_slot = torch.where(to_sink, num_sink, sink_capacity).view(1).long()
         self.sink_keys.index_copy_(2, sink_slot, key_states)
         self.sink_values.index_copy_(2, sink_slot, value_states)
@@ -153,23 +166,20 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         ring_slot = torch.remainder(start + num_recent, ring).view(1).long()
         self.recent_keys.index_copy_(2, ring_slot, key_states)
         self.recent_values.index_copy_(2, ring_slot, value_states)
-        num_recent = num_recent + (~to_sink).to(torch.int32)
-        # Quantize the ring's oldest block and write it after the stored middle; keep it (advance
-        # num_stored) only when the ring is full and the middle has room.
+        # Quantize the ring's oldest block and write it after the stored middle; only a commit keeps it
+        # (a step without one writes rows past num_stored, which nothing reads).
         oldest = torch.remainder(start + torch.arange(block, device=self.device), ring)
         parts = self._quantize_parts(self.recent_keys.index_select(2, oldest), self.recent_values.index_select(2, oldest))
         self._write_middle(parts, num_stored)
-        commit = ((num_recent >= ring) & (num_stored < self.middle_capacity)).to(torch.int32)
-        # Only with the middle full: the ring overflows and its oldest token (overwritten above) is dropped.
-        drop = (num_recent - commit * block > ring).to(torch.int32)
         new_lengths = torch.stack([
             num_sink + to_sink.to(torch.int32),
             num_stored + commit * block,
-            num_recent - commit * block - drop,
+            num_recent_after - commit * block - drop,
             torch.remainder(start + commit * block + drop, ring),
         ])
         self.lengths.copy_(new_lengths)
         self.cumulative_length.add_(1)
+        self.dropped.add_(drop)
 
     def _eager_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Any number of tokens with host lengths (prefill); the same result as the dynamic layer's update."""
@@ -187,10 +197,7 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         overflow = window_keys.shape[-2] - self.window_length
         evict = (overflow // self.block_length) * self.block_length if overflow >= self.block_length else 0
         if num_stored + evict > self.middle_capacity:
-            raise ValueError(
-                f"the static cache holds max_cache_len={self.max_cache_len} positions; this update needs "
-                f"{int(self.cumulative_length) + query_length}: build it with a larger max_cache_len"
-            )
+            raise self._capacity_error(int(self.cumulative_length) + query_length)
         if evict:
             self._write_middle(self._quantize_parts(window_keys[:, :, :evict], window_values[:, :, :evict]), num_stored)
         kept = window_keys.shape[-2] - evict
@@ -212,6 +219,12 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         keys.append(exact_keys)
         values.append(exact_values)
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    def _capacity_error(self, needed: int) -> ValueError:
+        return ValueError(
+            f"the static cache holds max_cache_len={self.max_cache_len} positions; this update needs {needed}: "
+            "build it with a larger max_cache_len"
+        )
 
     def decode_storage(self) -> DecodeStorage:
         """The storage with device lengths; the integer lengths are the capacities."""
@@ -239,3 +252,4 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         if self.is_initialized:
             self.lengths.zero_()
             self.cumulative_length.zero_()
+            self.dropped.zero_()
