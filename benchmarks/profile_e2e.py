@@ -56,13 +56,15 @@ def idle_gaps(trace_path: str, min_ms: float = 1.0) -> list[dict]:
     return gaps
 
 
-# Device time by kind of kernel, matched on lower-cased kernel names (first match wins): the attention kernels
-# (selkv's partial + merge kernels; flex_attention's, which inductor emits as templates, "triton_tem_": without
-# max-autotune its matrix multiplies stay in cuBLAS), the matrix multiplies, everything else (norms, RoPE,
-# activations, cache writes and the window's quantization, inductor's fused elementwise kernels).
+# Kinds of kernels, by family, matched on lower-cased kernel names in this order (first match wins).
+# Inductor names its generated kernels after the ops they fused ("triton_poi_fused_..._flex_attention_mul",
+# "triton_red_fused_..._bmm_..."), so its pointwise and reduction kernels are "other" whatever ops they name;
+# its templates ("triton_tem_") are flex_attention's kernels (without max-autotune the matrix multiplies stay
+# in cuBLAS). "other" is the rest: norms, RoPE, activations, cache writes, the window's quantization.
 KERNEL_KINDS = (
-    ("attention", ("selective_decode", "merge_partials", "flex", "triton_tem_", "attention", "flash")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "mm_", "matmul")),
+    ("other", ("triton_poi_", "triton_red_", "triton_per_")),
+    ("attention", ("selective_decode", "merge_partials", "triton_tem_", "fmha", "flash")),
+    ("matmul", ("gemm", "gemv", "nvjet", "xmma", "splitkreduce", "cutlass")),
 )
 
 
@@ -71,21 +73,23 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(key in lowered for key in keys)), "other")
 
 
-def device_ms_by_kind(events, steps: int) -> dict[str, float]:
-    """Device ms per step of every kernel, summed by :func:`kernel_kind`."""
-    totals = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+def kernel_ms(events, steps: int) -> dict[str, float]:
+    """Device ms per step of every kernel, by full name, most first. Operator rows (``aten::mm``, a custom
+    op) are left out: their device time is their kernels', which have rows of their own."""
+    totals: dict[str, float] = {}
     for event in events:
         us = getattr(event, "self_device_time_total", 0)
         if us > 0 and getattr(event, "device_type", None) != torch.autograd.DeviceType.CPU:
-            totals[kernel_kind(event.key)] += us
-    return {kind: round(us / 1000 / steps, 3) for kind, us in totals.items()}
+            totals[event.key] = totals.get(event.key, 0.0) + us
+    return {key: round(us / 1000 / steps, 4) for key, us in sorted(totals.items(), key=lambda item: -item[1])}
 
 
-def top_kernels(events, steps: int, count: int = 12) -> dict[str, float]:
-    """The ``count`` operators with the most device time of their own, in ms per step."""
-    timed = [(getattr(e, "self_device_time_total", 0), e.key) for e in events]
-    timed = sorted((t for t in timed if t[0] > 0), reverse=True)[:count]
-    return {key[:80]: round(us / 1000 / steps, 4) for us, key in timed}
+def device_ms_by_kind(kernels: dict[str, float]) -> dict[str, float]:
+    """:func:`kernel_ms`'s times summed by :func:`kernel_kind`."""
+    totals = {"attention": 0.0, "matmul": 0.0, "other": 0.0}
+    for key, ms in kernels.items():
+        totals[kernel_kind(key)] += ms
+    return {kind: round(ms, 3) for kind, ms in totals.items()}
 
 
 def python_profile(step, tokens, steps: int, device: str, name: str, out: str) -> float:
@@ -192,8 +196,9 @@ def main() -> None:
                     torch.cuda.synchronize()
                 wall = (time.perf_counter() - start) / args.steps
         events = prof.key_averages()
-        by_kind = device_ms_by_kind(events, args.steps)
-        device_us = 1000 * sum(by_kind.values())  # kernels only: an operator's row also counts its kernels
+        kernels = kernel_ms(events, args.steps)
+        by_kind = device_ms_by_kind(kernels)
+        device_us = 1000 * sum(kernels.values())
         lines = [f"{name}: wall {1000 * wall:.1f} ms per step, kernels {device_us / 1000:.1f} ms per step (device)"]
         try:
             lines.append(events.table(sort_by=sort_device, row_limit=15))
@@ -211,7 +216,7 @@ def main() -> None:
             wall_ms_per_step=round(1000 * wall, 1), idle_gaps_over_1ms=gaps,
             wall_ms_per_step_without_gaps=round(1000 * wall - sum(g["ms"] for g in gaps) / args.steps, 1),
             device_ms_per_step=round(device_us / 1000, 3), device_ms_per_step_by_kind=by_kind,
-            top_kernels_ms_per_step=top_kernels(events, args.steps),
+            kernels_ms_per_step=kernels,
         )
         print(f"{name}: idle gaps over 1 ms (no CPU operator running): {gaps}", flush=True)
         summary["caches"][name]["python_ms_per_step"] = python_profile(step, tokens, args.steps, device, name, args.out)
@@ -219,6 +224,9 @@ def main() -> None:
             torch.cuda.empty_cache()
         with open(os.path.join(args.out, "summary.json"), "w") as f:  # after every cache: a cut-off run keeps these
             json.dump(summary, f, indent=1)
+    if not summary["caches"]:
+        sys.exit(f"profile_e2e.py: nothing profiled: {', '.join(args.caches)} ran nowhere here "
+                 "(static-flex needs CUDA)")
 
 
 if __name__ == "__main__":

@@ -193,5 +193,28 @@ def test_profile_e2e_kernel_kinds():
 
     assert kernel_kind("_selective_decode_partial_kernel") == kernel_kind("_merge_partials_kernel") == "attention"
     assert kernel_kind("triton_tem_fused_0") == "attention"  # inductor's flex_attention template
+    assert kernel_kind("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
     assert kernel_kind("nvjet_tst_128x64_64x4_1x2_h_bz_coopA_NTN") == kernel_kind("sm90_xmma_gemm_bf16") == "matmul"
+    assert kernel_kind("void cublasLt::splitKreduce_kernel<32, 16, int>") == kernel_kind("gemv2T_kernel") == "matmul"
+    # inductor's kernels are named after the ops they fused: they are "other" whatever they name
     assert kernel_kind("triton_poi_fused_add_mul_rsqrt_0") == "other"
+    assert kernel_kind("triton_poi_fused__to_copy_bmm_cat_cos_flex_attention_mul_neg_0") == "other"
+    assert kernel_kind("triton_red_fused__to_copy_argmax_bmm_cat_1") == "other"
+
+
+def test_profile_e2e_counts_kernels_once_by_full_name():
+    import torch
+    from profile_e2e import device_ms_by_kind, kernel_ms
+
+    class Row:  # a row of prof.key_averages()
+        def __init__(self, key, us, device_type):
+            self.key, self.self_device_time_total, self.device_type = key, us, device_type
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    long = "sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_tilesize64x64x8_stage3_warpsize1x4x1_ffma_"
+    rows = [Row("aten::mm", 900.0, cpu), Row(long + "a", 600.0, cuda), Row(long + "b", 300.0, cuda),
+            Row("_selective_decode_partial_kernel", 1000.0, cuda), Row("triton_poi_fused_add_0", 100.0, cuda)]
+    kernels = kernel_ms(rows, steps=2)
+    assert kernels == {"_selective_decode_partial_kernel": 0.5, long + "a": 0.3, long + "b": 0.15,
+                       "triton_poi_fused_add_0": 0.05}  # the operator row counted nothing; no name cut short
+    assert device_ms_by_kind(kernels) == {"attention": 0.5, "matmul": 0.45, "other": 0.05}
