@@ -297,7 +297,7 @@ def test_decoding_past_the_capacity_is_refused_on_the_cpu_and_counted_when_compi
     spec, prompts = "quant:bits=8,sink=4,window=16,block=8", torch.randint(3, 256, (1, 20))
     cache = make_cache(spec, selkv_llama.config, max_cache_len=40)
     capacity = 4 + 24 + 16 + 8  # sink, middle (40 - 4 - 16 rounded up to blocks), window + the ring's spare block
-    with pytest.raises(ValueError, match="larger max_cache_len"):
+    with pytest.raises(ValueError, match=f"holds up to {capacity} positions .* needs {capacity + 1}: .*larger max_cache_len"):
         _greedy(selkv_llama, cache, prompts, capacity)
     assert cache.dropped_tokens == 0
     cache = make_cache(spec, selkv_llama.config, max_cache_len=40)

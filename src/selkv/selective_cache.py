@@ -52,7 +52,7 @@ class SelectiveCache(Cache):
 
     @property
     def dropped_tokens(self) -> int:
-        """Tokens a static cache's compiled or CUDA decode steps dropped past its capacity (0 when none;
+        """Tokens a static cache's compiled or GPU decode steps dropped past its capacity (0 when none;
         a host sync). Such steps cannot stop, so they keep decoding as a sliding window and count here."""
         return max((int(layer.dropped) for layer in self._selkv_layers() if getattr(layer, "dropped", None) is not None),
                    default=0)

@@ -21,10 +21,11 @@ a one-token decode step has fixed shapes and no host synchronization, as transfo
 Prefill (more than one token) and steps without selkv's attention run eagerly, with host lengths;
 they return what :class:`QuantizedSinkWindowLayer` returns.
 
-Past the capacity (``max_cache_len`` rounded up to whole blocks, plus the ring's spare block) a
-prefill raises, and so does a one-token step on the CPU, where reading the lengths costs nothing.
-A compiled or CUDA step cannot stop without a host sync: it keeps decoding with the middle full,
-drops the window's oldest token and counts it in ``dropped`` (``SelectiveCache.dropped_tokens``).
+Past the capacity (``max_cache_len`` rounded up to whole blocks; a one-token step can also fill the
+ring's last slot, one position more than a prefill) a prefill raises, and so does a one-token step on
+the CPU, where reading the lengths costs nothing. A compiled step, or one on a GPU, cannot stop without
+a host sync: it keeps decoding with the middle full, drops the window's oldest token and counts it in
+``dropped`` (``SelectiveCache.dropped_tokens``).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         commit = ((num_recent_after >= ring) & (num_stored < self.middle_capacity)).to(torch.int32)
         drop = (num_recent_after - commit * block > ring).to(torch.int32)
         if self.device.type == "cpu" and not _is_compiling() and bool(drop):
-            raise self._capacity_error(int(self.cumulative_length) + 1)
+            raise self._capacity_error(int(self.cumulative_length) + 1, sink_capacity + self.middle_capacity + ring)
         sink_slot = torch.where(to_sink, num_sink, sink_capacity).view(1).long()
         self.sink_keys.index_copy_(2, sink_slot, key_states)
         self.sink_values.index_copy_(2, sink_slot, value_states)
@@ -197,7 +198,8 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         overflow = window_keys.shape[-2] - self.window_length
         evict = (overflow // self.block_length) * self.block_length if overflow >= self.block_length else 0
         if num_stored + evict > self.middle_capacity:
-            raise self._capacity_error(int(self.cumulative_length) + query_length)
+            held = self.sink_capacity + self.middle_capacity + self.window_length + self.block_length - 1
+            raise self._capacity_error(int(self.cumulative_length) + query_length, held)
         if evict:
             self._write_middle(self._quantize_parts(window_keys[:, :, :evict], window_values[:, :, :evict]), num_stored)
         kept = window_keys.shape[-2] - evict
@@ -220,10 +222,10 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         values.append(exact_values)
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
-    def _capacity_error(self, needed: int) -> ValueError:
+    def _capacity_error(self, needed: int, held: int) -> ValueError:
         return ValueError(
-            f"the static cache holds max_cache_len={self.max_cache_len} positions; this update needs {needed}: "
-            "build it with a larger max_cache_len"
+            f"the static cache built for max_cache_len={self.max_cache_len} holds up to {held} positions (whole "
+            f"blocks); this update needs {needed}: build it with a larger max_cache_len"
         )
 
     def decode_storage(self) -> DecodeStorage:
