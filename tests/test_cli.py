@@ -326,6 +326,7 @@ def test_cli_static_refuses_what_it_cannot_do(capsys, argv, message):
     ("memory", "--data", "no-such-set", "no text file or named set"),
     ("summarization", "--data", "no-such-set", "no summarization file or named set"),
     ("needle", "--kv-data", "no-such-set", "no KV-retrieval file or named set"),
+    ("needle", "--haystack", "no-such-file.jsonl", "haystack essays not found at no-such-file.jsonl"),
 ])
 def test_eval_input_errors_come_before_the_model_loads(monkeypatch, tmp_path, capsys, task, flag, value, message):
     from selkv import cli
@@ -339,3 +340,16 @@ def test_eval_input_errors_come_before_the_model_loads(monkeypatch, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()  # nothing written either
+
+
+def test_eval_all_checks_its_inputs_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    from selkv import cli
+
+    monkeypatch.setenv("SELKV_DATA", str(tmp_path / "no-data-here"))  # named sets without a download: pg19-morocco
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the input was checked"))
+    monkeypatch.setattr(cli, "QUICK", (("perplexity", "perplexity", {"data": "pg19-morocco", "max_tokens": 64,
+                                                                     "chunk": 8, "segments": 1}),))
+    monkeypatch.delenv("SELKV_DEBUG", raising=False)
+    assert cli.main(["eval", "all", "--quick", "--out", str(tmp_path / "out")]) == 2
+    assert "no text file or named set 'pg19-morocco'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -34,6 +34,7 @@ from .eval.suite import (
     SIZE_CACHES,
     SUITE,
     TASKS,
+    check_suite,
     demo_comparison,
     demo_prompt,
     run_suite,
@@ -363,9 +364,11 @@ def cmd_eval(args) -> int:
 
 def cmd_eval_all(args) -> int:
     specs = checked_specs(args.cache, DEFAULT_CACHES)
+    suite = QUICK if args.quick else SUITE
+    check_suite(suite)
     _prepare_eval_dirs(args)
     model, tokenizer = _load(args)
-    text = run_suite(args.out, QUICK if args.quick else SUITE, model, tokenizer, args.model, specs, args.profile)
+    text = run_suite(args.out, suite, model, tokenizer, args.model, specs, args.profile)
     print(text)
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

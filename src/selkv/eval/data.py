@@ -162,11 +162,17 @@ def load_summarization(name_or_path: str, limit: int | None = None) -> tuple[lis
     return (records[:limit] if limit else records), source
 
 
-def load_essays(path: str | None = None) -> tuple[list[str], str]:
-    """The needle-in-a-haystack essays (texts, in file order) and their file."""
+def check_essays(path: str | None = None) -> Path:
+    """The needle-in-a-haystack essays' file, or FileNotFoundError saying what to pass."""
     path = Path(path) if path else data_root() / NIAH_ESSAYS
     if not path.exists():
         raise FileNotFoundError(f"haystack essays not found at {path}; pass --haystack FILE (JSONL with 'text')")
+    return path
+
+
+def load_essays(path: str | None = None) -> tuple[list[str], str]:
+    """The needle-in-a-haystack essays (texts, in file order) and their file."""
+    path = check_essays(path)
     records = read_jsonl(path, required=("text",))
     return [r["text"] for r in records if len(r["text"]) > 500], describe(path)
 

@@ -22,7 +22,7 @@ import torch
 
 from ..cache import make_cache
 from ..generation import eos_token_ids, greedy_decode, prefill
-from .data import check_kv_retrieval, load_essays, load_kv_retrieval
+from .data import check_essays, check_kv_retrieval, load_essays, load_kv_retrieval
 from .kv_metrics import aggregate_kv, measure_cache
 from .prompts import encode
 from .runner import progress
@@ -61,6 +61,7 @@ def add_arguments(parser) -> None:
 
 def check(settings: dict) -> None:
     """Input errors found before the model loads."""
+    check_essays(settings["haystack"])
     if settings["kv_data"]:
         check_kv_retrieval(settings["kv_data"])
 

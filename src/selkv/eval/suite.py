@@ -73,6 +73,13 @@ def demo_prompt() -> tuple[str, str]:
     return DEMO_PROMPT, "a built-in prompt (no CNN/DailyMail file found; set SELKV_DATA)"
 
 
+def check_suite(suite) -> None:
+    """Each task's input errors (``check(settings)``), before a model loads."""
+    for _, task, settings in suite:
+        if hasattr(TASKS[task], "check"):
+            TASKS[task].check(dict(settings))
+
+
 def run_suite(out_dir: str, suite, model, tokenizer, model_name: str, specs: list[str],
               profile_dir: str | None = None) -> str:
     """Run each (folder, task, settings) of ``suite`` into ``out_dir``/folder, then write and return the report."""
