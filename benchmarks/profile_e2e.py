@@ -198,8 +198,8 @@ def main() -> None:
         events = prof.key_averages()
         kernels = kernel_ms(events, args.steps)
         by_kind = device_ms_by_kind(kernels)
-        device_us = 1000 * sum(kernels.values())
-        lines = [f"{name}: wall {1000 * wall:.1f} ms per step, kernels {device_us / 1000:.1f} ms per step (device)"]
+        device_ms = sum(kernels.values())
+        lines = [f"{name}: wall {1000 * wall:.1f} ms per step, kernels {device_ms:.1f} ms per step (device)"]
         try:
             lines.append(events.table(sort_by=sort_device, row_limit=15))
         except (AttributeError, KeyError):
@@ -215,7 +215,7 @@ def main() -> None:
         summary["caches"][name] = dict(
             wall_ms_per_step=round(1000 * wall, 1), idle_gaps_over_1ms=gaps,
             wall_ms_per_step_without_gaps=round(1000 * wall - sum(g["ms"] for g in gaps) / args.steps, 1),
-            device_ms_per_step=round(device_us / 1000, 3), device_ms_per_step_by_kind=by_kind,
+            device_ms_per_step=round(device_ms, 3), device_ms_per_step_by_kind=by_kind,
             kernels_ms_per_step=kernels,
         )
         print(f"{name}: idle gaps over 1 ms (no CPU operator running): {gaps}", flush=True)

@@ -35,6 +35,7 @@ from .eval.suite import (
     SUITE,
     TASKS,
     check_suite,
+    check_task,
     demo_comparison,
     demo_prompt,
     run_suite,
@@ -352,8 +353,7 @@ def cmd_eval(args) -> int:
     module = TASKS[args.task]
     specs = checked_specs(args.cache, DEFAULT_CACHES)
     settings = module.settings_from_args(args)
-    if hasattr(module, "check"):  # a bad --data fails in a second, not after the model loads
-        module.check(settings)
+    check_task(args.task, settings)  # a bad --data fails in a second, not after the model loads
     _prepare_eval_dirs(args)
     model, tokenizer = _load(args)
     payload = run_task(module, model, tokenizer, args.model, specs, args.out, settings, profile_dir=args.profile)

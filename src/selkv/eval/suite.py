@@ -73,11 +73,16 @@ def demo_prompt() -> tuple[str, str]:
     return DEMO_PROMPT, "a built-in prompt (no CNN/DailyMail file found; set SELKV_DATA)"
 
 
+def check_task(task: str, settings: dict) -> None:
+    """The task's input errors (its module's ``check(settings)``, where it has one), before a model loads."""
+    if hasattr(TASKS[task], "check"):
+        TASKS[task].check(dict(settings))
+
+
 def check_suite(suite) -> None:
-    """Each task's input errors (``check(settings)``), before a model loads."""
+    """:func:`check_task` for each (folder, task, settings) of ``suite``."""
     for _, task, settings in suite:
-        if hasattr(TASKS[task], "check"):
-            TASKS[task].check(dict(settings))
+        check_task(task, settings)
 
 
 def run_suite(out_dir: str, suite, model, tokenizer, model_name: str, specs: list[str],
