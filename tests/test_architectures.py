@@ -18,6 +18,7 @@ import selkv
 from selkv.config import SpecError
 from selkv.models import cache_kwarg, forward_with_cache
 from selkv.sizing import cache_size
+from selkv.upstream import falcon_uses_attention_interface
 
 # Every config: 2 layers, 4 attention heads, a 256-token vocabulary.
 _COMMON = {"vocab_size": 256, "num_hidden_layers": 2, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
@@ -52,7 +53,7 @@ ARCHITECTURES = {
     "opt": _other("OPTConfig", hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64),
     # Falcon-7B: multi-query attention caches one KV head.
     "falcon": _other("FalconConfig", hidden_size=64, num_attention_heads=4),
-    # Falcon-40B: KV groups broadcast to every head before the cache.
+    # Falcon-40B: 2 KV groups (broadcast to every head before the cache up to transformers 5.24).
     "falcon-new-arch": _other("FalconConfig", hidden_size=64, num_attention_heads=4, num_kv_heads=2,
                               new_decoder_architecture=True),
     "olmo2": _llama_like("Olmo2Config"),
@@ -77,10 +78,11 @@ REFUSED = {
 }
 
 # How `attn_implementation="selkv"` ends up on each architecture (default: it is used).
+# Falcon calls transformers' attention interface from 5.25; before, transformers keeps its sdpa (with a warning).
+_FALCON = "used" if falcon_uses_attention_interface() else "kept sdpa"
 SELKV_ATTENTION = {
-    # Falcon does not call transformers' attention interface: transformers keeps its sdpa (with a warning).
-    "falcon": "kept sdpa",
-    "falcon-new-arch": "kept sdpa",
+    "falcon": _FALCON,
+    "falcon-new-arch": _FALCON,
     # Gemma 2 softcaps attention logits, which selkv's attention (like sdpa) does not do: refused.
     "gemma2": "refused",
 }

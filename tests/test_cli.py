@@ -52,7 +52,8 @@ def save_model(folder: Path, config, tokenizer: bool = True) -> str:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Local model folders: a tiny Llama, a tiny Falcon (attention outside AttentionInterface), a Llama
+    """Local model folders: a tiny Llama, a tiny ALiBi Falcon (attention outside AttentionInterface before
+    transformers 5.25, its position bias inside the mask after), a Llama
     without tokenizer files, and a folder holding only the config of a model that is not a causal LM."""
     from transformers import FalconConfig, LlamaConfig, T5Config
 
@@ -60,7 +61,7 @@ def models(tmp_path_factory):
     llama = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=1, pad_token_id=1)
     falcon = FalconConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          eos_token_id=1)
+                          eos_token_id=1, alibi=True)
     t5 = root / "t5"
     t5.mkdir()
     T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2).save_pretrained(t5)

@@ -1,7 +1,7 @@
 """selkv's modules import downwards only, with no cycle.
 
 Dependency order (each layer imports only from the layers before it or its own):
-errors, quant <- config, storage, layers, shapes, selective_cache, specs <- cache <- attention, kernels <- models, generation, sizing
+errors, quant, upstream <- config, storage, layers, shapes, selective_cache, specs <- cache <- attention, kernels <- models, generation, sizing
 (and the ``selkv`` package's public API) <- eval <- cli.
 Imports inside functions count too, and so do ``importlib.import_module("selkv...")`` strings.
 """
@@ -16,7 +16,7 @@ import selkv
 SRC = Path(selkv.__file__).resolve().parent.parent
 
 LAYERS = (
-    ("errors", "quant"),
+    ("errors", "quant", "upstream"),
     ("config", "storage", "layers", "shapes", "selective_cache", "specs"),
     ("cache",),
     ("attention", "kernels"),

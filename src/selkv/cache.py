@@ -9,6 +9,7 @@ from .quant import tensor_bytes
 from .selective_cache import SelectiveCache
 from .shapes import SLIDING_LAYER_TYPES, layer_plan, model_shape
 from .specs import CacheSpec, SpecError, parse_spec
+from .upstream import quantized_layer_tensors
 
 __all__ = [
     "SLIDING_LAYER_TYPES", "SelectiveCache", "bytes_summary", "kv_bytes", "layer_bytes", "layer_plan", "make_cache",
@@ -51,7 +52,7 @@ def _dense_shape(layer) -> tuple[int, ...] | None:
     """[batch, heads, seq, head_dim] of a transformers cache layer, dense or quantized (quanto or HQQ)."""
     if layer.keys is not None and layer.keys.dim() == 4:
         return tuple(layer.keys.shape)
-    quantized = getattr(layer, "_quantized_keys", None)
+    quantized, _ = quantized_layer_tensors(layer)
     if isinstance(quantized, (tuple, list)):  # HQQ: (codes, meta)
         shape = quantized[1].get("shape") if len(quantized) > 1 and isinstance(quantized[1], dict) else None
         return tuple(shape) if shape is not None else None
@@ -75,8 +76,7 @@ def layer_bytes(layer, element_size_16bit: int = 2) -> dict[str, int]:
         tokens = int(layer.get_seq_length())
     else:  # transformers layers: dense keys/values plus anything quantized
         dense = tensor_bytes([layer.keys, layer.values])
-        quantized_keys = tensor_bytes(getattr(layer, "_quantized_keys", None))
-        quantized_values = tensor_bytes(getattr(layer, "_quantized_values", None))
+        quantized_keys, quantized_values = (tensor_bytes(part) for part in quantized_layer_tensors(layer))
         quantized = quantized_keys + quantized_values
         counted["bytes_16bit"], counted["bytes_codes"], counted["allocated"] = dense, quantized, dense + quantized
         counted["bytes_key_codes"], counted["bytes_value_codes"] = quantized_keys, quantized_values

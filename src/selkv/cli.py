@@ -7,9 +7,7 @@
     selkv demo
 
 The work lives below: ``generation`` (generate), ``sizing`` (size), ``eval`` (the tasks, the report, and
-the default cache sets in ``eval.suite``). Dependency order, each importing only those before it
-(tests/test_import_order.py checks it): errors, quant <- config, storage, layers <- cache <- attention,
-kernels <- models, generation, sizing <- eval <- cli.
+the default cache sets in ``eval.suite``); the dependency order is in tests/test_import_order.py.
 
 Input that cannot be used (a missing model, file or device, a bad spec, an empty prompt) ends with one
 line on stderr and exit code 2; ``SELKV_DEBUG=1`` shows the traceback instead. Any other exception is a

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import DeviceError, ModelNotFoundError, SelKVError, UnsupportedModelError
+from .upstream import cache_kwarg, causal_lm_class_for, routes_through_attention_interface
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -174,25 +175,23 @@ def _read_config(path: str, name_or_path: str):
 
 def causal_lm_class(config, name_or_path: str = "the model"):
     """The class ``AutoModelForCausalLM`` builds for ``config``; refuses configs that are not causal LMs."""
-    from transformers import AutoModelForCausalLM
-
-    mapping = AutoModelForCausalLM._model_mapping
-    if type(config) not in mapping:
+    found = causal_lm_class_for(config)
+    if found is None:
         raise UnsupportedModelError(
             f"{name_or_path!r} is a {config.model_type!r} model, which transformers cannot load as a causal "
             f"language model (AutoModelForCausalLM); selkv needs a decoder that generates text"
         )
-    found = mapping[type(config)]
-    return found[0] if isinstance(found, (list, tuple)) else found
+    return found
 
 
-def check_attn_implementation(model_class, attn_implementation: str | None, name_or_path: str = "the model") -> None:
+def check_attn_implementation(model_class, attn_implementation: str | None, name_or_path: str = "the model",
+                              config=None) -> None:
     """Refuse ``attn_implementation="selkv"`` for a model whose attention does not dispatch through
-    transformers' ``AttentionInterface`` (Falcon, GPT-Neo, Bloom, MPT, ...): such a model would fail
-    with a bare ``KeyError`` or silently ignore the request."""
+    transformers' ``AttentionInterface`` (GPT-Neo, Bloom, MPT, Falcon before transformers 5.25 or with
+    ALiBi, ...): such a model would fail with a bare ``KeyError`` or silently ignore the request."""
     from .attention import ATTENTION_NAME
 
-    if attn_implementation == ATTENTION_NAME and not getattr(model_class, "_supports_attention_backend", False):
+    if attn_implementation == ATTENTION_NAME and not routes_through_attention_interface(model_class, config):
         raise UnsupportedModelError(
             f"attn_implementation={ATTENTION_NAME!r} needs a model whose attention goes through transformers' "
             f"AttentionInterface; {model_class.__name__} ({name_or_path!r}) does not. Use 'sdpa' or 'eager' "
@@ -227,7 +226,7 @@ def load_model(
     dtype = dtype or default_dtype(device.type)
     path, _ = resolve_model(name_or_path)
     config = _read_config(path, name_or_path)
-    check_attn_implementation(causal_lm_class(config, name_or_path), attn_implementation, name_or_path)
+    check_attn_implementation(causal_lm_class(config, name_or_path), attn_implementation, name_or_path, config)
     try:  # the tokenizer first: it fails fast, before seconds of weight loading
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -257,25 +256,16 @@ def track_padding(model) -> None:
         return
 
     def hook(module, args, kwargs):
+        if torch.compiler.is_compiling():  # a compiled decode step: never the first forward
+            return
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         mask = kwargs.get("attention_mask")
         if cache is not None and mask is not None and hasattr(cache, "set_left_padding"):
-            if cache.get_seq_length() == 0 and not cache.layers[0].is_initialized:
+            if int(cache.get_seq_length()) == 0:  # a new or reset cache (a static one keeps its tensors)
                 cache.set_left_padding(mask)
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     model._selkv_tracks_padding = True
-
-
-def cache_kwarg(model) -> str:
-    """The name ``model.forward`` takes its cache under: ``cache`` from transformers 5.24, else ``past_key_values``."""
-    name = getattr(model, "_selkv_cache_kwarg", None)
-    if name is None:
-        import inspect
-
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        model._selkv_cache_kwarg = name
-    return name
 
 
 def forward_with_cache(model, cache, input_ids, **kwargs):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from transformers.cache_utils import DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from .errors import SpecError
+from .upstream import falcon_num_key_value_heads, layer_types_and_kwargs
 
 
 def _text_config(config):
@@ -26,11 +27,9 @@ def layer_plan(config) -> list[tuple[str, int | None]]:
     """
     config = _text_config(config)
     try:
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        layer_types, layer_kwargs = layer_types_and_kwargs(config)
     except AttributeError as err:  # e.g. sliding layers named in `layer_types` without a `sliding_window`
         raise SpecError(f"cannot read this model's layer types from its config: {err}") from None
-    if isinstance(layer_kwargs, dict):  # transformers < 5.24: one set of keyword arguments for every layer
-        layer_kwargs = [layer_kwargs] * len(layer_types)
     other = sorted({t for t in layer_types if t != "full_attention" and t not in SLIDING_LAYER_TYPES})
     if other or len(layer_types) != config.num_hidden_layers:
         found = ", ".join(other) or f"{len(layer_types)} cached of {config.num_hidden_layers}"
@@ -45,11 +44,8 @@ def layer_plan(config) -> list[tuple[str, int | None]]:
 def _num_key_value_heads(config) -> int:
     """KV heads per cached layer, as the model's attention computes them before ``cache.update``."""
     num_heads = config.num_attention_heads
-    if hasattr(config, "new_decoder_architecture"):  # Falcon
-        if config.new_decoder_architecture:
-            # Falcon-40B-style layers broadcast their KV groups to every head before caching them.
-            return num_heads
-        return 1 if config.multi_query else (getattr(config, "num_kv_heads", None) or num_heads)
+    if hasattr(config, "new_decoder_architecture"):  # Falcon: what it caches depends on the transformers release
+        return falcon_num_key_value_heads(config)
     if getattr(config, "multi_query", False):  # GPT-BigCode-style multi-query attention
         return 1
     return getattr(config, "num_key_value_heads", None) or num_heads
