@@ -79,7 +79,7 @@ def _embedded_model_missing() -> str | None:
 def _missing_package(module: str, pip_name: str) -> str | None:
     top = module.split(".")[0]
     if importlib.util.find_spec(top) is None or importlib.util.find_spec(module) is None:
-        return f"needs the {pip_name!r} package (pip install 'selkv[peers]')"
+        return f"needs the {pip_name!r} package, which this machine lacks (pip install 'selkv[peers]')"
     return None
 
 

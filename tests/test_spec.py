@@ -169,3 +169,29 @@ def test_integers_beyond_the_bound_are_refused_when_parsed(field):
     with pytest.raises(SpecError, match=f"{field}={huge} is too large; the largest allowed is {MAX_SETTING}"):
         selkv.parse_spec(spec)
     assert selkv.parse_spec(f"drop:window={MAX_SETTING}").window == MAX_SETTING
+
+
+def test_install_hints_name_what_installs_the_backend(monkeypatch):
+    """The hint a missing backend gives installs it: an extra of selkv's that lists it, or the package itself."""
+    import importlib.util
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from selkv.specs import SPECS
+
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    real_find_spec = importlib.util.find_spec
+    for kind in ("hf-quanto", "hf-hqq"):
+        spec_class = SPECS[kind]
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == spec_class.package.split(".")[0] else real_find_spec(name, *a))
+        with pytest.raises(ImportError) as info:
+            selkv.make_cache(f"{kind}:bits=4", tiny_llama_config())
+        hint = re.search(r"pip install (\S+)", str(info.value)).group(1).strip("'")
+        extra = re.fullmatch(r"selkv\[(\w+)\]", hint)
+        if extra:
+            assert any(req.startswith(spec_class.pip_name) for req in extras[extra.group(1)]), (kind, hint)
+        else:
+            assert hint == spec_class.pip_name, (kind, hint)

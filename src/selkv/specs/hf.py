@@ -26,12 +26,18 @@ class HFQuantizedSpec(GroupedSpec):
 
     keys: ClassVar[dict[str, object]] = {"bits": None, "residual": 128, "group": 0}
     default_group: ClassVar[int] = 64  # transformers' own default
-    # Bit widths the backend takes; its name in transformers; the module it needs; its pip name; its layer.
+    # Bit widths the backend takes; its name in transformers; the module it needs; its pip name; its layer;
+    # the selkv extra that installs it (None: none does).
     supported_nbits: ClassVar[tuple[int, ...]]
     backend: ClassVar[str]
     package: ClassVar[str]
     pip_name: ClassVar[str]
     layer_class: ClassVar[type]
+    extra: ClassVar[str | None] = None
+
+    @classmethod
+    def install_hint(cls) -> str:
+        return f"pip install 'selkv[{cls.extra}]'" if cls.extra else f"pip install {cls.pip_name}"
 
     @classmethod
     def from_fields(cls, fields: SpecFields) -> HFQuantizedSpec:
@@ -49,7 +55,7 @@ class HFQuantizedSpec(GroupedSpec):
     def build(self, config, max_cache_len: int | None = None) -> Cache:
         spec = self.check_model(model_shape(config)["head_dim"])
         if importlib.util.find_spec(self.package.split(".")[0]) is None or importlib.util.find_spec(self.package) is None:
-            raise ImportError(f"cache {str(spec)!r} needs the {self.pip_name!r} package: pip install 'selkv[peers]'")
+            raise ImportError(f"cache {str(spec)!r} needs the {self.pip_name!r} package: {self.install_hint()}")
         settings = {"nbits": spec.bits, "q_group_size": spec.group, "residual_length": spec.residual}
         if all(layer_type == "full_attention" for layer_type in model_shape(config)["layer_types"]):
             return QuantizedCache(backend=self.backend, config=config, **settings)
@@ -65,6 +71,7 @@ class HFQuantoSpec(HFQuantizedSpec):
     package: ClassVar[str] = "optimum.quanto"
     pip_name: ClassVar[str] = "optimum-quanto"
     layer_class: ClassVar[type] = QuantoQuantizedLayer
+    extra: ClassVar[str | None] = "peers"
 
 
 @dataclass(frozen=True)
