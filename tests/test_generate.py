@@ -128,6 +128,25 @@ def test_chunked_prefill_feeds_every_token_once(tiny_llama):
     torch.testing.assert_close(last, one_pass[:, -1], **TOLERANCES["kernel_fp32"])
 
 
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_prefill_holds_only_the_last_positions_logits(tiny_llama, chunk):
+    """The returned logits own their own small storage, and the model computed no more (logits_to_keep)."""
+    input_ids = torch.randint(3, 256, (2, 40))
+    computed = []
+    hook = tiny_llama.lm_head.register_forward_hook(lambda module, args, out: computed.append(out.shape[1]))
+    try:
+        with torch.inference_mode():
+            last = prefill(tiny_llama, input_ids, selkv.make_cache("quant:bits=4,sink=4,window=8,block=4",
+                                                                   tiny_llama.config), chunk=chunk)
+            one_pass = tiny_llama(input_ids).logits[:, -1]
+    finally:
+        hook.remove()
+    assert last.untyped_storage().nbytes() == last.numel() * last.element_size() == 2 * 256 * last.element_size()
+    assert computed[:-1] == [1] * (len(computed) - 1)  # each chunk's last position only (the last call: one pass)
+    if chunk == 0:
+        torch.testing.assert_close(last, one_pass, **TOLERANCES["kernel_fp32"])
+
+
 @pytest.mark.parametrize("feed_last", [False, True])
 def test_greedy_loop_feeds_the_last_token_only_when_asked(tiny_llama, feed_last):
     input_ids = torch.randint(3, 256, (2, 12))

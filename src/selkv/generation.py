@@ -14,6 +14,7 @@ import torch
 
 from .cache import kv_bytes, make_cache
 from .models import cache_kwarg, forward_with_cache
+from .upstream import accepts_logits_to_keep
 
 
 @dataclass
@@ -101,20 +102,23 @@ def prefill(
     Each chunk attends to the cache the earlier chunks left behind, so compressed tokens are read back
     as stored (a one-pass prefill lets every token see every other one exactly). ``attention_mask``
     ``[batch_size, seq_len]`` (left padding): each chunk gets its columns up to the chunk's end.
-    ``on_logits(start, logits)`` sees every chunk's logits ``[batch_size, chunk_len, vocab_size]``.
-    Returns the last position's logits ``[batch_size, vocab_size]``.
+    ``on_logits(start, logits)`` sees every chunk's logits ``[batch_size, chunk_len, vocab_size]``;
+    without it the model computes only each chunk's last position (``logits_to_keep=1``), so a long
+    prompt never holds ``[batch_size, seq_len, vocab_size]`` logits.
+    Returns the last position's logits ``[batch_size, vocab_size]``, a tensor of their size alone.
     """
     seq_len = input_ids.shape[-1]
     chunk_len = chunk if chunk and chunk > 0 else seq_len
+    keep = {"logits_to_keep": 1} if on_logits is None and accepts_logits_to_keep(model) else {}
     last = None
     for start in range(0, seq_len, chunk_len):
         end = start + chunk_len
         mask = {} if attention_mask is None else {"attention_mask": attention_mask[:, :end]}
-        logits = forward_with_cache(model, cache, input_ids[:, start:end], **mask).logits
+        logits = forward_with_cache(model, cache, input_ids[:, start:end], **mask, **keep).logits
         if on_logits is not None:
             on_logits(start, logits)
         last = logits[:, -1]
-    return last
+    return None if last is None else last.clone()  # a view would keep the whole chunk's logits alive
 
 
 def decode_tokens(
