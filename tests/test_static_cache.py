@@ -277,6 +277,50 @@ def test_generate_static_gives_the_dynamic_text(selkv_llama, spec):
     assert static.kv["tokens"] == dynamic.kv["tokens"]
 
 
+def _padded_batch(rows: int, width: int, padding: list[int], seed: int):
+    prompts = torch.randint(3, 256, (rows, width), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(prompts)
+    for row, pad in enumerate(padding):
+        prompts[row, :pad], mask[row, :pad] = 0, 0
+    return prompts, mask
+
+
+def _generate(model, cache, prompts, mask):
+    selkv.track_padding(model)
+    with torch.inference_mode():
+        return model.generate(prompts, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                              **{cache_kwarg(model): cache})
+
+
+def test_reset_static_cache_serves_the_next_batch_as_a_fresh_one(selkv_llama):
+    """After reset() the padding of the next batch, not of the first, sets the sink's room; the tokens and the
+    logits equal a fresh static cache's."""
+    spec = "quant:bits=8,sink=2,window=6,block=2"
+    first = _padded_batch(2, 12, [0, 5], _seed())
+    second = _padded_batch(2, 12, [1, 0], _seed() + 1)
+    reused = make_cache(spec, selkv_llama.config, max_cache_len=12 + 16)
+    _generate(selkv_llama, reused, *first)
+    assert reused.layers[0].sink_capacity == 2 + 5
+    reused.reset()
+    got = _generate(selkv_llama, reused, *second)
+    assert reused.layers[0].sink_capacity == 2 + 1
+    expected = _generate(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=12 + 16), *second)
+    assert torch.equal(got, expected)
+
+
+def test_static_cache_takes_another_batch_size_only_after_reset(selkv_llama):
+    spec = "quant:bits=8,sink=2,window=6,block=2"
+    cache = make_cache(spec, selkv_llama.config, max_cache_len=12 + 16)
+    _generate(selkv_llama, cache, *_padded_batch(2, 12, [0, 0], _seed()))
+    three = _padded_batch(3, 12, [0, 3, 0], _seed() + 2)
+    with pytest.raises(ValueError, match="holds a batch of 2 sequences; a batch of 3 needs cache.reset"), \
+            torch.inference_mode():
+        forward_with_cache(selkv_llama, cache, three[0])
+    cache.reset()
+    got = _generate(selkv_llama, cache, *three)
+    assert torch.equal(got, _generate(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=28), *three))
+
+
 def test_speed_task_reuses_one_static_cache(selkv_llama):
     """--static: one preallocated cache per spec, reset between repeats (a compiled step keeps its graph)."""
     from selkv.eval import speed

@@ -93,7 +93,7 @@ class SelectiveLayer(CacheLayerMixin):
 
         ``left_padding`` is the batch's largest left padding; ``row_padding`` ``[batch_size]`` each row's.
         """
-        if self.is_initialized:
+        if self.has_tokens():
             raise RuntimeError("set_left_padding must be called before the first update of the cache")
         if left_padding and not self.supports_left_padding:
             raise NotImplementedError(
@@ -102,6 +102,10 @@ class SelectiveLayer(CacheLayerMixin):
             )
         self.left_padding = int(left_padding)
         self.row_padding = None if row_padding is None else row_padding.to(torch.int32)
+
+    def has_tokens(self) -> bool:
+        """Whether an update has stored tokens since the layer was made or reset."""
+        return self.is_initialized
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device

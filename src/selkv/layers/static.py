@@ -126,6 +126,8 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         A one-token step with selkv's attention runs on the device (capturable) and returns the ring;
         attention reads :meth:`decode_storage`. Anything else runs eagerly (see the module docstring).
         """
+        if self.is_initialized and key_states.shape[0] != self.batch_size:
+            self._start_another_batch(key_states.shape[0])
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.storage_step = self.fused_decode and key_states.shape[-2] == 1
@@ -250,8 +252,34 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         return self.max_cache_len
 
     def reset(self) -> None:
-        """Forget every token; the tensors (and their addresses, which a CUDA graph holds) stay."""
+        """Forget every token and the batch's padding: the layer then serves the next batch as a new one would.
+
+        The tensors (and their addresses, which a CUDA graph holds) stay while the next batch fits them:
+        the same batch size and sink room. Another batch size, or another left padding (which changes
+        the sink's room), allocates them anew at its first update.
+        """
+        self.left_padding = 0
+        self.row_padding = None
         if self.is_initialized:
-            self.lengths.zero_()
-            self.cumulative_length.zero_()
-            self.dropped.zero_()
+            with torch.inference_mode():  # the tensors may be inference tensors (made under inference_mode)
+                self.lengths.zero_()
+                self.cumulative_length.zero_()
+                self.dropped.zero_()
+
+    def set_left_padding(self, left_padding: int, row_padding: torch.Tensor | None = None) -> None:
+        if self.is_initialized and not self.has_tokens() and self.sink_keys.shape[-2] != (
+                self.num_sink_tokens + left_padding + 1):
+            self._reset_counts()  # another sink room: the tensors are allocated anew at the next update
+        super().set_left_padding(left_padding, row_padding)
+
+    def has_tokens(self) -> bool:
+        return self.is_initialized and int(self.cumulative_length) > 0  # a host sync: only before a prefill
+
+    def _start_another_batch(self, batch_size: int) -> None:
+        """A batch of another size: allowed on an empty (new or reset) cache, which reallocates for it."""
+        if self.has_tokens():
+            raise ValueError(
+                f"this static cache holds a batch of {self.batch_size} sequences; a batch of {batch_size} needs "
+                "cache.reset() first (or another cache)"
+            )
+        self._reset_counts()
