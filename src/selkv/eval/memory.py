@@ -15,6 +15,7 @@ import torch
 
 from ..cache import kv_bytes, make_cache
 from ..generation import decode_tokens, prefill
+from .arguments import non_negative_int, positive_int
 from .data import check_text, load_text
 from .kv_metrics import measure_cache
 from .prompts import encode
@@ -26,10 +27,10 @@ DEFAULTS = {"data": "pg19", "prompt_tokens": 1024, "new_tokens": 256, "every": 1
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data", default=DEFAULTS["data"], help="text the prompt is taken from (default pg19)")
-    parser.add_argument("--prompt-tokens", type=int, default=DEFAULTS["prompt_tokens"], help="default 1024")
-    parser.add_argument("--new-tokens", type=int, default=DEFAULTS["new_tokens"], help="tokens to generate (default 256)")
-    parser.add_argument("--every", type=int, default=DEFAULTS["every"], help="measure every N new tokens (default 16)")
-    parser.add_argument("--chunk", type=int, default=DEFAULTS["chunk"], help="prefill chunk (default 64, 0 = one pass)")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=DEFAULTS["prompt_tokens"], help="default 1024")
+    parser.add_argument("--new-tokens", type=positive_int, default=DEFAULTS["new_tokens"], help="tokens to generate (default 256)")
+    parser.add_argument("--every", type=positive_int, default=DEFAULTS["every"], help="measure every N new tokens (default 16)")
+    parser.add_argument("--chunk", type=non_negative_int, default=DEFAULTS["chunk"], help="prefill chunk (default 64, 0 = one pass)")
 
 
 def check(settings: dict) -> None:

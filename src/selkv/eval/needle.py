@@ -22,6 +22,7 @@ import torch
 
 from ..cache import make_cache
 from ..generation import eos_token_ids, greedy_decode, prefill
+from .arguments import fraction, non_negative_int, positive_int
 from .data import check_essays, check_kv_retrieval, load_essays, load_kv_retrieval
 from .kv_metrics import aggregate_kv, measure_cache
 from .prompts import encode
@@ -42,19 +43,19 @@ KV_NEW_TOKENS = 40
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULTS["lengths"],
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=DEFAULTS["lengths"],
                         help="context lengths in tokens (default 1024 2048)")
-    parser.add_argument("--depths", type=float, nargs="+", default=DEFAULTS["depths"],
+    parser.add_argument("--depths", type=fraction, nargs="+", default=DEFAULTS["depths"],
                         help="needle depths, 0 = start, 1 = end (default 0.1 0.3 0.5 0.7 0.9)")
-    parser.add_argument("--trials", type=int, default=DEFAULTS["trials"],
+    parser.add_argument("--trials", type=positive_int, default=DEFAULTS["trials"],
                         help="passkeys (and haystack offsets) per length x depth cell (default 2)")
-    parser.add_argument("--chunk", type=int, default=DEFAULTS["chunk"],
+    parser.add_argument("--chunk", type=non_negative_int, default=DEFAULTS["chunk"],
                         help="prefill chunk; the question reads the compressed cache (default 64)")
     parser.add_argument("--haystack", default=None, help="essays JSONL with 'text' (default: the shared NIAH essays)")
     parser.add_argument("--kv-data", default=None,
                         help="also run key-value retrieval: kv75, kv140 or a JSONL file (default: off)")
-    parser.add_argument("--kv-limit", type=int, default=DEFAULTS["kv_limit"], help="KV-retrieval records (default 10)")
-    parser.add_argument("--kv-pairs", type=int, default=DEFAULTS["kv_pairs"],
+    parser.add_argument("--kv-limit", type=positive_int, default=DEFAULTS["kv_limit"], help="KV-retrieval records (default 10)")
+    parser.add_argument("--kv-pairs", type=non_negative_int, default=DEFAULTS["kv_pairs"],
                         help="key-value pairs shown per record, a window around the gold pair that keeps its "
                              "relative position; 0 = all (default 20)")
 

@@ -18,6 +18,7 @@ import torch
 
 from ..cache import make_cache
 from ..generation import prefill
+from .arguments import at_least, positive_int
 from .data import check_text, load_text
 from .kv_metrics import aggregate_kv, measure_cache
 from .prompts import encode
@@ -25,18 +26,20 @@ from .runner import progress
 
 TASK = "perplexity"
 DEFAULTS = {"data": "pg19", "max_tokens": 2048, "chunk": 64, "segments": 1}
+# Why a chunk must hold fewer tokens than the text: every cache would score the full cache's perplexity.
+ONE_PASS = " (a one-pass perplexity never reads the compressed cache)"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data", default=DEFAULTS["data"],
                         help="text file, or a named set: wikitext2, pg19, pg19-dragons-blood, pg19-morocco, "
                              "hf:PATH[:CONFIG] (default pg19)")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULTS["max_tokens"],
+    parser.add_argument("--max-tokens", type=at_least(2), default=DEFAULTS["max_tokens"],
                         help="tokens per segment (default 2048)")
-    parser.add_argument("--chunk", type=int, default=DEFAULTS["chunk"],
+    parser.add_argument("--chunk", type=at_least(1, ONE_PASS), default=DEFAULTS["chunk"],
                         help="tokens per forward pass; each chunk reads the cache left by earlier ones (default 64; "
                              "1 = token by token)")
-    parser.add_argument("--segments", type=int, default=DEFAULTS["segments"],
+    parser.add_argument("--segments", type=positive_int, default=DEFAULTS["segments"],
                         help="consecutive non-overlapping segments of --max-tokens, each with a fresh cache (default 1)")
 
 
@@ -46,13 +49,15 @@ def settings_from_args(args) -> dict:
 
 def check(settings: dict) -> None:
     """Input errors found before the model loads."""
-    _check_lengths(settings["max_tokens"], settings["segments"])
+    _check_lengths(settings["max_tokens"], settings["segments"], settings["chunk"])
     check_text(settings["data"])
 
 
-def _check_lengths(max_tokens: int, segments: int) -> None:
+def _check_lengths(max_tokens: int, segments: int, chunk: int = 1) -> None:
     if max_tokens < 2 or segments < 1:
         raise ValueError(f"--max-tokens must be >= 2 and --segments >= 1, got {max_tokens} and {segments}")
+    if chunk < 1:
+        raise ValueError(f"--chunk must be >= 1{ONE_PASS}, got {chunk}")
 
 
 def load_segments(tokenizer, data: str, max_tokens: int, segments: int) -> tuple[list[list[int]], str]:
@@ -90,6 +95,7 @@ def score(model, ids: list[int], spec: str, chunk: int) -> tuple[float, int, dic
 
 
 def run(model, tokenizer, specs: list[str], writer, data: str, max_tokens: int, chunk: int, segments: int = 1) -> None:
+    _check_lengths(max_tokens, segments, chunk)
     segment_ids, source = load_segments(tokenizer, data, max_tokens, segments)
     writer.data = source
     todo = [(spec, i) for spec in specs for i in range(len(segment_ids)) if writer.get(spec, f"segment{i}") is None]

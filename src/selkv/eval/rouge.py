@@ -15,6 +15,7 @@ import torch
 
 from ..cache import make_cache
 from ..generation import eos_token_ids, greedy_decode, prefill
+from .arguments import non_negative_int, positive_int
 from .data import check_summarization, load_summarization
 from .kv_metrics import aggregate_kv, measure_cache
 from .prompts import chat_ids
@@ -33,11 +34,11 @@ INSTRUCTIONS = {
 def add_arguments(parser) -> None:
     parser.add_argument("--data", default=DEFAULTS["data"],
                         help="JSONL with 'document' and 'summary', or a named set: cnn_dailymail, xsum, govreport")
-    parser.add_argument("--limit", type=int, default=DEFAULTS["limit"], help="first N documents (default 20)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="default 64")
-    parser.add_argument("--chunk", type=int, default=DEFAULTS["chunk"],
+    parser.add_argument("--limit", type=positive_int, default=DEFAULTS["limit"], help="first N documents (default 20)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=DEFAULTS["max_new_tokens"], help="default 64")
+    parser.add_argument("--chunk", type=non_negative_int, default=DEFAULTS["chunk"],
                         help="prefill chunk; each chunk reads the cache left by earlier ones (default 64, 0 = one pass)")
-    parser.add_argument("--max-doc-tokens", type=int, default=DEFAULTS["max_doc_tokens"],
+    parser.add_argument("--max-doc-tokens", type=non_negative_int, default=DEFAULTS["max_doc_tokens"],
                         help="truncate documents to this many tokens (default 3072)")
     parser.add_argument("--instruction", default=None,
                         help="instruction before the document (default: one sentence for xsum, 3 sentences otherwise)")

@@ -23,6 +23,7 @@ import torch
 
 from ..cache import make_cache
 from ..generation import compile_decode_step, decode_tokens, prefill, synchronize
+from .arguments import at_least, non_negative_int, positive_int
 from .kv_metrics import measure_cache
 from .runner import progress
 
@@ -32,12 +33,13 @@ DEFAULTS = {"batch": 1, "context": 1024, "new_tokens": 64, "repeats": 5, "warmup
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="batch size (default 1)")
-    parser.add_argument("--context", type=int, default=DEFAULTS["context"], help="prompt tokens (default 1024)")
-    parser.add_argument("--new-tokens", type=int, default=DEFAULTS["new_tokens"], help="decode steps (default 64)")
-    parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], help="timed repeats (default 5)")
-    parser.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="untimed repeats first (default 1)")
-    parser.add_argument("--chunk", type=int, default=DEFAULTS["chunk"], help="prefill chunk (default 0 = one pass)")
+    parser.add_argument("--batch", type=positive_int, default=DEFAULTS["batch"], help="batch size (default 1)")
+    parser.add_argument("--context", type=positive_int, default=DEFAULTS["context"], help="prompt tokens (default 1024)")
+    parser.add_argument("--new-tokens", type=at_least(2, " (decode speed times the steps after the first)"),
+                        default=DEFAULTS["new_tokens"], help="decode steps (default 64)")
+    parser.add_argument("--repeats", type=positive_int, default=DEFAULTS["repeats"], help="timed repeats (default 5)")
+    parser.add_argument("--warmup", type=non_negative_int, default=DEFAULTS["warmup"], help="untimed repeats first (default 1)")
+    parser.add_argument("--chunk", type=non_negative_int, default=DEFAULTS["chunk"], help="prefill chunk (default 0 = one pass)")
     parser.add_argument("--static", action="store_true",
                         help="static caches (max_cache_len) and, on CUDA, a captured decode step (see the module doc)")
 
