@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .errors import SelKVError
 from .eval import report
+from .eval.arguments import positive_int
 from .eval.runner import run_task
 from .eval.suite import (
     DEFAULT_CACHES,
@@ -105,29 +106,26 @@ class HelpFormatter(argparse.HelpFormatter):
         return super()._fill_text(text, width, indent)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="'smollm2-135m' (embedded default), a Hugging Face model id or a local path")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="model dtype (default: bfloat16 on CUDA and bf16-capable CPUs, else float32)")
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "selkv"],
-                        help="attention implementation; 'selkv' reads quantized caches in a fused kernel on CUDA")
+    parser.add_argument("--attn", default=None, choices=["sdpa", "eager", "selkv"],
+                        help="attention implementation; 'selkv' reads quantized caches in a fused kernel on CUDA "
+                             "(default sdpa; selkv for generate --static where the model takes it)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``selkv eval perplexity: error: argument --chunk: must be >= 1, got 0``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="selkv",
         description="Selective KV-cache quantization: 16-bit sinks and window, quantized middle.",
         formatter_class=HelpFormatter,
@@ -153,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--static", action="store_true",
                      help="preallocate each cache for the prompt and the new tokens (make_cache max_cache_len) and, "
                      "on CUDA, capture the decode step (torch.compile + CUDA graphs; the first steps compile); "
-                     "quant specs then use --attn selkv")
+                     "without --attn, selkv's attention where the model takes it, which that capture needs")
 
     size = sub.add_parser(
         "size",
@@ -251,10 +249,11 @@ def _load(args):
     """The model and tokenizer of ``--model``, ``--device``, ``--dtype`` and ``--attn``."""
     from .models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn)
+    return load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn or "sdpa")
 
 
 def print_generations(results) -> None:
+    from .cache import compression_words
     from .generation import format_bytes
 
     for r in results:
@@ -263,9 +262,10 @@ def print_generations(results) -> None:
         print(r.text.strip())
         print(
             f"--- {r.new_tokens} new tokens, prefill {r.prefill_s * 1000:.0f} ms, decode {r.decode_tok_s:.1f} tok/s | "
-            f"KV {format_bytes(kv['total'])} = 16-bit {format_bytes(kv['bytes_16bit'])} + codes "
-            f"{format_bytes(kv['bytes_codes'])} + scales {format_bytes(kv['bytes_scales'])} | 16-bit full cache "
-            f"{format_bytes(kv['full16'])} ({kv['compression']:.2f}x smaller) at {kv['tokens']} tokens\n"
+            f"KV held {format_bytes(kv['allocated'])} vs {format_bytes(kv['full16'])} for a 16-bit full cache "
+            f"({compression_words(kv['compression'])}) at {kv['tokens']} tokens | filled {format_bytes(kv['total'])} = "
+            f"16-bit {format_bytes(kv['bytes_16bit'])} + codes {format_bytes(kv['bytes_codes'])} + scales "
+            f"{format_bytes(kv['bytes_scales'])}\n"
         )
 
 
@@ -301,9 +301,10 @@ def cmd_generate(args) -> int:
         bad = [spec for spec in specs if not parse_spec(spec).supports_static]
         if bad:
             raise SelKVError(f"--static takes 'full' and 'quant' caches, not {bad[0]!r}")
-        if args.attn == "eager":
-            raise SelKVError("--static reads quantized caches with selkv's attention; use --attn selkv (or leave it out)")
-        args.attn = "selkv"  # a static quant cache's decode step reads its storage in place
+        if args.attn is None:  # a captured step needs selkv's attention; other attention decodes eagerly
+            from .models import load_config, takes_selkv_attention
+
+            args.attn = "selkv" if takes_selkv_attention(load_config(args.model)) else "sdpa"
     prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
     model, tokenizer = _load(args)
     inputs = encode_prompt(tokenizer, prompt, chat=False if args.no_chat else None)
@@ -413,7 +414,10 @@ def error_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or a bad argument (2, its one line already printed)
+        return done.code if isinstance(done.code, int) else 2
     handlers = {"generate": cmd_generate, "size": cmd_size, "demo": cmd_demo}
     handler = handlers.get(args.command) or getattr(args, "handler", None)
     if handler is None:
