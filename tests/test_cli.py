@@ -26,6 +26,7 @@ from selkv import cli
 from selkv.cli import add_eval_commands, main as cli_main
 from selkv.errors import DeviceError, ModelNotFoundError, SelKVError, UnsupportedModelError
 from selkv.eval.suite import DEFAULT_CACHES
+from selkv.upstream import falcon_uses_attention_interface
 
 WORDS = ["[UNK]", "[EOS]", "hello", "world", "the", "cache", "is", "small"]
 
@@ -68,6 +69,7 @@ def models(tmp_path_factory):
     return {
         "llama": save_model(root / "llama", llama),
         "falcon": save_model(root / "falcon", falcon),
+        "falcon-rope": save_model(root / "falcon-rope", FalconConfig(**{**falcon.to_dict(), "alibi": False})),
         "no_tokenizer": save_model(root / "no_tokenizer", llama, tokenizer=False),
         "t5": str(t5),
     }
@@ -311,7 +313,6 @@ def test_help_describes_every_command(command):
 
 @pytest.mark.parametrize("argv,message", [
     (["--cache", "drop:sink=4,window=16", "--static"], "--static takes 'full' and 'quant'"),
-    (["--cache", "quant:bits=8", "--static", "--attn", "eager"], "--attn selkv"),
 ])
 def test_cli_static_refuses_what_it_cannot_do(capsys, argv, message):
     from selkv.cli import main
@@ -323,7 +324,23 @@ def test_cli_static_refuses_what_it_cannot_do(capsys, argv, message):
 
 @pytest.mark.parametrize("task,flag,value,message", [
     ("perplexity", "--data", "no-such-set", "no text file or named set 'no-such-set'"),
-    ("perplexity", "--max-tokens", "1", "--max-tokens must be >= 2"),
+    ("perplexity", "--max-tokens", "1", "argument --max-tokens: must be >= 2, got 1"),
+    # Counts: a one-pass perplexity never reads the cache; negative or zero counts measure nothing.
+    ("perplexity", "--chunk", "0", "never reads the compressed cache"),
+    ("perplexity", "--chunk", "-3", "argument --chunk: must be >= 1"),
+    ("perplexity", "--segments", "0", "argument --segments: must be >= 1"),
+    ("memory", "--prompt-tokens", "-5", "argument --prompt-tokens: must be >= 1, got -5"),
+    ("memory", "--prompt-tokens", "0", "argument --prompt-tokens: must be >= 1, got 0"),
+    ("memory", "--every", "0", "argument --every: must be >= 1"),
+    ("summarization", "--limit", "-1", "argument --limit: must be >= 1, got -1"),
+    ("summarization", "--max-doc-tokens", "-1", "argument --max-doc-tokens: must be >= 0"),
+    ("needle", "--kv-pairs", "-1", "argument --kv-pairs: must be >= 0, got -1"),
+    ("needle", "--trials", "0", "argument --trials: must be >= 1, got 0"),
+    ("needle", "--depths", "1.5", "argument --depths: must be from 0 to 1"),
+    ("needle", "--lengths", "0", "argument --lengths: must be >= 1"),
+    ("speed", "--new-tokens", "1", "argument --new-tokens: must be >= 2"),
+    ("speed", "--warmup", "-1", "argument --warmup: must be >= 0"),
+    ("speed", "--batch", "x", "argument --batch: 'x' is not an integer"),
     ("memory", "--data", "no-such-set", "no text file or named set"),
     ("summarization", "--data", "no-such-set", "no summarization file or named set"),
     ("needle", "--kv-data", "no-such-set", "no KV-retrieval file or named set"),
@@ -354,3 +371,54 @@ def test_eval_all_checks_its_inputs_before_the_model_loads(monkeypatch, tmp_path
     assert cli.main(["eval", "all", "--quick", "--out", str(tmp_path / "out")]) == 2
     assert "no text file or named set 'pg19-morocco'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model,attn,expected", [
+    ("llama", ["--attn", "eager"], "eager"),  # the user's choice is kept
+    ("llama", [], "selkv"),  # left out: selkv's attention, which a captured step needs
+    # Falcon takes selkv's attention from transformers 5.25; before, it keeps sdpa.
+    ("falcon-rope", [], "selkv" if falcon_uses_attention_interface() else "sdpa"),
+])
+def test_cli_static_keeps_the_attention_the_user_chose(capsys, monkeypatch, offline, models, model, attn, expected):
+    """--static preallocates the cache with any attention; the memory line's held bytes and ratio agree."""
+    import re
+
+    from selkv import cli
+
+    loaded = []
+    real_load = cli._load
+    monkeypatch.setattr(cli, "_load", lambda args: loaded.append(args.attn) or real_load(args))
+    argv = ["generate", "--model", models[model], "--device", "cpu", "--prompt", "one two three", "--no-chat",
+            "--max-new-tokens", "6", "--static", "--cache", "full", "--cache", "quant:bits=8,sink=1,window=2,block=1",
+            *attn]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert loaded == [expected] and out.count("(static)") == 2
+    lines = re.findall(r"KV held ([\d.]+) (B|KiB|MiB) vs ([\d.]+) (B|KiB|MiB) for a 16-bit full cache "
+                       r"\(([\d.]+)x (smaller|larger)\)", out)
+    assert len(lines) == 2, out
+    scale = {"B": 1, "KiB": 1024, "MiB": 2**20}
+    for held, held_unit, full, full_unit, ratio, words in lines:
+        held, full = float(held) * scale[held_unit], float(full) * scale[full_unit]
+        assert (words == "smaller") == (held < full)
+        assert float(ratio) == pytest.approx(max(held, full) / min(held, full), rel=0.06)
+
+
+def test_compression_words_never_say_smaller_below_one():
+    from selkv.cache import compression_words
+
+    assert compression_words(3.125) == "3.12x smaller" or compression_words(3.125) == "3.13x smaller"
+    assert compression_words(0.38) == "2.63x larger"
+    assert compression_words(0.5) == "2.00x larger"
+    assert compression_words(None) == "–" and compression_words(1.001) == "the same"
+
+
+def test_selkv_attention_is_chosen_only_where_the_model_takes_it():
+    from transformers import FalconConfig, Gemma2Config, LlamaConfig
+
+    from selkv.models import takes_selkv_attention
+
+    assert takes_selkv_attention(LlamaConfig())
+    assert not takes_selkv_attention(Gemma2Config())  # softcapped attention logits
+    assert not takes_selkv_attention(FalconConfig(alibi=True))  # position bias inside the mask
+    assert takes_selkv_attention(FalconConfig()) == falcon_uses_attention_interface()

@@ -160,3 +160,14 @@ def bytes_summary(totals: dict[str, int], tokens: int) -> dict[str, int | float]
         "compression": totals["full16"] / totals["allocated"] if totals["allocated"] else 1.0,
         "compression_filled": totals["full16"] / total if total else 1.0,
     }
+
+
+def compression_words(compression: float | None) -> str:
+    """A held-memory ratio (``full16 / allocated``) in words: ``"3.13x smaller"``, ``"2.00x larger"`` below 1."""
+    if compression is None or compression != compression or compression <= 0:  # missing, NaN or nothing held
+        return "–"
+    if abs(compression - 1) < 0.005:
+        return "the same"
+    if compression > 1:
+        return f"{compression:.2f}x smaller"
+    return f"{1 / compression:.2f}x larger"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import (LAYER_BYTE_KEYS, bytes_summary, layer_bytes, layer_plan, make_cache, model_shape, resolve_spec,
+from .cache import (LAYER_BYTE_KEYS, bytes_summary, compression_words, layer_bytes, layer_plan, make_cache, model_shape, resolve_spec,
                     shared_bytes)
 
 
@@ -84,6 +84,6 @@ def size_table(specs: list[str], config, tokens: int, batch_size: int = 1, chunk
         rows.append(
             f"| `{spec}` | {_group(spec, config)} | {b['allocated'] / mib:.2f} | {b['total'] / mib:.2f} | "
             f"{b['bytes_16bit'] / mib:.2f} | {b['bytes_codes'] / mib:.2f} | {b['bytes_scales'] / mib:.2f} | "
-            f"{b['compression']:.2f}x |"
+            f"{compression_words(b['compression'])} |"
         )
     return "\n".join(rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..cache import compression_words
 from ..specs import SpecError, parse_spec
 from ..errors import SelKVError
 from .results import RESULTS
@@ -94,8 +95,8 @@ def _settings_line(payload: dict) -> str:
     return f"Model `{payload.get('model')}`, data `{payload.get('data')}`; {settings}{where}{groups}.{partial}"
 
 
-# KV bytes of a 16-bit full cache over the cache's: a float32 run's full cache shows 0.50.
-COMPRESSION = "compression vs 16-bit"
+# KV bytes held against a 16-bit full cache of the same tokens: a float32 run's full cache is "2.00x larger".
+COMPRESSION = "held vs 16-bit full"
 
 
 def table_lines(payload: dict) -> list[str]:
@@ -106,13 +107,13 @@ def table_lines(payload: dict) -> list[str]:
         title = (f"Perplexity, {s.get('data')}: {s.get('max_tokens')} tokens x {s.get('segments', 1)} segment(s), "
                  f"chunk {s.get('chunk')}")
         rows = [[f"`{c}`", _fmt(x.get("ppl"), ".3f"), _pct(x.get("ppl_vs_full")), _fmt(x.get("nll"), ".4f"),
-                 x.get("tokens", "–"), _mib(x.get("kv_bytes")), _fmt(x.get("compression"), ".2f")] for c, x in m]
+                 x.get("tokens", "–"), _mib(x.get("kv_bytes")), compression_words(x.get("compression"))] for c, x in m]
         header = ["cache", "ppl", "vs full", "NLL", "tokens", "KV MiB", COMPRESSION]
     elif task == "summarization":
         title = f"Summarization: ROUGE-L F1, {s.get('max_new_tokens')} new tokens, prefill chunk {s.get('chunk')}"
         rows = [[f"`{c}`", _fmt(x.get("rougeL"), ".4f"), _fmt(x.get("rougeL_diff_vs_full"), "+.4f"),
                  _fmt(x.get("rougeL_vs_full"), ".3f"), _fmt(x.get("token_match_vs_full"), ".3f"), x.get("n", "–"),
-                 _fmt(x.get("compression"), ".2f")] for c, x in m]
+                 compression_words(x.get("compression"))] for c, x in m]
         header = ["cache", "ROUGE-L", "vs full", "ROUGE-L vs full output", "token match vs full", "n", COMPRESSION]
     elif task == "needle":
         lengths = [str(n) for n in s.get("lengths", [])]
@@ -120,13 +121,13 @@ def table_lines(payload: dict) -> list[str]:
         title = f"Needle: passkey accuracy by context length, prefill chunk {s.get('chunk')}"
         rows = [[f"`{c}`", _fmt(x.get("accuracy"), ".2f"), *[_fmt(x.get("by_length", {}).get(n), ".2f") for n in lengths],
                  *([_fmt(x.get("kv_accuracy"), ".2f")] if kv else []), x.get("n", "–"),
-                 _fmt(x.get("compression"), ".2f")] for c, x in m]
+                 compression_words(x.get("compression"))] for c, x in m]
         header = ["cache", "accuracy", *[f"{n} tok" for n in lengths], *(["KV retrieval"] if kv else []), "n",
                   COMPRESSION]
     elif task == "memory":
         title = f"KV memory after {s.get('prompt_tokens')} prompt + {s.get('new_tokens')} new tokens"
         cuda = any("peak_device_bytes" in x for _, x in m)
-        rows = [[f"`{c}`", _mib(x.get("kv_bytes")), _mib(x.get("kv_bytes_full16")), _fmt(x.get("compression"), ".2f"),
+        rows = [[f"`{c}`", _mib(x.get("kv_bytes")), _mib(x.get("kv_bytes_full16")), compression_words(x.get("compression")),
                  _mib(x.get("kv_bytes_16bit")), _mib(x.get("kv_bytes_codes")), _mib(x.get("kv_bytes_scales")),
                  *([_mib(x.get("peak_device_bytes"))] if cuda else [])] for c, x in m]
         header = ["cache", "KV MiB", "16-bit full MiB", COMPRESSION, "16-bit part", "codes", "scales",
@@ -135,7 +136,7 @@ def table_lines(payload: dict) -> list[str]:
         title = (f"Speed: batch {s.get('batch')}, context {s.get('context')}, {s.get('new_tokens')} new tokens, "
                  f"median of {s.get('repeats')} after {s.get('warmup')} warm-up")
         rows = [[f"`{c}`", _fmt(x.get("prefill_tok_s"), ".0f"), _fmt(x.get("decode_tok_s"), ".1f"),
-                 _fmt(x.get("decode_speedup_vs_full"), ".2f"), _fmt(x.get("compression"), ".2f")] for c, x in m]
+                 _fmt(x.get("decode_speedup_vs_full"), ".2f"), compression_words(x.get("compression"))] for c, x in m]
         header = ["cache", "prefill tok/s", "decode tok/s", "decode vs full", COMPRESSION]
     else:
         title, header, rows = f"{task}", ["cache", "metrics"], [[c, json.dumps(x)[:200]] for c, x in m]
