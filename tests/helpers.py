@@ -76,20 +76,22 @@ def _embedded_model_missing() -> str | None:
     return f"the embedded model needs the {package.replace('_', '-')!r} package (`make setup` installs it)"
 
 
-def _missing_package(module: str, pip_name: str) -> str | None:
+def _missing_package(module: str, pip_name: str, extra: str = "peers") -> str | None:
     top = module.split(".")[0]
     if importlib.util.find_spec(top) is None or importlib.util.find_spec(module) is None:
-        return f"needs the {pip_name!r} package, which this machine lacks (pip install 'selkv[peers]')"
+        return f"needs the {pip_name!r} package, which this machine lacks (pip install 'selkv[{extra}]')"
     return None
 
 
 EMBEDDED_MISSING = _embedded_model_missing()
 QUANTO_MISSING = _missing_package("optimum.quanto", "optimum-quanto")
+ROUGE_MISSING = _missing_package("rouge_score", "rouge-score", extra="eval")
 
 
 # Marks for tests that load the embedded model ("smollm2-135m") or build an 'hf-quanto' cache.
 needs_embedded_model = pytest.mark.skipif(EMBEDDED_MISSING is not None, reason=EMBEDDED_MISSING or "")
 needs_quanto = pytest.mark.skipif(QUANTO_MISSING is not None, reason=QUANTO_MISSING or "")
+needs_rouge = pytest.mark.skipif(ROUGE_MISSING is not None, reason=ROUGE_MISSING or "")
 
 
 def read_book(chars: int = 20000) -> str:

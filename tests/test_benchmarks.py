@@ -14,6 +14,10 @@ import sys
 import pytest
 import torch
 
+from helpers import HAS_CUDA
+
+# The accuracy columns run the compiled kernel on a GPU machine, Triton's interpreter elsewhere.
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
@@ -133,12 +137,13 @@ def test_captured_selkv_fill_and_rewind():
 
 @pytest.mark.parametrize("name", ["fused int4 spec", "fused int4 tok", "fused int4 spec rot"])
 def test_decode_attention_accuracy_column_runs_small(name):
-    """The accuracy column of decode_attention.py (kernel in Triton's interpreter, float16, a small cache):
+    """The accuracy column of decode_attention.py (the compiled kernel on a GPU, else Triton's interpreter; float16,
+    a small cache):
     each layout's error against the keys and values before quantization, per value RMS."""
     from decode_attention import ACCURACY_RMS, layout_errors
 
     shape = dict(batch_size=1, num_heads=4, num_kv_heads=1, head_dim=64, context=388, dtype=torch.float16)
-    errors = layout_errors(name, device="cpu", shape=shape)
+    errors = layout_errors(name, device=KERNEL_DEVICE, shape=shape)
     assert set(errors) == {f"error_rms_{rms}" for rms in ACCURACY_RMS}
     assert all(0.0 < e < 2.0 for e in errors.values()), errors
 
@@ -148,8 +153,8 @@ def test_per_token_int4_keys_show_their_cost_in_the_accuracy_column():
     from decode_attention import layout_errors
 
     shape = dict(batch_size=1, num_heads=4, num_kv_heads=1, head_dim=64, context=388, dtype=torch.float16)
-    per_token = layout_errors("fused int4 tok", device="cpu", shape=shape)["error_rms_1.0"]
-    per_channel = layout_errors("fused int4 spec", device="cpu", shape=shape)["error_rms_1.0"]
+    per_token = layout_errors("fused int4 tok", device=KERNEL_DEVICE, shape=shape)["error_rms_1.0"]
+    per_channel = layout_errors("fused int4 spec", device=KERNEL_DEVICE, shape=shape)["error_rms_1.0"]
     assert per_token > 3 * per_channel, (per_token, per_channel)
 
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from helpers import TOLERANCES, make_tiny_llama, read_book
+from helpers import TOLERANCES, make_tiny_llama, needs_rouge, read_book
 
 from selkv.eval import memory, needle, perplexity, report, rouge, speed
 from selkv.eval.data import DataError, read_jsonl
@@ -177,6 +177,7 @@ def summaries(tmp_path):
     return str(path)
 
 
+@needs_rouge
 def test_summarization_metrics(tiny, summaries, tmp_path):
     model, tok = tiny
     settings = {**rouge.DEFAULTS, "data": summaries, "limit": 2, "max_new_tokens": 6, "chunk": 32}

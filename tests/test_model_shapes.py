@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from helpers import tiny_llama_config
+from helpers import needs_quanto, tiny_llama_config
 
 import selkv
 from selkv.config import SpecError
@@ -37,7 +37,7 @@ def fill(cache, config, tokens=30, chunk=7, batch_size=1):
     return returned
 
 
-@pytest.mark.parametrize("spec", ["full", "hf-quanto:bits=4,residual=8", *LOSSLESS])
+@pytest.mark.parametrize("spec", ["full", pytest.param("hf-quanto:bits=4,residual=8", marks=needs_quanto), *LOSSLESS])
 def test_sliding_layers_keep_transformers_layer_and_full_layers_get_the_spec(spec):
     config = hybrid_config()
     cache = selkv.make_cache(spec, config)
@@ -116,7 +116,8 @@ def test_default_group_divides_head_dim(head_dim, groups):
     assert selkv.parse_spec("hf-quanto:bits=4").check_model(head_dim).group == min(groups[8], 64)
 
 
-@pytest.mark.parametrize("spec", ["quant:bits=8", "quant:bits=4", "quant:bits=2", "hf-quanto:bits=2,residual=8"])
+@pytest.mark.parametrize("spec", ["quant:bits=8", "quant:bits=4", "quant:bits=2",
+                                  pytest.param("hf-quanto:bits=2,residual=8", marks=needs_quanto)])
 def test_default_specs_run_on_head_dim_80_and_96(spec):
     for head_dim in (80, 96):
         config = tiny_llama_config(head_dim=head_dim)
