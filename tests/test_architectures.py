@@ -15,7 +15,7 @@ import transformers
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import selkv
-from selkv.config import SpecError
+from selkv import SpecError
 from selkv.models import cache_kwarg, forward_with_cache
 from selkv.sizing import cache_size
 from selkv.upstream import falcon_uses_attention_interface

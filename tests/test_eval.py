@@ -19,7 +19,6 @@ from selkv.eval.data import DataError, read_jsonl
 from selkv.eval.prompts import encode
 from selkv.eval.results import ResultsWriter, SettingsMismatch
 from selkv.eval.runner import run_task
-from selkv.eval.suite import DEFAULT_CACHES
 from selkv.generation import eos_token_ids
 
 TEXT = (
@@ -231,24 +230,6 @@ def test_profile_writes_trace_and_tables(tiny, text_file, tmp_path):
              profile_dir=str(tmp_path / "prof"))
     assert (tmp_path / "prof" / "trace.json").stat().st_size > 0
     assert "By self time" in (tmp_path / "prof" / "top_operators.md").read_text()
-
-
-def test_moved_eval_names_still_resolve_with_a_warning():
-    """selkv.eval.common and selkv.eval.cli were split; their names resolve with a DeprecationWarning."""
-    from selkv.eval import cli as eval_cli
-    from selkv.eval import common
-    from selkv.generation import prefill
-
-    with pytest.warns(DeprecationWarning, match="use selkv.eval.results.ResultsWriter"):
-        assert common.ResultsWriter is ResultsWriter
-    with pytest.warns(DeprecationWarning, match="use selkv.generation.prefill"):
-        assert common.prefill is prefill
-    with pytest.raises(AttributeError, match=r"use str\(spec\)"):
-        common.spec_label  # noqa: B018
-    with pytest.warns(DeprecationWarning, match="use selkv.eval.suite.DEFAULT_CACHES"):
-        assert eval_cli.DEFAULT_CACHES is DEFAULT_CACHES
-    with pytest.raises(ImportError, match="moved to selkv.cli.add_eval_commands"):
-        from selkv.eval.cli import add_commands  # noqa: F401
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from helpers import needs_quanto, tiny_llama_config
 
 import selkv
-from selkv.config import SpecError
+from selkv import SpecError
 from selkv.layers import QuantizedSinkWindowLayer
 from selkv.sizing import cache_size, size_table
 

@@ -8,7 +8,6 @@ fills the defaults that depend on the model's ``head_dim``, and ``build`` return
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -18,17 +17,6 @@ from ..selective_cache import SelectiveCache
 # Larger settings are no use (a window of 2**31 tokens is far beyond any model's context) and beyond
 # int64 they would only fail later inside torch.
 MAX_SETTING = 2**31 - 1
-
-# The flat fields one `CacheSpec` carried for every kind, with the value a kind without them had.
-_FLAT_FIELDS = {
-    "nbits": None, "num_sink_tokens": 0, "window_length": 0, "q_group_size": 0, "axis_key": "token",
-    "sym": False, "block_length": 1, "residual_length": 0,
-}
-# Old field names -> the spec keys that name the fields now (a field is named as its spec key).
-_RENAMED_FIELDS = {
-    "nbits": "bits", "num_sink_tokens": "sink", "window_length": "window", "q_group_size": "group",
-    "axis_key": "key_axis", "block_length": "block", "residual_length": "residual",
-}
 
 
 def _as_int(kind: str, key: str, value: str) -> int:
@@ -142,21 +130,6 @@ class CacheSpec:
     def build(self, config, max_cache_len: int | None = None):
         """The cache this spec describes, for a model ``config`` (``max_cache_len``: see ``make_cache``)."""
         raise NotImplementedError
-
-    def __getattr__(self, name: str):
-        # Called only when normal lookup fails, so it costs nothing on current names.
-        # An old field name: the renamed field's value (read-only: specs are frozen), with a warning.
-        new = _RENAMED_FIELDS.get(name)
-        if new is not None and new in self.keys:
-            warnings.warn(f"{type(self).__name__}.{name} is deprecated; use .{new} (fields are named as spec keys)",
-                          DeprecationWarning, stacklevel=2)
-            return getattr(self, new)
-        # A field of the flat `CacheSpec` this kind does not have: its old value, with a warning.
-        if name in _FLAT_FIELDS:
-            warnings.warn(f"{type(self).__name__} ({self.kind!r}) has no {name!r}; reading it is deprecated",
-                          DeprecationWarning, stacklevel=2)
-            return _FLAT_FIELDS[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
