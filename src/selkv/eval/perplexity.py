@@ -89,23 +89,24 @@ class Scored:
 
 
 @torch.inference_mode()
-def score_tokens(model, ids: list[int], spec: str, chunk: int, first_target: int = 1) -> Scored:
+def score_tokens(model, ids: list[int], spec: str, chunk: int, first_target: int = 1, feed_last: bool = True) -> Scored:
     """Score ``ids[first_target:]`` given the tokens before them, feeding all of ``ids`` in chunks of ``chunk``.
 
     A fresh ``spec`` cache; chunks start at ``ids[0]``, so each chunk's predictions attend to the cache the
     earlier chunks left behind (``chunk=0``: one pass, which never reads a compressed cache).
     ``first_target=1`` scores every position, as perplexity does; a harness request scores only its
-    continuation (``first_target`` = the context's length).
+    continuation (``first_target`` = the context's length). The last token predicts nothing: ``feed_last=False``
+    leaves it out of the cache (what a harness model feeds), which scores the same.
     """
     if not 1 <= first_target < len(ids):
         raise ValueError(f"first_target must be in 1..{len(ids) - 1}, got {first_target}")
     device = model.device
-    input_ids = torch.tensor([ids], device=device)
-    targets = input_ids[0, 1:]  # position p predicts targets[p]
+    targets = torch.tensor(ids[1:], device=device)  # position p predicts targets[p]
+    input_ids = torch.tensor([ids if feed_last else ids[:-1]], device=device)
     cache = make_cache(spec, model.config)
     total = torch.zeros((), dtype=torch.float64, device=device)
     mismatches = torch.zeros((), dtype=torch.long, device=device)
-    seq_len = input_ids.shape[-1]
+    seq_len = len(ids)
 
     def add_nll(start: int, logits: torch.Tensor) -> None:  # logits: [1, chunk_len, vocab_size]
         first = max(start, first_target - 1)  # the first position whose prediction is scored
