@@ -137,6 +137,17 @@ def table_lines(payload: dict) -> list[str]:
         rows = [[f"`{c}`", _fmt(x.get("prefill_tok_s"), ".0f"), _fmt(x.get("decode_tok_s"), ".1f"),
                  _fmt(x.get("decode_speedup_vs_full"), ".2f"), _fmt(x.get("compression"), ".2f")] for c, x in m]
         header = ["cache", "prefill tok/s", "decode tok/s", "decode vs full", COMPRESSION]
+    elif task == "harness":
+        tasks = list(s.get("tasks") or [])
+        metric = next((x.get("metric") for _, x in m if x.get("metric")), "") or "score"
+        chunk = s.get("chunk")
+        title = (f"lm-evaluation-harness tasks ({metric}), "
+                 f"{f'prefill chunk {chunk}' if chunk else 'one pass (never reads a compressed cache)'}, "
+                 f"at most {s.get('limit') or 'all'} examples per task")
+        rows = [[f"`{c}`", *[_fmt(x.get("by_task", {}).get(t), ".2f") for t in tasks], _fmt(x.get("mean"), ".3f"),
+                 _fmt(x.get("mean_vs_full"), "+.3f"), x.get("n", "–"), _mib(x.get("kv_bytes")),
+                 _fmt(x.get("compression"), ".2f")] for c, x in m]
+        header = ["cache", *tasks, "mean", "vs full", "n", "KV MiB", COMPRESSION]
     else:
         title, header, rows = f"{task}", ["cache", "metrics"], [[c, json.dumps(x)[:200]] for c, x in m]
     return [f"### {title}", "", _settings_line(payload), "", *_table(header, rows), ""]
