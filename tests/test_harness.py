@@ -224,3 +224,12 @@ def test_eval_harness_side_by_side_on_the_embedded_model(smollm, tmp_path):
     assert int2["kv_bytes"] < full["kv_bytes"] / 4  # int2 held far less than the float32 full cache
     assert "chunks of 64 tokens" in json.loads((tmp_path / "examples.jsonl").read_text().splitlines()[0])["chunking"]
     assert any("`quant:bits=2,sink=4,window=124`" in line for line in table_lines(payload))
+
+
+def test_cli_missing_task_data_file_ends_in_one_line(capsys):
+    from selkv.cli import main
+
+    code = main(["lm-eval", "--model", "selkv", "--model_args", '{"cache": "full"}', "--tasks", "selkv_kv_1k,selkv_needle_1k",
+                 "--metadata", '{"data_file": "no-such-records.jsonl"}'])
+    err = capsys.readouterr().err
+    assert code == 2 and "data file 'no-such-records.jsonl' not found" in err and len(err.strip().splitlines()) == 1

@@ -445,9 +445,14 @@ def cmd_lm_eval(harness_args: list[str]) -> int:
     from .eval import harness_model  # registers --model selkv (an ImportError names the extra)
     from lm_eval.__main__ import cli_evaluate
 
+    from .eval.harness import check_task_data
+
+    # Bad model args and missing data files of selkv's tasks fail now, not after the harness indexes its tasks.
     model, model_args = harness_model.model_args_from_argv(harness_args)
-    if model == harness_model.MODEL_NAME:  # bad model args fail now, not after the harness indexes its tasks
+    if model == harness_model.MODEL_NAME:
         harness_model.check_model_args(model_args)
+    tasks = [t for words in harness_model.flag_values(harness_args, "--tasks", "-t") or [] for t in words.split(",")]
+    check_task_data(tasks, {**model_args, **harness_model.dict_argument(harness_model.flag_values(harness_args, "--metadata"))})
     args = list(harness_args)
     if "--include_path" not in args and not any(a.startswith("--include_path=") for a in args):
         args += ["--include_path", str(harness_model.TASKS_DIR)]

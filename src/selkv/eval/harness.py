@@ -55,11 +55,15 @@ def check(settings: dict) -> None:
     if settings["limit"] < 0 or settings["chunk"] < 0 or settings["batch_size"] < 1:
         raise SelKVError(f"--limit and --chunk must be >= 0 and --batch-size >= 1, got {settings['limit']}, "
                          f"{settings['chunk']} and {settings['batch_size']}")
-    metadata = _metadata(settings["metadata"])
-    for task in settings["tasks"]:
+    check_task_data(settings["tasks"], _metadata(settings["metadata"]))
+
+
+def check_task_data(tasks: list[str], metadata: dict) -> None:
+    """The data file of each of selkv's tasks in ``tasks`` exists (``metadata["data_file"]`` or the YAML's)."""
+    for task in tasks:
         data_files = selkv_task_data_files(task)
         if data_files is not None:
-            _task_data().data_file(metadata, data_files)  # a missing file fails before the model loads
+            _task_data().data_file(metadata, data_files)
 
 
 def _task_data():

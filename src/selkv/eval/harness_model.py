@@ -103,29 +103,39 @@ def check_model_args(model_args: dict) -> None:
         resolve_model(str(pretrained))  # a local path that is no model folder fails here; Hub ids pass
 
 
-def model_args_from_argv(argv: list[str]) -> tuple[str | None, dict]:
-    """(``--model``, the ``--model_args`` dict) as the harness's command line will read them: JSON, or
-    ``key=value[,key=value]`` words (later ones win)."""
+def flag_values(argv: list[str], *flags: str) -> list[str] | None:
+    """The words after the last of ``flags`` in ``argv`` (``--flag=value`` too), up to the next option; None if absent."""
+    found = None
+    for i, word in enumerate(argv):
+        flag, eq, inline = word.partition("=")
+        if flag in flags:
+            found = [inline] if eq else []
+            for value in argv[i + 1:] if not eq else []:
+                if value.startswith("-"):
+                    break
+                found.append(value)
+    return found
+
+
+def dict_argument(values: list[str] | None) -> dict:
+    """A harness dict argument (``--model_args``, ``--metadata``) as the harness reads it: a JSON object, or
+    ``key=value[,key=value]`` words."""
     from lm_eval.utils import simple_parse_args_string
 
-    model, args, i = None, {}, 0
-    while i < len(argv):
-        flag, _, inline = argv[i].partition("=")
-        if flag in ("--model", "-m"):
-            model = inline or (argv[i + 1] if i + 1 < len(argv) else None)
-        elif flag in ("--model_args", "-a"):
-            values = [inline] if inline else []
-            while not inline and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
-                values.append(argv[i + 1])
-                i += 1
-            for value in values:
-                try:
-                    parsed = json.loads(value)
-                except json.JSONDecodeError:
-                    parsed = None
-                args.update(parsed if isinstance(parsed, dict) else simple_parse_args_string(value))
-        i += 1
-    return model, args
+    result = {}
+    for value in values or []:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        result.update(parsed if isinstance(parsed, dict) else simple_parse_args_string(value))
+    return result
+
+
+def model_args_from_argv(argv: list[str]) -> tuple[str | None, dict]:
+    """(``--model``, the ``--model_args`` dict) as the harness's command line will read them."""
+    model = flag_values(argv, "--model", "-m")
+    return (model[0] if model else None), dict_argument(flag_values(argv, "--model_args", "-a"))
 
 
 @register_model(MODEL_NAME)
