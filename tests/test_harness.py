@@ -233,3 +233,21 @@ def test_cli_missing_task_data_file_ends_in_one_line(capsys):
                  "--metadata", '{"data_file": "no-such-records.jsonl"}'])
     err = capsys.readouterr().err
     assert code == 2 and "data file 'no-such-records.jsonl' not found" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@needs_embedded_model
+def test_ruler_niah_builds_its_data_without_a_network(monkeypatch):
+    """RULER's niah_single_1 makes its samples locally; the punkt_tab download it tries on import is refused here."""
+    pytest.importorskip("wonderwords", reason="RULER needs wonderwords (pip install wonderwords)")
+    import nltk
+
+    from selkv.models import resolve_model
+
+    calls = []
+    monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: calls.append(args) or False)
+    from lm_eval.tasks.ruler import niah_utils
+
+    samples = niah_utils.niah_single_1(tokenizer=resolve_model("smollm2-135m")[0], max_seq_lengths=[1024])["test"]
+    assert len(samples) == 500 and samples[0]["outputs"][0] in samples[0]["input"]
+    assert calls in ([], [("punkt_tab",)])  # at most the one refused attempt (none once the module is imported)
