@@ -251,3 +251,20 @@ def test_ruler_niah_builds_its_data_without_a_network(monkeypatch):
     samples = niah_utils.niah_single_1(tokenizer=resolve_model("smollm2-135m")[0], max_seq_lengths=[1024])["test"]
     assert len(samples) == 500 and samples[0]["outputs"][0] in samples[0]["input"]
     assert calls in ([], [("punkt_tab",)])  # at most the one refused attempt (none once the module is imported)
+
+
+def test_report_tables_and_plots_a_harness_run(tmp_path):
+    from selkv.eval import harness, report
+
+    records = {"full": [{"key": "a", "metric": "acc", "value": 1.0, "n": 2, "kv_bytes": 4e6, "kv_bytes_full16": 2e6},
+                        {"key": "b", "metric": "acc", "value": 0.5, "n": 2, "kv_bytes": 8e6, "kv_bytes_full16": 4e6}],
+               INT2: [{"key": "a", "metric": "acc", "value": 1.0, "n": 2, "kv_bytes": 1e6, "kv_bytes_full16": 2e6},
+                      {"key": "b", "metric": "acc", "value": 0.0, "n": 2, "kv_bytes": 2e6, "kv_bytes_full16": 4e6}]}
+    results = [{"cache": c, "metrics": harness.aggregate(r)} for c, r in records.items()]
+    results[1]["metrics"].update(harness.compare(results[1]["metrics"], results[0]["metrics"]))
+    payload = {"task": "harness", "model": "m", "settings": {"tasks": ["a", "b"], "limit": 2, "chunk": 64},
+               "complete": True, "results": results}
+    lines = report.table_lines(payload)
+    assert "| cache | a | b | mean | vs full | n | KV MiB | compression vs 16-bit |" in lines
+    assert any(line.startswith(f"| `{INT2}` | 1.00 | 0.00 | 0.500 | -0.250 | 4 |") for line in lines)
+    assert report.plot_harness(payload, tmp_path / "h.png") and (tmp_path / "h.png").stat().st_size > 0

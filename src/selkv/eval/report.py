@@ -244,7 +244,25 @@ def plot_needle(payload: dict, path: Path) -> bool:
     return _save(fig, ax, path)
 
 
-PLOTS = {"memory": ("memory_vs_tokens", plot_memory), "perplexity": ("ppl_vs_bits", plot_perplexity),
+def plot_harness(payload: dict, path: Path) -> bool:
+    """Mean harness score against the KV bytes held, one point per cache: the trade-off a user picks from."""
+    rows = [(r["cache"], r["metrics"]) for r in payload["results"] if r.get("metrics")]
+    rows = [(c, m) for c, m in rows if m.get("mean") is not None and m.get("kv_bytes")]
+    if not rows:
+        return False
+    fig, ax = _figure()
+    for i, (cache, m) in enumerate(rows):
+        # A small vertical offset per cache keeps equal scores visible.
+        ax.plot([m["kv_bytes"] / MIB], [m["mean"] + 0.01 * (i - len(rows) / 2)], marker="o", linestyle="", label=cache)
+    tasks = ", ".join(payload.get("settings", {}).get("tasks", []))
+    ax.set_xlabel("KV cache MiB held (mean per request, at its end)")
+    ax.set_ylabel(f"mean {rows[0][1].get('metric') or 'score'}")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"Harness score vs KV memory ({tasks})")
+    return _save(fig, ax, path)
+
+
+PLOTS = {"harness": ("harness_score_vs_memory", plot_harness), "memory": ("memory_vs_tokens", plot_memory), "perplexity": ("ppl_vs_bits", plot_perplexity),
          "needle": ("needle_accuracy_vs_depth", plot_needle)}
 
 
