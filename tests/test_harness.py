@@ -194,7 +194,7 @@ def test_model_args_are_read_as_the_harness_reads_them():
 
     assert model_args_from_argv(["--model", "selkv", "--model_args", '{"cache": "quant:bits=4,sink=4", "prefill_chunk": 8}',
                                  "--tasks", "x"]) == ("selkv", {"cache": "quant:bits=4,sink=4", "prefill_chunk": 8})
-    assert model_args_from_argv(["-m", "selkv", "-a", "cache=full,prefill_chunk=0", "dtype=float32"]) == (
+    assert model_args_from_argv(["-M", "selkv", "-a", "cache=full,prefill_chunk=0", "dtype=float32"]) == (
         "selkv", {"cache": "full", "prefill_chunk": 0, "dtype": "float32"})
 
 

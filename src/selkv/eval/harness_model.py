@@ -134,7 +134,7 @@ def dict_argument(values: list[str] | None) -> dict:
 
 def model_args_from_argv(argv: list[str]) -> tuple[str | None, dict]:
     """(``--model``, the ``--model_args`` dict) as the harness's command line will read them."""
-    model = flag_values(argv, "--model", "-m")
+    model = flag_values(argv, "--model", "-M")
     return (model[0] if model else None), dict_argument(flag_values(argv, "--model_args", "-a"))
 
 
