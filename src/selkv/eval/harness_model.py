@@ -217,7 +217,7 @@ class SelkvLM(TemplateLM):
     def get_model_info(self) -> dict:
         """Added to the harness's ``results["config"]``: the spec, the chunking and the KV bytes held per task."""
         return {"selkv": {"model": self.model_name, "cache": self.cache, "prefill_chunk": self.prefill_chunk,
-                          "chunking": chunking_label(self.prefill_chunk), "dtype": str(self.model.dtype),
+                          "chunking": chunking_label(self.prefill_chunk), "dtype": str(self.model.dtype).replace("torch.", ""),
                           "kv": self.kv_summary()}}
 
     def kv_summary(self) -> dict[str, dict]:
