@@ -5,6 +5,7 @@
     selkv eval TASK --cache SPEC [--cache SPEC ...] --out DIR
     selkv report DIR [DIR ...]
     selkv demo
+    selkv lm-eval --model selkv --model_args '{"cache": "SPEC", "prefill_chunk": 64}' --tasks ... [harness flags]
 
 The work lives below: ``generation`` (generate), ``sizing`` (size), ``eval`` (the tasks, the report, and
 the default cache sets in ``eval.suite``); the dependency order is in tests/test_import_order.py.
@@ -56,6 +57,7 @@ examples:
   selkv size --tokens 32768                    KV bytes of the default cache set, no forward pass
   selkv eval perplexity --data pg19 --out results/ppl
   selkv report results/ppl
+  selkv lm-eval --model selkv --model_args '{"cache": "quant:bits=4,sink=4,window=124"}' --tasks lambada_openai
 
 Run 'selkv COMMAND --help' for a command's options. SELKV_DEBUG=1 shows tracebacks for input errors.
 """
@@ -94,6 +96,22 @@ REPORT_EPILOG = """\
 examples:
   selkv report results/ppl                    writes results/ppl/report.md and PNG plots
   selkv report results/ppl results/needle --out docs/results --image-prefix results
+"""
+
+
+LM_EVAL_HELP = """\
+Registers the model type 'selkv' with lm-evaluation-harness (pip install 'selkv[harness]') and runs the
+harness's own command line with every argument unchanged ('selkv lm-eval --help' shows the harness's help).
+Each request runs through a fresh cache; the context is fed in chunks, so a continuation reads the compressed
+cache. A spec has commas, so give --model_args as JSON. Keys: pretrained (default smollm2-135m), cache
+(default full), prefill_chunk (default 64; 0 = one pass, which never reads a compressed cache), dtype, attn,
+max_length, max_gen_toks; the harness adds batch_size and device. Results carry the spec, the chunking and the
+KV bytes held under config.selkv. When no --include_path is given, selkv's own offline tasks are included.
+
+examples:
+  selkv lm-eval --model selkv --device cpu --limit 20 --tasks lambada_openai \\
+      --model_args '{"pretrained": "smollm2-135m", "cache": "quant:bits=4,sink=4,window=124", "prefill_chunk": 64}'
+  selkv lm-eval --model selkv --model_args '{"cache": "full"}' --tasks selkv_needle_1k --output_path results/h
 """
 
 
@@ -181,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens to generate (default 48)")
 
     add_eval_commands(sub)
+    sub.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with the 'selkv' model type: the harness's own flags, unchanged",
+        description=LM_EVAL_HELP,
+        formatter_class=HelpFormatter,
+        add_help=False,
+    )
     return parser
 
 
@@ -412,7 +437,39 @@ def error_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def cmd_lm_eval(harness_args: list[str]) -> int:
+    """Run lm-evaluation-harness's own CLI with the 'selkv' model registered; its arguments pass unchanged."""
+    if harness_args[:1] in (["-h"], ["--help"]) and len(harness_args) == 1:
+        print(LM_EVAL_HELP)
+    from .eval import harness_model  # registers --model selkv (an ImportError names the extra)
+    from lm_eval.__main__ import cli_evaluate
+
+    from .eval.harness import check_task_data
+
+    # Bad model args and missing data files of selkv's tasks fail now, not after the harness indexes its tasks.
+    model, model_args = harness_model.model_args_from_argv(harness_args)
+    if model == harness_model.MODEL_NAME:
+        harness_model.check_model_args(model_args)
+    tasks = [t for words in harness_model.flag_values(harness_args, "--tasks", "-t") or [] for t in words.split(",")]
+    check_task_data(tasks, {**model_args, **harness_model.dict_argument(harness_model.flag_values(harness_args, "--metadata"))})
+    args = list(harness_args)
+    if "--include_path" not in args and not any(a.startswith("--include_path=") for a in args):
+        args += ["--include_path", str(harness_model.TASKS_DIR)]
+    saved = sys.argv
+    sys.argv = ["lm-eval", *args]
+    try:
+        cli_evaluate()
+    except SystemExit as stop:  # the harness's argparse (--help, bad flags) exits
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # before argparse: the harness parses its own flags
+        return _run_handled("selkv lm-eval", lambda: cmd_lm_eval(argv[1:]), "lm-eval")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -423,10 +480,15 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         parser.error(f"unknown command {args.command!r}")
     prog = " ".join(["selkv", args.command, *([args.task] if getattr(args, "task", None) else [])])
+    return _run_handled(prog, lambda: handler(args), args.command)
+
+
+def _run_handled(prog: str, run, command: str) -> int:
+    """``run()``'s exit code; input errors end with one line on stderr and exit code 2."""
     try:
-        return handler(args) or 0
+        return run() or 0
     except KeyboardInterrupt:
-        resume = " (rerun with the same --out to resume)" if args.command == "eval" else ""
+        resume = " (rerun with the same --out to resume)" if command == "eval" else ""
         print(f"{prog}: interrupted{resume}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `selkv size | head`: the reader left; stay quiet at exit too

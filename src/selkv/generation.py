@@ -96,6 +96,7 @@ def prefill(
     chunk: int = 0,
     attention_mask: torch.Tensor | None = None,
     on_logits: Callable[[int, torch.Tensor], None] | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Feed ``input_ids`` ``[batch_size, seq_len]`` into ``cache`` in chunks of ``chunk`` tokens (0: one pass).
 
@@ -105,6 +106,8 @@ def prefill(
     ``on_logits(start, logits)`` sees every chunk's logits ``[batch_size, chunk_len, vocab_size]``;
     without it the model computes only each chunk's last position (``logits_to_keep=1``), so a long
     prompt never holds ``[batch_size, seq_len, vocab_size]`` logits.
+    ``position_ids`` ``[batch_size, seq_len]`` (each row's positions counted from its first real token, as
+    ``model.generate`` numbers a left-padded row): each chunk gets its columns; default, the model's own.
     Returns the last position's logits ``[batch_size, vocab_size]``, a tensor of their size alone.
     """
     seq_len = input_ids.shape[-1]
@@ -113,8 +116,10 @@ def prefill(
     last = None
     for start in range(0, seq_len, chunk_len):
         end = start + chunk_len
-        mask = {} if attention_mask is None else {"attention_mask": attention_mask[:, :end]}
-        logits = forward_with_cache(model, cache, input_ids[:, start:end], **mask, **keep).logits
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask[:, :end]}
+        if position_ids is not None:
+            extra["position_ids"] = position_ids[:, start:end]
+        logits = forward_with_cache(model, cache, input_ids[:, start:end], **extra, **keep).logits
         if on_logits is not None:
             on_logits(start, logits)
         last = logits[:, -1]

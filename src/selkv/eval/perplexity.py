@@ -13,6 +13,7 @@ to the ``full`` cache on the same tokens).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -77,21 +78,51 @@ def load_segments(tokenizer, data: str, max_tokens: int, segments: int) -> tuple
 @torch.inference_mode()
 def score(model, ids: list[int], spec: str, chunk: int) -> tuple[float, int, dict]:
     """(summed NLL over positions 1..n-1, predicted tokens, KV memory at the end) with a fresh ``spec`` cache."""
+    scored = score_tokens(model, ids, spec, chunk)
+    return scored.nll_sum, scored.tokens, scored.kv
+
+
+@dataclass
+class Scored:
+    """What :func:`score_tokens` measured: summed NLL (nats), predicted tokens, whether every one of them was the
+    argmax, and the KV memory at the end (:func:`~selkv.eval.kv_metrics.measure_cache`)."""
+
+    nll_sum: float
+    tokens: int
+    greedy: bool
+    kv: dict
+
+
+@torch.inference_mode()
+def score_tokens(model, ids: list[int], spec: str, chunk: int, first_target: int = 1, feed_last: bool = True) -> Scored:
+    """Score ``ids[first_target:]`` given the tokens before them, feeding all of ``ids`` in chunks of ``chunk``.
+
+    A fresh ``spec`` cache; chunks start at ``ids[0]``, so each chunk's predictions attend to the cache the
+    earlier chunks left behind (``chunk=0``: one pass, which never reads a compressed cache).
+    ``first_target=1`` scores every position, as perplexity does; a harness request scores only its
+    continuation (``first_target`` = the context's length). The last token predicts nothing: ``feed_last=False``
+    leaves it out of the cache (what a harness model feeds), which scores the same.
+    """
+    if not 1 <= first_target < len(ids):
+        raise ValueError(f"first_target must be in 1..{len(ids) - 1}, got {first_target}")
     device = model.device
-    input_ids = torch.tensor([ids], device=device)
-    targets = input_ids[0, 1:]
+    targets = torch.tensor(ids[1:], device=device)  # position p predicts targets[p]
+    input_ids = torch.tensor([ids if feed_last else ids[:-1]], device=device)
     cache = make_cache(spec, model.config)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    seq_len = input_ids.shape[-1]
+    mismatches = torch.zeros((), dtype=torch.long, device=device)
+    seq_len = len(ids)
 
     def add_nll(start: int, logits: torch.Tensor) -> None:  # logits: [1, chunk_len, vocab_size]
-        end = min(start + logits.shape[1], seq_len - 1)  # positions start..end-1 predict tokens start+1..end
-        if end > start:
-            nll = torch.nn.functional.cross_entropy(logits[0, : end - start].float(), targets[start:end], reduction="sum")
-            total.add_(nll.double())
+        first = max(start, first_target - 1)  # the first position whose prediction is scored
+        end = min(start + logits.shape[1], seq_len - 1)  # positions first..end-1 predict tokens first+1..end
+        if end > first:
+            scored = logits[0, first - start : end - start].float()
+            total.add_(torch.nn.functional.cross_entropy(scored, targets[first:end], reduction="sum").double())
+            mismatches.add_((scored.argmax(-1) != targets[first:end]).sum())
 
     prefill(model, input_ids, cache, chunk, on_logits=add_nll)
-    return float(total), seq_len - 1, measure_cache(cache)
+    return Scored(float(total), seq_len - first_target, int(mismatches) == 0, measure_cache(cache))
 
 
 def run(model, tokenizer, specs: list[str], writer, data: str, max_tokens: int, chunk: int, segments: int = 1) -> None:

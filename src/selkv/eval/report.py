@@ -138,6 +138,17 @@ def table_lines(payload: dict) -> list[str]:
         rows = [[f"`{c}`", _fmt(x.get("prefill_tok_s"), ".0f"), _fmt(x.get("decode_tok_s"), ".1f"),
                  _fmt(x.get("decode_speedup_vs_full"), ".2f"), compression_words(x.get("compression"))] for c, x in m]
         header = ["cache", "prefill tok/s", "decode tok/s", "decode vs full", COMPRESSION]
+    elif task == "harness":
+        tasks = list(s.get("tasks") or [])
+        metric = next((x.get("metric") for _, x in m if x.get("metric")), "") or "score"
+        chunk = s.get("chunk")
+        title = (f"lm-evaluation-harness tasks ({metric}), "
+                 f"{f'prefill chunk {chunk}' if chunk else 'one pass (never reads a compressed cache)'}, "
+                 f"at most {s.get('limit') or 'all'} examples per task")
+        rows = [[f"`{c}`", *[_fmt(x.get("by_task", {}).get(t), ".2f") for t in tasks], _fmt(x.get("mean"), ".3f"),
+                 _fmt(x.get("mean_vs_full"), "+.3f"), x.get("n", "–"), _mib(x.get("kv_bytes")),
+                 compression_words(x.get("compression"))] for c, x in m]
+        header = ["cache", *tasks, "mean", "vs full", "n", "KV MiB", COMPRESSION]
     else:
         title, header, rows = f"{task}", ["cache", "metrics"], [[c, json.dumps(x)[:200]] for c, x in m]
     return [f"### {title}", "", _settings_line(payload), "", *_table(header, rows), ""]
@@ -234,7 +245,25 @@ def plot_needle(payload: dict, path: Path) -> bool:
     return _save(fig, ax, path)
 
 
-PLOTS = {"memory": ("memory_vs_tokens", plot_memory), "perplexity": ("ppl_vs_bits", plot_perplexity),
+def plot_harness(payload: dict, path: Path) -> bool:
+    """Mean harness score against the KV bytes held, one point per cache: the trade-off a user picks from."""
+    rows = [(r["cache"], r["metrics"]) for r in payload["results"] if r.get("metrics")]
+    rows = [(c, m) for c, m in rows if m.get("mean") is not None and m.get("kv_bytes")]
+    if not rows:
+        return False
+    fig, ax = _figure()
+    for i, (cache, m) in enumerate(rows):
+        # A small vertical offset per cache keeps equal scores visible.
+        ax.plot([m["kv_bytes"] / MIB], [m["mean"] + 0.01 * (i - len(rows) / 2)], marker="o", linestyle="", label=cache)
+    tasks = ", ".join(payload.get("settings", {}).get("tasks", []))
+    ax.set_xlabel("KV cache MiB held (mean per request, at its end)")
+    ax.set_ylabel(f"mean {rows[0][1].get('metric') or 'score'}")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"Harness score vs KV memory ({tasks})")
+    return _save(fig, ax, path)
+
+
+PLOTS = {"harness": ("harness_score_vs_memory", plot_harness), "memory": ("memory_vs_tokens", plot_memory), "perplexity": ("ppl_vs_bits", plot_perplexity),
          "needle": ("needle_accuracy_vs_depth", plot_needle)}
 
 

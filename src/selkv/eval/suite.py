@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import memory, needle, perplexity, report, rouge, speed
+from . import harness, memory, needle, perplexity, report, rouge, speed
 from .data import data_root
 from .runner import run_task
 
-TASKS = {m.TASK: m for m in (perplexity, rouge, needle, memory, speed)}
+TASKS = {m.TASK: m for m in (perplexity, rouge, needle, memory, speed, harness)}
 
 # The default comparison set (used by `make demo`). `quant:bits=4,sink=0,window=0` quantizes every token:
 # with window 0 and block 32, 0-31 of the most recent tokens are still 16-bit (they leave in blocks of 32).
