@@ -471,7 +471,10 @@ def _run_ptx(ptx: str, word: int) -> list[int]:
 @pytest.mark.parametrize("nbits,shift", [(8, 0), (4, 0), (4, 4), (2, 0), (2, 2), (2, 4), (2, 6)])
 def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
     """The CUDA-only inline PTX: four packed bytes -> four float16 1024 + code of one bit plane."""
-    ptx = kernel_module()._plane_ptx(nbits, shift)
+    kernel_module()  # Triton imported the way this process runs the kernels
+    from selkv.kernels.triton_decode import _plane_ptx
+
+    ptx = _plane_ptx(nbits, shift)
     gen = random.Random(_seed())
     for _ in range(200):
         packed = [gen.randrange(256) for _ in range(4)]
