@@ -484,6 +484,93 @@ def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
         assert got == [1024.0 + ((b >> shift) & ((1 << nbits) - 1)) for b in packed], (nbits, shift, packed)
 
 
+def _trimmed(storage, num_stored: int):
+    """``storage`` with its middle cut to ``num_stored`` tokens of capacity (whole blocks): nothing allocated past it."""
+    blocks = num_stored // storage.block_length
+    key_rows = blocks if storage.axis_key == "channel" else num_stored
+    return dataclasses.replace(
+        storage, key_codes=storage.key_codes[:, :, :num_stored].contiguous(),
+        value_codes=storage.value_codes[:, :, :num_stored].contiguous(),
+        key_scale=storage.key_scale[:, :, :key_rows].contiguous(), key_zero=storage.key_zero[:, :, :key_rows].contiguous(),
+        value_scale=storage.value_scale[:, :, :num_stored].contiguous(),
+        value_zero=storage.value_zero[:, :, :num_stored].contiguous(),
+    )
+
+
+@pytest.mark.parametrize("nbits,value_nbits", [(4, 4), (2, 2), (4, 2)])
+@pytest.mark.parametrize("rotate", ["none", "hadamard-signs"])
+@pytest.mark.parametrize("device_lengths", [False, True])
+def test_tiles_of_two_key_blocks(nbits, value_nbits, rotate, device_lengths):
+    """Per-channel keys in blocks of half a tile (int2's 32-token blocks under 64-token tiles): two key scale
+    rows and two value-code blocks per tile. The middle holds an odd number of blocks and nothing past them,
+    so the last tile's second block lies past the allocation; row 1's padding ends inside the middle.
+    On CUDA the compiled kernel, elsewhere Triton's interpreter."""
+    module = kernel_module()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    block_length, num_stored = 16, 5 * 16
+    shape = dict(batch_size=2, num_kv_heads=2, head_dim=64, q_group_size=32, block_length=block_length, num_sink=4,
+                 num_stored=num_stored, num_recent=9, nbits=nbits, value_nbits=value_nbits, axis_key="channel",
+                 rotate=rotate)
+    storage = _trimmed(make_storage(gen, dtype=dtype, device=device, row_padding=[0, 27], **shape), num_stored)
+    query = torch.randn(2, 8, 1, 64, generator=gen).to(dtype).to(device)
+    ref64 = float64_reference(query, storage, 64**-0.5)
+    if device_lengths:
+        storage = with_device_lengths(storage, gen)
+    twin = reference.selective_decode_attention(query, storage)
+    config = module.DecodeConfig(block_n=2 * block_length, block_exact=16, num_splits=2)
+    assert module._key_rows(config.block_n, block_length) == 2
+    out = module.selective_decode_attention(query, storage, config=config)
+    where = f"seed={seed}"
+    assert torch.isfinite(out).all(), where
+    assert _relative_error(out, ref64) < REL_ERROR[dtype], f"kernel vs float64: {where}"
+    tol = TOLERANCES["kernel_bf16"]
+    torch.testing.assert_close(out.float().cpu(), twin.float().cpu(), **tol, msg=lambda m: f"{where}\n{m}")
+
+
+def test_rotation_in_the_kernel_only_for_sign_matrices():
+    """The kernel rotates the query itself for +-1/sqrt(D) matrices (the Hadamard rotations), given as
+    R^T * sqrt(D); any other orthogonal matrix is left to the launcher (float32 matmul). Cached per matrix."""
+    from selkv import quant
+
+    module = kernel_module()
+    for rotate in ("hadamard", "hadamard-signs"):
+        rotation = quant.rotation_matrix(rotate, 64)
+        signs = module._sign_rotation(rotation, torch.float16, torch.device("cpu"))
+        assert signs is not None and signs.dtype == torch.float16
+        torch.testing.assert_close(signs.double() / 8.0, rotation.T.double(), atol=1e-7, rtol=0)
+        assert module._sign_rotation(rotation, torch.float16, torch.device("cpu")) is signs
+    orthogonal, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(_seed())))
+    assert module._sign_rotation(orthogonal, torch.float16, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("rotate_in_kernel", [True, False])
+def test_rotated_query_in_the_kernel_or_the_launcher(rotate_in_kernel):
+    """Both ways of rotating the query give the references' output: a Hadamard rotation (rotated in the
+    kernel unless switched off) and a dense orthogonal one (always by the launcher). On CUDA the compiled
+    kernel, elsewhere Triton's interpreter."""
+    module = kernel_module()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    shape = dict(batch_size=2, num_kv_heads=2, head_dim=64, q_group_size=32, block_length=32, num_sink=4,
+                 num_stored=96, num_recent=9, nbits=4, axis_key="channel", rotate="hadamard-signs")
+    storage = make_storage(gen, dtype=dtype, device=device, **shape)
+    dense, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen, dtype=torch.float64))
+    config = module.DecodeConfig(block_exact=16, num_splits=2, rotate_in_kernel=rotate_in_kernel)
+    query = torch.randn(2, 8, 1, 64, generator=gen).to(dtype).to(device)
+    for rotation in (storage.key_rotation, dense.float()):
+        # the codes were quantized under another rotation for the dense matrix: the references read them
+        # with the same matrix as the kernel, so they must still agree
+        case = dataclasses.replace(storage, key_rotation=rotation)
+        out = module.selective_decode_attention(query, case, config=config)
+        ref64 = float64_reference(query, case, 64**-0.5)
+        assert _relative_error(out, ref64) < REL_ERROR[dtype], f"seed={seed}"
+
+
 @pytest.mark.parametrize("nbits,num_sink,num_stored,num_recent,padding,launch", [
     (8, 4, 48, 21, [0, 30, 60], (16, 3)),  # row 1: padding ends in the middle; row 2: in the window
     (4, 2, 64, 9, [66, 5, 17], (16, 4)),  # row 0: every middle tile is padding (an empty partial)

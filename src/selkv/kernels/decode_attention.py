@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,7 +40,8 @@ class DecodeConfig:
 
     One warp per program was fastest for kernel v4 (docs/kernel_notes.md, H200). ``block_n=0`` (middle tokens per
     tile) chooses by layout: 64 when keys are grouped per channel over blocks that are a multiple
-    of 64 tokens (one key scale row per tile; kernel v5), else 32.
+    of 64 tokens (one key scale row per tile; kernel v5) or of exactly 32 tokens (two rows per tile),
+    else 32.
     """
 
     block_n: int = 0
@@ -55,6 +57,9 @@ class DecodeConfig:
     # scale folded into p: up to 9 % faster for int4 per-token keys, imprecise on small values); see
     # _value_chunk_update and docs/kernel_notes.md (2026-12-02)
     value_dot: str = "dequant"
+    # rotated keys with a +-1 rotation (the Hadamard ones): rotate the query in the kernel's prologue
+    # instead of a float32 matmul before the launch
+    rotate_in_kernel: bool = True
 
     def __post_init__(self):
         if self.value_dot not in VALUE_DOTS:
@@ -68,7 +73,7 @@ def _resolve(config: DecodeConfig, axis_key: str, block_length: int) -> DecodeCo
     """``config`` with ``block_n`` chosen when it is 0 (see DecodeConfig); cached: it runs every decode call."""
     if config.block_n:
         return config
-    block_n = 64 if axis_key == "channel" and block_length % 64 == 0 else 32
+    block_n = 64 if axis_key == "channel" and (block_length % 64 == 0 or block_length == 32) else 32
     return replace(config, block_n=block_n)
 
 
@@ -91,8 +96,32 @@ def _pow2(n: int) -> bool:
 
 
 def _key_rows(block_n: int, block_length: int) -> int:
-    """1 when every middle tile lies inside one per-channel key group (one scale row), else 0."""
-    return 1 if block_length % block_n == 0 else 0
+    """Per-channel key groups (scale rows) per middle tile: 1 when every tile lies inside one group, 2 when
+    it is two whole groups, else 0 (a scale row gathered per token)."""
+    if block_length % block_n == 0:
+        return 1
+    return 2 if block_n == 2 * block_length else 0
+
+
+# id(key_rotation) -> (a weak reference to it, {(dtype, device): its +-1 operand, or None})
+_SIGN_ROTATIONS: dict[int, tuple] = {}
+
+
+def _sign_rotation(rotation: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """``rotation^T * sqrt(D)`` in ``dtype`` on ``device`` when every entry of ``rotation`` is +-1/sqrt(D)
+    (``quant``'s Hadamard rotations), else ``None``. Cached per matrix: a step after the first builds nothing
+    (and, in a captured step, launches nothing)."""
+    hit = _SIGN_ROTATIONS.get(id(rotation))
+    if hit is None or hit[0]() is not rotation:
+        hit = (weakref.ref(rotation), {})
+        _SIGN_ROTATIONS[id(rotation)] = hit
+    key = (dtype, device)
+    if key not in hit[1]:
+        scaled = rotation.detach().double().cpu() * math.sqrt(rotation.shape[0])
+        signs = scaled.round()
+        exact = bool(((signs.abs() == 1) & ((scaled - signs).abs() < 1e-4)).all())
+        hit[1][key] = signs.T.contiguous().to(device=device, dtype=dtype) if exact else None
+    return hit[1][key]
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,12 +240,16 @@ def selective_decode_attention(
         return t if t.stride(-1) == 1 else t.contiguous()
 
     query_states = last_contiguous(query_states)
-    # Rotated middle keys are read with the rotated query, (q R) . (k R) = q . k: one small matmul per step
-    # outside the kernel, kept in float32 (the kernel rounds it to its dot dtype as it does the query).
-    middle_query = query_states
+    # Rotated middle keys are read with the rotated query, (q R) . (k R) = q . k. A +-1 rotation (Hadamard)
+    # is applied in the middle programs' prologue; any other one by a float32 matmul here (the kernel
+    # rounds it to its dot dtype as it does the query).
+    middle_query, rotation = query_states, None
     if s.key_rotation is not None and num_stored:
-        query_states = query_states.contiguous()
-        middle_query = torch.matmul(query_states.float(), s.key_rotation.to(device=device, dtype=torch.float32))
+        if config.rotate_in_kernel:
+            rotation = _sign_rotation(s.key_rotation, query_states.dtype, device)
+        if rotation is None:
+            query_states = query_states.contiguous()
+            middle_query = torch.matmul(query_states.float(), s.key_rotation.to(device=device, dtype=torch.float32))
     sink_keys, sink_values = last_contiguous(sink_keys), last_contiguous(sink_values)
     recent_keys, recent_values = last_contiguous(recent_keys), last_contiguous(recent_values)
     if sink_keys.stride() != sink_values.stride():
@@ -276,10 +309,12 @@ def selective_decode_attention(
 
     _selective_decode_partial_kernel[(num_partials, batch_size * num_kv_heads)](
         query_states, middle_query, sink_keys, sink_values, recent_keys, recent_values,
+        key_codes if rotation is None else rotation,  # the rotation operand (unused unless ROTATE)
         key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
         row_padding, lengths, partial_out, partial_lse,
         num_sink, num_stored, num_recent, tokens_per_split, num_kv_heads, num_partials, recent_keys.shape[2],
-        scaling * _LOG2E,
+        max(value_codes.shape[2] // block_length - 1, 0),  # the middle's last block (key scale row, value block)
+        scaling * _LOG2E, head_dim**-0.5,
         query_states.stride(0), query_states.stride(1),
         sink_keys.stride(0), sink_keys.stride(1), sink_keys.stride(2),
         recent_keys.stride(0), recent_keys.stride(1), recent_keys.stride(2),
@@ -309,6 +344,7 @@ def selective_decode_attention(
         CODES_ASM=device.type == "cuda" and torch.version.hip is None,  # inline PTX: NVIDIA only
         SCALE_PREFETCH=config.scale_prefetch,
         VALUE_DOT=VALUE_DOTS.index(config.value_dot),
+        ROTATE=rotation is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -45,14 +45,17 @@ def _exact_tile(q, Keys, Values, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRE
 # Lengths that change from one decode step to the next are not specialized on (Triton specializes an
 # int argument on == 1 and on divisibility by 16: a decode loop would compile a new kernel whenever
 # num_recent crossed such a value, seconds each, in the middle of generation).
-_VARYING_LENGTHS = ["num_sink", "num_stored", "num_recent", "tokens_per_split", "num_partials", "recent_capacity"]
+_VARYING_LENGTHS = ["num_sink", "num_stored", "num_recent", "tokens_per_split", "num_partials", "recent_capacity",
+                    "last_block"]
 
 
 @triton.jit(do_not_specialize=_VARYING_LENGTHS)
 def _selective_decode_partial_kernel(
     # pointers: query [B, Hq, 1, D]; the query the middle's keys are read with ([B, Hq, 1, D], same strides:
-    # the query itself, or query @ key_rotation for rotated keys); 16-bit sink/window [B, H, cap, D]
+    # the query itself (also when ROTATE), or query @ key_rotation from the launcher); 16-bit sink/window [B, H, cap, D]
     Q, QMiddle, SinkK, SinkV, RecentK, RecentV,
+    # [D, D] key_rotation^T * sqrt(D) in the query's dtype, every entry +-1 (unused unless ROTATE)
+    Rotation,
     # middle: codes [B, H, C, P] uint8 (P by each one's bit width); scales/zeros float16 (layouts in the launcher's docstring)
     KCodes, KScale, KZero, VCodes, VScale, VZero,
     # [B] int32 left padding of each row (unused unless HAS_PADDING)
@@ -64,7 +67,9 @@ def _selective_decode_partial_kernel(
     # sizes
     num_sink, num_stored, num_recent, tokens_per_split, num_kv_heads, num_partials,
     recent_capacity,  # window slots (the ring's size with DEVICE_LENGTHS)
+    last_block,  # the middle's last allocated block (key scale row, value-code block) of block_length tokens
     scale_log2,  # softmax scale * log2(e)
+    rotation_scale,  # 1 / sqrt(D): Rotation * rotation_scale is key_rotation^T
     # strides (elements); the last dimension of every tensor is contiguous
     stride_qb, stride_qh,
     stride_sb, stride_sh, stride_sn,
@@ -82,7 +87,7 @@ def _selective_decode_partial_kernel(
     Q_GROUP: tl.constexpr,  # channels per scale group (per-token groups)
     KEY_PER_CHANNEL: tl.constexpr,  # keys grouped per channel over BLOCK_LENGTH tokens (KIVI)
     BLOCK_LENGTH: tl.constexpr,  # the cache's block: tokens per key group (KEY_PER_CHANNEL), per value-code block
-    KEY_ROWS: tl.constexpr,  # 1: each middle tile lies inside one key group; 0: gather a scale row per token
+    KEY_ROWS: tl.constexpr,  # key groups per middle tile (1 or 2: one scale row each); 0: a scale row per token
     HAS_PADDING: tl.constexpr,
     DEVICE_LENGTHS: tl.constexpr,  # lengths from Lengths; the int lengths are capacities; the window is a ring
     MIN_SPLIT_TILES: tl.constexpr,  # with DEVICE_LENGTHS: tiles per middle program at least
@@ -95,6 +100,7 @@ def _selective_decode_partial_kernel(
     CODES_ASM: tl.constexpr,  # convert codes with inline PTX (CUDA only)
     SCALE_PREFETCH: tl.constexpr,  # load the next tile's per-token scales/zeros one tile ahead
     VALUE_DOT: tl.constexpr,  # operands of the middle's value dot (see _value_chunk_update)
+    ROTATE: tl.constexpr,  # rotate the query in the middle programs' prologue (Rotation), not QMiddle
 ):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -152,13 +158,14 @@ def _selective_decode_partial_kernel(
         if HAS_PADDING:  # padding beyond the sink (a cache that was not given sink room for it)
             first_stored = tl.load(RowPadding + b) - num_sink
         _middle_chunk(
-            QMiddle, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
-            b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
+            QMiddle, Rotation, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
+            b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, last_block,
+            scale_log2, rotation_scale,
             stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_vcb, stride_vch,
             stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
             GROUP, HEADS_N, HEAD_DIM, KEY_NBITS, VALUE_NBITS, Q_GROUP, CHUNK, KEY_CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS,
             BLOCK_N,
-            DOT_PRECISION, CODES_ASM, SCALE_PREFETCH, VALUE_DOT,
+            DOT_PRECISION, CODES_ASM, SCALE_PREFETCH, VALUE_DOT, ROTATE,
         )
 
 
@@ -254,7 +261,35 @@ def _load_query_chunk(q_ptrs, head_ok, C: tl.constexpr, CHUNK: tl.constexpr, DOT
 
 
 @triton.jit
-def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, ks_tile, kz_tile,
+def _rotated_query_chunk(qT_full, Rotation, rotation_scale, C: tl.constexpr, CHUNK: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Chunk C of the rotated query, transposed, [CHUNK, HEADS_N], and its float32 column sums.
+
+    (q R)^T = R^T q^T; R^T * sqrt(D) is +-1 (Hadamard rotations), exact in 16 bits, so the dot of the
+    16-bit query with it is exact up to float32 accumulation: as precise as a float32 matmul.
+    """
+    offs_w = C * CHUNK + tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    signs = tl.load(Rotation + offs_w[:, None] * HEAD_DIM + offs_d[None, :])  # [CHUNK, HEAD_DIM]
+    qT = (tl.dot(signs, qT_full, input_precision=DOT_PRECISION) * rotation_scale).to(DOT_DTYPE)
+    return qT, tl.sum(qT.to(tl.float32), 0)
+
+
+@triton.jit
+def _folded_scores(codes, qT, KScale, KZero, row, OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """[BLOCK_N, HEADS_N] scores of codes in one per-channel key group, its scale row folded into the query:
+    q . (s * code + z) = (q * s) . (OFFSET + code) - OFFSET sum(q * s) + q . z."""
+    ks = tl.load(KScale + row).to(tl.float32)
+    kz = tl.load(KZero + row).to(tl.float32)
+    q_scaled = (qT.to(tl.float32) * ks[:, None]).to(DOT_DTYPE)
+    s = tl.dot(codes, q_scaled, input_precision=DOT_PRECISION)
+    return s + (tl.sum(qT.to(tl.float32) * kz[:, None], 0) - OFFSET * tl.sum(q_scaled.to(tl.float32), 0))[None, :]
+
+
+@triton.jit
+def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, last_block,
+                      ks_tile, kz_tile,
                       qT, q_sum,
                       C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
                       Q_GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, BLOCK_LENGTH: tl.constexpr,
@@ -267,11 +302,17 @@ def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale
     if KEY_PER_CHANNEL:
         if KEY_ROWS == 1:  # the tile lies inside one key group: one scale row, folded into the query
             row = kscale_base + (start // BLOCK_LENGTH) * stride_ksn + offs_w
-            ks = tl.load(KScale + row).to(tl.float32)
-            kz = tl.load(KZero + row).to(tl.float32)
-            q_scaled = (qT.to(tl.float32) * ks[:, None]).to(DOT_DTYPE)
-            s = tl.dot(codes, q_scaled, input_precision=DOT_PRECISION)
-            return s + (tl.sum(qT.to(tl.float32) * kz[:, None], 0) - OFFSET * tl.sum(q_scaled.to(tl.float32), 0))[None, :]
+            return _folded_scores(codes, qT, KScale, KZero, row, OFFSET, DOT_DTYPE, DOT_PRECISION)
+        elif KEY_ROWS == 2:  # two key groups: both rows folded, each kept for its half of the tile (the codes
+            # are converted once; only the small dots are doubled). A second row past the allocation is
+            # read as the first: its tokens are past num_stored, masked.
+            first = start // BLOCK_LENGTH
+            row0 = kscale_base + first * stride_ksn + offs_w
+            row1 = kscale_base + tl.minimum(first + 1, last_block) * stride_ksn + offs_w
+            s0 = _folded_scores(codes, qT, KScale, KZero, row0, OFFSET, DOT_DTYPE, DOT_PRECISION)
+            s1 = _folded_scores(codes, qT, KScale, KZero, row1, OFFSET, DOT_DTYPE, DOT_PRECISION)
+            first_half = tl.arange(0, codes.shape[0]) < BLOCK_LENGTH
+            return tl.where(first_half[:, None], s0, s1)
         else:  # tiles and key groups do not nest: dequantize with one scale row per token
             rows = kscale_base + (pos // BLOCK_LENGTH)[:, None] * stride_ksn + offs_w[None, :]
             ks = tl.load(KScale + rows, mask=valid[:, None], other=0.0).to(tl.float32)
@@ -286,7 +327,7 @@ def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale
 
 
 @triton.jit
-def _load_value_codes(VCodes, code_base, start, pos, valid, C: tl.constexpr, CHUNK: tl.constexpr,
+def _load_value_codes(VCodes, code_base, start, pos, valid, last_block, C: tl.constexpr, CHUNK: tl.constexpr,
                       HEAD_DIM: tl.constexpr, NBITS: tl.constexpr, VALUE_BLOCK: tl.constexpr,
                       BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
     """[CHUNK, BLOCK_N] value codes (channels x tokens) of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code.
@@ -305,6 +346,15 @@ def _load_value_codes(VCodes, code_base, start, pos, valid, C: tl.constexpr, CHU
         tile = code_base + (start // VALUE_BLOCK) * (VALUE_BLOCK * PACKED) + in_block
         offs_t = tl.arange(0, BLOCK_N)
         bytes_ = tl.load(VCodes + tile + offs_c[:, None] * VALUE_BLOCK + offs_t[None, :])
+    elif BLOCK_N == 2 * VALUE_BLOCK:
+        # two whole blocks, each a contiguous run of VALUE_BLOCK tokens per byte column (no mask: wide
+        # loads). A second block past the allocation is read as the first (its tokens meet p = 0).
+        first = start // VALUE_BLOCK
+        step = (tl.minimum(first + 1, last_block) - first) * (VALUE_BLOCK * PACKED)
+        offs_t = tl.arange(0, BLOCK_N)
+        tile = code_base + first * (VALUE_BLOCK * PACKED)
+        bytes_ = tl.load(VCodes + tile + (offs_t // VALUE_BLOCK)[None, :] * step + offs_c[:, None] * VALUE_BLOCK
+                         + (offs_t % VALUE_BLOCK)[None, :])
     else:  # tiles span blocks: one address per byte
         token = (pos // VALUE_BLOCK) * (VALUE_BLOCK * PACKED) + pos % VALUE_BLOCK
         bytes_ = tl.load(VCodes + code_base + offs_c[:, None] * VALUE_BLOCK + token[None, :], mask=valid[None, :],
@@ -313,7 +363,7 @@ def _load_value_codes(VCodes, code_base, start, pos, valid, C: tl.constexpr, CHU
 
 
 @triton.jit
-def _value_chunk_update(acc, VCodes, code_base, start, pos, valid, vs_tile, vz_tile, p, alpha,
+def _value_chunk_update(acc, VCodes, code_base, start, pos, valid, last_block, vs_tile, vz_tile, p, alpha,
                         C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
                         Q_GROUP: tl.constexpr, VALUE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ASM: tl.constexpr,
@@ -328,7 +378,7 @@ def _value_chunk_update(acc, VCodes, code_base, start, pos, valid, vs_tile, vz_t
       precision: relative L2 4.8e-2 at value RMS 0.005 (docs/kernel_notes.md, 2026-12-02).
     """
     OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0
-    codes = _load_value_codes(VCodes, code_base, start, pos, valid, C, CHUNK, HEAD_DIM, NBITS, VALUE_BLOCK, BLOCK_N,
+    codes = _load_value_codes(VCodes, code_base, start, pos, valid, last_block, C, CHUNK, HEAD_DIM, NBITS, VALUE_BLOCK, BLOCK_N,
                               DOT_DTYPE, ASM)
     vs = _column(vs_tile, (C * CHUNK) // Q_GROUP)
     vz = _column(vz_tile, (C * CHUNK) // Q_GROUP)
@@ -377,8 +427,9 @@ def _store_chunk(PartialOut, acc, rows, head_ok, l_safe, C: tl.constexpr, CHUNK:
 
 @triton.jit
 def _middle_chunk(
-    Q, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
-    b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, scale_log2,
+    Q, Rotation, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
+    b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, last_block,
+    scale_log2, rotation_scale,
     stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_vcb, stride_vch,
     stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     GROUP: tl.constexpr, HEADS_N: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_NBITS: tl.constexpr,
@@ -386,7 +437,7 @@ def _middle_chunk(
     Q_GROUP: tl.constexpr, CHUNK: tl.constexpr, KEY_CHUNK: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr,
     BLOCK_LENGTH: tl.constexpr,
     KEY_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CODES_ASM: tl.constexpr,
-    SCALE_PREFETCH: tl.constexpr, VALUE_DOT: tl.constexpr,
+    SCALE_PREFETCH: tl.constexpr, VALUE_DOT: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """One program: tokens [split * tokens_per_split, ...) of the middle of row b, KV head h.
 
@@ -400,11 +451,21 @@ def _middle_chunk(
     offs_w = tl.arange(0, KEY_CHUNK)
     offs_n = tl.arange(0, BLOCK_N)
     head_ok = offs_hn < GROUP
-    q_ptrs = Q + b * stride_qb + (h * GROUP + offs_hn)[None, :] * stride_qh + offs_w[:, None]  # [KEY_CHUNK, HEADS_N]
-    qT0, q_sum0 = _load_query_chunk(q_ptrs, head_ok, 0, KEY_CHUNK, DOT_DTYPE)
-    qT1, q_sum1 = _load_query_chunk(q_ptrs, head_ok, 1 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
-    qT2, q_sum2 = _load_query_chunk(q_ptrs, head_ok, 2 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
-    qT3, q_sum3 = _load_query_chunk(q_ptrs, head_ok, 3 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
+    if ROTATE:  # Q is the query itself: rotate it here, once per program (no launch outside the kernel)
+        offs_d = tl.arange(0, HEAD_DIM)
+        qT_full = tl.load(Q + b * stride_qb + (h * GROUP + offs_hn)[None, :] * stride_qh + offs_d[:, None],
+                          mask=head_ok[None, :], other=0.0)  # [HEAD_DIM, HEADS_N]
+        rot_args = (qT_full, Rotation, rotation_scale)
+        qT0, q_sum0 = _rotated_query_chunk(*rot_args, 0, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
+        qT1, q_sum1 = _rotated_query_chunk(*rot_args, 1 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
+        qT2, q_sum2 = _rotated_query_chunk(*rot_args, 2 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
+        qT3, q_sum3 = _rotated_query_chunk(*rot_args, 3 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
+    else:
+        q_ptrs = Q + b * stride_qb + (h * GROUP + offs_hn)[None, :] * stride_qh + offs_w[:, None]  # [KEY_CHUNK, HEADS_N]
+        qT0, q_sum0 = _load_query_chunk(q_ptrs, head_ok, 0, KEY_CHUNK, DOT_DTYPE)
+        qT1, q_sum1 = _load_query_chunk(q_ptrs, head_ok, 1 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
+        qT2, q_sum2 = _load_query_chunk(q_ptrs, head_ok, 2 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
+        qT3, q_sum3 = _load_query_chunk(q_ptrs, head_ok, 3 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
     m_i = tl.full([HEADS_N], float("-inf"), tl.float32)
     l_i = tl.zeros([HEADS_N], tl.float32)
     acc0 = tl.zeros([CHUNK, HEADS_N], tl.float32)
@@ -434,7 +495,8 @@ def _middle_chunk(
         else:
             ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(*scale_args, pos, valid, *scale_bases,
                                                               NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
-        key_args = (KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, ks_tile, kz_tile)
+        key_args = (KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, last_block,
+                    ks_tile, kz_tile)
         s = _key_chunk_scores(*key_args, qT0, q_sum0, 0, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
                               BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
         if NUM_KEY_CHUNKS > 1:
@@ -451,7 +513,7 @@ def _middle_chunk(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
-        value_args = (VCodes, value_code_base, start, pos, valid, vs_tile, vz_tile, p, alpha)
+        value_args = (VCodes, value_code_base, start, pos, valid, last_block, vs_tile, vz_tile, p, alpha)
         acc0 = _value_chunk_update(acc0, *value_args, 0, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
                                         BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
         if NUM_CHUNKS > 1:
