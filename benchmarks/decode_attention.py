@@ -87,6 +87,7 @@ def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: i
         num_recent=num_recent,
         key_nbits=nbits, value_nbits=nbits, q_group_size=group, axis_key=axis_key, block_length=block,
         row_padding=None, lengths=lengths, key_rotation=quant.rotation_matrix(rotate, D, device),
+        key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
     )
 
 

@@ -94,7 +94,7 @@ def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: in
         sink_keys=sink_keys, sink_values=sink_values, num_sink=SINK, **parts, num_stored=num_stored,
         recent_keys=recent_keys, recent_values=recent_values, num_recent=num_recent,
         key_nbits=nbits, value_nbits=nbits, q_group_size=q_group_size, axis_key=axis_key, block_length=block_length,
-        row_padding=None, key_rotation=rotation,
+        row_padding=None, key_rotation=rotation, key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
     )
     return storage, (keys, values)
 

@@ -530,27 +530,52 @@ def test_tiles_of_two_key_blocks(nbits, value_nbits, rotate, device_lengths):
     torch.testing.assert_close(out.float().cpu(), twin.float().cpu(), **tol, msg=lambda m: f"{where}\n{m}")
 
 
-def test_rotation_in_the_kernel_only_for_sign_matrices():
-    """The kernel rotates the query itself for +-1/sqrt(D) matrices (the Hadamard rotations), given as
-    R^T * sqrt(D); any other orthogonal matrix is left to the launcher (float32 matmul). Cached per matrix."""
+def test_rotation_signs_are_the_transposed_rotation_times_sqrt_dim():
+    """The operand with which the kernel rotates the query: R^T * sqrt(D), every entry +-1, shared."""
     from selkv import quant
 
-    module = kernel_module()
     for rotate in ("hadamard", "hadamard-signs"):
         rotation = quant.rotation_matrix(rotate, 64)
-        signs = module._sign_rotation(rotation, torch.float16, torch.device("cpu"))
-        assert signs is not None and signs.dtype == torch.float16
+        signs = quant.rotation_signs(rotate, 64, torch.bfloat16)
+        assert signs.dtype == torch.bfloat16 and bool((signs.abs() == 1).all())
         torch.testing.assert_close(signs.double() / 8.0, rotation.T.double(), atol=1e-7, rtol=0)
-        assert module._sign_rotation(rotation, torch.float16, torch.device("cpu")) is signs
-    orthogonal, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(_seed())))
-    assert module._sign_rotation(orthogonal, torch.float16, torch.device("cpu")) is None
+        assert quant.rotation_signs(rotate, 64, torch.bfloat16) is signs
+    assert quant.rotation_signs("none", 64, torch.bfloat16) is None
+
+
+def test_a_static_cache_hands_the_kernel_its_rotation_signs(monkeypatch):
+    """A static cache's storage carries the +-1 rotation built when the layer was initialized (shared by
+    all layers), so a captured step builds nothing for it and launches no matmul."""
+    from selkv import make_cache
+
+    module = kernel_module()
+    config = tiny_llama_config()
+    cache = make_cache("quant:bits=4,sink=4,window=16,block=8", config, max_cache_len=96)
+    cache.enable_fused_decode()
+    gen = torch.Generator().manual_seed(_seed())
+    shape = (2, config.num_key_value_heads, 40, config.head_dim)
+    for layer_idx in range(len(cache.layers)):
+        cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), layer_idx)
+    storages = [layer.decode_storage() for layer in cache.layers]
+    assert storages[0].key_rotation_signs is not None and storages[0].lengths is not None
+    assert all(s.key_rotation_signs is storages[0].key_rotation_signs for s in storages)
+
+    def no_matmul(*args, **kwargs):
+        raise AssertionError("the launcher rotated the query outside the kernel")
+
+    monkeypatch.setattr(module.torch, "matmul", no_matmul)
+    query = torch.randn(2, config.num_attention_heads, 1, config.head_dim, generator=gen)
+    out = module.selective_decode_attention(query, storages[0])
+    monkeypatch.undo()
+    want = reference.selective_decode_attention(query, storages[0])
+    torch.testing.assert_close(out, want, **TOLERANCES["kernel_fp32"])
 
 
 @pytest.mark.parametrize("rotate_in_kernel", [True, False])
 def test_rotated_query_in_the_kernel_or_the_launcher(rotate_in_kernel):
     """Both ways of rotating the query give the references' output: a Hadamard rotation (rotated in the
-    kernel unless switched off) and a dense orthogonal one (always by the launcher). On CUDA the compiled
-    kernel, elsewhere Triton's interpreter."""
+    kernel from its +-1 form unless switched off) and a dense orthogonal one (no +-1 form: the launcher's
+    float32 matmul). On CUDA the compiled kernel, elsewhere Triton's interpreter."""
     module = kernel_module()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
@@ -562,10 +587,11 @@ def test_rotated_query_in_the_kernel_or_the_launcher(rotate_in_kernel):
     dense, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen, dtype=torch.float64))
     config = module.DecodeConfig(block_exact=16, num_splits=2, rotate_in_kernel=rotate_in_kernel)
     query = torch.randn(2, 8, 1, 64, generator=gen).to(dtype).to(device)
-    for rotation in (storage.key_rotation, dense.float()):
+    assert storage.key_rotation_signs is not None
+    for rotation, signs in ((storage.key_rotation, storage.key_rotation_signs), (dense.float(), None)):
         # the codes were quantized under another rotation for the dense matrix: the references read them
         # with the same matrix as the kernel, so they must still agree
-        case = dataclasses.replace(storage, key_rotation=rotation)
+        case = dataclasses.replace(storage, key_rotation=rotation, key_rotation_signs=signs)
         out = module.selective_decode_attention(query, case, config=config)
         ref64 = float64_reference(query, case, 64**-0.5)
         assert _relative_error(out, ref64) < REL_ERROR[dtype], f"seed={seed}"

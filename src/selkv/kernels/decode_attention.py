@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -102,26 +101,6 @@ def _key_rows(block_n: int, block_length: int) -> int:
         return 1
     return 2 if block_n == 2 * block_length else 0
 
-
-# id(key_rotation) -> (a weak reference to it, {(dtype, device): its +-1 operand, or None})
-_SIGN_ROTATIONS: dict[int, tuple] = {}
-
-
-def _sign_rotation(rotation: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """``rotation^T * sqrt(D)`` in ``dtype`` on ``device`` when every entry of ``rotation`` is +-1/sqrt(D)
-    (``quant``'s Hadamard rotations), else ``None``. Cached per matrix: a step after the first builds nothing
-    (and, in a captured step, launches nothing)."""
-    hit = _SIGN_ROTATIONS.get(id(rotation))
-    if hit is None or hit[0]() is not rotation:
-        hit = (weakref.ref(rotation), {})
-        _SIGN_ROTATIONS[id(rotation)] = hit
-    key = (dtype, device)
-    if key not in hit[1]:
-        scaled = rotation.detach().double().cpu() * math.sqrt(rotation.shape[0])
-        signs = scaled.round()
-        exact = bool(((signs.abs() == 1) & ((scaled - signs).abs() < 1e-4)).all())
-        hit[1][key] = signs.T.contiguous().to(device=device, dtype=dtype) if exact else None
-    return hit[1][key]
 
 
 @functools.lru_cache(maxsize=None)
@@ -240,14 +219,18 @@ def selective_decode_attention(
         return t if t.stride(-1) == 1 else t.contiguous()
 
     query_states = last_contiguous(query_states)
-    # Rotated middle keys are read with the rotated query, (q R) . (k R) = q . k. A +-1 rotation (Hadamard)
-    # is applied in the middle programs' prologue; any other one by a float32 matmul here (the kernel
-    # rounds it to its dot dtype as it does the query).
+    # Rotated middle keys are read with the rotated query, (q R) . (k R) = q . k. With its +-1 form
+    # (key_rotation_signs) the middle programs rotate the query in their prologue; otherwise a float32
+    # matmul here does (the kernel rounds it to its dot dtype as it does the query).
     middle_query, rotation = query_states, None
     if s.key_rotation is not None and num_stored:
-        if config.rotate_in_kernel:
-            rotation = _sign_rotation(s.key_rotation, query_states.dtype, device)
-        if rotation is None:
+        signs = s.key_rotation_signs
+        if config.rotate_in_kernel and signs is not None:
+            if tuple(signs.shape) != (head_dim, head_dim) or signs.dtype != query_states.dtype:
+                raise ValueError(f"key_rotation_signs is {signs.dtype} {tuple(signs.shape)}; expected "
+                                 f"{query_states.dtype} [{head_dim}, {head_dim}]")
+            rotation = signs
+        else:
             query_states = query_states.contiguous()
             middle_query = torch.matmul(query_states.float(), s.key_rotation.to(device=device, dtype=torch.float32))
     sink_keys, sink_values = last_contiguous(sink_keys), last_contiguous(sink_values)

@@ -32,6 +32,7 @@ def _selective_decode_attention_op(
     lengths: torch.Tensor,
     row_padding: torch.Tensor | None,
     key_rotation: torch.Tensor | None,
+    key_rotation_signs: torch.Tensor | None,
     num_sink: int,
     num_stored: int,
     num_recent: int,
@@ -48,6 +49,7 @@ def _selective_decode_attention_op(
         recent_values=recent_values, num_sink=num_sink, num_stored=num_stored, num_recent=num_recent,
         key_nbits=key_nbits, value_nbits=value_nbits, q_group_size=q_group_size, axis_key=axis_key,
         block_length=block_length, row_padding=row_padding, lengths=lengths, key_rotation=key_rotation,
+        key_rotation_signs=key_rotation_signs,
     )
     return selective_decode_attention(query_states, storage, scaling=scaling)
 
@@ -70,6 +72,7 @@ def decode_attention(query_states: torch.Tensor, storage: DecodeStorage, scaling
     return _selective_decode_attention_op(
         query_states, s.sink_keys, s.sink_values, s.key_codes, s.key_scale, s.key_zero, s.value_codes,
         s.value_scale, s.value_zero, s.recent_keys, s.recent_values, s.lengths, s.row_padding, s.key_rotation,
+        s.key_rotation_signs,
         s.num_sink, s.num_stored, s.num_recent, s.key_nbits, s.value_nbits, s.q_group_size, s.axis_key, s.block_length,
         head_dim**-0.5 if scaling is None else float(scaling),
     )
