@@ -56,7 +56,11 @@ SINK, WINDOW = 4, 128
 
 
 def load_kernels(path: str | None):
-    """selkv's decode_attention module, or the one in ``path`` (loaded inside selkv.kernels)."""
+    """selkv's decode_attention module, or the one in ``path`` (loaded inside selkv.kernels).
+
+    A file from before the kernels moved to ``triton_decode.py`` (``git show REV:src/selkv/kernels/decode_attention.py``
+    at 5dc1fe8 or earlier) holds its own kernels; a later ``decode_attention.py`` launches selkv's current ones.
+    """
     if path is None:
         from selkv.kernels import decode_attention_module
 
