@@ -12,6 +12,7 @@ of the same run (bytes read + written) is the bandwidth ceiling.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -86,16 +87,41 @@ def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: i
         num_recent=num_recent,
         key_nbits=nbits, value_nbits=nbits, q_group_size=group, axis_key=axis_key, block_length=block,
         row_padding=None, lengths=lengths, key_rotation=quant.rotation_matrix(rotate, D, device),
+        key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
     )
 
 
-def layout_errors(name: str, device: str = "cuda", shape: dict | None = None) -> dict[str, float]:
+def parse_method(name: str, config=None, baseline=None):
+    """(FUSED key, DecodeConfig or None, kernel module) of a row name.
+
+    ``"fused int2 rot {block_n=32}"``: launch parameters of this row over ``config``; ``"... (before)"``:
+    the row runs the ``--baseline`` kernel module (with its default launch parameters).
+    """
+    module = kernels
+    if name.endswith(" (before)"):
+        name, module, config = name.removesuffix(" (before)"), baseline, None
+    if name.endswith("}"):
+        name, _, fields = name[:-1].partition(" {")
+        base = config or kernels.DecodeConfig()
+        config = dataclasses.replace(base, **{k: _parse_field(k, v) for k, v in
+                                              (item.split("=") for item in fields.split(",") if item)})
+    key = name.replace("dequant+SDPA ", "fused ").removesuffix(" dev")
+    return key, config, module
+
+
+def _parse_field(name: str, text: str):
+    default = getattr(kernels.DecodeConfig, name)
+    return text.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(text)
+
+
+def layout_errors(name: str, device: str = "cuda", shape: dict | None = None, baseline=None) -> dict[str, float]:
     """The fused kernel's attention error for layout ``name`` against float64 attention over the keys and
     values *before* quantization (the layout's whole cost), on ``benchmarks/kernel_precision.py``'s cache:
     keys with three outlier channels (x10, x20, x30), values of RMS 1 and 0.02; 8 x 32k by default."""
     import kernel_precision
 
-    nbits, axis_key, group, block, *rotate = FUSED[name.replace("dequant+SDPA ", "fused ").removesuffix(" dev")]
+    key, config, module = parse_method(name, baseline=baseline)
+    nbits, axis_key, group, block, *rotate = FUSED[key]
     shape = dict(kernel_precision.CUDA_SHAPE if shape is None else shape)
     errors = {}
     for rms in ACCURACY_RMS:
@@ -105,7 +131,7 @@ def layout_errors(name: str, device: str = "cuda", shape: dict | None = None) ->
         query = torch.randn(shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen,
                             device=device).to(shape["dtype"])
         scaling = shape["head_dim"] ** -0.5
-        out = kernels.selective_decode_attention(query, storage, scaling=scaling).double()
+        out = module.selective_decode_attention(query, storage, scaling=scaling, config=config).double()
         exact = kernel_precision.float64_attention(query, storage, scaling, middle)
         errors[f"error_rms_{rms}"] = ((out - exact).norm() / exact.norm()).item()
         del storage, middle, out, exact
@@ -142,7 +168,7 @@ def dequantize_sdpa(query, storage: DecodeStorage, scaling):
     return F.scaled_dot_product_attention(query, k, v, scale=scaling, enable_gqa=True)
 
 
-def run(shapes, methods, config=None, check=True) -> list[dict]:
+def run(shapes, methods, config=None, check=True, baseline=None) -> list[dict]:
     rows = []
     for batch, context in shapes:
         torch.manual_seed(0)
@@ -158,7 +184,8 @@ def run(shapes, methods, config=None, check=True) -> list[dict]:
         for name in methods:
             # "... dev": the lengths on the device, as a static cache's captured decode step reads them
             device_lengths = name.endswith(" dev")
-            nbits, axis_key, group, block, *rotate = FUSED[name.replace("dequant+SDPA ", "fused ").removesuffix(" dev")]
+            key, row_config, module = parse_method(name, config, baseline)
+            nbits, axis_key, group, block, *rotate = FUSED[key]
             args = random_storage(batch, context, nbits, axis_key, group, block, rotate=rotate[0] if rotate else "none",
                                   device_lengths=device_lengths)
             nbytes = kernels.bytes_read(batch, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, SINK + args.num_recent,
@@ -167,7 +194,7 @@ def run(shapes, methods, config=None, check=True) -> list[dict]:
                 ms = bench(lambda: dequantize_sdpa(query, args, scaling))
                 ms_graph = bench_graph(lambda: dequantize_sdpa(query, args, scaling))
             else:
-                fn = lambda: kernels.selective_decode_attention(query, args, scaling=scaling, config=config)  # noqa: E731
+                fn = lambda: module.selective_decode_attention(query, args, scaling=scaling, config=row_config)  # noqa: E731
                 if check:
                     out = fn().float()
                     want = reference.selective_decode_attention(query, args, scaling=scaling).float()
@@ -247,7 +274,10 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true",
                         help="add each fused layout's error vs float64 on keys with outlier channels (8 x 32k)")
     parser.add_argument("--config", default="", metavar="FIELD=VALUE,...",
-                        help="DecodeConfig fields for the fused rows, e.g. programs_per_sm=10,block_n=64")
+                        help="DecodeConfig fields for the fused rows, e.g. programs_per_sm=10,block_n=64; one row's "
+                        "own fields follow its name in braces: 'fused int2 rot {block_n=32}'")
+    parser.add_argument("--baseline", metavar="FILE", help="another kernel module (e.g. the file before a change, "
+                        "benchmarks/kernel_precision.py --kernel): rows named '... (before)' run it, in the same process")
     args = parser.parse_args()
     import triton
 
@@ -260,20 +290,20 @@ def main() -> None:
         return
     copy_gbs = copy_bandwidth()
     fields = dict(item.split("=") for item in args.config.split(",") if item)
+    config = kernels.DecodeConfig(**{k: _parse_field(k, v) for k, v in fields.items()})
+    baseline = None
+    if args.baseline:
+        import kernel_precision
 
-    def parse(name: str, text: str):
-        default = getattr(kernels.DecodeConfig, name)
-        return text.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(text)
-
-    config = kernels.DecodeConfig(**{k: parse(k, v) for k, v in fields.items()})
-    rows = run(SHAPES, methods, config)
+        baseline = kernel_precision.load_kernels(args.baseline)
+    rows = run(SHAPES, methods, config, baseline=baseline)
     if args.accuracy:
-        errors = {m: layout_errors(m) for m in methods if not m.startswith("dequant")}
+        errors = {m: layout_errors(m, baseline=baseline) for m in methods if not m.startswith("dequant")}
         for row in rows:
             row.update(errors.get(row["method"], {}))
     result = dict(
         date=datetime.date.today().isoformat(), gpu=props.name, torch=torch.__version__, triton=triton.__version__,
-        command="PYTHONPATH=src python " + " ".join(sys.argv), copy_gb_per_s=copy_gbs,
+        command="PYTHONPATH=src python " + " ".join(sys.argv), copy_gb_per_s=copy_gbs, baseline=args.baseline,
         shape=dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype="bfloat16",
                    sink=SINK, window=WINDOW, block=BLOCK, q_group_size=64),
         config=vars(config), rows=rows,

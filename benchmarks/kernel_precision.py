@@ -56,7 +56,11 @@ SINK, WINDOW = 4, 128
 
 
 def load_kernels(path: str | None):
-    """selkv's decode_attention module, or the one in ``path`` (loaded inside selkv.kernels)."""
+    """selkv's decode_attention module, or the one in ``path`` (loaded inside selkv.kernels).
+
+    A file from before the kernels moved to ``triton_decode.py`` (``git show REV:src/selkv/kernels/decode_attention.py``
+    at 5dc1fe8 or earlier) holds its own kernels; a later ``decode_attention.py`` launches selkv's current ones.
+    """
     if path is None:
         from selkv.kernels import decode_attention_module
 
@@ -94,7 +98,7 @@ def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: in
         sink_keys=sink_keys, sink_values=sink_values, num_sink=SINK, **parts, num_stored=num_stored,
         recent_keys=recent_keys, recent_values=recent_values, num_recent=num_recent,
         key_nbits=nbits, value_nbits=nbits, q_group_size=q_group_size, axis_key=axis_key, block_length=block_length,
-        row_padding=None, key_rotation=rotation,
+        row_padding=None, key_rotation=rotation, key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
     )
     return storage, (keys, values)
 

@@ -204,6 +204,7 @@ def make_storage(
         key_codes=kc.to(device), key_scale=ks.to(device), key_zero=kz.to(device),
         value_codes=vc.to(device), value_scale=vs.to(device), value_zero=vz.to(device),
         key_rotation=None if rotation is None else rotation.to(device),
+        key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
     )
     return DecodeStorage(**args)
 

@@ -471,7 +471,10 @@ def _run_ptx(ptx: str, word: int) -> list[int]:
 @pytest.mark.parametrize("nbits,shift", [(8, 0), (4, 0), (4, 4), (2, 0), (2, 2), (2, 4), (2, 6)])
 def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
     """The CUDA-only inline PTX: four packed bytes -> four float16 1024 + code of one bit plane."""
-    ptx = kernel_module()._plane_ptx(nbits, shift)
+    kernel_module()  # Triton imported the way this process runs the kernels
+    from selkv.kernels.triton_decode import _plane_ptx
+
+    ptx = _plane_ptx(nbits, shift)
     gen = random.Random(_seed())
     for _ in range(200):
         packed = [gen.randrange(256) for _ in range(4)]
@@ -479,6 +482,119 @@ def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
         halves = [(r >> (16 * j)) & 0xFFFF for r in _run_ptx(ptx, word) for j in range(2)]
         got = torch.tensor(halves, dtype=torch.int32).to(torch.int16).view(torch.float16).tolist()
         assert got == [1024.0 + ((b >> shift) & ((1 << nbits) - 1)) for b in packed], (nbits, shift, packed)
+
+
+def _trimmed(storage, num_stored: int):
+    """``storage`` with its middle cut to ``num_stored`` tokens of capacity (whole blocks): nothing allocated past it."""
+    blocks = num_stored // storage.block_length
+    key_rows = blocks if storage.axis_key == "channel" else num_stored
+    return dataclasses.replace(
+        storage, key_codes=storage.key_codes[:, :, :num_stored].contiguous(),
+        value_codes=storage.value_codes[:, :, :num_stored].contiguous(),
+        key_scale=storage.key_scale[:, :, :key_rows].contiguous(), key_zero=storage.key_zero[:, :, :key_rows].contiguous(),
+        value_scale=storage.value_scale[:, :, :num_stored].contiguous(),
+        value_zero=storage.value_zero[:, :, :num_stored].contiguous(),
+    )
+
+
+@pytest.mark.parametrize("nbits,value_nbits", [(4, 4), (2, 2), (4, 2)])
+@pytest.mark.parametrize("rotate", ["none", "hadamard-signs"])
+@pytest.mark.parametrize("device_lengths", [False, True])
+def test_tiles_of_two_key_blocks(nbits, value_nbits, rotate, device_lengths):
+    """Per-channel keys in blocks of half a tile (int2's 32-token blocks under 64-token tiles): two key scale
+    rows and two value-code blocks per tile. The middle holds an odd number of blocks and nothing past them,
+    so the last tile's second block lies past the allocation; row 1's padding ends inside the middle.
+    On CUDA the compiled kernel, elsewhere Triton's interpreter."""
+    module = kernel_module()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    block_length, num_stored = 16, 5 * 16
+    shape = dict(batch_size=2, num_kv_heads=2, head_dim=64, q_group_size=32, block_length=block_length, num_sink=4,
+                 num_stored=num_stored, num_recent=9, nbits=nbits, value_nbits=value_nbits, axis_key="channel",
+                 rotate=rotate)
+    storage = _trimmed(make_storage(gen, dtype=dtype, device=device, row_padding=[0, 27], **shape), num_stored)
+    query = torch.randn(2, 8, 1, 64, generator=gen).to(dtype).to(device)
+    ref64 = float64_reference(query, storage, 64**-0.5)
+    if device_lengths:
+        storage = with_device_lengths(storage, gen)
+    twin = reference.selective_decode_attention(query, storage)
+    config = module.DecodeConfig(block_n=2 * block_length, block_exact=16, num_splits=2)
+    assert module._key_rows(config.block_n, block_length) == 2
+    out = module.selective_decode_attention(query, storage, config=config)
+    where = f"seed={seed}"
+    assert torch.isfinite(out).all(), where
+    assert _relative_error(out, ref64) < REL_ERROR[dtype], f"kernel vs float64: {where}"
+    tol = TOLERANCES["kernel_bf16"]
+    torch.testing.assert_close(out.float().cpu(), twin.float().cpu(), **tol, msg=lambda m: f"{where}\n{m}")
+
+
+def test_rotation_signs_are_the_transposed_rotation_times_sqrt_dim():
+    """The operand with which the kernel rotates the query: R^T * sqrt(D), every entry +-1, shared."""
+    from selkv import quant
+
+    for rotate in ("hadamard", "hadamard-signs"):
+        rotation = quant.rotation_matrix(rotate, 64)
+        signs = quant.rotation_signs(rotate, 64, torch.bfloat16)
+        assert signs.dtype == torch.bfloat16 and bool((signs.abs() == 1).all())
+        torch.testing.assert_close(signs.double() / 8.0, rotation.T.double(), atol=1e-7, rtol=0)
+        assert quant.rotation_signs(rotate, 64, torch.bfloat16) is signs
+    assert quant.rotation_signs("none", 64, torch.bfloat16) is None
+
+
+def test_a_static_cache_hands_the_kernel_its_rotation_signs(monkeypatch):
+    """A static cache's storage carries the +-1 rotation built when the layer was initialized (shared by
+    all layers), so a captured step builds nothing for it and launches no matmul."""
+    from selkv import make_cache
+
+    module = kernel_module()
+    config = tiny_llama_config()
+    cache = make_cache("quant:bits=4,sink=4,window=16,block=8", config, max_cache_len=96)
+    cache.enable_fused_decode()
+    gen = torch.Generator().manual_seed(_seed())
+    shape = (2, config.num_key_value_heads, 40, config.head_dim)
+    for layer_idx in range(len(cache.layers)):
+        cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), layer_idx)
+    storages = [layer.decode_storage() for layer in cache.layers]
+    assert storages[0].key_rotation_signs is not None and storages[0].lengths is not None
+    assert all(s.key_rotation_signs is storages[0].key_rotation_signs for s in storages)
+
+    def no_matmul(*args, **kwargs):
+        raise AssertionError("the launcher rotated the query outside the kernel")
+
+    monkeypatch.setattr(module.torch, "matmul", no_matmul)
+    query = torch.randn(2, config.num_attention_heads, 1, config.head_dim, generator=gen)
+    out = module.selective_decode_attention(query, storages[0])
+    monkeypatch.undo()
+    want = reference.selective_decode_attention(query, storages[0])
+    torch.testing.assert_close(out, want, **TOLERANCES["kernel_fp32"])
+
+
+@pytest.mark.parametrize("rotate_in_kernel", [True, False])
+def test_rotated_query_in_the_kernel_or_the_launcher(rotate_in_kernel):
+    """Both ways of rotating the query give the references' output: a Hadamard rotation (rotated in the
+    kernel from its +-1 form unless switched off) and a dense orthogonal one (no +-1 form: the launcher's
+    float32 matmul). On CUDA the compiled kernel, elsewhere Triton's interpreter."""
+    module = kernel_module()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    shape = dict(batch_size=2, num_kv_heads=2, head_dim=64, q_group_size=32, block_length=32, num_sink=4,
+                 num_stored=96, num_recent=9, nbits=4, axis_key="channel", rotate="hadamard-signs")
+    storage = make_storage(gen, dtype=dtype, device=device, **shape)
+    dense, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen, dtype=torch.float64))
+    config = module.DecodeConfig(block_exact=16, num_splits=2, rotate_in_kernel=rotate_in_kernel)
+    query = torch.randn(2, 8, 1, 64, generator=gen).to(dtype).to(device)
+    assert storage.key_rotation_signs is not None
+    for rotation, signs in ((storage.key_rotation, storage.key_rotation_signs), (dense.float(), None)):
+        # the codes were quantized under another rotation for the dense matrix: the references read them
+        # with the same matrix as the kernel, so they must still agree
+        case = dataclasses.replace(storage, key_rotation=rotation, key_rotation_signs=signs)
+        out = module.selective_decode_attention(query, case, config=config)
+        ref64 = float64_reference(query, case, 64**-0.5)
+        assert _relative_error(out, ref64) < REL_ERROR[dtype], f"seed={seed}"
 
 
 @pytest.mark.parametrize("nbits,num_sink,num_stored,num_recent,padding,launch", [

@@ -44,9 +44,9 @@ def kernel_module():
     """selkv's fused kernel module when it can run here (Triton installed), importing it outside compiled code."""
     global _KERNELS
     if _KERNELS is None and _TRITON and not torch.compiler.is_compiling():
-        from .kernels import decode_attention_module
+        from .kernels import decode_op_module
 
-        _KERNELS = decode_attention_module()
+        _KERNELS = decode_op_module()
     return _KERNELS
 
 

@@ -124,12 +124,14 @@ def _layer_device(layer) -> str:
 
 
 def shared_bytes(layers) -> int:
-    """Storage that selkv layers share (the key rotation matrix, one per head_dim and device), counted once."""
+    """Storage that selkv layers share (the key rotation matrix and its +-1 form, one per head_dim, dtype and
+    device), counted once."""
     storages = {}
     for layer in layers:
-        rotation = getattr(layer, "key_rotation", None)
-        if isinstance(rotation, torch.Tensor):
-            storages[rotation.untyped_storage().data_ptr()] = rotation.untyped_storage().nbytes()
+        for name in ("key_rotation", "key_rotation_signs"):
+            rotation = getattr(layer, name, None)
+            if isinstance(rotation, torch.Tensor):
+                storages[rotation.untyped_storage().data_ptr()] = rotation.untyped_storage().nbytes()
     return sum(storages.values())
 
 

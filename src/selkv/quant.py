@@ -176,6 +176,23 @@ def _signed_hadamard(dim: int, device: torch.device) -> torch.Tensor:
     return (signs[:, None] * hadamard(dim, torch.float64)).to(dtype=torch.float32, device=device)
 
 
+@functools.lru_cache(maxsize=None)
+def rotation_signs(rotate: str, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """``rotation_matrix(rotate, dim)^T * sqrt(dim)`` in ``dtype``: every entry is +-1, exact in any float dtype.
+
+    The fused decode kernel rotates the query with it in its prologue ((q R)^T = R^T q^T, the 1/sqrt(dim)
+    applied in float32), instead of a float32 matmul launched before it. ``None`` for ``"none"``. One
+    tensor per (rotate, dim, dtype, device) is built and shared (read-only), outside any captured step.
+    """
+    rotation = rotation_matrix(rotate, dim)
+    if rotation is None:
+        return None
+    signs = (rotation.double() * math.sqrt(dim)).round()
+    if not bool((signs.abs() == 1).all()):  # every rotation of ROTATIONS is +-1/sqrt(dim); keep it so
+        raise AssertionError(f"rotation {rotate!r} is not a sign matrix times 1/sqrt({dim})")
+    return signs.T.contiguous().to(device=torch.device(device), dtype=dtype)
+
+
 def rotate(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
     """``x [..., dim] @ rotation`` in float32 (``x`` itself when ``rotation`` is None)."""
     return x if rotation is None else torch.matmul(x.float(), rotation)

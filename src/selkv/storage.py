@@ -111,6 +111,9 @@ class DecodeStorage:
         key_rotation: float32 ``[D, D]`` orthogonal matrix the middle's keys were multiplied by before they
             were quantized (``quant:rotate=...``), or ``None``. Attention over the middle then uses
             ``query @ key_rotation``; sink and window keys are never rotated.
+        key_rotation_signs: ``key_rotation^T * sqrt(D)`` in the query's dtype, every entry +-1
+            (``quant.rotation_signs``), or ``None``. With it the fused kernel rotates the query in its
+            prologue; without it the launcher rotates it by a float32 matmul. The twin ignores it.
         row_padding: int32 ``[B]`` left padding of each row (its sink positions below it are padding),
             or ``None``.
         lengths: int32 ``[4]`` on the device (num_sink, num_stored, num_recent, recent_start), or ``None``.
@@ -137,6 +140,7 @@ class DecodeStorage:
     row_padding: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     key_rotation: torch.Tensor | None = None
+    key_rotation_signs: torch.Tensor | None = None
 
     @property
     def num_key_value_heads(self) -> int:

@@ -2,7 +2,9 @@
 
 Nothing here imports Triton until a kernel is asked for, so ``import selkv`` works without it.
 
-- :func:`decode_attention_module` gives the compiled kernel module (``decode_attention``).
+- :func:`decode_attention_module` gives the launcher module (``decode_attention``, which imports the
+  Triton kernels of ``triton_decode``); :func:`decode_op_module` the custom operator and
+  ``decode_attention``, what selkv's attention function calls (``decode_op``).
 - :func:`interpreter_enabled` says whether they run in Triton's CPU interpreter
   (``TRITON_INTERPRET=1`` set before Triton's first import: tests on machines without a GPU).
 - Launchers and twins take a layer's storage as one :class:`selkv.storage.DecodeStorage`.
@@ -22,6 +24,11 @@ def triton_available() -> bool:
 def decode_attention_module():
     """``selkv.kernels.decode_attention`` (imports Triton)."""
     return importlib.import_module(".decode_attention", __name__)
+
+
+def decode_op_module():
+    """``selkv.kernels.decode_op`` (imports Triton; registers the custom operator)."""
+    return importlib.import_module(".decode_op", __name__)
 
 
 def interpreter_enabled() -> bool:

@@ -81,6 +81,7 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
         self.sym = sym
         self.rotate = rotate
         self.key_rotation = None  # [head_dim, head_dim] float32 once the head_dim and device are known
+        self.key_rotation_signs = None  # its +-1 form in the model's dtype, for the fused kernel
         self._reset_middle()
 
     def _reset_middle(self) -> None:
@@ -99,6 +100,9 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
     def _init_rotation(self, key_states: torch.Tensor) -> None:
         # One matrix per (head_dim, device), shared by every layer: kv_bytes counts it once per cache.
         self.key_rotation = quant.rotation_matrix(self.rotate, key_states.shape[-1], key_states.device)
+        # Built here, eagerly: a captured step must not build it (no allocation or host copy while capturing).
+        self.key_rotation_signs = quant.rotation_signs(self.rotate, key_states.shape[-1], key_states.dtype,
+                                                       key_states.device)
 
     # ----------------------------------------------------------- quantization
 
@@ -200,6 +204,7 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
             row_padding=self.row_padding,
             lengths=lengths,
             key_rotation=self.key_rotation,
+            key_rotation_signs=self.key_rotation_signs,
         )
 
     # ------------------------------------------------------------- accounting

@@ -1,0 +1,578 @@
+"""The Triton kernels of selkv's fused decode attention (launched by ``decode_attention.py``).
+
+One decode step (query length 1) attends over a layer's cache as it is stored::
+
+    [ sink: 16-bit ][ middle: key/value codes + float16 scales/zeros ][ window: 16-bit ]
+
+The kernels read the codes in registers and never write a 16-bit copy of the
+history: codes enter the dot products as float16 (1024 + code, by their bits)
+and scales, zeros and offsets are applied outside them (see the comment above
+``_plane_ptx``). Flash-decoding: the middle is split into chunks of
+``tokens_per_split`` tokens, one program per (chunk, batch row, KV head); one more
+program per (row, head) reads the 16-bit sink and window. One warp per program.
+Each program loads its keys/values once for all the query heads that share the KV
+head (GQA) and writes a partial output with its log-sum-exp; a second kernel,
+``_merge_partials_kernel``, merges the partials.
+
+Reading order: ``_selective_decode_partial_kernel`` (the entry point) and its 16-bit tiles
+(``_exact_tile``), then the quantized middle (``_middle_chunk`` and its helpers), then the merge.
+Kernels never allocate; the launcher validates, allocates and picks the meta-parameters.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+
+@triton.jit
+def _exact_tile(q, Keys, Values, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of (m_i, l_i, acc) [GROUP_PAD heads] with one tile of 16-bit keys/values."""
+    k = tl.load(Keys + offs, mask=valid[:, None], other=0.0)
+    v = tl.load(Values + offs, mask=valid[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep exp2 finite
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+# Lengths that change from one decode step to the next are not specialized on (Triton specializes an
+# int argument on == 1 and on divisibility by 16: a decode loop would compile a new kernel whenever
+# num_recent crossed such a value, seconds each, in the middle of generation).
+_VARYING_LENGTHS = ["num_sink", "num_stored", "num_recent", "tokens_per_split", "num_partials", "recent_capacity",
+                    "last_block"]
+
+
+@triton.jit(do_not_specialize=_VARYING_LENGTHS)
+def _selective_decode_partial_kernel(
+    # pointers: query [B, Hq, 1, D]; the query the middle's keys are read with ([B, Hq, 1, D], same strides:
+    # the query itself (also when ROTATE), or query @ key_rotation from the launcher); 16-bit sink/window [B, H, cap, D]
+    Q, QMiddle, SinkK, SinkV, RecentK, RecentV,
+    # [D, D] key_rotation^T * sqrt(D) in the query's dtype, every entry +-1 (unused unless ROTATE)
+    Rotation,
+    # middle: codes [B, H, C, P] uint8 (P by each one's bit width); scales/zeros float16 (layouts in the launcher's docstring)
+    KCodes, KScale, KZero, VCodes, VScale, VZero,
+    # [B] int32 left padding of each row (unused unless HAS_PADDING)
+    RowPadding,
+    # [4] int32 num_sink, num_stored, num_recent, recent_start (unused unless DEVICE_LENGTHS)
+    Lengths,
+    # outputs: partial outputs [B, Hq, S, D] float32, their log2-sum-exp [B, Hq, S] float32
+    PartialOut, PartialLse,
+    # sizes
+    num_sink, num_stored, num_recent, tokens_per_split, num_kv_heads, num_partials,
+    recent_capacity,  # window slots (the ring's size with DEVICE_LENGTHS)
+    last_block,  # the middle's last allocated block (key scale row, value-code block) of block_length tokens
+    scale_log2,  # softmax scale * log2(e)
+    rotation_scale,  # 1 / sqrt(D): Rotation * rotation_scale is key_rotation^T
+    # strides (elements); the last dimension of every tensor is contiguous
+    stride_qb, stride_qh,
+    stride_sb, stride_sh, stride_sn,
+    stride_rb, stride_rh, stride_rn,
+    stride_cb, stride_ch, stride_cn,  # key codes
+    stride_vcb, stride_vch,  # value codes (each row's blocks are contiguous: block-major)
+    stride_ksb, stride_ksh, stride_ksn,
+    stride_vsb, stride_vsh, stride_vsn,
+    # meta-parameters
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_PAD: tl.constexpr,  # GROUP rounded up to a power of two >= 16 (tl.dot's smallest M)
+    HEAD_DIM: tl.constexpr,
+    KEY_NBITS: tl.constexpr,
+    VALUE_NBITS: tl.constexpr,
+    Q_GROUP: tl.constexpr,  # channels per scale group (per-token groups)
+    KEY_PER_CHANNEL: tl.constexpr,  # keys grouped per channel over BLOCK_LENGTH tokens (KIVI)
+    BLOCK_LENGTH: tl.constexpr,  # the cache's block: tokens per key group (KEY_PER_CHANNEL), per value-code block
+    KEY_ROWS: tl.constexpr,  # key groups per middle tile (1 or 2: one scale row each); 0: a scale row per token
+    HAS_PADDING: tl.constexpr,
+    DEVICE_LENGTHS: tl.constexpr,  # lengths from Lengths; the int lengths are capacities; the window is a ring
+    MIN_SPLIT_TILES: tl.constexpr,  # with DEVICE_LENGTHS: tiles per middle program at least
+    BLOCK_N: tl.constexpr,  # middle tokens per tile
+    BLOCK_EXACT: tl.constexpr,  # 16-bit tokens per tile
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32), else "tf32" (ignored for 16-bit)
+    HEADS_N: tl.constexpr,  # GROUP rounded up to a power of two >= 8 (the middle's N dimension)
+    CHUNK: tl.constexpr,  # channels per middle value chunk (one byte range, bit plane and scale group)
+    KEY_CHUNK: tl.constexpr,  # channels per key chunk: CHUNK, or a whole bit plane for per-channel keys
+    CODES_ASM: tl.constexpr,  # convert codes with inline PTX (CUDA only)
+    SCALE_PREFETCH: tl.constexpr,  # load the next tile's per-token scales/zeros one tile ahead
+    VALUE_DOT: tl.constexpr,  # operands of the middle's value dot (see _value_chunk_update)
+    ROTATE: tl.constexpr,  # rotate the query in the middle programs' prologue (Rotation), not QMiddle
+):
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    h = pid_bh % num_kv_heads
+    recent_start = 0
+    if DEVICE_LENGTHS:
+        # A captured decode step: the grid is sized from the capacities, the lengths are read here and
+        # the filled middle is spread over the middle programs (those past it find no tiles).
+        num_sink = tl.load(Lengths)
+        num_stored = tl.load(Lengths + 1)
+        num_recent = tl.load(Lengths + 2)
+        recent_start = tl.load(Lengths + 3)
+        tiles = tl.cdiv(num_stored, BLOCK_N)
+        tokens_per_split = tl.maximum(tl.cdiv(tiles, tl.maximum(num_partials - 1, 1)), MIN_SPLIT_TILES) * BLOCK_N
+
+    if split == num_partials - 1:
+        # ---- the 16-bit regions: sink, then the window (positions below this row's left padding masked)
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        head_ok = offs_g < GROUP
+        q_ptrs = Q + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=head_ok[:, None], other=0.0)  # [GROUP_PAD, D]
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        first = 0
+        if HAS_PADDING:
+            first = tl.load(RowPadding + b)
+        offs_e = tl.arange(0, BLOCK_EXACT)
+        sink_base = b * stride_sb + h * stride_sh
+        for start in range(0, num_sink, BLOCK_EXACT):
+            pos = start + offs_e
+            valid = (pos < num_sink) & (pos >= first)
+            offs = sink_base + pos[:, None] * stride_sn + offs_d[None, :]
+            m_i, l_i, acc = _exact_tile(q, SinkK, SinkV, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRECISION)
+        recent_base = b * stride_rb + h * stride_rh
+        first_recent = first - num_sink - num_stored  # padding that reaches into the window (without sink room)
+        for start in range(0, num_recent, BLOCK_EXACT):
+            pos = start + offs_e
+            valid = (pos < num_recent) & (pos >= first_recent)
+            if DEVICE_LENGTHS:  # the i-th oldest window token sits at slot (recent_start + i) % capacity
+                pos = (recent_start + pos) % recent_capacity
+            offs = recent_base + pos[:, None] * stride_rn + offs_d[None, :]
+            m_i, l_i, acc = _exact_tile(q, RecentK, RecentV, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRECISION)
+        # ---- partial result of the 16-bit program: normalized output and log2-sum-exp (-inf when empty)
+        row = (b * num_kv_heads * GROUP + h * GROUP + offs_g) * num_partials + split  # [GROUP_PAD]
+        has_any = l_i > 0.0
+        out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+        lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
+        tl.store(PartialOut + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_ok[:, None])
+        tl.store(PartialLse + row, lse, mask=head_ok)
+    else:
+        first_stored = 0
+        if HAS_PADDING:  # padding beyond the sink (a cache that was not given sink room for it)
+            first_stored = tl.load(RowPadding + b) - num_sink
+        _middle_chunk(
+            QMiddle, Rotation, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
+            b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, last_block,
+            scale_log2, rotation_scale,
+            stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_vcb, stride_vch,
+            stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
+            GROUP, HEADS_N, HEAD_DIM, KEY_NBITS, VALUE_NBITS, Q_GROUP, CHUNK, KEY_CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS,
+            BLOCK_N,
+            DOT_PRECISION, CODES_ASM, SCALE_PREFETCH, VALUE_DOT, ROTATE,
+        )
+
+
+# ------------------------------------------------- the quantized middle
+#
+# Tokens go in the dot products' M dimension and the GROUP query heads of a KV head in N (padded to
+# HEADS_N >= 8), so one warp computes a [BLOCK_N tokens, heads] score tile with no padding in M.
+# Codes become 16-bit floats by their bits, 0x6400 | code = 1024 + code (exact in float16), and go
+# into the dots as they are; scales, zeros and the 1024 offset are applied outside them, on
+# [tokens, heads] tiles. The head dimension is read in chunks of CHUNK channels that share one byte
+# column range, one bit plane and one scale group:
+#   keys, per-token groups:    q.k[n] = scale[n] (q . (1024 + code[n]) - 1024 sum(q)) + zero[n] sum(q)
+#   keys, per-channel groups:  q.k[n] = (q * scale_row) . (1024 + code[n]) - 1024 sum(q * scale_row) + q . zero_row
+#   values (per-token groups): sum_n p[n] v[n] = (p * scale) @ (1024 + code) - 1024 sum_n p[n] scale[n] + sum_n p[n] zero[n]
+# where each 16-bit operand (q * scale_row, p * scale) enters both its dot and its correction term, so
+# their rounding cancels. Up to four chunks; each has its own accumulator.
+
+
+def _plane_ptx(nbits: int, shift: int) -> str:
+    """PTX: four packed bytes ($2) -> four float16 1024 + code of one bit plane ($0, $1: two halves each)."""
+    select = "prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342;"
+    if nbits == 8:
+        return select.replace("t,", "$2,")
+    mask = ((1 << nbits) - 1) * 0x01010101
+    return "{.reg .b32 t; " + f"shr.b32 t, $2, {shift}; and.b32 t, t, {mask:#010x}; " + select + "}"
+
+
+# Triton's jit cannot build strings: one constant per (bit width, plane shift), chosen in _plane_to_dot.
+_PTX_8 = tl.constexpr(_plane_ptx(8, 0))
+_PTX_4_0, _PTX_4_4 = tl.constexpr(_plane_ptx(4, 0)), tl.constexpr(_plane_ptx(4, 4))
+_PTX_2_0, _PTX_2_2 = tl.constexpr(_plane_ptx(2, 0)), tl.constexpr(_plane_ptx(2, 2))
+_PTX_2_4, _PTX_2_6 = tl.constexpr(_plane_ptx(2, 4)), tl.constexpr(_plane_ptx(2, 6))
+
+
+@triton.jit
+def _ptx_to_dot(bytes_, PTX: tl.constexpr):
+    return tl.inline_asm_elementwise(PTX, "=r,=r,r", [bytes_], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _plane_to_dot(bytes_, NBITS: tl.constexpr, SHIFT: tl.constexpr):
+    """Packed code bytes -> 1024 + code of plane SHIFT // NBITS as float16, with inline PTX."""
+    if NBITS == 8:
+        codes = _ptx_to_dot(bytes_, _PTX_8)
+    elif NBITS == 4:
+        if SHIFT == 0:
+            codes = _ptx_to_dot(bytes_, _PTX_4_0)
+        else:
+            codes = _ptx_to_dot(bytes_, _PTX_4_4)
+    elif SHIFT == 0:
+        codes = _ptx_to_dot(bytes_, _PTX_2_0)
+    elif SHIFT == 2:
+        codes = _ptx_to_dot(bytes_, _PTX_2_2)
+    elif SHIFT == 4:
+        codes = _ptx_to_dot(bytes_, _PTX_2_4)
+    else:
+        codes = _ptx_to_dot(bytes_, _PTX_2_6)
+    return codes
+
+
+@triton.jit
+def _codes_to_dot(bytes_, SHIFT: tl.constexpr, NBITS: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """Packed code bytes -> OFFSET + code: 1024 + code in float16, or the code in float32 (float32 inputs)."""
+    if ASM:  # per four packed bytes: shift the plane down, mask, two byte permutes (opaque to Triton,
+        # which would otherwise unpack the bytes one per register)
+        codes = _plane_to_dot(bytes_, NBITS, SHIFT)
+    else:
+        if NBITS < 8:
+            bytes_ = (bytes_ >> SHIFT) & ((1 << NBITS) - 1)
+        codes = (bytes_.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    if DOT_DTYPE == tl.float32:  # float32 inputs: exact codes (an offset of 1024 would cost float32 accuracy)
+        codes = codes.to(tl.float32) - 1024.0
+    return codes
+
+
+@triton.jit
+def _load_chunk_codes(Codes, row_offs, valid, C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      NBITS: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, CHUNK] codes of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code."""
+    PACKED: tl.constexpr = HEAD_DIM * NBITS // 8
+    COL: tl.constexpr = (C * CHUNK) % PACKED
+    SHIFT: tl.constexpr = (C * CHUNK) // PACKED * NBITS
+    offs_w = tl.arange(0, CHUNK)
+    bytes_ = tl.load(Codes + row_offs[:, None] + COL + offs_w[None, :], mask=valid[:, None], other=0)
+    return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
+
+
+@triton.jit
+def _load_query_chunk(q_ptrs, head_ok, C: tl.constexpr, CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """[CHUNK, HEADS_N] transposed query chunk in DOT_DTYPE and its float32 column sums (over the chunk)."""
+    qT = tl.load(q_ptrs + C * CHUNK, mask=head_ok[None, :], other=0.0).to(DOT_DTYPE)
+    return qT, tl.sum(qT.to(tl.float32), 0)
+
+
+@triton.jit
+def _rotated_query_chunk(qT_full, Rotation, rotation_scale, C: tl.constexpr, CHUNK: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Chunk C of the rotated query, transposed, [CHUNK, HEADS_N], and its float32 column sums.
+
+    (q R)^T = R^T q^T; R^T * sqrt(D) is +-1 (Hadamard rotations), exact in 16 bits, so the dot of the
+    16-bit query with it is exact up to float32 accumulation: as precise as a float32 matmul.
+    """
+    offs_w = C * CHUNK + tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    signs = tl.load(Rotation + offs_w[:, None] * HEAD_DIM + offs_d[None, :])  # [CHUNK, HEAD_DIM]
+    qT = (tl.dot(signs, qT_full, input_precision=DOT_PRECISION) * rotation_scale).to(DOT_DTYPE)
+    return qT, tl.sum(qT.to(tl.float32), 0)
+
+
+@triton.jit
+def _folded_scores(codes, qT, KScale, KZero, row, OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """[BLOCK_N, HEADS_N] scores of codes in one per-channel key group, its scale row folded into the query:
+    q . (s * code + z) = (q * s) . (OFFSET + code) - OFFSET sum(q * s) + q . z."""
+    ks = tl.load(KScale + row).to(tl.float32)
+    kz = tl.load(KZero + row).to(tl.float32)
+    q_scaled = (qT.to(tl.float32) * ks[:, None]).to(DOT_DTYPE)
+    s = tl.dot(codes, q_scaled, input_precision=DOT_PRECISION)
+    return s + (tl.sum(qT.to(tl.float32) * kz[:, None], 0) - OFFSET * tl.sum(q_scaled.to(tl.float32), 0))[None, :]
+
+
+@triton.jit
+def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, last_block,
+                      ks_tile, kz_tile,
+                      qT, q_sum,
+                      C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
+                      Q_GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, BLOCK_LENGTH: tl.constexpr,
+                      KEY_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      ASM: tl.constexpr):
+    """[BLOCK_N, HEADS_N] contribution of one channel chunk to the scores q . k."""
+    OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0  # what _codes_to_dot adds to each code
+    codes = _load_chunk_codes(KCodes, row_offs, valid, C, CHUNK, HEAD_DIM, NBITS, DOT_DTYPE, ASM)
+    offs_w = C * CHUNK + tl.arange(0, CHUNK)
+    if KEY_PER_CHANNEL:
+        if KEY_ROWS == 1:  # the tile lies inside one key group: one scale row, folded into the query
+            row = kscale_base + (start // BLOCK_LENGTH) * stride_ksn + offs_w
+            return _folded_scores(codes, qT, KScale, KZero, row, OFFSET, DOT_DTYPE, DOT_PRECISION)
+        elif KEY_ROWS == 2:  # two key groups: both rows folded, each kept for its half of the tile (the codes
+            # are converted once; only the small dots are doubled). A second row past the allocation is
+            # read as the first: its tokens are past num_stored, masked.
+            first = start // BLOCK_LENGTH
+            row0 = kscale_base + first * stride_ksn + offs_w
+            row1 = kscale_base + tl.minimum(first + 1, last_block) * stride_ksn + offs_w
+            s0 = _folded_scores(codes, qT, KScale, KZero, row0, OFFSET, DOT_DTYPE, DOT_PRECISION)
+            s1 = _folded_scores(codes, qT, KScale, KZero, row1, OFFSET, DOT_DTYPE, DOT_PRECISION)
+            first_half = tl.arange(0, codes.shape[0]) < BLOCK_LENGTH
+            return tl.where(first_half[:, None], s0, s1)
+        else:  # tiles and key groups do not nest: dequantize with one scale row per token
+            rows = kscale_base + (pos // BLOCK_LENGTH)[:, None] * stride_ksn + offs_w[None, :]
+            ks = tl.load(KScale + rows, mask=valid[:, None], other=0.0).to(tl.float32)
+            kz = tl.load(KZero + rows, mask=valid[:, None], other=0.0).to(tl.float32)
+            keys = ((codes.to(tl.float32) - OFFSET) * ks + kz).to(DOT_DTYPE)
+            return tl.dot(keys, qT, input_precision=DOT_PRECISION)
+    else:
+        ks = _column(ks_tile, (C * CHUNK) // Q_GROUP)
+        kz = _column(kz_tile, (C * CHUNK) // Q_GROUP)
+        s = tl.dot(codes, qT, input_precision=DOT_PRECISION)
+        return ks[:, None] * (s - OFFSET * q_sum[None, :]) + kz[:, None] * q_sum[None, :]
+
+
+@triton.jit
+def _load_value_codes(VCodes, code_base, start, pos, valid, last_block, C: tl.constexpr, CHUNK: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, NBITS: tl.constexpr, VALUE_BLOCK: tl.constexpr,
+                      BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """[CHUNK, BLOCK_N] value codes (channels x tokens) of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code.
+
+    Value codes are block-major (``quant.to_block_major``, blocks of VALUE_BLOCK tokens): the tokens of
+    one byte column are adjacent, as the dot's inner dimension wants them.
+    """
+    PACKED: tl.constexpr = HEAD_DIM * NBITS // 8
+    COL: tl.constexpr = (C * CHUNK) % PACKED
+    SHIFT: tl.constexpr = (C * CHUNK) // PACKED * NBITS
+    offs_c = COL + tl.arange(0, CHUNK)
+    if VALUE_BLOCK % BLOCK_N == 0:
+        # the tile lies inside one block, whose bytes are allocated (the store's capacity is whole
+        # blocks): no mask, so the loads stay wide. Bytes past the stored tokens meet p = 0.
+        in_block = tl.multiple_of(start % VALUE_BLOCK, BLOCK_N)  # tiles start at multiples of BLOCK_N
+        tile = code_base + (start // VALUE_BLOCK) * (VALUE_BLOCK * PACKED) + in_block
+        offs_t = tl.arange(0, BLOCK_N)
+        bytes_ = tl.load(VCodes + tile + offs_c[:, None] * VALUE_BLOCK + offs_t[None, :])
+    elif BLOCK_N == 2 * VALUE_BLOCK:
+        # two whole blocks, each a contiguous run of VALUE_BLOCK tokens per byte column (no mask: wide
+        # loads). A second block past the allocation is read as the first (its tokens meet p = 0).
+        first = start // VALUE_BLOCK
+        step = (tl.minimum(first + 1, last_block) - first) * (VALUE_BLOCK * PACKED)
+        offs_t = tl.arange(0, BLOCK_N)
+        tile = code_base + first * (VALUE_BLOCK * PACKED)
+        bytes_ = tl.load(VCodes + tile + (offs_t // VALUE_BLOCK)[None, :] * step + offs_c[:, None] * VALUE_BLOCK
+                         + (offs_t % VALUE_BLOCK)[None, :])
+    else:  # tiles span blocks: one address per byte
+        token = (pos // VALUE_BLOCK) * (VALUE_BLOCK * PACKED) + pos % VALUE_BLOCK
+        bytes_ = tl.load(VCodes + code_base + offs_c[:, None] * VALUE_BLOCK + token[None, :], mask=valid[None, :],
+                         other=0)
+    return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
+
+
+@triton.jit
+def _value_chunk_update(acc, VCodes, code_base, start, pos, valid, last_block, vs_tile, vz_tile, p, alpha,
+                        C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
+                        Q_GROUP: tl.constexpr, VALUE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ASM: tl.constexpr,
+                        VALUE_DOT: tl.constexpr):
+    """acc [CHUNK, HEADS_N] (channels x heads) rescaled by alpha plus this tile's p @ values on the chunk.
+
+    VALUE_DOT chooses the dot's operands with 16-bit inputs (float32 inputs take exact float32 codes):
+    - 0 ("dequant"): values dequantized to float16 in the tile (``code * scale + zero``), then
+      ``values @ p``: float16's relative precision at any value magnitude.
+    - 1 ("fp16"): ``(1024 + code) @ (p * value_scale)``, the scale folded into p. Small value scales
+      (int8 values of RMS below ~0.05) put ``p * value_scale`` among float16's subnormals, which lose
+      precision: relative L2 4.8e-2 at value RMS 0.005 (docs/kernel_notes.md, 2026-12-02).
+    """
+    OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0
+    codes = _load_value_codes(VCodes, code_base, start, pos, valid, last_block, C, CHUNK, HEAD_DIM, NBITS, VALUE_BLOCK, BLOCK_N,
+                              DOT_DTYPE, ASM)
+    vs = _column(vs_tile, (C * CHUNK) // Q_GROUP)
+    vz = _column(vz_tile, (C * CHUNK) // Q_GROUP)
+    acc = acc * alpha[None, :]
+    if DOT_DTYPE == tl.float16 and VALUE_DOT == 0:
+        values = (codes - OFFSET) * vs.to(DOT_DTYPE)[None, :] + vz.to(DOT_DTYPE)[None, :]
+        return tl.dot(values, p.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+    p_scaled = (p * vs[:, None]).to(DOT_DTYPE)
+    acc += tl.sum(p * vz[:, None] - OFFSET * p_scaled.to(tl.float32), 0)[None, :]
+    return tl.dot(codes, p_scaled, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _scale_tiles(KScale, KZero, VScale, VZero, pos, valid, kscale_base, stride_ksn, vscale_base, stride_vsn,
+                 NUM_GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr):
+    """Per-token scales/zeros of a tile as float32 [BLOCK_N, GROUPS_PAD] tiles (keys: zeros if per channel)."""
+    offs_g = tl.arange(0, GROUPS_PAD)
+    mask = valid[:, None] & (offs_g < NUM_GROUPS)[None, :]
+    v_offs = vscale_base + pos[:, None] * stride_vsn + offs_g[None, :]
+    vs = tl.load(VScale + v_offs, mask=mask, other=0.0).to(tl.float32)
+    vz = tl.load(VZero + v_offs, mask=mask, other=0.0).to(tl.float32)
+    if KEY_PER_CHANNEL:
+        ks = tl.zeros_like(vs)
+        kz = tl.zeros_like(vs)
+    else:
+        k_offs = kscale_base + pos[:, None] * stride_ksn + offs_g[None, :]
+        ks = tl.load(KScale + k_offs, mask=mask, other=0.0).to(tl.float32)
+        kz = tl.load(KZero + k_offs, mask=mask, other=0.0).to(tl.float32)
+    return ks, kz, vs, vz
+
+
+@triton.jit
+def _column(tile, G: tl.constexpr):
+    """Column G of a [BLOCK_N, GROUPS_PAD] tile."""
+    offs_g = tl.arange(0, tile.shape[1])
+    return tl.sum(tl.where(offs_g[None, :] == G, tile, 0.0), 1)
+
+
+@triton.jit
+def _store_chunk(PartialOut, acc, rows, head_ok, l_safe, C: tl.constexpr, CHUNK: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    offs_w = C * CHUNK + tl.arange(0, CHUNK)
+    tl.store(PartialOut + rows[None, :] * HEAD_DIM + offs_w[:, None], acc / l_safe[None, :],
+             mask=head_ok[None, :])
+
+
+@triton.jit
+def _middle_chunk(
+    Q, Rotation, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
+    b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, last_block,
+    scale_log2, rotation_scale,
+    stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_vcb, stride_vch,
+    stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
+    GROUP: tl.constexpr, HEADS_N: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_NBITS: tl.constexpr,
+    VALUE_NBITS: tl.constexpr,
+    Q_GROUP: tl.constexpr, CHUNK: tl.constexpr, KEY_CHUNK: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr,
+    BLOCK_LENGTH: tl.constexpr,
+    KEY_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CODES_ASM: tl.constexpr,
+    SCALE_PREFETCH: tl.constexpr, VALUE_DOT: tl.constexpr, ROTATE: tl.constexpr,
+):
+    """One program: tokens [split * tokens_per_split, ...) of the middle of row b, KV head h.
+
+    Middle tokens below ``first_stored`` are padding and masked; tiles wholly below it are skipped
+    (the first tile starts at a multiple of BLOCK_N, as the value-code loads assume).
+    """
+    NUM_CHUNKS: tl.constexpr = HEAD_DIM // CHUNK
+    NUM_KEY_CHUNKS: tl.constexpr = HEAD_DIM // KEY_CHUNK
+    DOT_DTYPE: tl.constexpr = tl.float32 if DOT_PRECISION == "ieee" else tl.float16
+    offs_hn = tl.arange(0, HEADS_N)
+    offs_w = tl.arange(0, KEY_CHUNK)
+    offs_n = tl.arange(0, BLOCK_N)
+    head_ok = offs_hn < GROUP
+    if ROTATE:  # Q is the query itself: rotate it here, once per program (no launch outside the kernel)
+        offs_d = tl.arange(0, HEAD_DIM)
+        qT_full = tl.load(Q + b * stride_qb + (h * GROUP + offs_hn)[None, :] * stride_qh + offs_d[:, None],
+                          mask=head_ok[None, :], other=0.0)  # [HEAD_DIM, HEADS_N]
+        rot_args = (qT_full, Rotation, rotation_scale)
+        qT0, q_sum0 = _rotated_query_chunk(*rot_args, 0, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
+        qT1, q_sum1 = _rotated_query_chunk(*rot_args, 1 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
+        qT2, q_sum2 = _rotated_query_chunk(*rot_args, 2 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
+        qT3, q_sum3 = _rotated_query_chunk(*rot_args, 3 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
+    else:
+        q_ptrs = Q + b * stride_qb + (h * GROUP + offs_hn)[None, :] * stride_qh + offs_w[:, None]  # [KEY_CHUNK, HEADS_N]
+        qT0, q_sum0 = _load_query_chunk(q_ptrs, head_ok, 0, KEY_CHUNK, DOT_DTYPE)
+        qT1, q_sum1 = _load_query_chunk(q_ptrs, head_ok, 1 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
+        qT2, q_sum2 = _load_query_chunk(q_ptrs, head_ok, 2 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
+        qT3, q_sum3 = _load_query_chunk(q_ptrs, head_ok, 3 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
+    m_i = tl.full([HEADS_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([HEADS_N], tl.float32)
+    acc0 = tl.zeros([CHUNK, HEADS_N], tl.float32)
+    acc1 = tl.zeros([CHUNK, HEADS_N], tl.float32)
+    acc2 = tl.zeros([CHUNK, HEADS_N], tl.float32)
+    acc3 = tl.zeros([CHUNK, HEADS_N], tl.float32)
+    code_base = b * stride_cb + h * stride_ch
+    value_code_base = b * stride_vcb + h * stride_vch
+    kscale_base = b * stride_ksb + h * stride_ksh
+    vscale_base = b * stride_vsb + h * stride_vsh
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, num_stored)
+    lo = tl.maximum(lo, (first_stored // BLOCK_N) * BLOCK_N)  # every tile run has a token at or past first_stored
+    NUM_GROUPS: tl.constexpr = HEAD_DIM // Q_GROUP
+    GROUPS_PAD: tl.constexpr = 2 if NUM_GROUPS == 1 else NUM_GROUPS
+    scale_args = (KScale, KZero, VScale, VZero)
+    scale_bases = (kscale_base, stride_ksn, vscale_base, stride_vsn)
+    ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(*scale_args, lo + offs_n, lo + offs_n < hi, *scale_bases,
+                                                      NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        valid = (pos < hi) & (pos >= first_stored)
+        row_offs = code_base + pos * stride_cn
+        if SCALE_PREFETCH:  # the next tile's scales load while this tile computes
+            next_tiles = _scale_tiles(*scale_args, pos + BLOCK_N, pos + BLOCK_N < hi, *scale_bases,
+                                      NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
+        else:
+            ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(*scale_args, pos, valid, *scale_bases,
+                                                              NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
+        key_args = (KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, last_block,
+                    ks_tile, kz_tile)
+        s = _key_chunk_scores(*key_args, qT0, q_sum0, 0, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
+                              BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+        if NUM_KEY_CHUNKS > 1:
+            s += _key_chunk_scores(*key_args, qT1, q_sum1, 1, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
+                                   BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+        if NUM_KEY_CHUNKS > 2:
+            s += _key_chunk_scores(*key_args, qT2, q_sum2, 2, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
+                                   BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+        if NUM_KEY_CHUNKS > 3:
+            s += _key_chunk_scores(*key_args, qT3, q_sum3, 3, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
+                                   BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+        s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))  # every tile has a valid token: m_new is finite
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        value_args = (VCodes, value_code_base, start, pos, valid, last_block, vs_tile, vz_tile, p, alpha)
+        acc0 = _value_chunk_update(acc0, *value_args, 0, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
+                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
+        if NUM_CHUNKS > 1:
+            acc1 = _value_chunk_update(acc1, *value_args, 1, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
+                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
+        if NUM_CHUNKS > 2:
+            acc2 = _value_chunk_update(acc2, *value_args, 2, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
+                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
+        if NUM_CHUNKS > 3:
+            acc3 = _value_chunk_update(acc3, *value_args, 3, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
+                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
+        m_i = m_new
+        if SCALE_PREFETCH:
+            ks_tile, kz_tile, vs_tile, vz_tile = next_tiles
+
+    # partial result: normalized output and log2-sum-exp (-inf for a program past the filled middle or whose
+    # tokens are all padding)
+    rows = (b * num_kv_heads * GROUP + h * GROUP + offs_hn) * num_partials + split  # [HEADS_N]
+    l_safe = tl.where(head_ok & (l_i > 0.0), l_i, 1.0)
+    _store_chunk(PartialOut, acc0, rows, head_ok, l_safe, 0, CHUNK, HEAD_DIM)
+    if NUM_CHUNKS > 1:
+        _store_chunk(PartialOut, acc1, rows, head_ok, l_safe, 1, CHUNK, HEAD_DIM)
+    if NUM_CHUNKS > 2:
+        _store_chunk(PartialOut, acc2, rows, head_ok, l_safe, 2, CHUNK, HEAD_DIM)
+    if NUM_CHUNKS > 3:
+        _store_chunk(PartialOut, acc3, rows, head_ok, l_safe, 3, CHUNK, HEAD_DIM)
+    tl.store(PartialLse + rows, tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf")), mask=head_ok)
+
+
+@triton.jit(do_not_specialize=["num_partials"])
+def _merge_partials_kernel(
+    # pointers: partial outputs [B, Hq, S, D] float32, log2-sum-exp [B, Hq, S], output [B, 1, Hq, D]
+    PartialOut, PartialLse, Out,
+    # sizes and strides
+    num_heads, num_partials,
+    stride_ob, stride_oh,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # partials merged per step
+):
+    pid = tl.program_id(0)  # b * num_heads + head
+    b = pid // num_heads
+    head = pid % num_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
+    denom = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for s0 in range(0, num_partials, BLOCK_S):
+        idx = s0 + offs_s
+        ok = idx < num_partials
+        lse = tl.load(PartialLse + pid * num_partials + idx, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)  # 0 for empty partials
+        o = tl.load(PartialOut + (pid * num_partials + idx)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        denom = denom * alpha + tl.sum(w, 0)
+        m = m_new
+    out = acc / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(Out + b * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty))
