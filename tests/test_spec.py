@@ -132,13 +132,10 @@ def test_spec_builds_its_cache():
         selkv.make_cache("drop", config, max_cache_len=64)
 
 
-def test_flat_fields_of_other_kinds_warn_and_keep_their_old_values():
-    with pytest.warns(DeprecationWarning, match="has no 'nbits'"):
-        assert selkv.parse_spec("full").nbits is None
-    with pytest.warns(DeprecationWarning, match="has no 'residual_length'"):
-        assert selkv.parse_spec("quant:bits=4").residual_length == 0
-    with pytest.raises(AttributeError):
-        selkv.parse_spec("full").colour
+def test_fields_a_kind_does_not_have_are_not_there():
+    for text, name in (("full", "nbits"), ("quant:bits=4", "residual_length"), ("full", "colour")):
+        with pytest.raises(AttributeError, match=name):
+            getattr(selkv.parse_spec(text), name)
 
 
 @pytest.mark.parametrize(("text", "old_names"), [
