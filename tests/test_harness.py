@@ -265,6 +265,6 @@ def test_report_tables_and_plots_a_harness_run(tmp_path):
     payload = {"task": "harness", "model": "m", "settings": {"tasks": ["a", "b"], "limit": 2, "chunk": 64},
                "complete": True, "results": results}
     lines = report.table_lines(payload)
-    assert "| cache | a | b | mean | vs full | n | KV MiB | compression vs 16-bit |" in lines
+    assert "| cache | a | b | mean | vs full | n | KV MiB | held vs 16-bit full |" in lines
     assert any(line.startswith(f"| `{INT2}` | 1.00 | 0.00 | 0.500 | -0.250 | 4 |") for line in lines)
     assert report.plot_harness(payload, tmp_path / "h.png") and (tmp_path / "h.png").stat().st_size > 0
