@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import DeviceError, ModelNotFoundError, SelKVError, UnsupportedModelError
+from .shapes import _text_config
 from .upstream import cache_kwarg, causal_lm_class_for, routes_through_attention_interface
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -202,8 +203,7 @@ def check_attn_implementation(model_class, attn_implementation: str | None, name
 def takes_selkv_attention(config) -> bool:
     """Whether ``attn_implementation="selkv"`` works for this model: its attention goes through transformers'
     interface, and it does not softcap attention logits (Gemma 2), which selkv's attention does not do."""
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if getattr(text_config, "attn_logit_softcapping", None):
+    if getattr(_text_config(config), "attn_logit_softcapping", None):
         return False
     model_class = causal_lm_class_for(config)
     return model_class is not None and routes_through_attention_interface(model_class, config)
