@@ -47,7 +47,9 @@ bounds found so far are reported). The steps are compiled without CUDA graphs (a
 out of memory leaves the graph tree unusable): the full cache's ``static-flex`` step with a dynamic
 batch dimension (one compile for every probe; one compile per probe where that fails); selkv's
 static cache (the one its captured step holds) with its eager fused step, since a captured step
-would compile again for every batch probed.
+would compile again for every batch probed. At each path's largest batch the same step then decodes
+``--throughput-steps`` greedy steps per round, ``--rounds`` rounds after a warm-up: the tokens/s a
+server gets from the card at that path's memory limit (``throughput`` in the results).
 
 ``--quick``: the first shape, 16 steps, no reference row, no max-batch search. ``--shapes none``:
 only the max-batch search. ``--layers N`` and ``--hold-gib G`` try the script on fewer layers and
@@ -754,7 +756,7 @@ class Bench:
             started = time.perf_counter()
             try:
                 notes: list[str] = []
-                fits, per_sequence, how = self._probe(path, context, notes)
+                fits, per_sequence, how, measure = self._probe(path, context, notes)
             except Unavailable as why:
                 out[path] = dict(skipped=str(why))
                 continue
@@ -772,10 +774,16 @@ class Bench:
             print(f"max batch at {context}: {path}: {found['max_batch']} (fails at {found['fails_at']}, "
                   f"probes {found['probes']}, {found['seconds']:.0f} s; {how})", flush=True)
             release()
-        full = out.get("full", {}).get("max_batch")
-        for result in out.values():
-            if full and "max_batch" in result:
-                result["vs_full"] = result["max_batch"] / full
+            if found["max_batch"] and self.args.throughput_steps:
+                try:
+                    found["throughput"] = measure(found["max_batch"], self.args.throughput_steps, self.args.rounds)
+                    print(f"  throughput at batch {found['max_batch']}: "
+                          f"{found['throughput']['tokens_per_s']:.0f} tokens/s", flush=True)
+                except Exception as error:
+                    found["throughput"] = dict(error=failure(error))
+                    print(f"  throughput at batch {found['max_batch']} not measured: {failure(error)}", flush=True)
+                release()
+        add_ratios_to_full(out)
         return out
 
     def _probe(self, path: str, context: int, notes: list[str]):
@@ -851,7 +859,56 @@ class Bench:
                 release()
             return ok
 
-        return fits, per_sequence, how
+        @torch.no_grad()
+        def measure(batch: int, steps: int, rounds: int) -> dict:
+            """Decode tokens/s at ``batch``: greedy steps of the probe's path, median of ``rounds`` after a warm-up.
+
+            Every round decodes from the same cache state: the full cache writes at position ``context``
+            each step; selkv's device lengths are put back before each round.
+            """
+            cache, step = build(batch)
+            start = [(layer.lengths.clone(), layer.cumulative_length.clone()) for layer in cache.layers
+                     if isinstance(getattr(layer, "lengths", None), torch.Tensor)]
+            first = torch.randint(0, config.vocab_size, (batch, 1), device=device)
+            if dynamic["batch"]:
+                torch._dynamo.mark_dynamic(first, 0)
+            position = torch.full((1,), context, dtype=torch.long, device=device)
+
+            def one_round(count: int) -> float:
+                for layer, (lengths, seen) in zip(cache.layers, start):
+                    layer.lengths.copy_(lengths)
+                    layer.cumulative_length.copy_(seen)
+                tokens = first
+                torch.cuda.synchronize()
+                began = time.perf_counter()
+                for _ in range(count):
+                    tokens = step(tokens, cache, position).argmax(-1, keepdim=True)
+                torch.cuda.synchronize()
+                return time.perf_counter() - began
+
+            one_round(2)  # warm-up (a compiled step may specialize once more on its first calls)
+            times = sorted(one_round(steps) for _ in range(rounds))
+            seconds = times[len(times) // 2]
+            return dict(batch=batch, steps=steps, rounds=rounds, ms_per_step=1000 * seconds / steps,
+                        tokens_per_s=batch * steps / seconds, round_seconds=times)
+
+        return fits, per_sequence, how, measure
+
+
+def add_ratios_to_full(found: dict) -> None:
+    """Per path of a max-batch result: ``vs_full`` (largest batch over full's) and ``throughput_vs_full``
+    (tokens/s at its largest batch over full's at full's), where both sides were measured."""
+    def value(result: dict, key: str) -> float | None:
+        if key == "max_batch":
+            return result.get("max_batch") or None
+        return result.get("throughput", {}).get("tokens_per_s")
+
+    for key, ratio in (("max_batch", "vs_full"), ("tokens_per_s", "throughput_vs_full")):
+        full = value(found.get("full", {}), key)
+        for result in found.values():
+            mine = value(result, key)
+            if full and mine:
+                result[ratio] = mine / full
 
 
 def print_table(shape: dict, bandwidth: float) -> None:
@@ -891,10 +948,12 @@ def main() -> None:
     parser.add_argument("--gpu-steps", type=int, default=4, help="steps queued behind a sleep for GPU ms/step")
     parser.add_argument("--extra", action="append", default=[], metavar="SPEC",
                         help="another selkv spec to run eager with the fused kernel (repeatable)")
-    parser.add_argument("--max-batch", default="full,int8,int4",
+    parser.add_argument("--max-batch", default="full,int8,int4,int2",
                         help="paths whose largest batch is measured (full,int8,int4,int2; 'none' to skip)")
     parser.add_argument("--max-batch-context", type=int, default=32768)
     parser.add_argument("--max-batch-budget-s", type=float, default=120.0, help="seconds per path for the search")
+    parser.add_argument("--throughput-steps", type=int, default=16,
+                        help="decode steps per round timed at each path's largest batch (0: no throughput)")
     parser.add_argument("--reserve-gib", type=float, default=8.0,
                         help="device memory kept free when packing rows into one group")
     parser.add_argument("--layers", type=int, default=0, help="decoder layers (default: the model's; fewer to try the script)")
@@ -908,6 +967,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1 or args.rounds < 1 or args.reference_steps < 1 or args.gpu_steps < 1:
         parser.error("--steps, --rounds, --reference-steps and --gpu-steps must be at least 1")
+    if args.throughput_steps < 0:
+        parser.error("--throughput-steps must be 0 (no throughput) or more")
     try:
         shapes = [] if args.shapes == "none" else parse_shapes(args.shapes)
     except ValueError as error:
@@ -951,7 +1012,8 @@ def main() -> None:
         "turns round by round (in groups that fit in memory, the baseline in every group); tokens/s from the "
         "median round; vs = median of per-round ratios to the baseline; GPU ms = CUDA events around steps queued "
         "behind a sleeping kernel; floor = (weights read + KV bytes) / measured copy bandwidth; max batch = "
-        "largest batch that ran one decode step at the context without running out of memory",
+        "largest batch that ran one decode step at the context without running out of memory; throughput = "
+        "tokens/s of the median round of greedy steps at that batch, through the same step",
     )
 
     def save() -> None:
@@ -975,7 +1037,10 @@ def main() -> None:
             else:
                 exact = "" if found["exact"] else f" (search stopped; fails at {found['fails_at']})"
                 ratio = f", {found['vs_full']:.2f}x full" if "vs_full" in found else ""
-                print(f"- {path}: {found['max_batch']}{exact}{ratio} ({found['how']})")
+                speed = found.get("throughput", {}).get("tokens_per_s")
+                speed = f"; {speed:.0f} tokens/s" if speed else ""
+                speed += f" ({found['throughput_vs_full']:.2f}x full)" if "throughput_vs_full" in found else ""
+                print(f"- {path}: {found['max_batch']}{exact}{ratio}{speed} ({found['how']})")
     for note in notes:
         print(f"note: {note}")
 

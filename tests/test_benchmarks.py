@@ -66,6 +66,22 @@ def test_search_max_batch_finds_the_largest_batch_that_fits(guess):
     assert [p[0] for p in found["probes"]] == tried and len(tried) == len(set(tried)) <= 22
 
 
+def test_throughput_ratios_compare_each_path_at_its_own_largest_batch():
+    from decode_e2e import add_ratios_to_full
+
+    found = {
+        "full": dict(max_batch=30, throughput=dict(tokens_per_s=600.0)),
+        "int4": dict(max_batch=102, throughput=dict(tokens_per_s=1500.0)),
+        "int2": dict(max_batch=150, throughput=dict(error="out of memory")),
+        "int8": dict(skipped="needs CUDA"),
+    }
+    add_ratios_to_full(found)
+    assert found["int4"]["vs_full"] == 102 / 30 and found["int4"]["throughput_vs_full"] == 2.5
+    assert found["full"]["throughput_vs_full"] == 1.0
+    assert found["int2"]["vs_full"] == 5.0 and "throughput_vs_full" not in found["int2"]
+    assert "vs_full" not in found["int8"]
+
+
 def test_search_max_batch_reports_bounds_when_stopped_or_nothing_fits():
     from decode_e2e import search_max_batch
 
