@@ -249,10 +249,27 @@ def test_bugs_keep_their_traceback(monkeypatch):
         cli.main(["size"])
 
 
+def test_internal_value_errors_are_bugs_even_from_selkv_code(monkeypatch):
+    """Only SelKVError is an input error: a plain ValueError from selkv's own internals keeps its traceback."""
+    from selkv import quant
+
+    monkeypatch.delenv("SELKV_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "cmd_size", lambda args: quant.pack(torch.zeros(1, 3, dtype=torch.uint8), 4))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        cli.main(["size"])
+
+
 def test_user_error_classes_are_value_errors():
+    from selkv.errors import CapacityError, UnsupportedInputError
+    from selkv.eval.data import DataError
+    from selkv.eval.results import SettingsMismatch
+
     assert selkv.SelKVError is SelKVError and issubclass(SelKVError, ValueError)  # `except ValueError` still works
-    for cls in (ModelNotFoundError, UnsupportedModelError, DeviceError):
+    for cls in (ModelNotFoundError, UnsupportedModelError, DeviceError, selkv.SpecError, CapacityError,
+                UnsupportedInputError, DataError, SettingsMismatch):
         assert issubclass(cls, SelKVError)
+        assert cli.is_user_error(cls("x"))
+    assert issubclass(UnsupportedInputError, NotImplementedError)  # as transformers' caches raise for what they lack
 
 
 def test_entry_point_prints_one_line(tmp_path):
@@ -354,7 +371,12 @@ def test_eval_input_errors_come_before_the_model_loads(monkeypatch, tmp_path, ca
 
     monkeypatch.setattr(cli, "_load", never)
     monkeypatch.delenv("SELKV_DEBUG", raising=False)
-    assert cli.main(["eval", task, "--out", str(tmp_path / "out"), flag, value, "--cache", "full"]) == 2
+    extra = []
+    if task == "needle" and flag != "--haystack":  # a haystack of its own: the check under test comes first anywhere
+        essays = tmp_path / "essays.jsonl"
+        essays.write_text(json.dumps({"text": "An essay."}) + "\n", encoding="utf-8")
+        extra = ["--haystack", str(essays)]
+    assert cli.main(["eval", task, "--out", str(tmp_path / "out"), flag, value, "--cache", "full", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()  # nothing written either

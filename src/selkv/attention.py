@@ -27,6 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .errors import UnsupportedInputError, UnsupportedModelError
 from .kernels import reference, triton_available
 from .storage import DecodeStorage, take_published
 
@@ -99,7 +100,7 @@ def _refuse_padding(attention_mask: torch.Tensor | None) -> None:
         return
     attended = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     if not bool(attended[:, :, -1, :].all()):  # the last query token attends to every earlier real token
-        raise NotImplementedError(
+        raise UnsupportedInputError(
             "this selkv cache does not support left-padded batches (its kept tokens are not contiguous "
             "positions, which the padding mask assumes); run rows one at a time"
         )
@@ -120,7 +121,7 @@ def selkv_attention_forward(
     Returns ``([batch_size, q_len, num_heads, head_dim], None)``.
     """
     if kwargs.get("softcap") is not None:
-        raise ValueError(
+        raise UnsupportedModelError(
             "attn_implementation='selkv' does not apply attention-logit softcapping (Gemma 2); load this model "
             "with attn_implementation='eager' (selkv caches work with it)"
         )

@@ -405,27 +405,12 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _raised_by_selkv(err: BaseException) -> bool:
-    """Whether the innermost frame of ``err``'s traceback is selkv code (a deliberate check on the input),
-    not torch or transformers (where a ValueError means selkv passed something wrong: a bug)."""
-    tb = err.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_globals.get("__name__", "").split(".")[0] == "selkv"
-
-
 def is_user_error(err: BaseException) -> bool:
     """Errors that mean "this input cannot be used", printed as one line; everything else is a bug."""
     import torch
 
-    from .specs import SpecError
-
-    if isinstance(err, (SelKVError, SpecError)):
+    if isinstance(err, SelKVError):  # every check selkv makes on its input raises one
         return True
-    if isinstance(err, (ValueError, NotImplementedError)):  # selkv's own argument checks raise these
-        return _raised_by_selkv(err)
     if isinstance(err, torch.OutOfMemoryError):  # the model, batch or context does not fit on the device
         return True
     # Files and folders the user named, and optional packages that are not installed (the message names them).

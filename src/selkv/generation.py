@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import kv_bytes, make_cache
+from .errors import SelKVError
 from .models import cache_kwarg, forward_with_cache
 from .upstream import accepts_logits_to_keep
 
@@ -60,7 +61,7 @@ def generate(model, tokenizer, inputs: dict, spec: str, max_new_tokens: int, sta
     device = model.device
     input_ids = inputs["input_ids"].to(device)
     if input_ids.shape[0] != 1:
-        raise ValueError(f"generate takes one prompt, got a batch of {input_ids.shape[0]}")
+        raise SelKVError(f"generate takes one prompt, got a batch of {input_ids.shape[0]}")
     attention_mask = inputs.get("attention_mask")
     attention_mask = attention_mask.to(device) if attention_mask is not None else torch.ones_like(input_ids)
     max_cache_len = input_ids.shape[-1] + max_new_tokens if static else None
@@ -150,7 +151,7 @@ def decode_tokens(
     """
     eos = set(eos_ids)
     if eos and last_logits.shape[0] != 1:
-        raise ValueError(f"stopping at EOS takes one sequence, got a batch of {last_logits.shape[0]}")
+        raise SelKVError(f"stopping at EOS takes one sequence, got a batch of {last_logits.shape[0]}")
     tokens: list[torch.Tensor] = []
     logits = last_logits
     for _ in range(max_new_tokens):
@@ -198,7 +199,7 @@ def compile_decode_step(model, mode: str | None = "reduce-overhead", fullgraph: 
 
     def step(input_ids: torch.Tensor, cache) -> torch.Tensor:
         if not cache.is_compileable:
-            raise ValueError(
+            raise SelKVError(
                 "compile_decode_step needs a static selkv cache (make_cache(spec, config, max_cache_len=N)) "
                 "and a model whose attention is 'selkv'"
             )

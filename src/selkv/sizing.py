@@ -10,6 +10,7 @@ import torch
 
 from .cache import (LAYER_BYTE_KEYS, bytes_summary, compression_words, layer_bytes, layer_plan, make_cache, model_shape, resolve_spec,
                     shared_bytes)
+from .errors import SelKVError
 
 
 def load_config(name_or_path: str):
@@ -31,7 +32,7 @@ def cache_size(spec: str, config, tokens: int, batch_size: int = 1, chunk: int =
     number of such layers.
     """
     if tokens < 1 or chunk < 1 or batch_size < 1:
-        raise ValueError(f"tokens, chunk and batch_size must be >= 1 (got {tokens}, {chunk}, {batch_size})")
+        raise SelKVError(f"tokens, chunk and batch_size must be >= 1 (got {tokens}, {chunk}, {batch_size})")
     shape = model_shape(config)
     cache = make_cache(spec, config)
     kinds: dict[tuple, list[int]] = {}

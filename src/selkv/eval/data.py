@@ -11,8 +11,10 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import SelKVError
 
-class DataError(ValueError):
+
+class DataError(SelKVError):
     """An input file or record that cannot be used; the message names the file and line."""
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import kv_bytes, make_cache
+from ..errors import SelKVError
 from ..generation import decode_tokens, prefill
 from .arguments import non_negative_int, positive_int
 from .data import check_text, load_text
@@ -83,7 +84,7 @@ def run(model, tokenizer, specs: list[str], writer, data: str, prompt_tokens: in
     text, source = load_text(data)
     prompt_ids = encode(tokenizer, text[: prompt_tokens * 12])[:prompt_tokens]
     if len(prompt_ids) < prompt_tokens:
-        raise ValueError(f"{source} gives only {len(prompt_ids)} prompt tokens; {prompt_tokens} were asked for")
+        raise SelKVError(f"{source} gives only {len(prompt_ids)} prompt tokens; {prompt_tokens} were asked for")
     writer.data = source
     for spec in progress([s for s in specs if writer.get(s, "run") is None], desc="memory", unit="cache"):
         writer.add(spec, "run", measure(model, prompt_ids, spec, new_tokens, max(1, every), chunk))

@@ -21,6 +21,7 @@ import random
 import torch
 
 from ..cache import make_cache
+from ..errors import SelKVError
 from ..generation import eos_token_ids, greedy_decode, prefill
 from .arguments import fraction, non_negative_int, positive_int
 from .data import check_essays, check_kv_retrieval, load_essays, load_kv_retrieval
@@ -83,13 +84,13 @@ def passkey_examples(tokenizer, lengths, depths, trials: int, seed: int, haystac
     for length in lengths:
         for depth in depths:
             if not 0.0 <= depth <= 1.0:
-                raise ValueError(f"--depths must lie in [0, 1], got {depth}")
+                raise SelKVError(f"--depths must lie in [0, 1], got {depth}")
             for trial in range(trials):
                 key = rng.randint(10000, 99999)
                 needle_ids = encode(tokenizer, NEEDLE.format(key=key))
                 body = length - len(intro_ids) - len(needle_ids) - len(question_ids)
                 if body < 0 or body > len(hay_ids):
-                    raise ValueError(f"length {length} does not fit the needle prompt and the haystack")
+                    raise SelKVError(f"length {length} does not fit the needle prompt and the haystack")
                 offset = rng.randrange(0, len(hay_ids) - body + 1)
                 hay = hay_ids[offset : offset + body]
                 at = int(round(body * depth))

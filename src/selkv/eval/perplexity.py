@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import make_cache
+from ..errors import SelKVError
 from ..generation import prefill
 from .arguments import at_least, positive_int
 from .data import check_text, load_text
@@ -56,9 +57,9 @@ def check(settings: dict) -> None:
 
 def _check_lengths(max_tokens: int, segments: int, chunk: int = 1) -> None:
     if max_tokens < 2 or segments < 1:
-        raise ValueError(f"--max-tokens must be >= 2 and --segments >= 1, got {max_tokens} and {segments}")
+        raise SelKVError(f"--max-tokens must be >= 2 and --segments >= 1, got {max_tokens} and {segments}")
     if chunk < 1:
-        raise ValueError(f"--chunk must be >= 1{ONE_PASS}, got {chunk}")
+        raise SelKVError(f"--chunk must be >= 1{ONE_PASS}, got {chunk}")
 
 
 def load_segments(tokenizer, data: str, max_tokens: int, segments: int) -> tuple[list[list[int]], str]:
@@ -71,7 +72,7 @@ def load_segments(tokenizer, data: str, max_tokens: int, segments: int) -> tuple
     if len(ids) < needed:
         ids = encode(tokenizer, text)
     if len(ids) < needed:
-        raise ValueError(f"{source} has {len(ids)} tokens; {segments} x {max_tokens} were asked for")
+        raise SelKVError(f"{source} has {len(ids)} tokens; {segments} x {max_tokens} were asked for")
     return [ids[i * max_tokens : (i + 1) * max_tokens] for i in range(segments)], source
 
 
@@ -104,7 +105,7 @@ def score_tokens(model, ids: list[int], spec: str, chunk: int, first_target: int
     leaves it out of the cache (what a harness model feeds), which scores the same.
     """
     if not 1 <= first_target < len(ids):
-        raise ValueError(f"first_target must be in 1..{len(ids) - 1}, got {first_target}")
+        raise SelKVError(f"first_target must be in 1..{len(ids) - 1}, got {first_target}")
     device = model.device
     targets = torch.tensor(ids[1:], device=device)  # position p predicts targets[p]
     input_ids = torch.tensor([ids if feed_last else ids[:-1]], device=device)

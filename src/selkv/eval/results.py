@@ -20,11 +20,13 @@ from typing import Callable
 
 import torch
 
+from ..errors import SelKVError
+
 RESULTS = "results.json"
 EXAMPLES = "examples.jsonl"
 
 
-class SettingsMismatch(ValueError):
+class SettingsMismatch(SelKVError):
     """A run folder that holds results of a different task, model or settings."""
 
 

@@ -22,6 +22,7 @@ import time
 import torch
 
 from ..cache import make_cache
+from ..errors import SelKVError
 from ..generation import compile_decode_step, decode_tokens, prefill, synchronize
 from .arguments import at_least, non_negative_int, positive_int
 from .kv_metrics import measure_cache
@@ -75,7 +76,7 @@ def time_once(model, input_ids: torch.Tensor, spec: str, new_tokens: int, chunk:
 def run(model, tokenizer, specs: list[str], writer, batch: int, context: int, new_tokens: int, repeats: int,
         warmup: int, chunk: int, seed: int = 0, static: bool = False) -> None:
     if batch < 1 or context < 1 or new_tokens < 1 or repeats < 1 or warmup < 0:
-        raise ValueError("--batch, --context, --new-tokens and --repeats must be >= 1 and --warmup >= 0")
+        raise SelKVError("--batch, --context, --new-tokens and --repeats must be >= 1 and --warmup >= 0")
     todo = [s for s in specs if writer.get(s, "timing") is None]
     if not todo:
         return

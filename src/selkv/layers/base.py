@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ..errors import UnsupportedInputError
+
 # Sink and window positions allocated at the first update (the default sink, and window + block, fit in it).
 INITIAL_CAPACITY = 256
 
@@ -96,7 +98,7 @@ class SelectiveLayer(CacheLayerMixin):
         if self.has_tokens():
             raise RuntimeError("set_left_padding must be called before the first update of the cache")
         if left_padding and not self.supports_left_padding:
-            raise NotImplementedError(
+            raise UnsupportedInputError(
                 f"{type(self).__name__} does not support left-padded batches (its kept tokens are not contiguous "
                 "positions, which transformers' padding mask assumes); run rows one at a time"
             )
@@ -338,7 +340,7 @@ class SelectiveLayer(CacheLayerMixin):
         self._map_batch(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
+        raise UnsupportedInputError(
             f"{type(self).__name__} cannot crop: evicted tokens are quantized or dropped and cannot be restored "
             "(assisted/speculative generation needs a croppable cache such as 'full')"
         )

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import CapacityError, SpecError
 from ..storage import DecodeStorage
 from .sink_window import QuantizedSinkWindowLayer
 
@@ -46,7 +47,7 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
     def __init__(self, *args, max_cache_len: int, **kwargs):
         super().__init__(*args, **kwargs)
         if max_cache_len < 1:
-            raise ValueError(f"max_cache_len must be >= 1, got {max_cache_len}")
+            raise SpecError(f"max_cache_len must be >= 1, got {max_cache_len}")
         self.max_cache_len = max_cache_len
 
     @property
@@ -224,8 +225,8 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         values.append(exact_values)
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
-    def _capacity_error(self, needed: int, held: int) -> ValueError:
-        return ValueError(
+    def _capacity_error(self, needed: int, held: int) -> CapacityError:
+        return CapacityError(
             f"the static cache built for max_cache_len={self.max_cache_len} holds up to {held} positions (whole "
             f"blocks); this update needs {needed}: build it with a larger max_cache_len"
         )
@@ -278,7 +279,7 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
     def _start_another_batch(self, batch_size: int) -> None:
         """A batch of another size: allowed on an empty (new or reset) cache, which reallocates for it."""
         if self.has_tokens():
-            raise ValueError(
+            raise CapacityError(
                 f"this static cache holds a batch of {self.batch_size} sequences; a batch of {batch_size} needs "
                 "cache.reset() first (or another cache)"
             )
