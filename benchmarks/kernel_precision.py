@@ -81,7 +81,10 @@ def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: in
     num_recent = context - SINK - num_stored
     B, H, D = batch_size, num_kv_heads, head_dim
     key_gain = torch.ones(D, device=device)
-    key_gain[torch.randperm(D, generator=gen, device=device)[:3]] = torch.tensor([10.0, 20.0, 30.0], device=device)
+    # The outlier channels from a CPU generator with gen's seed: the same channels on every device (how many
+    # of them share a quantization group decides much of a layout's error).
+    outliers = torch.randperm(D, generator=torch.Generator().manual_seed(gen.initial_seed()))[:3]
+    key_gain[outliers.to(device)] = torch.tensor([10.0, 20.0, 30.0], device=device)
 
     def states(count):  # [B, H, count, D] keys and values in dtype, drawn on the device (gen's)
         keys = torch.randn(B, H, count, D, generator=gen, device=device) * key_gain

@@ -84,14 +84,18 @@ def _missing_package(module: str, pip_name: str, extra: str = "peers") -> str | 
 
 
 EMBEDDED_MISSING = _embedded_model_missing()
+SHARED_DATA_MISSING = None if os.path.isdir(DATA) else (
+    f"needs the evaluation sets in ../shared/data ({os.path.normpath(DATA)}), which this machine lacks")
 QUANTO_MISSING = _missing_package("optimum.quanto", "optimum-quanto")
 ROUGE_MISSING = _missing_package("rouge_score", "rouge-score", extra="eval")
 
 
-# Marks for tests that load the embedded model ("smollm2-135m") or build an 'hf-quanto' cache.
+# Marks for tests that load the embedded model ("smollm2-135m"), build an 'hf-quanto' cache, score ROUGE or
+# read the shared evaluation sets (a GPU machine has none of them).
 needs_embedded_model = pytest.mark.skipif(EMBEDDED_MISSING is not None, reason=EMBEDDED_MISSING or "")
 needs_quanto = pytest.mark.skipif(QUANTO_MISSING is not None, reason=QUANTO_MISSING or "")
 needs_rouge = pytest.mark.skipif(ROUGE_MISSING is not None, reason=ROUGE_MISSING or "")
+needs_shared_data = pytest.mark.skipif(SHARED_DATA_MISSING is not None, reason=SHARED_DATA_MISSING or "")
 
 
 def read_book(chars: int = 20000) -> str:

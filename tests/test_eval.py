@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from helpers import TOLERANCES, make_tiny_llama, needs_rouge, read_book
+from helpers import TOLERANCES, make_tiny_llama, needs_rouge, needs_shared_data, read_book
 
 from selkv.eval import memory, needle, perplexity, report, rouge, speed
 from selkv.eval.data import DataError, read_jsonl
@@ -191,6 +191,7 @@ def test_summarization_metrics(tiny, summaries, tmp_path):
         assert {"rougeL", "rougeL_vs_full", "token_match_vs_full", "n", "kv_bytes", "compression"} <= set(m)
 
 
+@needs_shared_data  # the needle's default haystack essays and the named set pg19
 def test_needle_memory_speed_and_report(tiny, tmp_path):
     model, tok = tiny
     specs = ["full", "quant:bits=8,sink=4,window=32,block=8", "drop:sink=4,window=32,block=8"]

@@ -549,13 +549,15 @@ def test_a_static_cache_hands_the_kernel_its_rotation_signs(monkeypatch):
     from selkv import make_cache
 
     module = kernel_module()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled kernel on CUDA, else the interpreter
     config = tiny_llama_config()
     cache = make_cache("quant:bits=4,sink=4,window=16,block=8", config, max_cache_len=96)
     cache.enable_fused_decode()
     gen = torch.Generator().manual_seed(_seed())
     shape = (2, config.num_key_value_heads, 40, config.head_dim)
     for layer_idx in range(len(cache.layers)):
-        cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), layer_idx)
+        keys, values = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        cache.update(keys.to(device), values.to(device), layer_idx)
     storages = [layer.decode_storage() for layer in cache.layers]
     assert storages[0].key_rotation_signs is not None and storages[0].lengths is not None
     assert all(s.key_rotation_signs is storages[0].key_rotation_signs for s in storages)
@@ -564,7 +566,7 @@ def test_a_static_cache_hands_the_kernel_its_rotation_signs(monkeypatch):
         raise AssertionError("the launcher rotated the query outside the kernel")
 
     monkeypatch.setattr(module.torch, "matmul", no_matmul)
-    query = torch.randn(2, config.num_attention_heads, 1, config.head_dim, generator=gen)
+    query = torch.randn(2, config.num_attention_heads, 1, config.head_dim, generator=gen).to(device)
     out = module.selective_decode_attention(query, storages[0])
     monkeypatch.undo()
     want = reference.selective_decode_attention(query, storages[0])
