@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/profile_e2e.py [--out DIR] [--tiny] [--captured] [--caches int4,...]
 
-Same setup as ``decode_e2e.py`` (caches filled directly, batch 8 x 32k). For each cache, two warm-up
+Same setup as ``decode_e2e.py``, from the same module (``e2e_model.py``: caches filled directly, batch 8 x 32k). For each cache, two warm-up
 steps, then ``--steps`` steps under ``torch.profiler`` (CPU + CUDA activities). Prints the wall time
 per step, the summed device time of all kernels per step, and the top operators by device time and
 by CPU time; writes the tables, a Chrome trace per cache and ``summary.json`` under ``--out``.
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from decode_e2e import (  # noqa: E402
+from e2e_model import (  # noqa: E402
     LLAMA3_8B, TINY, build_model, captured_selkv, compile_step, fill_full, fill_selective, fill_static,
 )
 

@@ -106,7 +106,7 @@ def test_parse_shapes_and_bad_shapes_get_one_line():
 
 
 def test_static_cache_fill_and_rewind():
-    from decode_e2e import TINY, build_model, fill_full, fill_static, rewind
+    from e2e_model import TINY, build_model, fill_full, fill_static, rewind
     from selkv.models import forward_with_cache
     from transformers import DynamicCache, StaticCache
 
@@ -132,7 +132,7 @@ def test_static_cache_fill_and_rewind():
 @pytest.mark.skipif(not hasattr(__import__("selkv"), "compile_decode_step"),
                     reason="needs selkv's static selective cache (make_cache(..., max_cache_len=N))")
 def test_captured_selkv_fill_and_rewind():
-    from decode_e2e import SPECS, TINY, build_model, captured_selkv
+    from e2e_model import SPECS, TINY, build_model, captured_selkv
     from selkv.models import forward_with_cache
 
     model = build_model(TINY, "cpu", torch.float32)
