@@ -159,6 +159,16 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         read_jsonl(path)
 
 
+def test_harness_metadata_is_one_json_object():
+    from selkv.eval.harness import _metadata
+
+    assert _metadata(None) == {} and _metadata('{"data_file": "x.jsonl"}') == {"data_file": "x.jsonl"}
+    with pytest.raises(DataError, match=r"--metadata '\[1\]': expected a JSON object, got list"):
+        _metadata("[1]")
+    with pytest.raises(DataError, match="--metadata '{x': malformed JSON"):
+        _metadata("{x")
+
+
 def test_unknown_named_set_is_reported():
     from selkv.eval.data import load_text
 

@@ -100,6 +100,17 @@ def describe(path: str | Path) -> str:
         return str(path)
 
 
+def json_object(text: str, where: str) -> dict:
+    """``text`` parsed as one JSON object; a :class:`DataError` starting with ``where`` otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     """Records of a JSONL file; blank lines are skipped. Errors name ``path:line``."""
     records = []
@@ -107,12 +118,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            record = json_object(line, f"{path}:{number}")
             missing = [key for key in required if key not in record]
             if missing:
                 raise DataError(f"{path}:{number}: missing field {missing[0]!r} (required: {', '.join(required)})")

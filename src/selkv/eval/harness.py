@@ -14,10 +14,9 @@ of each request (mean over requests and tasks).
 
 from __future__ import annotations
 
-import json
-
 from ..errors import SelKVError
 from .arguments import non_negative_int, positive_int
+from .data import json_object
 from .runner import progress
 
 TASK = "harness"
@@ -92,15 +91,7 @@ def selkv_task_data_files(task: str) -> str | None:
 
 
 def _metadata(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SelKVError(f"--metadata is not JSON ({err.msg} at column {err.colno}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise SelKVError(f"--metadata must be a JSON object, got {text!r}")
-    return value
+    return json_object(text, f"--metadata {text!r}") if text else {}
 
 
 def main_metric(task_results: dict) -> tuple[str, float] | None:
