@@ -101,7 +101,9 @@ def decode_logits(model, cache, input_ids, attention_mask=None, steps: int = 6) 
 
 def test_selkv_attention_reads_padding_from_the_mask(selkv_llama):
     """Padding (21 positions) spills past the sink (4): each row decodes as it does alone."""
-    assert not getattr(selkv_llama, "_selkv_tracks_padding", False)
+    from selkv.models import _TRACKED
+
+    assert selkv_llama not in _TRACKED  # no padding hook: attention reads the padding from the mask alone
     rows = random_rows(30, 9, 17)
     input_ids, attention_mask = left_pad(rows)
     cache = selkv.make_cache(LOSSLESS, selkv_llama.config)

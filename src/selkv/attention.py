@@ -8,7 +8,8 @@ under the name ``"selkv"``, so that either of::
     model.set_attn_implementation("selkv")
 
 selects it. A :class:`~selkv.SelectiveCache` built for such a model publishes each layer after a
-one-token decode step (``selkv.storage.publish``, keyed by ``layer_idx``); the attention function
+one-token decode step (``selkv.storage.publish``, keyed by ``layer_idx``; also a ``drop`` layer after its
+first chunk, whose mask attention checks for padding it cannot serve); the attention function
 takes the layer's :class:`~selkv.storage.DecodeStorage` and reads the compressed cache directly:
 the fused Triton kernel on CUDA, its PyTorch twin elsewhere. Everything else (prefill, other
 caches) is plain SDPA on the keys, values and mask it is given.
@@ -125,10 +126,10 @@ def selkv_attention_forward(
             "attn_implementation='selkv' does not apply attention-logit softcapping (Gemma 2); load this model "
             "with attn_implementation='eager' (selkv caches work with it)"
         )
-    if getattr(key, "selkv_refuses_padding", False):
-        _refuse_padding(attention_mask)
     layer = take_published(getattr(module, "layer_idx", None))
-    if layer is None or query.shape[2] != 1:
+    if layer is not None and layer.checks_padding:
+        _refuse_padding(attention_mask)
+    if layer is None or not layer.storage_step or query.shape[2] != 1:
         if query.is_cuda:
             kernel_module()  # import the kernels now (eagerly) for the decode steps that follow
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

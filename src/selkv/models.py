@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -260,9 +261,13 @@ def _bad_dtype(dtype: str):
     raise SelKVError(f"unknown dtype {dtype!r}; allowed: bfloat16, float16, float32")
 
 
+# Models whose forward already has the padding hook (weakly held: no attribute is set on the model).
+_TRACKED: weakref.WeakSet = weakref.WeakSet()
+
+
 def track_padding(model) -> None:
     """Let selkv caches see the first forward's 2D ``attention_mask`` so that padding stays out of the sinks."""
-    if getattr(model, "_selkv_tracks_padding", False):
+    if model in _TRACKED:
         return
 
     def hook(module, args, kwargs):
@@ -275,7 +280,7 @@ def track_padding(model) -> None:
                 cache.set_left_padding(mask)
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
-    model._selkv_tracks_padding = True
+    _TRACKED.add(model)
 
 
 def forward_with_cache(model, cache, input_ids, **kwargs):

@@ -43,9 +43,11 @@ class SelectiveCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        # A one-token step whose storage selkv's attention reads in place: hand it over by layer_idx.
-        if getattr(self.layers[layer_idx], "storage_step", False):
-            publish(layer_idx, self.layers[layer_idx])
+        # Hand the layer over to selkv's attention (by layer_idx) when attention must read more than the keys
+        # and values: a one-token step's storage, read in place, or a first chunk's mask to check for padding.
+        layer = self.layers[layer_idx]
+        if getattr(layer, "storage_step", False) or getattr(layer, "checks_padding", False):
+            publish(layer_idx, layer)
         else:
             take_published(layer_idx)
         return keys, values

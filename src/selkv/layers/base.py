@@ -57,6 +57,9 @@ class SelectiveLayer(CacheLayerMixin):
     supports_fused_decode = False
     # Whether rows may be left-padded (padding positions must stay addressable by the attention mask).
     supports_left_padding = True
+    # Whether the last update asks selkv's attention to refuse a left-padded mask (layers that cannot
+    # mask padding set it on the first chunk; the cache then hands the layer to attention).
+    checks_padding = False
     # The window buffer grows and shrinks in pages of this many tokens: at most a page of spare room
     # (a few KiB per layer), and a decode step reallocates the buffer only every page of tokens.
     window_page_length = 8

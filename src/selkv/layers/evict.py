@@ -28,8 +28,7 @@ class EvictLayer(SelectiveLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.cumulative_length == key_states.shape[-2]:
-            # The first chunk's mask covers every position from 0: selkv's attention checks it for
-            # padding, which later masks (a slice that misses the sink) could not show.
-            keys.selkv_refuses_padding = True
+        # The first chunk's mask covers every position from 0: selkv's attention checks it for padding,
+        # which later masks (a slice that misses the sink) could not show.
+        self.checks_padding = self.cumulative_length == key_states.shape[-2]
         return keys, values
