@@ -244,6 +244,7 @@ def test_profile_writes_trace_and_tables(tiny, text_file, tmp_path):
 
 
 @pytest.mark.slow
+@needs_shared_data  # a PG-19 book
 def test_embedded_model_int8_is_near_full(smollm):
     model, tok = smollm
     ids = encode(tok, read_book(6000))[:384]
@@ -256,6 +257,7 @@ def test_embedded_model_int8_is_near_full(smollm):
 
 
 @pytest.mark.slow
+@needs_shared_data  # the haystack essays
 def test_embedded_model_finds_the_needle_with_full_cache(smollm):
     model, tok = smollm
     example = needle.passkey_examples(tok, [768], [0.3], 1, 0, None)[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TOLERANCES, needs_quanto, read_book
+from helpers import TOLERANCES, needs_quanto, needs_shared_data, read_book
 
 import selkv
 from selkv.generation import decode_tokens, eos_token_ids, greedy_decode, prefill
@@ -177,6 +177,7 @@ def test_embedded_model_int8_matches_full_greedy_text(smollm):
 
 
 @pytest.mark.slow
+@needs_shared_data  # a PG-19 book
 def test_embedded_model_int8_agrees_with_full_when_teacher_forced(smollm):
     # Over a long prompt, feed both caches the full cache's greedy tokens and compare each step's choice.
     model, tokenizer = smollm
@@ -197,6 +198,7 @@ def test_embedded_model_int8_agrees_with_full_when_teacher_forced(smollm):
 
 
 @pytest.mark.slow
+@needs_shared_data  # a PG-19 book
 def test_embedded_model_logits_stay_close_to_full(smollm):
     model, tokenizer = smollm
     input_ids = tokenizer(read_book(8000), return_tensors="pt").input_ids[:, :768]

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from helpers import TOLERANCES, make_tiny_llama, needs_embedded_model
+from helpers import TOLERANCES, make_tiny_llama, needs_embedded_model, needs_shared_data
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'selkv[harness]')")
 
@@ -210,6 +210,7 @@ def test_missing_task_data_file_fails_before_the_model_loads(monkeypatch, capsys
 
 @pytest.mark.slow
 @needs_embedded_model
+@needs_shared_data  # the needle task's essays
 def test_eval_harness_side_by_side_on_the_embedded_model(smollm, tmp_path):
     """`selkv eval harness`: each cache answers a selkv task through the harness; the table carries the bytes held."""
     from selkv.eval import harness
