@@ -74,3 +74,22 @@ def test_layer_types_and_kwargs_give_one_entry_per_layer():
     layer_types, layer_kwargs = upstream.layer_types_and_kwargs(config)
     assert layer_types == ["sliding_attention"] and len(layer_kwargs) == 1
     assert layer_kwargs[0].get("sliding_window") == 8
+
+
+def test_attention_implementation_is_the_one_the_model_runs_with():
+    """The attention the config records follows set_attn_implementation; selkv's caches decide fused decode from
+    it unless told (make_cache(..., fused_decode=...))."""
+    import selkv
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**_TINY, intermediate_size=64, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    assert upstream.attention_implementation(model.config) == "sdpa"
+    spec = "quant:bits=4,sink=4,window=8,block=4"
+    assert not any(layer.fused_decode for layer in selkv.make_cache(spec, model.config).layers)
+    model.set_attn_implementation("selkv")
+    assert upstream.attention_implementation(model.config) == "selkv"
+    assert all(layer.fused_decode for layer in selkv.make_cache(spec, model.config).layers)
+    assert not any(layer.fused_decode for layer in selkv.make_cache(spec, model.config, fused_decode=False).layers)
+    model.set_attn_implementation("sdpa")
+    assert all(layer.fused_decode for layer in selkv.make_cache(spec, model.config, fused_decode=True).layers)

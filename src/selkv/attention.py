@@ -30,9 +30,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .errors import UnsupportedInputError, UnsupportedModelError
 from .kernels import reference, triton_available
-from .storage import DecodeStorage, take_published
+from .storage import ATTENTION_NAME, DecodeStorage, take_published
 
-ATTENTION_NAME = "selkv"
 
 
 # Whether Triton is installed, looked up once (an import-system lookup cannot be traced by torch.compile).

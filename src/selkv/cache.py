@@ -22,7 +22,8 @@ def resolve_spec(spec: str | CacheSpec, config) -> CacheSpec:
     return parse_spec(spec).check_model(model_shape(config)["head_dim"])
 
 
-def make_cache(spec: str | CacheSpec, config, max_cache_len: int | None = None) -> Cache:
+def make_cache(spec: str | CacheSpec, config, max_cache_len: int | None = None,
+               fused_decode: bool | None = None) -> Cache:
     """Build the cache a spec string describes, for a model ``config`` (each kind's ``build``, in :mod:`selkv.specs`).
 
     ``full`` gives transformers' ``DynamicCache``; ``hf-quanto``/``hf-hqq`` its ``QuantizedCache``
@@ -34,6 +35,10 @@ def make_cache(spec: str | CacheSpec, config, max_cache_len: int | None = None) 
     :class:`SelectiveCache` of :class:`StaticSinkWindowLayer` whose decode steps ``torch.compile`` and
     CUDA graphs capture (``model.generate`` then compiles them on CUDA, as for ``StaticCache``); the
     model's attention must be ``"selkv"`` for that.
+
+    ``fused_decode`` (``drop``/``quant`` caches): whether one-token steps hand their storage to selkv's attention
+    rather than return dequantized keys and values; ``None`` (default) decides from the attention the
+    ``config`` records, which is right unless the model's attention changes after the cache is built.
     """
     if max_cache_len is not None:
         if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 1:
@@ -41,7 +46,10 @@ def make_cache(spec: str | CacheSpec, config, max_cache_len: int | None = None) 
     parsed = parse_spec(spec)
     if max_cache_len is not None and not parsed.supports_static:
         raise SpecError(f"max_cache_len (a static cache) needs a 'full' or 'quant' spec, not {str(spec)!r}")
-    return parsed.build(config, max_cache_len=max_cache_len)
+    cache = parsed.build(config, max_cache_len=max_cache_len)
+    if fused_decode is not None and isinstance(cache, SelectiveCache):
+        cache.enable_fused_decode(fused_decode)
+    return cache
 
 
 # What layer_bytes counts per layer (and kv_bytes sums).

@@ -8,6 +8,8 @@ from transformers.cache_utils import Cache
 from .layers.base import SelectiveLayer
 from .shapes import _build_layers, _text_config, model_shape
 from .storage import publish, take_published
+from .storage import ATTENTION_NAME
+from .upstream import attention_implementation
 
 
 class SelectiveCache(Cache):
@@ -21,18 +23,21 @@ class SelectiveCache(Cache):
     ``DynamicSlidingWindowLayer``: they hold at most ``sliding_window`` tokens in 16 bits.
 
     ``spec`` is a parsed spec (``selkv.parse_spec``) whose ``make_layer(max_cache_len)`` builds one layer;
-    ``make_cache`` takes spec strings.
+    ``make_cache`` takes spec strings. ``fused_decode``: whether one-token steps hand their storage to selkv's
+    attention instead of dequantizing (only right when the model's attention is ``"selkv"``); ``None``
+    decides from the attention ``config`` records.
     """
 
-    def __init__(self, spec, config, max_cache_len: int | None = None):
+    def __init__(self, spec, config, max_cache_len: int | None = None, fused_decode: bool | None = None):
         if isinstance(spec, str):
             raise TypeError(f"SelectiveCache takes a parsed spec; use make_cache({spec!r}, config) or "
                             f"SelectiveCache(parse_spec({spec!r}), config)")
         self.spec = spec.check_model(model_shape(config)["head_dim"])
         super().__init__(layers=_build_layers(config, lambda: self.spec.make_layer(max_cache_len)))
         # With selkv's attention, one-token decode steps read the compressed storage directly.
-        if getattr(_text_config(config), "_attn_implementation", None) == "selkv":
-            self.enable_fused_decode()
+        if fused_decode is None:
+            fused_decode = attention_implementation(_text_config(config)) == ATTENTION_NAME
+        self.enable_fused_decode(fused_decode)
 
     def enable_fused_decode(self, enabled: bool = True) -> None:
         """Let one-token decode steps skip dequantization (selkv's attention then reads storage itself)."""

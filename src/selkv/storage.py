@@ -162,6 +162,9 @@ class DecodeStorage:
         )
 
 
+# The attention that takes what the cache layers publish (registered under this name by selkv.attention).
+ATTENTION_NAME = "selkv"
+
 # layer_idx -> the cache layer whose last update was a one-token step it hands over as storage.
 _PUBLISHED: dict[int, object] = {}
 

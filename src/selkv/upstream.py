@@ -13,7 +13,8 @@ from its version number, and the rest of selkv asks these functions:
 - the name ``model.forward`` takes its cache under (:func:`cache_kwarg`) and whether it takes
   ``logits_to_keep`` (:func:`accepts_logits_to_keep`);
 - the class ``AutoModelForCausalLM`` builds for a config (:func:`causal_lm_class_for`);
-- the tensors a ``QuantizedCache`` layer holds (:func:`quantized_layer_tensors`).
+- the tensors a ``QuantizedCache`` layer holds (:func:`quantized_layer_tensors`);
+- the attention a (text) config was loaded or set with (:func:`attention_implementation`).
 
 ``tests/test_upstream.py`` checks each answer against what the installed transformers really does.
 """
@@ -106,3 +107,9 @@ def quantized_layer_tensors(layer) -> tuple[object, object]:
     quanto stores a packed tensor, HQQ a ``(codes, meta)`` pair.
     """
     return getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)
+
+
+def attention_implementation(text_config) -> str | None:
+    """The attention a model was loaded or set with (``"sdpa"``, ``"selkv"``...), as its config records it
+    (a private attribute: ``attn_implementation`` is the requested one, not always the one set)."""
+    return getattr(text_config, "_attn_implementation", None)
