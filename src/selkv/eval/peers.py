@@ -468,14 +468,13 @@ def main(argv=None) -> int:
     writer.data = "shared/data: niah/paul_graham_essays.jsonl, " + QA_SETS.get(settings["qa_data"], settings["qa_data"]) \
         + f", summarization {settings['summ_data']}"
     writer.extra["side"] = args.side
-    run(model, tokenizer, rows, writer, side, items)
     env = environment(model)
     if args.side == "kvpress":
-        import kvpress  # noqa: F401
         from importlib.metadata import version
 
         env["kvpress"] = version("kvpress")
     writer.extra["environment"] = env
+    run(model, tokenizer, rows, writer, side, items)
     writer.extra["seconds_this_run"] = round(time.time() - started, 1)
     writer.flush(complete=True)
     print(f"wrote {writer.results_path}")
