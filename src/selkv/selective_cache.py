@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers.cache_utils import Cache
 
 from .layers.base import SelectiveLayer
+from .layers.static import StaticSinkWindowLayer
 from .shapes import _build_layers, _text_config, model_shape
 from .storage import publish, take_published
 from .storage import ATTENTION_NAME
@@ -87,3 +90,79 @@ class SelectiveCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         layers = self._selkv_layers()
         (layers[0] if layers else super()).crop(tokens_to_remove)
+
+    # ------------------------------------------------------- snapshot / restore
+
+    def snapshot(self) -> CacheSnapshot:
+        """A copy of every layer's state (tensors cloned): :meth:`restore` brings the cache back to it.
+
+        What ``crop`` cannot do for a compressed cache: prefill a shared context once, then answer
+        several questions against it, restoring the context's cache before each (kvpress's protocol).
+        A snapshot holds as much memory as the cache; it may be restored any number of times.
+        Static caches (``max_cache_len``) refuse with ``NotImplementedError``.
+        """
+        for layer in self.layers:
+            if isinstance(layer, StaticSinkWindowLayer):
+                raise NotImplementedError(
+                    f"snapshot() does not support a static cache ({type(layer).__name__}, built with "
+                    "max_cache_len); build the cache without max_cache_len to snapshot and restore it"
+                )
+        return CacheSnapshot(self, [_copy_state(layer.__dict__) for layer in self.layers])
+
+    def restore(self, snapshot: CacheSnapshot) -> None:
+        """Bring the cache back to what :meth:`snapshot` saw (the snapshot stays usable for another restore)."""
+        if not isinstance(snapshot, CacheSnapshot):
+            raise TypeError(f"restore() takes what this cache's snapshot() returned, not {type(snapshot).__name__}")
+        if snapshot.cache_id != id(self) or len(snapshot.states) != len(self.layers):
+            raise ValueError("this snapshot was taken of another cache; restore it into the cache it came from")
+        for layer_idx, (layer, state) in enumerate(zip(self.layers, snapshot.states)):
+            layer.__dict__.clear()
+            layer.__dict__.update(_copy_state(state))
+            take_published(layer_idx)  # a decode step's storage published before the restore is stale
+
+    @contextlib.contextmanager
+    def checkpoint(self):
+        """``with cache.checkpoint(): ...``: whatever the block adds to the cache is undone when it ends."""
+        saved = self.snapshot()
+        try:
+            yield saved
+        finally:
+            self.restore(saved)
+
+
+# Layer attributes shared between layers and never written in place (the key rotation all layers share):
+# a snapshot keeps them by reference, so kv_bytes still counts them once per cache after a restore.
+_SHARED_STATE = ("key_rotation", "key_rotation_signs")
+
+
+def _copy_state(state: dict) -> dict:
+    """``state`` (a layer's ``__dict__``) with every tensor cloned, lists and dicts copied, other values as they are.
+
+    Cache layers write into their buffers in place (the window shifts, the middle store fills its spare
+    room), so a snapshot must own its tensors, and a restore must not hand the snapshot's own to the layer.
+    """
+
+    def copy(value):
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, list):
+            return [copy(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(copy(v) for v in value)
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        return value
+
+    return {name: (value if name in _SHARED_STATE else copy(value)) for name, value in state.items()}
+
+
+class CacheSnapshot:
+    """What :meth:`SelectiveCache.snapshot` returns: each layer's state at that moment, and its token count."""
+
+    def __init__(self, cache: SelectiveCache, states: list[dict]):
+        self.cache_id = id(cache)
+        self.states = states
+        self.tokens = int(cache.get_seq_length()) if cache.layers else 0
+
+    def __repr__(self) -> str:
+        return f"CacheSnapshot({len(self.states)} layers, {self.tokens} tokens)"

@@ -149,9 +149,64 @@ def table_lines(payload: dict) -> list[str]:
                  _fmt(x.get("mean_vs_full"), "+.3f"), x.get("n", "–"), _mib(x.get("kv_bytes")),
                  compression_words(x.get("compression"))] for c, x in m]
         header = ["cache", *tasks, "mean", "vs full", "n", "KV MiB", COMPRESSION]
+    elif task == KVPRESS_TASK:
+        return kvpress_table_lines([payload])
     else:
         title, header, rows = f"{task}", ["cache", "metrics"], [[c, json.dumps(x)[:200]] for c, x in m]
     return [f"### {title}", "", _settings_line(payload), "", *_table(header, rows), ""]
+
+
+# `python -m selkv.eval.peers` (selkv's side and kvpress's side, two environments): one table of both.
+KVPRESS_TASK = "kvpress-peers"
+KVPRESS_AXIS = "compression (1 - held / 16-bit full)"
+PRESS_NAMES = {"snapkv": "SnapKV", "expected_attention": "ExpectedAttention", "streaming_llm": "StreamingLLM",
+               "knorm": "Knorm", "none": "no press (full)"}
+
+
+def _kvpress_method(row: str) -> tuple[str, str]:
+    """(method, the selkv spec whose bytes it matches) of a kvpress-peers row name."""
+    if not row.startswith("kvpress:"):
+        return f"selkv `{row}`", "itself"
+    press, _, matched = row[len("kvpress:"):].partition("@")
+    return f"kvpress {PRESS_NAMES.get(press, press)}", f"`{matched}`" if matched else "–"
+
+
+def _compression_cell(x: dict) -> str:
+    mean, low, high = (x.get(k) for k in ("compression_kvpress", "compression_kvpress_min", "compression_kvpress_max"))
+    if not isinstance(mean, (int, float)):
+        return _fmt(mean)
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and high - low >= 0.005:
+        return f"{mean:.2f} ({low:.2f}–{high:.2f})"
+    return f"{mean:.2f}"
+
+
+def kvpress_table_lines(payloads: list[dict]) -> list[str]:
+    """One table of every kvpress-peers results file (selkv's rows, then kvpress's), on kvpress's memory axis."""
+    first = payloads[0]
+    s = first.get("settings", {})
+    differs = [p.get("side", "?") for p in payloads[1:] if p.get("settings") != s or p.get("model") != first.get("model")]
+    title = ("kvpress presses beside selkv at equal KV memory (kvpress's protocol: the context prefilled once, "
+             "each question answered against it)")
+    rows = []
+    for payload in payloads:
+        env = payload.get("environment", {})
+        where = f"tf {env.get('transformers', '?')}" + (f", kvpress {env['kvpress']}" if env.get("kvpress") else "")
+        for r in payload.get("results", []):
+            x = r.get("metrics") or {}
+            method, matched = _kvpress_method(r["cache"])
+            rows.append([method, matched, _compression_cell(x), _fmt(x.get("needle_accuracy"), ".2f"),
+                         _fmt(x.get("qa_f1"), ".3f"), _fmt(x.get("rougeL"), ".3f"), x.get("n", "–"), where])
+    header = ["method", "bytes matched to", KVPRESS_AXIS, "needle acc", "QA F1", "ROUGE-L", "n", "env"]
+    lengths = ", ".join(str(n) for n in s.get("needle_lengths", []))
+    line = (f"Model `{first.get('model')}`; needle {lengths} tokens x depths {s.get('needle_depths')}; "
+            f"QA {s.get('qa_data')} {s.get('qa_docs')} papers x {s.get('qa_questions')} questions, first "
+            f"{s.get('qa_context_tokens')} tokens (token F1); summarization {s.get('summ_data')} {s.get('summ_docs')} "
+            f"articles (ROUGE-L). Compression: mean over contexts (range), after the context's prefill.")
+    if any(not p.get("complete") for p in payloads):
+        line += " **(incomplete run)**"
+    if differs:
+        line += f" **Warning: the {', '.join(differs)} side ran other settings or another model.**"
+    return [f"### {title}", "", line, "", *_table(header, rows), ""]
 
 
 def _bits(spec: str) -> int | None:
@@ -277,7 +332,14 @@ def run(dirs: list[str], out_dir: str | None = None, image_prefix: str | None = 
     out.mkdir(parents=True, exist_ok=True)
     lines = ["## Results", ""]
     counts: dict[str, int] = {}
+    # Both sides of the kvpress comparison (two results folders) go in one table, selkv's rows first.
+    peers = sorted((p for _, p in found if p.get("task") == KVPRESS_TASK), key=lambda p: p.get("side") != "selkv")
     for folder, payload in found:
+        if payload.get("task") == KVPRESS_TASK:
+            if peers:
+                lines += kvpress_table_lines(peers)
+                peers = []
+            continue
         lines += table_lines(payload)
         task = payload.get("task")
         if task in PLOTS:

@@ -345,7 +345,8 @@ class SelectiveLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise UnsupportedInputError(
             f"{type(self).__name__} cannot crop: evicted tokens are quantized or dropped and cannot be restored "
-            "(assisted/speculative generation needs a croppable cache such as 'full')"
+            "(assisted/speculative generation needs a croppable cache such as 'full'; to go back to an earlier "
+            "state, take cache.snapshot() then and cache.restore() it)"
         )
 
     # ------------------------------------------------------------- accounting
