@@ -1,0 +1,140 @@
+"""benchmarks/lowbit_sweep.py: the fake-quantization sweep of low-bit candidates (issue 23), small and on the CPU."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from selkv import quant
+from selkv.generation import prefill
+
+from helpers import make_tiny_llama, tiny_llama_config
+
+BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    import lowbit_sweep
+
+    return lowbit_sweep
+
+
+def _logits(model, cache, ids, chunk=8):
+    out = []
+    prefill(model, ids, cache, chunk, on_logits=lambda start, logits: out.append(logits))
+    return torch.cat(out, dim=1)
+
+
+@torch.inference_mode()
+def test_lossless_candidate_equals_full(sweep):
+    from selkv.cache import make_cache
+
+    torch.set_num_threads(1)
+    model = make_tiny_llama()
+    ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(0))
+    full = _logits(model, make_cache("full", model.config), ids)
+    # 16-bit keys and values (float16-rounded), no rotation: the middle holds the tokens as given
+    cand = sweep.Candidate.parse("kbits=16,vbits=16,rotate=none,sink=2,window=16,block=8")
+    model.float()
+    fake = _logits(model, sweep.make_fake_cache(cand, model), ids)
+    torch.testing.assert_close(fake, full, atol=2e-3, rtol=0)
+    # float16 rounding aside, the same: with keys kept exact through pre-RoPE and back, and the sweep's attention
+    cand = sweep.Candidate.parse("kbits=16,vbits=16,rotate=none,prerope=1,sink=2,window=16,block=8")
+    model.set_attn_implementation(sweep.register_attention())
+    try:
+        torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), fake, atol=2e-3, rtol=0)
+        # the sweep's attention records probabilities for `retain` and answers as SDPA does
+        recorder = sweep.AttentionRecorder()
+        sweep.AttentionRecorder.active = recorder
+        torch.testing.assert_close(_logits(model, make_cache("full", model.config), ids), full, atol=1e-5, rtol=0)
+        seen = recorder.seen[0]
+        assert seen[0] == 96 and seen[-1] == 1  # queries that could attend to the first and the last position
+        torch.testing.assert_close(recorder.received[0].sum(), torch.tensor(96.0 * 4), atol=1e-3, rtol=0)
+    finally:
+        sweep.AttentionRecorder.active = None
+        model.set_attn_implementation("sdpa")
+
+
+@torch.inference_mode()
+def test_fake_int2_matches_library_int2(sweep):
+    from selkv.cache import make_cache
+
+    model = make_tiny_llama()
+    ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(1))
+    spec = "quant:bits=2,sink=2,window=16,block=8,group=32,rotate=hadamard-signs"
+    library = _logits(model, make_cache(spec, model.config), ids)
+    cand = sweep.Candidate.parse("kbits=2,vbits=2,sink=2,window=16,block=8,group=32")
+    torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+def test_fake_quantize_is_quant_quantize(sweep, nbits):
+    x = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(nbits)) * 3
+    for group, dim in ((32, -2), (16, -1)):
+        codes, scale, zero = quant.quantize(x, nbits, group, dim=dim)
+        expected = quant.dequantize(codes, scale, zero, group, dim=dim)
+        torch.testing.assert_close(sweep.fake_quantize(x, nbits, group, dim=dim), expected, atol=0, rtol=0)
+
+
+def test_three_bit_error_is_between_two_and_four(sweep):
+    x = torch.randn(1, 2, 64, 32, generator=torch.Generator().manual_seed(3))
+    errors = [(sweep.fake_quantize(x, bits, 32, dim=-2) - x).abs().max() for bits in (2, 3, 4)]
+    assert errors[0] > errors[1] > errors[2]
+    scale = (x.amax(-2) - x.amin(-2)) / 7  # per channel over the 32-token groups: within half a step
+    assert bool(((sweep.fake_quantize(x[:, :, :32], 3, 32, dim=-2) - x[:, :, :32]).abs() <= scale[:, :, None] * 0.51).all())
+
+
+def test_prerope_round_trips(sweep):
+    model = make_tiny_llama()
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rope = sweep.Rope(model.model.rotary_emb)
+    k = torch.randn(1, 2, 40, 32, generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(100, 140)
+    cos, sin = model.model.rotary_emb(k, positions[None])
+    rotated, _ = apply_rotary_pos_emb(k, k, cos, sin)  # what the model caches
+    torch.testing.assert_close(rope.apply(k, positions), rotated, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rope.invert(rotated, positions), k, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rope.apply(rope.invert(rotated, positions), positions), rotated, atol=1e-5, rtol=0)
+
+
+def test_dense_and_sparse_keeps_exactly_the_chosen_outliers(sweep):
+    x = torch.randn(1, 2, 64, 32, generator=torch.Generator().manual_seed(5))
+    x[0, 0, 3, 7] = 40.0  # a planted outlier
+    count = 10
+    mask = sweep.outlier_mask(x, count, block=32)
+    assert mask.reshape(1, 2, 2, 32 * 32).sum(-1).eq(count).all()  # exactly `count` per block of each head
+    assert bool(mask[0, 0, 3, 7])
+    # they are the largest deviations from the channel's median in the block
+    blocks = x.reshape(1, 2, 2, 32, 32)
+    score = (blocks - blocks.median(dim=-2, keepdim=True).values).abs().reshape(1, 2, 2, -1)
+    kept = mask.reshape(1, 2, 2, -1)
+    assert bool((score.masked_fill(~kept, -1).amax(-1) >= score.masked_fill(~kept, math.inf).amin(-1)).all())
+    assert bool((score.masked_fill(kept, -1).amax(-1) <= score.masked_fill(~kept, math.inf).amin(-1)).all())
+    out = sweep.fake_quantize(x, 2, 32, dim=-2, keep=mask)
+    torch.testing.assert_close(out[mask], x[mask].half().float(), atol=0, rtol=0)  # kept: 16-bit
+    assert (out[~mask] - x[~mask]).abs().max() < 2.0  # the rest no longer quantized over the planted range
+    cand = sweep.Candidate.parse("kbits=2,vbits=2,rotate=none,outliers=0.01")
+    assert cand.outliers_per_block(64) == 20
+
+
+@pytest.mark.parametrize("spec,fields", [
+    ("quant:bits=2,sink=4,window=124", "kbits=2,vbits=2"),
+    ("quant:bits=4,sink=4,window=124", "kbits=4,vbits=4,block=64,group=32"),
+    ("quant:bits=8,sink=4,window=124", "kbits=8,vbits=8,key_axis=token,rotate=none"),
+    ("quant:kbits=4,vbits=2,sink=4,window=124", "kbits=4,vbits=2,block=64"),
+    ("quant:bits=2,sink=4,window=60,block=16", "kbits=2,vbits=2,window=60,block=16"),
+])
+def test_held_bytes_match_kv_bytes(sweep, spec, fields):
+    from selkv.sizing import cache_size
+
+    config = tiny_llama_config(head_dim=64, layers=3)
+    expected = cache_size(spec, config, 700)
+    counted = sweep.held_bytes(sweep.Candidate.parse(fields), config, 700)
+    assert counted["allocated"] == expected["allocated"]
+    assert counted["full16"] == expected["full16"]
