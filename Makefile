@@ -84,7 +84,7 @@ test-newest:
 # kvpress (NVIDIA) presses beside selkv at equal KV memory. kvpress 0.5.5 pins transformers<5.3 and selkv needs
 # 5.17+, so the presses run in their own environment with kvpress's transformers; selkv goes in with --no-deps and
 # the runner there imports only selkv's version-agnostic parts (data, prompts, scoring, byte counts).
-# `selkv peers kvpress` (main env) writes selkv's rows, benchmarks/kvpress_peers.py (this env) the presses';
+# `python -m selkv.eval.peers --side selkv` (main env) writes selkv's rows, `--side kvpress` (this env) the presses';
 # `selkv report` reads both (docs: README, "kvpress presses at equal memory").
 $(KVPRESS_VENV)/.installed:
 	test -x $(KVPRESS_VENV)/bin/python || $(PYTHON) -m venv $(KVPRESS_VENV)
