@@ -32,7 +32,8 @@ def _greedy(attn_implementation: str, spec: str, device: str, dtype: torch.dtype
 
 SPECS = ["quant:bits=4,sink=2,window=8,block=4", "quant:bits=8,sink=3,window=5,block=2,key_axis=token",
          "quant:kbits=4,vbits=2,sink=2,window=8,block=4", "quant:kbits=2,vbits=8,sink=2,window=8,block=4,key_axis=token",
-         "quant:bits=4,sink=2,window=8,block=4,key_axis=token,group=16,rotate=hadamard"]
+         "quant:bits=4,sink=2,window=8,block=4,key_axis=token,group=16,rotate=hadamard",
+         "quant:bits=3,sink=2,window=8,block=4", "quant:kbits=3,vbits=2,sink=2,window=8,block=4"]
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -300,8 +300,8 @@ def test_cli_registers_eval_and_report():
 def test_cli_rejects_bad_spec_before_loading(tmp_path, capsys):
     from selkv.cli import main
 
-    assert main(["eval", "perplexity", "--out", str(tmp_path), "--cache", "quant:bits=3"]) == 2
-    assert "bits=3" in capsys.readouterr().err
+    assert main(["eval", "perplexity", "--out", str(tmp_path), "--cache", "quant:bits=5"]) == 2
+    assert "bits=5" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -75,6 +75,8 @@ INTERPRETER_CASES = [
     (8, "channel", 4, 7, 16, 33, [0, 5], None),  # row 1 left-padded: positions < 5 masked
     (4, "token", 2, 5, 144, 16, [3, 0], (16, 4)),  # several splits; 144 = block boundary + 1 tile
     (8, "token", 4, 4, 16, 32, [4, 1], (16, 0)),  # a row whose whole sink is padding
+    (3, "channel", 4, 4, 80, 17, [0, 6], (16, 3)),  # 3-bit: a low 2-bit plane plus a high-bit plane
+    (3, "token", 2, 2, 48, 5, None, None),
 ]
 
 
@@ -86,8 +88,9 @@ def test_interpreter_matches_references(nbits, axis_key, ratio, num_sink, num_st
     """Host lengths (dynamic caches) and device lengths with a ring window and spare capacity (static caches)."""
     module = kernel_module()
     config = None if launch is None else module.DecodeConfig(block_n=launch[0], block_exact=16, num_splits=launch[1])
-    # 2-bit planes of a 32-channel head are 8 channels wide, under the kernel's 16-channel chunks
-    head_dim = 64 if nbits == 2 else SMALL["head_dim"]
+    # 2-bit planes (3-bit codes' low planes) of a 32-channel head are 8 channels wide, under the kernel's
+    # 16-channel chunks
+    head_dim = 64 if nbits in (2, 3) else SMALL["head_dim"]
     shape = dict(SMALL, head_dim=head_dim, num_heads=SMALL["num_kv_heads"] * ratio, num_sink=num_sink,
                  num_stored=num_stored, num_recent=num_recent, nbits=nbits, axis_key=axis_key, row_padding=padding)
     check_case(module, "cpu", torch.float16, _seed(), config=config, device_lengths=device_lengths, **shape)
@@ -96,7 +99,7 @@ def test_interpreter_matches_references(nbits, axis_key, ratio, num_sink, num_st
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("axis_key", ["token", "channel"])
-@pytest.mark.parametrize("key_nbits,value_nbits", [(4, 2), (8, 4), (2, 4)])
+@pytest.mark.parametrize("key_nbits,value_nbits", [(4, 2), (8, 4), (2, 4), (3, 2), (4, 3)])
 def test_interpreter_keys_and_values_of_their_own_bit_widths(key_nbits, value_nbits, axis_key, dtype):
     """Key and value codes of different widths (``quant:kbits=K,vbits=V``): packed rows of their own sizes."""
     module = kernel_module()
@@ -108,7 +111,8 @@ def test_interpreter_keys_and_values_of_their_own_bit_widths(key_nbits, value_nb
 
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("nbits,value_nbits,axis_key", [(4, 4, "token"), (2, 4, "token"), (4, 2, "channel")])
+@pytest.mark.parametrize("nbits,value_nbits,axis_key", [(4, 4, "token"), (2, 4, "token"), (4, 2, "channel"),
+                                                        (3, 3, "channel")])
 @pytest.mark.parametrize("device_lengths", [False, True])
 @pytest.mark.parametrize("rotate", ["hadamard", "hadamard-signs"])
 def test_interpreter_rotated_keys(nbits, value_nbits, axis_key, dtype, device_lengths, rotate):
@@ -257,7 +261,7 @@ CUDA_CASES = [
         (dtype, head_dim, quantization)
         for dtype in (torch.float16, torch.bfloat16)
         for head_dim in (64, 128)
-        for quantization in ((8, "token"), (4, "channel"), (4, "token"), (2, "channel"))
+        for quantization in ((8, "token"), (4, "channel"), (4, "token"), (3, "channel"), (2, "channel"))
     )
 ]
 
@@ -283,6 +287,7 @@ def test_cuda_matches_references(dtype, head_dim, nbits, axis_key, ratio):
 
 # (key bits, value bits, key axis, rotation): the rotated defaults and split widths, compiled for CUDA.
 CUDA_ROTATED_CASES = [(4, 4, "channel", "hadamard-signs"), (2, 2, "channel", "hadamard-signs"),
+                      (3, 3, "channel", "hadamard-signs"), (3, 2, "channel", "hadamard-signs"),
                       (4, 2, "channel", "hadamard-signs"), (4, 4, "token", "hadamard"), (8, 4, "token", "none")]
 
 
@@ -427,9 +432,9 @@ def test_cuda_precision_on_small_values(dtype, nbits, axis_key):
 
 
 @cuda_only
-@pytest.mark.parametrize("nbits", [4, 2])
+@pytest.mark.parametrize("nbits", [4, 3, 2])
 def test_cuda_precision_of_rotated_keys_on_small_values(nbits):
-    """The rotated int4 / int2 defaults on the precision grid: the query is rotated outside the kernel."""
+    """The rotated int4 / int3 / int2 defaults on the precision grid: the query is rotated outside the kernel."""
     check_precision_grid(kernel_module(), "cuda", torch.bfloat16, nbits=nbits, axis_key="channel",
                          rotate="hadamard-signs", **CUDA_PRECISION)
 
@@ -497,7 +502,7 @@ def _trimmed(storage, num_stored: int):
     )
 
 
-@pytest.mark.parametrize("nbits,value_nbits", [(4, 4), (2, 2), (4, 2)])
+@pytest.mark.parametrize("nbits,value_nbits", [(4, 4), (2, 2), (4, 2), (3, 3)])
 @pytest.mark.parametrize("rotate", ["none", "hadamard-signs"])
 @pytest.mark.parametrize("device_lengths", [False, True])
 def test_tiles_of_two_key_blocks(nbits, value_nbits, rotate, device_lengths):
@@ -635,7 +640,7 @@ def test_kernel_masks_padding_past_the_sink(
     assert _relative_error(out, ref64) < REL_ERROR[torch.float16], f"kernel, seed={seed}"
 
 
-@pytest.mark.parametrize("nbits,axis_key", [(8, "token"), (4, "channel"), (2, "token")])
+@pytest.mark.parametrize("nbits,axis_key", [(8, "token"), (4, "channel"), (3, "channel"), (2, "token")])
 @pytest.mark.parametrize("num_stored", [64, 70])  # whole blocks (decode) and a partial block
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_middle_dequantized_into_a_slice_equals_the_plain_formula(nbits, axis_key, num_stored, dtype):

@@ -199,7 +199,7 @@ def test_bytes_are_counted_from_the_tensors():
     assert counted["allocated"] >= counted["total"]
 
 
-@pytest.mark.parametrize(("kbits", "vbits"), [(8, 2), (2, 4), (4, 4)])
+@pytest.mark.parametrize(("kbits", "vbits"), [(8, 2), (2, 4), (4, 4), (3, 3), (3, 2)])
 def test_key_and_value_code_bytes_are_counted_apart(kbits, vbits):
     """Keys and values of their own bit widths: each side's codes counted from the tensors the layer holds."""
     config = tiny_llama_config()
@@ -226,6 +226,7 @@ def test_key_and_value_code_bytes_are_counted_apart(kbits, vbits):
 @pytest.mark.parametrize(("spec", "target"), [
     ("quant:bits=8,sink=4,window=124", 1.8),
     ("quant:bits=4,sink=4,window=124", 3.1),
+    ("quant:bits=3,sink=4,window=124", 4.0),
     ("quant:bits=2,sink=4,window=124", 5.0),
 ])
 def test_memory_targets_on_the_embedded_model_shape(spec, target):
@@ -388,6 +389,7 @@ def test_held_bytes_counts_whole_storages_once():
 @pytest.mark.parametrize(("spec", "target"), [
     ("quant:bits=8,sink=4,window=124", 1.8),
     ("quant:bits=4,sink=4,window=124", 3.1),
+    ("quant:bits=3,sink=4,window=124", 4.0),
     ("quant:bits=2,sink=4,window=124", 5.0),
 ])
 def test_memory_held_meets_the_targets(spec, target, chunk, no_assembly):

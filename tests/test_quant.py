@@ -20,7 +20,7 @@ def _bound(x: torch.Tensor, scale: torch.Tensor, group_size: int, dim: int) -> t
 
 @settings(max_examples=60, deadline=None)
 @given(
-    nbits=st.sampled_from([2, 4, 8]),
+    nbits=st.sampled_from([2, 3, 4, 8]),
     groups=st.integers(1, 4),
     group_size=st.sampled_from([1, 4, 16, 32, 64]),
     rows=st.integers(1, 5),
@@ -42,7 +42,7 @@ def test_round_trip_error_is_at_most_half_a_step(nbits, groups, group_size, rows
     assert bool((err <= _bound(x, scale, group_size, dim)).all()), float((err - _bound(x, scale, group_size, dim)).max())
 
 
-@pytest.mark.parametrize("nbits", [2, 4, 8])
+@pytest.mark.parametrize("nbits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym", [False, True])
 def test_non_finite_and_constant_groups_give_finite_output(nbits, sym):
     x = torch.tensor(
@@ -89,7 +89,7 @@ def test_hadamard_refuses_other_sizes(dim):
         quant.hadamard(dim)
 
 
-@pytest.mark.parametrize("nbits", [2, 4, 8])
+@pytest.mark.parametrize("nbits", [2, 3, 4, 8])
 @pytest.mark.parametrize("head_dim", [8, 64, 128])
 def test_pack_unpack_round_trip_and_size(nbits, head_dim):
     codes = torch.randint(0, 2**nbits, (3, 5, head_dim), dtype=torch.uint8)
@@ -124,22 +124,38 @@ def test_packing_is_planar():
 
 def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="nbits must be one of"):
-        quant.quantize(torch.randn(4, 8), 3, 8)
+        quant.quantize(torch.randn(4, 8), 5, 8)
     with pytest.raises(ValueError, match="group_size=3"):
         quant.quantize(torch.randn(4, 8), 4, 3)
     with pytest.raises(ValueError, match="multiple of 4"):
         quant.pack(torch.zeros(6, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        quant.pack(torch.zeros(12, dtype=torch.uint8), 3)
+
+
+@pytest.mark.parametrize("head_dim", [8, 64, 128])
+def test_three_bit_codes_are_a_low_two_bit_plane_and_a_high_bit_plane(head_dim):
+    """The layout the kernel reads: channel p * D/4 + j keeps its low two bits in byte j (bits 2p, 2p + 1) and
+    its high bit in byte D/4 + j mod D/8 (bit 2p + j div D/8)."""
+    codes = torch.randint(0, 8, (4, head_dim), dtype=torch.uint8)
+    packed = quant.pack(codes, 3).long()
+    for channel in range(head_dim):
+        p, j = divmod(channel, head_dim // 4)
+        low = (packed[:, j] >> (2 * p)) & 3
+        high = (packed[:, head_dim // 4 + j % (head_dim // 8)] >> (2 * p + j // (head_dim // 8))) & 1
+        assert torch.equal(low + 4 * high, codes[:, channel].long()), channel
+    assert quant.plane_width(head_dim, 3) == head_dim // 4 and quant.channel_multiple(3) == 8
 
 
 def test_more_bits_means_less_error():
     x = torch.randn(64, 64)
     errors = []
-    for nbits in (2, 4, 8):
+    for nbits in (2, 3, 4, 8):
         c, s, z = quant.quantize(x, nbits, 64)
         errors.append(float((quant.dequantize(c, s, z, 64) - x).pow(2).mean()))
-    assert errors[0] > errors[1] > errors[2]
+    assert errors[0] > errors[1] > errors[2] > errors[3]
     # Uniform quantization of a Gaussian: each extra bit cuts the MSE about 4x.
-    assert errors[1] / errors[2] > 4 ** 3
+    assert errors[1] / errors[2] > 2.5 and errors[2] / errors[3] > 4 ** 3
 
 
 def test_tensor_bytes_counts_every_reachable_tensor_once():
@@ -149,7 +165,7 @@ def test_tensor_bytes_counts_every_reachable_tensor_once():
     assert quant.tensor_bytes(None) == 0 and math.isfinite(quant.tensor_bytes([]))
 
 
-@pytest.mark.parametrize("nbits", [2, 4, 8])
+@pytest.mark.parametrize("nbits", [2, 3, 4, 8])
 @pytest.mark.parametrize("top", [65504.0, 60000.0, -65504.0, 40000.0])
 def test_symmetric_groups_near_the_float16_maximum_stay_within_half_a_step(nbits, top):
     # -2**(nbits-1) * scale must be a finite float16: groups whose range needs a larger scale keep
@@ -163,7 +179,7 @@ def test_symmetric_groups_near_the_float16_maximum_stay_within_half_a_step(nbits
 
 @pytest.mark.parametrize("axis_key,rotate,key_nbits,value_nbits", [
     ("token", "none", 8, 8), ("channel", "hadamard-signs", 4, 4), ("channel", "hadamard-signs", 2, 4),
-    ("token", "hadamard", 4, 2),
+    ("token", "hadamard", 4, 2), ("channel", "hadamard-signs", 3, 3), ("token", "none", 3, 8),
 ])
 def test_quantize_middle_is_read_back_within_half_a_step(axis_key, rotate, key_nbits, value_nbits):
     from selkv.storage import dequantize_middle

@@ -11,7 +11,7 @@ import selkv
 from selkv import SpecError
 
 BAD_SPECS = {
-    "quant:bits=3": "bits=3 is not supported; allowed: 2, 4, 8",
+    "quant:bits=5": "bits=5 is not supported; allowed: 2, 3, 4, 8",
     "quant:sink=4": "missing required field 'bits'",
     "quant:bits=4,sink=-1": "sink=-1 must be >= 0",
     "drop:window=0": "window=0 must be >= 1",
@@ -28,7 +28,7 @@ BAD_SPECS = {
     "quant:bits=4,kbits=4,vbits=2": "bits=4 disagrees with vbits=2",
     "quant:kbits=4": "missing field 'vbits'",
     "quant:vbits=2,sink=4": "missing field 'kbits'",
-    "quant:kbits=4,vbits=3": "vbits=3 is not supported; allowed: 2, 4, 8",
+    "quant:kbits=4,vbits=6": "vbits=6 is not supported; allowed: 2, 3, 4, 8",
     "quant:bits=4,rotate=random": "rotate='random' is not allowed; allowed: none, hadamard, hadamard-signs",
 }
 
@@ -82,7 +82,7 @@ def test_rotate_key():
         selkv.parse_spec("quant:bits=4,rotate=sideways")
 
 
-@pytest.mark.parametrize("kbits", [8, 4, 2])
+@pytest.mark.parametrize("kbits", [8, 4, 3, 2])
 def test_default_rotation_follows_the_key_bits_and_the_head_dim(kbits):
     from selkv.specs import DEFAULT_ROTATE
 
@@ -190,3 +190,15 @@ def test_install_hints_name_what_installs_the_backend(monkeypatch):
             assert any(req.startswith(spec_class.pip_name) for req in extras[extra.group(1)]), (kind, hint)
         else:
             assert hint == spec_class.pip_name, (kind, hint)
+
+
+def test_three_bit_codes_need_a_head_dim_of_whole_bytes_of_eight_channels():
+    spec = selkv.parse_spec("quant:bits=3")
+    assert (spec.kbits, spec.vbits) == (3, 3) and str(spec).startswith("quant:bits=3,")
+    resolved = spec.check_model(64)
+    assert (resolved.key_axis, resolved.block, resolved.group, resolved.rotate) == (
+        "channel", 64, 64, "hadamard-signs")
+    with pytest.raises(SpecError, match="bits=3 packs its codes in groups of 8 channels; head_dim=36"):
+        selkv.parse_spec("quant:kbits=3,vbits=4,rotate=none").check_model(36)
+    with pytest.raises(SpecError, match="bits=2 packs its codes in groups of 4 channels; head_dim=18"):
+        selkv.parse_spec("quant:bits=2,rotate=none,group=2").check_model(18)

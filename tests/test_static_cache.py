@@ -68,7 +68,7 @@ def test_static_cache_decodes_like_the_dynamic_cache(selkv_llama, spec):
 
 @pytest.mark.parametrize("axis", ["token", "channel"])
 @pytest.mark.parametrize("steps", [[1] * 45, [13, 1, 1, 40, 1, 7, 1, 1, 1, 1, 30, 1], [3, 1, 1, 1, 60, 1, 1]])
-@pytest.mark.parametrize("bits", ["bits=4", "kbits=8,vbits=2"])
+@pytest.mark.parametrize("bits", ["bits=4", "kbits=8,vbits=2", "bits=3"])
 def test_static_layer_stores_what_the_dynamic_layer_stores(axis, steps, bits):
     """Same tokens in, any mix of chunks and single tokens: the same attention over the storage after
     each one-token step, and what a chunk's update returns is identical."""

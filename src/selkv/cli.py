@@ -45,7 +45,7 @@ __all__ = ["DEMO_CACHES", "DEMO_PROMPT", "SIZE_CACHES", "add_eval_commands", "bu
 
 SPEC_HELP = (
     "cache spec; repeat to compare. Kinds: full | drop:sink=S,window=W | "
-    "quant:bits=2|4|8 (or kbits=K,vbits=V),sink=S,window=W[,group=G][,key_axis=token|channel][,sym=0|1]"
+    "quant:bits=2|3|4|8 (or kbits=K,vbits=V),sink=S,window=W[,group=G][,key_axis=token|channel][,sym=0|1]"
     "[,block=T][,rotate=hadamard-signs|hadamard|none] | "
     "hf-quanto:bits=2|4,residual=R | hf-hqq:bits=B,residual=R"
 )

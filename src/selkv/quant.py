@@ -29,13 +29,9 @@ import math
 
 import torch
 
-SUPPORTED_NBITS = (2, 4, 8)
+SUPPORTED_NBITS = (2, 3, 4, 8)
 SCALE_DTYPE = torch.float16
 _FP16_MAX = torch.finfo(torch.float16).max
-
-
-def codes_per_byte(nbits: int) -> int:
-    return 8 // nbits
 
 
 def check_nbits(nbits: int) -> None:
@@ -210,33 +206,65 @@ def unrotate(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
 # in bits [0, nbits), [nbits, 2 nbits), ... So unpacking plane p of a row is one
 # shift and one mask, and a kernel can multiply plane p with the matching
 # contiguous slice of the query without interleaving registers.
+#
+# 3-bit codes are split into their low two bits and their high bit: the low bits are packed as 2-bit
+# codes (D/4 bytes), followed by the high bits packed as 1-bit codes (D/8 bytes, byte i holds channels
+# i, i + D/8, ..., i + 7D/8), 3D/8 bytes in all. Channel c of 2-bit plane p (c = p D/4 + j) finds its
+# high bit in byte D/4 + j mod D/8, bit 2p + j div D/8: a reader of one 2-bit plane reads both parts
+# with one shift per column.
 
 
-def pack(codes: torch.Tensor, nbits: int) -> torch.Tensor:
-    """uint8 codes ``[..., D]`` -> packed bytes ``[..., D * nbits // 8]``."""
+def channel_multiple(nbits: int) -> int:
+    """head_dim must be a multiple of this to pack ``nbits``-bit codes."""
     check_nbits(nbits)
-    k = codes_per_byte(nbits)
+    return 8 if nbits == 3 else 8 // nbits
+
+
+def plane_width(head_dim: int, nbits: int) -> int:
+    """Channels of one bit plane, read with one shift: ``head_dim * nbits / 8``; for 3-bit codes, those of
+    a low 2-bit plane (``head_dim / 4``), whose high bits come with them."""
+    return head_dim // 4 if nbits == 3 else head_dim * nbits // 8
+
+
+def _pack_planes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
+    k = 8 // nbits  # codes per byte
     if k == 1:
         return codes.to(torch.uint8)
-    d = codes.shape[-1]
-    if d % k:
-        raise ValueError(f"the last dimension ({d}) must be a multiple of {k} to pack {nbits}-bit codes")
-    planes = codes.to(torch.uint8).unflatten(-1, (k, d // k))  # [..., plane, D/k]
+    planes = codes.to(torch.uint8).unflatten(-1, (k, codes.shape[-1] // k))  # [..., plane, D/k]
     packed = planes[..., 0, :].clone()
     for p in range(1, k):
         packed |= planes[..., p, :] << (p * nbits)
     return packed
 
 
-def unpack(packed: torch.Tensor, nbits: int) -> torch.Tensor:
-    """Packed bytes ``[..., D * nbits // 8]`` -> uint8 codes ``[..., D]``."""
-    check_nbits(nbits)
-    k = codes_per_byte(nbits)
+def _unpack_planes(packed: torch.Tensor, nbits: int) -> torch.Tensor:
+    k = 8 // nbits
     if k == 1:
         return packed
     mask = 2**nbits - 1
-    planes = [(packed >> (p * nbits)) & mask for p in range(k)]
-    return torch.cat(planes, dim=-1)
+    return torch.cat([(packed >> (p * nbits)) & mask for p in range(k)], dim=-1)
+
+
+def pack(codes: torch.Tensor, nbits: int) -> torch.Tensor:
+    """uint8 codes ``[..., D]`` -> packed bytes ``[..., D * nbits // 8]``."""
+    d = codes.shape[-1]
+    if d % channel_multiple(nbits):
+        raise ValueError(f"the last dimension ({d}) must be a multiple of {channel_multiple(nbits)} to pack "
+                         f"{nbits}-bit codes")
+    if nbits == 3:
+        codes = codes.to(torch.uint8)
+        return torch.cat([_pack_planes(codes & 3, 2), _pack_planes(codes >> 2, 1)], dim=-1)
+    return _pack_planes(codes, nbits)
+
+
+def unpack(packed: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Packed bytes ``[..., D * nbits // 8]`` -> uint8 codes ``[..., D]``."""
+    check_nbits(nbits)
+    if nbits == 3:
+        low_bytes = packed.shape[-1] * 2 // 3  # D/4 of 3D/8
+        low, high = packed[..., :low_bytes], packed[..., low_bytes:]
+        return _unpack_planes(low, 2) | (_unpack_planes(high, 1) << 2)
+    return _unpack_planes(packed, nbits)
 
 
 def to_block_major(packed: torch.Tensor, block: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from ..cache import compression_words
+from ..quant import SUPPORTED_NBITS
 from ..specs import SpecError, parse_spec
 from ..errors import SelKVError
 from .results import RESULTS
@@ -274,7 +275,7 @@ def plot_perplexity(payload: dict, path: Path) -> bool:
         ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", label=family)
     s = payload.get("settings", {})
     ax.set_xlabel("bits per quantized element")
-    ax.set_xticks([2, 4, 8])
+    ax.set_xticks(list(SUPPORTED_NBITS))
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.set_title(f"Perplexity vs bits ({s.get('data')}, {s.get('max_tokens')} tokens, chunk {s.get('chunk')})")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
+from .. import quant
 from ..storage import DecodeStorage
 from . import interpreter_enabled
 from .triton_decode import _merge_partials_kernel, _selective_decode_partial_kernel
@@ -77,8 +78,8 @@ def _resolve(config: DecodeConfig, axis_key: str, block_length: int) -> DecodeCo
 
 
 def _chunk(head_dim: int, nbits: int, q_group_size: int) -> int:
-    """Channels per middle chunk: inside one bit plane (head_dim * nbits / 8 bytes) and one scale group."""
-    return min(q_group_size, head_dim * nbits // 8)
+    """Channels per middle chunk: inside one bit plane (``quant.plane_width``) and one scale group."""
+    return min(q_group_size, quant.plane_width(head_dim, nbits))
 
 
 # Tiles a middle program reads at least (each program pays a partial output and its merge).
@@ -147,7 +148,7 @@ def check_supported(head_dim: int, num_groups: int, nbits: int, q_group_size: in
         return f"head_dim={head_dim} (a power of two >= 16 is needed)"
     value_nbits = nbits if value_nbits is None else value_nbits
     for bits in (nbits, value_nbits):
-        if bits not in (2, 4, 8):
+        if bits not in quant.SUPPORTED_NBITS:
             return f"nbits={bits}"
     if not _pow2(q_group_size) or head_dim % q_group_size:
         return f"q_group_size={q_group_size} (a power of two dividing head_dim is needed)"
@@ -245,7 +246,7 @@ def selective_decode_attention(
         recent_keys = recent_values = sink_keys if sink_keys.numel() else query_states
 
     if num_stored:
-        key_packed, value_packed = head_dim * key_nbits // 8, head_dim * value_nbits // 8
+        key_packed, value_packed = quant.packed_dim(head_dim, key_nbits), quant.packed_dim(head_dim, value_nbits)
         if key_codes is None or key_codes.shape[-1] != key_packed or value_codes.shape[-1] != value_packed:
             raise ValueError(f"key/value codes must have {key_packed}/{value_packed} packed bytes per token for "
                              f"key_nbits={key_nbits}, value_nbits={value_nbits}")
@@ -323,7 +324,8 @@ def selective_decode_attention(
         HEADS_N=max(8, triton.next_power_of_2(group)),
         CHUNK=chunk,
         # per-channel keys: a whole bit plane; per-token keys: one plane and scale group
-        KEY_CHUNK=head_dim * key_nbits // 8 if axis_key == "channel" else _chunk(head_dim, key_nbits, q_group_size),
+        KEY_CHUNK=(quant.plane_width(head_dim, key_nbits) if axis_key == "channel"
+                   else _chunk(head_dim, key_nbits, q_group_size)),
         CODES_ASM=device.type == "cuda" and torch.version.hip is None,  # inline PTX: NVIDIA only
         SCALE_PREFETCH=config.scale_prefetch,
         VALUE_DOT=VALUE_DOTS.index(config.value_dot),

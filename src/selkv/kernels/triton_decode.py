@@ -242,14 +242,40 @@ def _codes_to_dot(bytes_, SHIFT: tl.constexpr, NBITS: tl.constexpr, DOT_DTYPE: t
 
 
 @triton.jit
+def _three_bit_high(C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Byte columns and bit shifts [CHUNK] of the high bits of 3-bit codes of channels [C * CHUNK, (C + 1) * CHUNK).
+
+    Channel p D/4 + j keeps its high bit in byte D/4 + j mod D/8, bit 2p + j div D/8 (see quant.pack)."""
+    LOW: tl.constexpr = HEAD_DIM // 4
+    HIGH: tl.constexpr = HEAD_DIM // 8
+    j = (C * CHUNK) % LOW + tl.arange(0, CHUNK)
+    return LOW + j % HIGH, (C * CHUNK) // LOW * 2 + j // HIGH
+
+
+@triton.jit
+def _three_bit_to_dot(low, high, SHIFT: tl.constexpr, high_shift, DOT_DTYPE: tl.constexpr):
+    """Low-plane bytes and high-bit bytes (their shifts broadcast alike) -> OFFSET + code, as _codes_to_dot."""
+    codes = ((low >> SHIFT) & 3) | (((high >> high_shift) & 1) << 2)
+    codes = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    if DOT_DTYPE == tl.float32:
+        codes = codes.to(tl.float32) - 1024.0
+    return codes
+
+
+@triton.jit
 def _load_chunk_codes(Codes, row_offs, valid, C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
                       NBITS: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
     """[BLOCK_N, CHUNK] codes of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code."""
-    PACKED: tl.constexpr = HEAD_DIM * NBITS // 8
-    COL: tl.constexpr = (C * CHUNK) % PACKED
-    SHIFT: tl.constexpr = (C * CHUNK) // PACKED * NBITS
+    PLANE_BITS: tl.constexpr = 2 if NBITS == 3 else NBITS  # a 3-bit code's low plane (high bits: _three_bit_high)
+    PLANE_BYTES: tl.constexpr = HEAD_DIM * PLANE_BITS // 8
+    COL: tl.constexpr = (C * CHUNK) % PLANE_BYTES
+    SHIFT: tl.constexpr = (C * CHUNK) // PLANE_BYTES * PLANE_BITS
     offs_w = tl.arange(0, CHUNK)
     bytes_ = tl.load(Codes + row_offs[:, None] + COL + offs_w[None, :], mask=valid[:, None], other=0)
+    if NBITS == 3:
+        high_col, high_shift = _three_bit_high(C, CHUNK, HEAD_DIM)
+        high = tl.load(Codes + row_offs[:, None] + high_col[None, :], mask=valid[:, None], other=0)
+        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[None, :], DOT_DTYPE)
     return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
 
 
@@ -327,18 +353,9 @@ def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale
 
 
 @triton.jit
-def _load_value_codes(VCodes, code_base, start, pos, valid, last_block, C: tl.constexpr, CHUNK: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, NBITS: tl.constexpr, VALUE_BLOCK: tl.constexpr,
-                      BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """[CHUNK, BLOCK_N] value codes (channels x tokens) of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code.
-
-    Value codes are block-major (``quant.to_block_major``, blocks of VALUE_BLOCK tokens): the tokens of
-    one byte column are adjacent, as the dot's inner dimension wants them.
-    """
-    PACKED: tl.constexpr = HEAD_DIM * NBITS // 8
-    COL: tl.constexpr = (C * CHUNK) % PACKED
-    SHIFT: tl.constexpr = (C * CHUNK) // PACKED * NBITS
-    offs_c = COL + tl.arange(0, CHUNK)
+def _load_value_bytes(VCodes, code_base, start, pos, valid, last_block, offs_c, PACKED: tl.constexpr,
+                      VALUE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[CHUNK, BLOCK_N] value-code bytes of byte columns ``offs_c`` (rows of PACKED bytes, block-major)."""
     if VALUE_BLOCK % BLOCK_N == 0:
         # the tile lies inside one block, whose bytes are allocated (the store's capacity is whole
         # blocks): no mask, so the loads stay wide. Bytes past the stored tokens meet p = 0.
@@ -359,6 +376,29 @@ def _load_value_codes(VCodes, code_base, start, pos, valid, last_block, C: tl.co
         token = (pos // VALUE_BLOCK) * (VALUE_BLOCK * PACKED) + pos % VALUE_BLOCK
         bytes_ = tl.load(VCodes + code_base + offs_c[:, None] * VALUE_BLOCK + token[None, :], mask=valid[None, :],
                          other=0)
+    return bytes_
+
+
+@triton.jit
+def _load_value_codes(VCodes, code_base, start, pos, valid, last_block, C: tl.constexpr, CHUNK: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, NBITS: tl.constexpr, VALUE_BLOCK: tl.constexpr,
+                      BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """[CHUNK, BLOCK_N] value codes (channels x tokens) of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code.
+
+    Value codes are block-major (``quant.to_block_major``, blocks of VALUE_BLOCK tokens): the tokens of
+    one byte column are adjacent, as the dot's inner dimension wants them.
+    """
+    PACKED: tl.constexpr = HEAD_DIM * NBITS // 8
+    PLANE_BITS: tl.constexpr = 2 if NBITS == 3 else NBITS  # a 3-bit code's low plane (high bits: _three_bit_high)
+    PLANE_BYTES: tl.constexpr = HEAD_DIM * PLANE_BITS // 8
+    COL: tl.constexpr = (C * CHUNK) % PLANE_BYTES
+    SHIFT: tl.constexpr = (C * CHUNK) // PLANE_BYTES * PLANE_BITS
+    args = (VCodes, code_base, start, pos, valid, last_block)
+    bytes_ = _load_value_bytes(*args, COL + tl.arange(0, CHUNK), PACKED, VALUE_BLOCK, BLOCK_N)
+    if NBITS == 3:
+        high_col, high_shift = _three_bit_high(C, CHUNK, HEAD_DIM)
+        high = _load_value_bytes(*args, high_col, PACKED, VALUE_BLOCK, BLOCK_N)
+        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[:, None], DOT_DTYPE)
     return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
 
 

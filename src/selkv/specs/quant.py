@@ -22,14 +22,14 @@ from typing import ClassVar
 from ..errors import SpecError
 from ..layers.sink_window import QuantizedSinkWindowLayer
 from ..layers.static import StaticSinkWindowLayer
-from ..quant import ROTATIONS, SUPPORTED_NBITS
+from ..quant import ROTATIONS, SUPPORTED_NBITS, channel_multiple
 from .base import GroupedSpec, SelectiveSpec, SpecFields
 
 # Default key quantization axis per bit width, from the perplexity sweep in
 # docs/eval_results.md: per-token keys are lossless at 8 bits, while at 4 and 2 bits a few
 # outlier channels dominate each token's range, so per-channel groups (KIVI)
 # cost far less accuracy.
-DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 2: "channel"}
+DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 3: "channel", 2: "channel"}
 
 # Default group size (channels per value group, and per key group with per-token keys) and block (tokens
 # per per-channel key group, and per eviction) per bit width, from the perplexity sweep in docs/eval_results.md
@@ -40,14 +40,16 @@ DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 2: "channel"}
 # - int2: key blocks of 32 (+9.1% / +26.2%, 5.06x). Blocks of 16 are more accurate (+5.5% / +16.2%) but
 #   4.4x; block=64 with group=32 is worse (+16.5% / +38.0%). `block=16` remains a spec away.
 # A head_dim the per-bit default does not divide (96: Phi-3-mini; 80: Phi-2, StableLM-3B, Pythia-2.8B)
+# - int3: key blocks of 64 and value groups of 64 (4.09x; keys in blocks of 32 would hold 3.85x), from the
+#   low-bit sweep (docs/eval_results.md, 2026-12-05).
 # gets the largest group that divides both: gcd(head_dim, default), 32 and 16 there.
-DEFAULT_GROUP = {8: 64, 4: 32, 2: 64}
-DEFAULT_BLOCK = {8: 32, 4: 64, 2: 32}
+DEFAULT_GROUP = {8: 64, 4: 32, 3: 64, 2: 64}
+DEFAULT_BLOCK = {8: 32, 4: 64, 3: 64, 2: 32}
 # Key rotation per key bit width, from the float32 perplexity sweep in docs/eval_results.md (2026-12-02,
 # SmolLM2-135M, chunk 64): sign-flipped Hadamard keys take int2 from +9.3% / +11.3% / +26.2% to
 # +4.2% / +5.2% / +12.5% (PG-19 2,048 / 4,096, WikiText-2) and int4 from +0.28% / +0.33% / +0.41% to
 # +0.28% / +0.31% / +0.09%, at the same bytes; int8 is within 0.05% without it.
-DEFAULT_ROTATE = {8: "none", 4: "hadamard-signs", 2: "hadamard-signs"}
+DEFAULT_ROTATE = {8: "none", 4: "hadamard-signs", 3: "hadamard-signs", 2: "hadamard-signs"}
 
 
 @dataclass(frozen=True)
@@ -162,9 +164,11 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
 
     def check_model(self, head_dim: int) -> QuantSpec:
         resolved = super().check_model(head_dim)
-        per_byte = 8 // min(self.kbits, self.vbits)
-        if head_dim % per_byte:
-            raise SpecError(f"bits={min(self.kbits, self.vbits)} packs {per_byte} codes per byte; head_dim={head_dim} is not a multiple")
+        for width in sorted({self.kbits, self.vbits}):
+            multiple = channel_multiple(width)
+            if head_dim % multiple:
+                raise SpecError(f"bits={width} packs its codes in groups of {multiple} channels; "
+                                f"head_dim={head_dim} is not a multiple")
         power_of_two = not head_dim & (head_dim - 1)
         if self.rotate not in ("", "none") and not power_of_two:
             raise SpecError(f"quant: rotate={self.rotate} needs a power-of-two head_dim; this model's is {head_dim} "
