@@ -42,6 +42,7 @@ FUSED = {  # name: (nbits, axis_key, q_group_size, block_length)
     # call in the launcher, which the times include
     "fused int4 spec rot": (4, "channel", 32, 64, "hadamard-signs"),
     "fused int2 rot": (2, "channel", 64, 32, "hadamard-signs"),
+    "fused int3 spec rot": (3, "channel", 64, 64, "hadamard-signs"),  # the int3 spec's defaults
     "fused int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
 }
 ACCURACY_RMS = (1.0, 0.02)  # value RMS of the accuracy column
