@@ -325,7 +325,7 @@ def test_help_describes_every_command(command):
     out = subprocess.run([sys.executable, "-m", "selkv.cli", *command, "--help"], capture_output=True, text=True, check=True).stdout
     assert "usage: selkv" in out
     if command == ["generate"]:
-        assert "--cache" in out and "quant:bits=2|4|8" in out
+        assert "--cache" in out and "quant:bits=2|3|4|8" in out
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -2,7 +2,7 @@
 
 Dependency order (each layer imports only from the layers before it or its own):
 errors, quant, upstream <- storage, layers, shapes, selective_cache, specs <- cache <- attention, kernels <- models, generation, sizing
-(and the ``selkv`` package's public API) <- eval <- cli.
+(and the ``selkv`` package's public API) <- eval <- cli, cli_help.
 Imports inside functions count too, and so do ``importlib.import_module("selkv...")`` strings.
 """
 
@@ -22,7 +22,7 @@ LAYERS = (
     ("attention", "kernels"),
     ("models", "generation", "sizing", ""),  # "": the package itself (selkv/__init__.py, the public API)
     ("eval",),
-    ("cli",),
+    ("cli", "cli_help"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

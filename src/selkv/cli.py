@@ -22,6 +22,16 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_help import (
+    DEMO_EPILOG,
+    EVAL_EPILOG,
+    GENERATE_EPILOG,
+    LM_EVAL_HELP,
+    MAIN_EPILOG,
+    REPORT_EPILOG,
+    SIZE_EPILOG,
+    SPEC_HELP,
+)
 from .errors import SelKVError
 from .eval import report
 from .eval.arguments import positive_int
@@ -42,78 +52,6 @@ from .eval.suite import (
 )
 
 __all__ = ["DEMO_CACHES", "DEMO_PROMPT", "SIZE_CACHES", "add_eval_commands", "build_parser", "demo_prompt", "main"]
-
-SPEC_HELP = (
-    "cache spec; repeat to compare. Kinds: full | drop:sink=S,window=W | "
-    "quant:bits=2|3|4|8 (or kbits=K,vbits=V),sink=S,window=W[,group=G][,key_axis=token|channel][,sym=0|1]"
-    "[,block=T][,rotate=hadamard-signs|hadamard|none] | "
-    "hf-quanto:bits=2|4,residual=R | hf-hqq:bits=B,residual=R"
-)
-
-MAIN_EPILOG = """\
-examples:
-  selkv demo                                   side-by-side generation, then a short comparison
-  selkv generate --prompt "Why is the sky blue?" --cache full --cache quant:bits=4,sink=4,window=124
-  selkv size --tokens 32768                    KV bytes of the default cache set, no forward pass
-  selkv eval perplexity --data pg19 --out results/ppl
-  selkv report results/ppl
-  selkv lm-eval --model selkv --model_args '{"cache": "quant:bits=4,sink=4,window=124"}' --tasks lambada_openai
-
-Run 'selkv COMMAND --help' for a command's options. SELKV_DEBUG=1 shows tracebacks for input errors.
-"""
-
-GENERATE_EPILOG = """\
-examples:
-  selkv generate --prompt "Explain KV caches in two sentences."
-  selkv generate --prompt-file article.txt --cache full --cache quant:bits=8,sink=4,window=124
-  selkv generate --model HuggingFaceTB/SmolLM2-360M-Instruct --device cuda --attn selkv \\
-      --cache quant:bits=4,sink=4,window=124,key_axis=channel --prompt "..."
-  selkv generate --no-chat --prompt "Once upon a time" --max-new-tokens 32
-"""
-
-SIZE_EPILOG = """\
-examples:
-  selkv size                                   the default cache set at 4096 tokens
-  selkv size --model HuggingFaceTB/SmolLM2-1.7B-Instruct --tokens 131072 \\
-      --cache full --cache quant:bits=4,sink=4,window=124
-"""
-
-DEMO_EPILOG = """\
-examples:
-  selkv demo
-  selkv demo --device cuda --out results/demo-gpu
-"""
-
-EVAL_EPILOG = """\
-examples:
-  selkv eval perplexity --data pg19 --max-tokens 2048 --out results/ppl
-  selkv eval needle --cache full --cache quant:bits=4,sink=4,window=124 --out results/needle
-  selkv eval all --quick --out results/quick        (then: selkv report results/quick)
-Rerun the same command to resume an interrupted run.
-"""
-
-REPORT_EPILOG = """\
-examples:
-  selkv report results/ppl                    writes results/ppl/report.md and PNG plots
-  selkv report results/ppl results/needle --out docs/results --image-prefix results
-"""
-
-
-LM_EVAL_HELP = """\
-Registers the model type 'selkv' with lm-evaluation-harness (pip install 'selkv[harness]') and runs the
-harness's own command line with every argument unchanged ('selkv lm-eval --help' shows the harness's help).
-Each request runs through a fresh cache; the context is fed in chunks, so a continuation reads the compressed
-cache. A spec has commas, so give --model_args as JSON. Keys: pretrained (default smollm2-135m), cache
-(default full), prefill_chunk (default 64; 0 = one pass, which never reads a compressed cache), dtype, attn,
-max_length, max_gen_toks; the harness adds batch_size and device. Results carry the spec, the chunking and the
-KV bytes held under config.selkv. When no --include_path is given, selkv's own offline tasks are included.
-
-examples:
-  selkv lm-eval --model selkv --device cpu --limit 20 --tasks lambada_openai \\
-      --model_args '{"pretrained": "smollm2-135m", "cache": "quant:bits=4,sink=4,window=124", "prefill_chunk": 64}'
-  selkv lm-eval --model selkv --model_args '{"cache": "full"}' --tasks selkv_needle_1k --output_path results/h
-"""
-
 
 class HelpFormatter(argparse.HelpFormatter):
     """Text with line breaks (examples, module docstrings) is kept as written; one-line text is wrapped."""
@@ -170,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="preallocate each cache for the prompt and the new tokens (make_cache max_cache_len) and, "
                      "on CUDA, capture the decode step (torch.compile + CUDA graphs; the first steps compile); "
                      "without --attn, selkv's attention where the model takes it, which that capture needs")
+    gen.set_defaults(handler=cmd_generate)
 
     size = sub.add_parser(
         "size",
@@ -185,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--batch-size", type=positive_int, default=1, help="batch size (default 1)")
     size.add_argument("--chunk", type=positive_int, default=64,
                       help="tokens per update, as in chunked scoring (default 64)")
+    size.set_defaults(handler=cmd_size)
 
     demo = sub.add_parser(
         "demo",
@@ -197,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(demo)
     demo.add_argument("--out", default="results/demo", help="folder for the comparison's results (default results/demo)")
     demo.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens to generate (default 48)")
+    demo.set_defaults(handler=cmd_demo)
 
     add_eval_commands(sub)
     sub.add_parser(
@@ -460,10 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help (0) or a bad argument (2, its one line already printed)
         return done.code if isinstance(done.code, int) else 2
-    handlers = {"generate": cmd_generate, "size": cmd_size, "demo": cmd_demo}
-    handler = handlers.get(args.command) or getattr(args, "handler", None)
-    if handler is None:
-        parser.error(f"unknown command {args.command!r}")
+    handler = args.handler  # every subcommand's parser names its handler (set_defaults)
     prog = " ".join(["selkv", args.command, *([args.task] if getattr(args, "task", None) else [])])
     return _run_handled(prog, lambda: handler(args), args.command)
 

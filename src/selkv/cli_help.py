@@ -1,0 +1,74 @@
+"""The command line's help texts: the spec grammar line and each command's examples (used by ``selkv.cli``)."""
+
+from __future__ import annotations
+
+SPEC_HELP = (
+    "cache spec; repeat to compare. Kinds: full | drop:sink=S,window=W | "
+    "quant:bits=2|3|4|8 (or kbits=K,vbits=V),sink=S,window=W[,group=G][,key_axis=token|channel][,sym=0|1]"
+    "[,block=T][,rotate=hadamard-signs|hadamard|none] | "
+    "hf-quanto:bits=2|4,residual=R | hf-hqq:bits=B,residual=R"
+)
+
+MAIN_EPILOG = """\
+examples:
+  selkv demo                                   side-by-side generation, then a short comparison
+  selkv generate --prompt "Why is the sky blue?" --cache full --cache quant:bits=4,sink=4,window=124
+  selkv size --tokens 32768                    KV bytes of the default cache set, no forward pass
+  selkv eval perplexity --data pg19 --out results/ppl
+  selkv report results/ppl
+  selkv lm-eval --model selkv --model_args '{"cache": "quant:bits=4,sink=4,window=124"}' --tasks lambada_openai
+
+Run 'selkv COMMAND --help' for a command's options. SELKV_DEBUG=1 shows tracebacks for input errors.
+"""
+
+GENERATE_EPILOG = """\
+examples:
+  selkv generate --prompt "Explain KV caches in two sentences."
+  selkv generate --prompt-file article.txt --cache full --cache quant:bits=8,sink=4,window=124
+  selkv generate --model HuggingFaceTB/SmolLM2-360M-Instruct --device cuda --attn selkv \\
+      --cache quant:bits=4,sink=4,window=124,key_axis=channel --prompt "..."
+  selkv generate --no-chat --prompt "Once upon a time" --max-new-tokens 32
+"""
+
+SIZE_EPILOG = """\
+examples:
+  selkv size                                   the default cache set at 4096 tokens
+  selkv size --model HuggingFaceTB/SmolLM2-1.7B-Instruct --tokens 131072 \\
+      --cache full --cache quant:bits=4,sink=4,window=124
+"""
+
+DEMO_EPILOG = """\
+examples:
+  selkv demo
+  selkv demo --device cuda --out results/demo-gpu
+"""
+
+EVAL_EPILOG = """\
+examples:
+  selkv eval perplexity --data pg19 --max-tokens 2048 --out results/ppl
+  selkv eval needle --cache full --cache quant:bits=4,sink=4,window=124 --out results/needle
+  selkv eval all --quick --out results/quick        (then: selkv report results/quick)
+Rerun the same command to resume an interrupted run.
+"""
+
+REPORT_EPILOG = """\
+examples:
+  selkv report results/ppl                    writes results/ppl/report.md and PNG plots
+  selkv report results/ppl results/needle --out docs/results --image-prefix results
+"""
+
+
+LM_EVAL_HELP = """\
+Registers the model type 'selkv' with lm-evaluation-harness (pip install 'selkv[harness]') and runs the
+harness's own command line with every argument unchanged ('selkv lm-eval --help' shows the harness's help).
+Each request runs through a fresh cache; the context is fed in chunks, so a continuation reads the compressed
+cache. A spec has commas, so give --model_args as JSON. Keys: pretrained (default smollm2-135m), cache
+(default full), prefill_chunk (default 64; 0 = one pass, which never reads a compressed cache), dtype, attn,
+max_length, max_gen_toks; the harness adds batch_size and device. Results carry the spec, the chunking and the
+KV bytes held under config.selkv. When no --include_path is given, selkv's own offline tasks are included.
+
+examples:
+  selkv lm-eval --model selkv --device cpu --limit 20 --tasks lambada_openai \\
+      --model_args '{"pretrained": "smollm2-135m", "cache": "quant:bits=4,sink=4,window=124", "prefill_chunk": 64}'
+  selkv lm-eval --model selkv --model_args '{"cache": "full"}' --tasks selkv_needle_1k --output_path results/h
+"""
