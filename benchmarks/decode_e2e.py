@@ -15,7 +15,7 @@ between two captured graphs (the graph breaks are listed in the results). Rows (
 - ``dynamic``: ``DynamicCache`` + sdpa, eager (what ``generate()`` does by default);
 - ``int8`` / ``int4``: selkv's dynamic cache + ``attn_implementation="selkv"``, eager;
 - ``int8-captured`` / ``int4-captured`` / ``int2-captured``: selkv's static cache, the decode step
-  captured (``selkv.compile_decode_step``); skipped with a note where that API is missing;
+  captured (``selkv.compile_decode_step``);
 - ``int8-reference``: selkv int8 + sdpa (dequantize the middle every step), run alone, few steps;
 - ``--extra SPEC``: more selkv specs, eager with the fused kernel.
 
@@ -365,8 +365,6 @@ class Bench:
             raise Unavailable("needs CUDA (flex_attention does not compile for this model on CPU)")
         if row.compiled and not self.compile_ok:
             raise Unavailable("needs CUDA (reduce-overhead captures CUDA graphs; --compile-on-cpu compiles on CPU)")
-        if row.kind == "captured" and not hasattr(selkv, "compile_decode_step"):
-            raise Unavailable("this selkv has no static cache / compile_decode_step yet")
 
     def make_decoder(self, row: RowKind, batch: int, context: int, shared: dict) -> Decoder:
         """Build and fill ``row``'s cache and return its Decoder (not warmed up yet)."""
@@ -603,21 +601,12 @@ class Bench:
                 return cache, steps[dynamic["batch"]]
         else:
             spec = SPECS[int(path.removeprefix("int"))]
-            if hasattr(selkv, "compile_decode_step"):
-                # eager: a compiled step would compile again for every batch probed (minutes per probe);
-                # the static cache it runs on is the one the captured step holds
-                how = "selkv static cache, eager fused step"
+            # eager: a compiled step would compile again for every batch probed (minutes per probe); the
+            # static cache it runs on is the one the captured step holds
+            how = "selkv static cache, eager fused step"
 
-                def build(batch):
-                    return static_selkv(model, spec, batch, context, 8, device, dtype), decode_step(model)
-            else:
-                how = "selkv dynamic cache, eager fused step (no captured step in this selkv)"
-
-                def build(batch):
-                    model.set_attn_implementation("selkv")
-                    cache = make_cache(spec, config)
-                    fill_selective(cache, config, batch, context, device, dtype, room=8)
-                    return cache, decode_step(model)
+            def build(batch):
+                return static_selkv(model, spec, batch, context, 8, device, dtype), decode_step(model)
 
             # the cache bytes of one sequence, as allocated, for the search's first guess
             cache = build(1)[0]

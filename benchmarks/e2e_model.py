@@ -193,8 +193,6 @@ def fill_static_selective(cache, config, batch: int, context: int, device, dtype
 def static_selkv(model, spec: str, batch: int, context: int, room: int, device, dtype):
     """selkv's static cache (``make_cache(..., max_cache_len=N)``) filled to ``context``, ``room`` tokens
     to spare, with the model's attention set to the fused kernel."""
-    if not hasattr(selkv, "compile_decode_step"):
-        raise Unavailable("this selkv has no static cache / compile_decode_step yet")
     model.set_attn_implementation("selkv")
     cache = make_cache(spec, model.config, max_cache_len=context + room)
     fill_static_selective(cache, model.config, batch, context, device, dtype)
