@@ -21,6 +21,7 @@ Candidates are written ``key=value`` lists (see ``Candidate`` and ``--help``)::
     kbits=3,vbits=3,block=64,vsym=1,group=32          symmetric value groups (a scale, no zero) of 32 channels
     kbits=3,vbits=3,block=64,kclip=0.7                key ranges shrunk where that lowers the squared error
     kbits=3,vbits=3,block=64,layer_bits=0-1:4/4       layers 0 and 1 with 4-bit keys and values, the rest 3-bit
+    kbits=3,vbits=3,block=64,levels=normal            non-uniform codes (a normal distribution's Lloyd-Max levels)
 
 Bytes held are computed for a 4,096-token cache of the model as ``selkv size`` counts them (a bfloat16 model,
 fed in chunks of 64): 16-bit sink and window buffers, middle store capacity (spare room included) times the
@@ -36,6 +37,7 @@ float16 scale only), counted layer by layer (``layer_bits``), and each rotation 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -49,6 +51,7 @@ from selkv import quant
 from selkv.layers.base import SelectiveLayer
 
 FP16_MAX = torch.finfo(torch.float16).max
+LEVELS = ("uniform", "normal")
 
 
 # --------------------------------------------------------------------------------------------- candidates
@@ -75,7 +78,10 @@ class Candidate:
     each group's range is shrunk about its middle by the factor in ``1, 0.95, ..., kclip`` that gives the
     least squared error on the group (range clipping; codes and bytes unchanged). ``layer_bits``: layers
     quantized to other widths, ``+``-separated ``LAYERS:KBITS/VBITS`` items where ``LAYERS`` is ``i`` or
-    ``i-j`` (inclusive), e.g. ``0-1:4/4+29:4/3``; every other layer uses ``kbits``/``vbits``.
+    ``i-j`` (inclusive), e.g. ``0-1:4/4+29:4/3``; every other layer uses ``kbits``/``vbits``. ``levels``:
+    ``uniform`` codes, or ``normal``: the ``2**bits`` Lloyd-Max levels of a normal distribution, scaled so that
+    the outer two fall on the group's range (denser in the middle; keys and values, same bytes; a kernel would
+    read them from a table of 2**bits entries).
     """
 
     kbits: int = 2
@@ -94,6 +100,7 @@ class Candidate:
     kclip: float = 0.0
     vclip: float = 0.0
     layer_bits: str = ""
+    levels: str = "uniform"
     sink: int = 4
     window: int = 124
 
@@ -116,6 +123,8 @@ class Candidate:
         for rotate in (cand.rotate, cand.vrotate):
             if rotate not in quant.ROTATIONS:
                 raise SystemExit(f"rotations are {', '.join(quant.ROTATIONS)}, got {rotate!r}")
+        if cand.levels not in LEVELS:
+            raise SystemExit(f"levels is one of {', '.join(LEVELS)}, got {cand.levels!r}")
         for clip in (cand.kclip, cand.vclip):
             if clip and not 0 < clip <= 1:
                 raise SystemExit(f"kclip/vclip is 0 (off) or the smallest range factor in (0, 1], got {clip}")
@@ -161,20 +170,22 @@ def _round_outwards(value: torch.Tensor, direction: float) -> torch.Tensor:
 
 
 def fake_quantize(x: torch.Tensor, nbits: int, group_size: int, dim: int = -1,
-                  keep: torch.Tensor | None = None, sym: bool = False, clip: float = 0.0) -> torch.Tensor:
+                  keep: torch.Tensor | None = None, sym: bool = False, clip: float = 0.0,
+                  levels: str = "uniform") -> torch.Tensor:
     """Quantize and dequantize ``x`` (float32) in groups of ``group_size`` along ``dim``, as ``quant.quantize``
     and ``quant.dequantize`` do (asymmetric, float16 scale and zero rounded outwards), for any ``nbits``
     (3 included). ``keep``: a bool mask like ``x`` of elements stored in 16 bits instead (float16-rounded),
     left out of their group's range. ``nbits=16``: ``x`` rounded to float16. ``sym``: symmetric groups (range
     ``[-m, m]``, ``m`` the largest magnitude; a float16 scale rounded up, no zero). ``clip``: when not 0, the
     range of each group is shrunk about its middle (about 0 when ``sym``) by the factor of ``1, 0.95, ...``
-    down to ``clip`` whose codes give the least squared error on the group (kept elements aside).
+    down to ``clip`` whose codes give the least squared error on the group (kept elements aside). ``levels``:
+    ``uniform`` or ``normal`` (:func:`normal_levels` over the group's range, each element to the nearest).
     """
     if nbits >= 16:
         return x.half().float()
     dim = dim % x.dim()
     size = x.shape[dim]
-    levels = 2**nbits - 1
+    nlevels = 2**nbits - 1
     xf = torch.nan_to_num(x.float(), nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX).clamp(-FP16_MAX, FP16_MAX)
     grouped = xf.movedim(dim, -1).unflatten(-1, (size // group_size, group_size))
     if keep is None:
@@ -193,10 +204,10 @@ def fake_quantize(x: torch.Tensor, nbits: int, group_size: int, dim: int = -1,
     best = best_error = None
     for factor in factors:
         if factor == 1.0:
-            out = _dequantized_groups(grouped, lo, hi, levels, sym)
+            out = _dequantized_groups(grouped, lo, hi, nlevels, sym, levels)
         else:
             middle, half = (hi + lo) / 2, (hi - lo) / 2 * factor
-            out = _dequantized_groups(grouped, middle - half, middle + half, levels, sym)
+            out = _dequantized_groups(grouped, middle - half, middle + half, nlevels, sym, levels)
         if len(factors) == 1:
             best = out
             break
@@ -216,8 +227,20 @@ def fake_quantize(x: torch.Tensor, nbits: int, group_size: int, dim: int = -1,
 
 
 def _dequantized_groups(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int,
-                        sym: bool) -> torch.Tensor:
+                        sym: bool, spacing: str = "uniform") -> torch.Tensor:
     """``grouped`` ``[..., groups, size]`` quantized to ``levels + 1`` codes over ``[lo, hi]`` per group, dequantized."""
+    if spacing == "normal":  # float16 range ends (rounded outwards), the table's levels between them
+        if sym:
+            hi = _round_outwards(hi, float("inf")).float()
+            lo = -hi
+        else:
+            lo = _round_outwards(lo, float("-inf")).float()
+            hi = _round_outwards(hi, float("inf")).float()
+        table = (normal_levels(levels + 1) + 1) / 2  # [0, 1]
+        values = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * table  # [..., groups, levels + 1]
+        bounds = (values[..., 1:] + values[..., :-1]) / 2
+        codes = torch.searchsorted(bounds.contiguous(), grouped.contiguous())
+        return values.gather(-1, codes)
     if sym:  # one float16 scale; the zero is -scale * levels / 2, implied
         scale = _round_outwards(hi / (levels / 2), float("inf"))
         scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float().unsqueeze(-1)
@@ -229,6 +252,23 @@ def _dequantized_groups(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tenso
         zero, scale = zero.float().unsqueeze(-1), scale.float().unsqueeze(-1)
     codes = torch.round((grouped - zero) / scale).clamp_(0, levels)
     return torch.addcmul(zero, codes, scale)
+
+
+@functools.lru_cache(maxsize=None)
+def normal_levels(count: int) -> torch.Tensor:
+    """The ``count`` Lloyd-Max (least squared error) levels of a standard normal distribution, divided by the
+    largest: ``count`` ascending floats in ``[-1, 1]``, the first -1 and the last 1."""
+    def pdf(z):
+        return math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+
+    def cdf(z):
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+    levels = [-2 + 4 * i / (count - 1) for i in range(count)]
+    for _ in range(500):
+        edges = [-math.inf] + [(a + b) / 2 for a, b in zip(levels, levels[1:])] + [math.inf]
+        levels = [(pdf(a) - pdf(b)) / (cdf(b) - cdf(a)) for a, b in zip(edges, edges[1:])]
+    return torch.tensor(levels, dtype=torch.float32) / levels[-1]
 
 
 def outlier_mask(x: torch.Tensor, count: int, block: int) -> torch.Tensor:
@@ -297,15 +337,15 @@ def fake_quantize_middle(cand: Candidate, keys: torch.Tensor, values: torch.Tens
         keep = retained[..., None].expand(b, h, n, d) if keep is None else keep | retained[..., None]
     ksym, kclip = bool(cand.ksym), cand.kclip
     if cand.key_axis == "channel":
-        k = fake_quantize(k, cand.kbits, block, dim=-2, keep=keep, sym=ksym, clip=kclip)
+        k = fake_quantize(k, cand.kbits, block, dim=-2, keep=keep, sym=ksym, clip=kclip, levels=cand.levels)
     else:
-        k = fake_quantize(k, cand.kbits, cand.group, dim=-1, keep=keep, sym=ksym, clip=kclip)
+        k = fake_quantize(k, cand.kbits, cand.group, dim=-1, keep=keep, sym=ksym, clip=kclip, levels=cand.levels)
     k = quant.unrotate(k, rotation)
     if cand.prerope:
         k = rope.apply(k, positions)
     vrotation = quant.rotation_matrix(cand.vrotate, d)
     v = quant.rotate(values, vrotation)
-    v = fake_quantize(v, cand.vbits, cand.group, dim=-1, sym=bool(cand.vsym), clip=cand.vclip)
+    v = fake_quantize(v, cand.vbits, cand.group, dim=-1, sym=bool(cand.vsym), clip=cand.vclip, levels=cand.levels)
     v = quant.unrotate(v, vrotation)
     if retained is not None:
         if cand.retain_bits == 16:

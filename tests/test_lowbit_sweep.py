@@ -182,3 +182,16 @@ def test_value_rotation_is_undone(sweep):
     rotated = sweep.Candidate.parse("kbits=16,vbits=16,rotate=none,vrotate=hadamard-signs,sink=2,window=16,block=8")
     torch.testing.assert_close(_logits(model, sweep.make_fake_cache(rotated, model), ids),
                                _logits(model, sweep.make_fake_cache(plain, model), ids), atol=2e-3, rtol=0)
+
+
+def test_normal_levels(sweep):
+    table = sweep.normal_levels(8)
+    assert table[0] == -1 and table[-1] == 1 and bool((table.diff() > 0).all())
+    torch.testing.assert_close(table, -table.flip(0))
+    # Lloyd-Max for a standard normal, 8 levels: +-0.2451, 0.7560, 1.3439, 2.1520 (Max, 1960)
+    torch.testing.assert_close(table[4:] * 2.1520, torch.tensor([0.2451, 0.7560, 1.3439, 2.1520]), atol=2e-3, rtol=0)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    for dim in (-1, -2):
+        out = sweep.fake_quantize(x, 3, 64, dim=dim, levels="normal")
+        assert all(row.unique().numel() <= 8 for row in out.movedim(dim, -1).reshape(-1, 64))
+        assert (out - x).square().mean() < (sweep.fake_quantize(x, 3, 64, dim=dim) - x).square().mean()
