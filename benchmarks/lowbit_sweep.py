@@ -17,12 +17,17 @@ Candidates are written ``key=value`` lists (see ``Candidate`` and ``--help``)::
     kbits=2,vbits=2,outliers=0.01      1 % of each key block's elements kept in 16 bits (dense-and-sparse)
     kbits=3,vbits=3                    true 3-bit codes (8 codes in 3 bytes)
     kbits=2,vbits=2,retain=1           1 token per 32-token block kept 16-bit, chosen by the attention it received
+    kbits=3,vbits=3,block=64,vrotate=hadamard-signs   values rotated too (the attention output rotated back)
+    kbits=3,vbits=3,block=64,vsym=1,group=32          symmetric value groups (a scale, no zero) of 32 channels
+    kbits=3,vbits=3,block=64,kclip=0.7                key ranges shrunk where that lowers the squared error
+    kbits=3,vbits=3,block=64,layer_bits=0-1:4/4       layers 0 and 1 with 4-bit keys and values, the rest 3-bit
+    kbits=3,vbits=3,block=64,levels=normal            non-uniform codes (a normal distribution's Lloyd-Max levels)
 
 Bytes held are computed for a 4,096-token cache of the model as ``selkv size`` counts them (a bfloat16 model,
 fed in chunks of 64): 16-bit sink and window buffers, middle store capacity (spare room included) times the
 candidate's bytes per token (packed codes, float16 scales and zeros, outliers as a float16 value plus a uint16
-index within the block, retained tokens as 16-bit keys and values plus a uint16 index), and the rotation
-matrix once per cache. :func:`held_bytes` reproduces ``selkv size`` for the library's specs (tested).
+index within the block, retained tokens as 16-bit keys and values plus a uint16 index; symmetric groups a
+float16 scale only), counted layer by layer (``layer_bits``), and each rotation matrix once per cache. :func:`held_bytes` reproduces ``selkv size`` for the library's specs (tested).
 
     PYTHONPATH=src python benchmarks/lowbit_sweep.py --out benchmarks/results/lowbit_sweep.json \
         --texts pg19:4096,wikitext2:2048,pg19-dragons-blood:4096 --baseline full --baseline quant:bits=2,sink=4,window=124 \
@@ -32,11 +37,12 @@ matrix once per cache. :func:`held_bytes` reproduces ``selkv size`` for the libr
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +51,7 @@ from selkv import quant
 from selkv.layers.base import SelectiveLayer
 
 FP16_MAX = torch.finfo(torch.float16).max
+LEVELS = ("uniform", "normal")
 
 
 # --------------------------------------------------------------------------------------------- candidates
@@ -63,6 +70,18 @@ class Candidate:
     ranges; dense-and-sparse, KVQuant). ``retain``: tokens per block kept in ``retain_bits`` (16 or 8) for
     keys and values, those whose mean attention probability (per query that could see them, summed over the
     KV head's query heads) was highest while they were in the window. ``sink``/``window`` as in ``quant``.
+
+    ``vrotate``: a ``quant.ROTATIONS`` rotation of the values before they are quantized; the attention output
+    is rotated back (``o = (sum_j p_j v_j R) R^T``), so here the values are simply unrotated when read.
+    ``ksym``/``vsym``: symmetric groups (the range ``[-m, m]`` of the group's largest magnitude, a float16
+    scale and no zero; ``2**bits`` levels at half-integer steps, none at 0). ``kclip``/``vclip``: when not 0,
+    each group's range is shrunk about its middle by the factor in ``1, 0.95, ..., kclip`` that gives the
+    least squared error on the group (range clipping; codes and bytes unchanged). ``layer_bits``: layers
+    quantized to other widths, ``+``-separated ``LAYERS:KBITS/VBITS`` items where ``LAYERS`` is ``i`` or
+    ``i-j`` (inclusive), e.g. ``0-1:4/4+29:4/3``; every other layer uses ``kbits``/``vbits``. ``levels``:
+    ``uniform`` codes, or ``normal``: the ``2**bits`` Lloyd-Max levels of a normal distribution, scaled so that
+    the outer two fall on the group's range (denser in the middle; keys and values, same bytes; a kernel would
+    read them from a table of 2**bits entries).
     """
 
     kbits: int = 2
@@ -75,6 +94,13 @@ class Candidate:
     outliers: float = 0.0
     retain: int = 0
     retain_bits: int = 16
+    vrotate: str = "none"
+    ksym: int = 0
+    vsym: int = 0
+    kclip: float = 0.0
+    vclip: float = 0.0
+    layer_bits: str = ""
+    levels: str = "uniform"
     sink: int = 4
     window: int = 124
 
@@ -89,12 +115,39 @@ class Candidate:
             kind = kinds[key]
             values[key] = float(value) if kind == "float" else int(value) if kind == "int" else value
         cand = cls(**values)
-        for bits in (cand.kbits, cand.vbits):
+        for bits in (cand.kbits, cand.vbits, *(b for widths in cand.layer_widths().values() for b in widths)):
             if bits not in (2, 3, 4, 8, 16):
                 raise SystemExit(f"bit widths are 2, 3, 4, 8 or 16, got {bits}")
         if cand.retain_bits not in (8, 16):
             raise SystemExit("retain_bits is 8 or 16")
+        for rotate in (cand.rotate, cand.vrotate):
+            if rotate not in quant.ROTATIONS:
+                raise SystemExit(f"rotations are {', '.join(quant.ROTATIONS)}, got {rotate!r}")
+        if cand.levels not in LEVELS:
+            raise SystemExit(f"levels is one of {', '.join(LEVELS)}, got {cand.levels!r}")
+        for clip in (cand.kclip, cand.vclip):
+            if clip and not 0 < clip <= 1:
+                raise SystemExit(f"kclip/vclip is 0 (off) or the smallest range factor in (0, 1], got {clip}")
         return cand
+
+    def layer_widths(self) -> dict[int, tuple[int, int]]:
+        """``layer_bits`` as ``{layer: (kbits, vbits)}``."""
+        widths = {}
+        for item in filter(None, self.layer_bits.split("+")):
+            try:
+                layers, _, bits = item.partition(":")
+                first, _, last = layers.partition("-")
+                kbits, vbits = (int(b) for b in bits.split("/"))
+                for layer in range(int(first), int(last or first) + 1):
+                    widths[layer] = (kbits, vbits)
+            except ValueError:
+                raise SystemExit(f"layer_bits items are LAYERS:KBITS/VBITS (LAYERS i or i-j), got {item!r}")
+        return widths
+
+    def for_layer(self, layer_idx: int) -> Candidate:
+        """The candidate as layer ``layer_idx`` applies it (its ``layer_bits`` widths, if any)."""
+        widths = self.layer_widths().get(layer_idx)
+        return self if widths is None else replace(self, kbits=widths[0], vbits=widths[1], layer_bits="")
 
     def __str__(self) -> str:
         default = Candidate()
@@ -117,17 +170,22 @@ def _round_outwards(value: torch.Tensor, direction: float) -> torch.Tensor:
 
 
 def fake_quantize(x: torch.Tensor, nbits: int, group_size: int, dim: int = -1,
-                  keep: torch.Tensor | None = None) -> torch.Tensor:
+                  keep: torch.Tensor | None = None, sym: bool = False, clip: float = 0.0,
+                  levels: str = "uniform") -> torch.Tensor:
     """Quantize and dequantize ``x`` (float32) in groups of ``group_size`` along ``dim``, as ``quant.quantize``
     and ``quant.dequantize`` do (asymmetric, float16 scale and zero rounded outwards), for any ``nbits``
     (3 included). ``keep``: a bool mask like ``x`` of elements stored in 16 bits instead (float16-rounded),
-    left out of their group's range. ``nbits=16``: ``x`` rounded to float16.
+    left out of their group's range. ``nbits=16``: ``x`` rounded to float16. ``sym``: symmetric groups (range
+    ``[-m, m]``, ``m`` the largest magnitude; a float16 scale rounded up, no zero). ``clip``: when not 0, the
+    range of each group is shrunk about its middle (about 0 when ``sym``) by the factor of ``1, 0.95, ...``
+    down to ``clip`` whose codes give the least squared error on the group (kept elements aside). ``levels``:
+    ``uniform`` or ``normal`` (:func:`normal_levels` over the group's range, each element to the nearest).
     """
     if nbits >= 16:
         return x.half().float()
     dim = dim % x.dim()
     size = x.shape[dim]
-    levels = 2**nbits - 1
+    nlevels = 2**nbits - 1
     xf = torch.nan_to_num(x.float(), nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX).clamp(-FP16_MAX, FP16_MAX)
     grouped = xf.movedim(dim, -1).unflatten(-1, (size // group_size, group_size))
     if keep is None:
@@ -138,15 +196,79 @@ def fake_quantize(x: torch.Tensor, nbits: int, group_size: int, dim: int = -1,
         hi = grouped.masked_fill(kept, float("-inf")).amax(dim=-1)
         every = kept.all(dim=-1)  # a group of kept elements only: any scale and zero
         lo, hi = torch.where(every, 0.0, lo), torch.where(every, 0.0, hi)
-    zero = _round_outwards(lo, float("-inf"))
-    scale = _round_outwards((hi - zero.float()) / levels, float("inf"))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero, scale = zero.float().unsqueeze(-1), scale.float().unsqueeze(-1)
-    codes = torch.round((grouped - zero) / scale).clamp_(0, levels)
-    out = torch.addcmul(zero, codes, scale).flatten(-2).movedim(-1, dim)
+    if sym:
+        lo, hi = -torch.maximum(lo.abs(), hi.abs()), torch.maximum(lo.abs(), hi.abs())
+    factors = [1.0]
+    while clip and factors[-1] - 0.05 >= clip - 1e-9:
+        factors.append(round(factors[-1] - 0.05, 2))
+    best = best_error = None
+    for factor in factors:
+        if factor == 1.0:
+            out = _dequantized_groups(grouped, lo, hi, nlevels, sym, levels)
+        else:
+            middle, half = (hi + lo) / 2, (hi - lo) / 2 * factor
+            out = _dequantized_groups(grouped, middle - half, middle + half, nlevels, sym, levels)
+        if len(factors) == 1:
+            best = out
+            break
+        error = (out - grouped).square()
+        if keep is not None:
+            error = error.masked_fill(kept, 0.0)
+        error = error.sum(-1, keepdim=True)
+        if best is None:
+            best, best_error = out, error
+        else:
+            better = error < best_error
+            best, best_error = torch.where(better, out, best), torch.where(better, error, best_error)
+    out = best.flatten(-2).movedim(-1, dim)
     if keep is not None:
         out = torch.where(keep, x.half().float(), out)
     return out
+
+
+def _dequantized_groups(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int,
+                        sym: bool, spacing: str = "uniform") -> torch.Tensor:
+    """``grouped`` ``[..., groups, size]`` quantized to ``levels + 1`` codes over ``[lo, hi]`` per group, dequantized."""
+    if spacing == "normal":  # float16 range ends (rounded outwards), the table's levels between them
+        if sym:
+            hi = _round_outwards(hi, float("inf")).float()
+            lo = -hi
+        else:
+            lo = _round_outwards(lo, float("-inf")).float()
+            hi = _round_outwards(hi, float("inf")).float()
+        table = (normal_levels(levels + 1) + 1) / 2  # [0, 1]
+        values = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * table  # [..., groups, levels + 1]
+        bounds = (values[..., 1:] + values[..., :-1]) / 2
+        codes = torch.searchsorted(bounds.contiguous(), grouped.contiguous())
+        return values.gather(-1, codes)
+    if sym:  # one float16 scale; the zero is -scale * levels / 2, implied
+        scale = _round_outwards(hi / (levels / 2), float("inf"))
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float().unsqueeze(-1)
+        zero = -scale * (levels / 2)
+    else:
+        zero = _round_outwards(lo, float("-inf"))
+        scale = _round_outwards((hi - zero.float()) / levels, float("inf"))
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero, scale = zero.float().unsqueeze(-1), scale.float().unsqueeze(-1)
+    codes = torch.round((grouped - zero) / scale).clamp_(0, levels)
+    return torch.addcmul(zero, codes, scale)
+
+
+@functools.lru_cache(maxsize=None)
+def normal_levels(count: int) -> torch.Tensor:
+    """The ``count`` Lloyd-Max (least squared error) levels of a standard normal distribution, divided by the
+    largest: ``count`` ascending floats in ``[-1, 1]``, the first -1 and the last 1."""
+    def pdf(z):
+        return math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+
+    def cdf(z):
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+    levels = [-2 + 4 * i / (count - 1) for i in range(count)]
+    for _ in range(500):
+        edges = [-math.inf] + [(a + b) / 2 for a, b in zip(levels, levels[1:])] + [math.inf]
+        levels = [(pdf(a) - pdf(b)) / (cdf(b) - cdf(a)) for a, b in zip(edges, edges[1:])]
+    return torch.tensor(levels, dtype=torch.float32) / levels[-1]
 
 
 def outlier_mask(x: torch.Tensor, count: int, block: int) -> torch.Tensor:
@@ -192,6 +314,8 @@ def fake_quantize_middle(cand: Candidate, keys: torch.Tensor, values: torch.Tens
                          scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What the candidate's middle store reads back for whole blocks of tokens ``[B, H, n, D]`` (float32).
 
+    ``cand`` is one layer's (``Candidate.for_layer``): its ``kbits``/``vbits`` are used, not ``layer_bits``.
+
     ``positions`` ``[n]`` and ``rope``: for ``prerope``. ``scores`` ``[B, H, n]``: for ``retain``.
     """
     keys, values = keys.float(), values.float()
@@ -211,14 +335,18 @@ def fake_quantize_middle(cand: Candidate, keys: torch.Tensor, values: torch.Tens
         keep = outlier_mask(k, cand.outliers_per_block(d), block)
     if retained is not None and cand.key_axis == "channel":  # retained tokens leave their key groups' ranges
         keep = retained[..., None].expand(b, h, n, d) if keep is None else keep | retained[..., None]
+    ksym, kclip = bool(cand.ksym), cand.kclip
     if cand.key_axis == "channel":
-        k = fake_quantize(k, cand.kbits, block, dim=-2, keep=keep)
+        k = fake_quantize(k, cand.kbits, block, dim=-2, keep=keep, sym=ksym, clip=kclip, levels=cand.levels)
     else:
-        k = fake_quantize(k, cand.kbits, cand.group, dim=-1, keep=keep)
+        k = fake_quantize(k, cand.kbits, cand.group, dim=-1, keep=keep, sym=ksym, clip=kclip, levels=cand.levels)
     k = quant.unrotate(k, rotation)
     if cand.prerope:
         k = rope.apply(k, positions)
-    v = fake_quantize(values, cand.vbits, cand.group, dim=-1)
+    vrotation = quant.rotation_matrix(cand.vrotate, d)
+    v = quant.rotate(values, vrotation)
+    v = fake_quantize(v, cand.vbits, cand.group, dim=-1, sym=bool(cand.vsym), clip=cand.vclip, levels=cand.levels)
+    v = quant.unrotate(v, vrotation)
     if retained is not None:
         if cand.retain_bits == 16:
             exact_k, exact_v = keys.half().float(), values.half().float()
@@ -297,6 +425,7 @@ class FakeQuantLayer(SelectiveLayer):
     def __init__(self, cand: Candidate, layer_idx: int, rope: Rope | None = None,
                  recorder: AttentionRecorder | None = None):
         super().__init__(cand.sink, cand.window, cand.block)
+        cand = cand.for_layer(layer_idx)
         self.cand, self.layer_idx, self.rope, self.recorder = cand, layer_idx, rope, recorder
         self._reset_middle()
 
@@ -374,12 +503,13 @@ def middle_bytes_per_head(cand: Candidate, head_dim: int, capacity: int) -> dict
         return 2 * head_dim if bits >= 16 else -(-head_dim * bits // 8)
 
     blocks = capacity // cand.block
+    kgroup, vgroup = (2 if cand.ksym else 4), (2 if cand.vsym else 4)  # float16 scale (and zero) per group
     out = {"key_codes": capacity * codes(cand.kbits), "value_codes": capacity * codes(cand.vbits)}
     scales = 0
     if cand.kbits < 16:
-        scales += (blocks * head_dim if cand.key_axis == "channel" else capacity * head_dim // cand.group) * 4
+        scales += (blocks * head_dim if cand.key_axis == "channel" else capacity * head_dim // cand.group) * kgroup
     if cand.vbits < 16:
-        scales += capacity * head_dim // cand.group * 4
+        scales += capacity * head_dim // cand.group * vgroup
     out["scales"] = scales
     out["outliers"] = blocks * cand.outliers_per_block(head_dim) * (2 + 2)  # float16 value + uint16 index in block
     per_retained = 2 * (2 * head_dim if cand.retain_bits == 16 else head_dim + 4) + 2  # K and V (+ 8-bit scales), index
@@ -391,12 +521,14 @@ def held_bytes(cand: Candidate, config, tokens: int = 4096, chunk: int = 64) -> 
     """Bytes the candidate would hold for ``tokens`` tokens of ``config``'s model, counted as ``selkv size`` counts
     (bfloat16 model, chunks of ``chunk``): ``allocated``, ``full16``, ``compression`` and the parts."""
     lay = _layout(cand, config, tokens, chunk)
-    middle = middle_bytes_per_head(cand, lay["head_dim"], lay["capacity"])
-    per_layer = lay["bytes_16bit_held"] + lay["heads"] * sum(middle.values())
-    rotation = 0 if cand.rotate == "none" else lay["head_dim"] ** 2 * (4 + 2)  # float32 matrix + bf16 signs, once
-    allocated = per_layer * lay["layers"] + rotation
+    parts = {}
+    for layer_idx in range(lay["layers"]):  # layer_bits: each layer's widths
+        for kind, count in middle_bytes_per_head(cand.for_layer(layer_idx), lay["head_dim"], lay["capacity"]).items():
+            parts[kind] = parts.get(kind, 0) + count * lay["heads"]
+    rotations = {r for r in (cand.rotate, cand.vrotate) if r != "none"}
+    rotation = len(rotations) * lay["head_dim"] ** 2 * (4 + 2)  # float32 matrix + bf16 signs, once per rotation
+    allocated = lay["bytes_16bit_held"] * lay["layers"] + sum(parts.values()) + rotation
     full16 = lay["layers"] * lay["heads"] * 2 * lay["head_dim"] * tokens * 2
-    parts = {k: v * lay["heads"] * lay["layers"] for k, v in middle.items()}
     return {"allocated": allocated, "full16": full16, "compression": full16 / allocated,
             "bytes_16bit": lay["bytes_16bit_held"] * lay["layers"], "rotation": rotation, **parts}
 
@@ -450,7 +582,8 @@ def load_ids(tokenizer, data: str, max_tokens: int) -> list[int]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Candidate fields: " + ", ".join(f.name for f in fields(Candidate)))
+                                     epilog="Candidate fields (defaults; see Candidate): "
+                                     + ", ".join(f"{k}={v}" for k, v in asdict(Candidate()).items()))
     parser.add_argument("--model", default="smollm2-135m", help="model (default: the embedded smollm2-135m)")
     parser.add_argument("--texts", default="pg19:4096,wikitext2:2048,pg19-dragons-blood:4096",
                         help="comma-separated DATA:TOKENS (named sets of selkv eval perplexity; default %(default)s)")

@@ -138,3 +138,60 @@ def test_held_bytes_match_kv_bytes(sweep, spec, fields):
     counted = sweep.held_bytes(sweep.Candidate.parse(fields), config, 700)
     assert counted["allocated"] == expected["allocated"]
     assert counted["full16"] == expected["full16"]
+
+
+def test_layer_bits_count_each_layer(sweep):
+    config = tiny_llama_config(head_dim=64, layers=3)
+    cand = sweep.Candidate.parse("kbits=3,vbits=3,block=64,layer_bits=0-1:4/4")
+    assert cand.layer_widths() == {0: (4, 4), 1: (4, 4)}
+    assert (cand.for_layer(0).kbits, cand.for_layer(2).kbits) == (4, 3)
+    mixed = sweep.held_bytes(cand, config, 700)
+    three = sweep.held_bytes(sweep.Candidate.parse("kbits=3,vbits=3,block=64"), config, 700)
+    four = sweep.held_bytes(sweep.Candidate.parse("kbits=4,vbits=4,block=64"), config, 700)
+    # two layers as the 4-bit cache holds them, one as the 3-bit cache (the rotation matrix once)
+    assert 3 * mixed["allocated"] == 2 * four["allocated"] + three["allocated"]
+    model = make_tiny_llama()
+    layers = sweep.make_fake_cache(sweep.Candidate.parse("kbits=3,vbits=3,layer_bits=1:4/2"), model).layers
+    assert [(layer.cand.kbits, layer.cand.vbits) for layer in layers][:2] == [(3, 3), (4, 2)]
+
+
+def test_symmetric_groups_and_clipping(sweep):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6)) + 0.5
+    x[0, 0, 5, 3] = 30.0
+    sym = sweep.fake_quantize(x, 3, 64, dim=-1, sym=True)
+    step = x.abs().amax(-1, keepdim=True) / 3.5  # range [-m, m] in 7 steps
+    assert bool(((sym - x).abs() <= step * 0.51).all())
+    assert all(row.unique().numel() <= 8 for row in sym.reshape(-1, 64))  # 8 levels a group
+    torch.testing.assert_close(sym[0, 0, 5].amax(), torch.tensor(30.0), atol=0.05, rtol=0)  # the top level is m
+    for dim in (-1, -2):
+        plain = sweep.fake_quantize(x, 3, 64, dim=dim)
+        clipped = sweep.fake_quantize(x, 3, 64, dim=dim, clip=0.7)
+        assert (clipped - x).square().sum() < (plain - x).square().sum()  # the squared error only falls
+    # bytes: a float16 scale per group, no zero
+    config = tiny_llama_config(head_dim=64, layers=3)
+    asym = sweep.held_bytes(sweep.Candidate.parse("kbits=3,vbits=3,block=64"), config, 700)
+    half = sweep.held_bytes(sweep.Candidate.parse("kbits=3,vbits=3,block=64,ksym=1,vsym=1"), config, 700)
+    assert half["scales"] * 2 == asym["scales"]
+
+
+@torch.inference_mode()
+def test_value_rotation_is_undone(sweep):
+    model = make_tiny_llama().float()
+    ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(7))
+    plain = sweep.Candidate.parse("kbits=16,vbits=16,rotate=none,sink=2,window=16,block=8")
+    rotated = sweep.Candidate.parse("kbits=16,vbits=16,rotate=none,vrotate=hadamard-signs,sink=2,window=16,block=8")
+    torch.testing.assert_close(_logits(model, sweep.make_fake_cache(rotated, model), ids),
+                               _logits(model, sweep.make_fake_cache(plain, model), ids), atol=2e-3, rtol=0)
+
+
+def test_normal_levels(sweep):
+    table = sweep.normal_levels(8)
+    assert table[0] == -1 and table[-1] == 1 and bool((table.diff() > 0).all())
+    torch.testing.assert_close(table, -table.flip(0))
+    # Lloyd-Max for a standard normal, 8 levels: +-0.2451, 0.7560, 1.3439, 2.1520 (Max, 1960)
+    torch.testing.assert_close(table[4:] * 2.1520, torch.tensor([0.2451, 0.7560, 1.3439, 2.1520]), atol=2e-3, rtol=0)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    for dim in (-1, -2):
+        out = sweep.fake_quantize(x, 3, 64, dim=dim, levels="normal")
+        assert all(row.unique().numel() <= 8 for row in out.movedim(dim, -1).reshape(-1, 64))
+        assert (out - x).square().mean() < (sweep.fake_quantize(x, 3, 64, dim=dim) - x).square().mean()
