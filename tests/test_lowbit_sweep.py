@@ -72,7 +72,20 @@ def test_fake_int2_matches_library_int2(sweep):
     torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("nbits", [2, 4, 8])
+@torch.inference_mode()
+def test_fake_int3_matches_library_int3(sweep):
+    """The sweep's 3-bit candidate and the library's bits=3 (packed codes, read back) are the same cache."""
+    from selkv.cache import make_cache
+
+    model = make_tiny_llama()
+    ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(2))
+    spec = "quant:bits=3,sink=2,window=16,block=8,group=32,rotate=hadamard-signs"
+    library = _logits(model, make_cache(spec, model.config), ids)
+    cand = sweep.Candidate.parse("kbits=3,vbits=3,sink=2,window=16,block=8,group=32")
+    torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("nbits", [2, 3, 4, 8])
 def test_fake_quantize_is_quant_quantize(sweep, nbits):
     x = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(nbits)) * 3
     for group, dim in ((32, -2), (16, -1)):
