@@ -259,7 +259,7 @@ def catalog(extra: list[str]) -> dict[str, RowKind]:
         RowKind("static-sdpa", "StaticCache + sdpa + compile", "static", "sdpa"),
         RowKind("dynamic", "DynamicCache + sdpa, eager", "dynamic", "sdpa"),
     ]
-    for bits in (8, 4, 2):
+    for bits in SPECS:
         rows.append(RowKind(f"int{bits}", f"selkv int{bits}, eager (fused kernel)", "selkv", "selkv", SPECS[bits]))
         rows.append(RowKind(f"int{bits}-captured", f"selkv int{bits}, captured", "captured", "selkv", SPECS[bits]))
     rows.append(RowKind("int8-reference", "selkv int8 + sdpa (dequantize every step)", "reference", "sdpa", SPECS[8]))
@@ -733,7 +733,7 @@ def main() -> None:
     parser.add_argument("--extra", action="append", default=[], metavar="SPEC",
                         help="another selkv spec to run eager with the fused kernel (repeatable)")
     parser.add_argument("--max-batch", default="full,int8,int4,int2",
-                        help="paths whose largest batch is measured (full,int8,int4,int2; 'none' to skip)")
+                        help="paths whose largest batch is measured (full,int8,int4,int3,int2; 'none' to skip)")
     parser.add_argument("--max-batch-context", type=int, default=32768)
     parser.add_argument("--max-batch-budget-s", type=float, default=120.0, help="seconds per path for the search")
     parser.add_argument("--throughput-steps", type=int, default=16,
@@ -763,8 +763,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(rows_known)}")
     paths = [] if args.max_batch in ("", "none") else args.max_batch.split(",")
-    if any(p not in ("full", "int8", "int4", "int2") for p in paths):
-        parser.error(f"--max-batch takes full, int8, int4, int2 or none, not {args.max_batch!r}")
+    if any(p not in ("full", "int8", "int4", "int3", "int2") for p in paths):
+        parser.error(f"--max-batch takes full, int8, int4, int3, int2 or none, not {args.max_batch!r}")
     if args.quick:
         shapes, args.steps, paths = shapes[:1], 16, []
         wanted = [key for key in wanted if rows_known[key].kind != "reference"]

@@ -28,7 +28,7 @@ LLAMA3_8B = dict(
 )
 TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=256, vocab_size=512, max_position_embeddings=4096)
-SPECS = {bits: f"quant:bits={bits},sink=4,window=124" for bits in (8, 4, 2)}
+SPECS = {bits: f"quant:bits={bits},sink=4,window=124" for bits in (8, 4, 3, 2)}
 GIB = 2**30
 
 
