@@ -58,6 +58,7 @@ SIZE_CACHES = (
     "drop:sink=4,window=124",
     "quant:bits=8,sink=4,window=124",
     "quant:bits=4,sink=4,window=124",
+    "quant:bits=3,sink=4,window=124",
     "quant:bits=2,sink=4,window=124",
     "hf-quanto:bits=4,residual=128",
 )
