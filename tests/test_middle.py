@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import SMALL, make_storage, with_device_lengths
+from helpers import HAS_CUDA, REL_ERROR, SMALL, _relative_error, kernel_module, make_storage, with_device_lengths
 
 from selkv.kernels import reference
 from selkv.layers import QuantizedSinkWindowLayer, StaticSinkWindowLayer
@@ -58,6 +58,26 @@ def test_store_writes_at_a_position_grows_and_reads_back_what_quantize_middle_st
     got = store.read(40)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert store.used_bytes(40)["key_codes"] == 2 * 3 * 40 * 32 * 4 // 8
+
+
+def test_custom_op_attends_over_the_flattened_storage():
+    """The operator a captured step calls (device lengths) takes the storage through the flatten pair."""
+    kernel_module()  # a GPU, or the kernels in Triton's interpreter
+    from selkv.kernels import decode_op_module
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    gen = torch.Generator().manual_seed(1)
+    shape = dict(SMALL, head_dim=64, q_group_size=32)
+    storage = make_storage(gen, **shape, num_sink=3, num_stored=32, num_recent=6, nbits=4, value_nbits=2,
+                           axis_key="channel", dtype=torch.float16, device=device, rotate="hadamard-signs")
+    storage = with_device_lengths(storage, gen)
+    query = torch.randn(2, 4, 1, 64, generator=gen).half().to(device)
+    op = decode_op_module().decode_attention
+    want = reference.selective_decode_attention(query, storage).double().cpu()
+    assert _relative_error(op(query, storage), want) < REL_ERROR[torch.float16]
+    # traced: the flatten pair runs inside the graph, the operator stays one opaque call
+    compiled = torch.compile(lambda q: op(q, storage), backend="aot_eager", fullgraph=True)
+    assert _relative_error(compiled(query), want) < REL_ERROR[torch.float16]
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -10,6 +10,8 @@ stays within a percent of what is filled.
 
 from __future__ import annotations
 
+import torch
+
 from ..middle import MiddleLayout, QuantizedMiddle
 from ..storage import DecodeStorage
 from .base import SelectiveLayer
@@ -62,7 +64,7 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
     def num_stored(self) -> int:
         return self._num_stored
 
-    def _evict(self, keys, values) -> None:
+    def _evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.middle.write(keys, values, self._num_stored)
         self._num_stored += keys.shape[-2]
 
