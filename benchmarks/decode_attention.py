@@ -26,7 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from selkv import quant  # noqa: E402
 from selkv.kernels import decode_attention as kernels  # noqa: E402
 from selkv.kernels import reference  # noqa: E402
+from selkv.middle import MiddleLayout  # noqa: E402
 from selkv.storage import DecodeStorage  # noqa: E402
+from selkv.testing import random_middle  # noqa: E402
 
 SHAPES = [(1, 32768), (8, 32768), (1, 131072), (32, 8192)]  # (batch, context)
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -60,33 +62,17 @@ def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: i
     num_stored = (context - SINK - WINDOW) // block * block
     num_recent = context - SINK - num_stored
     B, H, D = batch, NUM_KV_HEADS, HEAD_DIM
-    packed = D * nbits // 8
-
-    def codes():
-        return torch.randint(0, 256, (B, H, num_stored, packed), dtype=torch.uint8, device=device)
-
-    def scales(*shape):
-        return (torch.rand(*shape, device=device) * 0.02 + 0.01).half()
-
-    def zeros(*shape):
-        return (-torch.rand(*shape, device=device)).half()
-
-    key_rows, key_cols = (num_stored // block, D) if axis_key == "channel" else (num_stored, D // group)
+    layout = MiddleLayout(nbits, nbits, group, axis_key, block, rotate)
     lengths = None
     if device_lengths:
         lengths = torch.tensor([SINK, num_stored, num_recent, 0], dtype=torch.int32, device=device)
     return DecodeStorage(
         sink_keys=torch.randn(B, H, SINK, D, device=device, dtype=dtype),
         sink_values=torch.randn(B, H, SINK, D, device=device, dtype=dtype),
-        num_sink=SINK,
-        key_codes=codes(), key_scale=scales(B, H, key_rows, key_cols), key_zero=zeros(B, H, key_rows, key_cols),
-        value_codes=codes(), value_scale=scales(B, H, num_stored, D // group),
-        value_zero=zeros(B, H, num_stored, D // group),
-        num_stored=num_stored,
+        middle=random_middle(layout, B, H, D, num_stored, device),
         recent_keys=torch.randn(B, H, WINDOW + block, D, device=device, dtype=dtype),
         recent_values=torch.randn(B, H, WINDOW + block, D, device=device, dtype=dtype),
-        num_recent=num_recent,
-        key_nbits=nbits, value_nbits=nbits, q_group_size=group, axis_key=axis_key, block_length=block,
+        num_sink=SINK, num_stored=num_stored, num_recent=num_recent, layout=layout,
         row_padding=None, lengths=lengths, key_rotation=quant.rotation_matrix(rotate, D, device),
         key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
     )

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import selkv  # noqa: E402,F401  (registers attn_implementation="selkv")
 from selkv import make_cache  # noqa: E402
 from selkv.models import cache_kwarg  # noqa: E402
+from selkv.testing import fill_layer  # noqa: E402
 
 LLAMA3_8B = dict(
     hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -97,38 +98,14 @@ def rewind(cache, length: int) -> None:
 
 
 def fill_selective(cache, config, batch: int, context: int, device, dtype, room: int = 256) -> None:
-    """Write random sink, middle (codes + scales) and window into every layer's storage.
+    """Write random sink, middle (codes + scales) and window into every layer's storage (``selkv.testing``).
 
     The middle gets spare capacity for ``room`` more tokens, so that the timed steps' evictions
     append without the store growing.
     """
     heads, head_dim = _kv_shape(config)
     for layer in cache.layers:
-        sink, window, block = layer.num_sink_tokens, layer.window_length, layer.block_length
-        num_stored = (context - sink - window) // block * block
-        num_recent = context - sink - num_stored
-        probe = torch.zeros(batch, heads, 1, head_dim, device=device, dtype=dtype)
-        layer.lazy_initialization(probe, probe)
-        layer.sink_keys.normal_()
-        layer.sink_values.normal_()
-        # the window buffer as a decode step finds it (the layer grows it with the tokens it holds)
-        layer.recent_keys = torch.randn(batch, heads, window + block, head_dim, device=device, dtype=dtype)
-        layer.recent_values = torch.randn_like(layer.recent_keys)
-        capacity = num_stored + (-(-room // block) + 1) * block
-        packed = head_dim * layer.nbits // 8
-        groups = head_dim // layer.q_group_size
-        key_rows, key_cols = (capacity // block, head_dim) if layer.axis_key == "channel" else (capacity, groups)
-        shape = (batch, heads)
-        layer.key_codes = torch.randint(0, 256, shape + (capacity, packed), dtype=torch.uint8, device=device)
-        value_packed = head_dim * layer.value_nbits // 8
-        layer.value_codes = torch.randint(0, 256, shape + (capacity, value_packed), dtype=torch.uint8, device=device)
-        layer.key_scale = (torch.rand(shape + (key_rows, key_cols), device=device) * 0.02 + 0.01).half()
-        layer.key_zero = (-torch.rand(shape + (key_rows, key_cols), device=device)).half()
-        layer.value_scale = (torch.rand(shape + (capacity, groups), device=device) * 0.02 + 0.01).half()
-        layer.value_zero = (-torch.rand(shape + (capacity, groups), device=device)).half()
-        layer.num_sink, layer._num_stored, layer.num_recent = sink, num_stored, num_recent
-        layer.num_evicted = num_stored
-        layer.cumulative_length = context
+        fill_layer(layer, batch, heads, head_dim, context, device, dtype, room=room)
 
 
 class Unavailable(Exception):
@@ -163,31 +140,9 @@ def fill_static_selective(cache, config, batch: int, context: int, device, dtype
     The middle rows past ``num_stored`` and the ring slots past the window are never read, so only the lengths
     say how many tokens the cache holds.
     """
-    from selkv.layers.sink_window import _MIDDLE
-
     heads, head_dim = _kv_shape(config)
-    probe = torch.zeros(batch, heads, 1, head_dim, device=device, dtype=dtype)
     for layer in cache.layers:
-        layer.lazy_initialization(probe, probe)
-        sink, window, block = layer.sink_capacity, layer.window_length, layer.block_length
-        num_stored = (context - sink - window) // block * block
-        num_recent = context - sink - num_stored
-        if num_stored + block > layer.middle_capacity or num_recent > layer.ring_length:
-            raise ValueError(f"context {context} does not fit a static cache of max_cache_len={layer.max_cache_len}")
-        for tensor in (layer.sink_keys, layer.sink_values, layer.recent_keys, layer.recent_values):
-            tensor.normal_()
-        for name in _MIDDLE:
-            tensor = getattr(layer, name, None)
-            if tensor is None:
-                continue
-            if not tensor.is_floating_point():
-                tensor.random_(0, 256)
-            elif "scale" in name:
-                tensor.uniform_(0.01, 0.03)
-            else:
-                tensor.uniform_(-1.0, 0.0)
-        layer.lengths.copy_(torch.tensor([sink, num_stored, num_recent, 0], dtype=layer.lengths.dtype))
-        layer.cumulative_length.fill_(context)
+        fill_layer(layer, batch, heads, head_dim, context, device, dtype)
 
 
 def static_selkv(model, spec: str, batch: int, context: int, room: int, device, dtype):

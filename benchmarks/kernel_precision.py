@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
 import os
 import sys
+import types
+from pathlib import Path
 
 CPU = "--cpu" in sys.argv
 if CPU:  # the interpreter must be chosen before Triton's first import
@@ -35,6 +38,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from selkv import quant  # noqa: E402
+from selkv.middle import MiddleLayout, MiddleTensors, quantize_middle  # noqa: E402
 from selkv.storage import DecodeStorage  # noqa: E402
 
 VALUE_RMS = (1.0, 0.1, 0.02, 0.005)
@@ -69,7 +73,21 @@ def load_kernels(path: str | None):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
+    if "s.key_codes" in Path(path).read_text(encoding="utf-8"):  # a launcher from before DecodeStorage.middle
+        launch = module.selective_decode_attention
+        module.selective_decode_attention = functools.wraps(launch)(
+            lambda query, storage, **kwargs: launch(query, flat_view(storage), **kwargs))
     return module
+
+
+def flat_view(storage: DecodeStorage) -> types.SimpleNamespace:
+    """``storage`` with the middle's tensors and layout as its own attributes (``key_codes``, ``key_nbits``, ...),
+    as launchers read it before ``DecodeStorage`` carried a ``MiddleTensors`` and a ``MiddleLayout``."""
+    s = storage
+    fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in ("middle", "layout")}
+    middle = s.middle._asdict() if s.middle is not None else dict.fromkeys(MiddleTensors._fields)
+    return types.SimpleNamespace(**fields, **middle, **dataclasses.asdict(s.layout),
+                                 num_key_value_heads=s.num_key_value_heads)
 
 
 def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: int, block_length: int,
@@ -95,13 +113,11 @@ def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: in
     recent_keys, recent_values = states(num_recent)
     keys, values = states(num_stored)  # the middle as it was before quantization
     rotation = quant.rotation_matrix(rotate, D, device)
-    parts = quant.quantize_middle(keys, values, key_nbits=nbits, value_nbits=nbits, q_group_size=q_group_size,
-                                  axis_key=axis_key, block_length=block_length, key_rotation=rotation)
+    layout = MiddleLayout(nbits, nbits, q_group_size, axis_key, block_length, rotate)
     storage = DecodeStorage(
-        sink_keys=sink_keys, sink_values=sink_values, num_sink=SINK, **parts, num_stored=num_stored,
-        recent_keys=recent_keys, recent_values=recent_values, num_recent=num_recent,
-        key_nbits=nbits, value_nbits=nbits, q_group_size=q_group_size, axis_key=axis_key, block_length=block_length,
-        row_padding=None, key_rotation=rotation, key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
+        sink_keys=sink_keys, sink_values=sink_values, middle=quantize_middle(keys, values, layout, rotation),
+        recent_keys=recent_keys, recent_values=recent_values, num_sink=SINK, num_stored=num_stored,
+        num_recent=num_recent, layout=layout, row_padding=None, key_rotation=rotation, key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
     )
     return storage, (keys, values)
 
@@ -115,7 +131,8 @@ def run_kernel(kernels, query: torch.Tensor, storage: DecodeStorage, scaling: fl
         return kernels.selective_decode_attention(query, storage, scaling=scaling, config=config)
     if "storage" in inspect.signature(kernels.selective_decode_attention).parameters:
         return kernels.selective_decode_attention(query, storage, scaling=scaling)
-    fields = {f.name: getattr(storage, f.name) for f in dataclasses.fields(storage) if f.name != "lengths"}
+    fields = {name: value for name, value in vars(flat_view(storage)).items()
+              if name not in ("lengths", "rotate", "sym", "num_key_value_heads")}
     return kernels.selective_decode_attention(query, **fields, scaling=scaling)
 
 

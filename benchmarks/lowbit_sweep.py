@@ -491,7 +491,7 @@ def _layout(cand: Candidate, config, tokens: int, chunk: int) -> dict:
     layer = cache.layers[layer_idx]
     buffers = [layer.sink_keys, layer.sink_values, layer.recent_keys, layer.recent_values]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in buffers}
-    capacity = 0 if layer.key_codes is None else layer.key_codes.shape[-2]
+    capacity = layer.middle.capacity
     return {"bytes_16bit_held": sum(storages.values()), "capacity": capacity, "stored": layer.num_stored,
             "heads": shape["num_key_value_heads"], "head_dim": shape["head_dim"],
             "layers": shape["num_hidden_layers"]}

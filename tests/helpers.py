@@ -22,6 +22,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 from selkv import quant  # noqa: E402
 from selkv.kernels import interpreter_enabled, triton_available  # noqa: E402
+from selkv.middle import MiddleLayout, MiddleTensors, quantize_middle  # noqa: E402
 from selkv.storage import DecodeStorage  # noqa: E402
 
 # One tolerance table for every comparison (STYLE: assert_close with tolerances from one table).
@@ -178,23 +179,20 @@ def make_storage(
         for b, pad in enumerate(row_padding):
             sink_keys[b, :, :pad] = 30.0
             sink_values[b, :, :pad] = 1000.0
+    layout = MiddleLayout(nbits, value_nbits, q_group_size, axis_key, block_length, rotate)
     args = dict(
         sink_keys=sink_keys.to(device), sink_values=sink_values.to(device), num_sink=num_sink,
         recent_keys=recent_keys.to(device), recent_values=recent_values.to(device), num_recent=num_recent,
-        num_stored=num_stored, key_nbits=nbits, value_nbits=value_nbits, q_group_size=q_group_size, axis_key=axis_key,
-        block_length=block_length,
+        num_stored=num_stored, layout=layout,
         row_padding=None if row_padding is None else torch.tensor(row_padding, dtype=torch.int32, device=device),
     )
     if num_stored == 0:
-        args.update(key_codes=None, key_scale=None, key_zero=None, value_codes=None, value_scale=None, value_zero=None)
-        return DecodeStorage(**args)
+        return DecodeStorage(middle=None, **args)
     rotation = quant.rotation_matrix(rotate, D)
     keys = (randn(B, H, stored_cap, D) * key_gain).to(dtype)
     values = randn(B, H, stored_cap, D, scale=value_rms).to(dtype)
-    parts = quant.quantize_middle(keys, values, key_nbits=nbits, value_nbits=value_nbits, q_group_size=q_group_size,
-                                  axis_key=axis_key, block_length=block_length, key_rotation=rotation)
-    kc, ks, kz = parts["key_codes"], parts["key_scale"], parts["key_zero"]
-    vc, vs, vz = quant.from_block_major(parts["value_codes"], block_length), parts["value_scale"], parts["value_zero"]
+    kc, ks, kz, vc, vs, vz = quantize_middle(keys, values, layout, key_rotation=rotation)
+    vc = quant.from_block_major(vc, block_length)
     # Poison what lies beyond num_stored: random codes, NaN scales.
     kc[:, :, num_stored:] = torch.randint(0, 256, kc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)
     vc[:, :, num_stored:] = torch.randint(0, 256, vc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)
@@ -205,8 +203,7 @@ def make_storage(
     for t in (vs, vz):
         t[:, :, num_stored:] = float("nan")
     args.update(
-        key_codes=kc.to(device), key_scale=ks.to(device), key_zero=kz.to(device),
-        value_codes=vc.to(device), value_scale=vs.to(device), value_zero=vz.to(device),
+        middle=MiddleTensors(kc, ks, kz, vc, vs, vz).map(lambda t: t.to(device)),
         key_rotation=None if rotation is None else rotation.to(device),
         key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
     )
@@ -226,7 +223,7 @@ def with_device_lengths(storage: DecodeStorage, gen: torch.Generator) -> DecodeS
     ring_keys[:, :, slots.to(ring_keys.device)] = s.recent_keys[:, :, : s.num_recent]
     ring_values[:, :, slots.to(ring_keys.device)] = s.recent_values[:, :, : s.num_recent]
     lengths = torch.tensor([s.num_sink, s.num_stored, s.num_recent, start], dtype=torch.int32, device=s.sink_keys.device)
-    middle_capacity = s.key_codes.shape[2] if s.key_codes is not None else 0
+    middle_capacity = s.middle.key_codes.shape[2] if s.middle is not None else 0
     return dataclasses.replace(s, recent_keys=ring_keys, recent_values=ring_values, num_sink=s.sink_keys.shape[2],
                                num_stored=middle_capacity, num_recent=ring, lengths=lengths)
 
@@ -248,7 +245,7 @@ def float64_reference(
     ``round_middle``: round the dequantized middle to the query's dtype, as the model's cache does;
     without it, exact attention over the kernel's own inputs (codes, scales, zeros).
     """
-    args = vars(storage)
+    args = {**vars(storage), **vars(storage.layout), **(storage.middle._asdict() if storage.middle else {})}
     D = query.shape[-1]
     ns, nm, nr = args["num_sink"], args["num_stored"], args["num_recent"]
     keys = [args["sink_keys"][:, :, :ns].double().cpu()]

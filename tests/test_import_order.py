@@ -1,7 +1,7 @@
 """selkv's modules import downwards only, with no cycle.
 
 Dependency order (each layer imports only from the layers before it or its own):
-errors, quant, upstream <- storage, layers, shapes, selective_cache, specs <- cache <- attention, kernels <- models, generation, sizing
+errors, quant, upstream <- middle, storage, layers, shapes, selective_cache, specs <- cache, testing <- attention, kernels <- models, generation, sizing
 (and the ``selkv`` package's public API) <- eval <- cli, cli_help.
 Imports inside functions count too, and so do ``importlib.import_module("selkv...")`` strings.
 """
@@ -17,8 +17,8 @@ SRC = Path(selkv.__file__).resolve().parent.parent
 
 LAYERS = (
     ("errors", "quant", "upstream"),
-    ("storage", "layers", "shapes", "selective_cache", "specs"),
-    ("cache",),
+    ("middle", "storage", "layers", "shapes", "selective_cache", "specs"),
+    ("cache", "testing"),
     ("attention", "kernels"),
     ("models", "generation", "sizing", ""),  # "": the package itself (selkv/__init__.py, the public API)
     ("eval",),

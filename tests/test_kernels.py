@@ -29,6 +29,7 @@ from helpers import (
 )
 
 from selkv.kernels import reference
+from selkv.middle import MiddleTensors
 from selkv.storage import take_published
 
 
@@ -239,12 +240,13 @@ def test_interpreter_rejects_bad_inputs():
         module.selective_decode_attention(torch.randn(1, 4, 1, 32).half(),
                                           replace(storage, sink_keys=storage.sink_keys.float()))
     query = torch.randn(1, 4, 1, 32).half()
-    longer = torch.cat([storage.value_codes, torch.zeros_like(storage.value_codes[:, :, :16])], dim=2)
+    middle = storage.middle
+    longer = torch.cat([middle.value_codes, torch.zeros_like(middle.value_codes[:, :, :16])], dim=2)
     with pytest.raises(ValueError, match="same batch, heads and capacity"):  # rows are addressed alike
-        module.selective_decode_attention(query, replace(storage, value_codes=longer))
+        module.selective_decode_attention(query, replace(storage, middle=middle._replace(value_codes=longer)))
     with pytest.raises(ValueError, match="whole blocks of 16"):  # the value store is block-major
-        module.selective_decode_attention(query, replace(storage, key_codes=storage.key_codes[:, :, :24],
-                                                         value_codes=storage.value_codes[:, :, :24]))
+        cut = middle._replace(key_codes=middle.key_codes[:, :, :24], value_codes=middle.value_codes[:, :, :24])
+        module.selective_decode_attention(query, replace(storage, middle=cut))
 
 CUDA_LENGTHS = [  # (num_sink, num_stored, num_recent)
     (4, 0, 1),
@@ -326,10 +328,10 @@ def kernel_error(module, device: str, dtype: torch.dtype, seed: int, value_rms: 
     key_gain = _outlier_key_gain(gen, shape["head_dim"])
     storage = make_storage(gen, dtype=dtype, device=device, key_gain=key_gain, value_rms=value_rms, **shape)
     if value_gain_log2 is not None:
-        factor = torch.exp2(value_gain_log2(storage.value_scale.shape[2]).double())[:, None]  # [capacity, 1]
-        gained = {name: (getattr(storage, name).double().cpu() * factor).to(torch.float16).to(device)
+        factor = torch.exp2(value_gain_log2(storage.middle.value_scale.shape[2]).double())[:, None]  # [capacity, 1]
+        gained = {name: (getattr(storage.middle, name).double().cpu() * factor).to(torch.float16).to(device)
                   for name in ("value_scale", "value_zero")}
-        storage = dataclasses.replace(storage, **gained)
+        storage = dataclasses.replace(storage, middle=storage.middle._replace(**gained))
     query = torch.randn(shape["batch_size"], num_heads, 1, shape["head_dim"], generator=gen).to(dtype).to(device)
     scaling = shape["head_dim"] ** -0.5
     out = module.selective_decode_attention(query, storage, scaling=scaling, config=config)
@@ -491,15 +493,9 @@ def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
 
 def _trimmed(storage, num_stored: int):
     """``storage`` with its middle cut to ``num_stored`` tokens of capacity (whole blocks): nothing allocated past it."""
-    blocks = num_stored // storage.block_length
-    key_rows = blocks if storage.axis_key == "channel" else num_stored
-    return dataclasses.replace(
-        storage, key_codes=storage.key_codes[:, :, :num_stored].contiguous(),
-        value_codes=storage.value_codes[:, :, :num_stored].contiguous(),
-        key_scale=storage.key_scale[:, :, :key_rows].contiguous(), key_zero=storage.key_zero[:, :, :key_rows].contiguous(),
-        value_scale=storage.value_scale[:, :, :num_stored].contiguous(),
-        value_zero=storage.value_zero[:, :, :num_stored].contiguous(),
-    )
+    layout = storage.layout
+    trimmed = (t[:, :, : layout.rows(name, num_stored)].contiguous() for name, t in storage.middle._asdict().items())
+    return dataclasses.replace(storage, middle=MiddleTensors(*trimmed))
 
 
 @pytest.mark.parametrize("nbits,value_nbits", [(4, 4), (2, 2), (4, 2), (3, 3)])
@@ -624,8 +620,8 @@ def test_kernel_masks_padding_past_the_sink(
     for b, pad in enumerate(padding):  # junk in the padded middle and window: it would dominate if read
         middle = slice(0, max(0, min(pad - num_sink, num_stored)))
         if num_stored:
-            storage.key_zero[b, :, middle] = 30.0
-            storage.value_zero[b, :, middle] = 1000.0
+            storage.middle.key_zero[b, :, middle] = 30.0
+            storage.middle.value_zero[b, :, middle] = 1000.0
         storage.recent_keys[b, :, : max(0, pad - num_sink - num_stored)] = 30.0
         storage.recent_values[b, :, : max(0, pad - num_sink - num_stored)] = 1000.0
     query = torch.randn(3, 4, 1, SMALL["head_dim"], generator=gen).half().to(device)
@@ -646,7 +642,7 @@ def test_kernel_masks_padding_past_the_sink(
 def test_middle_dequantized_into_a_slice_equals_the_plain_formula(nbits, axis_key, num_stored, dtype):
     """Codes read in place (block-major values seen in token order) give exactly code * scale + zero."""
     from selkv import quant
-    from selkv.storage import dequantize_middle
+    from selkv.middle import MiddleLayout, MiddleTensors, dequantize_middle
 
     B, H, D, G, T, capacity = 2, 3, 64, 32, 32, 128
     keys, values = torch.randn(B, H, capacity, D), torch.randn(B, H, capacity, D)
@@ -663,12 +659,12 @@ def test_middle_dequantized_into_a_slice_equals_the_plain_formula(nbits, axis_ke
 
     expected_keys = plain(key_codes, key_scale, key_zero, *((T, 2) if axis_key == "channel" else (G, 3)))
     expected_values = plain(value_codes, value_scale, value_zero, G, 3)
-    stored = (quant.pack(key_codes, nbits), key_scale, key_zero,
-              quant.to_block_major(quant.pack(value_codes, nbits), T), value_scale, value_zero)
-    settings = dict(key_nbits=nbits, value_nbits=nbits, q_group_size=G, axis_key=axis_key, block_length=T, dtype=dtype)
-    returned = dequantize_middle(*stored, num_stored, **settings)
+    stored = MiddleTensors(quant.pack(key_codes, nbits), key_scale, key_zero,
+                           quant.to_block_major(quant.pack(value_codes, nbits), T), value_scale, value_zero)
+    layout = MiddleLayout(nbits, nbits, G, axis_key, T)
+    returned = dequantize_middle(stored, layout, num_stored, dtype=dtype)
     buffers = [torch.full((B, H, num_stored + 9, D), float("nan"), dtype=dtype) for _ in range(2)]
-    dequantize_middle(*stored, num_stored, **settings, out_keys=buffers[0][:, :, 4 : 4 + num_stored],
+    dequantize_middle(stored, layout, num_stored, dtype=dtype, out_keys=buffers[0][:, :, 4 : 4 + num_stored],
                       out_values=buffers[1][:, :, 4 : 4 + num_stored])
     for got in (returned, (buffers[0][:, :, 4 : 4 + num_stored], buffers[1][:, :, 4 : 4 + num_stored])):
         assert torch.equal(got[0], expected_keys) and torch.equal(got[1], expected_values)

@@ -150,12 +150,12 @@ def test_each_token_is_quantized_exactly_once(monkeypatch):
     for count in [37] + [1] * 150 + [25, 3] + [1] * 40:
         layer.update(torch.randn(2, 3, count, 16), torch.randn(2, 3, count, 16))
         seen += count
-        snapshots.append((layer.num_stored, layer.key_codes[:, :, : layer.num_stored].clone()))
+        snapshots.append((layer.num_stored, layer.middle.tensors.key_codes[:, :, : layer.num_stored].clone()))
     # keys and values each go through quantize once per evicted token
     assert sum(quantized) == 2 * layer.num_stored == 2 * layer.num_evicted
     assert layer.num_stored == seen - 4 - layer.num_recent
     # stored codes never change afterwards: nothing is re-quantized
-    final = layer.key_codes
+    final = layer.middle.tensors.key_codes
     for stored, codes in snapshots:
         assert torch.equal(final[:, :, :stored], codes)
 
@@ -168,12 +168,13 @@ def test_middle_store_grows_in_bounded_pages():
     copied, capacity = 0, 0
     for count in [1] * 300 + [7, 1, 1, 33] * 40 + [1] * 300 + [600]:
         layer.update(torch.randn(1, 1, count, 16), torch.randn(1, 1, count, 16))
-        if layer.key_codes is None:
+        middle = layer.middle.tensors
+        if middle is None:
             continue
-        if layer.key_codes.shape[-2] != capacity:
-            copied, capacity = copied + capacity, layer.key_codes.shape[-2]
+        if layer.middle.capacity != capacity:
+            copied, capacity = copied + capacity, layer.middle.capacity
         assert capacity % 16 == 0
-        assert all(t.shape[-2] == capacity for t in (layer.value_codes, layer.key_scale, layer.value_scale))
+        assert all(t.shape[-2] == capacity for t in (middle.value_codes, middle.key_scale, middle.value_scale))
         spare = capacity - layer.num_stored
         assert spare < layer.num_stored // 128 // 16 * 16 + 16, (capacity, layer.num_stored)
     assert layer.num_stored > 128 * 4 * layer.block_length  # long enough for the spare room to be used
@@ -212,7 +213,7 @@ def test_key_and_value_code_bytes_are_counted_apart(kbits, vbits):
     stored, layers = layer.num_stored, config.num_hidden_layers
     assert stored > 0
     # measured: the filled rows of the tensors the layer really holds
-    held = {name: getattr(layer, name)[:, :, :stored] for name in ("key_codes", "value_codes")}
+    held = {name: getattr(layer.middle.tensors, name)[:, :, :stored] for name in ("key_codes", "value_codes")}
     assert counted["bytes_key_codes"] == layers * held["key_codes"].numel() * held["key_codes"].element_size()
     assert counted["bytes_value_codes"] == layers * held["value_codes"].numel() * held["value_codes"].element_size()
     # and they are kbits / vbits per element: 32 channels, 2 rows x 2 heads
@@ -446,7 +447,7 @@ def test_rotation_leaves_attention_exact_when_nothing_is_lost(rotate, static):
             torch.testing.assert_close(out_values, all_values, **TOLERANCES["kernel_fp32"])
             continue
         layer = cache.layers[0]
-        assert layer.num_stored > 0 and (layer.key_rotation is not None) == (rotate != "none")
+        assert layer.num_stored > 0 and (layer.middle.key_rotation is not None) == (rotate != "none")
         query = torch.randn(2, 4, 1, 32, generator=gen)
         got = reference.selective_decode_attention(query, layer.decode_storage())
         torch.testing.assert_close(got.double(), _exact_attention(query, all_keys, all_values),

@@ -182,21 +182,20 @@ def test_symmetric_groups_near_the_float16_maximum_stay_within_half_a_step(nbits
     ("token", "hadamard", 4, 2), ("channel", "hadamard-signs", 3, 3), ("token", "none", 3, 8),
 ])
 def test_quantize_middle_is_read_back_within_half_a_step(axis_key, rotate, key_nbits, value_nbits):
-    from selkv.storage import dequantize_middle
+    from selkv.middle import MiddleLayout, dequantize_middle, quantize_middle
 
     gen = torch.Generator().manual_seed(3)
     block, group, head_dim, count = 32, 32, 64, 96
     keys = torch.randn(2, 3, count, head_dim, generator=gen) * (1 + 9 * (torch.arange(head_dim) % 16 == 0))
     values = torch.randn(2, 3, count, head_dim, generator=gen) * 0.02
     rotation = quant.rotation_matrix(rotate, head_dim)
-    layout = dict(key_nbits=key_nbits, value_nbits=value_nbits, q_group_size=group, axis_key=axis_key,
-                  block_length=block)
-    parts = quant.quantize_middle(keys, values, key_rotation=rotation, **layout)
-    assert parts["key_codes"].shape[-1] == head_dim * key_nbits // 8
-    assert parts["value_codes"].shape[-1] == head_dim * value_nbits // 8
-    read_keys, read_values = dequantize_middle(**parts, num_stored=count, key_rotation=rotation, **layout)
+    layout = MiddleLayout(key_nbits, value_nbits, group, axis_key, block, rotate)
+    parts = quantize_middle(keys, values, layout, key_rotation=rotation)
+    assert parts.key_codes.shape[-1] == head_dim * key_nbits // 8
+    assert parts.value_codes.shape[-1] == head_dim * value_nbits // 8
+    read_keys, read_values = dequantize_middle(parts, layout, count, key_rotation=rotation)
     # per element at most half a step of its own group (keys: in the rotated basis, where they were quantized)
     key_dim, key_group = (-2, block) if axis_key == "channel" else (-1, group)
     key_error = quant.rotate(read_keys, rotation) - quant.rotate(keys, rotation)
-    assert (key_error.abs() <= _bound(keys, parts["key_scale"], key_group, key_dim) + 1e-5).all()
-    assert ((read_values - values).abs() <= _bound(values, parts["value_scale"], group, -1)).all()
+    assert (key_error.abs() <= _bound(keys, parts.key_scale, key_group, key_dim) + 1e-5).all()
+    assert ((read_values - values).abs() <= _bound(values, parts.value_scale, group, -1)).all()

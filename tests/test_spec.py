@@ -73,7 +73,7 @@ def test_rotate_key():
     assert rotated.rotate == "hadamard" and str(rotated).endswith(",rotate=hadamard")
     assert selkv.parse_spec(str(rotated)) == rotated and rotated.family != plain.family
     assert selkv.parse_spec("quant:bits=4,rotate=none").rotate == "none"
-    assert rotated.make_layer().rotate == "hadamard"
+    assert rotated.make_layer().layout.rotate == "hadamard"
     with pytest.raises(SpecError, match="rotate=hadamard needs a power-of-two head_dim; this model's is 96"):
         rotated.check_model(96)
     with pytest.raises(SpecError, match="power-of-two head_dim"):
@@ -91,7 +91,7 @@ def test_default_rotation_follows_the_key_bits_and_the_head_dim(kbits):
     assert resolved.rotate == DEFAULT_ROTATE[kbits] and resolved.is_resolved and not spec.is_resolved
     assert selkv.parse_spec(str(resolved)) == resolved  # the canonical string names the resolved rotation
     assert spec.check_model(96).rotate == "none"  # a head_dim without a Hadamard matrix: no rotation, no error
-    assert spec.make_layer().rotate == DEFAULT_ROTATE[kbits]
+    assert spec.make_layer().layout.rotate == DEFAULT_ROTATE[kbits]
 
 
 def test_per_bit_defaults_follow_the_side_they_concern():
@@ -103,7 +103,7 @@ def test_per_bit_defaults_follow_the_side_they_concern():
         assert spec.key_axis == DEFAULT_KEY_AXIS[kbits] and spec.block == DEFAULT_BLOCK[kbits]
         assert spec.group == DEFAULT_GROUP[vbits]
         layer = spec.make_layer()
-        assert (layer.nbits, layer.value_nbits, layer.q_group_size) == (kbits, vbits, spec.group)
+        assert (layer.layout.key_nbits, layer.layout.value_nbits, layer.layout.q_group_size) == (kbits, vbits, spec.group)
 
 
 def test_each_kind_is_one_spec_class_in_the_registry():

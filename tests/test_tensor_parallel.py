@@ -107,7 +107,7 @@ def test_cache_sizes_itself_from_the_key_states_not_the_config(max_cache_len):
     layer = cache.layers[0]
     assert layer.num_key_value_heads == local_heads
     storage = layer.decode_storage()
-    assert storage.sink_keys.shape[1] == storage.recent_keys.shape[1] == storage.key_codes.shape[1] == local_heads
+    assert storage.sink_keys.shape[1] == storage.recent_keys.shape[1] == storage.middle.key_codes.shape[1] == local_heads
     # Local query heads (half of them) against the local key/value heads: groups of
     # NUM_ATTENTION_HEADS // NUM_KEY_VALUE_HEADS, as in the single-process model.
     query = torch.randn(2, NUM_ATTENTION_HEADS // WORLD_SIZE, 1, head_dim)

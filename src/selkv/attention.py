@@ -60,8 +60,9 @@ def _use_kernel(query: torch.Tensor, storage: DecodeStorage):
         return None
     head_dim = query.shape[-1]
     groups = query.shape[1] // storage.num_key_value_heads
-    why = kernels.check_supported(head_dim, groups, storage.key_nbits, storage.q_group_size, query.dtype,
-                                  storage.value_nbits)
+    layout = storage.layout
+    why = kernels.check_supported(head_dim, groups, layout.key_nbits, layout.q_group_size, query.dtype,
+                                  layout.value_nbits)
     return kernels if why is None else None
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from transformers.cache_utils import Cache
 
+from .layers.base import SelectiveLayer
 from .quant import tensor_bytes
 from .selective_cache import SelectiveCache
 from .shapes import SLIDING_LAYER_TYPES, layer_plan, model_shape
@@ -136,10 +136,8 @@ def shared_bytes(layers) -> int:
     device), counted once."""
     storages = {}
     for layer in layers:
-        for name in ("key_rotation", "key_rotation_signs"):
-            rotation = getattr(layer, name, None)
-            if isinstance(rotation, torch.Tensor):
-                storages[rotation.untyped_storage().data_ptr()] = rotation.untyped_storage().nbytes()
+        for shared in layer.shared_tensors() if isinstance(layer, SelectiveLayer) else ():
+            storages[shared.untyped_storage().data_ptr()] = shared.untyped_storage().nbytes()
     return sum(storages.values())
 
 

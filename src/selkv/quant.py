@@ -297,43 +297,6 @@ def token_order_view(packed: torch.Tensor, block: int) -> torch.Tensor:
     return packed.unflatten(-2, (n // block, block)).flatten(-2).unflatten(-1, (p, block)).transpose(-1, -2)
 
 
-def quantize_middle(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    *,
-    key_nbits: int,
-    value_nbits: int,
-    q_group_size: int,
-    axis_key: str,
-    block_length: int,
-    key_rotation: torch.Tensor | None = None,
-    sym: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Whole blocks of tokens ``[B, H, n, head_dim]`` as the quantized middle stores them, by tensor name.
-
-    Keys are rotated first (``key_rotation``, or not at all), then grouped per channel over
-    ``block_length`` tokens (``axis_key="channel"``) or per token in groups of ``q_group_size``
-    channels; values per token. Codes are packed, value codes block-major (:func:`to_block_major`,
-    the order the fused kernel reads). ``storage.dequantize_middle`` is the inverse.
-    """
-    keys = rotate(keys, key_rotation)
-    if axis_key == "channel":
-        # Outlier channels dominate per-token ranges at low bit widths; a per-channel group over a block
-        # of tokens keeps each channel's own range (KIVI).
-        key_codes, key_scale, key_zero = quantize(keys, key_nbits, block_length, dim=-2, sym=sym)
-    else:
-        key_codes, key_scale, key_zero = quantize(keys, key_nbits, q_group_size, dim=-1, sym=sym)
-    value_codes, value_scale, value_zero = quantize(values, value_nbits, q_group_size, dim=-1, sym=sym)
-    return {
-        "key_codes": pack(key_codes, key_nbits),
-        "key_scale": key_scale,
-        "key_zero": key_zero,
-        "value_codes": to_block_major(pack(value_codes, value_nbits), block_length),
-        "value_scale": value_scale,
-        "value_zero": value_zero,
-    }
-
-
 def packed_dim(head_dim: int, nbits: int) -> int:
     return head_dim * nbits // 8
 

@@ -9,6 +9,7 @@ from transformers.cache_utils import Cache
 
 from .layers.base import SelectiveLayer
 from .layers.static import StaticSinkWindowLayer
+from .middle import QuantizedMiddle
 from .shapes import _build_layers, _text_config, model_shape
 from .storage import publish, take_published
 from .storage import ATTENTION_NAME
@@ -130,20 +131,18 @@ class SelectiveCache(Cache):
             self.restore(saved)
 
 
-# Layer attributes shared between layers and never written in place (the key rotation all layers share):
-# a snapshot keeps them by reference, so kv_bytes still counts them once per cache after a restore.
-_SHARED_STATE = ("key_rotation", "key_rotation_signs")
-
-
 def _copy_state(state: dict) -> dict:
     """``state`` (a layer's ``__dict__``) with every tensor cloned, lists and dicts copied, other values as they are.
 
     Cache layers write into their buffers in place (the window shifts, the middle store fills its spare
     room), so a snapshot must own its tensors, and a restore must not hand the snapshot's own to the layer.
+    The middle store clones itself (keeping the key rotation, which every layer shares, by reference).
     """
 
     def copy(value):
         if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, QuantizedMiddle):
             return value.clone()
         if isinstance(value, list):
             return [copy(v) for v in value]
@@ -153,7 +152,7 @@ def _copy_state(state: dict) -> dict:
             return {k: copy(v) for k, v in value.items()}
         return value
 
-    return {name: (value if name in _SHARED_STATE else copy(value)) for name, value in state.items()}
+    return {name: copy(value) for name, value in state.items()}
 
 
 class CacheSnapshot:

@@ -186,11 +186,11 @@ def selective_decode_attention(
     """
     s = storage
     sink_keys, sink_values, recent_keys, recent_values = s.sink_keys, s.sink_values, s.recent_keys, s.recent_values
-    key_codes, key_scale, key_zero = s.key_codes, s.key_scale, s.key_zero
-    value_codes, value_scale, value_zero = s.value_codes, s.value_scale, s.value_zero
-    num_sink, num_stored, num_recent = s.num_sink, s.num_stored, s.num_recent
-    key_nbits, value_nbits, q_group_size, axis_key, block_length, row_padding = (
-        s.key_nbits, s.value_nbits, s.q_group_size, s.axis_key, s.block_length, s.row_padding)
+    key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = s.middle or (None,) * 6
+    num_sink, num_stored, num_recent, row_padding = s.num_sink, s.num_stored, s.num_recent, s.row_padding
+    lay = s.layout
+    key_nbits, value_nbits, q_group_size, axis_key, block_length = (
+        lay.key_nbits, lay.value_nbits, lay.q_group_size, lay.axis_key, lay.block_length)
     batch_size, num_heads, q_len, head_dim = query_states.shape
     num_kv_heads = sink_keys.shape[1]
     if q_len != 1:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..storage import DecodeStorage, dequantize_middle
+from ..middle import dequantize_middle
+from ..storage import DecodeStorage
 
-__all__ = ["dequantize_middle", "selective_decode_attention", "valid_positions"]
+__all__ = ["selective_decode_attention", "valid_positions"]
 
 
 def valid_positions(storage: DecodeStorage) -> torch.Tensor:
@@ -73,9 +74,7 @@ def selective_decode_attention(
     v[:, :, : s.num_sink] = s.sink_values[:, :, : s.num_sink]
     if s.num_stored:
         dequantize_middle(
-            s.key_codes, s.key_scale, s.key_zero, s.value_codes, s.value_scale, s.value_zero, s.num_stored,
-            key_nbits=s.key_nbits, value_nbits=s.value_nbits, q_group_size=s.q_group_size, axis_key=s.axis_key, block_length=s.block_length,
-            dtype=dtype, out_keys=k[:, :, s.num_sink : middle_end], out_values=v[:, :, s.num_sink : middle_end],
+            s.middle, s.layout, s.num_stored, dtype=dtype, out_keys=k[:, :, s.num_sink : middle_end], out_values=v[:, :, s.num_sink : middle_end],
             key_rotation=s.key_rotation,  # rotated keys rotated back: the same scores as (q R) . (k R)
         )
     k[:, :, middle_end:] = s.recent_keys[:, :, : s.num_recent]  # [B, H, N, D]

@@ -22,9 +22,15 @@ the stored cache, which is what the fused kernel reads.
 
 Memory: every buffer is sized to what it holds. The window buffer grows in
 pages of ``window_page_length`` tokens as tokens arrive and is cut back after
-an eviction, so a long chunk leaves no oversized buffer behind; subclasses size
-the middle store the same way (spare room bounded, see ``_ensure_capacity`` in
-the quantized layer). ``nbytes`` counts the storage really held.
+an eviction, so a long chunk leaves no oversized buffer behind; the quantized
+middle store bounds its spare room the same way (``QuantizedMiddle._grow``).
+``nbytes`` counts the storage really held.
+
+The middle: a layer that keeps evicted tokens quantized owns a
+:class:`~selkv.middle.QuantizedMiddle` (``self.middle``, by composition); this
+class reads it back, counts its bytes, reorders its batch and hands it to
+attention (:meth:`_storage`). Layers without one (the eviction baseline, or a
+subclass with its own middle) override the ``_middle`` hooks below.
 
 Left padding: a batch whose rows are left-padded to the same length calls
 :meth:`set_left_padding` first; the sink then holds ``S + max_padding``
@@ -37,13 +43,16 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ..errors import UnsupportedInputError
+from ..middle import QuantizedMiddle
+from ..storage import DecodeStorage
 
 # Sink and window positions allocated at the first update (the default sink, and window + block, fit in it).
 INITIAL_CAPACITY = 256
 
 
 class SelectiveLayer(CacheLayerMixin):
-    """Base class of selkv's cache layers. Subclasses define the middle region.
+    """Base class of selkv's cache layers. Subclasses define the middle region: a
+    :class:`~selkv.middle.QuantizedMiddle` handed to ``__init__``, or their own ``_middle`` hooks.
 
     Tensors are ``[batch_size, num_key_value_heads, seq_len, head_dim]``.
     """
@@ -64,8 +73,11 @@ class SelectiveLayer(CacheLayerMixin):
     # (a few KiB per layer), and a decode step reallocates the buffer only every page of tokens.
     window_page_length = 8
 
-    def __init__(self, num_sink_tokens: int, window_length: int, block_length: int = 1):
+    def __init__(
+        self, num_sink_tokens: int, window_length: int, block_length: int = 1, middle: QuantizedMiddle | None = None
+    ):
         super().__init__()
+        self.middle = middle
         self.num_sink_tokens = num_sink_tokens
         self.window_length = window_length
         self.block_length = block_length
@@ -126,6 +138,8 @@ class SelectiveLayer(CacheLayerMixin):
         window_shape = (batch_size, num_heads, 0, head_dim)
         self.recent_keys = key_states.new_zeros(window_shape)
         self.recent_values = value_states.new_zeros(window_shape[:-1] + value_states.shape[-1:])
+        if self.middle is not None:
+            self.middle.set_head(key_states)
         self.is_initialized = True
 
     # ---------------------------------------------------------------- updates
@@ -262,7 +276,7 @@ class SelectiveLayer(CacheLayerMixin):
     def _shape(self, length: int, last: int | None = None) -> tuple[int, int, int, int]:
         return (self.batch_size, self.num_key_value_heads, length, last or self.head_dim)
 
-    # ------------------------------------------------ the middle (subclasses)
+    # ---------------------------------------------------------------- the middle
 
     @property
     def num_stored(self) -> int:
@@ -276,16 +290,33 @@ class SelectiveLayer(CacheLayerMixin):
         self, count: int, out_keys: torch.Tensor | None = None, out_values: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``count`` stored middle tokens in the cache's dtype, written into ``out_*`` when given."""
-        raise NotImplementedError
+        if self.middle is None:
+            raise NotImplementedError
+        return self.middle.read(count, self.dtype, out_keys, out_values)
 
     def _middle_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the middle store, by name, for byte counts and batch reordering."""
-        return {}
+        """Every tensor of the middle store, by name, for byte counts."""
+        return {} if self.middle is None else self.middle.named_tensors()
 
     def _middle_used(self) -> dict[str, int]:
         """Bytes of the middle store that hold tokens (excluding spare capacity), by kind: codes (key_codes +
         value_codes), scales."""
-        return {}
+        return {} if self.middle is None else self.middle.used_bytes(self.num_stored)
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """Tensors this layer shares with the cache's other layers (the key rotation): kv_bytes counts them once."""
+        if self.middle is None:
+            return []
+        return [t for t in (self.middle.key_rotation, self.middle.key_rotation_signs) if t is not None]
+
+    def _storage(self, num_sink: int, num_stored: int, num_recent: int, lengths=None) -> DecodeStorage:
+        """The storage as selkv's decode attention reads it (a layer with a quantized middle)."""
+        middle = self.middle
+        return DecodeStorage(
+            self.sink_keys, self.sink_values, middle.tensors, self.recent_keys, self.recent_values,
+            num_sink, num_stored, num_recent, middle.layout, row_padding=self.row_padding, lengths=lengths,
+            key_rotation=middle.key_rotation, key_rotation_signs=middle.key_rotation_signs,
+        )
 
     # ------------------------------------------------------- transformers API
 
@@ -313,7 +344,8 @@ class SelectiveLayer(CacheLayerMixin):
         self.row_padding = None
 
     def _reset_middle(self) -> None:
-        pass
+        if self.middle is not None:
+            self.middle.clear()
 
     def _all_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {
@@ -326,8 +358,11 @@ class SelectiveLayer(CacheLayerMixin):
         return {name: t for name, t in tensors.items() if t is not None}
 
     def _map_batch(self, fn) -> None:
-        for name, tensor in self._all_tensors().items():
-            setattr(self, name, fn(tensor))
+        for name in ("sink_keys", "sink_values", "recent_keys", "recent_values"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+        if self.middle is not None:
+            self.middle.map_batch(fn)
         if self.row_padding is not None:
             self.row_padding = fn(self.row_padding)
         if self.is_initialized:

@@ -1,7 +1,8 @@
 """StaticSinkWindowLayer: selkv's quantized sink + window cache with a fixed capacity, for captured decoding.
 
-The same policy and the same quantization as :class:`QuantizedSinkWindowLayer` (16-bit sink and
-window, every token between them quantized once, in blocks of ``block_length``), laid out so that
+The same policy and the same quantized middle store as :class:`QuantizedSinkWindowLayer` (16-bit sink and
+window, every token between them quantized once, in blocks of ``block_length``, into a
+:class:`~selkv.middle.QuantizedMiddle`), laid out so that
 a one-token decode step has fixed shapes and no host synchronization, as transformers'
 ``StaticCache`` does for the full cache: ``torch.compile`` traces it and a CUDA graph replays it.
 
@@ -33,22 +34,34 @@ from __future__ import annotations
 import torch
 
 from ..errors import CapacityError, SpecError
+from ..middle import MiddleLayout, QuantizedMiddle
 from ..storage import DecodeStorage
-from .sink_window import QuantizedSinkWindowLayer
+from .base import SelectiveLayer
+from .sink_window import middle_layout
 
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
-    """:class:`QuantizedSinkWindowLayer` with a fixed capacity of ``max_cache_len`` positions and device lengths."""
+class StaticSinkWindowLayer(SelectiveLayer):
+    """:class:`QuantizedSinkWindowLayer`'s policy and store with a fixed capacity of ``max_cache_len`` positions and
+    device lengths. Takes the quantized layer's arguments (``middle_layout``) and ``max_cache_len``."""
 
-    def __init__(self, *args, max_cache_len: int, **kwargs):
-        super().__init__(*args, **kwargs)
+    retains_evicted = True
+    supports_fused_decode = True
+
+    def __init__(self, nbits: int, num_sink_tokens: int, window_length: int, q_group_size: int, *,
+                 max_cache_len: int, **layout):
         if max_cache_len < 1:
             raise SpecError(f"max_cache_len must be >= 1, got {max_cache_len}")
+        middle = QuantizedMiddle(middle_layout(nbits, q_group_size, **layout))
+        super().__init__(num_sink_tokens, window_length, middle.layout.block_length, middle=middle)
         self.max_cache_len = max_cache_len
+
+    @property
+    def layout(self) -> MiddleLayout:
+        return self.middle.layout
 
     @property
     def is_compileable(self) -> bool:
@@ -97,13 +110,8 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         ring_shape = (batch_size, num_heads, self.ring_length, head_dim)
         self.recent_keys = key_states.new_zeros(ring_shape)
         self.recent_values = value_states.new_zeros(ring_shape[:-1] + (value_dim,))
-        self._init_rotation(key_states)
-        # The middle's tensors take their shapes and dtypes from quantizing one block of zeros.
-        rows = self.middle_capacity + self.block_length  # + the spare block
-        block = key_states.new_zeros(batch_size, num_heads, self.block_length, head_dim)
-        for name, part in self._quantize_parts(block, block).items():
-            length = rows // self.block_length if self._per_block(name) else rows
-            setattr(self, name, part.new_zeros(part.shape[:2] + (length,) + part.shape[3:]))
+        self.middle.set_head(key_states)
+        self.middle.allocate(key_states, self.middle_capacity + self.block_length)  # + the spare block
         self.lengths = torch.zeros(4, dtype=torch.int32, device=self.device)
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
         self.dropped = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -112,10 +120,6 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         if not _is_compiling():
             for tensor in (*self._all_tensors().values(), self.lengths, self.cumulative_length, self.dropped):
                 torch._dynamo.mark_static_address(tensor)
-
-    def _per_block(self, name: str) -> bool:
-        """Whether the middle tensor ``name`` has one row per block of tokens (per-channel key groups)."""
-        return self.axis_key == "channel" and name in ("key_scale", "key_zero")
 
     # ---------------------------------------------------------------- updates
 
@@ -136,19 +140,6 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
             self._decode_step(key_states, value_states)
             return self.recent_keys, self.recent_values
         return self._eager_update(key_states, value_states)
-
-    def _write_middle(self, parts: dict[str, torch.Tensor], first: torch.Tensor | int) -> None:
-        """Write quantized whole blocks into the middle from token ``first`` (a multiple of the block)."""
-        count = parts["key_codes"].shape[-2]
-        for name, part in parts.items():
-            per_block = self._per_block(name)
-            length = count // self.block_length if per_block else count
-            start = first // self.block_length if per_block else first
-            if isinstance(start, int):
-                getattr(self, name)[:, :, start : start + length] = part
-            else:
-                rows = start + torch.arange(length, device=self.device)
-                getattr(self, name).index_copy_(2, rows, part)
 
     def _decode_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """One token, fixed shapes, device lengths only."""
@@ -173,8 +164,7 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
         # Quantize the ring's oldest block and write it after the stored middle; only a commit keeps it
         # (a step without one writes rows past num_stored, which nothing reads).
         oldest = torch.remainder(start + torch.arange(block, device=self.device), ring)
-        parts = self._quantize_parts(self.recent_keys.index_select(2, oldest), self.recent_values.index_select(2, oldest))
-        self._write_middle(parts, num_stored)
+        self.middle.write(self.recent_keys.index_select(2, oldest), self.recent_values.index_select(2, oldest), num_stored)
         new_lengths = torch.stack([
             num_sink + to_sink.to(torch.int32),
             num_stored + commit * block,
@@ -204,7 +194,7 @@ class StaticSinkWindowLayer(QuantizedSinkWindowLayer):
             held = self.sink_capacity + self.middle_capacity + self.window_length + self.block_length - 1
             raise self._capacity_error(int(self.cumulative_length) + query_length, held)
         if evict:
-            self._write_middle(self._quantize_parts(window_keys[:, :, :evict], window_values[:, :, :evict]), num_stored)
+            self.middle.write(window_keys[:, :, :evict], window_values[:, :, :evict], num_stored)
         kept = window_keys.shape[-2] - evict
         self.recent_keys[:, :, :kept] = window_keys[:, :, evict:]
         self.recent_values[:, :, :kept] = window_values[:, :, evict:]
