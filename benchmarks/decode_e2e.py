@@ -82,7 +82,7 @@ from selkv import kv_bytes, make_cache  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from e2e_model import (  # noqa: E402
     GIB, LLAMA3_8B, SPECS, TINY, Unavailable, build_model, captured_selkv, compile_step, decode_step, fill_full,
-    fill_selective, fill_static, full_kv_bytes, graph_breaks, rewind, static_selkv,
+    fill_selective, fill_static, full_kv_bytes, graph_breaks, rewind, rewinder, static_selkv,
 )
 
 DEFAULT_SHAPES = "8x32768,1x131072,32x8192"
@@ -590,9 +590,9 @@ class Bench:
             how = "StaticCache + flex_attention, compiled without CUDA graphs, batch dimension dynamic (unless the notes say)"
             per_sequence = full_kv_bytes(config, 1, context + 8)
 
-            def build(batch):
+            def build(batch, room=8):
                 model.set_attn_implementation("flex_attention")
-                cache = StaticCache(config=config, max_cache_len=context + 8)
+                cache = StaticCache(config=config, max_cache_len=context + room)
                 fill_static(cache, config, batch, context, device, dtype)
                 if dynamic["batch"]:
                     for layer in cache.layers:
@@ -605,8 +605,8 @@ class Bench:
             # static cache it runs on is the one the captured step holds
             how = "selkv static cache, eager fused step"
 
-            def build(batch):
-                return static_selkv(model, spec, batch, context, 8, device, dtype), decode_step(model)
+            def build(batch, room=8):
+                return static_selkv(model, spec, batch, context, room, device, dtype), decode_step(model)
 
             # the cache bytes of one sequence, as allocated, for the search's first guess
             cache = build(1)[0]
@@ -643,40 +643,44 @@ class Bench:
                 release()
             return ok
 
-        @torch.no_grad()
         def measure(batch: int, steps: int, rounds: int) -> dict:
-            """Decode tokens/s at ``batch``: greedy steps of the probe's path, median of ``rounds`` after a warm-up.
-
-            Every round decodes from the same cache state: the full cache writes at position ``context``
-            each step; selkv's device lengths are put back before each round.
-            """
-            cache, step = build(batch)
-            start = [(layer.lengths.clone(), layer.cumulative_length.clone()) for layer in cache.layers
-                     if isinstance(getattr(layer, "lengths", None), torch.Tensor)]
+            """Decode tokens/s at ``batch`` on the probe's path, with room in the cache for a round's steps."""
+            cache, step = build(batch, room=steps + 2)
             first = torch.randint(0, config.vocab_size, (batch, 1), device=device)
             if dynamic["batch"]:
                 torch._dynamo.mark_dynamic(first, 0)
-            position = torch.full((1,), context, dtype=torch.long, device=device)
-
-            def one_round(count: int) -> float:
-                for layer, (lengths, seen) in zip(cache.layers, start):
-                    layer.lengths.copy_(lengths)
-                    layer.cumulative_length.copy_(seen)
-                tokens = first
-                torch.cuda.synchronize()
-                began = time.perf_counter()
-                for _ in range(count):
-                    tokens = step(tokens, cache, position).argmax(-1, keepdim=True)
-                torch.cuda.synchronize()
-                return time.perf_counter() - began
-
-            one_round(2)  # warm-up (a compiled step may specialize once more on its first calls)
-            times = sorted(one_round(steps) for _ in range(rounds))
-            seconds = times[len(times) // 2]
-            return dict(batch=batch, steps=steps, rounds=rounds, ms_per_step=1000 * seconds / steps,
-                        tokens_per_s=batch * steps / seconds, round_seconds=times)
+            return decode_rounds(step, cache, rewinder(cache, context), first, context, steps, rounds)
 
         return fits, per_sequence, how, measure
+
+
+@torch.no_grad()
+def decode_rounds(step, cache, rewind_cache, first, context: int, steps: int, rounds: int) -> dict:
+    """Tokens/s of greedy decoding: ``rounds`` rounds of ``steps`` steps after a 2-step warm-up, median round.
+
+    Every round starts from the same cache state (``rewind_cache()``) and decodes positions ``context`` to
+    ``context + steps - 1``, so ``cache`` needs room for ``steps`` tokens past ``context``.
+    """
+    position = torch.full((1,), context, dtype=torch.long, device=first.device)
+    sync = torch.cuda.synchronize if first.is_cuda else (lambda: None)
+
+    def one_round(count: int) -> float:
+        rewind_cache()
+        position.fill_(context)
+        tokens = first
+        sync()
+        began = time.perf_counter()
+        for _ in range(count):
+            tokens = step(tokens, cache, position).argmax(-1, keepdim=True)
+            position.add_(1)
+        sync()
+        return time.perf_counter() - began
+
+    one_round(2)  # warm-up (a compiled step may specialize once more on its first calls)
+    times = sorted(one_round(steps) for _ in range(rounds))
+    seconds = times[len(times) // 2]
+    return dict(batch=first.shape[0], steps=steps, rounds=rounds, ms_per_step=1000 * seconds / steps,
+                tokens_per_s=first.shape[0] * steps / seconds, round_seconds=times)
 
 
 def add_ratios_to_full(found: dict) -> None:

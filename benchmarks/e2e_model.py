@@ -163,6 +163,16 @@ def captured_selkv(model, spec: str, batch: int, context: int, room: int, device
     ``graphs=False`` compiles without CUDA graphs.
     """
     cache = static_selkv(model, spec, batch, context, room, device, dtype)
+    compiled = selkv.compile_decode_step(model, mode="reduce-overhead" if device == "cuda" and graphs else None)
+    return cache, lambda tokens, cache, position: compiled(tokens, cache), rewinder(cache, context)
+
+
+def rewinder(cache, context: int):
+    """``rewind()`` that sets ``cache`` back to its state at ``context`` tokens: transformers' static layers
+    by their position counter (``rewind``), selkv's static layers by the device lengths they hold now
+    (rows written past them are never read)."""
+    if not all(isinstance(getattr(layer, "lengths", None), torch.Tensor) for layer in cache.layers):
+        return lambda: rewind(cache, context)
     start = [(layer.lengths.clone(), layer.cumulative_length.clone()) for layer in cache.layers]
 
     def rewind_lengths() -> None:
@@ -170,8 +180,7 @@ def captured_selkv(model, spec: str, batch: int, context: int, room: int, device
             layer.lengths.copy_(lengths)
             layer.cumulative_length.copy_(seen)
 
-    compiled = selkv.compile_decode_step(model, mode="reduce-overhead" if device == "cuda" and graphs else None)
-    return cache, lambda tokens, cache, position: compiled(tokens, cache), rewind_lengths
+    return rewind_lengths
 
 
 def compile_step(model, mode: str | None, dynamic: bool | None):

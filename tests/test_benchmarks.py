@@ -239,3 +239,33 @@ def test_profile_e2e_counts_kernels_once_by_full_name():
     assert kernels == {"_selective_decode_partial_kernel": 0.5, long + "a": 0.3, long + "b": 0.15,
                        "triton_poi_fused_add_0": 0.05}  # the operator row counted nothing; no name cut short
     assert device_ms_by_kind(kernels) == {"attention": 0.5, "matmul": 0.45, "other": 0.05}
+
+
+@pytest.mark.parametrize("path", ["full", "int4"])
+def test_throughput_rounds_stay_inside_the_cache_and_start_each_round_alike(path):
+    """The throughput at the largest batch decodes rounds of steps on one cache: each round must start from the
+    same state and write inside the cache's room (a full StaticCache counts positions on the device)."""
+    from decode_e2e import decode_rounds
+    from e2e_model import TINY, build_model, decode_step, fill_static, rewinder, static_selkv
+    from transformers import StaticCache
+
+    model = build_model(TINY, "cpu", torch.float32)
+    context, steps = 30, 5
+    if path == "full":
+        cache = StaticCache(config=model.config, max_cache_len=context + steps + 2)
+        fill_static(cache, model.config, 2, context, "cpu", torch.float32)
+    else:
+        cache = static_selkv(model, "quant:bits=4,sink=4,window=8", 2, context, steps + 2, "cpu", torch.float32)
+    seen = []
+    step = decode_step(model, positions=True)
+
+    def recording(tokens, cache, position):
+        seen.append((int(position), int(cache.get_seq_length())))
+        return step(tokens, cache, position)
+
+    first = torch.randint(0, model.config.vocab_size, (2, 1))
+    result = decode_rounds(recording, cache, rewinder(cache, context), first, context, steps, rounds=3)
+    assert result["steps"] == steps and result["tokens_per_s"] > 0 and len(result["round_seconds"]) == 3
+    rounds = [seen[:2]] + [seen[2 + steps * r: 2 + steps * (r + 1)] for r in range(3)]
+    for counted in rounds:  # warm-up, then every round: positions context, context + 1, ... from the same length
+        assert counted == [(context + i, context + i) for i in range(len(counted))]
