@@ -60,6 +60,9 @@ class DecodeConfig:
     # rotated keys with a +-1 rotation (the Hadamard ones): rotate the query in the kernel's prologue
     # instead of a float32 matmul before the launch
     rotate_in_kernel: bool = True
+    # codes converted to 16 bits with inline PTX, four per register (NVIDIA only); off: Triton's own
+    # per-byte shifts and masks, the kernel before the PTX conversion (kept to compare)
+    codes_asm: bool = True
 
     def __post_init__(self):
         if self.value_dot not in VALUE_DOTS:
@@ -326,7 +329,7 @@ def selective_decode_attention(
         # per-channel keys: a whole bit plane; per-token keys: one plane and scale group
         KEY_CHUNK=(quant.plane_width(head_dim, key_nbits) if axis_key == "channel"
                    else _chunk(head_dim, key_nbits, q_group_size)),
-        CODES_ASM=device.type == "cuda" and torch.version.hip is None,  # inline PTX: NVIDIA only
+        CODES_ASM=config.codes_asm and device.type == "cuda" and torch.version.hip is None,  # PTX: NVIDIA only
         SCALE_PREFETCH=config.scale_prefetch,
         VALUE_DOT=VALUE_DOTS.index(config.value_dot),
         ROTATE=rotation is not None,

@@ -200,6 +200,38 @@ _PTX_2_0, _PTX_2_2 = tl.constexpr(_plane_ptx(2, 0)), tl.constexpr(_plane_ptx(2, 
 _PTX_2_4, _PTX_2_6 = tl.constexpr(_plane_ptx(2, 4)), tl.constexpr(_plane_ptx(2, 6))
 
 
+def _three_bit_ptx(shift: int) -> str:
+    """PTX: four low-plane bytes ($2), four high-plane bytes ($3) and four one-bit masks ($4) -> four float16
+    1024 + code, where per byte code = (low >> shift) & 3 | 4 if high & mask else 0 (no carry crosses a byte:
+    high & mask is at most 0x80, plus 0x7f reaches 0x80 exactly when the bit is set)."""
+    return ("{.reg .b32 t, h; " + f"shr.b32 t, $2, {shift}; and.b32 t, t, 0x03030303; "
+            "and.b32 h, $3, $4; add.u32 h, h, 0x7f7f7f7f; and.b32 h, h, 0x80808080; shr.b32 h, h, 5; "
+            "or.b32 t, t, h; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }")
+
+
+_PTX_3_0, _PTX_3_2 = tl.constexpr(_three_bit_ptx(0)), tl.constexpr(_three_bit_ptx(2))
+_PTX_3_4, _PTX_3_6 = tl.constexpr(_three_bit_ptx(4)), tl.constexpr(_three_bit_ptx(6))
+
+
+@triton.jit
+def _ptx3(low, high, masks, PTX: tl.constexpr):
+    return tl.inline_asm_elementwise(PTX, "=r,=r,r,r,r", [low, high, masks], dtype=tl.float16, is_pure=True,
+                                     pack=4)
+
+
+@triton.jit
+def _three_bit_ptx_to_dot(low, high, masks, SHIFT: tl.constexpr):
+    if SHIFT == 0:
+        codes = _ptx3(low, high, masks, _PTX_3_0)
+    elif SHIFT == 2:
+        codes = _ptx3(low, high, masks, _PTX_3_2)
+    elif SHIFT == 4:
+        codes = _ptx3(low, high, masks, _PTX_3_4)
+    else:
+        codes = _ptx3(low, high, masks, _PTX_3_6)
+    return codes
+
+
 @triton.jit
 def _ptx_to_dot(bytes_, PTX: tl.constexpr):
     return tl.inline_asm_elementwise(PTX, "=r,=r,r", [bytes_], dtype=tl.float16, is_pure=True, pack=4)
@@ -253,10 +285,14 @@ def _three_bit_high(C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr
 
 
 @triton.jit
-def _three_bit_to_dot(low, high, SHIFT: tl.constexpr, high_shift, DOT_DTYPE: tl.constexpr):
+def _three_bit_to_dot(low, high, SHIFT: tl.constexpr, high_shift, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
     """Low-plane bytes and high-bit bytes (their shifts broadcast alike) -> OFFSET + code, as _codes_to_dot."""
-    codes = ((low >> SHIFT) & 3) | (((high >> high_shift) & 1) << 2)
-    codes = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    if ASM:  # four codes per instruction sequence; the masks depend on the channel only (hoisted from the loop)
+        masks = tl.broadcast_to((1 << high_shift).to(tl.uint8), low.shape)
+        codes = _three_bit_ptx_to_dot(low, high, masks, SHIFT)
+    else:
+        codes = ((low >> SHIFT) & 3) | (((high >> high_shift) & 1) << 2)
+        codes = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
     if DOT_DTYPE == tl.float32:
         codes = codes.to(tl.float32) - 1024.0
     return codes
@@ -275,7 +311,7 @@ def _load_chunk_codes(Codes, row_offs, valid, C: tl.constexpr, CHUNK: tl.constex
     if NBITS == 3:
         high_col, high_shift = _three_bit_high(C, CHUNK, HEAD_DIM)
         high = tl.load(Codes + row_offs[:, None] + high_col[None, :], mask=valid[:, None], other=0)
-        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[None, :], DOT_DTYPE)
+        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[None, :], DOT_DTYPE, ASM)
     return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
 
 
@@ -398,7 +434,7 @@ def _load_value_codes(VCodes, code_base, start, pos, valid, last_block, C: tl.co
     if NBITS == 3:
         high_col, high_shift = _three_bit_high(C, CHUNK, HEAD_DIM)
         high = _load_value_bytes(*args, high_col, PACKED, VALUE_BLOCK, BLOCK_N)
-        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[:, None], DOT_DTYPE)
+        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[:, None], DOT_DTYPE, ASM)
     return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
 
 
