@@ -1,4 +1,4 @@
-"""Fixtures and hooks: seeds, a tiny random Llama, the embedded model (helpers live in helpers.py)."""
+"""Fixtures and hooks: seeds, a tiny random Llama, the embedded model (plain helpers live in support/)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import EMBEDDED_MISSING, make_tiny_llama  # noqa: E402
+from support.markers import EMBEDDED_MISSING  # noqa: E402
+from support.models import make_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

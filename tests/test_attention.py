@@ -10,7 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TOLERANCES, _seed, cuda_only, make_tiny_llama, tiny_llama_config
+from support.markers import cuda_only
+from support.models import make_tiny_llama, tiny_llama_config
+from support.storages import fresh_seed
+from support.tolerances import TOLERANCES
 
 import selkv
 from selkv.models import cache_kwarg, forward_with_cache
@@ -39,7 +42,7 @@ SPECS = ["quant:bits=4,sink=2,window=8,block=4", "quant:bits=8,sink=3,window=5,b
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
 def test_generate_selkv_matches_sdpa(spec, device):
-    prompts = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(_seed()))
+    prompts = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(fresh_seed()))
     expected, ref_layer = _greedy("sdpa", spec, device, torch.float32, prompts)
     got, layer = _greedy("selkv", spec, device, torch.float32, prompts)
     assert layer.fused_decode and not ref_layer.fused_decode

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from helpers import HAS_CUDA
+from support.markers import HAS_CUDA
 
 # The accuracy columns run the compiled kernel on a GPU machine, Triton's interpreter elsewhere.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"

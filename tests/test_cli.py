@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import needs_embedded_model
+from support.markers import needs_embedded_model
 
 import selkv
 from selkv import cli

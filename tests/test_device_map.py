@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_tiny_llama, tiny_llama_config
+from support.models import make_tiny_llama, tiny_llama_config
 from torch.utils._pytree import tree_map
 
 import selkv

@@ -12,7 +12,10 @@ import math
 import pytest
 import torch
 
-from helpers import TOLERANCES, make_tiny_llama, needs_rouge, needs_shared_data, read_book
+from support.data import read_book
+from support.markers import needs_rouge, needs_shared_data
+from support.models import make_tiny_llama
+from support.tolerances import TOLERANCES
 
 from selkv.eval import memory, needle, perplexity, report, rouge, speed
 from selkv.eval.data import DataError, read_jsonl

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TOLERANCES, needs_quanto, needs_shared_data, read_book
+from support.data import read_book
+from support.markers import needs_quanto, needs_shared_data
+from support.tolerances import TOLERANCES
 
 import selkv
 from selkv.generation import decode_tokens, eos_token_ids, greedy_decode, prefill

@@ -12,7 +12,9 @@ import math
 import pytest
 import torch
 
-from helpers import TOLERANCES, make_tiny_llama, needs_embedded_model, needs_shared_data
+from support.markers import needs_embedded_model, needs_shared_data
+from support.models import make_tiny_llama
+from support.tolerances import TOLERANCES
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'selkv[harness]')")
 

@@ -13,20 +13,11 @@ import random
 import pytest
 import torch
 
-from helpers import (
-    REL_ERROR,
-    SMALL,
-    TOLERANCES,
-    _relative_error,
-    _seed,
-    cuda_only,
-    float64_reference,
-    interpreter_only,
-    kernel_module,
-    make_storage,
-    tiny_llama_config,
-    with_device_lengths,
-)
+from support.markers import cuda_only, interpreter_only, kernel_module
+from support.models import tiny_llama_config
+from support.references import float64_reference
+from support.storages import SMALL, fresh_seed, make_storage, with_device_lengths
+from support.tolerances import TOLERANCES, max_relative_error, relative_error
 
 from selkv.kernels import reference
 from selkv.middle import MiddleTensors
@@ -44,7 +35,7 @@ def check_case(module, device: str, dtype: torch.dtype, seed: int, config=None, 
         storage = with_device_lengths(storage, gen)
     twin = reference.selective_decode_attention(query, storage, scaling=scaling)
     where = f"seed={seed} dtype={dtype} shape={shape} num_heads={num_heads} device_lengths={device_lengths}"
-    assert _relative_error(twin, ref64) < REL_ERROR[dtype] / 4, f"twin vs float64: {where}"
+    assert relative_error(twin, ref64) < max_relative_error(dtype) / 4, f"twin vs float64: {where}"
 
     poison = torch.full((shape["batch_size"], 1, num_heads, shape["head_dim"]), float("nan"), dtype=dtype, device=device)
     launcher = module.selective_decode_attention
@@ -61,8 +52,8 @@ def check_case(module, device: str, dtype: torch.dtype, seed: int, config=None, 
         module.torch.empty = real_empty
     assert out.shape == poison.shape and out.dtype == dtype, where
     assert torch.isfinite(out).all(), f"non-finite output (unwritten or poisoned storage read): {where}"
-    err = _relative_error(out, ref64)
-    assert err < REL_ERROR[dtype], f"kernel vs float64 rel. error {err:.2e}: {where}"
+    err = relative_error(out, ref64)
+    assert err < max_relative_error(dtype), f"kernel vs float64 rel. error {err:.2e}: {where}"
     tol = TOLERANCES["kernel_fp32" if dtype == torch.float32 else "kernel_bf16"]
     torch.testing.assert_close(out.float().cpu(), twin.float().cpu(), **tol, msg=lambda m: f"{where}\n{m}")
 
@@ -94,7 +85,7 @@ def test_interpreter_matches_references(nbits, axis_key, ratio, num_sink, num_st
     head_dim = 64 if nbits in (2, 3) else SMALL["head_dim"]
     shape = dict(SMALL, head_dim=head_dim, num_heads=SMALL["num_kv_heads"] * ratio, num_sink=num_sink,
                  num_stored=num_stored, num_recent=num_recent, nbits=nbits, axis_key=axis_key, row_padding=padding)
-    check_case(module, "cpu", torch.float16, _seed(), config=config, device_lengths=device_lengths, **shape)
+    check_case(module, "cpu", torch.float16, fresh_seed(), config=config, device_lengths=device_lengths, **shape)
 
 
 @interpreter_only
@@ -107,7 +98,7 @@ def test_interpreter_keys_and_values_of_their_own_bit_widths(key_nbits, value_nb
     config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=3)
     shape = dict(SMALL, head_dim=64, num_heads=4, num_sink=3, num_stored=80, num_recent=11, nbits=key_nbits,
                  value_nbits=value_nbits, axis_key=axis_key, row_padding=[0, 2])
-    check_case(module, "cpu", dtype, _seed(), config=config, **shape)
+    check_case(module, "cpu", dtype, fresh_seed(), config=config, **shape)
 
 
 @interpreter_only
@@ -123,7 +114,7 @@ def test_interpreter_rotated_keys(nbits, value_nbits, axis_key, dtype, device_le
     config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=3)
     shape = dict(SMALL, head_dim=64, num_heads=4, num_sink=3, num_stored=80, num_recent=11, nbits=nbits,
                  value_nbits=value_nbits, axis_key=axis_key, row_padding=[2, 0], rotate=rotate)
-    check_case(module, "cpu", dtype, _seed(), config=config, device_lengths=device_lengths, **shape)
+    check_case(module, "cpu", dtype, fresh_seed(), config=config, device_lengths=device_lengths, **shape)
 
 
 @interpreter_only
@@ -134,7 +125,7 @@ def test_interpreter_scales_loaded_in_the_tile(axis_key):
     config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=4, scale_prefetch=False)
     shape = dict(SMALL, num_heads=4, num_sink=5, num_stored=144, num_recent=16, nbits=8, axis_key=axis_key,
                  row_padding=[3, 0])
-    check_case(module, "cpu", torch.float16, _seed(), config=config, **shape)
+    check_case(module, "cpu", torch.float16, fresh_seed(), config=config, **shape)
 
 
 @interpreter_only
@@ -146,7 +137,7 @@ def test_interpreter_value_blocks_longer_than_tiles(nbits, axis_key, block_lengt
     config = module.DecodeConfig(block_n=block_n, block_exact=16, num_splits=3)
     shape = dict(SMALL, head_dim=64, num_heads=4, num_sink=4, num_stored=2 * block_length + block_n + 3,
                  num_recent=9, nbits=nbits, axis_key=axis_key, block_length=block_length)
-    check_case(module, "cpu", torch.float16, _seed(), config=config, **shape)
+    check_case(module, "cpu", torch.float16, fresh_seed(), config=config, **shape)
 
 
 def _specialization(fn, args, kwargs) -> tuple:
@@ -188,7 +179,7 @@ def test_one_compiled_kernel_for_a_whole_decode(monkeypatch, static):
     config = tiny_llama_config()
     cache = make_cache("quant:bits=8,sink=4,window=16,block=8", config, max_cache_len=120 if static else None)
     cache.enable_fused_decode()
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     shape = (2, config.num_key_value_heads, 1, config.head_dim)
     cache.update(torch.randn(shape[:2] + (40, shape[3]), generator=gen), torch.randn(shape[:2] + (40, shape[3]), generator=gen), 0)
     query = torch.randn(2, config.num_attention_heads, 1, config.head_dim)
@@ -221,13 +212,13 @@ def test_interpreter_float32_and_odd_block(axis_key):
     module = kernel_module()
     shape = dict(batch_size=1, num_kv_heads=1, num_heads=3, head_dim=64, q_group_size=64, block_length=24,
                  num_sink=3, num_stored=48, num_recent=9, nbits=4, axis_key=axis_key)
-    check_case(module, "cpu", torch.float32, _seed(), **shape)
+    check_case(module, "cpu", torch.float32, fresh_seed(), **shape)
 
 
 @interpreter_only
 def test_interpreter_rejects_bad_inputs():
     module = kernel_module()
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     storage = make_storage(gen, batch_size=1, num_kv_heads=2, head_dim=32, num_sink=2, num_stored=16, num_recent=3,
                            nbits=4, q_group_size=16, axis_key="token", block_length=16, dtype=torch.float16,
                            device="cpu")
@@ -281,7 +272,7 @@ def _cuda_shapes(head_dim: int, num_heads: int, **layout):
 @pytest.mark.parametrize("dtype,head_dim,nbits,axis_key,ratio", CUDA_CASES)
 def test_cuda_matches_references(dtype, head_dim, nbits, axis_key, ratio):
     module = kernel_module()
-    seed = _seed()
+    seed = fresh_seed()
     for i, shape in _cuda_shapes(head_dim, 2 * ratio, nbits=nbits, axis_key=axis_key):
         for device_lengths in (False, True):
             check_case(module, "cuda", dtype, seed + i, device_lengths=device_lengths, **shape)
@@ -299,7 +290,7 @@ CUDA_ROTATED_CASES = [(4, 4, "channel", "hadamard-signs"), (2, 2, "channel", "ha
 def test_cuda_rotated_keys_and_split_bit_widths(nbits, value_nbits, axis_key, rotate, head_dim):
     """The compiled kernel on rotated middle keys and on key/value codes of their own widths (bf16, GQA 4)."""
     module = kernel_module()
-    seed = _seed()
+    seed = fresh_seed()
     for i, shape in _cuda_shapes(head_dim, 8, nbits=nbits, value_nbits=value_nbits, axis_key=axis_key, rotate=rotate):
         check_case(module, "cuda", torch.bfloat16, seed + i, device_lengths=i % 2 == 1, **shape)
 
@@ -336,22 +327,22 @@ def kernel_error(module, device: str, dtype: torch.dtype, seed: int, value_rms: 
     scaling = shape["head_dim"] ** -0.5
     out = module.selective_decode_attention(query, storage, scaling=scaling, config=config)
     assert torch.isfinite(out).all(), f"non-finite output: seed={seed} value_rms={value_rms} {shape}"
-    return _relative_error(out, float64_reference(query, storage, scaling, round_middle=False))
+    return relative_error(out, float64_reference(query, storage, scaling, round_middle=False))
 
 
 def check_precision_grid(module, device: str, dtype: torch.dtype, config=None, **shape) -> dict:
     """Errors at each value RMS (PRECISION_RMS): at most twice the error at RMS 1 (or a tenth of
-    REL_ERROR), so the error does not grow as values shrink; and within 4 x REL_ERROR (x30 key
-    channels make scores large, and 16-bit operands round them coarsely: up to 8e-3 seen in float16
+    max_relative_error), so the error does not grow as values shrink; and within 4 x max_relative_error (x30
+    key channels make scores large, and 16-bit operands round them coarsely: up to 8e-3 seen in float16
     with per-channel keys, at every value RMS)."""
-    seed = _seed()
+    seed = fresh_seed()
     errors = {rms: kernel_error(module, device, dtype, seed, rms, config, **dict(shape)) for rms in PRECISION_RMS}
-    budget = 4 * REL_ERROR[dtype]
+    budget = 4 * max_relative_error(dtype)
     where = f"seed={seed} dtype={dtype} {shape}; rel. error by value RMS: " + ", ".join(
         f"{rms}: {err:.1e}" for rms, err in errors.items())
     for rms, err in errors.items():
         assert err < budget, f"error {err:.1e} over {budget:.0e} at value RMS {rms}: {where}"
-        assert err <= max(2 * errors[1.0], REL_ERROR[dtype] / 10), f"the error grows as values shrink: {where}"
+        assert err <= max(2 * errors[1.0], max_relative_error(dtype) / 10), f"the error grows as values shrink: {where}"
     return errors
 
 
@@ -390,8 +381,8 @@ def test_interpreter_value_magnitudes_changing_between_tiles(scale_prefetch):
     module = kernel_module()
     config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=2, scale_prefetch=scale_prefetch)
     shape = dict(INTERPRETER_PRECISION, head_dim=32, nbits=8, axis_key="token", block_length=16, num_stored=160)
-    err = kernel_error(module, "cpu", torch.float16, _seed(), 0.002, config, value_gain_log2=_gain_steps, **shape)
-    assert err < REL_ERROR[torch.float16] / 5, err
+    err = kernel_error(module, "cpu", torch.float16, fresh_seed(), 0.002, config, value_gain_log2=_gain_steps, **shape)
+    assert err < max_relative_error(torch.float16) / 5, err
 
 
 @interpreter_only
@@ -414,7 +405,7 @@ def test_interpreter_refuses_bfloat16():
     """Triton's CPU interpreter computes bfloat16 wrongly: the launcher says so instead of returning garbage."""
     module = kernel_module()
     assert "interpreter" in module.check_supported(32, 2, 8, 16, torch.bfloat16)
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     storage = make_storage(gen, batch_size=1, num_kv_heads=1, head_dim=32, num_sink=2, num_stored=16, num_recent=3,
                            nbits=8, q_group_size=16, axis_key="token", block_length=16, dtype=torch.bfloat16,
                            device="cpu")
@@ -445,8 +436,8 @@ def test_cuda_precision_of_rotated_keys_on_small_values(nbits):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_value_magnitudes_changing_between_tiles(dtype):
     shape = dict(CUDA_PRECISION, nbits=8, axis_key="token")
-    err = kernel_error(kernel_module(), "cuda", dtype, _seed(), 0.002, value_gain_log2=_gain_steps, **shape)
-    assert err < REL_ERROR[dtype] / 5, err
+    err = kernel_error(kernel_module(), "cuda", dtype, fresh_seed(), 0.002, value_gain_log2=_gain_steps, **shape)
+    assert err < max_relative_error(dtype) / 5, err
 
 
 def _run_ptx(ptx: str, word: int) -> list[int]:
@@ -482,7 +473,7 @@ def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
     from selkv.kernels.triton_decode import _plane_ptx
 
     ptx = _plane_ptx(nbits, shift)
-    gen = random.Random(_seed())
+    gen = random.Random(fresh_seed())
     for _ in range(200):
         packed = [gen.randrange(256) for _ in range(4)]
         word = sum(b << (8 * i) for i, b in enumerate(packed))
@@ -509,7 +500,7 @@ def test_tiles_of_two_key_blocks(nbits, value_nbits, rotate, device_lengths):
     module = kernel_module()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
-    seed = _seed()
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     block_length, num_stored = 16, 5 * 16
     shape = dict(batch_size=2, num_kv_heads=2, head_dim=64, q_group_size=32, block_length=block_length, num_sink=4,
@@ -526,7 +517,7 @@ def test_tiles_of_two_key_blocks(nbits, value_nbits, rotate, device_lengths):
     out = module.selective_decode_attention(query, storage, config=config)
     where = f"seed={seed}"
     assert torch.isfinite(out).all(), where
-    assert _relative_error(out, ref64) < REL_ERROR[dtype], f"kernel vs float64: {where}"
+    assert relative_error(out, ref64) < max_relative_error(dtype), f"kernel vs float64: {where}"
     tol = TOLERANCES["kernel_bf16"]
     torch.testing.assert_close(out.float().cpu(), twin.float().cpu(), **tol, msg=lambda m: f"{where}\n{m}")
 
@@ -554,7 +545,7 @@ def test_a_static_cache_hands_the_kernel_its_rotation_signs(monkeypatch):
     config = tiny_llama_config()
     cache = make_cache("quant:bits=4,sink=4,window=16,block=8", config, max_cache_len=96)
     cache.enable_fused_decode()
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     shape = (2, config.num_key_value_heads, 40, config.head_dim)
     for layer_idx in range(len(cache.layers)):
         keys, values = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
@@ -582,7 +573,7 @@ def test_rotated_query_in_the_kernel_or_the_launcher(rotate_in_kernel):
     module = kernel_module()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
-    seed = _seed()
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     shape = dict(batch_size=2, num_kv_heads=2, head_dim=64, q_group_size=32, block_length=32, num_sink=4,
                  num_stored=96, num_recent=9, nbits=4, axis_key="channel", rotate="hadamard-signs")
@@ -597,7 +588,7 @@ def test_rotated_query_in_the_kernel_or_the_launcher(rotate_in_kernel):
         case = dataclasses.replace(storage, key_rotation=rotation, key_rotation_signs=signs)
         out = module.selective_decode_attention(query, case, config=config)
         ref64 = float64_reference(query, case, 64**-0.5)
-        assert _relative_error(out, ref64) < REL_ERROR[dtype], f"seed={seed}"
+        assert relative_error(out, ref64) < max_relative_error(dtype), f"seed={seed}"
 
 
 @pytest.mark.parametrize("nbits,num_sink,num_stored,num_recent,padding,launch", [
@@ -612,7 +603,7 @@ def test_kernel_masks_padding_past_the_sink(
     """On CUDA the compiled kernel, elsewhere Triton's interpreter."""
     module = kernel_module()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    seed = _seed()
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     shape = dict(SMALL, batch_size=3, num_sink=num_sink, num_stored=num_stored, num_recent=num_recent, nbits=nbits,
                  axis_key="token")
@@ -632,8 +623,8 @@ def test_kernel_masks_padding_past_the_sink(
     twin = reference.selective_decode_attention(query, storage)
     out = module.selective_decode_attention(query, storage, config=config)
     assert torch.isfinite(out).all(), f"seed={seed}"
-    assert _relative_error(twin, ref64) < REL_ERROR[torch.float16] / 4, f"twin, seed={seed}"
-    assert _relative_error(out, ref64) < REL_ERROR[torch.float16], f"kernel, seed={seed}"
+    assert relative_error(twin, ref64) < max_relative_error(torch.float16) / 4, f"twin, seed={seed}"
+    assert relative_error(out, ref64) < max_relative_error(torch.float16), f"kernel, seed={seed}"
 
 
 @pytest.mark.parametrize("nbits,axis_key", [(8, "token"), (4, "channel"), (3, "channel"), (2, "token")])

@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from helpers import TOLERANCES, needs_embedded_model, tiny_llama_config
+from support.markers import needs_embedded_model
+from support.models import tiny_llama_config
+from support.tolerances import TOLERANCES
 
 import selkv
 from selkv import quant

@@ -10,7 +10,7 @@ import torch
 from selkv import quant
 from selkv.generation import prefill
 
-from helpers import make_tiny_llama, tiny_llama_config
+from support.models import make_tiny_llama, tiny_llama_config
 
 BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
 

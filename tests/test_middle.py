@@ -6,7 +6,9 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import HAS_CUDA, REL_ERROR, SMALL, _relative_error, kernel_module, make_storage, with_device_lengths
+from support.markers import HAS_CUDA, kernel_module
+from support.storages import SMALL, make_storage, with_device_lengths
+from support.tolerances import max_relative_error, relative_error
 
 from selkv.kernels import reference
 from selkv.layers import QuantizedSinkWindowLayer, StaticSinkWindowLayer
@@ -74,10 +76,10 @@ def test_custom_op_attends_over_the_flattened_storage():
     query = torch.randn(2, 4, 1, 64, generator=gen).half().to(device)
     op = decode_op_module().decode_attention
     want = reference.selective_decode_attention(query, storage).double().cpu()
-    assert _relative_error(op(query, storage), want) < REL_ERROR[torch.float16]
+    assert relative_error(op(query, storage), want) < max_relative_error(torch.float16)
     # traced: the flatten pair runs inside the graph, the operator stays one opaque call
     compiled = torch.compile(lambda q: op(q, storage), backend="aot_eager", fullgraph=True)
-    assert _relative_error(compiled(query), want) < REL_ERROR[torch.float16]
+    assert relative_error(compiled(query), want) < max_relative_error(torch.float16)
 
 
 @pytest.mark.parametrize("static", [False, True])

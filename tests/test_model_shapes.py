@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from helpers import needs_quanto, tiny_llama_config
+from support.markers import needs_quanto
+from support.models import tiny_llama_config
 
 import selkv
 from selkv import SpecError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import DynamicCache
 
-from helpers import tiny_llama_config
+from support.models import tiny_llama_config
 
 import selkv
 from selkv import SpecError

@@ -11,7 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TOLERANCES, _seed, cuda_only, make_tiny_llama, tiny_llama_config
+from support.markers import cuda_only
+from support.models import make_tiny_llama, tiny_llama_config
+from support.storages import fresh_seed
+from support.tolerances import TOLERANCES
 
 import selkv
 from selkv import SpecError, make_cache
@@ -48,7 +51,7 @@ def selkv_llama():
 
 @pytest.mark.parametrize("spec", LOSSY)
 def test_static_cache_decodes_like_the_dynamic_cache(selkv_llama, spec):
-    prompts = torch.randint(3, 256, (2, 29), generator=torch.Generator().manual_seed(_seed()))
+    prompts = torch.randint(3, 256, (2, 29), generator=torch.Generator().manual_seed(fresh_seed()))
     steps = 50
     dynamic = make_cache(spec, selkv_llama.config)
     static = make_cache(spec, selkv_llama.config, max_cache_len=29 + steps + 5)
@@ -78,7 +81,7 @@ def test_static_layer_stores_what_the_dynamic_layer_stores(axis, steps, bits):
     static = make_cache(spec, config, max_cache_len=sum(steps))
     dynamic.enable_fused_decode()
     static.enable_fused_decode()
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     shape = (2, config.num_key_value_heads, config.head_dim)
     for count in steps:
         keys = torch.randn(shape[0], shape[1], count, shape[2], generator=gen)
@@ -99,7 +102,7 @@ def test_static_layer_stores_what_the_dynamic_layer_stores(axis, steps, bits):
 def test_left_padded_batch_matches_the_dynamic_cache(selkv_llama):
     """Left padding goes to the sink's extra room as in the dynamic cache; generate() runs eagerly on CPU."""
     spec = "quant:bits=8,sink=2,window=6,block=2"
-    prompts = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(_seed()))
+    prompts = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(fresh_seed()))
     mask = torch.ones_like(prompts)
     prompts[1, :4], mask[1, :4] = 0, 0
     outputs = []
@@ -158,7 +161,7 @@ def test_compiled_decode_step_has_one_graph_for_a_whole_decode(selkv_llama):
     import torch._dynamo
 
     spec = "quant:bits=4,sink=2,window=8,block=4,key_axis=token,group=16"
-    prompts = torch.randint(3, 256, (2, 21), generator=torch.Generator().manual_seed(_seed()))
+    prompts = torch.randint(3, 256, (2, 21), generator=torch.Generator().manual_seed(fresh_seed()))
     steps = 30
     expected, _ = _greedy(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=21 + steps), prompts, steps)
     torch._dynamo.reset()
@@ -175,7 +178,7 @@ def test_inductor_compiles_the_reference_decode_step(selkv_llama):
     import torch._dynamo
 
     spec = "quant:bits=8,sink=4,window=16,block=8"
-    prompts = torch.randint(3, 256, (1, 25), generator=torch.Generator().manual_seed(_seed()))
+    prompts = torch.randint(3, 256, (1, 25), generator=torch.Generator().manual_seed(fresh_seed()))
     steps = 20
     expected, _ = _greedy(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=25 + steps), prompts, steps)
     torch._dynamo.reset()
@@ -223,7 +226,7 @@ def test_cuda_captured_decode_matches_the_eager_selkv_path(spec):
     import torch._dynamo
 
     model = make_tiny_llama("selkv").to("cuda", torch.float16)
-    prompts = torch.randint(3, 256, (3, 27), generator=torch.Generator().manual_seed(_seed())).cuda()
+    prompts = torch.randint(3, 256, (3, 27), generator=torch.Generator().manual_seed(fresh_seed())).cuda()
     steps = 60
     tokens, _ = _greedy(model, make_cache(spec, model.config), prompts, steps)
     want = _forced_logits(model, make_cache(spec, model.config), prompts, tokens)
@@ -245,7 +248,7 @@ def test_cuda_generate_compiles_the_static_cache_by_itself():
 
     spec = "quant:bits=8,sink=4,window=16,block=8"
     model = make_tiny_llama("selkv").to("cuda", torch.float16)
-    prompts = torch.randint(3, 256, (2, 19), generator=torch.Generator().manual_seed(_seed())).cuda()
+    prompts = torch.randint(3, 256, (2, 19), generator=torch.Generator().manual_seed(fresh_seed())).cuda()
     torch._dynamo.reset()
     cache = make_cache(spec, model.config, max_cache_len=19 + 40)
     with torch.inference_mode():
@@ -270,7 +273,7 @@ class _Tokenizer:
 def test_generate_static_gives_the_dynamic_text(selkv_llama, spec):
     from selkv.generation import generate
 
-    inputs = {"input_ids": torch.randint(3, 256, (1, 23), generator=torch.Generator().manual_seed(_seed()))}
+    inputs = {"input_ids": torch.randint(3, 256, (1, 23), generator=torch.Generator().manual_seed(fresh_seed()))}
     dynamic = generate(selkv_llama, _Tokenizer(), inputs, spec, 40)
     static = generate(selkv_llama, _Tokenizer(), inputs, spec, 40, static=True)
     assert static.text == dynamic.text and static.cache == f"{spec} (static)"
@@ -296,8 +299,8 @@ def test_reset_static_cache_serves_the_next_batch_as_a_fresh_one(selkv_llama):
     """After reset() the padding of the next batch, not of the first, sets the sink's room; the tokens and the
     logits equal a fresh static cache's."""
     spec = "quant:bits=8,sink=2,window=6,block=2"
-    first = _padded_batch(2, 12, [0, 5], _seed())
-    second = _padded_batch(2, 12, [1, 0], _seed() + 1)
+    first = _padded_batch(2, 12, [0, 5], fresh_seed())
+    second = _padded_batch(2, 12, [1, 0], fresh_seed() + 1)
     reused = make_cache(spec, selkv_llama.config, max_cache_len=12 + 16)
     _generate(selkv_llama, reused, *first)
     assert reused.layers[0].sink_capacity == 2 + 5
@@ -311,8 +314,8 @@ def test_reset_static_cache_serves_the_next_batch_as_a_fresh_one(selkv_llama):
 def test_static_cache_takes_another_batch_size_only_after_reset(selkv_llama):
     spec = "quant:bits=8,sink=2,window=6,block=2"
     cache = make_cache(spec, selkv_llama.config, max_cache_len=12 + 16)
-    _generate(selkv_llama, cache, *_padded_batch(2, 12, [0, 0], _seed()))
-    three = _padded_batch(3, 12, [0, 3, 0], _seed() + 2)
+    _generate(selkv_llama, cache, *_padded_batch(2, 12, [0, 0], fresh_seed()))
+    three = _padded_batch(3, 12, [0, 3, 0], fresh_seed() + 2)
     with pytest.raises(ValueError, match="holds a batch of 2 sequences; a batch of 3 needs cache.reset"), \
             torch.inference_mode():
         forward_with_cache(selkv_llama, cache, three[0])
@@ -325,7 +328,7 @@ def test_speed_task_reuses_one_static_cache(selkv_llama):
     """--static: one preallocated cache per spec, reset between repeats (a compiled step keeps its graph)."""
     from selkv.eval import speed
 
-    input_ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(_seed()))
+    input_ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(fresh_seed()))
     cache = make_cache("quant:bits=8,sink=4,window=8,block=4", selkv_llama.config, max_cache_len=20 + 12)
     sink_keys = None
     for _ in range(2):

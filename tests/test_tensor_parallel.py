@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_llama_config
+from support.models import tiny_llama_config
 
 import selkv
 from selkv.kernels import reference
