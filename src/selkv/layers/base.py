@@ -7,7 +7,7 @@ Per layer, per batch row and KV head, the cache holds, in token order::
 New tokens fill the sink first (the first S tokens of the sequence), then the
 window. Whenever the window holds at least ``W + block`` tokens, its oldest
 tokens leave it in whole blocks of ``block`` tokens and are handed to
-:meth:`_evict`: the quantized layer stores them once, the eviction baseline
+:meth:`_store_evicted`: the quantized layer stores them once, the eviction baseline
 drops them. Blocks amortize the shift of the window buffer and give per-channel
 key groups (KIVI) their ``block`` tokens.
 
@@ -188,7 +188,7 @@ class SelectiveLayer(CacheLayerMixin):
             )
         stored_before = self.num_stored
         if evict:
-            self._evict(self.recent_keys[:, :, :evict], self.recent_values[:, :, :evict])
+            self._store_evicted(self.recent_keys[:, :, :evict], self.recent_values[:, :, :evict])
             self.num_evicted += evict
             self._shift_recent(evict)
 
@@ -256,7 +256,7 @@ class SelectiveLayer(CacheLayerMixin):
         self.num_recent = end
 
     def _shift_recent(self, count: int) -> None:
-        """Drop the window's oldest ``count`` tokens (already handed to ``_evict``)."""
+        """Drop the window's oldest ``count`` tokens (already handed to ``_store_evicted``)."""
         keep = self.num_recent - count
         fitted = self._window_capacity(keep)
         if self.recent_keys.shape[-2] > fitted + self._window_page(keep):
@@ -283,8 +283,9 @@ class SelectiveLayer(CacheLayerMixin):
         """Evicted tokens the middle still holds (and attention still reads)."""
         return 0
 
-    def _evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Take the oldest window tokens ``[batch, kv_heads, n, head_dim]`` (n a multiple of ``block_length``)."""
+    def _store_evicted(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the oldest window tokens ``[batch, kv_heads, n, head_dim]`` (n a multiple of ``block_length``) that
+        leave the window: a layer with a middle stores them; by default they are dropped (the eviction baseline)."""
 
     def _read_stored(
         self, count: int, out_keys: torch.Tensor | None = None, out_values: torch.Tensor | None = None

@@ -64,7 +64,7 @@ class QuantizedSinkWindowLayer(SelectiveLayer):
     def num_stored(self) -> int:
         return self._num_stored
 
-    def _evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _store_evicted(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.middle.write(keys, values, self._num_stored)
         self._num_stored += keys.shape[-2]
 
