@@ -82,10 +82,8 @@ def test_custom_op_attends_over_the_flattened_storage():
 
 @pytest.mark.parametrize("static", [False, True])
 def test_fill_layer_gives_storage_of_the_context(static):
-    arguments = dict(nbits=4, num_sink_tokens=4, window_length=16, q_group_size=16, axis_key="channel",
-                     block_length=8)
-    layer = (StaticSinkWindowLayer(**arguments, max_cache_len=128) if static
-             else QuantizedSinkWindowLayer(**arguments))
+    layout = MiddleLayout(4, 4, 16, axis_key="channel", block_length=8)
+    layer = StaticSinkWindowLayer(4, 16, layout, max_cache_len=128) if static else QuantizedSinkWindowLayer(4, 16, layout)
     fill_layer(layer, 2, 2, 32, 100, "cpu", torch.float32, room=16)
     assert (layer.num_sink, layer.num_stored, layer.num_recent) == (4, 80, 16)
     storage = layer.decode_storage()
