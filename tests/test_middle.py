@@ -57,7 +57,7 @@ def test_store_writes_at_a_position_grows_and_reads_back_what_quantize_middle_st
     want = dequantize_middle(whole, layout, 40, key_rotation=store.key_rotation)
     got = store.read(40)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
-    assert store.used_bytes(40)["key_codes"] == 2 * 3 * 40 * 32 * 4 // 8
+    assert store.used_bytes(40)["bytes_key_codes"] == 2 * 3 * 40 * 32 * 4 // 8
 
 
 def test_custom_op_attends_over_the_flattened_storage():

@@ -141,7 +141,7 @@ def test_size_table_names_the_group_each_spec_gets():
 def test_long_sink_and_window_are_not_preallocated():
     layer = QuantizedSinkWindowLayer(100_000, 100_000, MiddleLayout(8, 8, 32))
     layer.update(torch.randn(1, 3, 10, 64), torch.randn(1, 3, 10, 64))
-    assert layer.nbytes()["bytes_allocated"] <= 2 * 2 * 256 * 3 * 64 * 4  # sink and window: 256 positions each
+    assert layer.nbytes()["allocated"] <= 2 * 2 * 256 * 3 * 64 * 4  # sink and window: 256 positions each
 
 
 @pytest.mark.parametrize(("sink", "window"), [(300, 100_000), (0, 100_000), (1000, 100_000)])

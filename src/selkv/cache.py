@@ -79,10 +79,7 @@ def layer_bytes(layer, element_size_16bit: int = 2) -> dict[str, int]:
     if not getattr(layer, "is_initialized", False):
         return counted
     if hasattr(layer, "nbytes"):  # selkv layers
-        own = layer.nbytes()
-        for key in ("bytes_16bit", "bytes_codes", "bytes_key_codes", "bytes_value_codes", "bytes_scales"):
-            counted[key] = own[key]
-        counted["allocated"] = own["bytes_allocated"]
+        counted.update(layer.nbytes())  # the same names
         batch, heads, dims = layer.batch_size, layer.num_key_value_heads, layer.head_dim * 2
         tokens = int(layer.get_seq_length())
     else:  # transformers layers: dense keys/values plus anything quantized

@@ -300,8 +300,8 @@ class SelectiveLayer(CacheLayerMixin):
         return {} if self.middle is None else self.middle.named_tensors()
 
     def _middle_used(self) -> dict[str, int]:
-        """Bytes of the middle store that hold tokens (excluding spare capacity), by kind: codes (key_codes +
-        value_codes), scales."""
+        """Bytes of the middle store that hold tokens (excluding spare capacity), under ``kv_bytes``' names:
+        ``bytes_codes`` (``bytes_key_codes`` + ``bytes_value_codes``), ``bytes_scales``."""
         return {} if self.middle is None else self.middle.used_bytes(self.num_stored)
 
     def shared_tensors(self) -> list[torch.Tensor]:
@@ -391,24 +391,19 @@ class SelectiveLayer(CacheLayerMixin):
         """Bytes held, from the tensors themselves.
 
         ``bytes_16bit`` (sink + window), ``bytes_codes`` (``bytes_key_codes`` + ``bytes_value_codes``)
-        and ``bytes_scales`` count the filled part; ``bytes_allocated`` counts the storage of every tensor the layer holds, each storage
-        once (spare window and middle capacity included): the memory really held.
+        and ``bytes_scales`` count the filled part; ``allocated`` counts the storage of every tensor the layer holds,
+        each storage once (spare window and middle capacity included): the memory really held. The names are
+        ``kv_bytes``' own.
         """
+        counted = dict.fromkeys(("bytes_16bit", "bytes_codes", "bytes_key_codes", "bytes_value_codes", "bytes_scales",
+                                 "allocated"), 0)
         if not self.is_initialized:
-            return {"bytes_16bit": 0, "bytes_codes": 0, "bytes_key_codes": 0, "bytes_value_codes": 0,
-                    "bytes_scales": 0, "bytes_allocated": 0}
+            return counted
         per_token = self.batch_size * self.num_key_value_heads * (self.head_dim + self.recent_values.shape[-1])
         used16 = (self.num_sink + self.num_recent) * per_token * self.sink_keys.element_size()
-        middle = self._middle_used()
         tensors = list(self._all_tensors().values())
         if self.row_padding is not None:
             tensors.append(self.row_padding)
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-        return {
-            "bytes_16bit": used16,
-            "bytes_codes": middle.get("codes", 0),
-            "bytes_key_codes": middle.get("key_codes", 0),
-            "bytes_value_codes": middle.get("value_codes", 0),
-            "bytes_scales": middle.get("scales", 0),
-            "bytes_allocated": sum(storages.values()),
-        }
+        counted.update(self._middle_used(), bytes_16bit=used16, allocated=sum(storages.values()))
+        return counted
