@@ -436,7 +436,7 @@ class FakeQuantLayer(SelectiveLayer):
     def num_stored(self) -> int:
         return 0 if self.middle_keys is None else self.middle_keys.shape[-2]
 
-    def _evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _store_evicted(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         count = keys.shape[-2]
         first = self.num_sink + self.left_padding + self.num_evicted  # position of the first evicted token
         positions = torch.arange(first, first + count, device=keys.device)

@@ -17,6 +17,7 @@ import selkv
 from selkv import quant
 from selkv.layers import EvictLayer, QuantizedSinkWindowLayer, SelectiveLayer
 from selkv.generation import greedy_decode, prefill
+from selkv.middle import MiddleLayout
 from selkv.models import forward_with_cache
 from selkv.sizing import cache_size
 
@@ -66,7 +67,7 @@ def _position_states(start, count, heads=2, dim=8):
 @pytest.mark.parametrize("axis", ["token", "channel"])
 @pytest.mark.parametrize("steps", [[1] * 60, [13, 1, 1, 40, 1, 7, 1, 1, 30], [100, 1, 1]])
 def test_layer_returns_every_position_in_order(axis, steps):
-    layer = QuantizedSinkWindowLayer(8, num_sink_tokens=3, window_length=10, q_group_size=8, axis_key=axis, block_length=4)
+    layer = QuantizedSinkWindowLayer(3, 10, MiddleLayout(8, 8, 8, axis_key=axis, block_length=4))
     seen = 0
     for count in steps:
         keys = _position_states(seen, count)
@@ -146,7 +147,7 @@ def test_each_token_is_quantized_exactly_once(monkeypatch):
         return original(x, nbits, group_size, dim, sym)
 
     monkeypatch.setattr(quant, "quantize", counting)
-    layer = QuantizedSinkWindowLayer(4, num_sink_tokens=4, window_length=20, q_group_size=8, axis_key="channel", block_length=8)
+    layer = QuantizedSinkWindowLayer(4, 20, MiddleLayout(4, 4, 8, axis_key="channel", block_length=8))
     snapshots = []
     seen = 0
     for count in [37] + [1] * 150 + [25, 3] + [1] * 40:
@@ -166,7 +167,7 @@ def test_middle_store_grows_in_bounded_pages():
     # Capacity in units of lcm(block, 16) tokens, spare room at most 1/128 of the stored tokens beyond the
     # rounding to a unit, and the copies made by growing stay amortized: fewer than 2 * 128 tokens
     # copied per evicted token.
-    layer = QuantizedSinkWindowLayer(8, num_sink_tokens=0, window_length=4, q_group_size=16, block_length=4)
+    layer = QuantizedSinkWindowLayer(0, 4, MiddleLayout(8, 8, 16, block_length=4))
     copied, capacity = 0, 0
     for count in [1] * 300 + [7, 1, 1, 33] * 40 + [1] * 300 + [600]:
         layer.update(torch.randn(1, 1, count, 16), torch.randn(1, 1, count, 16))
@@ -471,7 +472,7 @@ def _outlier_attention_error(kbits: int, rotate: str, seed: int) -> float:
     keys = torch.randn(1, 2, tokens, head_dim, generator=gen) * gain
     values = torch.randn(1, 2, tokens, head_dim, generator=gen)
     # values in 8 bits: the error measured is the keys'
-    layer = QuantizedSinkWindowLayer(kbits, 0, 0, 32, axis_key="token", block_length=32, value_nbits=8, rotate=rotate)
+    layer = QuantizedSinkWindowLayer(0, 0, MiddleLayout(kbits, 8, 32, axis_key="token", block_length=32, rotate=rotate))
     layer.update(keys, values)
     assert layer.num_stored == tokens
     query = torch.randn(1, 8, 1, head_dim, generator=gen)

@@ -59,7 +59,7 @@ def test_store_writes_at_a_position_grows_and_reads_back_what_quantize_middle_st
     want = dequantize_middle(whole, layout, 40, key_rotation=store.key_rotation)
     got = store.read(40)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
-    assert store.used_bytes(40)["key_codes"] == 2 * 3 * 40 * 32 * 4 // 8
+    assert store.used_bytes(40)["bytes_key_codes"] == 2 * 3 * 40 * 32 * 4 // 8
 
 
 def test_custom_op_attends_over_the_flattened_storage():
@@ -84,10 +84,8 @@ def test_custom_op_attends_over_the_flattened_storage():
 
 @pytest.mark.parametrize("static", [False, True])
 def test_fill_layer_gives_storage_of_the_context(static):
-    arguments = dict(nbits=4, num_sink_tokens=4, window_length=16, q_group_size=16, axis_key="channel",
-                     block_length=8)
-    layer = (StaticSinkWindowLayer(**arguments, max_cache_len=128) if static
-             else QuantizedSinkWindowLayer(**arguments))
+    layout = MiddleLayout(4, 4, 16, axis_key="channel", block_length=8)
+    layer = StaticSinkWindowLayer(4, 16, layout, max_cache_len=128) if static else QuantizedSinkWindowLayer(4, 16, layout)
     fill_layer(layer, 2, 2, 32, 100, "cpu", torch.float32, room=16)
     assert (layer.num_sink, layer.num_stored, layer.num_recent) == (4, 80, 16)
     storage = layer.decode_storage()

@@ -12,6 +12,7 @@ from support.models import tiny_llama_config
 import selkv
 from selkv import SpecError
 from selkv.layers import QuantizedSinkWindowLayer
+from selkv.middle import MiddleLayout
 from selkv.sizing import cache_size, size_table
 
 
@@ -139,14 +140,14 @@ def test_size_table_names_the_group_each_spec_gets():
 
 
 def test_long_sink_and_window_are_not_preallocated():
-    layer = QuantizedSinkWindowLayer(8, num_sink_tokens=100_000, window_length=100_000, q_group_size=32)
+    layer = QuantizedSinkWindowLayer(100_000, 100_000, MiddleLayout(8, 8, 32))
     layer.update(torch.randn(1, 3, 10, 64), torch.randn(1, 3, 10, 64))
-    assert layer.nbytes()["bytes_allocated"] <= 2 * 2 * 256 * 3 * 64 * 4  # sink and window: 256 positions each
+    assert layer.nbytes()["allocated"] <= 2 * 2 * 256 * 3 * 64 * 4  # sink and window: 256 positions each
 
 
 @pytest.mark.parametrize(("sink", "window"), [(300, 100_000), (0, 100_000), (1000, 100_000)])
 def test_grown_sink_and_window_return_every_token_exactly(sink, window):
-    layer = QuantizedSinkWindowLayer(8, num_sink_tokens=sink, window_length=window, q_group_size=16, block_length=8)
+    layer = QuantizedSinkWindowLayer(sink, window, MiddleLayout(8, 8, 16, block_length=8))
     states = torch.randn(1, 2, 900, 16)
     for start, step in zip(range(0, 900, 90), [90] * 10):  # chunks, then room for one-token steps
         keys, _ = layer.update(states[:, :, start : start + step], -states[:, :, start : start + step])
@@ -167,7 +168,7 @@ def test_a_missing_config_is_a_clear_error(config):
 def test_a_long_window_grows_in_proportional_pages():
     """A long window is not regrown (and copied) every few steps: its pages grow with it (about 1/32 of its
     tokens), so filling 3,000 tokens takes about a hundred regrowths, and the spare room stays bounded."""
-    layer = QuantizedSinkWindowLayer(8, num_sink_tokens=0, window_length=4000, q_group_size=16, block_length=8)
+    layer = QuantizedSinkWindowLayer(0, 4000, MiddleLayout(8, 8, 16, block_length=8))
     capacities = set()
     for _ in range(3000):
         layer.update(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16))

@@ -124,7 +124,7 @@ def test_spec_builds_its_cache():
     config = tiny_llama_config()
     assert isinstance(selkv.parse_spec("drop").build(config), selkv.SelectiveCache)
     cache = selkv.parse_spec("quant:bits=4").build(config)
-    assert isinstance(cache, selkv.SelectiveCache) and cache.spec.group == 32  # resolved for head_dim 32
+    assert isinstance(cache, selkv.SelectiveCache) and cache.layers[0].layout.q_group_size == 32  # for head_dim 32
     assert isinstance(selkv.parse_spec("full").build(config), DynamicCache)
     with pytest.raises(TypeError, match="use make_cache"):
         selkv.SelectiveCache("drop", config)

@@ -59,9 +59,9 @@ def _use_kernel(query: torch.Tensor, storage: DecodeStorage):
     if kernels is None:
         return None
     head_dim = query.shape[-1]
-    groups = query.shape[1] // storage.num_key_value_heads
+    num_key_value_groups = query.shape[1] // storage.num_key_value_heads  # query heads per KV head
     layout = storage.layout
-    why = kernels.check_supported(head_dim, groups, layout.key_nbits, layout.q_group_size, query.dtype,
+    why = kernels.check_supported(head_dim, num_key_value_groups, layout.key_nbits, layout.q_group_size, query.dtype,
                                   layout.value_nbits)
     return kernels if why is None else None
 

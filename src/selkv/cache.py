@@ -1,4 +1,4 @@
-"""``make_cache`` (a spec string to its cache), ``kv_bytes``; ``SelectiveCache`` and the model-shape helpers."""
+"""``make_cache`` (a spec, string or object, to its cache), ``kv_bytes``; ``SelectiveCache`` and the model-shape helpers."""
 
 from __future__ import annotations
 
@@ -19,12 +19,15 @@ __all__ = [
 
 def resolve_spec(spec: str | CacheSpec, config) -> CacheSpec:
     """``spec`` checked against ``config``, with the defaults that depend on the model (the group size) filled in."""
-    return parse_spec(spec).check_model(model_shape(config)["head_dim"])
+    return parse_spec(spec).resolve(config)
 
 
 def make_cache(spec: str | CacheSpec, config, max_cache_len: int | None = None,
                fused_decode: bool | None = None) -> Cache:
-    """Build the cache a spec string describes, for a model ``config`` (each kind's ``build``, in :mod:`selkv.specs`).
+    """Build the cache a spec describes, for a model ``config`` (each kind's ``build``, in :mod:`selkv.specs`).
+
+    ``spec``: a spec string (parsed here, once) or a spec object (``parse_spec``); the spec is checked against
+    the model once and builds the cache's layers itself.
 
     ``full`` gives transformers' ``DynamicCache``; ``hf-quanto``/``hf-hqq`` its ``QuantizedCache``
     (on hybrid models, a ``Cache`` of its quantized layers and sliding-window layers);
@@ -76,10 +79,7 @@ def layer_bytes(layer, element_size_16bit: int = 2) -> dict[str, int]:
     if not getattr(layer, "is_initialized", False):
         return counted
     if hasattr(layer, "nbytes"):  # selkv layers
-        own = layer.nbytes()
-        for key in ("bytes_16bit", "bytes_codes", "bytes_key_codes", "bytes_value_codes", "bytes_scales"):
-            counted[key] = own[key]
-        counted["allocated"] = own["bytes_allocated"]
+        counted.update(layer.nbytes())  # the same names
         batch, heads, dims = layer.batch_size, layer.num_key_value_heads, layer.head_dim * 2
         tokens = int(layer.get_seq_length())
     else:  # transformers layers: dense keys/values plus anything quantized

@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cli_help import (
     DEMO_EPILOG,
@@ -50,6 +51,9 @@ from .eval.suite import (
     demo_prompt,
     run_suite,
 )
+
+if TYPE_CHECKING:
+    from .specs import CacheSpec
 
 __all__ = ["DEMO_CACHES", "DEMO_PROMPT", "SIZE_CACHES", "add_eval_commands", "build_parser", "demo_prompt", "main"]
 
@@ -200,15 +204,17 @@ def add_eval_commands(subparsers) -> None:
     rep.set_defaults(handler=cmd_report)
 
 
-def checked_specs(specs: list[str] | None, default) -> list[str]:
-    """The ``--cache`` specs (``default`` when none were given), each parsed now: a bad spec fails before the
-    model loads."""
+def parsed_specs(specs: list[str] | None, default) -> list[tuple[str, CacheSpec]]:
+    """The ``--cache`` specs (``default`` when none were given), each as written and parsed, once, now: a bad spec
+    fails before the model loads."""
     from .specs import parse_spec
 
-    specs = list(specs or default)
-    for spec in specs:
-        parse_spec(spec)
-    return specs
+    return [(spec, parse_spec(spec)) for spec in (specs or default)]
+
+
+def checked_specs(specs: list[str] | None, default) -> list[str]:
+    """The ``--cache`` specs as written (results are named by them), each checked by :func:`parsed_specs`."""
+    return [text for text, _ in parsed_specs(specs, default)]
 
 
 def _load(args):
@@ -259,12 +265,11 @@ def prepare_out_dir(path: str, option: str = "--out") -> None:
 
 
 def cmd_generate(args) -> int:
-    from .specs import parse_spec
     from .generation import encode_prompt, generate
 
-    specs = checked_specs(args.cache, ["full"])
+    specs = parsed_specs(args.cache, ["full"])
     if args.static:
-        bad = [spec for spec in specs if not parse_spec(spec).supports_static]
+        bad = [text for text, spec in specs if not spec.supports_static]
         if bad:
             raise SelKVError(f"--static takes 'full' and 'quant' caches, not {bad[0]!r}")
         if args.attn is None:  # a captured step needs selkv's attention; other attention decodes eagerly
@@ -278,8 +283,8 @@ def cmd_generate(args) -> int:
         hint = " or drop --no-chat (the chat template adds tokens)" if args.no_chat else ""
         raise SelKVError(f"the prompt {prompt[:40]!r} gives no tokens; give a non-empty --prompt{hint}")
     print(f"prompt: {inputs['input_ids'].shape[-1]} tokens, model {args.model} ({model.dtype}, {model.device})\n")
-    print_generations([generate(model, tokenizer, inputs, spec, args.max_new_tokens, static=args.static)
-                       for spec in specs])
+    print_generations([generate(model, tokenizer, inputs, spec, args.max_new_tokens, static=args.static, label=text)
+                       for text, spec in specs])
     return 0
 
 

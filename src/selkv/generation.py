@@ -15,6 +15,7 @@ import torch
 from .cache import kv_bytes, make_cache
 from .errors import SelKVError
 from .models import cache_kwarg, forward_with_cache
+from .specs import CacheSpec
 from .upstream import accepts_logits_to_keep
 
 
@@ -50,8 +51,10 @@ CAPTURE_STEPS = 2
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, inputs: dict, spec: str, max_new_tokens: int, static: bool = False) -> Generation:
-    """Greedy-decode ``max_new_tokens`` after ``inputs`` (one prompt) with a fresh cache built from ``spec``.
+def generate(model, tokenizer, inputs: dict, spec: str | CacheSpec, max_new_tokens: int, static: bool = False,
+             label: str | None = None) -> Generation:
+    """Greedy-decode ``max_new_tokens`` after ``inputs`` (one prompt) with a fresh cache built from ``spec`` (a spec
+    string or a parsed spec; ``label``, the result's name, defaults to ``str(spec)``).
 
     Prefill and decode are timed separately: the first new token comes from the prefill. ``static``:
     the cache is preallocated for the prompt and the new tokens (``max_cache_len``) and, on CUDA, the
@@ -86,8 +89,9 @@ def generate(model, tokenizer, inputs: dict, spec: str, max_new_tokens: int, sta
     if step is not None and len(starts) > CAPTURE_STEPS + 1:  # leave compilation and capture out
         starts, timed_tokens = starts[CAPTURE_STEPS:], len(tokens) - CAPTURE_STEPS
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    label = f"{spec} (static, captured)" if step else f"{spec} (static)" if static else str(spec)
-    return Generation(label, text, len(tokens), prefill_s, end - starts[0], kv_bytes(cache), timed_tokens)
+    name = str(spec) if label is None else label
+    name = f"{name} (static, captured)" if step else f"{name} (static)" if static else name
+    return Generation(name, text, len(tokens), prefill_s, end - starts[0], kv_bytes(cache), timed_tokens)
 
 
 def prefill(

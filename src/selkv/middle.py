@@ -295,8 +295,8 @@ class QuantizedMiddle:
         return {} if self.tensors is None else self.tensors._asdict()
 
     def used_bytes(self, count: int) -> dict[str, int]:
-        """Bytes that hold the first ``count`` tokens (spare capacity excluded), by kind: ``codes`` (``key_codes``
-        + ``value_codes``) and ``scales`` (scales and zeros)."""
+        """Bytes that hold the first ``count`` tokens (spare capacity excluded), under ``kv_bytes``' names:
+        ``bytes_codes`` (``bytes_key_codes`` + ``bytes_value_codes``) and ``bytes_scales`` (scales and zeros)."""
         if self.tensors is None:
             return {}
 
@@ -306,7 +306,8 @@ class QuantizedMiddle:
 
         key_codes, value_codes = used("key_codes"), used("value_codes")
         scales = used("key_scale") + used("key_zero") + used("value_scale") + used("value_zero")
-        return {"codes": key_codes + value_codes, "key_codes": key_codes, "value_codes": value_codes, "scales": scales}
+        return {"bytes_codes": key_codes + value_codes, "bytes_key_codes": key_codes, "bytes_value_codes": value_codes,
+                "bytes_scales": scales}
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to every tensor (batch reordering, beam search); the rotation has no batch dimension."""

@@ -10,7 +10,7 @@ from transformers.cache_utils import Cache
 from .layers.base import SelectiveLayer
 from .layers.static import StaticSinkWindowLayer
 from .middle import QuantizedMiddle
-from .shapes import _build_layers, _text_config, model_shape
+from .shapes import _text_config
 from .storage import publish, take_published
 from .storage import ATTENTION_NAME
 from .upstream import attention_implementation
@@ -19,25 +19,24 @@ from .upstream import attention_implementation
 class SelectiveCache(Cache):
     """A ``Cache`` whose full-attention layers are selkv layers, built from a ``drop`` or ``quant`` spec.
 
-    It only builds ``layers`` and routes by ``layer_idx``; the policy lives in the layer classes.
-    With ``max_cache_len`` (``quant`` specs only) the layers are :class:`StaticSinkWindowLayer`: a fixed
-    capacity of that many positions, and one-token steps that ``torch.compile`` and CUDA graphs capture
-    (``is_compileable``, as transformers' ``StaticCache``) when the model's attention is ``"selkv"``.
-    Sliding-window layers of hybrid models (Gemma 2/3, Mistral with a window) keep transformers'
-    ``DynamicSlidingWindowLayer``: they hold at most ``sliding_window`` tokens in 16 bits.
+    It only holds ``layers`` and routes by ``layer_idx``; the spec builds the layers (``spec.cache_layers``)
+    and the policy lives in the layer classes. With ``max_cache_len`` (``quant`` specs only) the layers are
+    :class:`StaticSinkWindowLayer`: a fixed capacity of that many positions, and one-token steps that
+    ``torch.compile`` and CUDA graphs capture (``is_compileable``, as transformers' ``StaticCache``) when the
+    model's attention is ``"selkv"``. Sliding-window layers of hybrid models (Gemma 2/3, Mistral with a window)
+    keep transformers' ``DynamicSlidingWindowLayer``: they hold at most ``sliding_window`` tokens in 16 bits.
 
-    ``spec`` is a parsed spec (``selkv.parse_spec``) whose ``make_layer(max_cache_len)`` builds one layer;
-    ``make_cache`` takes spec strings. ``fused_decode``: whether one-token steps hand their storage to selkv's
-    attention instead of dequantizing (only right when the model's attention is ``"selkv"``); ``None``
-    decides from the attention ``config`` records.
+    ``layers``: one cache layer per decoder layer (``make_cache`` builds them from a spec).
+    ``fused_decode``: whether one-token steps hand their storage to selkv's attention instead of dequantizing
+    (only right when the model's attention is ``"selkv"``); ``None`` decides from the attention ``config``
+    records.
     """
 
-    def __init__(self, spec, config, max_cache_len: int | None = None, fused_decode: bool | None = None):
-        if isinstance(spec, str):
-            raise TypeError(f"SelectiveCache takes a parsed spec; use make_cache({spec!r}, config) or "
-                            f"SelectiveCache(parse_spec({spec!r}), config)")
-        self.spec = spec.check_model(model_shape(config)["head_dim"])
-        super().__init__(layers=_build_layers(config, lambda: self.spec.make_layer(max_cache_len)))
+    def __init__(self, layers: list, config, fused_decode: bool | None = None):
+        if not isinstance(layers, (list, tuple)):
+            raise TypeError(f"SelectiveCache takes its cache layers (spec.cache_layers(config)); for a spec use "
+                            f"make_cache({layers!r}, config)")
+        super().__init__(layers=list(layers))
         # With selkv's attention, one-token decode steps read the compressed storage directly.
         if fused_decode is None:
             fused_decode = attention_implementation(_text_config(config)) == ATTENTION_NAME

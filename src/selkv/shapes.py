@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from transformers.cache_utils import DynamicSlidingWindowLayer
-
 from .errors import SpecError
 from .upstream import falcon_num_key_value_heads, layer_types_and_kwargs
 
@@ -64,10 +62,3 @@ def model_shape(config) -> dict:
         "layer_types": layer_types,
     }
 
-
-def _build_layers(config, make_layer) -> list:
-    """One cache layer per decoder layer: ``make_layer()`` for full attention, transformers' sliding-window layer else."""
-    return [
-        make_layer() if layer_type == "full_attention" else DynamicSlidingWindowLayer(sliding_window=sliding_window)
-        for layer_type, sliding_window in layer_plan(config)
-    ]

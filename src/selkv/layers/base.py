@@ -7,7 +7,7 @@ Per layer, per batch row and KV head, the cache holds, in token order::
 New tokens fill the sink first (the first S tokens of the sequence), then the
 window. Whenever the window holds at least ``W + block`` tokens, its oldest
 tokens leave it in whole blocks of ``block`` tokens and are handed to
-:meth:`_evict`: the quantized layer stores them once, the eviction baseline
+:meth:`_store_evicted`: the quantized layer stores them once, the eviction baseline
 drops them. Blocks amortize the shift of the window buffer and give per-channel
 key groups (KIVI) their ``block`` tokens.
 
@@ -188,7 +188,7 @@ class SelectiveLayer(CacheLayerMixin):
             )
         stored_before = self.num_stored
         if evict:
-            self._evict(self.recent_keys[:, :, :evict], self.recent_values[:, :, :evict])
+            self._store_evicted(self.recent_keys[:, :, :evict], self.recent_values[:, :, :evict])
             self.num_evicted += evict
             self._shift_recent(evict)
 
@@ -256,7 +256,7 @@ class SelectiveLayer(CacheLayerMixin):
         self.num_recent = end
 
     def _shift_recent(self, count: int) -> None:
-        """Drop the window's oldest ``count`` tokens (already handed to ``_evict``)."""
+        """Drop the window's oldest ``count`` tokens (already handed to ``_store_evicted``)."""
         keep = self.num_recent - count
         fitted = self._window_capacity(keep)
         if self.recent_keys.shape[-2] > fitted + self._window_page(keep):
@@ -283,8 +283,9 @@ class SelectiveLayer(CacheLayerMixin):
         """Evicted tokens the middle still holds (and attention still reads)."""
         return 0
 
-    def _evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Take the oldest window tokens ``[batch, kv_heads, n, head_dim]`` (n a multiple of ``block_length``)."""
+    def _store_evicted(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the oldest window tokens ``[batch, kv_heads, n, head_dim]`` (n a multiple of ``block_length``) that
+        leave the window: a layer with a middle stores them; by default they are dropped (the eviction baseline)."""
 
     def _read_stored(
         self, count: int, out_keys: torch.Tensor | None = None, out_values: torch.Tensor | None = None
@@ -299,8 +300,8 @@ class SelectiveLayer(CacheLayerMixin):
         return {} if self.middle is None else self.middle.named_tensors()
 
     def _middle_used(self) -> dict[str, int]:
-        """Bytes of the middle store that hold tokens (excluding spare capacity), by kind: codes (key_codes +
-        value_codes), scales."""
+        """Bytes of the middle store that hold tokens (excluding spare capacity), under ``kv_bytes``' names:
+        ``bytes_codes`` (``bytes_key_codes`` + ``bytes_value_codes``), ``bytes_scales``."""
         return {} if self.middle is None else self.middle.used_bytes(self.num_stored)
 
     def shared_tensors(self) -> list[torch.Tensor]:
@@ -390,24 +391,19 @@ class SelectiveLayer(CacheLayerMixin):
         """Bytes held, from the tensors themselves.
 
         ``bytes_16bit`` (sink + window), ``bytes_codes`` (``bytes_key_codes`` + ``bytes_value_codes``)
-        and ``bytes_scales`` count the filled part; ``bytes_allocated`` counts the storage of every tensor the layer holds, each storage
-        once (spare window and middle capacity included): the memory really held.
+        and ``bytes_scales`` count the filled part; ``allocated`` counts the storage of every tensor the layer holds,
+        each storage once (spare window and middle capacity included): the memory really held. The names are
+        ``kv_bytes``' own.
         """
+        counted = dict.fromkeys(("bytes_16bit", "bytes_codes", "bytes_key_codes", "bytes_value_codes", "bytes_scales",
+                                 "allocated"), 0)
         if not self.is_initialized:
-            return {"bytes_16bit": 0, "bytes_codes": 0, "bytes_key_codes": 0, "bytes_value_codes": 0,
-                    "bytes_scales": 0, "bytes_allocated": 0}
+            return counted
         per_token = self.batch_size * self.num_key_value_heads * (self.head_dim + self.recent_values.shape[-1])
         used16 = (self.num_sink + self.num_recent) * per_token * self.sink_keys.element_size()
-        middle = self._middle_used()
         tensors = list(self._all_tensors().values())
         if self.row_padding is not None:
             tensors.append(self.row_padding)
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-        return {
-            "bytes_16bit": used16,
-            "bytes_codes": middle.get("codes", 0),
-            "bytes_key_codes": middle.get("key_codes", 0),
-            "bytes_value_codes": middle.get("value_codes", 0),
-            "bytes_scales": middle.get("scales", 0),
-            "bytes_allocated": sum(storages.values()),
-        }
+        counted.update(self._middle_used(), bytes_16bit=used16, allocated=sum(storages.values()))
+        return counted

@@ -37,7 +37,6 @@ from ..errors import CapacityError, SpecError
 from ..middle import MiddleLayout, QuantizedMiddle
 from ..storage import DecodeStorage
 from .base import SelectiveLayer
-from .sink_window import middle_layout
 
 
 def _is_compiling() -> bool:
@@ -46,17 +45,15 @@ def _is_compiling() -> bool:
 
 class StaticSinkWindowLayer(SelectiveLayer):
     """:class:`QuantizedSinkWindowLayer`'s policy and store with a fixed capacity of ``max_cache_len`` positions and
-    device lengths. Takes the quantized layer's arguments (``middle_layout``) and ``max_cache_len``."""
+    device lengths. Takes the quantized layer's arguments (sink, window, :class:`MiddleLayout`) and ``max_cache_len``."""
 
     retains_evicted = True
     supports_fused_decode = True
 
-    def __init__(self, nbits: int, num_sink_tokens: int, window_length: int, q_group_size: int, *,
-                 max_cache_len: int, **layout):
+    def __init__(self, num_sink_tokens: int, window_length: int, layout: MiddleLayout, *, max_cache_len: int):
         if max_cache_len < 1:
             raise SpecError(f"max_cache_len must be >= 1, got {max_cache_len}")
-        middle = QuantizedMiddle(middle_layout(nbits, q_group_size, **layout))
-        super().__init__(num_sink_tokens, window_length, middle.layout.block_length, middle=middle)
+        super().__init__(num_sink_tokens, window_length, layout.block_length, middle=QuantizedMiddle(layout))
         self.max_cache_len = max_cache_len
 
     @property

@@ -9,8 +9,10 @@ A spec string names a cache kind and its settings::
     hf-quanto:bits=4,residual=128[,group=64]
     hf-hqq:bits=4,residual=128[,group=64]
 
-``parse_spec`` turns it into the kind's spec class; ``spec.check_model(head_dim)`` validates it against
-a model (``group`` must divide ``head_dim``) and ``spec.build(config)`` returns the cache. Every error
+``parse_spec`` turns it into the kind's spec class (once: the command line and ``make_cache`` pass the object
+down); ``spec.check_model(head_dim)`` validates it against a model (``group`` must divide ``head_dim``),
+``spec.resolve(config)`` does so for a model config, and ``spec.build(config)`` resolves it once and returns
+the cache, whose layers the spec builds from the model's layer plan (``spec.cache_layers``). Every error
 names the field, the bad value and what is allowed. A new kind is one module here and one line in
 :data:`SPECS`.
 """

@@ -2,7 +2,9 @@
 
 A spec class names its ``kind``, the spec ``keys`` it takes (with defaults) and turns the parsed values
 into its fields (``from_fields``). ``str(spec)`` gives back the canonical spec string, ``check_model``
-fills the defaults that depend on the model's ``head_dim``, and ``build`` returns the cache.
+fills the defaults that depend on the model's ``head_dim`` (``resolve`` reads it from a model config), and
+``build`` returns the cache: the spec resolved once, then one layer per decoder layer of the model's layer plan
+(``cache_layers``).
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import math
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
 from ..errors import SpecError
 from ..selective_cache import SelectiveCache
+from ..shapes import layer_plan, model_shape
 
 # Larger settings are no use (a window of 2**31 tokens is far beyond any model's context) and beyond
 # int64 they would only fail later inside torch.
@@ -127,9 +132,32 @@ class CacheSpec:
         """Validate against a model's ``head_dim``; return the spec with defaults resolved."""
         return self
 
+    def resolve(self, config) -> CacheSpec:
+        """This spec checked against a model ``config`` (:meth:`check_model` on its ``head_dim``), defaults filled in."""
+        return self.check_model(model_shape(config)["head_dim"])
+
     def build(self, config, max_cache_len: int | None = None):
-        """The cache this spec describes, for a model ``config`` (``max_cache_len``: see ``make_cache``)."""
+        """The cache this spec describes, for a model ``config`` (``max_cache_len``: see ``make_cache``): the spec
+        resolved for the model once, then its cache (:meth:`_build`)."""
+        return self.resolve(config)._build(config, max_cache_len)
+
+    def _build(self, config, max_cache_len: int | None = None):
+        """The cache of this resolved spec."""
         raise NotImplementedError
+
+    def make_layer(self, max_cache_len: int | None = None):
+        """The cache layer of one full-attention layer (``max_cache_len``: a static layer of that capacity)."""
+        raise NotImplementedError
+
+    def cache_layers(self, config, max_cache_len: int | None = None) -> list:
+        """One cache layer per decoder layer of the model's layer plan (:func:`~selkv.shapes.layer_plan`):
+        :meth:`make_layer` for full attention, transformers' sliding-window layer (at most ``sliding_window``
+        tokens, 16-bit) for the others."""
+        return [
+            self.make_layer(max_cache_len) if layer_type == "full_attention"
+            else DynamicSlidingWindowLayer(sliding_window=sliding_window)
+            for layer_type, sliding_window in layer_plan(config)
+        ]
 
 
 @dataclass(frozen=True)
@@ -167,9 +195,5 @@ class GroupedSpec(CacheSpec):
 class SelectiveSpec(CacheSpec):
     """A spec whose cache is a :class:`SelectiveCache` of one selkv layer per full-attention layer."""
 
-    def make_layer(self, max_cache_len: int | None = None):
-        """One full-attention cache layer (``max_cache_len``: a static layer of that capacity)."""
-        raise NotImplementedError
-
-    def build(self, config, max_cache_len: int | None = None) -> SelectiveCache:
-        return SelectiveCache(self, config, max_cache_len=max_cache_len)
+    def _build(self, config, max_cache_len: int | None = None) -> SelectiveCache:
+        return SelectiveCache(self.cache_layers(config, max_cache_len), config)

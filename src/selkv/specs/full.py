@@ -22,8 +22,10 @@ class FullSpec(CacheSpec):
     def bits(self) -> int:
         return 16
 
-    def build(self, config, max_cache_len: int | None = None) -> Cache:
-        # transformers' own cache, for any layer types (no model shape to check).
+    def resolve(self, config) -> FullSpec:
+        return self  # transformers' own cache, for any layer types: no model shape to check
+
+    def _build(self, config, max_cache_len: int | None = None) -> Cache:
         if max_cache_len is not None:
             return StaticCache(config=config, max_cache_len=max_cache_len)
         return DynamicCache(config=_text_config(config))

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from transformers.cache_utils import Cache, HQQQuantizedLayer, QuantizedCache, QuantoQuantizedLayer
 
-from ..shapes import _build_layers, model_shape
+from ..shapes import layer_plan
 from .base import GroupedSpec, SpecFields
 
 
@@ -52,15 +52,20 @@ class HFQuantizedSpec(GroupedSpec):
     def family(self) -> str:
         return f"{self.kind} residual={self.residual}"
 
-    def build(self, config, max_cache_len: int | None = None) -> Cache:
-        spec = self.check_model(model_shape(config)["head_dim"])
+    def _settings(self) -> dict:
+        """transformers' names for the settings (``nbits``, ``q_group_size``, ``residual_length``)."""
+        return {"nbits": self.bits, "q_group_size": self.group, "residual_length": self.residual}
+
+    def make_layer(self, max_cache_len: int | None = None):
+        return self.layer_class(**self._settings())
+
+    def _build(self, config, max_cache_len: int | None = None) -> Cache:
         if importlib.util.find_spec(self.package.split(".")[0]) is None or importlib.util.find_spec(self.package) is None:
-            raise ImportError(f"cache {str(spec)!r} needs the {self.pip_name!r} package: {self.install_hint()}")
-        settings = {"nbits": spec.bits, "q_group_size": spec.group, "residual_length": spec.residual}
-        if all(layer_type == "full_attention" for layer_type in model_shape(config)["layer_types"]):
-            return QuantizedCache(backend=self.backend, config=config, **settings)
+            raise ImportError(f"cache {str(self)!r} needs the {self.pip_name!r} package: {self.install_hint()}")
+        if all(layer_type == "full_attention" for layer_type, _ in layer_plan(config)):
+            return QuantizedCache(backend=self.backend, config=config, **self._settings())
         # transformers' QuantizedCache refuses sliding-window layers: quantize the full-attention ones only.
-        return Cache(layers=_build_layers(config, lambda: self.layer_class(**settings)))
+        return Cache(layers=self.cache_layers(config))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import ClassVar
 from ..errors import SpecError
 from ..layers.sink_window import QuantizedSinkWindowLayer
 from ..layers.static import StaticSinkWindowLayer
+from ..middle import MiddleLayout
 from ..quant import ROTATIONS, SUPPORTED_NBITS, channel_multiple
 from .base import GroupedSpec, SelectiveSpec, SpecFields
 
@@ -177,20 +178,14 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             resolved = replace(resolved, rotate=DEFAULT_ROTATE[self.kbits] if power_of_two else "none")
         return resolved
 
-    def make_layer(self, max_cache_len: int | None = None) -> QuantizedSinkWindowLayer:
-        layer_class, extra = QuantizedSinkWindowLayer, {}
+    @property
+    def layout(self) -> MiddleLayout:
+        """How the middle is stored: the settings a resolved spec gives its layers (``check_model`` fills the
+        group and the rotation)."""
+        return MiddleLayout(self.kbits, self.vbits, self.group, axis_key=self.key_axis, block_length=self.block,
+                            rotate=self.rotate or DEFAULT_ROTATE[self.kbits], sym=self.sym)
+
+    def make_layer(self, max_cache_len: int | None = None) -> QuantizedSinkWindowLayer | StaticSinkWindowLayer:
         if max_cache_len is not None:
-            layer_class, extra = StaticSinkWindowLayer, {"max_cache_len": max_cache_len}
-        # Layers keep transformers' vocabulary (nbits, q_group_size, axis_key).
-        return layer_class(
-            self.kbits,
-            self.sink,
-            self.window,
-            self.group,
-            axis_key=self.key_axis,
-            sym=self.sym,
-            block_length=self.block,
-            value_nbits=self.vbits,
-            rotate=self.rotate or DEFAULT_ROTATE[self.kbits],
-            **extra,
-        )
+            return StaticSinkWindowLayer(self.sink, self.window, self.layout, max_cache_len=max_cache_len)
+        return QuantizedSinkWindowLayer(self.sink, self.window, self.layout)
