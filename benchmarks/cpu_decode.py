@@ -30,7 +30,6 @@ from selkv.cli import DEMO_CACHES, demo_prompt  # noqa: E402
 from selkv.generation import encode_prompt  # noqa: E402
 from selkv.models import forward_with_cache  # noqa: E402
 
-
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 

@@ -81,8 +81,23 @@ from selkv import kv_bytes, make_cache  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from e2e_model import (  # noqa: E402
-    GIB, LLAMA3_8B, SPECS, TINY, Unavailable, build_model, captured_selkv, compile_step, decode_step, fill_full,
-    fill_selective, fill_static, full_kv_bytes, graph_breaks, rewind, rewinder, static_selkv,
+    GIB,
+    LLAMA3_8B,
+    SPECS,
+    TINY,
+    Unavailable,
+    build_model,
+    captured_selkv,
+    compile_step,
+    decode_step,
+    fill_full,
+    fill_selective,
+    fill_static,
+    full_kv_bytes,
+    graph_breaks,
+    rewind,
+    rewinder,
+    static_selkv,
 )
 
 DEFAULT_SHAPES = "8x32768,1x131072,32x8192"

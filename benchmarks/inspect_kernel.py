@@ -25,11 +25,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import triton  # noqa: E402
+from decode_attention import FUSED, random_storage  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
-from decode_attention import FUSED, random_storage  # noqa: E402
 from selkv.kernels import decode_attention as kernels  # noqa: E402
 
 # SASS opcode families worth counting (first token of the opcode, before any '.')

@@ -141,7 +141,7 @@ class Candidate:
                 for layer in range(int(first), int(last or first) + 1):
                     widths[layer] = (kbits, vbits)
             except ValueError:
-                raise SystemExit(f"layer_bits items are LAYERS:KBITS/VBITS (LAYERS i or i-j), got {item!r}")
+                raise SystemExit(f"layer_bits items are LAYERS:KBITS/VBITS (LAYERS i or i-j), got {item!r}") from None
         return widths
 
     def for_layer(self, layer_idx: int) -> Candidate:
@@ -254,7 +254,7 @@ def _dequantized_groups(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tenso
     return torch.addcmul(zero, codes, scale)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def normal_levels(count: int) -> torch.Tensor:
     """The ``count`` Lloyd-Max (least squared error) levels of a standard normal distribution, divided by the
     largest: ``count`` ascending floats in ``[-1, 1]``, the first -1 and the last 1."""
@@ -616,8 +616,8 @@ def main(argv=None) -> int:
     if args.bytes_only:
         return 0
 
-    from selkv.models import load_model
     from selkv.eval.runner import progress
+    from selkv.models import load_model
 
     results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": {}}
     results.update({"model": args.model, "dtype": "float32", "chunk": args.chunk, "size_tokens": args.size_tokens,

@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gzip
-import json
 import io
+import json
 import os
 import pstats
 import sys
@@ -34,7 +34,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from e2e_model import (  # noqa: E402
-    LLAMA3_8B, TINY, build_model, captured_selkv, compile_step, fill_full, fill_selective, fill_static,
+    LLAMA3_8B,
+    TINY,
+    build_model,
+    captured_selkv,
+    compile_step,
+    fill_full,
+    fill_selective,
+    fill_static,
 )
 
 import selkv  # noqa: E402,F401  (registers attn_implementation="selkv")

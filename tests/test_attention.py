@@ -6,10 +6,8 @@ Models here are built fresh (``make_tiny_llama``), never through ``selkv.load_mo
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from support.markers import cuda_only
 from support.models import make_tiny_llama, tiny_llama_config
 from support.storages import fresh_seed
@@ -51,8 +49,9 @@ def test_generate_selkv_matches_sdpa(spec, device):
 
 
 def test_selkv_attention_registered_for_from_config():
-    import selkv  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import selkv  # noqa: F401
 
 
     model = AutoModelForCausalLM.from_config(tiny_llama_config(), attn_implementation="selkv")

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-
 from support.markers import HAS_CUDA
 
 # The accuracy columns run the compiled kernel on a GPU machine, Triton's interpreter elsewhere.
@@ -107,8 +106,9 @@ def test_parse_shapes_and_bad_shapes_get_one_line():
 
 def test_static_cache_fill_and_rewind():
     from e2e_model import TINY, build_model, fill_full, fill_static, rewind
-    from selkv.models import forward_with_cache
     from transformers import DynamicCache, StaticCache
+
+    from selkv.models import forward_with_cache
 
     model = build_model(TINY, "cpu", torch.float32)
     static = StaticCache(config=model.config, max_cache_len=40)
@@ -133,6 +133,7 @@ def test_static_cache_fill_and_rewind():
                     reason="needs selkv's static selective cache (make_cache(..., max_cache_len=N))")
 def test_captured_selkv_fill_and_rewind():
     from e2e_model import SPECS, TINY, build_model, captured_selkv
+
     from selkv.models import forward_with_cache
 
     model = build_model(TINY, "cpu", torch.float32)

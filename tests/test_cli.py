@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from support.markers import needs_embedded_model
 
 import selkv
 from selkv import cli
-from selkv.cli import add_eval_commands, main as cli_main
+from selkv.cli import add_eval_commands
+from selkv.cli import main as cli_main
 from selkv.errors import DeviceError, ModelNotFoundError, SelKVError, UnsupportedModelError
 from selkv.eval.suite import DEFAULT_CACHES
 from selkv.upstream import falcon_uses_attention_interface

@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-
 from support.data import read_book
 from support.markers import needs_rouge, needs_shared_data
 from support.models import make_tiny_llama

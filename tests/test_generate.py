@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from support.data import read_book
 from support.markers import needs_quanto, needs_shared_data
 from support.tolerances import TOLERANCES

@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-
 from support.markers import needs_embedded_model, needs_shared_data
 from support.models import make_tiny_llama
 from support.tolerances import TOLERANCES

@@ -12,7 +12,6 @@ import random
 
 import pytest
 import torch
-
 from support.markers import cuda_only, interpreter_only, kernel_module
 from support.models import tiny_llama_config
 from support.references import float64_reference

@@ -7,16 +7,15 @@ import types
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig
-
 from support.markers import needs_embedded_model
 from support.models import tiny_llama_config
 from support.tolerances import TOLERANCES
+from transformers import DynamicCache, LlamaConfig
 
 import selkv
 from selkv import quant
-from selkv.layers import EvictLayer, QuantizedSinkWindowLayer, SelectiveLayer
 from selkv.generation import greedy_decode, prefill
+from selkv.layers import EvictLayer, QuantizedSinkWindowLayer, SelectiveLayer
 from selkv.middle import MiddleLayout
 from selkv.models import forward_with_cache
 from selkv.sizing import cache_size

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.models import make_tiny_llama, tiny_llama_config
 
 from selkv import quant
 from selkv.generation import prefill
-
-from support.models import make_tiny_llama, tiny_llama_config
 
 BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
 

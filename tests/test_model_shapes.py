@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
-
 from support.markers import needs_quanto
 from support.models import tiny_llama_config
+from transformers import DynamicCache
 
 import selkv
 from selkv import SpecError
 from selkv.layers import QuantizedSinkWindowLayer
 from selkv.middle import MiddleLayout
 from selkv.sizing import cache_size, size_table
-
 
 # A window longer than every sequence here: nothing leaves it, so these caches equal `full`.
 LOSSLESS = ["quant:bits=8,sink=4,window=4096", "drop:sink=4,window=4096"]

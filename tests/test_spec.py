@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from transformers import DynamicCache
-
 from support.models import tiny_llama_config
+from transformers import DynamicCache
 
 import selkv
 from selkv import SpecError
@@ -170,8 +169,9 @@ def test_install_hints_name_what_installs_the_backend(monkeypatch):
     """The hint a missing backend gives installs it: an extra of selkv's that lists it, or the package itself."""
     import importlib.util
     import re
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from selkv.specs import SPECS
 

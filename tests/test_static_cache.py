@@ -7,10 +7,8 @@ graph for a whole decode, evictions included, and CUDA graphs replay it.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from support.markers import cuda_only
 from support.models import make_tiny_llama, tiny_llama_config
 from support.storages import fresh_seed

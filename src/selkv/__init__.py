@@ -7,10 +7,10 @@ attention.
 
 from .attention import register_attention  # registers attn_implementation="selkv" with transformers
 from .cache import SelectiveCache, kv_bytes, make_cache, model_shape
-from .specs import CacheSpec, SpecError, parse_spec
 from .errors import SelKVError
 from .generation import compile_decode_step
 from .models import DEFAULT_MODEL, load_model, track_padding
+from .specs import CacheSpec, SpecError, parse_spec
 
 __version__ = "0.1.0"
 

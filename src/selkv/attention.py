@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -31,8 +32,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .errors import UnsupportedInputError, UnsupportedModelError
 from .kernels import reference, triton_available
 from .storage import ATTENTION_NAME, DecodeStorage, take_published
-
-
 
 # Whether Triton is installed, looked up once (an import-system lookup cannot be traced by torch.compile).
 _TRITON = triton_available()

@@ -372,9 +372,9 @@ def cmd_lm_eval(harness_args: list[str]) -> int:
     """Run lm-evaluation-harness's own CLI with the 'selkv' model registered; its arguments pass unchanged."""
     if harness_args[:1] in (["-h"], ["--help"]) and len(harness_args) == 1:
         print(LM_EVAL_HELP)
-    from .eval import harness_model  # registers --model selkv (an ImportError names the extra)
     from lm_eval.__main__ import cli_evaluate
 
+    from .eval import harness_model  # registers --model selkv (an ImportError names the extra)
     from .eval.harness import check_task_data
 
     # Bad model args and missing data files of selkv's tasks fail now, not after the harness indexes its tasks.

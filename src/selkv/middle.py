@@ -32,8 +32,9 @@ dequantized keys back (:func:`dequantize_middle`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 

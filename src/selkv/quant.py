@@ -138,7 +138,7 @@ def dequantize(
 ROTATIONS = ("none", "hadamard", "hadamard-signs")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hadamard(dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
     """The normalized Hadamard matrix ``[dim, dim]`` (Sylvester's construction): orthogonal and symmetric.
 
@@ -163,7 +163,7 @@ def rotation_matrix(rotate: str, dim: int, device: torch.device | str = "cpu") -
     return _signed_hadamard(dim, torch.device(device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signed_hadamard(dim: int, device: torch.device) -> torch.Tensor:
     """``diag(signs) @ H``: channels flip sign (fixed pseudo-random signs, seed 0) before the Hadamard
     matrix mixes them (QuaRot's randomized Hadamard), so that a structure the plain matrix keeps
@@ -172,7 +172,7 @@ def _signed_hadamard(dim: int, device: torch.device) -> torch.Tensor:
     return (signs[:, None] * hadamard(dim, torch.float64)).to(dtype=torch.float32, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rotation_signs(rotate: str, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor | None:
     """``rotation_matrix(rotate, dim)^T * sqrt(dim)`` in ``dtype``: every entry is +-1, exact in any float dtype.
 

@@ -11,8 +11,7 @@ from .layers.base import SelectiveLayer
 from .layers.static import StaticSinkWindowLayer
 from .middle import QuantizedMiddle
 from .shapes import _text_config
-from .storage import publish, take_published
-from .storage import ATTENTION_NAME
+from .storage import ATTENTION_NAME, publish, take_published
 from .upstream import attention_implementation
 
 

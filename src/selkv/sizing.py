@@ -8,8 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from .cache import (LAYER_BYTE_KEYS, bytes_summary, compression_words, layer_bytes, layer_plan, make_cache, model_shape, resolve_spec,
-                    shared_bytes)
+from .cache import (
+    LAYER_BYTE_KEYS,
+    bytes_summary,
+    compression_words,
+    layer_bytes,
+    layer_plan,
+    make_cache,
+    model_shape,
+    resolve_spec,
+    shared_bytes,
+)
 from .errors import SelKVError
 
 

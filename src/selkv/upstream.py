@@ -36,7 +36,7 @@ def layer_types_and_kwargs(config) -> tuple[list[str], list[dict]]:
     return list(layer_types), list(layer_kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module_uses_attention_interface(module_name: str) -> bool:
     """Whether a modeling module dispatches its attention through ``ALL_ATTENTION_FUNCTIONS``."""
     try:
@@ -86,7 +86,7 @@ def causal_lm_class_for(config):
     return found[0] if isinstance(found, (list, tuple)) else found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_parameters(model_class) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)
 

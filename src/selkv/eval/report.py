@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 from ..cache import compression_words
+from ..errors import SelKVError
 from ..quant import SUPPORTED_NBITS
 from ..specs import SpecError, parse_spec
-from ..errors import SelKVError
 from .results import RESULTS
 
 MIB = 1024 * 1024
@@ -335,7 +335,7 @@ def run(dirs: list[str], out_dir: str | None = None, image_prefix: str | None = 
     counts: dict[str, int] = {}
     # Both sides of the kvpress comparison (two results folders) go in one table, selkv's rows first.
     peers = sorted((p for _, p in found if p.get("task") == KVPRESS_TASK), key=lambda p: p.get("side") != "selkv")
-    for folder, payload in found:
+    for _folder, payload in found:
         if payload.get("task") == KVPRESS_TASK:
             if peers:
                 lines += kvpress_table_lines(peers)

@@ -107,7 +107,7 @@ def _key_rows(block_n: int, block_length: int) -> int:
 
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

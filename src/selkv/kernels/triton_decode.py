@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _exact_tile(q, Keys, Values, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
     """Online-softmax update of (m_i, l_i, acc) [GROUP_PAD heads] with one tile of 16-bit keys/values."""
