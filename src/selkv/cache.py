@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers.cache_utils import Cache
 
-from .layers.base import SelectiveLayer
+from .layers.base import BYTE_KEYS, SelectiveLayer
 from .quant import tensor_bytes
 from .selective_cache import SelectiveCache
 from .shapes import SLIDING_LAYER_TYPES, layer_plan, model_shape
@@ -56,7 +56,7 @@ def make_cache(spec: str | CacheSpec, config, max_cache_len: int | None = None,
 
 
 # What layer_bytes counts per layer (and kv_bytes sums).
-LAYER_BYTE_KEYS = ("bytes_16bit", "bytes_codes", "bytes_key_codes", "bytes_value_codes", "bytes_scales", "allocated", "full16")
+LAYER_BYTE_KEYS = (*BYTE_KEYS, "full16")
 
 
 def _dense_shape(layer) -> tuple[int, ...] | None:

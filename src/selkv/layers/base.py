@@ -48,6 +48,8 @@ from ..storage import DecodeStorage
 
 # Sink and window positions allocated at the first update (the default sink, and window + block, fit in it).
 INITIAL_CAPACITY = 256
+# What SelectiveLayer.nbytes() counts, under kv_bytes' names (selkv.cache.LAYER_BYTE_KEYS adds full16).
+BYTE_KEYS = ("bytes_16bit", "bytes_codes", "bytes_key_codes", "bytes_value_codes", "bytes_scales", "allocated")
 
 
 class SelectiveLayer(CacheLayerMixin):
@@ -395,8 +397,7 @@ class SelectiveLayer(CacheLayerMixin):
         each storage once (spare window and middle capacity included): the memory really held. The names are
         ``kv_bytes``' own.
         """
-        counted = dict.fromkeys(("bytes_16bit", "bytes_codes", "bytes_key_codes", "bytes_value_codes", "bytes_scales",
-                                 "allocated"), 0)
+        counted = dict.fromkeys(BYTE_KEYS, 0)
         if not self.is_initialized:
             return counted
         per_token = self.batch_size * self.num_key_value_heads * (self.head_dim + self.recent_values.shape[-1])
