@@ -255,6 +255,8 @@ def table(rows, copy_gbs) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="decode_attention.json")
+    parser.add_argument("--shapes", default=",".join(f"{b}x{c}" for b, c in SHAPES), metavar="BATCHxCONTEXT,...",
+                        help="shapes to time (default: %(default)s)")
     parser.add_argument("--sweep", action="store_true", help="only sweep launch parameters at (1, 32k) and (8, 32k)")
     parser.add_argument("--methods", default="dequant+SDPA int8,fused int8,fused int4,fused int4 tok,fused int2,"
                         "fused int4 spec")
@@ -283,7 +285,8 @@ def main() -> None:
         import kernel_precision
 
         baseline = kernel_precision.load_kernels(args.baseline)
-    rows = run(SHAPES, methods, config, baseline=baseline)
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",") if shape]
+    rows = run(shapes, methods, config, baseline=baseline)
     if args.accuracy:
         errors = {m: layout_errors(m, baseline=baseline) for m in methods if not m.startswith("dequant")}
         for row in rows:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import itertools
 import os
 import re
 import subprocess
@@ -156,31 +158,45 @@ def resources(compiled) -> str:
     return f"shared={meta.shared}B ptx_b32_regs={max((int(r) for r in regs if r), default=0)}"
 
 
+def config_fields(variant: str) -> dict:
+    """'value_dot=folded,num_stages=3' -> DecodeConfig keyword arguments (ints and booleans parsed)."""
+    fields = {}
+    for item in filter(None, variant.split(",")):
+        key, _, value = item.partition("=")
+        if value in ("True", "False"):
+            fields[key] = value == "True"
+        else:
+            fields[key] = int(value) if value.lstrip("-").isdigit() else value
+    return fields
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/selkv_sass")
     parser.add_argument("--quant", nargs="+", default=list(FUSED), help="names from decode_attention.FUSED")
     parser.add_argument("--block-n", type=int, nargs="*", default=[], help="override the config's block_n")
     parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--config", nargs="*", default=[""], metavar="FIELD=VALUE[,...]",
+                        help="DecodeConfig variants to compile, e.g. '' value_dot=folded (default: the defaults)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for name in args.quant:
         nbits, axis_key, group, block, *rotate = FUSED[name]
-        for block_n in args.block_n or [None]:
+        for block_n, variant in itertools.product(args.block_n or [None], args.config):
             storage = random_storage(1, args.context, nbits, axis_key, group, block,
                                      rotate=rotate[0] if rotate else "none", device="cpu")
             query = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
-            config = kernels.DecodeConfig()
+            config = kernels.DecodeConfig(**config_fields(variant))
             if block_n:
-                config = kernels.DecodeConfig(**{**config.__dict__, "block_n": block_n})
+                config = dataclasses.replace(config, block_n=block_n)
             config = kernels._resolve(config, axis_key, block)
             fn, a, kw = capture_launch("_selective_decode_partial_kernel",
                                        lambda: kernels.selective_decode_attention(query, storage, config=config))
             if "CODES_ASM" in kw:  # the launcher saw CPU tensors; a CUDA launch would take the PTX path
                 kw["CODES_ASM"] = True
             compiled = compile_sm90(fn, a, kw)
-            tag = f"{name.replace(' ', '_')}_bn{config.block_n}"
+            tag = f"{name.replace(' ', '_')}_bn{config.block_n}" + (f"_{variant.replace('=', '-')}" if variant else "")
             base = os.path.join(args.out, tag)
             for ext in ("ttgir", "ptx"):
                 with open(f"{base}.{ext}", "w") as f:

@@ -394,6 +394,21 @@ def test_interpreter_fp16_value_dot_loses_small_values():
                              **INTERPRETER_PRECISION)
 
 
+@interpreter_only
+@pytest.mark.parametrize("nbits,axis_key", [(8, "token"), (2, "channel")])
+def test_interpreter_folded_value_dot_keeps_small_values(nbits, axis_key):
+    """value_dot="folded" takes the scales over the tile's largest before the 16-bit fold: the grid that
+    value_dot="fp16" fails holds, and so do value magnitudes that jump between tiles."""
+    module = kernel_module()
+    config = module.DecodeConfig(block_n=64, block_exact=32, num_splits=2, value_dot="folded")
+    check_precision_grid(module, "cpu", torch.float16, config, head_dim=64 if nbits == 2 else 32, nbits=nbits,
+                         axis_key=axis_key, **INTERPRETER_PRECISION)
+    config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=2, value_dot="folded")
+    shape = dict(INTERPRETER_PRECISION, head_dim=32, nbits=8, axis_key="token", block_length=16, num_stored=160)
+    err = kernel_error(module, "cpu", torch.float16, fresh_seed(), 0.002, config, value_gain_log2=_gain_steps, **shape)
+    assert err < max_relative_error(torch.float16) / 5, err
+
+
 def test_unknown_value_dot_is_refused():
     with pytest.raises(ValueError, match="allowed: dequant, fp16"):
         kernel_module().DecodeConfig(value_dot="tf32")
