@@ -270,3 +270,54 @@ def test_throughput_rounds_stay_inside_the_cache_and_start_each_round_alike(path
     rounds = [seen[:2]] + [seen[2 + steps * r: 2 + steps * (r + 1)] for r in range(3)]
     for counted in rounds:  # warm-up, then every round: positions context, context + 1, ... from the same length
         assert counted == [(context + i, context + i) for i in range(len(counted))]
+
+
+def test_run_shape_packs_rows_into_groups_next_to_the_baseline():
+    """The grouping of one shape, with fake rows: a baseline that fails hands over to the next full path; a row
+    out of memory next to others waits for the next group, one out of memory next to the baseline alone is
+    skipped; the baseline takes part in every group, and each row's rounds are paired with its group's."""
+    import argparse
+    import types
+
+    from decode_e2e import Bench, RowKind
+    from e2e_model import TINY
+
+    class FakeDecoder:
+        def __init__(self, key):
+            self.key, self.cache = key, None
+
+        def round(self, steps):
+            return dict(seconds=0.01 * steps * (2 if self.key == "dynamic" else 1), host_seconds=0.001, transient=0)
+
+    out_of_memory = {"x2": [True, False], "x3": [True, True]}  # per start of that row
+    started = []
+
+    def start(row, batch, context, shared):
+        started.append(row.key)
+        if row.key == "static-sdpa":
+            raise RuntimeError("does not compile here")
+        if row.key in out_of_memory and out_of_memory[row.key].pop(0):
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        info = dict(fill_s=0.0, first_step_s=0.0, graph_breaks={}, held_bytes=0, start_peak_bytes=0)
+        return FakeDecoder(row.key), info
+
+    bench = Bench.__new__(Bench)
+    bench.args = argparse.Namespace(rounds=2, steps=4, gpu_steps=1, reference_steps=1, reserve_gib=0.0, progress=False)
+    bench.device, bench.compile_ok, bench.config = "cpu", True, types.SimpleNamespace(**TINY)
+    bench.weights = bench.weights_read = 1000
+    bench.bandwidth = 1e9
+    bench.start = start
+    rows = [RowKind("static-flex", "flex", "static", "flex_attention"), RowKind("static-sdpa", "sdpa", "static", "sdpa"),
+            RowKind("dynamic", "dynamic", "dynamic", "sdpa")] + [RowKind(k, k, "dynamic", "sdpa") for k in ("x1", "x2", "x3")]
+    shape = bench.run_shape(2, 100, rows)
+    assert started == ["static-sdpa", "dynamic", "x1", "x2", "x2", "x3", "x3"]
+    assert shape["baseline"] == "dynamic" and shape["groups"] == 2
+    assert "needs CUDA" in shape["skipped"]["static-flex"] and "RuntimeError" in shape["skipped"]["static-sdpa"]
+    assert shape["skipped"]["x3"] == "out of memory next to the baseline alone"
+    assert shape["notes"] == ["x2: out of memory next to ['dynamic', 'x1']: next group",
+                              "x3: out of memory next to ['dynamic', 'x2']: next group"]
+    table = {row["key"]: row for row in shape["rows"]}
+    assert list(table) == ["dynamic", "x1", "x2"]
+    assert table["dynamic"]["round_ids"] == ["0.0", "0.1", "1.0", "1.1"]
+    assert table["x1"]["round_ids"] == ["0.0", "0.1"] and table["x2"]["round_ids"] == ["1.0", "1.1"]
+    assert table["x1"]["vs_baseline"] == pytest.approx(2.0) and table["dynamic"]["vs_baseline"] == 1.0
