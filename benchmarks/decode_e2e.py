@@ -463,7 +463,8 @@ class Bench:
             members = [(baseline, base_decoder)] if baseline is not None else []
             self._pack_group(pending, members, run)
             if group > 0 and len(members) == 1 and baseline is not None:
-                break  # every row left was skipped: the baseline has had its rounds
+                members = None  # every row left was skipped: the baseline has had its rounds
+                break
             self._run_group(members, group, run)
             if baseline is None or baseline.kind != "static":
                 run.shared.pop("static", None)

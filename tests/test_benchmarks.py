@@ -275,9 +275,11 @@ def test_throughput_rounds_stay_inside_the_cache_and_start_each_round_alike(path
 def test_run_shape_packs_rows_into_groups_next_to_the_baseline():
     """The grouping of one shape, with fake rows: a baseline that fails hands over to the next full path; a row
     out of memory next to others waits for the next group, one out of memory next to the baseline alone is
-    skipped; the baseline takes part in every group, and each row's rounds are paired with its group's."""
+    skipped; the baseline takes part in every group, and each row's rounds are paired with its group's. The
+    reference rows run alone: every other row's cache is freed, the baseline's too."""
     import argparse
     import types
+    import weakref
 
     from decode_e2e import Bench, RowKind
     from e2e_model import TINY
@@ -290,16 +292,21 @@ def test_run_shape_packs_rows_into_groups_next_to_the_baseline():
             return dict(seconds=0.01 * steps * (2 if self.key == "dynamic" else 1), host_seconds=0.001, transient=0)
 
     out_of_memory = {"x2": [True, False], "x3": [True, True]}  # per start of that row
-    started = []
+    started, decoders, alive_next_to_reference = [], {}, []
 
     def start(row, batch, context, shared):
         started.append(row.key)
+        if row.kind == "reference":
+            alive_next_to_reference.extend(key for key, decoder in decoders.items() if decoder() is not None)
+            raise RuntimeError("the reference row needs a real cache")
         if row.key == "static-sdpa":
             raise RuntimeError("does not compile here")
         if row.key in out_of_memory and out_of_memory[row.key].pop(0):
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
         info = dict(fill_s=0.0, first_step_s=0.0, graph_breaks={}, held_bytes=0, start_peak_bytes=0)
-        return FakeDecoder(row.key), info
+        decoder = FakeDecoder(row.key)
+        decoders[row.key] = weakref.ref(decoder)
+        return decoder, info
 
     bench = Bench.__new__(Bench)
     bench.args = argparse.Namespace(rounds=2, steps=4, gpu_steps=1, reference_steps=1, reserve_gib=0.0, progress=False)
@@ -309,8 +316,10 @@ def test_run_shape_packs_rows_into_groups_next_to_the_baseline():
     bench.start = start
     rows = [RowKind("static-flex", "flex", "static", "flex_attention"), RowKind("static-sdpa", "sdpa", "static", "sdpa"),
             RowKind("dynamic", "dynamic", "dynamic", "sdpa")] + [RowKind(k, k, "dynamic", "sdpa") for k in ("x1", "x2", "x3")]
+    rows.append(RowKind("int8-reference", "reference", "reference", "sdpa"))
     shape = bench.run_shape(2, 100, rows)
-    assert started == ["static-sdpa", "dynamic", "x1", "x2", "x2", "x3", "x3"]
+    assert started == ["static-sdpa", "dynamic", "x1", "x2", "x2", "x3", "x3", "int8-reference"]
+    assert alive_next_to_reference == []
     assert shape["baseline"] == "dynamic" and shape["groups"] == 2
     assert "needs CUDA" in shape["skipped"]["static-flex"] and "RuntimeError" in shape["skipped"]["static-sdpa"]
     assert shape["skipped"]["x3"] == "out of memory next to the baseline alone"
