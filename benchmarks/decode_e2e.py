@@ -107,21 +107,24 @@ BASELINES = ("static-flex", "static-sdpa", "dynamic")  # strongest first: the fi
 
 
 class Decoder:
-    """Greedy decode steps of ``model`` over one filled cache; ``round`` times ``steps`` of them.
+    """Greedy decode steps over one filled cache; ``round`` times ``steps`` of them.
 
-    ``step(tokens, cache, position)`` returns logits ``[batch, vocab]``. ``rewind()`` (or None) sets the
-    cache back to where it started before each round, so that every round decodes the same positions;
-    ``captured`` steps begin a new CUDA-graph step each call.
+    ``step(tokens, cache, position)`` returns logits ``[batch, vocab]``; ``first`` ``[batch, 1]`` are the tokens
+    of the first step. ``rewind()`` (or None) sets the cache back to where it started before each round, so that
+    every round decodes the same positions: from ``position`` (default: the cache's length at the start) on.
+    ``restart``: every round starts from ``first`` too (else from the tokens the last round ended on).
+    ``captured`` steps begin a new CUDA-graph step each call. ``model`` and ``attention``: the rows that share one
+    model set its attention implementation before each round (None: as it is).
     """
 
-    def __init__(self, model, cache, step, attention: str, batch: int, rewind=None, captured: bool = False):
-        self.model, self.cache, self.step, self.attention = model, cache, step, attention
-        self.rewind, self.captured = rewind, captured
-        device = model.device
-        self.tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
-        self.start_position = int(cache.get_seq_length())
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.cuda = device.type == "cuda"
+    def __init__(self, step, cache, first: torch.Tensor, *, rewind=None, restart: bool = False,
+                 position: int | None = None, captured: bool = False, model=None, attention: str | None = None):
+        self.step, self.cache, self.first, self.tokens = step, cache, first, first
+        self.rewind, self.restart, self.captured = rewind, restart, captured
+        self.model, self.attention = model, attention
+        self.start_position = int(cache.get_seq_length()) if position is None else position
+        self.position = torch.zeros(1, dtype=torch.long, device=first.device)
+        self.cuda = first.is_cuda
         self._start_round()
 
     def _start_round(self) -> None:
@@ -130,6 +133,12 @@ class Decoder:
             self.position.fill_(self.start_position)
         else:
             self.position.fill_(int(self.cache.get_seq_length()))
+        if self.restart:
+            self.tokens = self.first
+
+    def _set_attention(self) -> None:
+        if self.attention is not None:
+            self.model.set_attn_implementation(self.attention)
 
     def _sync(self) -> None:
         if self.cuda:
@@ -145,7 +154,7 @@ class Decoder:
     @torch.no_grad()
     def round(self, steps: int) -> dict:
         """Seconds for ``steps`` steps, host seconds spent issuing them, bytes allocated on top of the start."""
-        self.model.set_attn_implementation(self.attention)
+        self._set_attention()
         self._start_round()
         self._sync()
         if self.cuda:
@@ -171,7 +180,7 @@ class Decoder:
         queued every step before the sleep ended (a step that synchronizes with the device),
         ``profiler``: the summed device time of the kernels the profiler saw, over the same steps.
         """
-        self.model.set_attn_implementation(self.attention)
+        self._set_attention()
         self._start_round()
         self._sync()
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -413,18 +422,23 @@ class Bench:
                 fill_static(cache, config, batch, context, device, dtype)
                 shared["static"] = cache
             step = compile_step(model, "reduce-overhead" if device == "cuda" else None, False)
-            return Decoder(model, cache, step, row.attention, batch, rewind=lambda: rewind(cache, context),
-                           captured=device == "cuda")
+            return self._decoder(row, step, cache, batch, rewind=lambda: rewind(cache, context),
+                                 captured=device == "cuda")
         if row.kind == "captured":
             cache, step, rewind_lengths = captured_selkv(model, row.spec, batch, context, self.room(), device, dtype)
-            return Decoder(model, cache, step, row.attention, batch, rewind=rewind_lengths, captured=device == "cuda")
+            return self._decoder(row, step, cache, batch, rewind=rewind_lengths, captured=device == "cuda")
         cache = make_cache(row.spec, config)
         if row.kind == "dynamic":
             fill_full(cache, config, batch, context, device, dtype)
-            return Decoder(model, cache, decode_step(model), row.attention, batch, rewind=lambda: rewind(cache, context))
+            return self._decoder(row, decode_step(model), cache, batch, rewind=lambda: rewind(cache, context))
         fill_selective(cache, config, batch, context, device, dtype, self.room())
         assert all(layer.fused_decode == (row.attention == "selkv") for layer in cache.layers)
-        return Decoder(model, cache, decode_step(model), row.attention, batch)
+        return self._decoder(row, decode_step(model), cache, batch)
+
+    def _decoder(self, row: RowKind, step, cache, batch: int, **options) -> Decoder:
+        """``row``'s Decoder over its filled ``cache``, from random first tokens."""
+        first = torch.randint(0, self.config.vocab_size, (batch, 1), device=self.device)
+        return Decoder(step, cache, first, model=self.model, attention=row.attention, **options)
 
     def start(self, row: RowKind, batch: int, context: int, shared: dict) -> tuple[Decoder, dict]:
         """A filled, warmed-up Decoder and what its start cost: seconds, compile seconds, graph breaks, own bytes."""
@@ -735,26 +749,13 @@ class Bench:
 def decode_rounds(step, cache, rewind_cache, first, context: int, steps: int, rounds: int) -> dict:
     """Tokens/s of greedy decoding: ``rounds`` rounds of ``steps`` steps after a 2-step warm-up, median round.
 
-    Every round starts from the same cache state (``rewind_cache()``) and decodes positions ``context`` to
-    ``context + steps - 1``, so ``cache`` needs room for ``steps`` tokens past ``context``.
+    Every round starts from the same cache state (``rewind_cache()``) and the same tokens (``first``) and decodes
+    positions ``context`` to ``context + steps - 1``, so ``cache`` needs room for ``steps`` tokens past ``context``.
+    Each round is a ``Decoder.round``, the loop the rows of a shape are timed with.
     """
-    position = torch.full((1,), context, dtype=torch.long, device=first.device)
-    sync = torch.cuda.synchronize if first.is_cuda else (lambda: None)
-
-    def one_round(count: int) -> float:
-        rewind_cache()
-        position.fill_(context)
-        tokens = first
-        sync()
-        began = time.perf_counter()
-        for _ in range(count):
-            tokens = step(tokens, cache, position).argmax(-1, keepdim=True)
-            position.add_(1)
-        sync()
-        return time.perf_counter() - began
-
-    one_round(2)  # warm-up (a compiled step may specialize once more on its first calls)
-    times = sorted(one_round(steps) for _ in range(rounds))
+    decoder = Decoder(step, cache, first, rewind=rewind_cache, restart=True, position=context)
+    decoder.round(2)  # warm-up (a compiled step may specialize once more on its first calls)
+    times = sorted(decoder.round(steps)["seconds"] for _ in range(rounds))
     seconds = times[len(times) // 2]
     return dict(batch=first.shape[0], steps=steps, rounds=rounds, ms_per_step=1000 * seconds / steps,
                 tokens_per_s=first.shape[0] * steps / seconds, round_seconds=times)

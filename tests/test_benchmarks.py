@@ -330,3 +330,46 @@ def test_run_shape_packs_rows_into_groups_next_to_the_baseline():
     assert table["dynamic"]["round_ids"] == ["0.0", "0.1", "1.0", "1.1"]
     assert table["x1"]["round_ids"] == ["0.0", "0.1"] and table["x2"]["round_ids"] == ["1.0", "1.1"]
     assert table["x1"]["vs_baseline"] == pytest.approx(2.0) and table["dynamic"]["vs_baseline"] == 1.0
+
+
+def test_decoder_rounds_restart_from_the_first_tokens_or_go_on():
+    """``Decoder``: with ``restart`` every round decodes the same positions from the same first tokens (the
+    throughput at the largest batch); without, each round goes on from the tokens and length the last one ended
+    on (an eager selkv row), with the row's attention set before each round."""
+    from decode_e2e import Decoder
+    from e2e_model import TINY, build_model, decode_step, fill_selective, fill_static, rewinder
+    from transformers import StaticCache
+
+    from selkv import make_cache
+
+    model = build_model(TINY, "cpu", torch.float32)
+    context, seen = 30, []
+    step = decode_step(model, positions=True)
+
+    def recording(tokens, cache, position):
+        logits = step(tokens, cache, position)
+        seen.append((tokens.clone(), int(position), logits.argmax(-1, keepdim=True)))
+        return logits
+
+    first = torch.randint(0, model.config.vocab_size, (2, 1))
+    static = StaticCache(config=model.config, max_cache_len=context + 8)
+    fill_static(static, model.config, 2, context, "cpu", torch.float32)
+    model.set_attn_implementation("sdpa")
+    restarting = Decoder(recording, static, first, rewind=rewinder(static, context), restart=True, position=context)
+    for _ in range(2):
+        assert restarting.round(3)["seconds"] > 0
+    assert [position for _, position, _ in seen] == [context, context + 1, context + 2] * 2
+    assert all(torch.equal(seen[i][0], first) for i in (0, 3)) and torch.equal(seen[1][0], seen[0][2])
+    assert torch.equal(seen[3][2], seen[0][2])  # the same cache state and tokens: the same next tokens
+
+    seen.clear()
+    cache = make_cache("quant:bits=8,sink=4,window=8", model.config)
+    fill_selective(cache, model.config, 2, context, "cpu", torch.float32, room=16)
+    going_on = Decoder(recording, cache, first, model=model, attention="selkv")
+    model.set_attn_implementation("sdpa")
+    going_on.round(2)
+    assert model.config._attn_implementation == "selkv"
+    going_on.round(2)
+    assert [position for _, position, _ in seen] == [context + i for i in range(4)]
+    assert torch.equal(seen[0][0], first) and torch.equal(seen[2][0], seen[1][2])  # round 2 goes on from round 1
+    assert int(cache.get_seq_length()) == context + 4
