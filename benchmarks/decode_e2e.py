@@ -107,21 +107,24 @@ BASELINES = ("static-flex", "static-sdpa", "dynamic")  # strongest first: the fi
 
 
 class Decoder:
-    """Greedy decode steps of ``model`` over one filled cache; ``round`` times ``steps`` of them.
+    """Greedy decode steps over one filled cache; ``round`` times ``steps`` of them.
 
-    ``step(tokens, cache, position)`` returns logits ``[batch, vocab]``. ``rewind()`` (or None) sets the
-    cache back to where it started before each round, so that every round decodes the same positions;
-    ``captured`` steps begin a new CUDA-graph step each call.
+    ``step(tokens, cache, position)`` returns logits ``[batch, vocab]``; ``first`` ``[batch, 1]`` are the tokens
+    of the first step. ``rewind()`` (or None) sets the cache back to where it started before each round, so that
+    every round decodes the same positions: from ``position`` (default: the cache's length at the start) on.
+    ``restart``: every round starts from ``first`` too (else from the tokens the last round ended on).
+    ``captured`` steps begin a new CUDA-graph step each call. ``model`` and ``attention``: the rows that share one
+    model set its attention implementation before each round (None: as it is).
     """
 
-    def __init__(self, model, cache, step, attention: str, batch: int, rewind=None, captured: bool = False):
-        self.model, self.cache, self.step, self.attention = model, cache, step, attention
-        self.rewind, self.captured = rewind, captured
-        device = model.device
-        self.tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
-        self.start_position = int(cache.get_seq_length())
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.cuda = device.type == "cuda"
+    def __init__(self, step, cache, first: torch.Tensor, *, rewind=None, restart: bool = False,
+                 position: int | None = None, captured: bool = False, model=None, attention: str | None = None):
+        self.step, self.cache, self.first, self.tokens = step, cache, first, first
+        self.rewind, self.restart, self.captured = rewind, restart, captured
+        self.model, self.attention = model, attention
+        self.start_position = int(cache.get_seq_length()) if position is None else position
+        self.position = torch.zeros(1, dtype=torch.long, device=first.device)
+        self.cuda = first.is_cuda
         self._start_round()
 
     def _start_round(self) -> None:
@@ -130,6 +133,12 @@ class Decoder:
             self.position.fill_(self.start_position)
         else:
             self.position.fill_(int(self.cache.get_seq_length()))
+        if self.restart:
+            self.tokens = self.first
+
+    def _set_attention(self) -> None:
+        if self.attention is not None:
+            self.model.set_attn_implementation(self.attention)
 
     def _sync(self) -> None:
         if self.cuda:
@@ -145,7 +154,7 @@ class Decoder:
     @torch.no_grad()
     def round(self, steps: int) -> dict:
         """Seconds for ``steps`` steps, host seconds spent issuing them, bytes allocated on top of the start."""
-        self.model.set_attn_implementation(self.attention)
+        self._set_attention()
         self._start_round()
         self._sync()
         if self.cuda:
@@ -171,7 +180,7 @@ class Decoder:
         queued every step before the sleep ended (a step that synchronizes with the device),
         ``profiler``: the summed device time of the kernels the profiler saw, over the same steps.
         """
-        self.model.set_attn_implementation(self.attention)
+        self._set_attention()
         self._start_round()
         self._sync()
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -346,6 +355,25 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower()
 
 
+@dataclasses.dataclass
+class ShapeRun:
+    """What the run of one shape gathers: each row's results (``new_result``), the rows skipped and why, notes,
+    and the ``StaticCache`` the static rows share (under ``shared["static"]``)."""
+
+    batch: int
+    context: int
+    results: dict = dataclasses.field(default_factory=dict)
+    skipped: dict = dataclasses.field(default_factory=dict)
+    notes: list = dataclasses.field(default_factory=list)
+    shared: dict = dataclasses.field(default_factory=dict)
+
+
+def new_result(info: dict) -> dict:
+    """A row's results before its rounds: how it started (``Bench.start``), its round timings and their ids, its GPU
+    ms/step and its cache's bytes (selkv rows)."""
+    return dict(info=info, timings=[], ids=[], gpu=[], kv=None)
+
+
 class Bench:
     """One process's runs: the model, the measured copy bandwidth and the rows' caches."""
 
@@ -394,18 +422,23 @@ class Bench:
                 fill_static(cache, config, batch, context, device, dtype)
                 shared["static"] = cache
             step = compile_step(model, "reduce-overhead" if device == "cuda" else None, False)
-            return Decoder(model, cache, step, row.attention, batch, rewind=lambda: rewind(cache, context),
-                           captured=device == "cuda")
+            return self._decoder(row, step, cache, batch, rewind=lambda: rewind(cache, context),
+                                 captured=device == "cuda")
         if row.kind == "captured":
             cache, step, rewind_lengths = captured_selkv(model, row.spec, batch, context, self.room(), device, dtype)
-            return Decoder(model, cache, step, row.attention, batch, rewind=rewind_lengths, captured=device == "cuda")
+            return self._decoder(row, step, cache, batch, rewind=rewind_lengths, captured=device == "cuda")
         cache = make_cache(row.spec, config)
         if row.kind == "dynamic":
             fill_full(cache, config, batch, context, device, dtype)
-            return Decoder(model, cache, decode_step(model), row.attention, batch, rewind=lambda: rewind(cache, context))
+            return self._decoder(row, decode_step(model), cache, batch, rewind=lambda: rewind(cache, context))
         fill_selective(cache, config, batch, context, device, dtype, self.room())
         assert all(layer.fused_decode == (row.attention == "selkv") for layer in cache.layers)
-        return Decoder(model, cache, decode_step(model), row.attention, batch)
+        return self._decoder(row, decode_step(model), cache, batch)
+
+    def _decoder(self, row: RowKind, step, cache, batch: int, **options) -> Decoder:
+        """``row``'s Decoder over its filled ``cache``, from random first tokens."""
+        first = torch.randint(0, self.config.vocab_size, (batch, 1), device=self.device)
+        return Decoder(step, cache, first, model=self.model, attention=row.attention, **options)
 
     def start(self, row: RowKind, batch: int, context: int, shared: dict) -> tuple[Decoder, dict]:
         """A filled, warmed-up Decoder and what its start cost: seconds, compile seconds, graph breaks, own bytes."""
@@ -435,94 +468,137 @@ class Bench:
     # -- one shape -------------------------------------------------------------------------------------------
     def run_shape(self, batch: int, context: int, rows: list[RowKind]) -> dict:
         """Every row of ``rows`` at ``batch`` x ``context``: rounds taken in turn, in groups that fit in memory."""
-        args, cuda = self.args, self.device == "cuda"
-        notes, results, skipped, runnable = [], {}, {}, []
+        run = ShapeRun(batch, context)
+        runnable = self._runnable(rows, run)
+        baseline, base_decoder = self._start_baseline(runnable, run)
+        pending = [row for row in runnable if row is not baseline and row.key not in run.skipped and row.kind != "reference"]
+        group = 0
+        while pending or group == 0:
+            members = [(baseline, base_decoder)] if baseline is not None else []
+            self._pack_group(pending, members, run)
+            if group > 0 and len(members) == 1 and baseline is not None:
+                members = None  # every row left was skipped: the baseline has had its rounds
+                break
+            self._run_group(members, group, run)
+            if baseline is None or baseline.kind != "static":
+                run.shared.pop("static", None)
+            members = None  # frees every cache but the baseline's
+            release()
+            group += 1
+        base_decoder = None
+        run.shared.clear()
+        release()
+        self._run_references(runnable, run)
+        return self._shape_result(rows, baseline, group, run)
+
+    def _runnable(self, rows: list[RowKind], run: ShapeRun) -> list[RowKind]:
+        """The rows this machine can run; the others are skipped, with the reason."""
+        runnable = []
         for row in rows:
             try:
                 self.check_runnable(row)
                 runnable.append(row)
             except Unavailable as why:
-                skipped[row.key] = str(why)
-        shared: dict = {}  # the static rows read one StaticCache
-        baseline = base_decoder = None
+                run.skipped[row.key] = str(why)
+        return runnable
+
+    def _start_baseline(self, runnable: list[RowKind], run: ShapeRun) -> tuple[RowKind | None, Decoder | None]:
+        """The strongest full path of ``runnable`` (``BASELINES`` order) that starts, and its Decoder; the stronger
+        ones that failed to start are skipped. ``(None, None)`` when none starts."""
         for candidate in [row for key in BASELINES for row in runnable if row.key == key]:
             try:
-                base_decoder, info = self.start(candidate, batch, context, shared)
+                decoder, info = self.start(candidate, run.batch, run.context, run.shared)
             except Exception as error:  # the next strongest full path becomes the baseline
-                skipped[candidate.key] = failure(error)
-                shared.clear()
+                run.skipped[candidate.key] = failure(error)
+                run.shared.clear()
                 release()
                 continue
-            baseline = candidate
-            results[baseline.key] = dict(info=info, timings=[], ids=[], gpu=[], kv=None)
-            break
-        pending = [row for row in runnable if row is not baseline and row.key not in skipped and row.kind != "reference"]
-        group = 0
-        while pending or group == 0:
-            members = [(baseline, base_decoder)] if baseline is not None else []
-            while pending:
-                row = pending[0]
-                need = 0 if row.kind == "static" and "static" in shared else row.estimate_bytes(self.config, batch, context)
-                alone = len(members) == (baseline is not None)
-                if cuda and not alone and need + args.reserve_gib * GIB > free_bytes():
-                    break  # the next group takes it
-                try:
-                    decoder, info = self.start(row, batch, context, shared)
-                except Unavailable as why:
-                    skipped[pending.pop(0).key] = str(why)
-                    continue
-                except Exception as error:  # out of memory: a group of its own, or skipped if alone already
-                    release()
-                    if not is_out_of_memory(error):
-                        skipped[pending.pop(0).key] = failure(error)
-                        continue
-                    if alone:
-                        skipped[pending.pop(0).key] = "out of memory next to the baseline alone"
-                        continue
-                    notes.append(f"{row.key}: out of memory next to {[m[0].key for m in members]}: next group")
-                    break
-                pending.pop(0)
-                results[row.key] = dict(info=info, timings=[], ids=[], gpu=[], kv=None)
-                members.append((row, decoder))
-            if group > 0 and len(members) == 1 and baseline is not None:
-                break  # every row left was skipped: the baseline has had its rounds
-            for r in tqdm(range(args.rounds), desc=f"{batch}x{context} group {group}", disable=not args.progress):
-                for row, decoder in members:
-                    results[row.key]["timings"].append(decoder.round(args.steps))
-                    results[row.key]["ids"].append(f"{group}.{r}")
-            for row, decoder in members:
-                if cuda and not results[row.key]["gpu"]:
-                    host_ms = 1000 * max(t["host_seconds"] for t in results[row.key]["timings"]) / args.steps
-                    results[row.key]["gpu"].append(decoder.gpu_ms(args.gpu_steps, host_ms, self.cycles_per_ms))
-                if row.kind not in ("static", "dynamic"):
-                    results[row.key]["kv"] = kv_bytes(decoder.cache)
-            if baseline is None or baseline.kind != "static":
-                shared.pop("static", None)
-            members = decoder = None  # frees every cache but the baseline's
-            release()
-            group += 1
-        base_decoder = None
-        shared.clear()
-        release()
-        for row in runnable:  # the slow reference rows run alone, few steps
-            if row.kind == "reference":
-                try:
-                    decoder, info = self.start(row, batch, context, shared)
-                except Exception as error:
-                    skipped[row.key] = failure(error)
-                    release()
-                    continue
-                timing = decoder.round(args.reference_steps)
-                results[row.key] = dict(info=info, timings=[timing], ids=["alone"], gpu=[], kv=kv_bytes(decoder.cache))
-                decoder = None
+            run.results[candidate.key] = new_result(info)
+            return candidate, decoder
+        return None, None
+
+    def _room_for(self, row: RowKind, run: ShapeRun) -> bool:
+        """Whether ``row``'s cache (estimated; the shared static cache counts once) fits in the device memory left
+        with ``--reserve-gib`` to spare. Always on CPU (the rows there are tiny)."""
+        if self.device != "cuda":
+            return True
+        shared = row.kind == "static" and "static" in run.shared
+        need = 0 if shared else row.estimate_bytes(self.config, run.batch, run.context)
+        return need + self.args.reserve_gib * GIB <= free_bytes()
+
+    def _pack_group(self, pending: list[RowKind], members: list, run: ShapeRun) -> None:
+        """Start rows from the front of ``pending`` and add them to ``members`` (which holds the baseline, if any)
+        while they fit: a row that does not fit next to the others stays pending for the next group; a row that
+        cannot start, or runs out of memory next to the baseline alone, is skipped."""
+        first = len(members)
+        while pending:
+            row = pending[0]
+            alone = len(members) == first
+            if not alone and not self._room_for(row, run):
+                break  # the next group takes it
+            try:
+                decoder, info = self.start(row, run.batch, run.context, run.shared)
+            except Unavailable as why:
+                run.skipped[pending.pop(0).key] = str(why)
+                continue
+            except Exception as error:  # out of memory: a group of its own, or skipped if alone already
                 release()
-        table = [self.summarize(row, results[row.key], batch, context) for row in rows if row.key in results]
+                if not is_out_of_memory(error):
+                    run.skipped[pending.pop(0).key] = failure(error)
+                    continue
+                if alone:
+                    run.skipped[pending.pop(0).key] = "out of memory next to the baseline alone"
+                    continue
+                run.notes.append(f"{row.key}: out of memory next to {[m[0].key for m in members]}: next group")
+                break
+            pending.pop(0)
+            run.results[row.key] = new_result(info)
+            members.append((row, decoder))
+
+    def _run_group(self, members: list, group: int, run: ShapeRun) -> None:
+        """``--rounds`` rounds of ``--steps`` steps, the members taking turns; then each member's GPU ms/step (on
+        CUDA, once per row) and the bytes of its cache (selkv rows)."""
+        args, cuda = self.args, self.device == "cuda"
+        desc = f"{run.batch}x{run.context} group {group}"
+        for r in tqdm(range(args.rounds), desc=desc, disable=not args.progress):
+            for row, decoder in members:
+                run.results[row.key]["timings"].append(decoder.round(args.steps))
+                run.results[row.key]["ids"].append(f"{group}.{r}")
+        for row, decoder in members:
+            result = run.results[row.key]
+            if cuda and not result["gpu"]:
+                host_ms = 1000 * max(t["host_seconds"] for t in result["timings"]) / args.steps
+                result["gpu"].append(decoder.gpu_ms(args.gpu_steps, host_ms, self.cycles_per_ms))
+            if row.kind not in ("static", "dynamic"):
+                result["kv"] = kv_bytes(decoder.cache)
+
+    def _run_references(self, runnable: list[RowKind], run: ShapeRun) -> None:
+        """The slow reference rows: each alone (every other cache freed), one round of ``--reference-steps``."""
+        for row in runnable:
+            if row.kind != "reference":
+                continue
+            try:
+                decoder, info = self.start(row, run.batch, run.context, run.shared)
+            except Exception as error:
+                run.skipped[row.key] = failure(error)
+                release()
+                continue
+            timing = decoder.round(self.args.reference_steps)
+            run.results[row.key] = dict(info=info, timings=[timing], ids=["alone"], gpu=[], kv=kv_bytes(decoder.cache))
+            decoder = None
+            release()
+
+    def _shape_result(self, rows: list[RowKind], baseline: RowKind | None, groups: int, run: ShapeRun) -> dict:
+        """The shape's entry in the results: one summary per row that ran (in ``rows`` order), each with its
+        tokens/s over the baseline's."""
+        batch, context = run.batch, run.context
+        table = [self.summarize(row, run.results[row.key], batch, context) for row in rows if row.key in run.results]
         base_row = next((r for r in table if baseline is not None and r["key"] == baseline.key), None)
         for r in table:
             r["vs_baseline"] = speedup(r, base_row) if base_row else None
         return dict(batch=batch, context=context, baseline=baseline.key if baseline else None,
-                    baseline_name=baseline.name if baseline else None, rows=table, groups=group,
-                    skipped=skipped, notes=notes)
+                    baseline_name=baseline.name if baseline else None, rows=table, groups=groups,
+                    skipped=run.skipped, notes=run.notes)
 
     def summarize(self, row: RowKind, result: dict, batch: int, context: int) -> dict:
         timings = result["timings"]
@@ -673,26 +749,13 @@ class Bench:
 def decode_rounds(step, cache, rewind_cache, first, context: int, steps: int, rounds: int) -> dict:
     """Tokens/s of greedy decoding: ``rounds`` rounds of ``steps`` steps after a 2-step warm-up, median round.
 
-    Every round starts from the same cache state (``rewind_cache()``) and decodes positions ``context`` to
-    ``context + steps - 1``, so ``cache`` needs room for ``steps`` tokens past ``context``.
+    Every round starts from the same cache state (``rewind_cache()``) and the same tokens (``first``) and decodes
+    positions ``context`` to ``context + steps - 1``, so ``cache`` needs room for ``steps`` tokens past ``context``.
+    Each round is a ``Decoder.round``, the loop the rows of a shape are timed with.
     """
-    position = torch.full((1,), context, dtype=torch.long, device=first.device)
-    sync = torch.cuda.synchronize if first.is_cuda else (lambda: None)
-
-    def one_round(count: int) -> float:
-        rewind_cache()
-        position.fill_(context)
-        tokens = first
-        sync()
-        began = time.perf_counter()
-        for _ in range(count):
-            tokens = step(tokens, cache, position).argmax(-1, keepdim=True)
-            position.add_(1)
-        sync()
-        return time.perf_counter() - began
-
-    one_round(2)  # warm-up (a compiled step may specialize once more on its first calls)
-    times = sorted(one_round(steps) for _ in range(rounds))
+    decoder = Decoder(step, cache, first, rewind=rewind_cache, restart=True, position=context)
+    decoder.round(2)  # warm-up (a compiled step may specialize once more on its first calls)
+    times = sorted(decoder.round(steps)["seconds"] for _ in range(rounds))
     seconds = times[len(times) // 2]
     return dict(batch=first.shape[0], steps=steps, rounds=rounds, ms_per_step=1000 * seconds / steps,
                 tokens_per_s=first.shape[0] * steps / seconds, round_seconds=times)

@@ -270,3 +270,106 @@ def test_throughput_rounds_stay_inside_the_cache_and_start_each_round_alike(path
     rounds = [seen[:2]] + [seen[2 + steps * r: 2 + steps * (r + 1)] for r in range(3)]
     for counted in rounds:  # warm-up, then every round: positions context, context + 1, ... from the same length
         assert counted == [(context + i, context + i) for i in range(len(counted))]
+
+
+def test_run_shape_packs_rows_into_groups_next_to_the_baseline():
+    """The grouping of one shape, with fake rows: a baseline that fails hands over to the next full path; a row
+    out of memory next to others waits for the next group, one out of memory next to the baseline alone is
+    skipped; the baseline takes part in every group, and each row's rounds are paired with its group's. The
+    reference rows run alone: every other row's cache is freed, the baseline's too."""
+    import argparse
+    import types
+    import weakref
+
+    from decode_e2e import Bench, RowKind
+    from e2e_model import TINY
+
+    class FakeDecoder:
+        def __init__(self, key):
+            self.key, self.cache = key, None
+
+        def round(self, steps):
+            return dict(seconds=0.01 * steps * (2 if self.key == "dynamic" else 1), host_seconds=0.001, transient=0)
+
+    out_of_memory = {"x2": [True, False], "x3": [True, True]}  # per start of that row
+    started, decoders, alive_next_to_reference = [], {}, []
+
+    def start(row, batch, context, shared):
+        started.append(row.key)
+        if row.kind == "reference":
+            alive_next_to_reference.extend(key for key, decoder in decoders.items() if decoder() is not None)
+            raise RuntimeError("the reference row needs a real cache")
+        if row.key == "static-sdpa":
+            raise RuntimeError("does not compile here")
+        if row.key in out_of_memory and out_of_memory[row.key].pop(0):
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        info = dict(fill_s=0.0, first_step_s=0.0, graph_breaks={}, held_bytes=0, start_peak_bytes=0)
+        decoder = FakeDecoder(row.key)
+        decoders[row.key] = weakref.ref(decoder)
+        return decoder, info
+
+    bench = Bench.__new__(Bench)
+    bench.args = argparse.Namespace(rounds=2, steps=4, gpu_steps=1, reference_steps=1, reserve_gib=0.0, progress=False)
+    bench.device, bench.compile_ok, bench.config = "cpu", True, types.SimpleNamespace(**TINY)
+    bench.weights = bench.weights_read = 1000
+    bench.bandwidth = 1e9
+    bench.start = start
+    rows = [RowKind("static-flex", "flex", "static", "flex_attention"), RowKind("static-sdpa", "sdpa", "static", "sdpa"),
+            RowKind("dynamic", "dynamic", "dynamic", "sdpa")] + [RowKind(k, k, "dynamic", "sdpa") for k in ("x1", "x2", "x3")]
+    rows.append(RowKind("int8-reference", "reference", "reference", "sdpa"))
+    shape = bench.run_shape(2, 100, rows)
+    assert started == ["static-sdpa", "dynamic", "x1", "x2", "x2", "x3", "x3", "int8-reference"]
+    assert alive_next_to_reference == []
+    assert shape["baseline"] == "dynamic" and shape["groups"] == 2
+    assert "needs CUDA" in shape["skipped"]["static-flex"] and "RuntimeError" in shape["skipped"]["static-sdpa"]
+    assert shape["skipped"]["x3"] == "out of memory next to the baseline alone"
+    assert shape["notes"] == ["x2: out of memory next to ['dynamic', 'x1']: next group",
+                              "x3: out of memory next to ['dynamic', 'x2']: next group"]
+    table = {row["key"]: row for row in shape["rows"]}
+    assert list(table) == ["dynamic", "x1", "x2"]
+    assert table["dynamic"]["round_ids"] == ["0.0", "0.1", "1.0", "1.1"]
+    assert table["x1"]["round_ids"] == ["0.0", "0.1"] and table["x2"]["round_ids"] == ["1.0", "1.1"]
+    assert table["x1"]["vs_baseline"] == pytest.approx(2.0) and table["dynamic"]["vs_baseline"] == 1.0
+
+
+def test_decoder_rounds_restart_from_the_first_tokens_or_go_on():
+    """``Decoder``: with ``restart`` every round decodes the same positions from the same first tokens (the
+    throughput at the largest batch); without, each round goes on from the tokens and length the last one ended
+    on (an eager selkv row), with the row's attention set before each round."""
+    from decode_e2e import Decoder
+    from e2e_model import TINY, build_model, decode_step, fill_selective, fill_static, rewinder
+    from transformers import StaticCache
+
+    from selkv import make_cache
+
+    model = build_model(TINY, "cpu", torch.float32)
+    context, seen = 30, []
+    step = decode_step(model, positions=True)
+
+    def recording(tokens, cache, position):
+        logits = step(tokens, cache, position)
+        seen.append((tokens.clone(), int(position), logits.argmax(-1, keepdim=True)))
+        return logits
+
+    first = torch.randint(0, model.config.vocab_size, (2, 1))
+    static = StaticCache(config=model.config, max_cache_len=context + 8)
+    fill_static(static, model.config, 2, context, "cpu", torch.float32)
+    model.set_attn_implementation("sdpa")
+    restarting = Decoder(recording, static, first, rewind=rewinder(static, context), restart=True, position=context)
+    for _ in range(2):
+        assert restarting.round(3)["seconds"] > 0
+    assert [position for _, position, _ in seen] == [context, context + 1, context + 2] * 2
+    assert all(torch.equal(seen[i][0], first) for i in (0, 3)) and torch.equal(seen[1][0], seen[0][2])
+    assert torch.equal(seen[3][2], seen[0][2])  # the same cache state and tokens: the same next tokens
+
+    seen.clear()
+    cache = make_cache("quant:bits=8,sink=4,window=8", model.config)
+    fill_selective(cache, model.config, 2, context, "cpu", torch.float32, room=16)
+    going_on = Decoder(recording, cache, first, model=model, attention="selkv")
+    model.set_attn_implementation("sdpa")
+    going_on.round(2)
+    assert model.config._attn_implementation == "selkv"
+    going_on.round(2)
+    assert [position for _, position, _ in seen] == [context + i for i in range(4)]
+    assert torch.equal(seen[0][0], first) and torch.equal(seen[2][0], seen[1][2])  # round 2 goes on from round 1
+    assert int(cache.get_seq_length()) == context + 4
