@@ -89,7 +89,7 @@ def compile_sm90(fn, args, kwargs, capability: int = 90):
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     names = fn.arg_names
     signature, constexprs, attrs = {}, {}, {}
-    values = dict(zip(names, args), **kwargs)
+    values = dict(zip(names, args, strict=False), **kwargs)
     for i, name in enumerate(names):
         value = values[name]
         if name in kwargs:  # tl.constexpr meta-parameters are passed by keyword
