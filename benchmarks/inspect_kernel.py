@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import re
 import subprocess
@@ -175,8 +176,8 @@ def main() -> None:
             if block_n:
                 config = kernels.DecodeConfig(**{**config.__dict__, "block_n": block_n})
             config = kernels._resolve(config, axis_key, block)
-            fn, a, kw = capture_launch("_selective_decode_partial_kernel",
-                                       lambda: kernels.selective_decode_attention(query, storage, config=config))
+            launch = functools.partial(kernels.selective_decode_attention, query, storage, config=config)
+            fn, a, kw = capture_launch("_selective_decode_partial_kernel", launch)
             if "CODES_ASM" in kw:  # the launcher saw CPU tensors; a CUDA launch would take the PTX path
                 kw["CODES_ASM"] = True
             compiled = compile_sm90(fn, a, kw)
