@@ -99,7 +99,7 @@ def main() -> None:
         full = [args.steps / t[clock] for t in seconds["full"][1:]]
         for name, times in seconds.items():
             speeds = [args.steps / t[clock] for t in times[1:]]
-            ratios = [s / f for s, f in zip(speeds, full)]
+            ratios = [s / f for s, f in zip(speeds, full, strict=True)]
             print(f"{name:12s} {statistics.median(speeds):6.1f} tok/s (spread {min(speeds):.1f}-{max(speeds):.1f}), "
                   f"{statistics.median(ratios):.2f}x full (per-round ratios {min(ratios):.2f}-{max(ratios):.2f})")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import sys
@@ -163,11 +164,11 @@ def run(shapes, methods, config=None, check=True, baseline=None) -> list[dict]:
         scaling = HEAD_DIM**-0.5
         k = torch.randn(batch, NUM_KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        sdpa = lambda: F.scaled_dot_product_attention(query, k, v, scale=scaling, enable_gqa=True)  # noqa: E731
+        sdpa = functools.partial(F.scaled_dot_product_attention, query, k, v, scale=scaling, enable_gqa=True)
         sdpa_bytes = 2 * k.numel() * 2 + query.numel() * 2
         rows.append(dict(batch=batch, context=context, method="bf16 SDPA", ms=bench(sdpa), ms_graph=bench_graph(sdpa),
                          bytes=sdpa_bytes))
-        k = v = None  # frees the tensors (not del: the sdpa closure still names them)
+        k = v = sdpa = None  # frees the tensors (sdpa holds them too)
         for name in methods:
             # "... dev": the lengths on the device, as a static cache's captured decode step reads them
             device_lengths = name.endswith(" dev")
@@ -178,10 +179,11 @@ def run(shapes, methods, config=None, check=True, baseline=None) -> list[dict]:
             nbytes = kernels.bytes_read(batch, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, SINK + args.num_recent,
                                         args.num_stored, nbits, group, axis_key, block)
             if name.startswith("dequant"):
-                ms = bench(lambda: dequantize_sdpa(query, args, scaling))
-                ms_graph = bench_graph(lambda: dequantize_sdpa(query, args, scaling))
+                fn = functools.partial(dequantize_sdpa, query, args, scaling)
+                ms, ms_graph = bench(fn), bench_graph(fn)
             else:
-                fn = lambda: module.selective_decode_attention(query, args, scaling=scaling, config=row_config)  # noqa: E731
+                fn = functools.partial(module.selective_decode_attention, query, args, scaling=scaling,
+                                       config=row_config)
                 if check:
                     out = fn().float()
                     want = reference.selective_decode_attention(query, args, scaling=scaling).float()
@@ -189,7 +191,7 @@ def run(shapes, methods, config=None, check=True, baseline=None) -> list[dict]:
                     assert err < 2e-2, f"{name} at {batch}x{context}: relative error {err:.2e} vs the twin"
                 ms, ms_graph = bench(fn), bench_graph(fn)
             rows.append(dict(batch=batch, context=context, method=name, ms=ms, ms_graph=ms_graph, bytes=nbytes))
-            args = None  # frees the storage before the next method (not del: the closures still name it)
+            args = fn = None  # frees the storage before the next method (fn holds it too)
             torch.cuda.empty_cache()
     for row in rows:
         base = next(r["ms"] for r in rows if (r["batch"], r["context"], r["method"]) == (row["batch"], row["context"], "bf16 SDPA"))
@@ -220,19 +222,20 @@ def sweep(shapes) -> list[dict]:
                             cfg = kernels.DecodeConfig(block_n=block_n, num_warps=num_warps, num_stages=num_stages,
                                                        num_splits=splits)
                             try:
-                                ms = bench(lambda: kernels.selective_decode_attention(query, args, config=cfg), 10, 40)
+                                fn = functools.partial(kernels.selective_decode_attention, query, args, config=cfg)
+                                ms = bench(fn, 10, 40)
                             except Exception as e:  # noqa: BLE001 (a config that does not compile: skip it)
                                 print(f"  {cfg}: {type(e).__name__}")
                                 continue
                             results.append((ms, cfg))
             results.sort(key=lambda r: r[0])
             default = kernels.DecodeConfig()
-            default_ms = bench(lambda: kernels.selective_decode_attention(query, args, config=default))
+            default_ms = bench(functools.partial(kernels.selective_decode_attention, query, args, config=default))
             best_ms, best = results[0]
             print(f"sweep {name} {batch}x{context}: default {default_ms:.4f} ms, best {best_ms:.4f} ms {best}")
             found.append(dict(method=name, batch=batch, context=context, default_ms=default_ms, best_ms=best_ms,
                               best=best.__dict__, top5=[(ms, c.__dict__) for ms, c in results[:5]]))
-            args = None
+            args = fn = None
     return found
 
 

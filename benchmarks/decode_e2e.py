@@ -309,9 +309,9 @@ def speedup(row: dict, base: dict) -> float:
     each pair ran back to back, so host drift cancels), else the ratio of the medians."""
     ids = row.get("round_ids") or list(range(len(row["round_tokens_per_s"])))
     base_ids = base.get("round_ids") or list(range(len(base["round_tokens_per_s"])))
-    paired = dict(zip(base_ids, base["round_tokens_per_s"]))
+    paired = dict(zip(base_ids, base["round_tokens_per_s"], strict=True))
     if row["rounds"] > 1 and all(i in paired for i in ids):
-        ratios = sorted(t / paired[i] for i, t in zip(ids, row["round_tokens_per_s"]))
+        ratios = sorted(t / paired[i] for i, t in zip(ids, row["round_tokens_per_s"], strict=True))
         return ratios[len(ratios) // 2]
     return row["tokens_per_s"] / base["tokens_per_s"]
 

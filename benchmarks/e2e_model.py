@@ -176,7 +176,7 @@ def rewinder(cache, context: int):
     start = [(layer.lengths.clone(), layer.cumulative_length.clone()) for layer in cache.layers]
 
     def rewind_lengths() -> None:
-        for layer, (lengths, seen) in zip(cache.layers, start):
+        for layer, (lengths, seen) in zip(cache.layers, start, strict=True):
             layer.lengths.copy_(lengths)
             layer.cumulative_length.copy_(seen)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import itertools
 import os
 import re
@@ -91,7 +92,7 @@ def compile_sm90(fn, args, kwargs, capability: int = 90):
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     names = fn.arg_names
     signature, constexprs, attrs = {}, {}, {}
-    values = dict(zip(names, args), **kwargs)
+    values = dict(zip(names, args, strict=False), **kwargs)
     for i, name in enumerate(names):
         value = values[name]
         if name in kwargs:  # tl.constexpr meta-parameters are passed by keyword
@@ -191,8 +192,8 @@ def main() -> None:
             if block_n:
                 config = dataclasses.replace(config, block_n=block_n)
             config = kernels._resolve(config, axis_key, block)
-            fn, a, kw = capture_launch("_selective_decode_partial_kernel",
-                                       lambda: kernels.selective_decode_attention(query, storage, config=config))
+            launch = functools.partial(kernels.selective_decode_attention, query, storage, config=config)
+            fn, a, kw = capture_launch("_selective_decode_partial_kernel", launch)
             if "CODES_ASM" in kw:  # the launcher saw CPU tensors; a CUDA launch would take the PTX path
                 kw["CODES_ASM"] = True
             compiled = compile_sm90(fn, a, kw)

@@ -266,8 +266,8 @@ def normal_levels(count: int) -> torch.Tensor:
 
     levels = [-2 + 4 * i / (count - 1) for i in range(count)]
     for _ in range(500):
-        edges = [-math.inf] + [(a + b) / 2 for a, b in zip(levels, levels[1:])] + [math.inf]
-        levels = [(pdf(a) - pdf(b)) / (cdf(b) - cdf(a)) for a, b in zip(edges, edges[1:])]
+        edges = [-math.inf] + [(a + b) / 2 for a, b in zip(levels, levels[1:], strict=False)] + [math.inf]
+        levels = [(pdf(a) - pdf(b)) / (cdf(b) - cdf(a)) for a, b in zip(edges, edges[1:], strict=False)]
     return torch.tensor(levels, dtype=torch.float32) / levels[-1]
 
 

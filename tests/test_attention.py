@@ -114,7 +114,8 @@ def test_selkv_attention_reads_padding_from_the_mask(selkv_llama):
     for i, row in enumerate(rows):
         alone = decode_logits(selkv_llama, selkv.make_cache(LOSSLESS, selkv_llama.config), torch.tensor([row]),
                               torch.ones(1, len(row), dtype=torch.long))
-        torch.testing.assert_close(batch[i], alone[0], **TOLERANCES["lossless_fp32"], msg=lambda m: f"row {i}\n{m}")
+        torch.testing.assert_close(batch[i], alone[0], **TOLERANCES["lossless_fp32"],
+                                   msg=lambda m, i=i: f"row {i}\n{m}")
 
 
 @pytest.mark.parametrize("track", [False, True])

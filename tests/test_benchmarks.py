@@ -139,7 +139,7 @@ def test_captured_selkv_fill_and_rewind():
     model = build_model(TINY, "cpu", torch.float32)
     cache, step, rewind_lengths = captured_selkv(model, SPECS[8], 2, 300, 16, "cpu", torch.float32, graphs=False)
     start = [layer.lengths.tolist() for layer in cache.layers]
-    for layer, (num_sink, num_stored, num_recent, ring_start) in zip(cache.layers, start):
+    for layer, (num_sink, num_stored, num_recent, ring_start) in zip(cache.layers, start, strict=True):
         assert num_sink + num_stored + num_recent == 300 and num_stored % layer.block_length == 0
         assert num_stored > 0 and ring_start == 0 and num_recent <= layer.ring_length
     assert int(cache.get_seq_length()) == 300

@@ -49,7 +49,7 @@ def test_each_cache_layer_allocates_on_its_layers_device(spec, max_cache_len):
     cache = selkv.make_cache(spec, model.config, max_cache_len=max_cache_len)
     with torch.no_grad():
         forward_with_cache(model, cache, torch.arange(3, 33).view(1, -1))
-    for layer, device in zip(cache.layers, ("cpu", "meta")):
+    for layer, device in zip(cache.layers, ("cpu", "meta"), strict=True):
         assert {name: t.device.type for name, t in _cache_tensors(layer).items()} == dict.fromkeys(
             _cache_tensors(layer), device)
     if max_cache_len is not None:
@@ -71,7 +71,7 @@ def test_static_selective_layer_preallocates_on_the_device_of_its_key_states():
     for layer_idx, device in enumerate(("cpu", "meta")):
         states = torch.randn(1, config.num_key_value_heads, 5, config.head_dim, device=device)
         cache.layers[layer_idx].lazy_initialization(states, states)
-    for layer, device in zip(cache.layers, ("cpu", "meta")):
+    for layer, device in zip(cache.layers, ("cpu", "meta"), strict=True):
         tensors = _cache_tensors(layer)
         assert {t.device.type for t in tensors.values()} == {device}
         assert tensors["key_codes"].shape[2] == layer.middle_capacity + layer.block_length  # the whole capacity

@@ -101,12 +101,12 @@ def test_chunked_likelihood_reads_the_cache(tiny):
     lossless = _loglikelihoods(lm(tiny, LOSSLESS))
     int2 = lm(tiny, INT2)
     lossy = _loglikelihoods(int2)
-    for (a, _), (b, _) in zip(full, lossless):
+    for (a, _), (b, _) in zip(full, lossless, strict=True):
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), **TOLERANCES["kernel_fp32"])
-    assert all(abs(a - b) > 1e-3 for (a, _), (b, _) in zip(full, lossy))
+    assert all(abs(a - b) > 1e-3 for (a, _), (b, _) in zip(full, lossy, strict=True))
     one_pass = _loglikelihoods(lm(tiny, INT2, prefill_chunk=0))
     full_one_pass = _loglikelihoods(lm(tiny, "full", prefill_chunk=0))
-    for (a, _), (b, _) in zip(full_one_pass, one_pass):
+    for (a, _), (b, _) in zip(full_one_pass, one_pass, strict=True):
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), **TOLERANCES["kernel_fp32"])
     kv = int2.get_model_info()["selkv"]["kv"]["t"]
     assert kv["requests"] == 2 and kv["compression"] > 2  # the bytes int2 held, against a 16-bit full cache

@@ -146,7 +146,7 @@ def _specialization(fn, args, kwargs) -> tuple:
 
     dont = getattr(fn, "do_not_specialize", None) or getattr(fn, "kwargs", {}).get("do_not_specialize") or []
     key = []
-    for name, value in zip(fn.arg_names, args):
+    for name, value in zip(fn.arg_names, args, strict=False):
         specialize = name not in dont
         key.append((name, native_specialize_impl(BaseBackend, value, False, specialize, specialize)))
     return tuple(key) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))

@@ -55,10 +55,10 @@ def test_store_writes_at_a_position_grows_and_reads_back_what_quantize_middle_st
     assert store.capacity == 48  # whole units of lcm(block, 16) tokens
     whole = quantize_middle(keys, values, layout, store.key_rotation)
     assert all(torch.equal(a[:, :, : layout.rows(name, 40)], b)
-               for name, a, b in zip(whole._fields, store.tensors, whole))
+               for name, a, b in zip(whole._fields, store.tensors, whole, strict=True))
     want = dequantize_middle(whole, layout, 40, key_rotation=store.key_rotation)
     got = store.read(40)
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
     assert store.used_bytes(40)["bytes_key_codes"] == 2 * 3 * 40 * 32 * 4 // 8
 
 

@@ -51,7 +51,7 @@ def test_sliding_layers_keep_transformers_layer_and_full_layers_get_the_spec(spe
 def test_lossless_spec_on_a_hybrid_model_returns_and_counts_what_full_does(spec):
     config = hybrid_config()
     full, cache = DynamicCache(config=config), selkv.make_cache(spec, config)
-    for expected, got in zip(fill(full, config), fill(cache, config)):
+    for expected, got in zip(fill(full, config), fill(cache, config), strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     counted, reference = selkv.kv_bytes(cache), selkv.kv_bytes(full)
     assert counted["total"] == reference["total"] == reference["full16"]
@@ -147,7 +147,7 @@ def test_long_sink_and_window_are_not_preallocated():
 def test_grown_sink_and_window_return_every_token_exactly(sink, window):
     layer = QuantizedSinkWindowLayer(sink, window, MiddleLayout(8, 8, 16, block_length=8))
     states = torch.randn(1, 2, 900, 16)
-    for start, step in zip(range(0, 900, 90), [90] * 10):  # chunks, then room for one-token steps
+    for start, step in zip(range(0, 900, 90), [90] * 10, strict=True):  # chunks, then room for one-token steps
         keys, _ = layer.update(states[:, :, start : start + step], -states[:, :, start : start + step])
     torch.testing.assert_close(keys, states, rtol=0, atol=0)
     for _ in range(100):  # one token at a time: the buffers keep growing

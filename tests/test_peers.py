@@ -199,7 +199,7 @@ def test_kvpress_env_presses_keep_their_ratio_and_restore(tiny_llama):
     full16 = peers.full_bytes16(tiny_llama.config, len(context))
     digest = peers.context_digest(context)
     matched = {(spec, "k"): {"held": int(full16 * held), "full16": full16, "digest": digest}
-               for spec, held in zip(peers.MATCHED, (0.42, 0.3))}
+               for spec, held in zip(peers.MATCHED, (0.42, 0.3), strict=True)}
     side = peers.KvpressSide(tiny_llama, matched, kvpress)
     per_layer_token = full16 // len(context) // 2
     for press in peers.PRESSES:

@@ -178,10 +178,13 @@ def test_install_hints_name_what_installs_the_backend(monkeypatch):
     extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
     real_find_spec = importlib.util.find_spec
+
+    def find_spec_without(package):  # importlib.util.find_spec, as if ``package`` were not installed
+        return lambda name, *a: None if name == package else real_find_spec(name, *a)
+
     for kind in ("hf-quanto", "hf-hqq"):
         spec_class = SPECS[kind]
-        monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda name, *a: None if name == spec_class.package.split(".")[0] else real_find_spec(name, *a))
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec_without(spec_class.package.split(".")[0]))
         with pytest.raises(ImportError) as info:
             selkv.make_cache(f"{kind}:bits=4", tiny_llama_config())
         hint = re.search(r"pip install (\S+)", str(info.value)).group(1).strip("'")

@@ -237,7 +237,7 @@ class QuantizedMiddle:
         count = keys.shape[-2]
         if isinstance(first, int):
             self._grow(first + count, parts)
-        for name, store, part in zip(MiddleTensors._fields, self.tensors, parts):
+        for name, store, part in zip(MiddleTensors._fields, self.tensors, parts, strict=True):
             per_block = self.layout.per_block(name)
             start = first // self.layout.block_length if per_block else first
             length = count // self.layout.block_length if per_block else count
@@ -271,7 +271,7 @@ class QuantizedMiddle:
         new_capacity = -(-needed // unit) * unit + spare
         old = self.tensors
         grown = []
-        for i, (name, part) in enumerate(zip(MiddleTensors._fields, parts)):
+        for i, (name, part) in enumerate(zip(MiddleTensors._fields, parts, strict=True)):
             tensor = part.new_empty(part.shape[:2] + (self.layout.rows(name, new_capacity),) + part.shape[3:])
             filled = 0 if old is None else old[i].shape[-2]
             if filled:

@@ -114,7 +114,7 @@ class SelectiveCache(Cache):
             raise TypeError(f"restore() takes what this cache's snapshot() returned, not {type(snapshot).__name__}")
         if snapshot.cache_id != id(self) or len(snapshot.states) != len(self.layers):
             raise ValueError("this snapshot was taken of another cache; restore it into the cache it came from")
-        for layer_idx, (layer, state) in enumerate(zip(self.layers, snapshot.states)):
+        for layer_idx, (layer, state) in enumerate(zip(self.layers, snapshot.states, strict=True)):
             layer.__dict__.clear()
             layer.__dict__.update(_copy_state(state))
             take_published(layer_idx)  # a decode step's storage published before the restore is stale

@@ -36,7 +36,7 @@ def layer_plan(config) -> list[tuple[str, int | None]]:
             "(use its own cache)"
         )
     return [(t, kwargs.get("sliding_window") if t in SLIDING_LAYER_TYPES else None)
-            for t, kwargs in zip(layer_types, layer_kwargs)]
+            for t, kwargs in zip(layer_types, layer_kwargs, strict=True)]
 
 
 def _num_key_value_heads(config) -> int:

@@ -36,7 +36,7 @@ def float64_reference(
                 j = torch.arange(D // 4)
                 low = [(packed[..., j] >> (2 * p)) & 3 for p in range(4)]
                 high = [(packed[..., D // 4 + j % (D // 8)] >> (2 * p + j // (D // 8))) & 1 for p in range(4)]
-                return torch.cat([lo + 4 * hi for lo, hi in zip(low, high)], dim=-1).double()
+                return torch.cat([lo + 4 * hi for lo, hi in zip(low, high, strict=True)], dim=-1).double()
             per_byte, mask = 8 // nbits, 2**nbits - 1
             return torch.cat([(packed >> (p * nbits)) & mask for p in range(per_byte)], dim=-1).double()
 

@@ -295,7 +295,7 @@ class SelkvLM(TemplateLM):
         texts = []
         bar = progress(total=len(requests), desc=f"generate_until ({self.cache})")
         for batch in collator.get_batched(n=self.batch_size):
-            contexts, all_kwargs = zip(*batch)
+            contexts, all_kwargs = zip(*batch, strict=True)
             settings = self._generation_settings(all_kwargs[0])
             keep = self.max_length - settings["max_gen_toks"]
             if keep < 1:
@@ -303,7 +303,8 @@ class SelkvLM(TemplateLM):
                                  f"(max_length {self.max_length})")
             prompts = [self.tok_encode(context)[-keep:] or [self.prefix_token_id] for context in contexts]
             task = tasks.get(id(batch[0])) or "generate_until"
-            for context, kwargs, text in zip(contexts, all_kwargs, self._generate(prompts, task, **settings)):
+            generated = self._generate(prompts, task, **settings)
+            for context, kwargs, text in zip(contexts, all_kwargs, generated, strict=True):
                 self.cache_hook.add_partial("generate_until", (context, kwargs), text)
                 texts.append(text)
                 bar.update(1)

@@ -364,7 +364,7 @@ def dense_lengths(cache) -> list[int]:
 
 def truncate_dense(cache, lengths: list[int]) -> None:
     """Cut each layer of a ``DynamicCache`` back to ``lengths`` (kvpress's ``_remove_answer_from_cache``)."""
-    for layer, length in zip(cache.layers, lengths):
+    for layer, length in zip(cache.layers, lengths, strict=True):
         layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
 
 

@@ -68,7 +68,7 @@ def rouge_l(scorer, reference: str, prediction: str) -> float:
 
 def token_match(tokens: list[int], reference_tokens: list[int]) -> tuple[int, int]:
     """(positions where both agree, the longer length)."""
-    same = sum(a == b for a, b in zip(tokens, reference_tokens))
+    same = sum(a == b for a, b in zip(tokens, reference_tokens, strict=False))
     return same, max(len(tokens), len(reference_tokens))
 
 
