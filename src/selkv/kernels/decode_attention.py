@@ -2,8 +2,8 @@
 
 ``selective_decode_attention(query_states, storage)`` checks a layer's :class:`DecodeStorage`,
 allocates the partial outputs and launches the Triton kernels of ``triton_decode.py``:
-one program per (middle chunk, batch row, KV head) plus one per (row, head) for the 16-bit
-sink and window, then the merge. ``DecodeConfig`` holds the launch parameters; the chunks are
+one program per (middle split, batch row, KV head) plus one per (row, head) for the 16-bit
+sink and window, then the merge. ``DecodeConfig`` holds the launch parameters; the splits are
 sized so that all programs run in one wave. ``decode_op.decode_attention`` goes through the
 registered custom operator when the lengths are on the device (captured steps).
 
@@ -40,7 +40,7 @@ class DecodeConfig:
     """Launch parameters of the partial kernel (``num_splits=0``: choose from the GPU's size).
 
     One warp per program was fastest for kernel v4 (docs/kernel_notes.md, H200). ``block_n=0`` (middle tokens per
-    tile) chooses by layout: 64 when keys are grouped per channel over blocks that are a multiple
+    tile) chooses by layout: 64 when keys are quantized per channel over blocks that are a multiple
     of 64 tokens (one key scale row per tile; kernel v5) or of exactly 32 tokens (two rows per tile),
     else 32.
     """
@@ -100,8 +100,8 @@ def _pow2(n: int) -> bool:
 
 
 def _key_rows(block_n: int, block_length: int) -> int:
-    """Per-channel key groups (scale rows) per middle tile: 1 when every tile lies inside one group, 2 when
-    it is two whole groups, else 0 (a scale row gathered per token)."""
+    """Per-channel key blocks (scale rows) per middle tile: 1 when every tile lies inside one block, 2 when
+    it is two whole blocks, else 0 (a scale row gathered per token)."""
     if block_length % block_n == 0:
         return 1
     return 2 if block_n == 2 * block_length else 0
@@ -120,11 +120,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _splits(num_stored: int, rows: int, config: DecodeConfig, device: torch.device) -> tuple[int, int]:
-    """(number of middle chunks, tokens per chunk) for ``rows`` (batch row, KV head) pairs.
+    """(number of middle splits, tokens per split) for ``rows`` (batch row, KV head) pairs.
 
-    Each row gets its middle chunks plus one program for its 16-bit tokens. All programs should fit
+    Each row gets its middle splits plus one program for its 16-bit tokens. All programs should fit
     in one wave of ``config.programs_per_sm`` resident programs per multiprocessor: a second, barely
-    filled wave doubled the kernel's time (docs/kernel_notes.md, kernel v4). Chunks keep >= 4 tiles.
+    filled wave doubled the kernel's time (docs/kernel_notes.md, kernel v4). Splits keep >= 4 tiles.
     """
     if num_stored == 0:
         return 0, config.block_n
@@ -133,14 +133,14 @@ def _splits(num_stored: int, rows: int, config: DecodeConfig, device: torch.devi
         wanted = config.num_splits
     else:
         wanted = (config.programs_per_sm * _num_sms(device)) // rows - 1  # minus the 16-bit program
-        wanted = min(wanted, _cdiv(tiles, _MIN_SPLIT_TILES))  # each chunk pays a partial: keep >= 4 tiles
+        wanted = min(wanted, _cdiv(tiles, _MIN_SPLIT_TILES))  # each split pays a partial: keep >= 4 tiles
     wanted = max(1, min(wanted, tiles))
     # whole tiles per split: every tile starts at a multiple of block_n (the kernel's value loads rely on it)
     tokens_per_split = _cdiv(tiles, wanted) * config.block_n
     return _cdiv(num_stored, tokens_per_split), tokens_per_split
 
 
-def check_supported(head_dim: int, num_groups: int, nbits: int, q_group_size: int, dtype: torch.dtype,
+def check_supported(head_dim: int, num_key_value_groups: int, nbits: int, q_group_size: int, dtype: torch.dtype,
                     value_nbits: int | None = None) -> str | None:
     """Why the fused kernel cannot take these shapes (``None``: it can); ``nbits`` of keys, ``value_nbits``
     of values (default: ``nbits``)."""
@@ -161,8 +161,8 @@ def check_supported(head_dim: int, num_groups: int, nbits: int, q_group_size: in
         if chunk < 16 or head_dim // chunk > 4:
             return (f"head_dim={head_dim}, nbits={bits}, q_group_size={q_group_size}: the kernel reads the head in "
                     f"at most 4 chunks of >= 16 channels (one bit plane and scale group each); this needs {chunk}")
-    if num_groups < 1:
-        return f"num_key_value_groups={num_groups}"
+    if num_key_value_groups < 1:
+        return f"num_key_value_groups={num_key_value_groups}"
     return None
 
 
@@ -183,8 +183,8 @@ def _check_query(query_states: torch.Tensor, storage: DecodeStorage) -> int:
         raise ValueError(f"the decode kernel takes one query token, got query length {q_len}")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
-    group = num_heads // num_kv_heads
-    why = check_supported(head_dim, group, layout.key_nbits, layout.q_group_size, query_states.dtype,
+    num_key_value_groups = num_heads // num_kv_heads
+    why = check_supported(head_dim, num_key_value_groups, layout.key_nbits, layout.q_group_size, query_states.dtype,
                           layout.value_nbits)
     if why:
         raise ValueError(f"the fused decode kernel does not support {why}")
@@ -193,7 +193,7 @@ def _check_query(query_states: torch.Tensor, storage: DecodeStorage) -> int:
         raise ValueError(f"key_rotation has shape {tuple(key_rotation.shape)}; expected [{head_dim}, {head_dim}]")
     if layout.axis_key not in ("token", "channel"):
         raise ValueError(f"axis_key must be 'token' or 'channel', got {layout.axis_key!r}")
-    return group
+    return num_key_value_groups
 
 
 def _check_exact(query_states: torch.Tensor, storage: DecodeStorage) -> None:
@@ -231,8 +231,8 @@ def _check_middle(storage: DecodeStorage, head_dim: int) -> None:
     if value_codes.shape[2] % layout.block_length:
         raise ValueError(f"the middle capacity {value_codes.shape[2]} is not whole blocks of {layout.block_length} "
                          "(value codes are stored block-major)")
-    expected_key_groups = head_dim if axis_key == "channel" else head_dim // q_group_size
-    if key_scale.shape[-1] != expected_key_groups or value_scale.shape[-1] != head_dim // q_group_size:
+    key_scale_width = head_dim if axis_key == "channel" else head_dim // q_group_size  # one per channel / group
+    if key_scale.shape[-1] != key_scale_width or value_scale.shape[-1] != head_dim // q_group_size:
         raise ValueError(
             f"scale shapes {tuple(key_scale.shape)} / {tuple(value_scale.shape)} do not match "
             f"axis_key={axis_key!r}, q_group_size={q_group_size}, head_dim={head_dim}"
@@ -336,7 +336,7 @@ def selective_decode_attention(
     lay = s.layout
     key_nbits, value_nbits, q_group_size, axis_key, block_length = (
         lay.key_nbits, lay.value_nbits, lay.q_group_size, lay.axis_key, lay.block_length)
-    group = _check_query(query_states, s)
+    num_key_value_groups = _check_query(query_states, s)
     _check_exact(query_states, s)
     config = _resolve(config or DecodeConfig(), axis_key, block_length)
     batch_size, num_heads, _, head_dim = query_states.shape
@@ -371,8 +371,8 @@ def selective_decode_attention(
         value_codes.stride(0), value_codes.stride(1),
         key_scale.stride(0), key_scale.stride(1), key_scale.stride(2),
         value_scale.stride(0), value_scale.stride(1), value_scale.stride(2),
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEADS_PER_KV=num_key_value_groups,
+        HEADS_M=max(16, triton.next_power_of_2(num_key_value_groups)),
         HEAD_DIM=head_dim,
         KEY_NBITS=key_nbits,
         VALUE_NBITS=value_nbits,
@@ -386,7 +386,7 @@ def selective_decode_attention(
         BLOCK_N=config.block_n,
         BLOCK_EXACT=config.block_exact,
         DOT_PRECISION="ieee" if query_states.dtype == torch.float32 else "tf32",
-        HEADS_N=max(8, triton.next_power_of_2(group)),
+        HEADS_N=max(8, triton.next_power_of_2(num_key_value_groups)),
         CHUNK=chunk,
         # per-channel keys: a whole bit plane; per-token keys: one plane and scale group
         KEY_CHUNK=(quant.plane_width(head_dim, key_nbits) if axis_key == "channel"
