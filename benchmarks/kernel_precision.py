@@ -66,9 +66,9 @@ def load_kernels(path: str | None):
     at 5dc1fe8 or earlier) holds its own kernels; a later ``decode_attention.py`` launches selkv's current ones.
     """
     if path is None:
-        from selkv.kernels import decode_attention_module
+        from selkv.kernels import decode_attention
 
-        return decode_attention_module()
+        return decode_attention
     spec = importlib.util.spec_from_file_location("selkv.kernels._decode_attention_under_test", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

@@ -65,7 +65,7 @@ def test_store_writes_at_a_position_grows_and_reads_back_what_quantize_middle_st
 def test_custom_op_attends_over_the_flattened_storage():
     """The operator a captured step calls (device lengths) takes the storage through the flatten pair."""
     kernel_module()  # a GPU, or the kernels in Triton's interpreter
-    from selkv.kernels import decode_op_module
+    from selkv.kernels import decode_op
 
     device = "cuda" if HAS_CUDA else "cpu"
     gen = torch.Generator().manual_seed(1)
@@ -74,7 +74,7 @@ def test_custom_op_attends_over_the_flattened_storage():
                            axis_key="channel", dtype=torch.float16, device=device, rotate="hadamard-signs")
     storage = with_device_lengths(storage, gen)
     query = torch.randn(2, 4, 1, 64, generator=gen).half().to(device)
-    op = decode_op_module().decode_attention
+    op = decode_op.decode_attention
     want = reference.selective_decode_attention(query, storage).double().cpu()
     assert relative_error(op(query, storage), want) < max_relative_error(torch.float16)
     # traced: the flatten pair runs inside the graph, the operator stays one opaque call

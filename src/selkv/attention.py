@@ -41,12 +41,13 @@ _KERNELS = None
 
 
 def kernel_module():
-    """selkv's fused kernel module when it can run here (Triton installed), importing it outside compiled code."""
+    """selkv's fused kernel module (``kernels.decode_op``) when it can run here (Triton installed), imported outside
+    compiled code; ``None`` without Triton."""
     global _KERNELS
     if _KERNELS is None and _TRITON and not torch.compiler.is_compiling():
-        from .kernels import decode_op_module
+        from .kernels import decode_op
 
-        _KERNELS = decode_op_module()
+        _KERNELS = decode_op
     return _KERNELS
 
 

@@ -53,6 +53,6 @@ def kernel_module():
     assert HAS_CUDA or interpreter_enabled(), (
         "no GPU and Triton was imported before TRITON_INTERPRET=1 was set; run with TRITON_INTERPRET=1"
     )
-    from selkv.kernels import decode_attention_module
+    from selkv.kernels import decode_attention
 
-    return decode_attention_module()
+    return decode_attention

@@ -1,34 +1,29 @@
 """selkv's decode kernels (Triton) and their PyTorch twins.
 
-Nothing here imports Triton until a kernel is asked for, so ``import selkv`` works without it.
-
-- :func:`decode_attention_module` gives the launcher module (``decode_attention``, which imports the
-  Triton kernels of ``triton_decode``); :func:`decode_op_module` the custom operator and
-  ``decode_attention``, what selkv's attention function calls (``decode_op``).
-- :func:`interpreter_enabled` says whether they run in Triton's CPU interpreter
-  (``TRITON_INTERPRET=1`` set before Triton's first import: tests on machines without a GPU).
+- ``decode_attention``: launch configuration and launcher of the Triton kernels of ``triton_decode``;
+  ``decode_op``: the custom operator over the launcher and ``decode_attention``, what selkv's attention
+  function calls; ``reference``: the PyTorch twins (no Triton).
+- :func:`triton_available` says whether Triton is installed, :func:`interpreter_enabled` whether the
+  kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` set before Triton's first import:
+  tests on machines without a GPU).
 - Launchers and twins take a layer's storage as one :class:`selkv.storage.DecodeStorage`.
+
+None of the Triton modules is imported here: ``import selkv`` works without Triton, and selkv itself
+imports Triton only when a kernel is asked for. Triton fixes its interpreter mode at its first import
+(which torch's compiler, imported by transformers, may already make: set ``TRITON_INTERPRET`` before
+importing selkv). Code that launches a kernel checks :func:`triton_available`, then imports the module
+by name inside the function that needs it (``from selkv.kernels import decode_op``).
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 
 
 def triton_available() -> bool:
+    """Whether Triton is installed (looked up without importing it)."""
     return importlib.util.find_spec("triton") is not None
-
-
-def decode_attention_module():
-    """``selkv.kernels.decode_attention`` (imports Triton)."""
-    return importlib.import_module(".decode_attention", __name__)
-
-
-def decode_op_module():
-    """``selkv.kernels.decode_op`` (imports Triton; registers the custom operator)."""
-    return importlib.import_module(".decode_op", __name__)
 
 
 def interpreter_enabled() -> bool:

@@ -2,8 +2,8 @@
 
 ``selective_decode_attention(query_states, storage)`` checks a layer's :class:`DecodeStorage`,
 allocates the partial outputs and launches the Triton kernels of ``triton_decode.py``:
-one program per (middle chunk, batch row, KV head) plus one per (row, head) for the 16-bit
-sink and window, then the merge. ``DecodeConfig`` holds the launch parameters; the chunks are
+one program per (middle split, batch row, KV head) plus one per (row, head) for the 16-bit
+sink and window, then the merge. ``DecodeConfig`` holds the launch parameters; the splits are
 sized so that all programs run in one wave. ``decode_op.decode_attention`` goes through the
 registered custom operator when the lengths are on the device (captured steps).
 
@@ -21,6 +21,7 @@ import torch
 import triton
 
 from .. import quant
+from ..middle import MiddleTensors
 from ..storage import DecodeStorage
 from . import interpreter_enabled
 from .triton_decode import _merge_partials_kernel, _selective_decode_partial_kernel
@@ -39,7 +40,7 @@ class DecodeConfig:
     """Launch parameters of the partial kernel (``num_splits=0``: choose from the GPU's size).
 
     One warp per program was fastest for kernel v4 (docs/kernel_notes.md, H200). ``block_n=0`` (middle tokens per
-    tile) chooses by layout: 64 when keys are grouped per channel over blocks that are a multiple
+    tile) chooses by layout: 64 when keys are quantized per channel over blocks that are a multiple
     of 64 tokens (one key scale row per tile; kernel v5) or of exactly 32 tokens (two rows per tile),
     else 32.
     """
@@ -99,8 +100,8 @@ def _pow2(n: int) -> bool:
 
 
 def _key_rows(block_n: int, block_length: int) -> int:
-    """Per-channel key groups (scale rows) per middle tile: 1 when every tile lies inside one group, 2 when
-    it is two whole groups, else 0 (a scale row gathered per token)."""
+    """Per-channel key blocks (scale rows) per middle tile: 1 when every tile lies inside one block, 2 when
+    it is two whole blocks, else 0 (a scale row gathered per token)."""
     if block_length % block_n == 0:
         return 1
     return 2 if block_n == 2 * block_length else 0
@@ -119,11 +120,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _splits(num_stored: int, rows: int, config: DecodeConfig, device: torch.device) -> tuple[int, int]:
-    """(number of middle chunks, tokens per chunk) for ``rows`` (batch row, KV head) pairs.
+    """(number of middle splits, tokens per split) for ``rows`` (batch row, KV head) pairs.
 
-    Each row gets its middle chunks plus one program for its 16-bit tokens. All programs should fit
+    Each row gets its middle splits plus one program for its 16-bit tokens. All programs should fit
     in one wave of ``config.programs_per_sm`` resident programs per multiprocessor: a second, barely
-    filled wave doubled the kernel's time (docs/kernel_notes.md, kernel v4). Chunks keep >= 4 tiles.
+    filled wave doubled the kernel's time (docs/kernel_notes.md, kernel v4). Splits keep >= 4 tiles.
     """
     if num_stored == 0:
         return 0, config.block_n
@@ -132,14 +133,14 @@ def _splits(num_stored: int, rows: int, config: DecodeConfig, device: torch.devi
         wanted = config.num_splits
     else:
         wanted = (config.programs_per_sm * _num_sms(device)) // rows - 1  # minus the 16-bit program
-        wanted = min(wanted, _cdiv(tiles, _MIN_SPLIT_TILES))  # each chunk pays a partial: keep >= 4 tiles
+        wanted = min(wanted, _cdiv(tiles, _MIN_SPLIT_TILES))  # each split pays a partial: keep >= 4 tiles
     wanted = max(1, min(wanted, tiles))
     # whole tiles per split: every tile starts at a multiple of block_n (the kernel's value loads rely on it)
     tokens_per_split = _cdiv(tiles, wanted) * config.block_n
     return _cdiv(num_stored, tokens_per_split), tokens_per_split
 
 
-def check_supported(head_dim: int, num_groups: int, nbits: int, q_group_size: int, dtype: torch.dtype,
+def check_supported(head_dim: int, num_key_value_groups: int, nbits: int, q_group_size: int, dtype: torch.dtype,
                     value_nbits: int | None = None) -> str | None:
     """Why the fused kernel cannot take these shapes (``None``: it can); ``nbits`` of keys, ``value_nbits``
     of values (default: ``nbits``)."""
@@ -160,12 +161,155 @@ def check_supported(head_dim: int, num_groups: int, nbits: int, q_group_size: in
         if chunk < 16 or head_dim // chunk > 4:
             return (f"head_dim={head_dim}, nbits={bits}, q_group_size={q_group_size}: the kernel reads the head in "
                     f"at most 4 chunks of >= 16 channels (one bit plane and scale group each); this needs {chunk}")
-    if num_groups < 1:
-        return f"num_key_value_groups={num_groups}"
+    if num_key_value_groups < 1:
+        return f"num_key_value_groups={num_key_value_groups}"
     return None
 
 
 # ---------------------------------------------------------------- launcher
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_query(query_states: torch.Tensor, storage: DecodeStorage) -> int:
+    """Checks the query, the storage's layout and its key rotation against the kernel; returns the number of
+    query heads per KV head."""
+    layout = storage.layout
+    _, num_heads, q_len, head_dim = query_states.shape
+    num_kv_heads = storage.sink_keys.shape[1]
+    if q_len != 1:
+        raise ValueError(f"the decode kernel takes one query token, got query length {q_len}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+    num_key_value_groups = num_heads // num_kv_heads
+    why = check_supported(head_dim, num_key_value_groups, layout.key_nbits, layout.q_group_size, query_states.dtype,
+                          layout.value_nbits)
+    if why:
+        raise ValueError(f"the fused decode kernel does not support {why}")
+    key_rotation = storage.key_rotation
+    if key_rotation is not None and tuple(key_rotation.shape) != (head_dim, head_dim):
+        raise ValueError(f"key_rotation has shape {tuple(key_rotation.shape)}; expected [{head_dim}, {head_dim}]")
+    if layout.axis_key not in ("token", "channel"):
+        raise ValueError(f"axis_key must be 'token' or 'channel', got {layout.axis_key!r}")
+    return num_key_value_groups
+
+
+def _check_exact(query_states: torch.Tensor, storage: DecodeStorage) -> None:
+    """Checks the 16-bit sink and window: ``[batch_size, num_kv_heads, capacity, head_dim]`` in the query's dtype,
+    holding at most their capacity."""
+    s = storage
+    batch_size, _, _, head_dim = query_states.shape
+    num_kv_heads = s.sink_keys.shape[1]
+    for name, t in (("sink_keys", s.sink_keys), ("sink_values", s.sink_values), ("recent_keys", s.recent_keys),
+                    ("recent_values", s.recent_values)):
+        if t.shape[0] != batch_size or t.shape[1] != num_kv_heads or t.shape[-1] != head_dim:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; "
+                             f"expected [{batch_size}, {num_kv_heads}, *, {head_dim}]")
+        if t.dtype != query_states.dtype:
+            raise ValueError(f"{name} is {t.dtype} but the query is {query_states.dtype}")
+    if s.num_sink > s.sink_keys.shape[2] or s.num_recent > s.recent_keys.shape[2]:
+        raise ValueError(f"num_sink={s.num_sink} / num_recent={s.num_recent} exceed the sink / window capacity")
+
+
+def _check_middle(storage: DecodeStorage, head_dim: int) -> None:
+    """Checks a filled middle's codes and scales against its layout and ``num_stored``."""
+    layout, middle, num_stored = storage.layout, storage.middle, storage.num_stored
+    key_nbits, value_nbits, q_group_size, axis_key = (
+        layout.key_nbits, layout.value_nbits, layout.q_group_size, layout.axis_key)
+    key_packed, value_packed = quant.packed_dim(head_dim, key_nbits), quant.packed_dim(head_dim, value_nbits)
+    if middle is None or middle.key_codes.shape[-1] != key_packed or middle.value_codes.shape[-1] != value_packed:
+        raise ValueError(f"key/value codes must have {key_packed}/{value_packed} packed bytes per token for "
+                         f"key_nbits={key_nbits}, value_nbits={value_nbits}")
+    key_codes, key_scale, _, value_codes, value_scale, _ = middle
+    if key_codes.shape[2] < num_stored:
+        raise ValueError(f"num_stored={num_stored} exceeds the middle capacity {key_codes.shape[2]}")
+    if value_codes.shape[:3] != key_codes.shape[:3]:  # the kernel addresses both rows with key_codes' rows
+        raise ValueError(f"value_codes {tuple(value_codes.shape)} and key_codes {tuple(key_codes.shape)} "
+                         "must have the same batch, heads and capacity")
+    if value_codes.shape[2] % layout.block_length:
+        raise ValueError(f"the middle capacity {value_codes.shape[2]} is not whole blocks of {layout.block_length} "
+                         "(value codes are stored block-major)")
+    key_scale_width = head_dim if axis_key == "channel" else head_dim // q_group_size  # one per channel / group
+    if key_scale.shape[-1] != key_scale_width or value_scale.shape[-1] != head_dim // q_group_size:
+        raise ValueError(
+            f"scale shapes {tuple(key_scale.shape)} / {tuple(value_scale.shape)} do not match "
+            f"axis_key={axis_key!r}, q_group_size={q_group_size}, head_dim={head_dim}"
+        )
+
+
+def _middle_query(query_states: torch.Tensor, storage: DecodeStorage,
+                  config: DecodeConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(query_states, middle_query, rotation)``: the query, the one the middle's keys are read with, and the
+    ``+-1`` rotation the middle programs apply to it in their prologue (``None``: they do not).
+
+    Rotated middle keys are read with the rotated query, (q R) . (k R) = q . k. With its +-1 form
+    (key_rotation_signs) the middle programs rotate the query in their prologue; otherwise a float32
+    matmul here does (the kernel rounds it to its dot dtype as it does the query).
+    """
+    s = storage
+    if s.key_rotation is None or not s.num_stored:
+        return query_states, query_states, None
+    head_dim = query_states.shape[-1]
+    signs = s.key_rotation_signs
+    if config.rotate_in_kernel and signs is not None:
+        if tuple(signs.shape) != (head_dim, head_dim) or signs.dtype != query_states.dtype:
+            raise ValueError(f"key_rotation_signs is {signs.dtype} {tuple(signs.shape)}; expected "
+                             f"{query_states.dtype} [{head_dim}, {head_dim}]")
+        return query_states, query_states, signs
+    query_states = query_states.contiguous()
+    rotation = s.key_rotation.to(device=query_states.device, dtype=torch.float32)
+    return query_states, torch.matmul(query_states.float(), rotation), None
+
+
+def _exact_operands(storage: DecodeStorage, query_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(sink_keys, sink_values, recent_keys, recent_values)`` as the kernel reads them: the last dimension
+    contiguous, keys and values with the same strides, any valid pointer for an empty region (it loads nothing)."""
+    s = storage
+    sink_keys, sink_values = _last_contiguous(s.sink_keys), _last_contiguous(s.sink_values)
+    recent_keys, recent_values = _last_contiguous(s.recent_keys), _last_contiguous(s.recent_values)
+    if sink_keys.stride() != sink_values.stride():
+        sink_keys, sink_values = sink_keys.contiguous(), sink_values.contiguous()
+    if recent_keys.stride() != recent_values.stride():
+        recent_keys, recent_values = recent_keys.contiguous(), recent_values.contiguous()
+    if sink_keys.numel() == 0:  # no sink storage: hand the kernel any valid pointer (it loads nothing)
+        sink_keys = sink_values = recent_keys
+    if recent_keys.numel() == 0:
+        recent_keys = recent_values = sink_keys if sink_keys.numel() else query_states
+    return sink_keys, sink_values, recent_keys, recent_values
+
+
+def _middle_operands(storage: DecodeStorage, head_dim: int, device: torch.device) -> MiddleTensors:
+    """The middle's tensors as the kernel reads them (checked; scales and zeros with the same strides), or
+    placeholders without a filled middle."""
+    if not storage.num_stored:  # no middle yet: placeholders of the right dtypes (the middle programs do not
+        # exist, but the kernel is compiled for these pointer types: a 16-bit "codes" pointer breaks the PTX code path)
+        codes = torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=device)
+        scales = torch.zeros(1, 1, 1, 1, dtype=torch.float16, device=device)
+        return MiddleTensors(codes, scales, scales, codes, scales, scales)
+    _check_middle(storage, head_dim)
+    key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = storage.middle
+    key_codes, value_codes = key_codes.contiguous(), value_codes.contiguous()  # views of the store: no copy
+    key_scale, key_zero = _last_contiguous(key_scale), _last_contiguous(key_zero)
+    value_scale, value_zero = _last_contiguous(value_scale), _last_contiguous(value_zero)
+    if key_scale.stride() != key_zero.stride():
+        key_scale, key_zero = key_scale.contiguous(), key_zero.contiguous()
+    if value_scale.stride() != value_zero.stride():
+        value_scale, value_zero = value_scale.contiguous(), value_zero.contiguous()
+    return MiddleTensors(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)
+
+
+def _length_operands(storage: DecodeStorage, device: torch.device,
+                     unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_padding, lengths)`` as int32 tensors on ``device``; ``unused`` stands for an absent one (the kernel
+    reads neither without HAS_PADDING / DEVICE_LENGTHS)."""
+    row_padding, lengths = storage.row_padding, storage.lengths
+    if row_padding is not None:
+        row_padding = row_padding.to(device=device, dtype=torch.int32).contiguous()
+    if lengths is not None:
+        lengths = lengths.to(device=device, dtype=torch.int32)
+    return (unused if row_padding is None else row_padding), (unused if lengths is None else lengths)
 
 
 def selective_decode_attention(
@@ -188,103 +332,21 @@ def selective_decode_attention(
         ``[batch_size, 1, num_heads, head_dim]`` in the query's dtype (transformers' attention output layout).
     """
     s = storage
-    sink_keys, sink_values, recent_keys, recent_values = s.sink_keys, s.sink_values, s.recent_keys, s.recent_values
-    key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = s.middle or (None,) * 6
-    num_sink, num_stored, num_recent, row_padding = s.num_sink, s.num_stored, s.num_recent, s.row_padding
+    num_sink, num_stored, num_recent = s.num_sink, s.num_stored, s.num_recent
     lay = s.layout
     key_nbits, value_nbits, q_group_size, axis_key, block_length = (
         lay.key_nbits, lay.value_nbits, lay.q_group_size, lay.axis_key, lay.block_length)
-    batch_size, num_heads, q_len, head_dim = query_states.shape
-    num_kv_heads = sink_keys.shape[1]
-    if q_len != 1:
-        raise ValueError(f"the decode kernel takes one query token, got query length {q_len}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
-    group = num_heads // num_kv_heads
-    why = check_supported(head_dim, group, key_nbits, q_group_size, query_states.dtype, value_nbits)
-    if why:
-        raise ValueError(f"the fused decode kernel does not support {why}")
-    if s.key_rotation is not None and tuple(s.key_rotation.shape) != (head_dim, head_dim):
-        raise ValueError(f"key_rotation has shape {tuple(s.key_rotation.shape)}; expected [{head_dim}, {head_dim}]")
-    if axis_key not in ("token", "channel"):
-        raise ValueError(f"axis_key must be 'token' or 'channel', got {axis_key!r}")
-    for name, t in (("sink_keys", sink_keys), ("sink_values", sink_values), ("recent_keys", recent_keys),
-                    ("recent_values", recent_values)):
-        if t.shape[0] != batch_size or t.shape[1] != num_kv_heads or t.shape[-1] != head_dim:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{batch_size}, {num_kv_heads}, *, {head_dim}]")
-        if t.dtype != query_states.dtype:
-            raise ValueError(f"{name} is {t.dtype} but the query is {query_states.dtype}")
-    if num_sink > sink_keys.shape[2] or num_recent > recent_keys.shape[2]:
-        raise ValueError(f"num_sink={num_sink} / num_recent={num_recent} exceed the sink / window capacity")
+    num_key_value_groups = _check_query(query_states, s)
+    _check_exact(query_states, s)
     config = _resolve(config or DecodeConfig(), axis_key, block_length)
+    batch_size, num_heads, _, head_dim = query_states.shape
+    num_kv_heads = s.sink_keys.shape[1]
     device = query_states.device
 
-    def last_contiguous(t: torch.Tensor) -> torch.Tensor:
-        return t if t.stride(-1) == 1 else t.contiguous()
-
-    query_states = last_contiguous(query_states)
-    # Rotated middle keys are read with the rotated query, (q R) . (k R) = q . k. With its +-1 form
-    # (key_rotation_signs) the middle programs rotate the query in their prologue; otherwise a float32
-    # matmul here does (the kernel rounds it to its dot dtype as it does the query).
-    middle_query, rotation = query_states, None
-    if s.key_rotation is not None and num_stored:
-        signs = s.key_rotation_signs
-        if config.rotate_in_kernel and signs is not None:
-            if tuple(signs.shape) != (head_dim, head_dim) or signs.dtype != query_states.dtype:
-                raise ValueError(f"key_rotation_signs is {signs.dtype} {tuple(signs.shape)}; expected "
-                                 f"{query_states.dtype} [{head_dim}, {head_dim}]")
-            rotation = signs
-        else:
-            query_states = query_states.contiguous()
-            middle_query = torch.matmul(query_states.float(), s.key_rotation.to(device=device, dtype=torch.float32))
-    sink_keys, sink_values = last_contiguous(sink_keys), last_contiguous(sink_values)
-    recent_keys, recent_values = last_contiguous(recent_keys), last_contiguous(recent_values)
-    if sink_keys.stride() != sink_values.stride():
-        sink_keys, sink_values = sink_keys.contiguous(), sink_values.contiguous()
-    if recent_keys.stride() != recent_values.stride():
-        recent_keys, recent_values = recent_keys.contiguous(), recent_values.contiguous()
-    if sink_keys.numel() == 0:  # no sink storage: hand the kernel any valid pointer (it loads nothing)
-        sink_keys = sink_values = recent_keys
-    if recent_keys.numel() == 0:
-        recent_keys = recent_values = sink_keys if sink_keys.numel() else query_states
-
-    if num_stored:
-        key_packed, value_packed = quant.packed_dim(head_dim, key_nbits), quant.packed_dim(head_dim, value_nbits)
-        if key_codes is None or key_codes.shape[-1] != key_packed or value_codes.shape[-1] != value_packed:
-            raise ValueError(f"key/value codes must have {key_packed}/{value_packed} packed bytes per token for "
-                             f"key_nbits={key_nbits}, value_nbits={value_nbits}")
-        if key_codes.shape[2] < num_stored:
-            raise ValueError(f"num_stored={num_stored} exceeds the middle capacity {key_codes.shape[2]}")
-        if value_codes.shape[:3] != key_codes.shape[:3]:  # the kernel addresses both rows with key_codes' rows
-            raise ValueError(f"value_codes {tuple(value_codes.shape)} and key_codes {tuple(key_codes.shape)} "
-                             "must have the same batch, heads and capacity")
-        if value_codes.shape[2] % block_length:
-            raise ValueError(f"the middle capacity {value_codes.shape[2]} is not whole blocks of {block_length} "
-                             "(value codes are stored block-major)")
-        key_codes, value_codes = key_codes.contiguous(), value_codes.contiguous()  # views of the store: no copy
-        key_scale, key_zero = last_contiguous(key_scale), last_contiguous(key_zero)
-        value_scale, value_zero = last_contiguous(value_scale), last_contiguous(value_zero)
-        if key_scale.stride() != key_zero.stride():
-            key_scale, key_zero = key_scale.contiguous(), key_zero.contiguous()
-        if value_scale.stride() != value_zero.stride():
-            value_scale, value_zero = value_scale.contiguous(), value_zero.contiguous()
-        expected_key_groups = head_dim if axis_key == "channel" else head_dim // q_group_size
-        if key_scale.shape[-1] != expected_key_groups or value_scale.shape[-1] != head_dim // q_group_size:
-            raise ValueError(
-                f"scale shapes {tuple(key_scale.shape)} / {tuple(value_scale.shape)} do not match "
-                f"axis_key={axis_key!r}, q_group_size={q_group_size}, head_dim={head_dim}"
-            )
-    else:  # no middle yet: placeholders of the right dtypes (the middle programs do not exist, but
-        # the kernel is compiled for these pointer types: a 16-bit "codes" pointer breaks the PTX code path)
-        key_codes = value_codes = torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=device)
-        key_scale = key_zero = value_scale = value_zero = torch.zeros(1, 1, 1, 1, dtype=torch.float16, device=device)
-    has_padding = row_padding is not None
-    if has_padding:
-        row_padding = row_padding.to(device=device, dtype=torch.int32).contiguous()
-    else:
-        row_padding = sink_keys  # unused
-    device_lengths = s.lengths is not None
-    lengths = s.lengths.to(device=device, dtype=torch.int32) if device_lengths else sink_keys  # unused without
+    query_states, middle_query, rotation = _middle_query(_last_contiguous(query_states), s, config)
+    sink_keys, sink_values, recent_keys, recent_values = _exact_operands(s, query_states)
+    key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = _middle_operands(s, head_dim, device)
+    row_padding, lengths = _length_operands(s, device, unused=sink_keys)
 
     chunk = _chunk(head_dim, value_nbits, q_group_size)
     num_splits, tokens_per_split = _splits(num_stored, batch_size * num_kv_heads, config, device)
@@ -309,8 +371,8 @@ def selective_decode_attention(
         value_codes.stride(0), value_codes.stride(1),
         key_scale.stride(0), key_scale.stride(1), key_scale.stride(2),
         value_scale.stride(0), value_scale.stride(1), value_scale.stride(2),
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEADS_PER_KV=num_key_value_groups,
+        HEADS_M=max(16, triton.next_power_of_2(num_key_value_groups)),
         HEAD_DIM=head_dim,
         KEY_NBITS=key_nbits,
         VALUE_NBITS=value_nbits,
@@ -318,13 +380,13 @@ def selective_decode_attention(
         KEY_PER_CHANNEL=axis_key == "channel",
         BLOCK_LENGTH=block_length,
         KEY_ROWS=_key_rows(config.block_n, block_length),
-        HAS_PADDING=has_padding,
-        DEVICE_LENGTHS=device_lengths,
+        HAS_PADDING=s.row_padding is not None,
+        DEVICE_LENGTHS=s.lengths is not None,
         MIN_SPLIT_TILES=_MIN_SPLIT_TILES,
         BLOCK_N=config.block_n,
         BLOCK_EXACT=config.block_exact,
         DOT_PRECISION="ieee" if query_states.dtype == torch.float32 else "tf32",
-        HEADS_N=max(8, triton.next_power_of_2(group)),
+        HEADS_N=max(8, triton.next_power_of_2(num_key_value_groups)),
         CHUNK=chunk,
         # per-channel keys: a whole bit plane; per-token keys: one plane and scale group
         KEY_CHUNK=(quant.plane_width(head_dim, key_nbits) if axis_key == "channel"

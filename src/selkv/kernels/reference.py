@@ -63,7 +63,7 @@ def selective_decode_attention(
     s = storage
     batch_size, num_heads, q_len, head_dim = query_states.shape
     num_kv_heads = s.num_key_value_heads
-    group = num_heads // num_kv_heads
+    num_key_value_groups = num_heads // num_kv_heads  # query heads per KV head (G below)
     dtype = query_states.dtype
     # sink + middle + window in one float32 buffer; the middle is dequantized straight into its slice,
     # rounded to the model's dtype first as the reference path does
@@ -79,7 +79,7 @@ def selective_decode_attention(
         )
     k[:, :, middle_end:] = s.recent_keys[:, :, : s.num_recent]  # [B, H, N, D]
     v[:, :, middle_end:] = s.recent_values[:, :, : s.num_recent]
-    q = query_states.float().reshape(batch_size, num_kv_heads, group * q_len, head_dim)  # [B, H, G, D]
+    q = query_states.float().reshape(batch_size, num_kv_heads, num_key_value_groups * q_len, head_dim)  # [B, H, G, D]
     scaling = head_dim**-0.5 if scaling is None else scaling
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, G, N]
     if s.row_padding is not None or s.lengths is not None:

@@ -7,15 +7,15 @@ One decode step (query length 1) attends over a layer's cache as it is stored::
 The kernels read the codes in registers and never write a 16-bit copy of the
 history: codes enter the dot products as float16 (1024 + code, by their bits)
 and scales, zeros and offsets are applied outside them (see the comment above
-``_plane_ptx``). Flash-decoding: the middle is split into chunks of
-``tokens_per_split`` tokens, one program per (chunk, batch row, KV head); one more
+``_plane_ptx``). Flash-decoding: the middle is cut into splits of
+``tokens_per_split`` tokens, one program per (split, batch row, KV head); one more
 program per (row, head) reads the 16-bit sink and window. One warp per program.
 Each program loads its keys/values once for all the query heads that share the KV
 head (GQA) and writes a partial output with its log-sum-exp; a second kernel,
 ``_merge_partials_kernel``, merges the partials.
 
 Reading order: ``_selective_decode_partial_kernel`` (the entry point) and its 16-bit tiles
-(``_exact_tile``), then the quantized middle (``_middle_chunk`` and its helpers), then the merge.
+(``_exact_tile``), then the quantized middle (``_middle_split`` and its helpers), then the merge.
 Kernels never allocate; the launcher validates, allocates and picks the meta-parameters.
 """
 
@@ -27,7 +27,7 @@ import triton.language as tl
 
 @triton.jit
 def _exact_tile(q, Keys, Values, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update of (m_i, l_i, acc) [GROUP_PAD heads] with one tile of 16-bit keys/values."""
+    """Online-softmax update of (m_i, l_i, acc) [HEADS_M heads] with one tile of 16-bit keys/values."""
     k = tl.load(Keys + offs, mask=valid[:, None], other=0.0)
     v = tl.load(Values + offs, mask=valid[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -78,22 +78,22 @@ def _selective_decode_partial_kernel(
     stride_ksb, stride_ksh, stride_ksn,
     stride_vsb, stride_vsh, stride_vsn,
     # meta-parameters
-    GROUP: tl.constexpr,  # query heads per KV head
-    GROUP_PAD: tl.constexpr,  # GROUP rounded up to a power of two >= 16 (tl.dot's smallest M)
+    HEADS_PER_KV: tl.constexpr,  # query heads per KV head (num_key_value_groups)
+    HEADS_M: tl.constexpr,  # HEADS_PER_KV rounded up to a power of two >= 16 (tl.dot's smallest M)
     HEAD_DIM: tl.constexpr,
     KEY_NBITS: tl.constexpr,
     VALUE_NBITS: tl.constexpr,
     Q_GROUP: tl.constexpr,  # channels per scale group (per-token groups)
-    KEY_PER_CHANNEL: tl.constexpr,  # keys grouped per channel over BLOCK_LENGTH tokens (KIVI)
-    BLOCK_LENGTH: tl.constexpr,  # the cache's block: tokens per key group (KEY_PER_CHANNEL), per value-code block
-    KEY_ROWS: tl.constexpr,  # key groups per middle tile (1 or 2: one scale row each); 0: a scale row per token
+    KEY_PER_CHANNEL: tl.constexpr,  # keys quantized per channel, one scale row per block of BLOCK_LENGTH tokens (KIVI)
+    BLOCK_LENGTH: tl.constexpr,  # the cache's block: tokens per key scale row (KEY_PER_CHANNEL), per value-code block
+    KEY_ROWS: tl.constexpr,  # key blocks per middle tile (1 or 2: one scale row each); 0: a scale row per token
     HAS_PADDING: tl.constexpr,
     DEVICE_LENGTHS: tl.constexpr,  # lengths from Lengths; the int lengths are capacities; the window is a ring
     MIN_SPLIT_TILES: tl.constexpr,  # with DEVICE_LENGTHS: tiles per middle program at least
     BLOCK_N: tl.constexpr,  # middle tokens per tile
     BLOCK_EXACT: tl.constexpr,  # 16-bit tokens per tile
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32), else "tf32" (ignored for 16-bit)
-    HEADS_N: tl.constexpr,  # GROUP rounded up to a power of two >= 8 (the middle's N dimension)
+    HEADS_N: tl.constexpr,  # HEADS_PER_KV rounded up to a power of two >= 8 (the middle's N dimension)
     CHUNK: tl.constexpr,  # channels per middle value chunk (one byte range, bit plane and scale group)
     KEY_CHUNK: tl.constexpr,  # channels per key chunk: CHUNK, or a whole bit plane for per-channel keys
     CODES_ASM: tl.constexpr,  # convert codes with inline PTX (CUDA only)
@@ -118,14 +118,14 @@ def _selective_decode_partial_kernel(
 
     if split == num_partials - 1:
         # ---- the 16-bit regions: sink, then the window (positions below this row's left padding masked)
-        offs_g = tl.arange(0, GROUP_PAD)
+        offs_hm = tl.arange(0, HEADS_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        head_ok = offs_g < GROUP
-        q_ptrs = Q + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=head_ok[:, None], other=0.0)  # [GROUP_PAD, D]
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        head_ok = offs_hm < HEADS_PER_KV
+        q_ptrs = Q + b * stride_qb + (h * HEADS_PER_KV + offs_hm)[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=head_ok[:, None], other=0.0)  # [HEADS_M, D]
+        m_i = tl.full([HEADS_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([HEADS_M], tl.float32)
+        acc = tl.zeros([HEADS_M, HEAD_DIM], tl.float32)
         first = 0
         if HAS_PADDING:
             first = tl.load(RowPadding + b)
@@ -146,7 +146,7 @@ def _selective_decode_partial_kernel(
             offs = recent_base + pos[:, None] * stride_rn + offs_d[None, :]
             m_i, l_i, acc = _exact_tile(q, RecentK, RecentV, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRECISION)
         # ---- partial result of the 16-bit program: normalized output and log2-sum-exp (-inf when empty)
-        row = (b * num_kv_heads * GROUP + h * GROUP + offs_g) * num_partials + split  # [GROUP_PAD]
+        row = (b * num_kv_heads * HEADS_PER_KV + h * HEADS_PER_KV + offs_hm) * num_partials + split  # [HEADS_M]
         has_any = l_i > 0.0
         out = acc / tl.where(has_any, l_i, 1.0)[:, None]
         lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
@@ -156,13 +156,13 @@ def _selective_decode_partial_kernel(
         first_stored = 0
         if HAS_PADDING:  # padding beyond the sink (a cache that was not given sink room for it)
             first_stored = tl.load(RowPadding + b) - num_sink
-        _middle_chunk(
+        _middle_split(
             QMiddle, Rotation, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
             b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, last_block,
             scale_log2, rotation_scale,
             stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_vcb, stride_vch,
             stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
-            GROUP, HEADS_N, HEAD_DIM, KEY_NBITS, VALUE_NBITS, Q_GROUP, CHUNK, KEY_CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS,
+            HEADS_PER_KV, HEADS_N, HEAD_DIM, KEY_NBITS, VALUE_NBITS, Q_GROUP, CHUNK, KEY_CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS,
             BLOCK_N,
             DOT_PRECISION, CODES_ASM, SCALE_PREFETCH, VALUE_DOT, ROTATE,
         )
@@ -170,7 +170,7 @@ def _selective_decode_partial_kernel(
 
 # ------------------------------------------------- the quantized middle
 #
-# Tokens go in the dot products' M dimension and the GROUP query heads of a KV head in N (padded to
+# Tokens go in the dot products' M dimension and the HEADS_PER_KV query heads of a KV head in N (padded to
 # HEADS_N >= 8), so one warp computes a [BLOCK_N tokens, heads] score tile with no padding in M.
 # Codes become 16-bit floats by their bits, 0x6400 | code = 1024 + code (exact in float16), and go
 # into the dots as they are; scales, zeros and the 1024 offset are applied outside them, on
@@ -339,7 +339,7 @@ def _rotated_query_chunk(qT_full, Rotation, rotation_scale, C: tl.constexpr, CHU
 @triton.jit
 def _folded_scores(codes, qT, KScale, KZero, row, OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
-    """[BLOCK_N, HEADS_N] scores of codes in one per-channel key group, its scale row folded into the query:
+    """[BLOCK_N, HEADS_N] scores of codes in one per-channel key block, its scale row folded into the query:
     q . (s * code + z) = (q * s) . (OFFSET + code) - OFFSET sum(q * s) + q . z."""
     ks = tl.load(KScale + row).to(tl.float32)
     kz = tl.load(KZero + row).to(tl.float32)
@@ -361,10 +361,10 @@ def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale
     codes = _load_chunk_codes(KCodes, row_offs, valid, C, CHUNK, HEAD_DIM, NBITS, DOT_DTYPE, ASM)
     offs_w = C * CHUNK + tl.arange(0, CHUNK)
     if KEY_PER_CHANNEL:
-        if KEY_ROWS == 1:  # the tile lies inside one key group: one scale row, folded into the query
+        if KEY_ROWS == 1:  # the tile lies inside one block: one scale row, folded into the query
             row = kscale_base + (start // BLOCK_LENGTH) * stride_ksn + offs_w
             return _folded_scores(codes, qT, KScale, KZero, row, OFFSET, DOT_DTYPE, DOT_PRECISION)
-        elif KEY_ROWS == 2:  # two key groups: both rows folded, each kept for its half of the tile (the codes
+        elif KEY_ROWS == 2:  # two blocks: both rows folded, each kept for its half of the tile (the codes
             # are converted once; only the small dots are doubled). A second row past the allocation is
             # read as the first: its tokens are past num_stored, masked.
             first = start // BLOCK_LENGTH
@@ -374,7 +374,7 @@ def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale
             s1 = _folded_scores(codes, qT, KScale, KZero, row1, OFFSET, DOT_DTYPE, DOT_PRECISION)
             first_half = tl.arange(0, codes.shape[0]) < BLOCK_LENGTH
             return tl.where(first_half[:, None], s0, s1)
-        else:  # tiles and key groups do not nest: dequantize with one scale row per token
+        else:  # tiles and blocks do not nest: dequantize with one scale row per token
             rows = kscale_base + (pos // BLOCK_LENGTH)[:, None] * stride_ksn + offs_w[None, :]
             ks = tl.load(KScale + rows, mask=valid[:, None], other=0.0).to(tl.float32)
             kz = tl.load(KZero + rows, mask=valid[:, None], other=0.0).to(tl.float32)
@@ -395,17 +395,17 @@ def _load_value_bytes(VCodes, code_base, start, pos, valid, last_block, offs_c, 
         # the tile lies inside one block, whose bytes are allocated (the store's capacity is whole
         # blocks): no mask, so the loads stay wide. Bytes past the stored tokens meet p = 0.
         in_block = tl.multiple_of(start % VALUE_BLOCK, BLOCK_N)  # tiles start at multiples of BLOCK_N
-        tile = code_base + (start // VALUE_BLOCK) * (VALUE_BLOCK * PACKED) + in_block
+        tile_start = code_base + (start // VALUE_BLOCK) * (VALUE_BLOCK * PACKED) + in_block
         offs_t = tl.arange(0, BLOCK_N)
-        bytes_ = tl.load(VCodes + tile + offs_c[:, None] * VALUE_BLOCK + offs_t[None, :])
+        bytes_ = tl.load(VCodes + tile_start + offs_c[:, None] * VALUE_BLOCK + offs_t[None, :])
     elif BLOCK_N == 2 * VALUE_BLOCK:
         # two whole blocks, each a contiguous run of VALUE_BLOCK tokens per byte column (no mask: wide
         # loads). A second block past the allocation is read as the first (its tokens meet p = 0).
         first = start // VALUE_BLOCK
         step = (tl.minimum(first + 1, last_block) - first) * (VALUE_BLOCK * PACKED)
         offs_t = tl.arange(0, BLOCK_N)
-        tile = code_base + first * (VALUE_BLOCK * PACKED)
-        bytes_ = tl.load(VCodes + tile + (offs_t // VALUE_BLOCK)[None, :] * step + offs_c[:, None] * VALUE_BLOCK
+        tile_start = code_base + first * (VALUE_BLOCK * PACKED)
+        bytes_ = tl.load(VCodes + tile_start + (offs_t // VALUE_BLOCK)[None, :] * step + offs_c[:, None] * VALUE_BLOCK
                          + (offs_t % VALUE_BLOCK)[None, :])
     else:  # tiles span blocks: one address per byte
         token = (pos // VALUE_BLOCK) * (VALUE_BLOCK * PACKED) + pos % VALUE_BLOCK
@@ -511,13 +511,13 @@ def _store_chunk(PartialOut, acc, rows, head_ok, l_safe, C: tl.constexpr, CHUNK:
 
 
 @triton.jit
-def _middle_chunk(
+def _middle_split(
     Q, Rotation, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
     b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, last_block,
     scale_log2, rotation_scale,
     stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_vcb, stride_vch,
     stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
-    GROUP: tl.constexpr, HEADS_N: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_NBITS: tl.constexpr,
+    HEADS_PER_KV: tl.constexpr, HEADS_N: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_NBITS: tl.constexpr,
     VALUE_NBITS: tl.constexpr,
     Q_GROUP: tl.constexpr, CHUNK: tl.constexpr, KEY_CHUNK: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr,
     BLOCK_LENGTH: tl.constexpr,
@@ -535,10 +535,10 @@ def _middle_chunk(
     offs_hn = tl.arange(0, HEADS_N)
     offs_w = tl.arange(0, KEY_CHUNK)
     offs_n = tl.arange(0, BLOCK_N)
-    head_ok = offs_hn < GROUP
+    head_ok = offs_hn < HEADS_PER_KV
     if ROTATE:  # Q is the query itself: rotate it here, once per program (no launch outside the kernel)
         offs_d = tl.arange(0, HEAD_DIM)
-        qT_full = tl.load(Q + b * stride_qb + (h * GROUP + offs_hn)[None, :] * stride_qh + offs_d[:, None],
+        qT_full = tl.load(Q + b * stride_qb + (h * HEADS_PER_KV + offs_hn)[None, :] * stride_qh + offs_d[:, None],
                           mask=head_ok[None, :], other=0.0)  # [HEAD_DIM, HEADS_N]
         rot_args = (qT_full, Rotation, rotation_scale)
         qT0, q_sum0 = _rotated_query_chunk(*rot_args, 0, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
@@ -546,7 +546,7 @@ def _middle_chunk(
         qT2, q_sum2 = _rotated_query_chunk(*rot_args, 2 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
         qT3, q_sum3 = _rotated_query_chunk(*rot_args, 3 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
     else:
-        q_ptrs = Q + b * stride_qb + (h * GROUP + offs_hn)[None, :] * stride_qh + offs_w[:, None]  # [KEY_CHUNK, HEADS_N]
+        q_ptrs = Q + b * stride_qb + (h * HEADS_PER_KV + offs_hn)[None, :] * stride_qh + offs_w[:, None]  # [KEY_CHUNK, HEADS_N]
         qT0, q_sum0 = _load_query_chunk(q_ptrs, head_ok, 0, KEY_CHUNK, DOT_DTYPE)
         qT1, q_sum1 = _load_query_chunk(q_ptrs, head_ok, 1 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
         qT2, q_sum2 = _load_query_chunk(q_ptrs, head_ok, 2 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
@@ -616,7 +616,7 @@ def _middle_chunk(
 
     # partial result: normalized output and log2-sum-exp (-inf for a program past the filled middle or whose
     # tokens are all padding)
-    rows = (b * num_kv_heads * GROUP + h * GROUP + offs_hn) * num_partials + split  # [HEADS_N]
+    rows = (b * num_kv_heads * HEADS_PER_KV + h * HEADS_PER_KV + offs_hn) * num_partials + split  # [HEADS_N]
     l_safe = tl.where(head_ok & (l_i > 0.0), l_i, 1.0)
     _store_chunk(PartialOut, acc0, rows, head_ok, l_safe, 0, CHUNK, HEAD_DIM)
     if NUM_CHUNKS > 1:
