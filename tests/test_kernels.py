@@ -674,3 +674,43 @@ def test_middle_dequantized_into_a_slice_equals_the_plain_formula(nbits, axis_ke
     for got in (returned, (buffers[0][:, :, 4 : 4 + num_stored], buffers[1][:, :, 4 : 4 + num_stored])):
         assert torch.equal(got[0], expected_keys) and torch.equal(got[1], expected_values)
     assert buffers[0][:, :, :4].isnan().all() and buffers[1][:, :, 4 + num_stored :].isnan().all()
+
+
+def test_offsets_go_wide_at_two_to_the_31_elements():
+    """The launcher asks for 64-bit offsets exactly when an element sits 2^31 or more past a tensor's start
+    (shapes and strides only: meta tensors hold no memory)."""
+    module = kernel_module()
+    narrow = torch.empty(2**31, dtype=torch.uint8, device="meta")
+    assert not module._wide_offsets(narrow)
+    assert module._wide_offsets(torch.empty(2**31 + 1, dtype=torch.uint8, device="meta"))
+    # a view's reach counts, not its element count: 2 rows 2^31 apart
+    assert module._wide_offsets(torch.empty(2**31 + 1, dtype=torch.uint8, device="meta").as_strided((2,), (2**31,)))
+
+
+@cuda_only
+def test_cuda_batch_past_two_to_the_31_code_bytes():
+    """A batch whose key codes pass 2^31 bytes (the last row starts at exactly 2^31): its last row reads what
+    the same row alone reads. With 32-bit offsets the last row's address wraps (an illegal access, or the
+    codes of another row)."""
+    module = kernel_module()
+    gen = torch.Generator().manual_seed(fresh_seed())
+    shape = dict(batch_size=1, num_kv_heads=8, head_dim=128, num_sink=4, num_stored=32768 - 64, num_recent=60,
+                 nbits=8, q_group_size=64, axis_key="token", block_length=64)
+    alone = make_storage(gen, dtype=torch.bfloat16, device="cuda", **shape)
+    assert alone.middle.key_codes[0].numel() == 2**31 // 64  # one row of key codes: 2^25 bytes
+    batch = 65
+
+    def widen(t):
+        t = t.expand(batch, *t.shape[1:]).contiguous()
+        if t.dtype == torch.uint8:  # the other rows hold other codes
+            t[:-1] ^= 0x5A
+        return t
+
+    wide = dataclasses.replace(alone, sink_keys=widen(alone.sink_keys), sink_values=widen(alone.sink_values),
+                               recent_keys=widen(alone.recent_keys), recent_values=widen(alone.recent_values),
+                               middle=alone.middle.map(widen))
+    assert module._wide_offsets(wide.middle.key_codes)
+    query = torch.randn(batch, 32, 1, 128, generator=gen).to("cuda", torch.bfloat16)
+    got = module.selective_decode_attention(query, wide)[-1:]
+    want = module.selective_decode_attention(query[-1:], alone)  # split otherwise: not bit-equal
+    assert relative_error(got, want.double().cpu()) < 1e-2

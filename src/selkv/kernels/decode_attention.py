@@ -95,6 +95,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _wide_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether an element of one of ``tensors`` sits 2^31 or more elements past its start: the kernel then
+    computes its offsets in 64 bits (32-bit offsets would wrap and read or write elsewhere)."""
+    return any(sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) >= 2**31 for t in tensors)
+
+
 def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
@@ -395,6 +401,8 @@ def selective_decode_attention(
         SCALE_PREFETCH=config.scale_prefetch,
         VALUE_DOT=VALUE_DOTS.index(config.value_dot),
         ROTATE=rotation is not None,
+        WIDE_OFFSETS=_wide_offsets(query_states, middle_query, sink_keys, recent_keys, key_codes, key_scale,
+                                   value_codes, value_scale, partial_out),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

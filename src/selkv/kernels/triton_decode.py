@@ -100,11 +100,15 @@ def _selective_decode_partial_kernel(
     SCALE_PREFETCH: tl.constexpr,  # load the next tile's per-token scales/zeros one tile ahead
     VALUE_DOT: tl.constexpr,  # operands of the middle's value dot (see _value_chunk_update)
     ROTATE: tl.constexpr,  # rotate the query in the middle programs' prologue (Rotation), not QMiddle
+    WIDE_OFFSETS: tl.constexpr,  # a tensor has 2^31 elements or more: 64-bit offsets (more registers)
 ):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
     h = pid_bh % num_kv_heads
+    if WIDE_OFFSETS:  # every offset derived from the row and head in 64 bits
+        b = b.to(tl.int64)
+        h = h.to(tl.int64)
     recent_start = 0
     if DEVICE_LENGTHS:
         # A captured decode step: the grid is sized from the capacities, the lengths are read here and
@@ -639,7 +643,7 @@ def _merge_partials_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,  # partials merged per step
 ):
-    pid = tl.program_id(0)  # b * num_heads + head
+    pid = tl.program_id(0).to(tl.int64)  # b * num_heads + head (64-bit: the partials can pass 2^31 elements)
     b = pid // num_heads
     head = pid % num_heads
     offs_s = tl.arange(0, BLOCK_S)
