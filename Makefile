@@ -36,9 +36,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/selkv demo
 
-# ruff's rules are in pyproject.toml ([tool.ruff.lint]).
+# ruff's rules are in pyproject.toml ([tool.ruff.lint]); the layout is ruff's formatter's (`ruff format` fixes it).
 lint: setup
 	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 
 test: lint
 	$(PY) -m pytest -q -n 2 tests

@@ -62,8 +62,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=48, help="decode steps per measurement (the demo's 48)")
     parser.add_argument("--rounds", type=int, default=7, help="rounds, the first one warm-up (default 7)")
-    parser.add_argument("--attn", nargs="+", default=["sdpa"], choices=["sdpa", "selkv"],
-                        help="attention implementations of the int8 rows (the full row always uses sdpa)")
+    parser.add_argument(
+        "--attn",
+        nargs="+",
+        default=["sdpa"],
+        choices=["sdpa", "selkv"],
+        help="attention implementations of the int8 rows (the full row always uses sdpa)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="print an op profile instead of timing")
     args = parser.parse_args()
@@ -80,8 +85,10 @@ def main() -> None:
     input_ids = encode_prompt(tokenizer, prompt)["input_ids"]
     full_spec, int8_spec = DEMO_CACHES
     rows = [("full", models["sdpa"], full_spec)] + [(f"int8 {attn}", models[attn], int8_spec) for attn in args.attn]
-    print(f"prompt {input_ids.shape[-1]} tokens, {args.steps} steps, {torch.get_num_threads()} threads, "
-          f"{models['sdpa'].dtype}")
+    print(
+        f"prompt {input_ids.shape[-1]} tokens, {args.steps} steps, {torch.get_num_threads()} threads, "
+        f"{models['sdpa'].dtype}"
+    )
     if args.profile:
         for _, model, spec in rows:
             profile_step(model, input_ids, spec)
@@ -91,17 +98,24 @@ def main() -> None:
     for round_idx in range(args.rounds):
         for name, model, spec in rows:
             seconds[name].append(decode_seconds(model, input_ids, spec, args.steps))
-        print(f"round {round_idx}: " + ", ".join(
-            f"{n} {args.steps / s[-1]['wall']:.1f} tok/s (cpu clock {args.steps / s[-1]['cpu']:.1f})"
-            for n, s in seconds.items()), flush=True)
+        print(
+            f"round {round_idx}: "
+            + ", ".join(
+                f"{n} {args.steps / s[-1]['wall']:.1f} tok/s (cpu clock {args.steps / s[-1]['cpu']:.1f})"
+                for n, s in seconds.items()
+            ),
+            flush=True,
+        )
     for clock in CLOCKS:
         print(f"--- {clock} clock, rounds 1-{args.rounds - 1}")
         full = [args.steps / t[clock] for t in seconds["full"][1:]]
         for name, times in seconds.items():
             speeds = [args.steps / t[clock] for t in times[1:]]
             ratios = [s / f for s, f in zip(speeds, full, strict=True)]
-            print(f"{name:12s} {statistics.median(speeds):6.1f} tok/s (spread {min(speeds):.1f}-{max(speeds):.1f}), "
-                  f"{statistics.median(ratios):.2f}x full (per-round ratios {min(ratios):.2f}-{max(ratios):.2f})")
+            print(
+                f"{name:12s} {statistics.median(speeds):6.1f} tok/s (spread {min(speeds):.1f}-{max(speeds):.1f}), "
+                f"{statistics.median(ratios):.2f}x full (per-round ratios {min(ratios):.2f}-{max(ratios):.2f})"
+            )
 
 
 if __name__ == "__main__":

@@ -51,9 +51,18 @@ FUSED = {  # name: (nbits, axis_key, q_group_size, block_length)
 ACCURACY_RMS = (1.0, 0.02)  # value RMS of the accuracy column
 
 
-def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: int, block: int = BLOCK,
-                   rotate: str = "none", device="cuda", dtype=torch.bfloat16,
-                   device_lengths: bool = False) -> DecodeStorage:
+def random_storage(
+    batch: int,
+    context: int,
+    nbits: int,
+    axis_key: str,
+    group: int,
+    block: int = BLOCK,
+    rotate: str = "none",
+    device="cuda",
+    dtype=torch.bfloat16,
+    device_lengths: bool = False,
+) -> DecodeStorage:
     """A cache of ``context`` tokens filled with random codes and scales (``rotate``: the middle's keys
     are read as rotated by that matrix, as a layer stores them).
 
@@ -73,8 +82,13 @@ def random_storage(batch: int, context: int, nbits: int, axis_key: str, group: i
         middle=random_middle(layout, B, H, D, num_stored, device),
         recent_keys=torch.randn(B, H, WINDOW + block, D, device=device, dtype=dtype),
         recent_values=torch.randn(B, H, WINDOW + block, D, device=device, dtype=dtype),
-        num_sink=SINK, num_stored=num_stored, num_recent=num_recent, layout=layout,
-        row_padding=None, lengths=lengths, key_rotation=quant.rotation_matrix(rotate, D, device),
+        num_sink=SINK,
+        num_stored=num_stored,
+        num_recent=num_recent,
+        layout=layout,
+        row_padding=None,
+        lengths=lengths,
+        key_rotation=quant.rotation_matrix(rotate, D, device),
         key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
     )
 
@@ -91,8 +105,9 @@ def parse_method(name: str, config=None, baseline=None):
     if name.endswith("}"):
         name, _, fields = name[:-1].partition(" {")
         base = config or kernels.DecodeConfig()
-        config = dataclasses.replace(base, **{k: _parse_field(k, v) for k, v in
-                                              (item.split("=") for item in fields.split(",") if item)})
+        config = dataclasses.replace(
+            base, **{k: _parse_field(k, v) for k, v in (item.split("=") for item in fields.split(",") if item)}
+        )
     key = name.replace("dequant+SDPA ", "fused ").removesuffix(" dev")
     return key, config, module
 
@@ -114,10 +129,12 @@ def layout_errors(name: str, device: str = "cuda", shape: dict | None = None, ba
     errors = {}
     for rms in ACCURACY_RMS:
         gen = torch.Generator(device).manual_seed(0)
-        storage, middle = kernel_precision.make_cache(gen, nbits, axis_key, group, block, rms, device=device,
-                                                      rotate=rotate[0] if rotate else "none", **shape)
-        query = torch.randn(shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen,
-                            device=device).to(shape["dtype"])
+        storage, middle = kernel_precision.make_cache(
+            gen, nbits, axis_key, group, block, rms, device=device, rotate=rotate[0] if rotate else "none", **shape
+        )
+        query = torch.randn(
+            shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen, device=device
+        ).to(shape["dtype"])
         scaling = shape["head_dim"] ** -0.5
         out = module.selective_decode_attention(query, storage, scaling=scaling, config=config).double()
         exact = kernel_precision.float64_attention(query, storage, scaling, middle)
@@ -166,24 +183,51 @@ def run(shapes, methods, config=None, check=True, baseline=None) -> list[dict]:
         v = torch.randn_like(k)
         sdpa = functools.partial(F.scaled_dot_product_attention, query, k, v, scale=scaling, enable_gqa=True)
         sdpa_bytes = 2 * k.numel() * 2 + query.numel() * 2
-        rows.append(dict(batch=batch, context=context, method="bf16 SDPA", ms=bench(sdpa), ms_graph=bench_graph(sdpa),
-                         bytes=sdpa_bytes))
+        rows.append(
+            dict(
+                batch=batch,
+                context=context,
+                method="bf16 SDPA",
+                ms=bench(sdpa),
+                ms_graph=bench_graph(sdpa),
+                bytes=sdpa_bytes,
+            )
+        )
         k = v = sdpa = None  # frees the tensors (sdpa holds them too)
         for name in methods:
             # "... dev": the lengths on the device, as a static cache's captured decode step reads them
             device_lengths = name.endswith(" dev")
             key, row_config, module = parse_method(name, config, baseline)
             nbits, axis_key, group, block, *rotate = FUSED[key]
-            args = random_storage(batch, context, nbits, axis_key, group, block, rotate=rotate[0] if rotate else "none",
-                                  device_lengths=device_lengths)
-            nbytes = kernels.bytes_read(batch, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, SINK + args.num_recent,
-                                        args.num_stored, nbits, group, axis_key, block)
+            args = random_storage(
+                batch,
+                context,
+                nbits,
+                axis_key,
+                group,
+                block,
+                rotate=rotate[0] if rotate else "none",
+                device_lengths=device_lengths,
+            )
+            nbytes = kernels.bytes_read(
+                batch,
+                NUM_HEADS,
+                NUM_KV_HEADS,
+                HEAD_DIM,
+                SINK + args.num_recent,
+                args.num_stored,
+                nbits,
+                group,
+                axis_key,
+                block,
+            )
             if name.startswith("dequant"):
                 fn = functools.partial(dequantize_sdpa, query, args, scaling)
                 ms, ms_graph = bench(fn), bench_graph(fn)
             else:
-                fn = functools.partial(module.selective_decode_attention, query, args, scaling=scaling,
-                                       config=row_config)
+                fn = functools.partial(
+                    module.selective_decode_attention, query, args, scaling=scaling, config=row_config
+                )
                 if check:
                     out = fn().float()
                     want = reference.selective_decode_attention(query, args, scaling=scaling).float()
@@ -194,9 +238,16 @@ def run(shapes, methods, config=None, check=True, baseline=None) -> list[dict]:
             args = fn = None  # frees the storage before the next method (fn holds it too)
             torch.cuda.empty_cache()
     for row in rows:
-        base = next(r["ms"] for r in rows if (r["batch"], r["context"], r["method"]) == (row["batch"], row["context"], "bf16 SDPA"))
-        base_graph = next(r["ms_graph"] for r in rows
-                          if (r["batch"], r["context"], r["method"]) == (row["batch"], row["context"], "bf16 SDPA"))
+        base = next(
+            r["ms"]
+            for r in rows
+            if (r["batch"], r["context"], r["method"]) == (row["batch"], row["context"], "bf16 SDPA")
+        )
+        base_graph = next(
+            r["ms_graph"]
+            for r in rows
+            if (r["batch"], r["context"], r["method"]) == (row["batch"], row["context"], "bf16 SDPA")
+        )
         row["gb_per_s"] = row["bytes"] / row["ms"] / 1e6
         row["speedup_vs_sdpa"] = base / row["ms"]
         row["speedup_vs_sdpa_graph"] = base_graph / row["ms_graph"]
@@ -219,8 +270,9 @@ def sweep(shapes) -> list[dict]:
                             splits = 0
                             if waves:
                                 splits = max(1, waves * 132 // (batch * NUM_KV_HEADS))
-                            cfg = kernels.DecodeConfig(block_n=block_n, num_warps=num_warps, num_stages=num_stages,
-                                                       num_splits=splits)
+                            cfg = kernels.DecodeConfig(
+                                block_n=block_n, num_warps=num_warps, num_stages=num_stages, num_splits=splits
+                            )
                             try:
                                 fn = functools.partial(kernels.selective_decode_attention, query, args, config=cfg)
                                 ms = bench(fn, 10, 40)
@@ -233,8 +285,17 @@ def sweep(shapes) -> list[dict]:
             default_ms = bench(functools.partial(kernels.selective_decode_attention, query, args, config=default))
             best_ms, best = results[0]
             print(f"sweep {name} {batch}x{context}: default {default_ms:.4f} ms, best {best_ms:.4f} ms {best}")
-            found.append(dict(method=name, batch=batch, context=context, default_ms=default_ms, best_ms=best_ms,
-                              best=best.__dict__, top5=[(ms, c.__dict__) for ms, c in results[:5]]))
+            found.append(
+                dict(
+                    method=name,
+                    batch=batch,
+                    context=context,
+                    default_ms=default_ms,
+                    best_ms=best_ms,
+                    best=best.__dict__,
+                    top5=[(ms, c.__dict__) for ms, c in results[:5]],
+                )
+            )
             args = fn = None
     return found
 
@@ -258,18 +319,34 @@ def table(rows, copy_gbs) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="decode_attention.json")
-    parser.add_argument("--shapes", default=",".join(f"{b}x{c}" for b, c in SHAPES), metavar="BATCHxCONTEXT,...",
-                        help="shapes to time (default: %(default)s)")
+    parser.add_argument(
+        "--shapes",
+        default=",".join(f"{b}x{c}" for b, c in SHAPES),
+        metavar="BATCHxCONTEXT,...",
+        help="shapes to time (default: %(default)s)",
+    )
     parser.add_argument("--sweep", action="store_true", help="only sweep launch parameters at (1, 32k) and (8, 32k)")
-    parser.add_argument("--methods", default="dequant+SDPA int8,fused int8,fused int4,fused int4 tok,fused int2,"
-                        "fused int4 spec")
-    parser.add_argument("--accuracy", action="store_true",
-                        help="add each fused layout's error vs float64 on keys with outlier channels (8 x 32k)")
-    parser.add_argument("--config", default="", metavar="FIELD=VALUE,...",
-                        help="DecodeConfig fields for the fused rows, e.g. programs_per_sm=10,block_n=64; one row's "
-                        "own fields follow its name in braces: 'fused int2 rot {block_n=32}'")
-    parser.add_argument("--baseline", metavar="FILE", help="another kernel module (e.g. the file before a change, "
-                        "benchmarks/kernel_precision.py --kernel): rows named '... (before)' run it, in the same process")
+    parser.add_argument(
+        "--methods", default="dequant+SDPA int8,fused int8,fused int4,fused int4 tok,fused int2,fused int4 spec"
+    )
+    parser.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="add each fused layout's error vs float64 on keys with outlier channels (8 x 32k)",
+    )
+    parser.add_argument(
+        "--config",
+        default="",
+        metavar="FIELD=VALUE,...",
+        help="DecodeConfig fields for the fused rows, e.g. programs_per_sm=10,block_n=64; one row's "
+        "own fields follow its name in braces: 'fused int2 rot {block_n=32}'",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="another kernel module (e.g. the file before a change, "
+        "benchmarks/kernel_precision.py --kernel): rows named '... (before)' run it, in the same process",
+    )
     args = parser.parse_args()
     import triton
 
@@ -295,16 +372,32 @@ def main() -> None:
         for row in rows:
             row.update(errors.get(row["method"], {}))
     result = dict(
-        date=datetime.date.today().isoformat(), gpu=props.name, torch=torch.__version__, triton=triton.__version__,
-        command="PYTHONPATH=src python " + " ".join(sys.argv), copy_gb_per_s=copy_gbs, baseline=args.baseline,
-        shape=dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype="bfloat16",
-                   sink=SINK, window=WINDOW, block=BLOCK, q_group_size=64),
-        config=vars(config), rows=rows,
+        date=datetime.date.today().isoformat(),
+        gpu=props.name,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        command="PYTHONPATH=src python " + " ".join(sys.argv),
+        copy_gb_per_s=copy_gbs,
+        baseline=args.baseline,
+        shape=dict(
+            num_heads=NUM_HEADS,
+            num_kv_heads=NUM_KV_HEADS,
+            head_dim=HEAD_DIM,
+            dtype="bfloat16",
+            sink=SINK,
+            window=WINDOW,
+            block=BLOCK,
+            q_group_size=64,
+        ),
+        config=vars(config),
+        rows=rows,
     )
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\n{props.name}, torch {torch.__version__}, triton {triton.__version__}; "
-          f"device-to-device copy {copy_gbs:.0f} GB/s (read + write)\n")
+    print(
+        f"\n{props.name}, torch {torch.__version__}, triton {triton.__version__}; "
+        f"device-to-device copy {copy_gbs:.0f} GB/s (read + write)\n"
+    )
     print(table(rows, copy_gbs))
 
 

@@ -117,8 +117,19 @@ class Decoder:
     model set its attention implementation before each round (None: as it is).
     """
 
-    def __init__(self, step, cache, first: torch.Tensor, *, rewind=None, restart: bool = False,
-                 position: int | None = None, captured: bool = False, model=None, attention: str | None = None):
+    def __init__(
+        self,
+        step,
+        cache,
+        first: torch.Tensor,
+        *,
+        rewind=None,
+        restart: bool = False,
+        position: int | None = None,
+        captured: bool = False,
+        model=None,
+        attention: str | None = None,
+    ):
         self.step, self.cache, self.first, self.tokens = step, cache, first, first
         self.rewind, self.restart, self.captured = rewind, restart, captured
         self.model, self.attention = model, attention
@@ -201,6 +212,7 @@ class Decoder:
             self._sync()
         device_us = sum(getattr(e, "self_device_time_total", 0) for e in profile.key_averages())
         return device_us / 1000 / steps, "profiler"
+
 
 def sleep_cycles_per_ms() -> float:
     """Clock cycles of ``torch.cuda._sleep`` per millisecond on this device."""
@@ -392,7 +404,9 @@ class Bench:
         self.cycles_per_ms = sleep_cycles_per_ms() if self.device == "cuda" else 0.0
         self.compile_ok = self.device == "cuda" or args.compile_on_cpu
         # memory held for the whole run, to try the grouping and the max-batch search on a "smaller card"
-        self.ballast = torch.empty(int(args.hold_gib * GIB), dtype=torch.uint8, device=self.device) if args.hold_gib else None
+        self.ballast = (
+            torch.empty(int(args.hold_gib * GIB), dtype=torch.uint8, device=self.device) if args.hold_gib else None
+        )
         torch._dynamo.config.cache_size_limit = 64  # every row and shape is one more specialization of the step
         if hasattr(torch._dynamo.config, "recompile_limit"):
             torch._dynamo.config.recompile_limit = 64
@@ -422,8 +436,9 @@ class Bench:
                 fill_static(cache, config, batch, context, device, dtype)
                 shared["static"] = cache
             step = compile_step(model, "reduce-overhead" if device == "cuda" else None, False)
-            return self._decoder(row, step, cache, batch, rewind=lambda: rewind(cache, context),
-                                 captured=device == "cuda")
+            return self._decoder(
+                row, step, cache, batch, rewind=lambda: rewind(cache, context), captured=device == "cuda"
+            )
         if row.kind == "captured":
             cache, step, rewind_lengths = captured_selkv(model, row.spec, batch, context, self.room(), device, dtype)
             return self._decoder(row, step, cache, batch, rewind=rewind_lengths, captured=device == "cuda")
@@ -458,11 +473,17 @@ class Bench:
         info["graph_breaks"] = new_breaks
         reused = 0  # a cache another row filled counts for this row too
         if shared_before is not None and decoder.cache is shared_before:
-            reused = sum(t.numel() * t.element_size() for layer in decoder.cache.layers for t in (layer.keys, layer.values))
+            reused = sum(
+                t.numel() * t.element_size() for layer in decoder.cache.layers for t in (layer.keys, layer.values)
+            )
         info["held_bytes"] = (torch.cuda.memory_allocated() - base + reused) if cuda else 0
         info["start_peak_bytes"] = (torch.cuda.max_memory_allocated() - base + reused) if cuda else 0
-        print(f"{batch}x{context} {row.key}: filled in {info['fill_s']:.0f} s, first step {info['first_step_s']:.0f} s, "
-              f"ready after {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"{batch}x{context} {row.key}: filled in {info['fill_s']:.0f} s, first step {info['first_step_s']:.0f} s, "
+            f"ready after {time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         return decoder, info
 
     # -- one shape -------------------------------------------------------------------------------------------
@@ -471,7 +492,9 @@ class Bench:
         run = ShapeRun(batch, context)
         runnable = self._runnable(rows, run)
         baseline, base_decoder = self._start_baseline(runnable, run)
-        pending = [row for row in runnable if row is not baseline and row.key not in run.skipped and row.kind != "reference"]
+        pending = [
+            row for row in runnable if row is not baseline and row.key not in run.skipped and row.kind != "reference"
+        ]
         group = 0
         while pending or group == 0:
             members = [(baseline, base_decoder)] if baseline is not None else []
@@ -596,9 +619,16 @@ class Bench:
         base_row = next((r for r in table if baseline is not None and r["key"] == baseline.key), None)
         for r in table:
             r["vs_baseline"] = speedup(r, base_row) if base_row else None
-        return dict(batch=batch, context=context, baseline=baseline.key if baseline else None,
-                    baseline_name=baseline.name if baseline else None, rows=table, groups=groups,
-                    skipped=run.skipped, notes=run.notes)
+        return dict(
+            batch=batch,
+            context=context,
+            baseline=baseline.key if baseline else None,
+            baseline_name=baseline.name if baseline else None,
+            rows=table,
+            groups=groups,
+            skipped=run.skipped,
+            notes=run.notes,
+        )
 
     def summarize(self, row: RowKind, result: dict, batch: int, context: int) -> dict:
         timings = result["timings"]
@@ -617,16 +647,33 @@ class Bench:
         peak = self.weights + max(info["start_peak_bytes"], info["held_bytes"] + transient)
         gpu = sorted(result["gpu"])[len(result["gpu"]) // 2] if result["gpu"] else (None, None)
         return dict(
-            key=row.key, name=row.name, spec=row.spec, attention=row.attention, compiled=row.compiled,
-            batch=batch, context=context, steps=steps, rounds=len(timings), round_ids=result["ids"],
-            seconds=median["seconds"], tokens_per_s=batch * steps / median["seconds"], ms_per_step=ms,
+            key=row.key,
+            name=row.name,
+            spec=row.spec,
+            attention=row.attention,
+            compiled=row.compiled,
+            batch=batch,
+            context=context,
+            steps=steps,
+            rounds=len(timings),
+            round_ids=result["ids"],
+            seconds=median["seconds"],
+            tokens_per_s=batch * steps / median["seconds"],
+            ms_per_step=ms,
             host_ms_per_step=1000 * median["host_seconds"] / steps,
-            gpu_ms_per_step=gpu[0], gpu_timing=gpu[1],
+            gpu_ms_per_step=gpu[0],
+            gpu_timing=gpu[1],
             round_tokens_per_s=[batch * steps / t["seconds"] for t in timings],
-            kv_read_bytes=kv_read, weights_read_bytes=self.weights_read, floor_ms=floor_ms,
-            floor_pct=100 * floor_ms / ms, peak_gib=peak / GIB if self.device == "cuda" else None,
-            kv_gib=kv_read / GIB, kv_allocated_gib=kv_held / GIB if kv_held is not None else None,
-            fill_s=info["fill_s"], first_step_s=info["first_step_s"], graph_breaks=info["graph_breaks"],
+            kv_read_bytes=kv_read,
+            weights_read_bytes=self.weights_read,
+            floor_ms=floor_ms,
+            floor_pct=100 * floor_ms / ms,
+            peak_gib=peak / GIB if self.device == "cuda" else None,
+            kv_gib=kv_read / GIB,
+            kv_allocated_gib=kv_held / GIB if kv_held is not None else None,
+            fill_s=info["fill_s"],
+            first_step_s=info["first_step_s"],
+            graph_breaks=info["graph_breaks"],
         )
 
     # -- largest batch ---------------------------------------------------------------------------------------
@@ -652,17 +699,29 @@ class Bench:
                 print(f"max batch at {context}: {path}: probe failed: {out[path]['error']}", flush=True)
                 release()
                 continue
-            found.update(context=context, how=how, estimate=guess, seconds=time.perf_counter() - started,
-                         cache_bytes_per_sequence=per_sequence, notes=notes)
+            found.update(
+                context=context,
+                how=how,
+                estimate=guess,
+                seconds=time.perf_counter() - started,
+                cache_bytes_per_sequence=per_sequence,
+                notes=notes,
+            )
             out[path] = found
-            print(f"max batch at {context}: {path}: {found['max_batch']} (fails at {found['fails_at']}, "
-                  f"probes {found['probes']}, {found['seconds']:.0f} s; {how})", flush=True)
+            print(
+                f"max batch at {context}: {path}: {found['max_batch']} (fails at {found['fails_at']}, "
+                f"probes {found['probes']}, {found['seconds']:.0f} s; {how})",
+                flush=True,
+            )
             release()
             if found["max_batch"] and self.args.throughput_steps:
                 try:
                     found["throughput"] = measure(found["max_batch"], self.args.throughput_steps, self.args.rounds)
-                    print(f"  throughput at batch {found['max_batch']}: "
-                          f"{found['throughput']['tokens_per_s']:.0f} tokens/s", flush=True)
+                    print(
+                        f"  throughput at batch {found['max_batch']}: "
+                        f"{found['throughput']['tokens_per_s']:.0f} tokens/s",
+                        flush=True,
+                    )
                 except Exception as error:
                     found["throughput"] = dict(error=failure(error))
                     print(f"  throughput at batch {found['max_batch']} not measured: {failure(error)}", flush=True)
@@ -757,13 +816,20 @@ def decode_rounds(step, cache, rewind_cache, first, context: int, steps: int, ro
     decoder.round(2)  # warm-up (a compiled step may specialize once more on its first calls)
     times = sorted(decoder.round(steps)["seconds"] for _ in range(rounds))
     seconds = times[len(times) // 2]
-    return dict(batch=first.shape[0], steps=steps, rounds=rounds, ms_per_step=1000 * seconds / steps,
-                tokens_per_s=first.shape[0] * steps / seconds, round_seconds=times)
+    return dict(
+        batch=first.shape[0],
+        steps=steps,
+        rounds=rounds,
+        ms_per_step=1000 * seconds / steps,
+        tokens_per_s=first.shape[0] * steps / seconds,
+        round_seconds=times,
+    )
 
 
 def add_ratios_to_full(found: dict) -> None:
     """Per path of a max-batch result: ``vs_full`` (largest batch over full's) and ``throughput_vs_full``
     (tokens/s at its largest batch over full's at full's), where both sides were measured."""
+
     def value(result: dict, key: str) -> float | None:
         if key == "max_batch":
             return result.get("max_batch") or None
@@ -779,20 +845,32 @@ def add_ratios_to_full(found: dict) -> None:
 
 def print_table(shape: dict, bandwidth: float) -> None:
     base = shape["baseline_name"] or "none"
-    print(f"\nbatch {shape['batch']} x {shape['context']} context; vs = tokens/s over {base} "
-          f"(median of per-round ratios); floor at {bandwidth / 1e12:.2f} TB/s copy bandwidth\n")
-    print(f"| row | tokens/s | vs {shape['baseline'] or '-'} | ms/step | host ms/step | GPU ms/step | floor ms | "
-          f"% of floor | peak GiB | KV GiB |")
+    print(
+        f"\nbatch {shape['batch']} x {shape['context']} context; vs = tokens/s over {base} "
+        f"(median of per-round ratios); floor at {bandwidth / 1e12:.2f} TB/s copy bandwidth\n"
+    )
+    print(
+        f"| row | tokens/s | vs {shape['baseline'] or '-'} | ms/step | host ms/step | GPU ms/step | floor ms | "
+        f"% of floor | peak GiB | KV GiB |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in shape["rows"]:
-        gpu = "-" if r["gpu_ms_per_step"] is None else f"{r['gpu_ms_per_step']:.1f}" + ("" if r["gpu_timing"] == "events" else "*")
+        gpu = (
+            "-"
+            if r["gpu_ms_per_step"] is None
+            else f"{r['gpu_ms_per_step']:.1f}" + ("" if r["gpu_timing"] == "events" else "*")
+        )
         vs = "-" if r["vs_baseline"] is None else f"{r['vs_baseline']:.2f}x"
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        print(f"| {r['name']} | {r['tokens_per_s']:.1f} | {vs} | {r['ms_per_step']:.2f} | {r['host_ms_per_step']:.2f} | "
-              f"{gpu} | {r['floor_ms']:.2f} | {r['floor_pct']:.0f} % | {peak} | {r['kv_gib']:.2f} |")
+        print(
+            f"| {r['name']} | {r['tokens_per_s']:.1f} | {vs} | {r['ms_per_step']:.2f} | {r['host_ms_per_step']:.2f} | "
+            f"{gpu} | {r['floor_ms']:.2f} | {r['floor_pct']:.0f} % | {peak} | {r['kv_gib']:.2f} |"
+        )
     if any(r["gpu_timing"] == "profiler" for r in shape["rows"]):
-        print("\n* summed kernel time from the profiler: the step synchronizes with the device, so events around "
-              "queued steps would time the host too")
+        print(
+            "\n* summed kernel time from the profiler: the step synchronizes with the device, so events around "
+            "queued steps would time the host too"
+        )
     for key, why in shape["skipped"].items():
         print(f"skipped {key}: {why}")
     for r in shape["rows"]:
@@ -804,29 +882,55 @@ def print_table(shape: dict, bandwidth: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
-                        help="BATCHxCONTEXT[,...] (default: %(default)s); 'none': only the max-batch search")
-    parser.add_argument("--rows", default=DEFAULT_ROWS, help="rows to run, comma-separated (default: %(default)s); "
-                        "also int2, int8-reference")
+    parser.add_argument(
+        "--shapes",
+        default=DEFAULT_SHAPES,
+        help="BATCHxCONTEXT[,...] (default: %(default)s); 'none': only the max-batch search",
+    )
+    parser.add_argument(
+        "--rows",
+        default=DEFAULT_ROWS,
+        help="rows to run, comma-separated (default: %(default)s); also int2, int8-reference",
+    )
     parser.add_argument("--steps", type=int, default=64, help="decode steps per timed round")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per row; the median counts")
     parser.add_argument("--reference-steps", type=int, default=6, help="steps of the slow reference row")
     parser.add_argument("--gpu-steps", type=int, default=4, help="steps queued behind a sleep for GPU ms/step")
-    parser.add_argument("--extra", action="append", default=[], metavar="SPEC",
-                        help="another selkv spec to run eager with the fused kernel (repeatable)")
-    parser.add_argument("--max-batch", default="full,int8,int4,int2",
-                        help="paths whose largest batch is measured (full,int8,int4,int3,int2; 'none' to skip)")
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="another selkv spec to run eager with the fused kernel (repeatable)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        default="full,int8,int4,int2",
+        help="paths whose largest batch is measured (full,int8,int4,int3,int2; 'none' to skip)",
+    )
     parser.add_argument("--max-batch-context", type=int, default=32768)
     parser.add_argument("--max-batch-budget-s", type=float, default=120.0, help="seconds per path for the search")
-    parser.add_argument("--throughput-steps", type=int, default=16,
-                        help="decode steps per round timed at each path's largest batch (0: no throughput)")
-    parser.add_argument("--reserve-gib", type=float, default=8.0,
-                        help="device memory kept free when packing rows into one group")
-    parser.add_argument("--layers", type=int, default=0, help="decoder layers (default: the model's; fewer to try the script)")
-    parser.add_argument("--hold-gib", type=float, default=0.0,
-                        help="device memory held for the whole run (to try grouping and max-batch on a smaller card)")
-    parser.add_argument("--quick", action="store_true",
-                        help="one shape (the first), 16 steps, no reference row, no max-batch search")
+    parser.add_argument(
+        "--throughput-steps",
+        type=int,
+        default=16,
+        help="decode steps per round timed at each path's largest batch (0: no throughput)",
+    )
+    parser.add_argument(
+        "--reserve-gib", type=float, default=8.0, help="device memory kept free when packing rows into one group"
+    )
+    parser.add_argument(
+        "--layers", type=int, default=0, help="decoder layers (default: the model's; fewer to try the script)"
+    )
+    parser.add_argument(
+        "--hold-gib",
+        type=float,
+        default=0.0,
+        help="device memory held for the whole run (to try grouping and max-batch on a smaller card)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="one shape (the first), 16 steps, no reference row, no max-batch search"
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU (a smoke test of this script)")
     parser.add_argument("--compile-on-cpu", action="store_true", help="with --tiny: compile the static sdpa row too")
     parser.add_argument("--out", default="decode_e2e.json")
@@ -860,20 +964,31 @@ def main() -> None:
         notes.append("hf-quanto:bits=4 skipped: a prefilled 32k QuantizedCache cannot be filled directly")
     else:
         notes.append("hf-quanto:bits=4 not run: optimum-quanto is not installed on this machine")
-    print(f"copy bandwidth {bench.bandwidth / 1e12:.3f} TB/s (read + write); weights {bench.weights / GIB:.2f} GiB, "
-          f"read per step {bench.weights_read / GIB:.2f} GiB", flush=True)
+    print(
+        f"copy bandwidth {bench.bandwidth / 1e12:.3f} TB/s (read + write); weights {bench.weights / GIB:.2f} GiB, "
+        f"read per step {bench.weights_read / GIB:.2f} GiB",
+        flush=True,
+    )
     import transformers
 
     result = dict(
         date=datetime.date.today().isoformat(),
         gpu=torch.cuda.get_device_name() if bench.device == "cuda" else "cpu",
-        torch=torch.__version__, transformers=transformers.__version__, triton=_version("triton"),
-        command="PYTHONPATH=src python " + " ".join(sys.argv), steps=args.steps, rounds=args.rounds,
-        layers=bench.config.num_hidden_layers, hold_gib=args.hold_gib,
-        copy_bandwidth_bytes_per_s=bench.bandwidth, weights_gib=bench.weights / GIB,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        triton=_version("triton"),
+        command="PYTHONPATH=src python " + " ".join(sys.argv),
+        steps=args.steps,
+        rounds=args.rounds,
+        layers=bench.config.num_hidden_layers,
+        hold_gib=args.hold_gib,
+        copy_bandwidth_bytes_per_s=bench.bandwidth,
+        weights_gib=bench.weights / GIB,
         weights_read_gib=bench.weights_read / GIB,
         total_memory_gib=torch.cuda.mem_get_info()[1] / GIB if bench.device == "cuda" else None,
-        shapes=[], max_batch={}, notes=notes,
+        shapes=[],
+        max_batch={},
+        notes=notes,
         method="caches filled directly with random data (no prefill); greedy steps through model(); rows take "
         "turns round by round (in groups that fit in memory, the baseline in every group); tokens/s from the "
         "median round; vs = median of per-round ratios to the baseline; GPU ms = CUDA events around steps queued "

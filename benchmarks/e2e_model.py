@@ -24,11 +24,24 @@ from selkv.models import cache_kwarg  # noqa: E402
 from selkv.testing import fill_layer  # noqa: E402
 
 LLAMA3_8B = dict(
-    hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
 )
-TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=256, vocab_size=512, max_position_embeddings=4096)
+TINY = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=256,
+    vocab_size=512,
+    max_position_embeddings=4096,
+)
 SPECS = {bits: f"quant:bits={bits},sink=4,window=124" for bits in (8, 4, 3, 2)}
 GIB = 2**30
 

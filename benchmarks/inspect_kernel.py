@@ -116,7 +116,9 @@ def _tool(name: str) -> str:
 def sass_of(compiled, path: str) -> str:
     with open(path + ".cubin", "wb") as f:
         f.write(compiled.asm["cubin"])
-    return subprocess.run([_tool("cuobjdump"), "-sass", path + ".cubin"], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        [_tool("cuobjdump"), "-sass", path + ".cubin"], capture_output=True, text=True, check=True
+    ).stdout
 
 
 _INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+(?:\.[A-Z0-9_.]+)?)([^;]*);")
@@ -146,8 +148,12 @@ def histogram(sass: str | list) -> dict[str, int]:
     for family, names in FAMILIES.items():
         out[family] = sum(n for op, n in ops.items() if op.split(".")[0] in names)
     for width in ("", ".64", ".128", ".U8", ".U16"):
-        out[f"LDG{width or '.32'}"] = sum(n for op, n in ops.items() if op.startswith("LDG") and
-                                          (op.endswith(width) if width else not re.search(r"\.(64|128|U8|U16|S8|S16)$", op)))
+        out[f"LDG{width or '.32'}"] = sum(
+            n
+            for op, n in ops.items()
+            if op.startswith("LDG")
+            and (op.endswith(width) if width else not re.search(r"\.(64|128|U8|U16|S8|S16)$", op))
+        )
     out["total"] = sum(ops.values())
     return out
 
@@ -177,16 +183,22 @@ def main() -> None:
     parser.add_argument("--quant", nargs="+", default=list(FUSED), help="names from decode_attention.FUSED")
     parser.add_argument("--block-n", type=int, nargs="*", default=[], help="override the config's block_n")
     parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--config", nargs="*", default=[""], metavar="FIELD=VALUE[,...]",
-                        help="DecodeConfig variants to compile, e.g. '' value_dot=folded (default: the defaults)")
+    parser.add_argument(
+        "--config",
+        nargs="*",
+        default=[""],
+        metavar="FIELD=VALUE[,...]",
+        help="DecodeConfig variants to compile, e.g. '' value_dot=folded (default: the defaults)",
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for name in args.quant:
         nbits, axis_key, group, block, *rotate = FUSED[name]
         for block_n, variant in itertools.product(args.block_n or [None], args.config):
-            storage = random_storage(1, args.context, nbits, axis_key, group, block,
-                                     rotate=rotate[0] if rotate else "none", device="cpu")
+            storage = random_storage(
+                1, args.context, nbits, axis_key, group, block, rotate=rotate[0] if rotate else "none", device="cpu"
+            )
             query = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
             config = kernels.DecodeConfig(**config_fields(variant))
             if block_n:
@@ -205,15 +217,18 @@ def main() -> None:
             sass = sass_of(compiled, base)
             with open(base + ".sass", "w") as f:
                 f.write(sass)
-            res = subprocess.run([_tool("cuobjdump"), "-res-usage", base + ".cubin"], capture_output=True, text=True).stdout
+            res = subprocess.run(
+                [_tool("cuobjdump"), "-res-usage", base + ".cubin"], capture_output=True, text=True
+            ).stdout
             regs = re.search(r"REG:(\d+)", res)
             stack = re.search(r"STACK:(\d+)", res)
             # the middle loop: the loop with the most instructions that reads uint8 codes
             body = max(loops(sass), key=len)
             hist = histogram(body)
             hist["warp-instr/token"] = round(hist["total"] * config.num_warps / config.block_n, 1)
-            rows.append((tag, regs.group(1) if regs else "?", stack.group(1) if stack else "?",
-                         compiled.metadata.shared, hist))
+            rows.append(
+                (tag, regs.group(1) if regs else "?", stack.group(1) if stack else "?", compiled.metadata.shared, hist)
+            )
     keys = list(rows[0][4])
     print("Instruction counts of the longest loop (the middle tiles), per warp and tile:")
     print("| kernel | regs | stack | smem | " + " | ".join(keys) + " |")

@@ -76,7 +76,8 @@ def load_kernels(path: str | None):
     if "s.key_codes" in Path(path).read_text(encoding="utf-8"):  # a launcher from before DecodeStorage.middle
         launch = module.selective_decode_attention
         module.selective_decode_attention = functools.wraps(launch)(
-            lambda query, storage, **kwargs: launch(query, flat_view(storage), **kwargs))
+            lambda query, storage, **kwargs: launch(query, flat_view(storage), **kwargs)
+        )
     return module
 
 
@@ -86,13 +87,27 @@ def flat_view(storage: DecodeStorage) -> types.SimpleNamespace:
     s = storage
     fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in ("middle", "layout")}
     middle = s.middle._asdict() if s.middle is not None else dict.fromkeys(MiddleTensors._fields)
-    return types.SimpleNamespace(**fields, **middle, **dataclasses.asdict(s.layout),
-                                 num_key_value_heads=s.num_key_value_heads)
+    return types.SimpleNamespace(
+        **fields, **middle, **dataclasses.asdict(s.layout), num_key_value_heads=s.num_key_value_heads
+    )
 
 
-def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: int, block_length: int,
-               value_rms: float, batch_size: int, num_kv_heads: int, head_dim: int, context: int,
-               dtype: torch.dtype, device: str, rotate: str = "none", **_) -> DecodeStorage:
+def make_cache(
+    gen: torch.Generator,
+    nbits: int,
+    axis_key: str,
+    q_group_size: int,
+    block_length: int,
+    value_rms: float,
+    batch_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    context: int,
+    dtype: torch.dtype,
+    device: str,
+    rotate: str = "none",
+    **_,
+) -> DecodeStorage:
     """Random keys (3 outlier channels) and values (RMS ``value_rms``), quantized as a layer stores them
     (middle keys rotated first when ``rotate`` is not "none")."""
     num_stored = (context - SINK - WINDOW) // block_length * block_length
@@ -115,15 +130,25 @@ def make_cache(gen: torch.Generator, nbits: int, axis_key: str, q_group_size: in
     rotation = quant.rotation_matrix(rotate, D, device)
     layout = MiddleLayout(nbits, nbits, q_group_size, axis_key, block_length, rotate)
     storage = DecodeStorage(
-        sink_keys=sink_keys, sink_values=sink_values, middle=quantize_middle(keys, values, layout, rotation),
-        recent_keys=recent_keys, recent_values=recent_values, num_sink=SINK, num_stored=num_stored,
-        num_recent=num_recent, layout=layout, row_padding=None, key_rotation=rotation, key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
+        sink_keys=sink_keys,
+        sink_values=sink_values,
+        middle=quantize_middle(keys, values, layout, rotation),
+        recent_keys=recent_keys,
+        recent_values=recent_values,
+        num_sink=SINK,
+        num_stored=num_stored,
+        num_recent=num_recent,
+        layout=layout,
+        row_padding=None,
+        key_rotation=rotation,
+        key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
     )
     return storage, (keys, values)
 
 
-def run_kernel(kernels, query: torch.Tensor, storage: DecodeStorage, scaling: float,
-               value_dot: str | None = None) -> torch.Tensor:
+def run_kernel(
+    kernels, query: torch.Tensor, storage: DecodeStorage, scaling: float, value_dot: str | None = None
+) -> torch.Tensor:
     """The launcher of ``kernels`` on ``storage`` (``value_dot``: that DecodeConfig.value_dot); a kernel
     file from before the DecodeStorage view (``--kernel``) takes the storage's fields as keyword arguments."""
     if value_dot is not None:
@@ -131,8 +156,11 @@ def run_kernel(kernels, query: torch.Tensor, storage: DecodeStorage, scaling: fl
         return kernels.selective_decode_attention(query, storage, scaling=scaling, config=config)
     if "storage" in inspect.signature(kernels.selective_decode_attention).parameters:
         return kernels.selective_decode_attention(query, storage, scaling=scaling)
-    fields = {name: value for name, value in vars(flat_view(storage)).items()
-              if name not in ("lengths", "rotate", "sym", "num_key_value_heads")}
+    fields = {
+        name: value
+        for name, value in vars(flat_view(storage)).items()
+        if name not in ("lengths", "rotate", "sym", "num_key_value_heads")
+    }
     return kernels.selective_decode_attention(query, **fields, scaling=scaling)
 
 
@@ -156,8 +184,13 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="small float16 case in Triton's CPU interpreter, no times")
     parser.add_argument("--kernel", default=None, help="a decode_attention.py to load instead of selkv's")
     parser.add_argument("--quant", nargs="+", default=list(QUANT), choices=list(QUANT))
-    parser.add_argument("--value-dot", nargs="+", default=[None], metavar="DOT",
-                        help="DecodeConfig.value_dot variants to compare (default: the kernel's default)")
+    parser.add_argument(
+        "--value-dot",
+        nargs="+",
+        default=[None],
+        metavar="DOT",
+        help="DecodeConfig.value_dot variants to compare (default: the kernel's default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not CPU and not torch.cuda.is_available():
@@ -172,10 +205,20 @@ def main() -> None:
         label = name if value_dot is None else f"{name} {value_dot}"
         for value_rms in VALUE_RMS:
             gen = torch.Generator(device).manual_seed(args.seed)  # the same draws at every RMS
-            cache, middle = make_cache(gen, nbits, axis_key, q_group_size, block_length, value_rms, device=device,
-                               rotate=rotate[0] if rotate else "none", **shape)
-            query = torch.randn(shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen,
-                                device=device).to(shape["dtype"])
+            cache, middle = make_cache(
+                gen,
+                nbits,
+                axis_key,
+                q_group_size,
+                block_length,
+                value_rms,
+                device=device,
+                rotate=rotate[0] if rotate else "none",
+                **shape,
+            )
+            query = torch.randn(
+                shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen, device=device
+            ).to(shape["dtype"])
             out = run_kernel(kernels, query, cache, scaling, value_dot)
             want = float64_attention(query, cache, scaling)
             error = ((out.double() - want).norm() / want.norm()).item()
@@ -188,16 +231,38 @@ def main() -> None:
                 step = functools.partial(run_kernel, kernels, query, cache, scaling, value_dot)
                 ms = do_bench_cudagraph(step, rep=200, return_mode="median")
                 del step  # it holds the cache, freed below
-            rows.append(dict(quant=label, value_dot=value_dot, rotate=rotate[0] if rotate else "none", nbits=nbits, axis_key=axis_key, q_group_size=q_group_size,
-                             block_length=block_length, value_rms=value_rms, rel_l2=error, rel_l2_vs_unquantized=error_quant, ms=ms,
-                             finite=bool(torch.isfinite(out).all())))
+            rows.append(
+                dict(
+                    quant=label,
+                    value_dot=value_dot,
+                    rotate=rotate[0] if rotate else "none",
+                    nbits=nbits,
+                    axis_key=axis_key,
+                    q_group_size=q_group_size,
+                    block_length=block_length,
+                    value_rms=value_rms,
+                    rel_l2=error,
+                    rel_l2_vs_unquantized=error_quant,
+                    ms=ms,
+                    finite=bool(torch.isfinite(out).all()),
+                )
+            )
             del cache, middle, out, want, exact  # free the 8 x 32k cache and the float64 copies before the next one
-            print(f"{label:18s} value RMS {value_rms:<6} rel. L2 {error:.2e} (vs unquantized {error_quant:.2e})"
-                  + (f"  {ms:.4f} ms" if ms else ""),
-                  flush=True)
-    meta = dict(shape={k: str(v) for k, v in shape.items()}, sink=SINK, window=WINDOW, seed=args.seed,
-                kernel=args.kernel or "selkv", device=torch.cuda.get_device_name() if not CPU else "cpu (interpreter)",
-                torch=torch.__version__, triton=__import__("triton").__version__)
+            print(
+                f"{label:18s} value RMS {value_rms:<6} rel. L2 {error:.2e} (vs unquantized {error_quant:.2e})"
+                + (f"  {ms:.4f} ms" if ms else ""),
+                flush=True,
+            )
+    meta = dict(
+        shape={k: str(v) for k, v in shape.items()},
+        sink=SINK,
+        window=WINDOW,
+        seed=args.seed,
+        kernel=args.kernel or "selkv",
+        device=torch.cuda.get_device_name() if not CPU else "cpu (interpreter)",
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
+    )
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\nrel. L2 error vs float64 ({meta['device']}; {args.kernel or 'selkv kernel'}):")

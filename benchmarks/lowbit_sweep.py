@@ -151,8 +151,10 @@ class Candidate:
 
     def __str__(self) -> str:
         default = Candidate()
-        return ",".join(f"{k}={v}" for k, v in asdict(self).items()
-                        if k in ("kbits", "vbits") or v != getattr(default, k)) or "kbits=2,vbits=2"
+        return (
+            ",".join(f"{k}={v}" for k, v in asdict(self).items() if k in ("kbits", "vbits") or v != getattr(default, k))
+            or "kbits=2,vbits=2"
+        )
 
     def outliers_per_block(self, head_dim: int) -> int:
         return round(self.outliers * self.block * head_dim)
@@ -169,9 +171,16 @@ def _round_outwards(value: torch.Tensor, direction: float) -> torch.Tensor:
     return torch.where(inexact, torch.nextafter(rounded, limit), rounded)
 
 
-def fake_quantize(x: torch.Tensor, nbits: int, group_size: int, dim: int = -1,
-                  keep: torch.Tensor | None = None, sym: bool = False, clip: float = 0.0,
-                  levels: str = "uniform") -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor,
+    nbits: int,
+    group_size: int,
+    dim: int = -1,
+    keep: torch.Tensor | None = None,
+    sym: bool = False,
+    clip: float = 0.0,
+    levels: str = "uniform",
+) -> torch.Tensor:
     """Quantize and dequantize ``x`` (float32) in groups of ``group_size`` along ``dim``, as ``quant.quantize``
     and ``quant.dequantize`` do (asymmetric, float16 scale and zero rounded outwards), for any ``nbits``
     (3 included). ``keep``: a bool mask like ``x`` of elements stored in 16 bits instead (float16-rounded),
@@ -226,8 +235,9 @@ def fake_quantize(x: torch.Tensor, nbits: int, group_size: int, dim: int = -1,
     return out
 
 
-def _dequantized_groups(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int,
-                        sym: bool, spacing: str = "uniform") -> torch.Tensor:
+def _dequantized_groups(
+    grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int, sym: bool, spacing: str = "uniform"
+) -> torch.Tensor:
     """``grouped`` ``[..., groups, size]`` quantized to ``levels + 1`` codes over ``[lo, hi]`` per group, dequantized."""
     if spacing == "normal":  # float16 range ends (rounded outwards), the table's levels between them
         if sym:
@@ -258,6 +268,7 @@ def _dequantized_groups(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tenso
 def normal_levels(count: int) -> torch.Tensor:
     """The ``count`` Lloyd-Max (least squared error) levels of a standard normal distribution, divided by the
     largest: ``count`` ascending floats in ``[-1, 1]``, the first -1 and the last 1."""
+
     def pdf(z):
         return math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
 
@@ -309,9 +320,15 @@ class Rope:
         return (x * cos - self._rotate_half(x) * sin) / norm
 
 
-def fake_quantize_middle(cand: Candidate, keys: torch.Tensor, values: torch.Tensor, *,
-                         positions: torch.Tensor | None = None, rope: Rope | None = None,
-                         scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fake_quantize_middle(
+    cand: Candidate,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    positions: torch.Tensor | None = None,
+    rope: Rope | None = None,
+    scores: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What the candidate's middle store reads back for whole blocks of tokens ``[B, H, n, D]`` (float32).
 
     ``cand`` is one layer's (``Candidate.for_layer``): its ``kbits``/``vbits`` are used, not ``layer_bits``.
@@ -422,8 +439,9 @@ class FakeQuantLayer(SelectiveLayer):
 
     retains_evicted = True
 
-    def __init__(self, cand: Candidate, layer_idx: int, rope: Rope | None = None,
-                 recorder: AttentionRecorder | None = None):
+    def __init__(
+        self, cand: Candidate, layer_idx: int, rope: Rope | None = None, recorder: AttentionRecorder | None = None
+    ):
         super().__init__(cand.sink, cand.window, cand.block)
         cand = cand.for_layer(layer_idx)
         self.cand, self.layer_idx, self.rope, self.recorder = cand, layer_idx, rope, recorder
@@ -492,13 +510,19 @@ def _layout(cand: Candidate, config, tokens: int, chunk: int) -> dict:
     buffers = [layer.sink_keys, layer.sink_values, layer.recent_keys, layer.recent_values]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in buffers}
     capacity = layer.middle.capacity
-    return {"bytes_16bit_held": sum(storages.values()), "capacity": capacity, "stored": layer.num_stored,
-            "heads": shape["num_key_value_heads"], "head_dim": shape["head_dim"],
-            "layers": shape["num_hidden_layers"]}
+    return {
+        "bytes_16bit_held": sum(storages.values()),
+        "capacity": capacity,
+        "stored": layer.num_stored,
+        "heads": shape["num_key_value_heads"],
+        "head_dim": shape["head_dim"],
+        "layers": shape["num_hidden_layers"],
+    }
 
 
 def middle_bytes_per_head(cand: Candidate, head_dim: int, capacity: int) -> dict[str, int]:
     """Bytes of one KV head's middle store of ``capacity`` tokens, by kind."""
+
     def codes(bits: int) -> int:
         return 2 * head_dim if bits >= 16 else -(-head_dim * bits // 8)
 
@@ -529,8 +553,14 @@ def held_bytes(cand: Candidate, config, tokens: int = 4096, chunk: int = 64) -> 
     rotation = len(rotations) * lay["head_dim"] ** 2 * (4 + 2)  # float32 matrix + bf16 signs, once per rotation
     allocated = lay["bytes_16bit_held"] * lay["layers"] + sum(parts.values()) + rotation
     full16 = lay["layers"] * lay["heads"] * 2 * lay["head_dim"] * tokens * 2
-    return {"allocated": allocated, "full16": full16, "compression": full16 / allocated,
-            "bytes_16bit": lay["bytes_16bit_held"] * lay["layers"], "rotation": rotation, **parts}
+    return {
+        "allocated": allocated,
+        "full16": full16,
+        "compression": full16 / allocated,
+        "bytes_16bit": lay["bytes_16bit_held"] * lay["layers"],
+        "rotation": rotation,
+        **parts,
+    }
 
 
 def spec_held_bytes(spec: str, config, tokens: int = 4096, chunk: int = 64) -> dict:
@@ -580,23 +610,42 @@ def load_ids(tokenizer, data: str, max_tokens: int) -> list[int]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Candidate fields (defaults; see Candidate): "
-                                     + ", ".join(f"{k}={v}" for k, v in asdict(Candidate()).items()))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Candidate fields (defaults; see Candidate): "
+        + ", ".join(f"{k}={v}" for k, v in asdict(Candidate()).items()),
+    )
     parser.add_argument("--model", default="smollm2-135m", help="model (default: the embedded smollm2-135m)")
-    parser.add_argument("--texts", default="pg19:4096,wikitext2:2048,pg19-dragons-blood:4096",
-                        help="comma-separated DATA:TOKENS (named sets of selkv eval perplexity; default %(default)s)")
+    parser.add_argument(
+        "--texts",
+        default="pg19:4096,wikitext2:2048,pg19-dragons-blood:4096",
+        help="comma-separated DATA:TOKENS (named sets of selkv eval perplexity; default %(default)s)",
+    )
     parser.add_argument("--chunk", type=int, default=64, help="tokens per forward pass (default 64)")
-    parser.add_argument("--baseline", action="append", default=[], metavar="SPEC",
-                        help="a library cache spec run through make_cache (full, quant:...); repeatable")
-    parser.add_argument("--cand", action="append", default=[], metavar="FIELDS",
-                        help="a fake-quantized candidate, e.g. kbits=2,vbits=2,prerope=1; repeatable")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a library cache spec run through make_cache (full, quant:...); repeatable",
+    )
+    parser.add_argument(
+        "--cand",
+        action="append",
+        default=[],
+        metavar="FIELDS",
+        help="a fake-quantized candidate, e.g. kbits=2,vbits=2,prerope=1; repeatable",
+    )
     parser.add_argument("--bytes-only", action="store_true", help="print bytes held at --size-tokens and stop")
     parser.add_argument("--size-tokens", type=int, default=4096, help="tokens for bytes held (default 4096)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lowbit_sweep.json"),
-                        help="JSON of results; rows already in it are skipped (default %(default)s)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results/lowbit_sweep.json"),
+        help="JSON of results; rows already in it are skipped (default %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
@@ -610,7 +659,11 @@ def main(argv=None) -> int:
     rows = [("spec", s) for s in args.baseline] + [("cand", c) for c in cands]
     sizes = {}
     for kind, item in rows:
-        b = spec_held_bytes(item, config, args.size_tokens) if kind == "spec" else held_bytes(item, config, args.size_tokens)
+        b = (
+            spec_held_bytes(item, config, args.size_tokens)
+            if kind == "spec"
+            else held_bytes(item, config, args.size_tokens)
+        )
         sizes[str(item)] = {"allocated": b["allocated"], "full16": b["full16"], "compression": b["compression"]}
         print(f"{b['compression']:6.3f}x  {kind:4s} {item}")
     if args.bytes_only:
@@ -620,16 +673,27 @@ def main(argv=None) -> int:
     from selkv.models import load_model
 
     results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": {}}
-    results.update({"model": args.model, "dtype": "float32", "chunk": args.chunk, "size_tokens": args.size_tokens,
-                    "command": " ".join(["benchmarks/lowbit_sweep.py", *(argv if argv is not None else sys.argv[1:])])})
+    results.update(
+        {
+            "model": args.model,
+            "dtype": "float32",
+            "chunk": args.chunk,
+            "size_tokens": args.size_tokens,
+            "command": " ".join(["benchmarks/lowbit_sweep.py", *(argv if argv is not None else sys.argv[1:])]),
+        }
+    )
     model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
     model.set_attn_implementation(register_attention())
     texts = []
     for item in args.texts.split(","):
         data, _, count = item.rpartition(":")
         texts.append((data, int(count), load_ids(tokenizer, data, int(count))))
-    todo = [(kind, item, data, count, ids) for kind, item in rows for data, count, ids in texts
-            if f"{data}:{count}" not in results["rows"].get(str(item), {}).get("texts", {})]
+    todo = [
+        (kind, item, data, count, ids)
+        for kind, item in rows
+        for data, count, ids in texts
+        if f"{data}:{count}" not in results["rows"].get(str(item), {}).get("texts", {})
+    ]
     for kind, item, data, count, ids in progress(todo, desc="lowbit sweep", unit="run"):
         started = time.perf_counter()
         scored = score(model, ids, args.chunk, **({"spec": item} if kind == "spec" else {"cand": item}))

@@ -123,8 +123,11 @@ def python_profile(step, tokens, steps: int, device: str, name: str, out: str) -
 def eager_runs(model, args, device, dtype):
     """``(name, step(tokens) -> tokens)`` for the full cache (sdpa) and selkv int8 / int4, eager; each step
     holds its cache."""
-    runs = (("full", "full", "sdpa"), ("int8", "quant:bits=8,sink=4,window=124", "selkv"),
-            ("int4", "quant:bits=4,sink=4,window=124", "selkv"))
+    runs = (
+        ("full", "full", "sdpa"),
+        ("int8", "quant:bits=8,sink=4,window=124", "selkv"),
+        ("int4", "quant:bits=4,sink=4,window=124", "selkv"),
+    )
     for name, spec, attention in runs:
         if name not in args.caches:
             continue
@@ -154,10 +157,13 @@ def compiled_runs(model, args, device, dtype):
     for bits in (8, 4, 2):
         if f"int{bits}" not in args.caches:
             continue
-        cache, step, _ = captured_selkv(model, f"quant:bits={bits}", args.batch, args.context, room, device, dtype,
-                                        graphs=False)
-        yield f"int{bits}-compiled", lambda tokens, cache=cache, step=step: step(tokens, cache, None).argmax(
-            -1, keepdim=True)
+        cache, step, _ = captured_selkv(
+            model, f"quant:bits={bits}", args.batch, args.context, room, device, dtype, graphs=False
+        )
+        yield (
+            f"int{bits}-compiled",
+            lambda tokens, cache=cache, step=step: step(tokens, cache, None).argmax(-1, keepdim=True),
+        )
 
 
 def main() -> None:
@@ -167,11 +173,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU (a smoke test of this script)")
     parser.add_argument("--out", default="profile_e2e")
-    parser.add_argument("--captured", action="store_true",
-                        help="profile the compiled static-cache steps (flex full cache, selkv int8/int4/int2)")
-    parser.add_argument("--caches", default=None,
-                        help="caches to profile, comma-separated (default: all; full,int8,int4 eager; "
-                             "static-flex,int8,int4,int2 with --captured)")
+    parser.add_argument(
+        "--captured",
+        action="store_true",
+        help="profile the compiled static-cache steps (flex full cache, selkv int8/int4/int2)",
+    )
+    parser.add_argument(
+        "--caches",
+        default=None,
+        help="caches to profile, comma-separated (default: all; full,int8,int4 eager; "
+        "static-flex,int8,int4,int2 with --captured)",
+    )
     args = parser.parse_args()
     known = ("static-flex", "int8", "int4", "int2") if args.captured else ("full", "int8", "int4")
     args.caches = known if args.caches is None else tuple(args.caches.split(","))
@@ -185,8 +197,13 @@ def main() -> None:
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     sort_device = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    summary = dict(command="PYTHONPATH=src python " + " ".join(sys.argv), batch=args.batch, context=args.context,
-                   steps=args.steps, caches={})
+    summary = dict(
+        command="PYTHONPATH=src python " + " ".join(sys.argv),
+        batch=args.batch,
+        context=args.context,
+        steps=args.steps,
+        caches={},
+    )
     runs = eager_runs(model, args, device, dtype) if not args.captured else compiled_runs(model, args, device, dtype)
     for name, step in runs:  # the generator builds the next cache as the loop moves on
         tokens = torch.randint(0, model.config.vocab_size, (args.batch, 1), device=device)
@@ -220,9 +237,11 @@ def main() -> None:
         prof.export_chrome_trace(trace)
         gaps = idle_gaps(trace)
         summary["caches"][name] = dict(
-            wall_ms_per_step=round(1000 * wall, 1), idle_gaps_over_1ms=gaps,
+            wall_ms_per_step=round(1000 * wall, 1),
+            idle_gaps_over_1ms=gaps,
             wall_ms_per_step_without_gaps=round(1000 * wall - sum(g["ms"] for g in gaps) / args.steps, 1),
-            device_ms_per_step=round(device_ms, 3), device_ms_per_step_by_kind=by_kind,
+            device_ms_per_step=round(device_ms, 3),
+            device_ms_per_step_by_kind=by_kind,
             kernels_ms_per_step=kernels,
         )
         print(f"{name}: idle gaps over 1 ms (no CPU operator running): {gaps}", flush=True)
@@ -232,8 +251,9 @@ def main() -> None:
         with open(os.path.join(args.out, "summary.json"), "w") as f:  # after every cache: a cut-off run keeps these
             json.dump(summary, f, indent=1)
     if not summary["caches"]:
-        sys.exit(f"profile_e2e.py: nothing profiled: {', '.join(args.caches)} ran nowhere here "
-                 "(static-flex needs CUDA)")
+        sys.exit(
+            f"profile_e2e.py: nothing profiled: {', '.join(args.caches)} ran nowhere here (static-flex needs CUDA)"
+        )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,14 @@ from selkv.sizing import cache_size
 from selkv.upstream import falcon_uses_attention_interface
 
 # Every config: 2 layers, 4 attention heads, a 256-token vocabulary.
-_COMMON = {"vocab_size": 256, "num_hidden_layers": 2, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-           "max_position_embeddings": 512}
+_COMMON = {
+    "vocab_size": 256,
+    "num_hidden_layers": 2,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "max_position_embeddings": 512,
+}
 
 
 def _llama_like(name: str, **settings):
@@ -54,25 +60,40 @@ ARCHITECTURES = {
     # Falcon-7B: multi-query attention caches one KV head.
     "falcon": _other("FalconConfig", hidden_size=64, num_attention_heads=4),
     # Falcon-40B: 2 KV groups (broadcast to every head before the cache up to transformers 5.24).
-    "falcon-new-arch": _other("FalconConfig", hidden_size=64, num_attention_heads=4, num_kv_heads=2,
-                              new_decoder_architecture=True),
+    "falcon-new-arch": _other(
+        "FalconConfig", hidden_size=64, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True
+    ),
     "olmo2": _llama_like("Olmo2Config"),
     "granite": _llama_like("GraniteConfig"),
     "smollm3": _llama_like("SmolLM3Config"),
     "cohere": _llama_like("CohereConfig"),
     # StableLM-3B's head_dim, 80 (as Phi-2's and Pythia-2.8B's).
     "stablelm": _llama_like("StableLmConfig", hidden_size=320, num_key_value_heads=4),
-    "qwen2-moe": _llama_like("Qwen2MoeConfig", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                             shared_expert_intermediate_size=32),
+    "qwen2-moe": _llama_like(
+        "Qwen2MoeConfig",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+    ),
 }
 
 # Refused: layers selkv has no cache for (linear attention). `full` still works there.
 REFUSED = {
     "qwen3-next": (
-        _llama_like("Qwen3NextConfig", head_dim=16, linear_num_value_heads=2, linear_num_key_heads=2,
-                    linear_key_head_dim=16, linear_value_head_dim=16, num_experts=2, num_experts_per_tok=1,
-                    moe_intermediate_size=32, shared_expert_intermediate_size=32,
-                    layer_types=["linear_attention", "full_attention"]),
+        _llama_like(
+            "Qwen3NextConfig",
+            head_dim=16,
+            linear_num_value_heads=2,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            num_experts=2,
+            num_experts_per_tok=1,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            layer_types=["linear_attention", "full_attention"],
+        ),
         "this model also has linear_attention layers",
     ),
 }
@@ -107,9 +128,15 @@ def make_model(name: str, attn: str = "default"):
 def greedy(model, input_ids, attention_mask, spec, max_new_tokens=6):
     cache = selkv.make_cache(spec, model.config)
     with torch.no_grad():
-        out = model.generate(input_ids, attention_mask=attention_mask, **{cache_kwarg(model): cache},
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    return out[:, input_ids.shape[1]:]
+        out = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            **{cache_kwarg(model): cache},
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, input_ids.shape[1] :]
 
 
 def left_padded(lengths):
@@ -118,8 +145,8 @@ def left_padded(lengths):
     input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
     attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
     for row, length in enumerate(lengths):
-        input_ids[row, width - length:] = torch.randint(3, 256, (length,))
-        attention_mask[row, width - length:] = 1
+        input_ids[row, width - length :] = torch.randint(3, 256, (length,))
+        attention_mask[row, width - length :] = 1
     return input_ids, attention_mask
 
 
@@ -172,8 +199,8 @@ def test_int8_teacher_forced_logits_are_close_to_full(name):
     def logits(spec):
         cache = selkv.make_cache(spec, model.config)
         with torch.no_grad():  # chunks of 8, then one token at a time: every chunk reads the compressed cache
-            steps = [forward_with_cache(model, cache, input_ids[:, i:i + 8]).logits for i in range(0, 32, 8)]
-            steps += [forward_with_cache(model, cache, input_ids[:, i:i + 1]).logits for i in range(32, 40)]
+            steps = [forward_with_cache(model, cache, input_ids[:, i : i + 8]).logits for i in range(0, 32, 8)]
+            steps += [forward_with_cache(model, cache, input_ids[:, i : i + 1]).logits for i in range(32, 40)]
         return torch.cat(steps, dim=1), cache
 
     reference, _ = logits("full")

@@ -25,16 +25,26 @@ def _greedy(attn_implementation: str, spec: str, device: str, dtype: torch.dtype
     cache = make_cache(spec, model.config)
     with torch.no_grad():
         out = model.generate(
-            prompts.to(device), attention_mask=None if mask is None else mask.to(device), **{cache_kwarg(model): cache},
-            max_new_tokens=24, do_sample=False, pad_token_id=0,
+            prompts.to(device),
+            attention_mask=None if mask is None else mask.to(device),
+            **{cache_kwarg(model): cache},
+            max_new_tokens=24,
+            do_sample=False,
+            pad_token_id=0,
         )
     layer = cache.layers[0]
     return out.cpu(), layer
 
-SPECS = ["quant:bits=4,sink=2,window=8,block=4", "quant:bits=8,sink=3,window=5,block=2,key_axis=token",
-         "quant:kbits=4,vbits=2,sink=2,window=8,block=4", "quant:kbits=2,vbits=8,sink=2,window=8,block=4,key_axis=token",
-         "quant:bits=4,sink=2,window=8,block=4,key_axis=token,group=16,rotate=hadamard",
-         "quant:bits=3,sink=2,window=8,block=4", "quant:kbits=3,vbits=2,sink=2,window=8,block=4"]
+
+SPECS = [
+    "quant:bits=4,sink=2,window=8,block=4",
+    "quant:bits=8,sink=3,window=5,block=2,key_axis=token",
+    "quant:kbits=4,vbits=2,sink=2,window=8,block=4",
+    "quant:kbits=2,vbits=8,sink=2,window=8,block=4,key_axis=token",
+    "quant:bits=4,sink=2,window=8,block=4,key_axis=token,group=16,rotate=hadamard",
+    "quant:bits=3,sink=2,window=8,block=4",
+    "quant:kbits=3,vbits=2,sink=2,window=8,block=4",
+]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -53,9 +63,9 @@ def test_selkv_attention_registered_for_from_config():
 
     import selkv  # noqa: F401
 
-
     model = AutoModelForCausalLM.from_config(tiny_llama_config(), attn_implementation="selkv")
     assert model.config._attn_implementation == "selkv"
+
 
 LOSSLESS = "quant:bits=8,sink=4,window=300"  # nothing leaves the window: equal to the full cache
 
@@ -112,10 +122,15 @@ def test_selkv_attention_reads_padding_from_the_mask(selkv_llama):
     cache = selkv.make_cache(LOSSLESS, selkv_llama.config)
     batch = decode_logits(selkv_llama, cache, input_ids, attention_mask)
     for i, row in enumerate(rows):
-        alone = decode_logits(selkv_llama, selkv.make_cache(LOSSLESS, selkv_llama.config), torch.tensor([row]),
-                              torch.ones(1, len(row), dtype=torch.long))
-        torch.testing.assert_close(batch[i], alone[0], **TOLERANCES["lossless_fp32"],
-                                   msg=lambda m, i=i: f"row {i}\n{m}")
+        alone = decode_logits(
+            selkv_llama,
+            selkv.make_cache(LOSSLESS, selkv_llama.config),
+            torch.tensor([row]),
+            torch.ones(1, len(row), dtype=torch.long),
+        )
+        torch.testing.assert_close(
+            batch[i], alone[0], **TOLERANCES["lossless_fp32"], msg=lambda m, i=i: f"row {i}\n{m}"
+        )
 
 
 @pytest.mark.parametrize("track", [False, True])
@@ -142,8 +157,14 @@ def test_generate_with_padding_and_selkv_attention(selkv_llama, sdpa_llama):
     for name, model in (("selkv", selkv_llama), ("sdpa", sdpa_llama)):
         cache = selkv.make_cache(LOSSY, model.config)
         with torch.no_grad():
-            out = model.generate(input_ids, attention_mask=attention_mask, **{cache_kwarg(model): cache}, max_new_tokens=12,
-                                 do_sample=False, pad_token_id=0)
+            out = model.generate(
+                input_ids,
+                attention_mask=attention_mask,
+                **{cache_kwarg(model): cache},
+                max_new_tokens=12,
+                do_sample=False,
+                pad_token_id=0,
+            )
         tokens[name] = out[:, input_ids.shape[1] :]
     assert torch.equal(tokens["selkv"], tokens["sdpa"])
 
@@ -177,8 +198,11 @@ def test_reset_cache_behaves_like_a_new_one(attn):
     cache = selkv.make_cache(spec, model.config)
     decode_logits(model, cache, *left_pad(random_rows(30, 9)))
     # Another batch size without a mask (the hook sees nothing), the first size without padding, other padding.
-    batches = [(torch.randint(3, 256, (3, 20)), None), (torch.randint(3, 256, (2, 25)), None),
-               left_pad(random_rows(14, 26))]
+    batches = [
+        (torch.randint(3, 256, (3, 20)), None),
+        (torch.randint(3, 256, (2, 25)), None),
+        left_pad(random_rows(14, 26)),
+    ]
     for input_ids, attention_mask in batches:
         cache.reset()
         reused = decode_logits(model, cache, input_ids, attention_mask)

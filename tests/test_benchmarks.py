@@ -23,8 +23,14 @@ sys.path.insert(0, BENCHMARKS)
 
 def _run(script: str, *args: str) -> str:
     env = dict(os.environ, PYTHONPATH=os.path.join(BENCHMARKS, "..", "src"), SELKV_NO_PROGRESS="1")
-    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args], check=True, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, script), *args],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return done.stdout
 
 
@@ -42,10 +48,13 @@ def test_speedup_pairs_rounds_by_id_across_groups():
     from decode_e2e import speedup
 
     # The baseline ran in two groups; the row only in the second: it pairs with rounds 1.0-1.2, not 0.x.
-    base = dict(rounds=6, round_ids=["0.0", "0.1", "0.2", "1.0", "1.1", "1.2"],
-                round_tokens_per_s=[10.0, 10.0, 10.0, 100.0, 50.0, 80.0], tokens_per_s=50.0)
-    row = dict(rounds=3, round_ids=["1.0", "1.1", "1.2"], round_tokens_per_s=[300.0, 100.0, 200.0],
-               tokens_per_s=200.0)
+    base = dict(
+        rounds=6,
+        round_ids=["0.0", "0.1", "0.2", "1.0", "1.1", "1.2"],
+        round_tokens_per_s=[10.0, 10.0, 10.0, 100.0, 50.0, 80.0],
+        tokens_per_s=50.0,
+    )
+    row = dict(rounds=3, round_ids=["1.0", "1.1", "1.2"], round_tokens_per_s=[300.0, 100.0, 200.0], tokens_per_s=200.0)
     assert speedup(row, base) == pytest.approx(2.5)
     assert speedup(base, base) == pytest.approx(1.0)
 
@@ -99,8 +108,13 @@ def test_parse_shapes_and_bad_shapes_get_one_line():
         with pytest.raises(ValueError, match="BATCHxCONTEXT|at least 1"):
             parse_shapes(bad)
     env = dict(os.environ, PYTHONPATH=os.path.join(BENCHMARKS, "..", "src"))
-    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "decode_e2e.py"), "--tiny", "--shapes", "8by2"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "decode_e2e.py"), "--tiny", "--shapes", "8by2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr and "BATCHxCONTEXT" in done.stderr
 
 
@@ -129,8 +143,10 @@ def test_static_cache_fill_and_rewind():
     assert dynamic.get_seq_length() == 25 and dynamic.layers[0].keys.shape[2] == 25
 
 
-@pytest.mark.skipif(not hasattr(__import__("selkv"), "compile_decode_step"),
-                    reason="needs selkv's static selective cache (make_cache(..., max_cache_len=N))")
+@pytest.mark.skipif(
+    not hasattr(__import__("selkv"), "compile_decode_step"),
+    reason="needs selkv's static selective cache (make_cache(..., max_cache_len=N))",
+)
 def test_captured_selkv_fill_and_rewind():
     from e2e_model import SPECS, TINY, build_model, captured_selkv
 
@@ -177,9 +193,24 @@ def test_per_token_int4_keys_show_their_cost_in_the_accuracy_column():
 
 def test_decode_e2e_runs_small(tmp_path):
     out = tmp_path / "e2e.json"
-    log = _run("decode_e2e.py", "--tiny", "--shapes", "2x300,1x200", "--steps", "3", "--rounds", "3",
-               "--reference-steps", "2", "--rows", "static-flex,static-sdpa,dynamic,int8,int4,int8-captured,"
-               "int8-reference", "--extra", "quant:bits=4,sink=4,window=124,key_axis=token", "--out", str(out))
+    log = _run(
+        "decode_e2e.py",
+        "--tiny",
+        "--shapes",
+        "2x300,1x200",
+        "--steps",
+        "3",
+        "--rounds",
+        "3",
+        "--reference-steps",
+        "2",
+        "--rows",
+        "static-flex,static-sdpa,dynamic,int8,int4,int8-captured,int8-reference",
+        "--extra",
+        "quant:bits=4,sink=4,window=124,key_axis=token",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert result["copy_bandwidth_bytes_per_s"] > 0
     assert [(s["batch"], s["context"]) for s in result["shapes"]] == [(2, 300), (1, 200)]
@@ -234,11 +265,20 @@ def test_profile_e2e_counts_kernels_once_by_full_name():
 
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
     long = "sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_tilesize64x64x8_stage3_warpsize1x4x1_ffma_"
-    rows = [Row("aten::mm", 900.0, cpu), Row(long + "a", 600.0, cuda), Row(long + "b", 300.0, cuda),
-            Row("_selective_decode_partial_kernel", 1000.0, cuda), Row("triton_poi_fused_add_0", 100.0, cuda)]
+    rows = [
+        Row("aten::mm", 900.0, cpu),
+        Row(long + "a", 600.0, cuda),
+        Row(long + "b", 300.0, cuda),
+        Row("_selective_decode_partial_kernel", 1000.0, cuda),
+        Row("triton_poi_fused_add_0", 100.0, cuda),
+    ]
     kernels = kernel_ms(rows, steps=2)
-    assert kernels == {"_selective_decode_partial_kernel": 0.5, long + "a": 0.3, long + "b": 0.15,
-                       "triton_poi_fused_add_0": 0.05}  # the operator row counted nothing; no name cut short
+    assert kernels == {
+        "_selective_decode_partial_kernel": 0.5,
+        long + "a": 0.3,
+        long + "b": 0.15,
+        "triton_poi_fused_add_0": 0.05,
+    }  # the operator row counted nothing; no name cut short
     assert device_ms_by_kind(kernels) == {"attention": 0.5, "matmul": 0.45, "other": 0.05}
 
 
@@ -267,7 +307,7 @@ def test_throughput_rounds_stay_inside_the_cache_and_start_each_round_alike(path
     first = torch.randint(0, model.config.vocab_size, (2, 1))
     result = decode_rounds(recording, cache, rewinder(cache, context), first, context, steps, rounds=3)
     assert result["steps"] == steps and result["tokens_per_s"] > 0 and len(result["round_seconds"]) == 3
-    rounds = [seen[:2]] + [seen[2 + steps * r: 2 + steps * (r + 1)] for r in range(3)]
+    rounds = [seen[:2]] + [seen[2 + steps * r : 2 + steps * (r + 1)] for r in range(3)]
     for counted in rounds:  # warm-up, then every round: positions context, context + 1, ... from the same length
         assert counted == [(context + i, context + i) for i in range(len(counted))]
 
@@ -314,8 +354,11 @@ def test_run_shape_packs_rows_into_groups_next_to_the_baseline():
     bench.weights = bench.weights_read = 1000
     bench.bandwidth = 1e9
     bench.start = start
-    rows = [RowKind("static-flex", "flex", "static", "flex_attention"), RowKind("static-sdpa", "sdpa", "static", "sdpa"),
-            RowKind("dynamic", "dynamic", "dynamic", "sdpa")] + [RowKind(k, k, "dynamic", "sdpa") for k in ("x1", "x2", "x3")]
+    rows = [
+        RowKind("static-flex", "flex", "static", "flex_attention"),
+        RowKind("static-sdpa", "sdpa", "static", "sdpa"),
+        RowKind("dynamic", "dynamic", "dynamic", "sdpa"),
+    ] + [RowKind(k, k, "dynamic", "sdpa") for k in ("x1", "x2", "x3")]
     rows.append(RowKind("int8-reference", "reference", "reference", "sdpa"))
     shape = bench.run_shape(2, 100, rows)
     assert started == ["static-sdpa", "dynamic", "x1", "x2", "x2", "x3", "x3", "int8-reference"]
@@ -323,8 +366,10 @@ def test_run_shape_packs_rows_into_groups_next_to_the_baseline():
     assert shape["baseline"] == "dynamic" and shape["groups"] == 2
     assert "needs CUDA" in shape["skipped"]["static-flex"] and "RuntimeError" in shape["skipped"]["static-sdpa"]
     assert shape["skipped"]["x3"] == "out of memory next to the baseline alone"
-    assert shape["notes"] == ["x2: out of memory next to ['dynamic', 'x1']: next group",
-                              "x3: out of memory next to ['dynamic', 'x2']: next group"]
+    assert shape["notes"] == [
+        "x2: out of memory next to ['dynamic', 'x1']: next group",
+        "x3: out of memory next to ['dynamic', 'x2']: next group",
+    ]
     table = {row["key"]: row for row in shape["rows"]}
     assert list(table) == ["dynamic", "x1", "x2"]
     assert table["dynamic"]["round_ids"] == ["0.0", "0.1", "1.0", "1.1"]

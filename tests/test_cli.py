@@ -59,10 +59,19 @@ def models(tmp_path_factory):
     from transformers import FalconConfig, LlamaConfig, T5Config
 
     root = tmp_path_factory.mktemp("models")
-    llama = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=1, eos_token_id=1, pad_token_id=1)
-    falcon = FalconConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          eos_token_id=1, alibi=True)
+    llama = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    falcon = FalconConfig(
+        vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, eos_token_id=1, alibi=True
+    )
     t5 = root / "t5"
     t5.mkdir()
     T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2).save_pretrained(t5)
@@ -101,8 +110,9 @@ def one_line_error(capsys, argv: list[str], *needles: str) -> str:
 
 
 def test_unknown_hub_model(capsys, offline):
-    line = one_line_error(capsys, ["generate", "--model", "no/such-model", "--prompt", "hi", "--device", "cpu"],
-                          "'no/such-model'")
+    line = one_line_error(
+        capsys, ["generate", "--model", "no/such-model", "--prompt", "hi", "--device", "cpu"], "'no/such-model'"
+    )
     assert "Hugging Face model id" in line  # what to pass instead
 
 
@@ -118,13 +128,21 @@ def test_folder_without_config(capsys, offline, tmp_path):
 
 
 def test_model_without_tokenizer(capsys, offline, models):
-    one_line_error(capsys, ["generate", "--model", models["no_tokenizer"], "--prompt", "hello", "--device", "cpu"],
-                   "cannot load a tokenizer", "tokenizer.json")
+    one_line_error(
+        capsys,
+        ["generate", "--model", models["no_tokenizer"], "--prompt", "hello", "--device", "cpu"],
+        "cannot load a tokenizer",
+        "tokenizer.json",
+    )
 
 
 def test_model_that_is_not_a_causal_lm(capsys, offline, models):
-    one_line_error(capsys, ["generate", "--model", models["t5"], "--prompt", "hello", "--device", "cpu"],
-                   "'t5'", "causal language model")
+    one_line_error(
+        capsys,
+        ["generate", "--model", models["t5"], "--prompt", "hello", "--device", "cpu"],
+        "'t5'",
+        "causal language model",
+    )
 
 
 def test_load_model_api_raises_selkv_errors(offline, tmp_path, models):
@@ -137,8 +155,13 @@ def test_load_model_api_raises_selkv_errors(offline, tmp_path, models):
 
 
 def test_selkv_attention_on_unsupported_model(capsys, offline, models):
-    one_line_error(capsys, ["generate", "--model", models["falcon"], "--attn", "selkv", "--prompt", "hello",
-                            "--device", "cpu"], "FalconForCausalLM", "AttentionInterface", "'sdpa'")
+    one_line_error(
+        capsys,
+        ["generate", "--model", models["falcon"], "--attn", "selkv", "--prompt", "hello", "--device", "cpu"],
+        "FalconForCausalLM",
+        "AttentionInterface",
+        "'sdpa'",
+    )
 
 
 def test_load_model_selkv_attention_error_is_not_keyerror(offline, models):
@@ -156,8 +179,12 @@ def test_selkv_attention_on_supported_model_loads(offline, models):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
 def test_cuda_on_cpu_only_torch(capsys, offline, models):
-    one_line_error(capsys, ["generate", "--model", models["llama"], "--device", "cuda", "--prompt", "hello"],
-                   "'cuda' is not available", "'cpu'")
+    one_line_error(
+        capsys,
+        ["generate", "--model", models["llama"], "--device", "cuda", "--prompt", "hello"],
+        "'cuda' is not available",
+        "'cpu'",
+    )
     with pytest.raises(DeviceError):
         selkv.load_model(models["llama"], device="cuda")
 
@@ -168,8 +195,12 @@ def test_bad_device(capsys, offline, models, device, needle):
 
 
 def test_empty_prompt_without_chat_template(capsys, offline, models):
-    one_line_error(capsys, ["generate", "--model", models["llama"], "--device", "cpu", "--no-chat", "--prompt", ""],
-                   "gives no tokens", "--prompt")
+    one_line_error(
+        capsys,
+        ["generate", "--model", models["llama"], "--device", "cpu", "--no-chat", "--prompt", ""],
+        "gives no tokens",
+        "--prompt",
+    )
 
 
 def test_prompt_file_is_a_folder(capsys, offline, tmp_path):
@@ -177,8 +208,23 @@ def test_prompt_file_is_a_folder(capsys, offline, tmp_path):
 
 
 def test_prompt_that_works(capsys, offline, models):
-    assert cli.main(["generate", "--model", models["llama"], "--device", "cpu", "--no-chat",
-                     "--prompt", "hello world", "--max-new-tokens", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model",
+                models["llama"],
+                "--device",
+                "cpu",
+                "--no-chat",
+                "--prompt",
+                "hello world",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "=== full" in capsys.readouterr().out
 
 
@@ -186,8 +232,27 @@ def test_out_is_a_file(capsys, offline, tmp_path, models):
     text, out = tmp_path / "text.txt", tmp_path / "taken"
     text.write_text("hello world " * 50)
     out.write_text("not a folder")
-    one_line_error(capsys, ["eval", "perplexity", "--model", models["llama"], "--device", "cpu", "--cache", "full",
-                            "--data", str(text), "--max-tokens", "16", "--out", str(out)], "--out", "is a file")
+    one_line_error(
+        capsys,
+        [
+            "eval",
+            "perplexity",
+            "--model",
+            models["llama"],
+            "--device",
+            "cpu",
+            "--cache",
+            "full",
+            "--data",
+            str(text),
+            "--max-tokens",
+            "16",
+            "--out",
+            str(out),
+        ],
+        "--out",
+        "is a file",
+    )
 
 
 def test_report_out_is_a_file(capsys, tmp_path):
@@ -198,15 +263,18 @@ def test_report_out_is_a_file(capsys, tmp_path):
     one_line_error(capsys, ["report", str(run), "--out", str(tmp_path / "taken")], "is a file")
 
 
-@pytest.mark.parametrize("payload, needle", [
-    ([], "top level is a JSON list"),
-    ({"results": []}, "no 'task'"),
-    ({"task": "perplexity"}, "no 'results' list"),
-    ({"task": "perplexity", "settings": [], "results": []}, "'settings' is not an object"),
-    ({"task": "needle", "results": [{"metrics": {}}]}, "results[0] has no 'cache'"),
-    ({"task": "speed", "results": ["full"]}, "results[0] has no 'cache'"),
-    ({"task": "memory", "results": [{"cache": "full", "metrics": [1, 2]}]}, "results[0]['metrics']"),
-])
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        ([], "top level is a JSON list"),
+        ({"results": []}, "no 'task'"),
+        ({"task": "perplexity"}, "no 'results' list"),
+        ({"task": "perplexity", "settings": [], "results": []}, "'settings' is not an object"),
+        ({"task": "needle", "results": [{"metrics": {}}]}, "results[0] has no 'cache'"),
+        ({"task": "speed", "results": ["full"]}, "results[0] has no 'cache'"),
+        ({"task": "memory", "results": [{"cache": "full", "metrics": [1, 2]}]}, "results[0]['metrics']"),
+    ],
+)
 def test_report_of_wrong_structure(capsys, tmp_path, payload, needle):
     (tmp_path / "results.json").write_text(json.dumps(payload))
     one_line_error(capsys, ["report", str(tmp_path)], "not a selkv results file", needle, "selkv eval")
@@ -265,8 +333,16 @@ def test_user_error_classes_are_value_errors():
     from selkv.eval.results import SettingsMismatch
 
     assert selkv.SelKVError is SelKVError and issubclass(SelKVError, ValueError)  # `except ValueError` still works
-    for cls in (ModelNotFoundError, UnsupportedModelError, DeviceError, selkv.SpecError, CapacityError,
-                UnsupportedInputError, DataError, SettingsMismatch):
+    for cls in (
+        ModelNotFoundError,
+        UnsupportedModelError,
+        DeviceError,
+        selkv.SpecError,
+        CapacityError,
+        UnsupportedInputError,
+        DataError,
+        SettingsMismatch,
+    ):
         assert issubclass(cls, SelKVError)
         assert cli.is_user_error(cls("x"))
     assert issubclass(UnsupportedInputError, NotImplementedError)  # as transformers' caches raise for what they lack
@@ -277,8 +353,14 @@ def test_entry_point_prints_one_line(tmp_path):
     nope = str(tmp_path / "nope")
     env = {**os.environ, "PYTHONPATH": str(Path(selkv.__file__).parents[1])}
     env.pop("SELKV_DEBUG", None)
-    done = subprocess.run([sys.executable, "-m", "selkv.cli", "size", "--model", nope],
-                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "selkv.cli", "size", "--model", nope],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         f"selkv size: error: no model folder at {nope!r}; {selkv.models.MODEL_HELP}"
@@ -307,8 +389,23 @@ def test_cli_rejects_bad_spec_before_loading(tmp_path, capsys):
 @pytest.mark.slow
 @needs_embedded_model
 def test_cli_generate_prints_text_speed_and_memory(capsys):
-    code = cli_main(["generate", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "6", "--prompt",
-                     "Name three colours.", "--cache", "full", "--cache", "quant:bits=8,sink=4,window=124"])
+    code = cli_main(
+        [
+            "generate",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-new-tokens",
+            "6",
+            "--prompt",
+            "Name three colours.",
+            "--cache",
+            "full",
+            "--cache",
+            "quant:bits=8,sink=4,window=124",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "=== full" in out and "=== quant:bits=8,sink=4,window=124" in out
@@ -322,15 +419,20 @@ def test_cli_reports_bad_specs_without_a_traceback(capsys):
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["demo"]])
 def test_help_describes_every_command(command):
-    out = subprocess.run([sys.executable, "-m", "selkv.cli", *command, "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "selkv.cli", *command, "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "usage: selkv" in out
     if command == ["generate"]:
         assert "--cache" in out and "quant:bits=2|3|4|8" in out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--cache", "drop:sink=4,window=16", "--static"], "--static takes 'full' and 'quant'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--cache", "drop:sink=4,window=16", "--static"], "--static takes 'full' and 'quant'"),
+    ],
+)
 def test_cli_static_refuses_what_it_cannot_do(capsys, argv, message):
     from selkv.cli import main
 
@@ -339,30 +441,33 @@ def test_cli_static_refuses_what_it_cannot_do(capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("task,flag,value,message", [
-    ("perplexity", "--data", "no-such-set", "no text file or named set 'no-such-set'"),
-    ("perplexity", "--max-tokens", "1", "argument --max-tokens: must be >= 2, got 1"),
-    # Counts: a one-pass perplexity never reads the cache; negative or zero counts measure nothing.
-    ("perplexity", "--chunk", "0", "never reads the compressed cache"),
-    ("perplexity", "--chunk", "-3", "argument --chunk: must be >= 1"),
-    ("perplexity", "--segments", "0", "argument --segments: must be >= 1"),
-    ("memory", "--prompt-tokens", "-5", "argument --prompt-tokens: must be >= 1, got -5"),
-    ("memory", "--prompt-tokens", "0", "argument --prompt-tokens: must be >= 1, got 0"),
-    ("memory", "--every", "0", "argument --every: must be >= 1"),
-    ("summarization", "--limit", "-1", "argument --limit: must be >= 1, got -1"),
-    ("summarization", "--max-doc-tokens", "-1", "argument --max-doc-tokens: must be >= 0"),
-    ("needle", "--kv-pairs", "-1", "argument --kv-pairs: must be >= 0, got -1"),
-    ("needle", "--trials", "0", "argument --trials: must be >= 1, got 0"),
-    ("needle", "--depths", "1.5", "argument --depths: must be from 0 to 1"),
-    ("needle", "--lengths", "0", "argument --lengths: must be >= 1"),
-    ("speed", "--new-tokens", "1", "argument --new-tokens: must be >= 2"),
-    ("speed", "--warmup", "-1", "argument --warmup: must be >= 0"),
-    ("speed", "--batch", "x", "argument --batch: 'x' is not an integer"),
-    ("memory", "--data", "no-such-set", "no text file or named set"),
-    ("summarization", "--data", "no-such-set", "no summarization file or named set"),
-    ("needle", "--kv-data", "no-such-set", "no KV-retrieval file or named set"),
-    ("needle", "--haystack", "no-such-file.jsonl", "haystack essays not found at no-such-file.jsonl"),
-])
+@pytest.mark.parametrize(
+    "task,flag,value,message",
+    [
+        ("perplexity", "--data", "no-such-set", "no text file or named set 'no-such-set'"),
+        ("perplexity", "--max-tokens", "1", "argument --max-tokens: must be >= 2, got 1"),
+        # Counts: a one-pass perplexity never reads the cache; negative or zero counts measure nothing.
+        ("perplexity", "--chunk", "0", "never reads the compressed cache"),
+        ("perplexity", "--chunk", "-3", "argument --chunk: must be >= 1"),
+        ("perplexity", "--segments", "0", "argument --segments: must be >= 1"),
+        ("memory", "--prompt-tokens", "-5", "argument --prompt-tokens: must be >= 1, got -5"),
+        ("memory", "--prompt-tokens", "0", "argument --prompt-tokens: must be >= 1, got 0"),
+        ("memory", "--every", "0", "argument --every: must be >= 1"),
+        ("summarization", "--limit", "-1", "argument --limit: must be >= 1, got -1"),
+        ("summarization", "--max-doc-tokens", "-1", "argument --max-doc-tokens: must be >= 0"),
+        ("needle", "--kv-pairs", "-1", "argument --kv-pairs: must be >= 0, got -1"),
+        ("needle", "--trials", "0", "argument --trials: must be >= 1, got 0"),
+        ("needle", "--depths", "1.5", "argument --depths: must be from 0 to 1"),
+        ("needle", "--lengths", "0", "argument --lengths: must be >= 1"),
+        ("speed", "--new-tokens", "1", "argument --new-tokens: must be >= 2"),
+        ("speed", "--warmup", "-1", "argument --warmup: must be >= 0"),
+        ("speed", "--batch", "x", "argument --batch: 'x' is not an integer"),
+        ("memory", "--data", "no-such-set", "no text file or named set"),
+        ("summarization", "--data", "no-such-set", "no summarization file or named set"),
+        ("needle", "--kv-data", "no-such-set", "no KV-retrieval file or named set"),
+        ("needle", "--haystack", "no-such-file.jsonl", "haystack essays not found at no-such-file.jsonl"),
+    ],
+)
 def test_eval_input_errors_come_before_the_model_loads(monkeypatch, tmp_path, capsys, task, flag, value, message):
     from selkv import cli
 
@@ -387,20 +492,26 @@ def test_eval_all_checks_its_inputs_before_the_model_loads(monkeypatch, tmp_path
 
     monkeypatch.setenv("SELKV_DATA", str(tmp_path / "no-data-here"))  # named sets without a download: pg19-morocco
     monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the input was checked"))
-    monkeypatch.setattr(cli, "QUICK", (("perplexity", "perplexity", {"data": "pg19-morocco", "max_tokens": 64,
-                                                                     "chunk": 8, "segments": 1}),))
+    monkeypatch.setattr(
+        cli,
+        "QUICK",
+        (("perplexity", "perplexity", {"data": "pg19-morocco", "max_tokens": 64, "chunk": 8, "segments": 1}),),
+    )
     monkeypatch.delenv("SELKV_DEBUG", raising=False)
     assert cli.main(["eval", "all", "--quick", "--out", str(tmp_path / "out")]) == 2
     assert "no text file or named set 'pg19-morocco'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model,attn,expected", [
-    ("llama", ["--attn", "eager"], "eager"),  # the user's choice is kept
-    ("llama", [], "selkv"),  # left out: selkv's attention, which a captured step needs
-    # Falcon takes selkv's attention from transformers 5.25; before, it keeps sdpa.
-    ("falcon-rope", [], "selkv" if falcon_uses_attention_interface() else "sdpa"),
-])
+@pytest.mark.parametrize(
+    "model,attn,expected",
+    [
+        ("llama", ["--attn", "eager"], "eager"),  # the user's choice is kept
+        ("llama", [], "selkv"),  # left out: selkv's attention, which a captured step needs
+        # Falcon takes selkv's attention from transformers 5.25; before, it keeps sdpa.
+        ("falcon-rope", [], "selkv" if falcon_uses_attention_interface() else "sdpa"),
+    ],
+)
 def test_cli_static_keeps_the_attention_the_user_chose(capsys, monkeypatch, offline, models, model, attn, expected):
     """--static preallocates the cache with any attention; the memory line's held bytes and ratio agree."""
     import re
@@ -410,14 +521,32 @@ def test_cli_static_keeps_the_attention_the_user_chose(capsys, monkeypatch, offl
     loaded = []
     real_load = cli._load
     monkeypatch.setattr(cli, "_load", lambda args: loaded.append(args.attn) or real_load(args))
-    argv = ["generate", "--model", models[model], "--device", "cpu", "--prompt", "one two three", "--no-chat",
-            "--max-new-tokens", "6", "--static", "--cache", "full", "--cache", "quant:bits=8,sink=1,window=2,block=1",
-            *attn]
+    argv = [
+        "generate",
+        "--model",
+        models[model],
+        "--device",
+        "cpu",
+        "--prompt",
+        "one two three",
+        "--no-chat",
+        "--max-new-tokens",
+        "6",
+        "--static",
+        "--cache",
+        "full",
+        "--cache",
+        "quant:bits=8,sink=1,window=2,block=1",
+        *attn,
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert loaded == [expected] and out.count("(static)") == 2
-    lines = re.findall(r"KV held ([\d.]+) (B|KiB|MiB) vs ([\d.]+) (B|KiB|MiB) for a 16-bit full cache "
-                       r"\(([\d.]+)x (smaller|larger)\)", out)
+    lines = re.findall(
+        r"KV held ([\d.]+) (B|KiB|MiB) vs ([\d.]+) (B|KiB|MiB) for a 16-bit full cache "
+        r"\(([\d.]+)x (smaller|larger)\)",
+        out,
+    )
     assert len(lines) == 2, out
     scale = {"B": 1, "KiB": 1024, "MiB": 2**20}
     for held, held_unit, full, full_unit, ratio, words in lines:

@@ -51,7 +51,8 @@ def test_each_cache_layer_allocates_on_its_layers_device(spec, max_cache_len):
         forward_with_cache(model, cache, torch.arange(3, 33).view(1, -1))
     for layer, device in zip(cache.layers, ("cpu", "meta"), strict=True):
         assert {name: t.device.type for name, t in _cache_tensors(layer).items()} == dict.fromkeys(
-            _cache_tensors(layer), device)
+            _cache_tensors(layer), device
+        )
     if max_cache_len is not None:
         return  # transformers' static layer counts its tokens from the key values, which meta does not have
     per_device = selkv.kv_bytes(cache, per_device=True)["per_device"]

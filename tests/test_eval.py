@@ -55,8 +55,9 @@ def text_file(tmp_path):
 
 
 @pytest.mark.parametrize("chunk", [1, 16, 64])
-@pytest.mark.parametrize("lossless", ["quant:bits=4,sink=4,window=512", "quant:bits=2,sink=0,window=400,block=8",
-                                      "drop:sink=4,window=512"])
+@pytest.mark.parametrize(
+    "lossless", ["quant:bits=4,sink=4,window=512", "quant:bits=2,sink=0,window=400,block=8", "drop:sink=4,window=512"]
+)
 def test_lossless_cache_scores_exactly_like_full(tiny, lossless, chunk):
     model, tok = tiny
     ids = tok.encode(TEXT)[:300]
@@ -90,6 +91,7 @@ def test_chunks_read_the_compressed_cache(tiny):
 
 def _ppl_settings(text_file, segments=4):
     return {"data": text_file, "max_tokens": 96, "chunk": 32, "segments": segments}
+
 
 SPECS = ["full", "quant:bits=4,sink=4,window=16,block=8", "drop:sink=4,window=16,block=8"]
 
@@ -183,7 +185,9 @@ def summaries(tmp_path):
     path = tmp_path / "sum.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         for i in range(2):
-            f.write(json.dumps({"id": f"d{i}", "document": TEXT[i * 50 : i * 50 + 300], "summary": "the age of wisdom"}))
+            f.write(
+                json.dumps({"id": f"d{i}", "document": TEXT[i * 50 : i * 50 + 300], "summary": "the age of wisdom"})
+            )
             f.write("\n")
     return str(path)
 
@@ -239,8 +243,16 @@ def test_needle_memory_speed_and_report(tiny, tmp_path):
 
 def test_profile_writes_trace_and_tables(tiny, text_file, tmp_path):
     model, tok = tiny
-    run_task(perplexity, model, tok, "tiny", ["full"], str(tmp_path / "r"), _ppl_settings(text_file, 1),
-             profile_dir=str(tmp_path / "prof"))
+    run_task(
+        perplexity,
+        model,
+        tok,
+        "tiny",
+        ["full"],
+        str(tmp_path / "r"),
+        _ppl_settings(text_file, 1),
+        profile_dir=str(tmp_path / "prof"),
+    )
     assert (tmp_path / "prof" / "trace.json").stat().st_size > 0
     assert "By self time" in (tmp_path / "prof" / "top_operators.md").read_text()
 

@@ -45,7 +45,9 @@ def test_generate_runs_with_every_kind(tiny_llama, spec):
     assert selkv.kv_bytes(cache)["total"] > 0
 
 
-@pytest.mark.parametrize("spec", ["quant:bits=8,sink=4,window=200", "drop:sink=4,window=200", "quant:bits=2,sink=1,window=200"])
+@pytest.mark.parametrize(
+    "spec", ["quant:bits=8,sink=4,window=200", "drop:sink=4,window=200", "quant:bits=2,sink=1,window=200"]
+)
 def test_lossless_settings_generate_the_full_cache_tokens(tiny_llama, spec):
     input_ids = torch.randint(3, 256, (1, 50))
     reference, _ = greedy(tiny_llama, input_ids, "full", max_new_tokens=40)
@@ -84,7 +86,9 @@ def test_padding_never_takes_a_rows_sink(tiny_llama):
     assert layer.sink_capacity == 4 + 15 and layer.row_padding.tolist() == [0, 15]
     # Row 1's first 4 real tokens sit in its sink, in 16-bit: the same keys as when it runs alone.
     _, alone = greedy(tiny_llama, torch.tensor([rows[1]]), spec, max_new_tokens=4)
-    torch.testing.assert_close(layer.sink_keys[1, :, 15:19], alone.layers[0].sink_keys[0, :, :4], **TOLERANCES["lossless_fp32"])
+    torch.testing.assert_close(
+        layer.sink_keys[1, :, 15:19], alone.layers[0].sink_keys[0, :, :4], **TOLERANCES["lossless_fp32"]
+    )
 
 
 def test_eviction_refuses_left_padding_clearly(tiny_llama):
@@ -121,7 +125,9 @@ def test_chunked_prefill_feeds_every_token_once(tiny_llama):
     seen = []
     cache = selkv.make_cache("full", tiny_llama.config)
     with torch.inference_mode():
-        last = prefill(tiny_llama, input_ids, cache, chunk=7, on_logits=lambda start, logits: seen.append((start, logits)))
+        last = prefill(
+            tiny_llama, input_ids, cache, chunk=7, on_logits=lambda start, logits: seen.append((start, logits))
+        )
         one_pass = tiny_llama(input_ids).logits
     assert [start for start, _ in seen] == [0, 7, 14, 21, 28] and int(cache.get_seq_length()) == 30
     torch.testing.assert_close(torch.cat([logits for _, logits in seen], dim=1), one_pass, **TOLERANCES["kernel_fp32"])
@@ -136,8 +142,12 @@ def test_prefill_holds_only_the_last_positions_logits(tiny_llama, chunk):
     hook = tiny_llama.lm_head.register_forward_hook(lambda module, args, out: computed.append(out.shape[1]))
     try:
         with torch.inference_mode():
-            last = prefill(tiny_llama, input_ids, selkv.make_cache("quant:bits=4,sink=4,window=8,block=4",
-                                                                   tiny_llama.config), chunk=chunk)
+            last = prefill(
+                tiny_llama,
+                input_ids,
+                selkv.make_cache("quant:bits=4,sink=4,window=8,block=4", tiny_llama.config),
+                chunk=chunk,
+            )
             one_pass = tiny_llama(input_ids).logits[:, -1]
     finally:
         hook.remove()
@@ -153,8 +163,14 @@ def test_greedy_loop_feeds_the_last_token_only_when_asked(tiny_llama, feed_last)
     cache = selkv.make_cache("full", tiny_llama.config)
     steps = []
     with torch.inference_mode():
-        tokens, logits = decode_tokens(tiny_llama, cache, prefill(tiny_llama, input_ids, cache), 5,
-                                       on_step=lambda: steps.append(int(cache.get_seq_length())), feed_last=feed_last)
+        tokens, logits = decode_tokens(
+            tiny_llama,
+            cache,
+            prefill(tiny_llama, input_ids, cache),
+            5,
+            on_step=lambda: steps.append(int(cache.get_seq_length())),
+            feed_last=feed_last,
+        )
         expected = tiny_llama(torch.cat([input_ids, tokens], dim=1)).logits[:, -1 if feed_last else -2]
     assert tokens.shape == (2, 5) and steps == list(range(13, 13 + len(steps)))
     assert int(cache.get_seq_length()) == 12 + 5 - (not feed_last)
@@ -166,7 +182,9 @@ def test_embedded_model_int8_matches_full_greedy_text(smollm):
     model, tokenizer = smollm
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Which planet is known as the red planet, and why? Answer briefly."}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     # A small window, so that most of the prompt and the answer are read back from int8 codes.
     spec = "quant:bits=8,sink=4,window=16,block=8"
@@ -183,7 +201,9 @@ def test_embedded_model_int8_agrees_with_full_when_teacher_forced(smollm):
     model, tokenizer = smollm
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Summarize in two sentences: " + read_book(1500)}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )["input_ids"]
     caches = {spec: selkv.make_cache(spec, model.config) for spec in ("full", "quant:bits=8,sink=4,window=124")}
     agree, steps, token = 0, 32, None
@@ -206,7 +226,9 @@ def test_embedded_model_logits_stay_close_to_full(smollm):
     def logits(spec):
         cache = selkv.make_cache(spec, model.config)
         with torch.no_grad():
-            return torch.cat([forward_with_cache(model, cache, input_ids[:, s : s + 64]).logits for s in range(0, 768, 64)], 1)
+            return torch.cat(
+                [forward_with_cache(model, cache, input_ids[:, s : s + 64]).logits for s in range(0, 768, 64)], 1
+            )
 
     full = logits("full")
     relative = {}

@@ -91,8 +91,9 @@ def test_rolling_windows_cover_every_token_once(tiny):
 
 def _loglikelihoods(harness: SelkvLM) -> list[tuple[float, bool]]:
     context = TEXT[:-40]
-    return harness.loglikelihood([request("loglikelihood", context, TEXT[-40:]),
-                                  request("loglikelihood", context, " and then it was not.")])
+    return harness.loglikelihood(
+        [request("loglikelihood", context, TEXT[-40:]), request("loglikelihood", context, " and then it was not.")]
+    )
 
 
 def test_chunked_likelihood_reads_the_cache(tiny):
@@ -159,23 +160,29 @@ def test_sampling(tiny):
     assert sampled != greedy and len(sampled) > 0
 
 
-@pytest.mark.parametrize("model_args,error,message", [
-    ({"cache": "full", "chunk": 64}, SelKVError, "unknown selkv model_args 'chunk'"),
-    ({"cache": "quant:bits=5"}, SpecError, "bits=5"),
-    ({"prefill_chunk": -1}, SelKVError, "prefill_chunk must be >= 0"),
-    ({"prefill_chunk": "x"}, SelKVError, "prefill_chunk='x' is not an integer"),
-])
+@pytest.mark.parametrize(
+    "model_args,error,message",
+    [
+        ({"cache": "full", "chunk": 64}, SelKVError, "unknown selkv model_args 'chunk'"),
+        ({"cache": "quant:bits=5"}, SpecError, "bits=5"),
+        ({"prefill_chunk": -1}, SelKVError, "prefill_chunk must be >= 0"),
+        ({"prefill_chunk": "x"}, SelKVError, "prefill_chunk='x' is not an integer"),
+    ],
+)
 def test_bad_model_args_fail_clearly(tiny, model_args, error, message):
     model, tok = tiny
     with pytest.raises(error, match=message):
         SelkvLM(model=model, tokenizer=tok, **model_args)
 
 
-@pytest.mark.parametrize("model_args,message", [
-    ({"cache": "full", "chunk": 64}, "unknown selkv model_args 'chunk'"),
-    ({"cache": "quant:bits=5,sink=4"}, "bits=5 is not supported"),
-    ({"pretrained": "./no-such-model"}, "no model folder at './no-such-model'"),
-])
+@pytest.mark.parametrize(
+    "model_args,message",
+    [
+        ({"cache": "full", "chunk": 64}, "unknown selkv model_args 'chunk'"),
+        ({"cache": "quant:bits=5,sink=4"}, "bits=5 is not supported"),
+        ({"pretrained": "./no-such-model"}, "no model folder at './no-such-model'"),
+    ],
+)
 def test_cli_bad_model_args_end_in_one_line(capsys, model_args, message):
     """`selkv lm-eval` checks the selkv model args before the harness starts (JSON or key=value)."""
     from selkv.cli import main
@@ -193,18 +200,33 @@ def test_cli_bad_model_args_end_in_one_line(capsys, model_args, message):
 def test_model_args_are_read_as_the_harness_reads_them():
     from selkv.eval.harness_model import model_args_from_argv
 
-    assert model_args_from_argv(["--model", "selkv", "--model_args", '{"cache": "quant:bits=4,sink=4", "prefill_chunk": 8}',
-                                 "--tasks", "x"]) == ("selkv", {"cache": "quant:bits=4,sink=4", "prefill_chunk": 8})
+    assert model_args_from_argv(
+        ["--model", "selkv", "--model_args", '{"cache": "quant:bits=4,sink=4", "prefill_chunk": 8}', "--tasks", "x"]
+    ) == ("selkv", {"cache": "quant:bits=4,sink=4", "prefill_chunk": 8})
     assert model_args_from_argv(["-M", "selkv", "-a", "cache=full,prefill_chunk=0", "dtype=float32"]) == (
-        "selkv", {"cache": "full", "prefill_chunk": 0, "dtype": "float32"})
+        "selkv",
+        {"cache": "full", "prefill_chunk": 0, "dtype": "float32"},
+    )
 
 
 def test_missing_task_data_file_fails_before_the_model_loads(monkeypatch, capsys):
     from selkv import cli
 
     monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model loaded before the input was checked"))
-    code = cli.main(["eval", "harness", "--cache", "full", "--tasks", "selkv_needle_1k", "--out", "/tmp/selkv-unused",
-                     "--metadata", '{"data_file": "no-such-essays.jsonl"}'])
+    code = cli.main(
+        [
+            "eval",
+            "harness",
+            "--cache",
+            "full",
+            "--tasks",
+            "selkv_needle_1k",
+            "--out",
+            "/tmp/selkv-unused",
+            "--metadata",
+            '{"data_file": "no-such-essays.jsonl"}',
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "data file 'no-such-essays.jsonl' not found" in err and len(err.strip().splitlines()) == 1
 
@@ -219,8 +241,9 @@ def test_eval_harness_side_by_side_on_the_embedded_model(smollm, tmp_path):
 
     model, tok = smollm
     settings = {**harness.DEFAULTS, "tasks": ["selkv_needle_1k"], "limit": 1}
-    payload = run_task(harness, model, tok, "smollm2-135m", ["full", "quant:bits=2,sink=4,window=124"],
-                       str(tmp_path), settings)
+    payload = run_task(
+        harness, model, tok, "smollm2-135m", ["full", "quant:bits=2,sink=4,window=124"], str(tmp_path), settings
+    )
     full, int2 = (r["metrics"] for r in payload["results"])
     assert full["by_task"]["selkv_needle_1k"] == 1.0 and full["n"] == 1
     assert int2["kv_bytes"] < full["kv_bytes"] / 4  # int2 held far less than the float32 full cache
@@ -231,8 +254,19 @@ def test_eval_harness_side_by_side_on_the_embedded_model(smollm, tmp_path):
 def test_cli_missing_task_data_file_ends_in_one_line(capsys):
     from selkv.cli import main
 
-    code = main(["lm-eval", "--model", "selkv", "--model_args", '{"cache": "full"}', "--tasks", "selkv_kv_1k,selkv_needle_1k",
-                 "--metadata", '{"data_file": "no-such-records.jsonl"}'])
+    code = main(
+        [
+            "lm-eval",
+            "--model",
+            "selkv",
+            "--model_args",
+            '{"cache": "full"}',
+            "--tasks",
+            "selkv_kv_1k,selkv_needle_1k",
+            "--metadata",
+            '{"data_file": "no-such-records.jsonl"}',
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "data file 'no-such-records.jsonl' not found" in err and len(err.strip().splitlines()) == 1
 
@@ -258,14 +292,25 @@ def test_ruler_niah_builds_its_data_without_a_network(monkeypatch):
 def test_report_tables_and_plots_a_harness_run(tmp_path):
     from selkv.eval import harness, report
 
-    records = {"full": [{"key": "a", "metric": "acc", "value": 1.0, "n": 2, "kv_bytes": 4e6, "kv_bytes_full16": 2e6},
-                        {"key": "b", "metric": "acc", "value": 0.5, "n": 2, "kv_bytes": 8e6, "kv_bytes_full16": 4e6}],
-               INT2: [{"key": "a", "metric": "acc", "value": 1.0, "n": 2, "kv_bytes": 1e6, "kv_bytes_full16": 2e6},
-                      {"key": "b", "metric": "acc", "value": 0.0, "n": 2, "kv_bytes": 2e6, "kv_bytes_full16": 4e6}]}
+    records = {
+        "full": [
+            {"key": "a", "metric": "acc", "value": 1.0, "n": 2, "kv_bytes": 4e6, "kv_bytes_full16": 2e6},
+            {"key": "b", "metric": "acc", "value": 0.5, "n": 2, "kv_bytes": 8e6, "kv_bytes_full16": 4e6},
+        ],
+        INT2: [
+            {"key": "a", "metric": "acc", "value": 1.0, "n": 2, "kv_bytes": 1e6, "kv_bytes_full16": 2e6},
+            {"key": "b", "metric": "acc", "value": 0.0, "n": 2, "kv_bytes": 2e6, "kv_bytes_full16": 4e6},
+        ],
+    }
     results = [{"cache": c, "metrics": harness.aggregate(r)} for c, r in records.items()]
     results[1]["metrics"].update(harness.compare(results[1]["metrics"], results[0]["metrics"]))
-    payload = {"task": "harness", "model": "m", "settings": {"tasks": ["a", "b"], "limit": 2, "chunk": 64},
-               "complete": True, "results": results}
+    payload = {
+        "task": "harness",
+        "model": "m",
+        "settings": {"tasks": ["a", "b"], "limit": 2, "chunk": 64},
+        "complete": True,
+        "results": results,
+    }
     lines = report.table_lines(payload)
     assert "| cache | a | b | mean | vs full | n | KV MiB | held vs 16-bit full |" in lines
     assert any(line.startswith(f"| `{INT2}` | 1.00 | 0.00 | 0.500 | -0.250 | 4 |") for line in lines)

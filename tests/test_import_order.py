@@ -109,7 +109,9 @@ def test_no_import_cycle():
         for dep in sorted(graph.get(module, ())):
             parent_package = module.startswith(dep + ".")  # a submodule reading its own package's __init__
             if state.get(dep) == 1 and not parent_package:
-                cycles.append(" -> ".join(path[path.index(dep):] + [module, dep]) if dep in path else f"{module} -> {dep}")
+                cycles.append(
+                    " -> ".join(path[path.index(dep) :] + [module, dep]) if dep in path else f"{module} -> {dep}"
+                )
             elif dep not in state:
                 visit(dep, path + [module])
         state[module] = 2
@@ -124,19 +126,24 @@ def test_triton_is_imported_by_the_kernel_modules_only():
     """Only TRITON_MODULES import Triton when imported, and other modules import them inside functions only."""
     eager = {_module_name(p): _imports(p, module_level=True) for p in sorted((SRC / "selkv").rglob("*.py"))}
     triton_importers = {m for m, deps in eager.items() if "triton" in deps}
-    assert triton_importers <= TRITON_MODULES, f"import triton at module level: {sorted(triton_importers - TRITON_MODULES)}"
-    eager_kernels = sorted(f"{m} -> {d}" for m, deps in eager.items() if m not in TRITON_MODULES
-                           for d in deps & TRITON_MODULES)
+    assert triton_importers <= TRITON_MODULES, (
+        f"import triton at module level: {sorted(triton_importers - TRITON_MODULES)}"
+    )
+    eager_kernels = sorted(
+        f"{m} -> {d}" for m, deps in eager.items() if m not in TRITON_MODULES for d in deps & TRITON_MODULES
+    )
     assert not eager_kernels, "import these inside the functions that launch a kernel:\n" + "\n".join(eager_kernels)
 
 
 def test_import_selkv_without_triton():
     """With Triton absent, ``import selkv`` works, imports no kernel module and finds no fused kernel."""
-    code = ("import sys; sys.modules['triton'] = None\n"  # `import triton` raises ImportError; find_spec gives None
-            "import selkv\n"
-            "from selkv.attention import kernel_module\n"
-            "assert kernel_module() is None\n"
-            f"print(sorted(set(sys.modules) & set({sorted(TRITON_MODULES)!r})))")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # `import triton` raises ImportError; find_spec gives None
+        "import selkv\n"
+        "from selkv.attention import kernel_module\n"
+        "assert kernel_module() is None\n"
+        f"print(sorted(set(sys.modules) & set({sorted(TRITON_MODULES)!r})))"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

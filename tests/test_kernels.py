@@ -36,7 +36,9 @@ def check_case(module, device: str, dtype: torch.dtype, seed: int, config=None, 
     where = f"seed={seed} dtype={dtype} shape={shape} num_heads={num_heads} device_lengths={device_lengths}"
     assert relative_error(twin, ref64) < max_relative_error(dtype) / 4, f"twin vs float64: {where}"
 
-    poison = torch.full((shape["batch_size"], 1, num_heads, shape["head_dim"]), float("nan"), dtype=dtype, device=device)
+    poison = torch.full(
+        (shape["batch_size"], 1, num_heads, shape["head_dim"]), float("nan"), dtype=dtype, device=device
+    )
     launcher = module.selective_decode_attention
     real_empty = torch.empty
 
@@ -56,6 +58,7 @@ def check_case(module, device: str, dtype: torch.dtype, seed: int, config=None, 
     tol = TOLERANCES["kernel_fp32" if dtype == torch.float32 else "kernel_bf16"]
     torch.testing.assert_close(out.float().cpu(), twin.float().cpu(), **tol, msg=lambda m: f"{where}\n{m}")
 
+
 INTERPRETER_CASES = [
     # (nbits, axis_key, group ratio, num_sink, num_stored, num_recent, padding, (block_n, num_splits))
     (8, "token", 1, 4, 48, 21, None, None),
@@ -74,16 +77,26 @@ INTERPRETER_CASES = [
 @interpreter_only
 @pytest.mark.parametrize("device_lengths", [False, True])
 @pytest.mark.parametrize("nbits,axis_key,ratio,num_sink,num_stored,num_recent,padding,launch", INTERPRETER_CASES)
-def test_interpreter_matches_references(nbits, axis_key, ratio, num_sink, num_stored, num_recent, padding, launch,
-                                        device_lengths):
+def test_interpreter_matches_references(
+    nbits, axis_key, ratio, num_sink, num_stored, num_recent, padding, launch, device_lengths
+):
     """Host lengths (dynamic caches) and device lengths with a ring window and spare capacity (static caches)."""
     module = kernel_module()
     config = None if launch is None else module.DecodeConfig(block_n=launch[0], block_exact=16, num_splits=launch[1])
     # 2-bit planes (3-bit codes' low planes) of a 32-channel head are 8 channels wide, under the kernel's
     # 16-channel chunks
     head_dim = 64 if nbits in (2, 3) else SMALL["head_dim"]
-    shape = dict(SMALL, head_dim=head_dim, num_heads=SMALL["num_kv_heads"] * ratio, num_sink=num_sink,
-                 num_stored=num_stored, num_recent=num_recent, nbits=nbits, axis_key=axis_key, row_padding=padding)
+    shape = dict(
+        SMALL,
+        head_dim=head_dim,
+        num_heads=SMALL["num_kv_heads"] * ratio,
+        num_sink=num_sink,
+        num_stored=num_stored,
+        num_recent=num_recent,
+        nbits=nbits,
+        axis_key=axis_key,
+        row_padding=padding,
+    )
     check_case(module, "cpu", torch.float16, fresh_seed(), config=config, device_lengths=device_lengths, **shape)
 
 
@@ -95,15 +108,26 @@ def test_interpreter_keys_and_values_of_their_own_bit_widths(key_nbits, value_nb
     """Key and value codes of different widths (``quant:kbits=K,vbits=V``): packed rows of their own sizes."""
     module = kernel_module()
     config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=3)
-    shape = dict(SMALL, head_dim=64, num_heads=4, num_sink=3, num_stored=80, num_recent=11, nbits=key_nbits,
-                 value_nbits=value_nbits, axis_key=axis_key, row_padding=[0, 2])
+    shape = dict(
+        SMALL,
+        head_dim=64,
+        num_heads=4,
+        num_sink=3,
+        num_stored=80,
+        num_recent=11,
+        nbits=key_nbits,
+        value_nbits=value_nbits,
+        axis_key=axis_key,
+        row_padding=[0, 2],
+    )
     check_case(module, "cpu", dtype, fresh_seed(), config=config, **shape)
 
 
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("nbits,value_nbits,axis_key", [(4, 4, "token"), (2, 4, "token"), (4, 2, "channel"),
-                                                        (3, 3, "channel")])
+@pytest.mark.parametrize(
+    "nbits,value_nbits,axis_key", [(4, 4, "token"), (2, 4, "token"), (4, 2, "channel"), (3, 3, "channel")]
+)
 @pytest.mark.parametrize("device_lengths", [False, True])
 @pytest.mark.parametrize("rotate", ["hadamard", "hadamard-signs"])
 def test_interpreter_rotated_keys(nbits, value_nbits, axis_key, dtype, device_lengths, rotate):
@@ -111,8 +135,19 @@ def test_interpreter_rotated_keys(nbits, value_nbits, axis_key, dtype, device_le
     back; sink and window keys are not rotated. The signed matrix is not symmetric: a transpose shows."""
     module = kernel_module()
     config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=3)
-    shape = dict(SMALL, head_dim=64, num_heads=4, num_sink=3, num_stored=80, num_recent=11, nbits=nbits,
-                 value_nbits=value_nbits, axis_key=axis_key, row_padding=[2, 0], rotate=rotate)
+    shape = dict(
+        SMALL,
+        head_dim=64,
+        num_heads=4,
+        num_sink=3,
+        num_stored=80,
+        num_recent=11,
+        nbits=nbits,
+        value_nbits=value_nbits,
+        axis_key=axis_key,
+        row_padding=[2, 0],
+        rotate=rotate,
+    )
     check_case(module, "cpu", dtype, fresh_seed(), config=config, device_lengths=device_lengths, **shape)
 
 
@@ -122,20 +157,32 @@ def test_interpreter_scales_loaded_in_the_tile(axis_key):
     """Scales loaded with their tile instead of one tile ahead (``scale_prefetch=False``)."""
     module = kernel_module()
     config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=4, scale_prefetch=False)
-    shape = dict(SMALL, num_heads=4, num_sink=5, num_stored=144, num_recent=16, nbits=8, axis_key=axis_key,
-                 row_padding=[3, 0])
+    shape = dict(
+        SMALL, num_heads=4, num_sink=5, num_stored=144, num_recent=16, nbits=8, axis_key=axis_key, row_padding=[3, 0]
+    )
     check_case(module, "cpu", torch.float16, fresh_seed(), config=config, **shape)
 
 
 @interpreter_only
-@pytest.mark.parametrize("nbits,axis_key,block_length,block_n", [(8, "token", 32, 16), (4, "channel", 64, 16),
-                                                                 (2, "token", 64, 32), (4, "channel", 64, 0)])
+@pytest.mark.parametrize(
+    "nbits,axis_key,block_length,block_n",
+    [(8, "token", 32, 16), (4, "channel", 64, 16), (2, "token", 64, 32), (4, "channel", 64, 0)],
+)
 def test_interpreter_value_blocks_longer_than_tiles(nbits, axis_key, block_length, block_n):
     """Blocks of block-major value codes spanning several tiles; block_n=0: the default choice (64 here)."""
     module = kernel_module()
     config = module.DecodeConfig(block_n=block_n, block_exact=16, num_splits=3)
-    shape = dict(SMALL, head_dim=64, num_heads=4, num_sink=4, num_stored=2 * block_length + block_n + 3,
-                 num_recent=9, nbits=nbits, axis_key=axis_key, block_length=block_length)
+    shape = dict(
+        SMALL,
+        head_dim=64,
+        num_heads=4,
+        num_sink=4,
+        num_stored=2 * block_length + block_n + 3,
+        num_recent=9,
+        nbits=nbits,
+        axis_key=axis_key,
+        block_length=block_length,
+    )
     check_case(module, "cpu", torch.float16, fresh_seed(), config=config, **shape)
 
 
@@ -180,7 +227,11 @@ def test_one_compiled_kernel_for_a_whole_decode(monkeypatch, static):
     cache.enable_fused_decode()
     gen = torch.Generator().manual_seed(fresh_seed())
     shape = (2, config.num_key_value_heads, 1, config.head_dim)
-    cache.update(torch.randn(shape[:2] + (40, shape[3]), generator=gen), torch.randn(shape[:2] + (40, shape[3]), generator=gen), 0)
+    cache.update(
+        torch.randn(shape[:2] + (40, shape[3]), generator=gen),
+        torch.randn(shape[:2] + (40, shape[3]), generator=gen),
+        0,
+    )
     query = torch.randn(2, config.num_attention_heads, 1, config.head_dim)
     layer = cache.layers[0]
     lengths = set()
@@ -209,8 +260,19 @@ def test_interpreter_unsupported_chunks_say_why():
 def test_interpreter_float32_and_odd_block(axis_key):
     """float32 (exact dots), head_dim 64, one group per token, a key block (24) that does not nest with the tile."""
     module = kernel_module()
-    shape = dict(batch_size=1, num_kv_heads=1, num_heads=3, head_dim=64, q_group_size=64, block_length=24,
-                 num_sink=3, num_stored=48, num_recent=9, nbits=4, axis_key=axis_key)
+    shape = dict(
+        batch_size=1,
+        num_kv_heads=1,
+        num_heads=3,
+        head_dim=64,
+        q_group_size=64,
+        block_length=24,
+        num_sink=3,
+        num_stored=48,
+        num_recent=9,
+        nbits=4,
+        axis_key=axis_key,
+    )
     check_case(module, "cpu", torch.float32, fresh_seed(), **shape)
 
 
@@ -218,17 +280,30 @@ def test_interpreter_float32_and_odd_block(axis_key):
 def test_interpreter_rejects_bad_inputs():
     module = kernel_module()
     gen = torch.Generator().manual_seed(fresh_seed())
-    storage = make_storage(gen, batch_size=1, num_kv_heads=2, head_dim=32, num_sink=2, num_stored=16, num_recent=3,
-                           nbits=4, q_group_size=16, axis_key="token", block_length=16, dtype=torch.float16,
-                           device="cpu")
+    storage = make_storage(
+        gen,
+        batch_size=1,
+        num_kv_heads=2,
+        head_dim=32,
+        num_sink=2,
+        num_stored=16,
+        num_recent=3,
+        nbits=4,
+        q_group_size=16,
+        axis_key="token",
+        block_length=16,
+        dtype=torch.float16,
+        device="cpu",
+    )
     replace = dataclasses.replace
     with pytest.raises(ValueError, match="query length"):
         module.selective_decode_attention(torch.randn(1, 4, 2, 32).half(), storage)
     with pytest.raises(ValueError, match="multiple"):
         module.selective_decode_attention(torch.randn(1, 3, 1, 32).half(), storage)
     with pytest.raises(ValueError, match="float32"):
-        module.selective_decode_attention(torch.randn(1, 4, 1, 32).half(),
-                                          replace(storage, sink_keys=storage.sink_keys.float()))
+        module.selective_decode_attention(
+            torch.randn(1, 4, 1, 32).half(), replace(storage, sink_keys=storage.sink_keys.float())
+        )
     query = torch.randn(1, 4, 1, 32).half()
     middle = storage.middle
     longer = torch.cat([middle.value_codes, torch.zeros_like(middle.value_codes[:, :, :16])], dim=2)
@@ -237,6 +312,7 @@ def test_interpreter_rejects_bad_inputs():
     with pytest.raises(ValueError, match="whole blocks of 16"):  # the value store is block-major
         cut = middle._replace(key_codes=middle.key_codes[:, :, :24], value_codes=middle.value_codes[:, :, :24])
         module.selective_decode_attention(query, replace(storage, middle=cut))
+
 
 CUDA_LENGTHS = [  # (num_sink, num_stored, num_recent)
     (4, 0, 1),
@@ -262,9 +338,22 @@ def _cuda_shapes(head_dim: int, num_heads: int, **layout):
     """(index, shape) for each of CUDA_LENGTHS: 3 rows, 2 KV heads, the third row left-padded in the sink."""
     for i, (num_sink, num_stored, num_recent) in enumerate(CUDA_LENGTHS):
         padding = [0, num_sink - 4, 1] if num_sink > 4 else None
-        yield i, dict(batch_size=3, num_kv_heads=2, num_heads=num_heads, head_dim=head_dim,
-                      q_group_size=min(64, head_dim), block_length=32, num_sink=num_sink, num_stored=num_stored,
-                      num_recent=num_recent, row_padding=padding, **layout)
+        yield (
+            i,
+            dict(
+                batch_size=3,
+                num_kv_heads=2,
+                num_heads=num_heads,
+                head_dim=head_dim,
+                q_group_size=min(64, head_dim),
+                block_length=32,
+                num_sink=num_sink,
+                num_stored=num_stored,
+                num_recent=num_recent,
+                row_padding=padding,
+                **layout,
+            ),
+        )
 
 
 @cuda_only
@@ -278,9 +367,15 @@ def test_cuda_matches_references(dtype, head_dim, nbits, axis_key, ratio):
 
 
 # (key bits, value bits, key axis, rotation): the rotated defaults and split widths, compiled for CUDA.
-CUDA_ROTATED_CASES = [(4, 4, "channel", "hadamard-signs"), (2, 2, "channel", "hadamard-signs"),
-                      (3, 3, "channel", "hadamard-signs"), (3, 2, "channel", "hadamard-signs"),
-                      (4, 2, "channel", "hadamard-signs"), (4, 4, "token", "hadamard"), (8, 4, "token", "none")]
+CUDA_ROTATED_CASES = [
+    (4, 4, "channel", "hadamard-signs"),
+    (2, 2, "channel", "hadamard-signs"),
+    (3, 3, "channel", "hadamard-signs"),
+    (3, 2, "channel", "hadamard-signs"),
+    (4, 2, "channel", "hadamard-signs"),
+    (4, 4, "token", "hadamard"),
+    (8, 4, "token", "none"),
+]
 
 
 @cuda_only
@@ -306,8 +401,9 @@ def _outlier_key_gain(gen: torch.Generator, head_dim: int) -> torch.Tensor:
     return gain
 
 
-def kernel_error(module, device: str, dtype: torch.dtype, seed: int, value_rms: float, config=None,
-                 value_gain_log2=None, **shape) -> float:
+def kernel_error(
+    module, device: str, dtype: torch.dtype, seed: int, value_rms: float, config=None, value_gain_log2=None, **shape
+) -> float:
     """Relative L2 error of the kernel against float64 attention over the same dequantized cache.
 
     ``value_gain_log2(num_tokens) -> [num_tokens]`` int exponents: middle token n's value scale and
@@ -319,8 +415,10 @@ def kernel_error(module, device: str, dtype: torch.dtype, seed: int, value_rms: 
     storage = make_storage(gen, dtype=dtype, device=device, key_gain=key_gain, value_rms=value_rms, **shape)
     if value_gain_log2 is not None:
         factor = torch.exp2(value_gain_log2(storage.middle.value_scale.shape[2]).double())[:, None]  # [capacity, 1]
-        gained = {name: (getattr(storage.middle, name).double().cpu() * factor).to(torch.float16).to(device)
-                  for name in ("value_scale", "value_zero")}
+        gained = {
+            name: (getattr(storage.middle, name).double().cpu() * factor).to(torch.float16).to(device)
+            for name in ("value_scale", "value_zero")
+        }
         storage = dataclasses.replace(storage, middle=storage.middle._replace(**gained))
     query = torch.randn(shape["batch_size"], num_heads, 1, shape["head_dim"], generator=gen).to(dtype).to(device)
     scaling = shape["head_dim"] ** -0.5
@@ -338,7 +436,8 @@ def check_precision_grid(module, device: str, dtype: torch.dtype, config=None, *
     errors = {rms: kernel_error(module, device, dtype, seed, rms, config, **dict(shape)) for rms in PRECISION_RMS}
     budget = 4 * max_relative_error(dtype)
     where = f"seed={seed} dtype={dtype} {shape}; rel. error by value RMS: " + ", ".join(
-        f"{rms}: {err:.1e}" for rms, err in errors.items())
+        f"{rms}: {err:.1e}" for rms, err in errors.items()
+    )
     for rms, err in errors.items():
         assert err < budget, f"error {err:.1e} over {budget:.0e} at value RMS {rms}: {where}"
         assert err <= max(2 * errors[1.0], max_relative_error(dtype) / 10), f"the error grows as values shrink: {where}"
@@ -349,8 +448,16 @@ def check_precision_grid(module, device: str, dtype: torch.dtype, config=None, *
 # float16's subnormals (value_dot="fp16"; error 4.8e-2 at value RMS 0.005 on the H200). These tests failed
 # then; the default value_dot="dequant" passes them.
 
-INTERPRETER_PRECISION = dict(batch_size=1, num_kv_heads=1, num_heads=4, q_group_size=16, block_length=64,
-                             num_sink=4, num_stored=256, num_recent=16)
+INTERPRETER_PRECISION = dict(
+    batch_size=1,
+    num_kv_heads=1,
+    num_heads=4,
+    q_group_size=16,
+    block_length=64,
+    num_sink=4,
+    num_stored=256,
+    num_recent=16,
+)
 
 
 @interpreter_only
@@ -362,8 +469,16 @@ def test_interpreter_precision_on_small_values(dtype, nbits, axis_key):
     """float16 and float32 (the interpreter computes bfloat16 wrongly: bfloat16 runs in the CUDA tests)."""
     module = kernel_module()
     config = module.DecodeConfig(block_n=64, block_exact=32, num_splits=2)
-    check_precision_grid(module, "cpu", dtype, config, head_dim=64 if nbits == 2 else 32, nbits=nbits,
-                         axis_key=axis_key, **INTERPRETER_PRECISION)
+    check_precision_grid(
+        module,
+        "cpu",
+        dtype,
+        config,
+        head_dim=64 if nbits == 2 else 32,
+        nbits=nbits,
+        axis_key=axis_key,
+        **INTERPRETER_PRECISION,
+    )
 
 
 def _gain_steps(num_tokens: int) -> torch.Tensor:
@@ -390,8 +505,9 @@ def test_interpreter_fp16_value_dot_loses_small_values():
     module = kernel_module()
     config = module.DecodeConfig(block_n=64, block_exact=32, num_splits=2, value_dot="fp16")
     with pytest.raises(AssertionError, match="grows as values shrink"):
-        check_precision_grid(module, "cpu", torch.float16, config, head_dim=32, nbits=8, axis_key="token",
-                             **INTERPRETER_PRECISION)
+        check_precision_grid(
+            module, "cpu", torch.float16, config, head_dim=32, nbits=8, axis_key="token", **INTERPRETER_PRECISION
+        )
 
 
 @interpreter_only
@@ -401,8 +517,16 @@ def test_interpreter_folded_value_dot_keeps_small_values(nbits, axis_key):
     value_dot="fp16" fails holds, and so do value magnitudes that jump between tiles."""
     module = kernel_module()
     config = module.DecodeConfig(block_n=64, block_exact=32, num_splits=2, value_dot="folded")
-    check_precision_grid(module, "cpu", torch.float16, config, head_dim=64 if nbits == 2 else 32, nbits=nbits,
-                         axis_key=axis_key, **INTERPRETER_PRECISION)
+    check_precision_grid(
+        module,
+        "cpu",
+        torch.float16,
+        config,
+        head_dim=64 if nbits == 2 else 32,
+        nbits=nbits,
+        axis_key=axis_key,
+        **INTERPRETER_PRECISION,
+    )
     config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=2, value_dot="folded")
     shape = dict(INTERPRETER_PRECISION, head_dim=32, nbits=8, axis_key="token", block_length=16, num_stored=160)
     err = kernel_error(module, "cpu", torch.float16, fresh_seed(), 0.002, config, value_gain_log2=_gain_steps, **shape)
@@ -420,14 +544,36 @@ def test_interpreter_refuses_bfloat16():
     module = kernel_module()
     assert "interpreter" in module.check_supported(32, 2, 8, 16, torch.bfloat16)
     gen = torch.Generator().manual_seed(fresh_seed())
-    storage = make_storage(gen, batch_size=1, num_kv_heads=1, head_dim=32, num_sink=2, num_stored=16, num_recent=3,
-                           nbits=8, q_group_size=16, axis_key="token", block_length=16, dtype=torch.bfloat16,
-                           device="cpu")
+    storage = make_storage(
+        gen,
+        batch_size=1,
+        num_kv_heads=1,
+        head_dim=32,
+        num_sink=2,
+        num_stored=16,
+        num_recent=3,
+        nbits=8,
+        q_group_size=16,
+        axis_key="token",
+        block_length=16,
+        dtype=torch.bfloat16,
+        device="cpu",
+    )
     with pytest.raises(ValueError, match="interpreter"):
         module.selective_decode_attention(torch.randn(1, 2, 1, 32).bfloat16(), storage)
 
-CUDA_PRECISION = dict(batch_size=2, num_kv_heads=8, num_heads=32, head_dim=128, q_group_size=64, block_length=32,
-                      num_sink=4, num_stored=8192, num_recent=128)
+
+CUDA_PRECISION = dict(
+    batch_size=2,
+    num_kv_heads=8,
+    num_heads=32,
+    head_dim=128,
+    q_group_size=64,
+    block_length=32,
+    num_sink=4,
+    num_stored=8192,
+    num_recent=128,
+)
 
 
 @cuda_only
@@ -442,8 +588,15 @@ def test_cuda_precision_on_small_values(dtype, nbits, axis_key):
 @pytest.mark.parametrize("nbits", [4, 3, 2])
 def test_cuda_precision_of_rotated_keys_on_small_values(nbits):
     """The rotated int4 / int3 / int2 defaults on the precision grid: the query is rotated outside the kernel."""
-    check_precision_grid(kernel_module(), "cuda", torch.bfloat16, nbits=nbits, axis_key="channel",
-                         rotate="hadamard-signs", **CUDA_PRECISION)
+    check_precision_grid(
+        kernel_module(),
+        "cuda",
+        torch.bfloat16,
+        nbits=nbits,
+        axis_key="channel",
+        rotate="hadamard-signs",
+        **CUDA_PRECISION,
+    )
 
 
 @cuda_only
@@ -517,9 +670,20 @@ def test_tiles_of_two_key_blocks(nbits, value_nbits, rotate, device_lengths):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     block_length, num_stored = 16, 5 * 16
-    shape = dict(batch_size=2, num_kv_heads=2, head_dim=64, q_group_size=32, block_length=block_length, num_sink=4,
-                 num_stored=num_stored, num_recent=9, nbits=nbits, value_nbits=value_nbits, axis_key="channel",
-                 rotate=rotate)
+    shape = dict(
+        batch_size=2,
+        num_kv_heads=2,
+        head_dim=64,
+        q_group_size=32,
+        block_length=block_length,
+        num_sink=4,
+        num_stored=num_stored,
+        num_recent=9,
+        nbits=nbits,
+        value_nbits=value_nbits,
+        axis_key="channel",
+        rotate=rotate,
+    )
     storage = _trimmed(make_storage(gen, dtype=dtype, device=device, row_padding=[0, 27], **shape), num_stored)
     query = torch.randn(2, 8, 1, 64, generator=gen).to(dtype).to(device)
     ref64 = float64_reference(query, storage, 64**-0.5)
@@ -589,8 +753,19 @@ def test_rotated_query_in_the_kernel_or_the_launcher(rotate_in_kernel):
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    shape = dict(batch_size=2, num_kv_heads=2, head_dim=64, q_group_size=32, block_length=32, num_sink=4,
-                 num_stored=96, num_recent=9, nbits=4, axis_key="channel", rotate="hadamard-signs")
+    shape = dict(
+        batch_size=2,
+        num_kv_heads=2,
+        head_dim=64,
+        q_group_size=32,
+        block_length=32,
+        num_sink=4,
+        num_stored=96,
+        num_recent=9,
+        nbits=4,
+        axis_key="channel",
+        rotate="hadamard-signs",
+    )
     storage = make_storage(gen, dtype=dtype, device=device, **shape)
     dense, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen, dtype=torch.float64))
     config = module.DecodeConfig(block_exact=16, num_splits=2, rotate_in_kernel=rotate_in_kernel)
@@ -605,22 +780,30 @@ def test_rotated_query_in_the_kernel_or_the_launcher(rotate_in_kernel):
         assert relative_error(out, ref64) < max_relative_error(dtype), f"seed={seed}"
 
 
-@pytest.mark.parametrize("nbits,num_sink,num_stored,num_recent,padding,launch", [
-    (8, 4, 48, 21, [0, 30, 60], (16, 3)),  # row 1: padding ends in the middle; row 2: in the window
-    (4, 2, 64, 9, [66, 5, 17], (16, 4)),  # row 0: every middle tile is padding (an empty partial)
-    (8, 0, 32, 16, [40, 0, 33], None),
-])
+@pytest.mark.parametrize(
+    "nbits,num_sink,num_stored,num_recent,padding,launch",
+    [
+        (8, 4, 48, 21, [0, 30, 60], (16, 3)),  # row 1: padding ends in the middle; row 2: in the window
+        (4, 2, 64, 9, [66, 5, 17], (16, 4)),  # row 0: every middle tile is padding (an empty partial)
+        (8, 0, 32, 16, [40, 0, 33], None),
+    ],
+)
 @pytest.mark.parametrize("device_lengths", [False, True])
-def test_kernel_masks_padding_past_the_sink(
-    nbits, num_sink, num_stored, num_recent, padding, launch, device_lengths
-):
+def test_kernel_masks_padding_past_the_sink(nbits, num_sink, num_stored, num_recent, padding, launch, device_lengths):
     """On CUDA the compiled kernel, elsewhere Triton's interpreter."""
     module = kernel_module()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    shape = dict(SMALL, batch_size=3, num_sink=num_sink, num_stored=num_stored, num_recent=num_recent, nbits=nbits,
-                 axis_key="token")
+    shape = dict(
+        SMALL,
+        batch_size=3,
+        num_sink=num_sink,
+        num_stored=num_stored,
+        num_recent=num_recent,
+        nbits=nbits,
+        axis_key="token",
+    )
     storage = make_storage(gen, dtype=torch.float16, device=device, row_padding=padding, **shape)
     for b, pad in enumerate(padding):  # junk in the padded middle and window: it would dominate if read
         middle = slice(0, max(0, min(pad - num_sink, num_stored)))
@@ -664,13 +847,25 @@ def test_middle_dequantized_into_a_slice_equals_the_plain_formula(nbits, axis_ke
 
     expected_keys = plain(key_codes, key_scale, key_zero, *((T, 2) if axis_key == "channel" else (G, 3)))
     expected_values = plain(value_codes, value_scale, value_zero, G, 3)
-    stored = MiddleTensors(quant.pack(key_codes, nbits), key_scale, key_zero,
-                           quant.to_block_major(quant.pack(value_codes, nbits), T), value_scale, value_zero)
+    stored = MiddleTensors(
+        quant.pack(key_codes, nbits),
+        key_scale,
+        key_zero,
+        quant.to_block_major(quant.pack(value_codes, nbits), T),
+        value_scale,
+        value_zero,
+    )
     layout = MiddleLayout(nbits, nbits, G, axis_key, T)
     returned = dequantize_middle(stored, layout, num_stored, dtype=dtype)
     buffers = [torch.full((B, H, num_stored + 9, D), float("nan"), dtype=dtype) for _ in range(2)]
-    dequantize_middle(stored, layout, num_stored, dtype=dtype, out_keys=buffers[0][:, :, 4 : 4 + num_stored],
-                      out_values=buffers[1][:, :, 4 : 4 + num_stored])
+    dequantize_middle(
+        stored,
+        layout,
+        num_stored,
+        dtype=dtype,
+        out_keys=buffers[0][:, :, 4 : 4 + num_stored],
+        out_values=buffers[1][:, :, 4 : 4 + num_stored],
+    )
     for got in (returned, (buffers[0][:, :, 4 : 4 + num_stored], buffers[1][:, :, 4 : 4 + num_stored])):
         assert torch.equal(got[0], expected_keys) and torch.equal(got[1], expected_values)
     assert buffers[0][:, :, :4].isnan().all() and buffers[1][:, :, 4 + num_stored :].isnan().all()
@@ -694,8 +889,18 @@ def test_cuda_batch_past_two_to_the_31_code_bytes():
     codes of another row)."""
     module = kernel_module()
     gen = torch.Generator().manual_seed(fresh_seed())
-    shape = dict(batch_size=1, num_kv_heads=8, head_dim=128, num_sink=4, num_stored=32768 - 64, num_recent=60,
-                 nbits=8, q_group_size=64, axis_key="token", block_length=64)
+    shape = dict(
+        batch_size=1,
+        num_kv_heads=8,
+        head_dim=128,
+        num_sink=4,
+        num_stored=32768 - 64,
+        num_recent=60,
+        nbits=8,
+        q_group_size=64,
+        axis_key="token",
+        block_length=64,
+    )
     alone = make_storage(gen, dtype=torch.bfloat16, device="cuda", **shape)
     assert alone.middle.key_codes[0].numel() == 2**31 // 64  # one row of key codes: 2^25 bytes
     batch = 65
@@ -706,9 +911,14 @@ def test_cuda_batch_past_two_to_the_31_code_bytes():
             t[:-1] ^= 0x5A
         return t
 
-    wide = dataclasses.replace(alone, sink_keys=widen(alone.sink_keys), sink_values=widen(alone.sink_values),
-                               recent_keys=widen(alone.recent_keys), recent_values=widen(alone.recent_values),
-                               middle=alone.middle.map(widen))
+    wide = dataclasses.replace(
+        alone,
+        sink_keys=widen(alone.sink_keys),
+        sink_values=widen(alone.sink_values),
+        recent_keys=widen(alone.recent_keys),
+        recent_values=widen(alone.recent_values),
+        middle=alone.middle.map(widen),
+    )
     assert module._wide_offsets(wide.middle.key_codes)
     query = torch.randn(batch, 32, 1, 128, generator=gen).to("cuda", torch.bfloat16)
     got = module.selective_decode_attention(query, wide)[-1:]

@@ -28,6 +28,7 @@ def chunked_logits(model, input_ids, cache, chunk):
             outs.append(forward_with_cache(model, cache, input_ids[:, start : start + chunk]).logits)
     return torch.cat(outs, dim=1)
 
+
 LOSSLESS = [
     "quant:bits=8,sink=4,window=512",
     "quant:bits=2,sink=0,window=512,key_axis=channel",
@@ -188,7 +189,11 @@ def test_bytes_are_counted_from_the_tensors():
     cache = selkv.make_cache("quant:bits=4,sink=4,window=20,block=8,key_axis=token,group=16", config)
     for _ in range(5):
         for layer_idx in range(config.num_hidden_layers):
-            cache.update(torch.randn(2, 2, 30, 32, dtype=torch.bfloat16), torch.randn(2, 2, 30, 32, dtype=torch.bfloat16), layer_idx)
+            cache.update(
+                torch.randn(2, 2, 30, 32, dtype=torch.bfloat16),
+                torch.randn(2, 2, 30, 32, dtype=torch.bfloat16),
+                layer_idx,
+            )
     counted = selkv.kv_bytes(cache)
     layer = cache.layers[0]
     rows = 2 * 2  # batch * heads
@@ -226,12 +231,15 @@ def test_key_and_value_code_bytes_are_counted_apart(kbits, vbits):
 
 @pytest.mark.slow
 @needs_embedded_model
-@pytest.mark.parametrize(("spec", "target"), [
-    ("quant:bits=8,sink=4,window=124", 1.8),
-    ("quant:bits=4,sink=4,window=124", 3.1),
-    ("quant:bits=3,sink=4,window=124", 4.0),
-    ("quant:bits=2,sink=4,window=124", 5.0),
-])
+@pytest.mark.parametrize(
+    ("spec", "target"),
+    [
+        ("quant:bits=8,sink=4,window=124", 1.8),
+        ("quant:bits=4,sink=4,window=124", 3.1),
+        ("quant:bits=3,sink=4,window=124", 4.0),
+        ("quant:bits=2,sink=4,window=124", 5.0),
+    ],
+)
 def test_memory_targets_on_the_embedded_model_shape(spec, target):
     # 4,096 tokens through SmolLM2-135M's cache shape (bfloat16, head_dim 64), in chunks of 64, counted
     # from the tensors (`selkv size`; one layer filled, its bytes times the 30 layers).
@@ -321,7 +329,9 @@ def test_reset_empties_the_cache(tiny_llama):
     assert cache.get_seq_length() == 0 and selkv.kv_bytes(cache)["total"] == 0
     input_ids = torch.randint(3, 256, (1, 30))
     again = chunked_logits(tiny_llama, input_ids, cache, 30)
-    fresh = chunked_logits(tiny_llama, input_ids, selkv.make_cache("quant:bits=4,sink=2,window=8", tiny_llama.config), 30)
+    fresh = chunked_logits(
+        tiny_llama, input_ids, selkv.make_cache("quant:bits=4,sink=2,window=8", tiny_llama.config), 30
+    )
     torch.testing.assert_close(again, fresh)
 
 
@@ -334,7 +344,11 @@ def test_reset_empties_the_cache(tiny_llama):
 # reads and the cache does not keep) is skipped: what is stored, and so what is held, does not depend on it.
 # SmolLM2-135M's cache shape (the embedded model): 30 layers, 3 KV heads, head_dim 64.
 EMBEDDED_SHAPE = {
-    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "head_dim": 64,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "hidden_size": 576,
+    "head_dim": 64,
 }
 
 TOKENS = 4096
@@ -389,12 +403,15 @@ def test_held_bytes_counts_whole_storages_once():
 
 
 @pytest.mark.parametrize("chunk", [512, 64])
-@pytest.mark.parametrize(("spec", "target"), [
-    ("quant:bits=8,sink=4,window=124", 1.8),
-    ("quant:bits=4,sink=4,window=124", 3.1),
-    ("quant:bits=3,sink=4,window=124", 4.0),
-    ("quant:bits=2,sink=4,window=124", 5.0),
-])
+@pytest.mark.parametrize(
+    ("spec", "target"),
+    [
+        ("quant:bits=8,sink=4,window=124", 1.8),
+        ("quant:bits=4,sink=4,window=124", 3.1),
+        ("quant:bits=3,sink=4,window=124", 4.0),
+        ("quant:bits=2,sink=4,window=124", 5.0),
+    ],
+)
 def test_memory_held_meets_the_targets(spec, target, chunk, no_assembly):
     config = LlamaConfig(**EMBEDDED_SHAPE)
     cache = fill(selkv.make_cache(spec, config), config, TOKENS, chunk)
@@ -452,8 +469,9 @@ def test_rotation_leaves_attention_exact_when_nothing_is_lost(rotate, static):
         assert layer.num_stored > 0 and (layer.middle.key_rotation is not None) == (rotate != "none")
         query = torch.randn(2, 4, 1, 32, generator=gen)
         got = reference.selective_decode_attention(query, layer.decode_storage())
-        torch.testing.assert_close(got.double(), _exact_attention(query, all_keys, all_values),
-                                   **TOLERANCES["kernel_fp32"])
+        torch.testing.assert_close(
+            got.double(), _exact_attention(query, all_keys, all_values), **TOLERANCES["kernel_fp32"]
+        )
     if static:
         from selkv.storage import take_published
 

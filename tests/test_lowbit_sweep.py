@@ -98,7 +98,9 @@ def test_three_bit_error_is_between_two_and_four(sweep):
     errors = [(sweep.fake_quantize(x, bits, 32, dim=-2) - x).abs().max() for bits in (2, 3, 4)]
     assert errors[0] > errors[1] > errors[2]
     scale = (x.amax(-2) - x.amin(-2)) / 7  # per channel over the 32-token groups: within half a step
-    assert bool(((sweep.fake_quantize(x[:, :, :32], 3, 32, dim=-2) - x[:, :, :32]).abs() <= scale[:, :, None] * 0.51).all())
+    assert bool(
+        ((sweep.fake_quantize(x[:, :, :32], 3, 32, dim=-2) - x[:, :, :32]).abs() <= scale[:, :, None] * 0.51).all()
+    )
 
 
 def test_prerope_round_trips(sweep):
@@ -135,13 +137,16 @@ def test_dense_and_sparse_keeps_exactly_the_chosen_outliers(sweep):
     assert cand.outliers_per_block(64) == 20
 
 
-@pytest.mark.parametrize("spec,fields", [
-    ("quant:bits=2,sink=4,window=124", "kbits=2,vbits=2"),
-    ("quant:bits=4,sink=4,window=124", "kbits=4,vbits=4,block=64,group=32"),
-    ("quant:bits=8,sink=4,window=124", "kbits=8,vbits=8,key_axis=token,rotate=none"),
-    ("quant:kbits=4,vbits=2,sink=4,window=124", "kbits=4,vbits=2,block=64"),
-    ("quant:bits=2,sink=4,window=60,block=16", "kbits=2,vbits=2,window=60,block=16"),
-])
+@pytest.mark.parametrize(
+    "spec,fields",
+    [
+        ("quant:bits=2,sink=4,window=124", "kbits=2,vbits=2"),
+        ("quant:bits=4,sink=4,window=124", "kbits=4,vbits=4,block=64,group=32"),
+        ("quant:bits=8,sink=4,window=124", "kbits=8,vbits=8,key_axis=token,rotate=none"),
+        ("quant:kbits=4,vbits=2,sink=4,window=124", "kbits=4,vbits=2,block=64"),
+        ("quant:bits=2,sink=4,window=60,block=16", "kbits=2,vbits=2,window=60,block=16"),
+    ],
+)
 def test_held_bytes_match_kv_bytes(sweep, spec, fields):
     from selkv.sizing import cache_size
 
@@ -192,8 +197,12 @@ def test_value_rotation_is_undone(sweep):
     ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(7))
     plain = sweep.Candidate.parse("kbits=16,vbits=16,rotate=none,sink=2,window=16,block=8")
     rotated = sweep.Candidate.parse("kbits=16,vbits=16,rotate=none,vrotate=hadamard-signs,sink=2,window=16,block=8")
-    torch.testing.assert_close(_logits(model, sweep.make_fake_cache(rotated, model), ids),
-                               _logits(model, sweep.make_fake_cache(plain, model), ids), atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        _logits(model, sweep.make_fake_cache(rotated, model), ids),
+        _logits(model, sweep.make_fake_cache(plain, model), ids),
+        atol=2e-3,
+        rtol=0,
+    )
 
 
 def test_normal_levels(sweep):

@@ -31,8 +31,20 @@ def test_layout_refuses_what_no_reader_knows():
 @pytest.mark.parametrize("device_lengths", [False, True])
 def test_flatten_storage_round_trips(device_lengths):
     gen = torch.Generator().manual_seed(0)
-    storage = make_storage(gen, **SMALL, num_sink=3, num_stored=48, num_recent=5, nbits=3, value_nbits=4,
-                           axis_key="channel", dtype=torch.float32, device="cpu", rotate="hadamard", row_padding=[0, 1])
+    storage = make_storage(
+        gen,
+        **SMALL,
+        num_sink=3,
+        num_stored=48,
+        num_recent=5,
+        nbits=3,
+        value_nbits=4,
+        axis_key="channel",
+        dtype=torch.float32,
+        device="cpu",
+        rotate="hadamard",
+        row_padding=[0, 1],
+    )
     storage = dataclasses.replace(storage, layout=dataclasses.replace(storage.layout, sym=True))
     if device_lengths:
         storage = with_device_lengths(storage, gen)
@@ -54,8 +66,10 @@ def test_store_writes_at_a_position_grows_and_reads_back_what_quantize_middle_st
     store.write(keys[:, :, 16:], values[:, :, 16:], 16)
     assert store.capacity == 48  # whole units of lcm(block, 16) tokens
     whole = quantize_middle(keys, values, layout, store.key_rotation)
-    assert all(torch.equal(a[:, :, : layout.rows(name, 40)], b)
-               for name, a, b in zip(whole._fields, store.tensors, whole, strict=True))
+    assert all(
+        torch.equal(a[:, :, : layout.rows(name, 40)], b)
+        for name, a, b in zip(whole._fields, store.tensors, whole, strict=True)
+    )
     want = dequantize_middle(whole, layout, 40, key_rotation=store.key_rotation)
     got = store.read(40)
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
@@ -70,8 +84,19 @@ def test_custom_op_attends_over_the_flattened_storage():
     device = "cuda" if HAS_CUDA else "cpu"
     gen = torch.Generator().manual_seed(1)
     shape = dict(SMALL, head_dim=64, q_group_size=32)
-    storage = make_storage(gen, **shape, num_sink=3, num_stored=32, num_recent=6, nbits=4, value_nbits=2,
-                           axis_key="channel", dtype=torch.float16, device=device, rotate="hadamard-signs")
+    storage = make_storage(
+        gen,
+        **shape,
+        num_sink=3,
+        num_stored=32,
+        num_recent=6,
+        nbits=4,
+        value_nbits=2,
+        axis_key="channel",
+        dtype=torch.float16,
+        device=device,
+        rotate="hadamard-signs",
+    )
     storage = with_device_lengths(storage, gen)
     query = torch.randn(2, 4, 1, 64, generator=gen).half().to(device)
     op = decode_op.decode_attention
@@ -85,7 +110,9 @@ def test_custom_op_attends_over_the_flattened_storage():
 @pytest.mark.parametrize("static", [False, True])
 def test_fill_layer_gives_storage_of_the_context(static):
     layout = MiddleLayout(4, 4, 16, axis_key="channel", block_length=8)
-    layer = StaticSinkWindowLayer(4, 16, layout, max_cache_len=128) if static else QuantizedSinkWindowLayer(4, 16, layout)
+    layer = (
+        StaticSinkWindowLayer(4, 16, layout, max_cache_len=128) if static else QuantizedSinkWindowLayer(4, 16, layout)
+    )
     fill_layer(layer, 2, 2, 32, 100, "cpu", torch.float32, room=16)
     assert (layer.num_sink, layer.num_stored, layer.num_recent) == (4, 80, 16)
     storage = layer.decode_storage()

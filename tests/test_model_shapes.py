@@ -32,8 +32,10 @@ def fill(cache, config, tokens=30, chunk=7, batch_size=1):
     states = torch.randn(batch_size, shape["num_key_value_heads"], tokens, shape["head_dim"], dtype=torch.bfloat16)
     returned = []
     for start in range(0, tokens, chunk):
-        returned = [cache.update(states[:, :, start : start + chunk], states[:, :, start : start + chunk], i)[0]
-                    for i in range(config.num_hidden_layers)]
+        returned = [
+            cache.update(states[:, :, start : start + chunk], states[:, :, start : start + chunk], i)[0]
+            for i in range(config.num_hidden_layers)
+        ]
     return returned
 
 
@@ -104,20 +106,31 @@ def test_config_without_layer_types_slides_as_transformers_reads_it():
 
 def test_unsupported_layer_types_are_refused_clearly():
     config = hybrid_config(("linear_attention", "full_attention"))
-    with pytest.raises(SpecError, match="full-attention and sliding-window layers; this model also has linear_attention"):
+    with pytest.raises(
+        SpecError, match="full-attention and sliding-window layers; this model also has linear_attention"
+    ):
         selkv.make_cache("quant:bits=8", config)
 
 
-@pytest.mark.parametrize(("head_dim", "groups"), [(96, {8: 32, 4: 32, 2: 32}), (80, {8: 16, 4: 16, 2: 16}),
-                                                  (64, {8: 64, 4: 32, 2: 64}), (16, {8: 16, 4: 16, 2: 16})])
+@pytest.mark.parametrize(
+    ("head_dim", "groups"),
+    [
+        (96, {8: 32, 4: 32, 2: 32}),
+        (80, {8: 16, 4: 16, 2: 16}),
+        (64, {8: 64, 4: 32, 2: 64}),
+        (16, {8: 16, 4: 16, 2: 16}),
+    ],
+)
 def test_default_group_divides_head_dim(head_dim, groups):
     for nbits, group in groups.items():
         assert selkv.parse_spec(f"quant:bits={nbits}").check_model(head_dim).group == group
     assert selkv.parse_spec("hf-quanto:bits=4").check_model(head_dim).group == min(groups[8], 64)
 
 
-@pytest.mark.parametrize("spec", ["quant:bits=8", "quant:bits=4", "quant:bits=2",
-                                  pytest.param("hf-quanto:bits=2,residual=8", marks=needs_quanto)])
+@pytest.mark.parametrize(
+    "spec",
+    ["quant:bits=8", "quant:bits=4", "quant:bits=2", pytest.param("hf-quanto:bits=2,residual=8", marks=needs_quanto)],
+)
 def test_default_specs_run_on_head_dim_80_and_96(spec):
     for head_dim in (80, 96):
         config = tiny_llama_config(head_dim=head_dim)

@@ -70,8 +70,9 @@ def test_answer_after_a_context_matches_one_long_generation(tiny_llama):
     side = peers.SelkvSide(tiny_llama)
     state, _ = side.prefill("full", context)
     tokens = peers.answer(tiny_llama, state[0], question, len(context), 12, set())
-    expected = tiny_llama.generate(torch.tensor([context + question]), max_new_tokens=12, do_sample=False,
-                                   min_new_tokens=12)[0, 67:].tolist()
+    expected = tiny_llama.generate(
+        torch.tensor([context + question]), max_new_tokens=12, do_sample=False, min_new_tokens=12
+    )[0, 67:].tolist()
     assert tokens == expected
 
 
@@ -88,7 +89,7 @@ class _StandInPress:
             for layer in cache.layers:
                 n = layer.keys.shape[-2]
                 keep = n - int(n * self.compression_ratio)
-                layer.keys, layer.values = layer.keys[:, :, n - keep:], layer.values[:, :, n - keep:]
+                layer.keys, layer.values = layer.keys[:, :, n - keep :], layer.values[:, :, n - keep :]
 
         handle = model.model.register_forward_hook(trim, with_kwargs=True)
         try:
@@ -100,10 +101,22 @@ class _StandInPress:
 def _items():
     torch.manual_seed(3)
     ids = lambda n: torch.randint(3, 256, (n,)).tolist()  # noqa: E731
-    return [{"task": "needle", "key": "n0", "context": ids(300),
-             "questions": [{"key": "n0", "ids": ids(5), "new_tokens": 6, "answer": "x", "length": 300, "depth": 0.5}]},
-            {"task": "qa", "key": "d0", "context": ids(260),
-             "questions": [{"key": f"d0-q{i}", "ids": ids(4 + i), "new_tokens": 8, "answers": ["a b"]} for i in range(3)]}]
+    return [
+        {
+            "task": "needle",
+            "key": "n0",
+            "context": ids(300),
+            "questions": [{"key": "n0", "ids": ids(5), "new_tokens": 6, "answer": "x", "length": 300, "depth": 0.5}],
+        },
+        {
+            "task": "qa",
+            "key": "d0",
+            "context": ids(260),
+            "questions": [
+                {"key": f"d0-q{i}", "ids": ids(4 + i), "new_tokens": 8, "answers": ["a b"]} for i in range(3)
+            ],
+        },
+    ]
 
 
 def _run_side(model, side, rows, out):
@@ -119,11 +132,13 @@ def test_both_sides_at_equal_memory_and_one_report_table(tiny_llama, tmp_path, c
     stand_in = types.SimpleNamespace(**{name: _StandInPress for name in peers.PRESSES.values()})
     press_rows = [peers.NO_PRESS, peers.press_row("snapkv", INT4), peers.press_row("knorm", INT2)]
     matched = peers.matched_bytes(str(tmp_path / "selkv"))  # the bytes selkv's side recorded, per context
-    press_side = _run_side(tiny_llama, peers.KvpressSide(tiny_llama, matched, stand_in), press_rows,
-                           tmp_path / "kvpress")
+    press_side = _run_side(
+        tiny_llama, peers.KvpressSide(tiny_llama, matched, stand_in), press_rows, tmp_path / "kvpress"
+    )
     records = {}
-    for line in (tmp_path / "selkv" / "examples.jsonl").read_text().splitlines() + \
-            (tmp_path / "kvpress" / "examples.jsonl").read_text().splitlines():
+    for line in (tmp_path / "selkv" / "examples.jsonl").read_text().splitlines() + (
+        tmp_path / "kvpress" / "examples.jsonl"
+    ).read_text().splitlines():
         r = json.loads(line)
         records[(r["cache"], r["key"])] = r
     # The press holds what the selkv spec it matches holds, within one token per layer (the press keeps whole tokens).
@@ -132,7 +147,8 @@ def test_both_sides_at_equal_memory_and_one_report_table(tiny_llama, tmp_path, c
         for key in ("needle:n0", "qa:d0-q1"):
             assert abs(records[(row, key)]["kv_bytes16_held"] - records[(spec, key)]["kv_bytes16_held"]) <= per_token
             assert records[(row, key)]["compression_kvpress"] == pytest.approx(
-                records[(spec, key)]["compression_kvpress"], abs=1 / 260)
+                records[(spec, key)]["compression_kvpress"], abs=1 / 260
+            )
     # No press is the full cache: the same tokens in both environments' code paths.
     for key in ("needle:n0", "qa:d0-q0", "qa:d0-q2"):
         assert records[(peers.NO_PRESS, key)]["tokens"] == records[("full", key)]["tokens"]
@@ -186,8 +202,10 @@ def test_snapshot_restore_reaches_selkv_side_rows(tiny_llama):
     for q in item["questions"]:
         answers.append(peers.answer(tiny_llama, state[0], q["ids"], len(item["context"]), 8, set()))
         side.restore(state)
-    fresh = [peers.answer(tiny_llama, side.prefill(INT2, item["context"])[0][0], q["ids"], len(item["context"]), 8,
-                          set()) for q in item["questions"]]
+    fresh = [
+        peers.answer(tiny_llama, side.prefill(INT2, item["context"])[0][0], q["ids"], len(item["context"]), 8, set())
+        for q in item["questions"]
+    ]
     assert answers == fresh and isinstance(state[0], selkv.SelectiveCache)
 
 
@@ -198,8 +216,10 @@ def test_kvpress_env_presses_keep_their_ratio_and_restore(tiny_llama):
     context = torch.randint(3, 256, (400,)).tolist()
     full16 = peers.full_bytes16(tiny_llama.config, len(context))
     digest = peers.context_digest(context)
-    matched = {(spec, "k"): {"held": int(full16 * held), "full16": full16, "digest": digest}
-               for spec, held in zip(peers.MATCHED, (0.42, 0.3), strict=True)}
+    matched = {
+        (spec, "k"): {"held": int(full16 * held), "full16": full16, "digest": digest}
+        for spec, held in zip(peers.MATCHED, (0.42, 0.3), strict=True)
+    }
     side = peers.KvpressSide(tiny_llama, matched, kvpress)
     per_layer_token = full16 // len(context) // 2
     for press in peers.PRESSES:

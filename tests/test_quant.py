@@ -39,7 +39,9 @@ def test_round_trip_error_is_at_most_half_a_step(nbits, groups, group_size, rows
     assert scale.dtype == zero.dtype == torch.float16
     y = quant.dequantize(codes, scale, zero, group_size, dim=dim)
     err = (x - y).abs()
-    assert bool((err <= _bound(x, scale, group_size, dim)).all()), float((err - _bound(x, scale, group_size, dim)).max())
+    assert bool((err <= _bound(x, scale, group_size, dim)).all()), float(
+        (err - _bound(x, scale, group_size, dim)).max()
+    )
 
 
 @pytest.mark.parametrize("nbits", [2, 3, 4, 8])
@@ -118,7 +120,9 @@ def test_packing_is_planar():
     # Byte j holds channels j, j + D/k, ... in increasing bit positions (what the kernels rely on).
     codes = torch.arange(8, dtype=torch.uint8) % 4  # D=8, 2 bits: k=4 planes of 2 channels
     packed = quant.pack(codes, 2)
-    expected = [int(codes[j]) | int(codes[j + 2]) << 2 | int(codes[j + 4]) << 4 | int(codes[j + 6]) << 6 for j in range(2)]
+    expected = [
+        int(codes[j]) | int(codes[j + 2]) << 2 | int(codes[j + 4]) << 4 | int(codes[j + 6]) << 6 for j in range(2)
+    ]
     assert packed.tolist() == expected
 
 
@@ -155,7 +159,7 @@ def test_more_bits_means_less_error():
         errors.append(float((quant.dequantize(c, s, z, 64) - x).pow(2).mean()))
     assert errors[0] > errors[1] > errors[2] > errors[3]
     # Uniform quantization of a Gaussian: each extra bit cuts the MSE about 4x.
-    assert errors[1] / errors[2] > 2.5 and errors[2] / errors[3] > 4 ** 3
+    assert errors[1] / errors[2] > 2.5 and errors[2] / errors[3] > 4**3
 
 
 def test_tensor_bytes_counts_every_reachable_tensor_once():
@@ -177,10 +181,17 @@ def test_symmetric_groups_near_the_float16_maximum_stay_within_half_a_step(nbits
     assert bool(((x - y).abs() <= _bound(x, scale, 4, -1)).all()), (x - y).abs().max()
 
 
-@pytest.mark.parametrize("axis_key,rotate,key_nbits,value_nbits", [
-    ("token", "none", 8, 8), ("channel", "hadamard-signs", 4, 4), ("channel", "hadamard-signs", 2, 4),
-    ("token", "hadamard", 4, 2), ("channel", "hadamard-signs", 3, 3), ("token", "none", 3, 8),
-])
+@pytest.mark.parametrize(
+    "axis_key,rotate,key_nbits,value_nbits",
+    [
+        ("token", "none", 8, 8),
+        ("channel", "hadamard-signs", 4, 4),
+        ("channel", "hadamard-signs", 2, 4),
+        ("token", "hadamard", 4, 2),
+        ("channel", "hadamard-signs", 3, 3),
+        ("token", "none", 3, 8),
+    ],
+)
 def test_quantize_middle_is_read_back_within_half_a_step(axis_key, rotate, key_nbits, value_nbits):
     from selkv.middle import MiddleLayout, dequantize_middle, quantize_middle
 

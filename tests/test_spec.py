@@ -44,21 +44,28 @@ def test_group_must_divide_head_dim():
 
 
 def test_good_specs_round_trip():
-    for text in ["full", "drop:sink=4,window=124", "quant:bits=2,sink=4,window=124,group=32,key_axis=channel,sym=1,block=16",
-                 "hf-quanto:bits=4,residual=128"]:
+    for text in [
+        "full",
+        "drop:sink=4,window=124",
+        "quant:bits=2,sink=4,window=124,group=32,key_axis=channel,sym=1,block=16",
+        "hf-quanto:bits=4,residual=128",
+    ]:
         spec = selkv.parse_spec(text)
         assert selkv.parse_spec(str(spec)) == spec
     assert selkv.parse_spec("quant:bits=8").key_axis == "token"
     assert selkv.parse_spec("quant:bits=2").key_axis == "channel"
 
 
-@pytest.mark.parametrize(("text", "canonical", "kbits", "vbits"), [
-    ("quant:bits=4", "quant:bits=4,", 4, 4),
-    ("quant:kbits=8,vbits=8", "quant:bits=8,", 8, 8),
-    ("quant:bits=2,kbits=2", "quant:bits=2,", 2, 2),
-    ("quant:kbits=4,vbits=2", "quant:kbits=4,vbits=2,", 4, 2),
-    ("quant:vbits=4,kbits=2,key_axis=token", "quant:kbits=2,vbits=4,", 2, 4),
-])
+@pytest.mark.parametrize(
+    ("text", "canonical", "kbits", "vbits"),
+    [
+        ("quant:bits=4", "quant:bits=4,", 4, 4),
+        ("quant:kbits=8,vbits=8", "quant:bits=8,", 8, 8),
+        ("quant:bits=2,kbits=2", "quant:bits=2,", 2, 2),
+        ("quant:kbits=4,vbits=2", "quant:kbits=4,vbits=2,", 4, 2),
+        ("quant:vbits=4,kbits=2,key_axis=token", "quant:kbits=2,vbits=4,", 2, 4),
+    ],
+)
 def test_key_and_value_bits(text, canonical, kbits, vbits):
     spec = selkv.parse_spec(text)
     assert (spec.kbits, spec.vbits) == (kbits, vbits)
@@ -102,14 +109,23 @@ def test_per_bit_defaults_follow_the_side_they_concern():
         assert spec.key_axis == DEFAULT_KEY_AXIS[kbits] and spec.block == DEFAULT_BLOCK[kbits]
         assert spec.group == DEFAULT_GROUP[vbits]
         layer = spec.make_layer()
-        assert (layer.layout.key_nbits, layer.layout.value_nbits, layer.layout.q_group_size) == (kbits, vbits, spec.group)
+        assert (layer.layout.key_nbits, layer.layout.value_nbits, layer.layout.q_group_size) == (
+            kbits,
+            vbits,
+            spec.group,
+        )
 
 
 def test_each_kind_is_one_spec_class_in_the_registry():
     from selkv.specs import SPECS
 
-    examples = {"full": "full", "drop": "drop", "quant": "quant:bits=4", "hf-quanto": "hf-quanto:bits=4",
-                "hf-hqq": "hf-hqq:bits=4"}
+    examples = {
+        "full": "full",
+        "drop": "drop",
+        "quant": "quant:bits=4",
+        "hf-quanto": "hf-quanto:bits=4",
+        "hf-hqq": "hf-hqq:bits=4",
+    }
     assert list(SPECS) == list(examples)
     for kind, text in examples.items():
         spec = selkv.parse_spec(text)
@@ -127,7 +143,9 @@ def test_spec_builds_its_cache():
     assert isinstance(selkv.parse_spec("full").build(config), DynamicCache)
     with pytest.raises(TypeError, match="use make_cache"):
         selkv.SelectiveCache("drop", config)
-    with pytest.raises(SpecError, match="max_cache_len \\(a static cache\\) needs a 'full' or 'quant' spec, not 'drop'"):
+    with pytest.raises(
+        SpecError, match="max_cache_len \\(a static cache\\) needs a 'full' or 'quant' spec, not 'drop'"
+    ):
         selkv.make_cache("drop", config, max_cache_len=64)
 
 
@@ -137,12 +155,17 @@ def test_fields_a_kind_does_not_have_are_not_there():
             getattr(selkv.parse_spec(text), name)
 
 
-@pytest.mark.parametrize(("text", "old_names"), [
-    ("quant:bits=2,sink=3,window=40,group=16,key_axis=token,block=8",
-     ["nbits", "num_sink_tokens", "window_length", "q_group_size", "axis_key", "block_length"]),
-    ("drop:sink=2,window=9,block=4", ["num_sink_tokens", "window_length", "block_length"]),
-    ("hf-quanto:bits=2,residual=7,group=16", ["nbits", "residual_length", "q_group_size"]),
-])
+@pytest.mark.parametrize(
+    ("text", "old_names"),
+    [
+        (
+            "quant:bits=2,sink=3,window=40,group=16,key_axis=token,block=8",
+            ["nbits", "num_sink_tokens", "window_length", "q_group_size", "axis_key", "block_length"],
+        ),
+        ("drop:sink=2,window=9,block=4", ["num_sink_tokens", "window_length", "block_length"]),
+        ("hf-quanto:bits=2,residual=7,group=16", ["nbits", "residual_length", "q_group_size"]),
+    ],
+)
 def test_fields_are_named_as_spec_keys_only(text, old_names):
     """A spec's fields are its keys; the names they replaced are gone (CHANGELOG.md lists them)."""
     spec = selkv.parse_spec(text)
@@ -176,7 +199,8 @@ def test_install_hints_name_what_installs_the_backend(monkeypatch):
     from selkv.specs import SPECS
 
     extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]
+        "optional-dependencies"
+    ]
     real_find_spec = importlib.util.find_spec
 
     def find_spec_without(package):  # importlib.util.find_spec, as if ``package`` were not installed
@@ -199,8 +223,7 @@ def test_three_bit_codes_need_a_head_dim_of_whole_bytes_of_eight_channels():
     spec = selkv.parse_spec("quant:bits=3")
     assert (spec.kbits, spec.vbits) == (3, 3) and str(spec).startswith("quant:bits=3,")
     resolved = spec.check_model(64)
-    assert (resolved.key_axis, resolved.block, resolved.group, resolved.rotate) == (
-        "channel", 64, 64, "hadamard-signs")
+    assert (resolved.key_axis, resolved.block, resolved.group, resolved.rotate) == ("channel", 64, 64, "hadamard-signs")
     with pytest.raises(SpecError, match="bits=3 packs its codes in groups of 8 channels; head_dim=36"):
         selkv.parse_spec("quant:kbits=3,vbits=4,rotate=none").check_model(36)
     with pytest.raises(SpecError, match="bits=2 packs its codes in groups of 4 channels; head_dim=18"):

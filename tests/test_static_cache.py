@@ -59,7 +59,10 @@ def test_static_cache_decodes_like_the_dynamic_cache(selkv_llama, spec):
     assert isinstance(layer, StaticSinkWindowLayer) and layer.fused_decode
     assert reference_layer.num_stored >= 3 * reference_layer.block_length, "the test must cross several evictions"
     assert (layer.num_sink, layer.num_stored, layer.num_recent) == (
-        reference_layer.num_sink, reference_layer.num_stored, reference_layer.num_recent)
+        reference_layer.num_sink,
+        reference_layer.num_stored,
+        reference_layer.num_recent,
+    )
     assert torch.equal(got, expected), f"{spec}:\n{got}\n{expected}"
     # The window is a ring in the static layer, so float32 sums run in another order; over 50 steps such
     # differences reach the keys being quantized and can move a code that sits on a rounding boundary
@@ -108,8 +111,16 @@ def test_left_padded_batch_matches_the_dynamic_cache(selkv_llama):
         cache = make_cache(spec, selkv_llama.config, max_cache_len=max_cache_len)
         selkv.track_padding(selkv_llama)
         with torch.inference_mode():
-            outputs.append(selkv_llama.generate(prompts, attention_mask=mask, max_new_tokens=20, do_sample=False,
-                                                pad_token_id=0, **{cache_kwarg(selkv_llama): cache}))
+            outputs.append(
+                selkv_llama.generate(
+                    prompts,
+                    attention_mask=mask,
+                    max_new_tokens=20,
+                    do_sample=False,
+                    pad_token_id=0,
+                    **{cache_kwarg(selkv_llama): cache},
+                )
+            )
         assert cache.layers[0].sink_capacity == 2 + 4
     assert torch.equal(outputs[1], outputs[0])
 
@@ -126,8 +137,9 @@ def test_static_cache_is_compileable_only_with_selkv_attention():
     assert isinstance(make_cache("full", config, max_cache_len=64), StaticCache)
 
 
-@pytest.mark.parametrize("spec,max_cache_len", [("drop:sink=4,window=16", 64), ("quant:bits=8", 0),
-                                                ("quant:bits=8", "64")])
+@pytest.mark.parametrize(
+    "spec,max_cache_len", [("drop:sink=4,window=16", 64), ("quant:bits=8", 0), ("quant:bits=8", "64")]
+)
 def test_bad_static_requests_say_what_to_do(spec, max_cache_len):
     with pytest.raises(SpecError, match="max_cache_len"):
         make_cache(spec, tiny_llama_config(), max_cache_len=max_cache_len)
@@ -165,8 +177,9 @@ def test_compiled_decode_step_has_one_graph_for_a_whole_decode(selkv_llama):
     torch._dynamo.reset()
     step = selkv.compile_decode_step(selkv_llama, mode=None, fullgraph=True, backend="eager")
     with torch._dynamo.config.patch(error_on_recompile=True):
-        got, _ = _greedy(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=21 + steps), prompts,
-                         steps, step_fn=step)
+        got, _ = _greedy(
+            selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=21 + steps), prompts, steps, step_fn=step
+        )
     assert torch.equal(got, expected)
 
 
@@ -181,8 +194,9 @@ def test_inductor_compiles_the_reference_decode_step(selkv_llama):
     expected, _ = _greedy(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=25 + steps), prompts, steps)
     torch._dynamo.reset()
     step = selkv.compile_decode_step(selkv_llama, mode=None, fullgraph=True)
-    got, _ = _greedy(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=25 + steps), prompts, steps,
-                     step_fn=step)
+    got, _ = _greedy(
+        selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=25 + steps), prompts, steps, step_fn=step
+    )
     assert torch.equal(got, expected)
 
 
@@ -204,9 +218,10 @@ def _forced_logits(model, cache, prompts: torch.Tensor, tokens: torch.Tensor, st
         for t in range(tokens.shape[1]):
             logits.append(last.float().clone())
             if t + 1 < tokens.shape[1]:
-                token = tokens[:, t:t + 1]
-                last = forward_with_cache(model, cache, token).logits[:, -1] if step_fn is None \
-                    else step_fn(token, cache)
+                token = tokens[:, t : t + 1]
+                last = (
+                    forward_with_cache(model, cache, token).logits[:, -1] if step_fn is None else step_fn(token, cache)
+                )
     return torch.stack(logits, 1)
 
 
@@ -250,11 +265,18 @@ def test_cuda_generate_compiles_the_static_cache_by_itself():
     torch._dynamo.reset()
     cache = make_cache(spec, model.config, max_cache_len=19 + 40)
     with torch.inference_mode():
-        out = model.generate(prompts, max_new_tokens=40, do_sample=False, pad_token_id=0, output_logits=True,
-                             return_dict_in_generate=True, **{cache_kwarg(model): cache})
+        out = model.generate(
+            prompts,
+            max_new_tokens=40,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **{cache_kwarg(model): cache},
+        )
     assert hasattr(model, "_compiled_call"), "generate did not compile the decode step"
     got = torch.stack(out.logits, 1).float()
-    want = _forced_logits(model, make_cache(spec, model.config), prompts, out.sequences[:, prompts.shape[1]:])
+    want = _forced_logits(model, make_cache(spec, model.config), prompts, out.sequences[:, prompts.shape[1] :])
     _assert_logits_close(got, want, spec)
 
 
@@ -289,8 +311,14 @@ def _padded_batch(rows: int, width: int, padding: list[int], seed: int):
 def _generate(model, cache, prompts, mask):
     selkv.track_padding(model)
     with torch.inference_mode():
-        return model.generate(prompts, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
-                              **{cache_kwarg(model): cache})
+        return model.generate(
+            prompts,
+            attention_mask=mask,
+            max_new_tokens=16,
+            do_sample=False,
+            pad_token_id=0,
+            **{cache_kwarg(model): cache},
+        )
 
 
 def test_reset_static_cache_serves_the_next_batch_as_a_fresh_one(selkv_llama):
@@ -314,8 +342,10 @@ def test_static_cache_takes_another_batch_size_only_after_reset(selkv_llama):
     cache = make_cache(spec, selkv_llama.config, max_cache_len=12 + 16)
     _generate(selkv_llama, cache, *_padded_batch(2, 12, [0, 0], fresh_seed()))
     three = _padded_batch(3, 12, [0, 3, 0], fresh_seed() + 2)
-    with pytest.raises(ValueError, match="holds a batch of 2 sequences; a batch of 3 needs cache.reset"), \
-            torch.inference_mode():
+    with (
+        pytest.raises(ValueError, match="holds a batch of 2 sequences; a batch of 3 needs cache.reset"),
+        torch.inference_mode(),
+    ):
         forward_with_cache(selkv_llama, cache, three[0])
     cache.reset()
     got = _generate(selkv_llama, cache, *three)
@@ -342,7 +372,9 @@ def test_decoding_past_the_capacity_is_refused_on_the_cpu_and_counted_when_compi
     spec, prompts = "quant:bits=8,sink=4,window=16,block=8", torch.randint(3, 256, (1, 20))
     cache = make_cache(spec, selkv_llama.config, max_cache_len=40)
     capacity = 4 + 24 + 16 + 8  # sink, middle (40 - 4 - 16 rounded up to blocks), window + the ring's spare block
-    with pytest.raises(ValueError, match=f"holds up to {capacity} positions .* needs {capacity + 1}: .*larger max_cache_len"):
+    with pytest.raises(
+        ValueError, match=f"holds up to {capacity} positions .* needs {capacity + 1}: .*larger max_cache_len"
+    ):
         _greedy(selkv_llama, cache, prompts, capacity)
     assert cache.dropped_tokens == 0
     cache = make_cache(spec, selkv_llama.config, max_cache_len=40)

@@ -38,8 +38,11 @@ def _varied_tiny_llama():
 
 
 def _run(command: list[str], out_dir: str) -> None:
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     env["SELKV_TP_DEVICE"] = DEVICE
@@ -60,14 +63,27 @@ def tp_runs(tmp_path_factory):
     _varied_tiny_llama().save_pretrained(model_dir)
     worker = os.path.join(HERE, "tp_worker.py")
     _run([sys.executable, worker, model_dir, single_dir], single_dir)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
-          worker, model_dir, tp_dir], tp_dir)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={WORLD_SIZE}",
+            worker,
+            model_dir,
+            tp_dir,
+        ],
+        tp_dir,
+    )
 
     def read(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
 
-    return read(os.path.join(single_dir, "rank0.json")), [read(os.path.join(tp_dir, f"rank{r}.json")) for r in range(WORLD_SIZE)]
+    return read(os.path.join(single_dir, "rank0.json")), [
+        read(os.path.join(tp_dir, f"rank{r}.json")) for r in range(WORLD_SIZE)
+    ]
 
 
 def test_tensor_parallel_greedy_tokens_equal_single_process(tp_runs):
@@ -107,7 +123,9 @@ def test_cache_sizes_itself_from_the_key_states_not_the_config(max_cache_len):
     layer = cache.layers[0]
     assert layer.num_key_value_heads == local_heads
     storage = layer.decode_storage()
-    assert storage.sink_keys.shape[1] == storage.recent_keys.shape[1] == storage.middle.key_codes.shape[1] == local_heads
+    assert (
+        storage.sink_keys.shape[1] == storage.recent_keys.shape[1] == storage.middle.key_codes.shape[1] == local_heads
+    )
     # Local query heads (half of them) against the local key/value heads: groups of
     # NUM_ATTENTION_HEADS // NUM_KEY_VALUE_HEADS, as in the single-process model.
     query = torch.randn(2, NUM_ATTENTION_HEADS // WORLD_SIZE, 1, head_dim)

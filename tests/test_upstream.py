@@ -18,11 +18,15 @@ def _falcon(**settings):
     return AutoModelForCausalLM.from_config(transformers.FalconConfig(**_TINY, **settings)).eval()
 
 
-@pytest.mark.parametrize("settings", [
-    {},  # Falcon-7B: multi-query
-    {"multi_query": False, "num_kv_heads": 4},
-    {"new_decoder_architecture": True, "num_kv_heads": 2},  # Falcon-40B
-], ids=["multi-query", "multi-head", "new-arch"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # Falcon-7B: multi-query
+        {"multi_query": False, "num_kv_heads": 4},
+        {"new_decoder_architecture": True, "num_kv_heads": 2},  # Falcon-40B
+    ],
+    ids=["multi-query", "multi-head", "new-arch"],
+)
 def test_falcon_kv_heads_are_what_the_installed_falcon_caches(settings):
     model = _falcon(**settings)
     cache = DynamicCache(config=model.config)
@@ -69,8 +73,14 @@ def test_forward_parameters_are_read_from_the_model():
 
 
 def test_layer_types_and_kwargs_give_one_entry_per_layer():
-    config = transformers.Gemma2Config(**_TINY, head_dim=8, sliding_window=8, num_key_value_heads=2,
-                                       intermediate_size=64, layer_types=["sliding_attention"])
+    config = transformers.Gemma2Config(
+        **_TINY,
+        head_dim=8,
+        sliding_window=8,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        layer_types=["sliding_attention"],
+    )
     layer_types, layer_kwargs = upstream.layer_types_and_kwargs(config)
     assert layer_types == ["sliding_attention"] and len(layer_kwargs) == 1
     assert layer_kwargs[0].get("sliding_window") == 8

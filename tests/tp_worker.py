@@ -47,7 +47,9 @@ def main(model_dir: str, out_dir: str) -> None:
 
     rank = int(os.environ.get("RANK", 0))
     parallel = {"tp_plan": "auto"} if int(os.environ.get("WORLD_SIZE", 1)) > 1 else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="selkv", **parallel)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="selkv", **parallel
+    )
     if not parallel:  # under torchrun transformers places each rank (on GPU `LOCAL_RANK` when it sees GPUs)
         model.to(os.environ.get("SELKV_TP_DEVICE", "cpu"))
     generator = torch.Generator().manual_seed(5)

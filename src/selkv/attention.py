@@ -61,8 +61,9 @@ def _use_kernel(query: torch.Tensor, storage: DecodeStorage):
     head_dim = query.shape[-1]
     num_key_value_groups = query.shape[1] // storage.num_key_value_heads  # query heads per KV head
     layout = storage.layout
-    why = kernels.check_supported(head_dim, num_key_value_groups, layout.key_nbits, layout.q_group_size, query.dtype,
-                                  layout.value_nbits)
+    why = kernels.check_supported(
+        head_dim, num_key_value_groups, layout.key_nbits, layout.q_group_size, query.dtype, layout.value_nbits
+    )
     return kernels if why is None else None
 
 
@@ -132,7 +133,9 @@ def selkv_attention_forward(
     if layer is None or not layer.storage_step or query.shape[2] != 1:
         if query.is_cuda:
             kernel_module()  # import the kernels now (eagerly) for the decode steps that follow
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     storage = layer.decode_storage()
     if attention_mask is not None:  # the mask knows the padding whether or not track_padding told the cache
         storage = dataclasses.replace(storage, row_padding=_row_padding_from_mask(attention_mask))

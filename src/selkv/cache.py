@@ -12,8 +12,16 @@ from .specs import CacheSpec, SpecError, parse_spec
 from .upstream import quantized_layer_tensors
 
 __all__ = [
-    "SLIDING_LAYER_TYPES", "SelectiveCache", "bytes_summary", "kv_bytes", "layer_bytes", "layer_plan", "make_cache",
-    "model_shape", "resolve_spec", "bytes_per_device",
+    "SLIDING_LAYER_TYPES",
+    "SelectiveCache",
+    "bytes_summary",
+    "kv_bytes",
+    "layer_bytes",
+    "layer_plan",
+    "make_cache",
+    "model_shape",
+    "resolve_spec",
+    "bytes_per_device",
 ]
 
 
@@ -22,8 +30,9 @@ def resolve_spec(spec: str | CacheSpec, config) -> CacheSpec:
     return parse_spec(spec).resolve(config)
 
 
-def make_cache(spec: str | CacheSpec, config, max_cache_len: int | None = None,
-               fused_decode: bool | None = None) -> Cache:
+def make_cache(
+    spec: str | CacheSpec, config, max_cache_len: int | None = None, fused_decode: bool | None = None
+) -> Cache:
     """Build the cache a spec describes, for a model ``config`` (each kind's ``build``, in :mod:`selkv.specs`).
 
     ``spec``: a spec string (parsed here, once) or a spec object (``parse_spec``); the spec is checked against

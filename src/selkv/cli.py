@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEMO_CACHES", "DEMO_PROMPT", "SIZE_CACHES", "add_eval_commands", "build_parser", "demo_prompt", "main"]
 
+
 class HelpFormatter(argparse.HelpFormatter):
     """Text with line breaks (examples, module docstrings) is kept as written; one-line text is wrapped."""
 
@@ -67,14 +68,25 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="'smollm2-135m' (embedded default), a Hugging Face model id or a local path")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="'smollm2-135m' (embedded default), a Hugging Face model id or a local path",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="model dtype (default: bfloat16 on CUDA and bf16-capable CPUs, else float32)")
-    parser.add_argument("--attn", default=None, choices=["sdpa", "eager", "selkv"],
-                        help="attention implementation; 'selkv' reads quantized caches in a fused kernel on CUDA "
-                             "(default sdpa; selkv for generate --static where the model takes it)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="model dtype (default: bfloat16 on CUDA and bf16-capable CPUs, else float32)",
+    )
+    parser.add_argument(
+        "--attn",
+        default=None,
+        choices=["sdpa", "eager", "selkv"],
+        help="attention implementation; 'selkv' reads quantized caches in a fused kernel on CUDA "
+        "(default sdpa; selkv for generate --static where the model takes it)",
+    )
 
 
 class Parser(argparse.ArgumentParser):
@@ -108,10 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", help="read the prompt from this file")
     gen.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
-    gen.add_argument("--static", action="store_true",
-                     help="preallocate each cache for the prompt and the new tokens (make_cache max_cache_len) and, "
-                     "on CUDA, capture the decode step (torch.compile + CUDA graphs; the first steps compile); "
-                     "without --attn, selkv's attention where the model takes it, which that capture needs")
+    gen.add_argument(
+        "--static",
+        action="store_true",
+        help="preallocate each cache for the prompt and the new tokens (make_cache max_cache_len) and, "
+        "on CUDA, capture the decode step (torch.compile + CUDA graphs; the first steps compile); "
+        "without --attn, selkv's attention where the model takes it, which that capture needs",
+    )
     gen.set_defaults(handler=cmd_generate)
 
     size = sub.add_parser(
@@ -122,12 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         epilog=SIZE_EPILOG,
     )
-    size.add_argument("--model", default="smollm2-135m", help="model whose config gives the shape (default smollm2-135m)")
+    size.add_argument(
+        "--model", default="smollm2-135m", help="model whose config gives the shape (default smollm2-135m)"
+    )
     size.add_argument("--cache", action="append", metavar="SPEC", help=SPEC_HELP)
     size.add_argument("--tokens", type=positive_int, default=4096, help="sequence length (default 4096)")
     size.add_argument("--batch-size", type=positive_int, default=1, help="batch size (default 1)")
-    size.add_argument("--chunk", type=positive_int, default=64,
-                      help="tokens per update, as in chunked scoring (default 64)")
+    size.add_argument(
+        "--chunk", type=positive_int, default=64, help="tokens per update, as in chunked scoring (default 64)"
+    )
     size.set_defaults(handler=cmd_size)
 
     demo = sub.add_parser(
@@ -139,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=DEMO_EPILOG,
     )
     add_model_args(demo)
-    demo.add_argument("--out", default="results/demo", help="folder for the comparison's results (default results/demo)")
+    demo.add_argument(
+        "--out", default="results/demo", help="folder for the comparison's results (default results/demo)"
+    )
     demo.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens to generate (default 48)")
     demo.set_defaults(handler=cmd_demo)
 
@@ -156,11 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
-    parser.add_argument("--cache", action="append", metavar="SPEC",
-                        help=SPEC_HELP + " (default: the comparison set " + ", ".join(DEFAULT_CACHES) + ")")
+    parser.add_argument(
+        "--cache",
+        action="append",
+        metavar="SPEC",
+        help=SPEC_HELP + " (default: the comparison set " + ", ".join(DEFAULT_CACHES) + ")",
+    )
     parser.add_argument("--out", required=True, help="results folder; rerun with the same folder to resume")
-    parser.add_argument("--profile", metavar="DIR", default=None,
-                        help="write a torch.profiler Chrome trace and top-operator tables to DIR")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="write a torch.profiler Chrome trace and top-operator tables to DIR",
+    )
 
 
 def add_eval_commands(subparsers) -> None:
@@ -169,35 +197,44 @@ def add_eval_commands(subparsers) -> None:
         "eval",
         help="compare caches on one task (perplexity, summarization, needle, memory, speed) or all of them",
         description="Run every --cache on the same inputs and write DIR/results.json (+ examples.jsonl while "
-                    "running; a rerun with the same --out resumes).",
+        "running; a rerun with the same --out resumes).",
         formatter_class=HelpFormatter,
         epilog=EVAL_EPILOG,
     )
     tasks = ev.add_subparsers(dest="task", metavar="TASK", required=True)
     for name, module in TASKS.items():
         doc = " ".join((module.__doc__ or name).strip().split("\n\n")[0].split())  # the first paragraph
-        parser = tasks.add_parser(name, help=doc, description=module.__doc__,
-                                  formatter_class=HelpFormatter,
-                                  epilog=f"example:\n  selkv eval {name} --cache full --cache "
-                                         f"quant:bits=4,sink=4,window=124 --out results/{name}\n"
-                                         f"Rerun the same command to resume an interrupted run.")
+        parser = tasks.add_parser(
+            name,
+            help=doc,
+            description=module.__doc__,
+            formatter_class=HelpFormatter,
+            epilog=f"example:\n  selkv eval {name} --cache full --cache "
+            f"quant:bits=4,sink=4,window=124 --out results/{name}\n"
+            f"Rerun the same command to resume an interrupted run.",
+        )
         _add_eval_args(parser)
         module.add_arguments(parser)
         parser.set_defaults(handler=cmd_eval)
-    suite = tasks.add_parser("all", help="the full suite (every task, default caches) into sub-folders of --out, "
-                                         "then the report",
-                             description="Runs every task with the suite's settings into sub-folders of --out, "
-                                         "then writes --out/report.md.",
-                             formatter_class=HelpFormatter,
-                             epilog="examples:\n  selkv eval all --quick --out results/quick   (a few minutes)\n"
-                                    "  selkv eval all --out results/suite           (half an hour on 2 CPU cores)")
+    suite = tasks.add_parser(
+        "all",
+        help="the full suite (every task, default caches) into sub-folders of --out, then the report",
+        description="Runs every task with the suite's settings into sub-folders of --out, then writes --out/report.md.",
+        formatter_class=HelpFormatter,
+        epilog="examples:\n  selkv eval all --quick --out results/quick   (a few minutes)\n"
+        "  selkv eval all --out results/suite           (half an hour on 2 CPU cores)",
+    )
     _add_eval_args(suite)
     suite.add_argument("--quick", action="store_true", help="the short demo-sized suite instead")
     suite.set_defaults(handler=cmd_eval_all)
 
-    rep = subparsers.add_parser("report", help="turn results folders into a Markdown table and PNG plots",
-                                description="Reads DIR/results.json (recursively) and writes report.md + PNGs.",
-                                formatter_class=HelpFormatter, epilog=REPORT_EPILOG)
+    rep = subparsers.add_parser(
+        "report",
+        help="turn results folders into a Markdown table and PNG plots",
+        description="Reads DIR/results.json (recursively) and writes report.md + PNGs.",
+        formatter_class=HelpFormatter,
+        epilog=REPORT_EPILOG,
+    )
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="a results folder of `selkv eval` (searched recursively)")
     rep.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the first DIR)")
     rep.add_argument("--image-prefix", default=None, help="path prefix for the images inside report.md")
@@ -283,8 +320,12 @@ def cmd_generate(args) -> int:
         hint = " or drop --no-chat (the chat template adds tokens)" if args.no_chat else ""
         raise SelKVError(f"the prompt {prompt[:40]!r} gives no tokens; give a non-empty --prompt{hint}")
     print(f"prompt: {inputs['input_ids'].shape[-1]} tokens, model {args.model} ({model.dtype}, {model.device})\n")
-    print_generations([generate(model, tokenizer, inputs, spec, args.max_new_tokens, static=args.static, label=text)
-                       for text, spec in specs])
+    print_generations(
+        [
+            generate(model, tokenizer, inputs, spec, args.max_new_tokens, static=args.static, label=text)
+            for text, spec in specs
+        ]
+    )
     return 0
 
 
@@ -382,7 +423,9 @@ def cmd_lm_eval(harness_args: list[str]) -> int:
     if model == harness_model.MODEL_NAME:
         harness_model.check_model_args(model_args)
     tasks = [t for words in harness_model.flag_values(harness_args, "--tasks", "-t") or [] for t in words.split(",")]
-    check_task_data(tasks, {**model_args, **harness_model.dict_argument(harness_model.flag_values(harness_args, "--metadata"))})
+    check_task_data(
+        tasks, {**model_args, **harness_model.dict_argument(harness_model.flag_values(harness_args, "--metadata"))}
+    )
     args = list(harness_args)
     if "--include_path" not in args and not any(a.startswith("--include_path=") for a in args):
         args += ["--include_path", str(harness_model.TASKS_DIR)]

@@ -51,8 +51,15 @@ CAPTURE_STEPS = 2
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, inputs: dict, spec: str | CacheSpec, max_new_tokens: int, static: bool = False,
-             label: str | None = None) -> Generation:
+def generate(
+    model,
+    tokenizer,
+    inputs: dict,
+    spec: str | CacheSpec,
+    max_new_tokens: int,
+    static: bool = False,
+    label: str | None = None,
+) -> Generation:
     """Greedy-decode ``max_new_tokens`` after ``inputs`` (one prompt) with a fresh cache built from ``spec`` (a spec
     string or a parsed spec; ``label``, the result's name, defaults to ``str(spec)``).
 
@@ -81,8 +88,15 @@ def generate(model, tokenizer, inputs: dict, spec: str | CacheSpec, max_new_toke
         synchronize(device)
         starts.append(time.perf_counter())
 
-    tokens = greedy_decode(model, cache, last_logits, max_new_tokens, eos_token_ids(model, tokenizer), step=step,
-                           on_step=step_done if step else None)
+    tokens = greedy_decode(
+        model,
+        cache,
+        last_logits,
+        max_new_tokens,
+        eos_token_ids(model, tokenizer),
+        step=step,
+        on_step=step_done if step else None,
+    )
     synchronize(device)
     end = time.perf_counter()
     timed_tokens = len(tokens)

@@ -121,8 +121,9 @@ def quantize_middle(
         key_codes, key_scale, key_zero = quant.quantize(keys, lay.key_nbits, lay.block_length, dim=-2, sym=lay.sym)
     else:
         key_codes, key_scale, key_zero = quant.quantize(keys, lay.key_nbits, lay.q_group_size, dim=-1, sym=lay.sym)
-    value_codes, value_scale, value_zero = quant.quantize(values, lay.value_nbits, lay.q_group_size, dim=-1,
-                                                          sym=lay.sym)
+    value_codes, value_scale, value_zero = quant.quantize(
+        values, lay.value_nbits, lay.q_group_size, dim=-1, sym=lay.sym
+    )
     return MiddleTensors(
         key_codes=quant.pack(key_codes, lay.key_nbits),
         key_scale=key_scale,
@@ -167,16 +168,28 @@ def dequantize_middle(
     if num_stored % block == 0:  # whole blocks (always, in decode): read the codes in place, in token order
         blocks = num_stored // block
         codes = quant.token_order_view(t.value_codes[:, :, :num_stored], block)
-        codes = quant.unpack(codes.contiguous(), layout.value_nbits)  # transposing bytes, then converting, beats one strided pass
+        codes = quant.unpack(
+            codes.contiguous(), layout.value_nbits
+        )  # transposing bytes, then converting, beats one strided pass
         values = quant.dequantize(  # [B, H, blocks, block, head_dim], a view of [B, H, num_stored, head_dim]
-            codes, value_scale.unflatten(2, (blocks, block)), value_zero.unflatten(2, (blocks, block)),
-            layout.q_group_size, dtype=dtype, out=None if out_values is None else out_values.unflatten(2, (blocks, block)),
+            codes,
+            value_scale.unflatten(2, (blocks, block)),
+            value_zero.unflatten(2, (blocks, block)),
+            layout.q_group_size,
+            dtype=dtype,
+            out=None if out_values is None else out_values.unflatten(2, (blocks, block)),
         ).flatten(2, 3)
     else:
         whole_blocks = -(-num_stored // block) * block
         codes = quant.from_block_major(t.value_codes[:, :, :whole_blocks], block)[:, :, :num_stored]
-        values = quant.dequantize(quant.unpack(codes, layout.value_nbits), value_scale, value_zero, layout.q_group_size,
-                                  dtype=dtype, out=out_values)
+        values = quant.dequantize(
+            quant.unpack(codes, layout.value_nbits),
+            value_scale,
+            value_zero,
+            layout.q_group_size,
+            dtype=dtype,
+            out=out_values,
+        )
     return keys, values
 
 
@@ -205,8 +218,9 @@ class QuantizedMiddle:
         # One matrix per (head_dim, device), shared by every layer: kv_bytes counts it once per cache.
         self.key_rotation = quant.rotation_matrix(self.layout.rotate, head_dim, key_states.device)
         # Built here, eagerly: a captured step must not build it (no allocation or host copy while capturing).
-        self.key_rotation_signs = quant.rotation_signs(self.layout.rotate, head_dim, key_states.dtype,
-                                                       key_states.device)
+        self.key_rotation_signs = quant.rotation_signs(
+            self.layout.rotate, head_dim, key_states.dtype, key_states.device
+        )
 
     @property
     def capacity(self) -> int:
@@ -222,10 +236,12 @@ class QuantizedMiddle:
         batch_size, num_heads, _, head_dim = key_states.shape
         # The tensors take their shapes and dtypes from quantizing one block of zeros.
         block = key_states.new_zeros(batch_size, num_heads, self.layout.block_length, head_dim)
-        self.tensors = MiddleTensors(*(
-            part.new_zeros(part.shape[:2] + (self.layout.rows(name, capacity),) + part.shape[3:])
-            for name, part in self.quantize(block, block)._asdict().items()
-        ))
+        self.tensors = MiddleTensors(
+            *(
+                part.new_zeros(part.shape[:2] + (self.layout.rows(name, capacity),) + part.shape[3:])
+                for name, part in self.quantize(block, block)._asdict().items()
+            )
+        )
 
     def write(self, keys: torch.Tensor, values: torch.Tensor, first: int | torch.Tensor) -> None:
         """Quantize whole blocks of tokens ``[B, H, n, head_dim]`` and write them from token ``first``.
@@ -288,8 +304,15 @@ class QuantizedMiddle:
         out_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``count`` tokens dequantized (keys rotated back) in ``dtype``, written into ``out_*`` when given."""
-        return dequantize_middle(self.tensors, self.layout, count, dtype=dtype, out_keys=out_keys,
-                                 out_values=out_values, key_rotation=self.key_rotation)
+        return dequantize_middle(
+            self.tensors,
+            self.layout,
+            count,
+            dtype=dtype,
+            out_keys=out_keys,
+            out_values=out_values,
+            key_rotation=self.key_rotation,
+        )
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors by name (none before the first write or allocation)."""
@@ -307,8 +330,12 @@ class QuantizedMiddle:
 
         key_codes, value_codes = used("key_codes"), used("value_codes")
         scales = used("key_scale") + used("key_zero") + used("value_scale") + used("value_zero")
-        return {"bytes_codes": key_codes + value_codes, "bytes_key_codes": key_codes, "bytes_value_codes": value_codes,
-                "bytes_scales": scales}
+        return {
+            "bytes_codes": key_codes + value_codes,
+            "bytes_key_codes": key_codes,
+            "bytes_value_codes": value_codes,
+            "bytes_scales": scales,
+        }
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to every tensor (batch reordering, beam search); the rotation has no batch dimension."""

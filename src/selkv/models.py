@@ -112,8 +112,9 @@ def _check_local(name_or_path: str) -> None:
     if not path.is_dir():
         raise ModelNotFoundError(f"{name_or_path!r} is a file, not a model folder; {MODEL_HELP}")
     if not (path / "config.json").exists():
-        raise ModelNotFoundError(f"{name_or_path!r} has no config.json, so it is not a transformers model folder; "
-                                 f"{MODEL_HELP}")
+        raise ModelNotFoundError(
+            f"{name_or_path!r} has no config.json, so it is not a transformers model folder; {MODEL_HELP}"
+        )
 
 
 def resolve_model(name_or_path: str) -> tuple[str, dict]:
@@ -186,8 +187,9 @@ def causal_lm_class(config, name_or_path: str = "the model"):
     return found
 
 
-def check_attn_implementation(model_class, attn_implementation: str | None, name_or_path: str = "the model",
-                              config=None) -> None:
+def check_attn_implementation(
+    model_class, attn_implementation: str | None, name_or_path: str = "the model", config=None
+) -> None:
     """Refuse ``attn_implementation="selkv"`` for a model whose attention does not dispatch through
     transformers' ``AttentionInterface`` (GPT-Neo, Bloom, MPT, Falcon before transformers 5.25 or with
     ALiBi, ...): such a model would fail with a bare ``KeyError`` or silently ignore the request."""
@@ -232,8 +234,14 @@ def load_model(
 
     device = resolve_device(device)
     if isinstance(dtype, str):
-        dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-                 "fp32": torch.float32, "float32": torch.float32}.get(dtype) or _bad_dtype(dtype)
+        dtype = {
+            "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16,
+            "fp16": torch.float16,
+            "float16": torch.float16,
+            "fp32": torch.float32,
+            "float32": torch.float32,
+        }.get(dtype) or _bad_dtype(dtype)
     dtype = dtype or default_dtype(device.type)
     path, _ = resolve_model(name_or_path)
     config = _read_config(path, name_or_path)
@@ -241,8 +249,10 @@ def load_model(
     try:  # the tokenizer first: it fails fast, before seconds of weight loading
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ModelNotFoundError(f"cannot load a tokenizer for {name_or_path!r}: {_one_line(err)}; the model "
-                                 f"folder needs the tokenizer files (tokenizer.json, tokenizer_config.json)") from None
+        raise ModelNotFoundError(
+            f"cannot load a tokenizer for {name_or_path!r}: {_one_line(err)}; the model "
+            f"folder needs the tokenizer files (tokenizer.json, tokenizer_config.json)"
+        ) from None
     if attn_implementation == "selkv":
         from . import attention  # noqa: F401  registers "selkv"
     try:

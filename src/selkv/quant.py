@@ -173,7 +173,9 @@ def _signed_hadamard(dim: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.cache
-def rotation_signs(rotate: str, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor | None:
+def rotation_signs(
+    rotate: str, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
     """``rotation_matrix(rotate, dim)^T * sqrt(dim)`` in ``dtype``: every entry is +-1, exact in any float dtype.
 
     The fused decode kernel rotates the query with it in its prologue ((q R)^T = R^T q^T, the 1/sqrt(dim)
@@ -249,8 +251,9 @@ def pack(codes: torch.Tensor, nbits: int) -> torch.Tensor:
     """uint8 codes ``[..., D]`` -> packed bytes ``[..., D * nbits // 8]``."""
     d = codes.shape[-1]
     if d % channel_multiple(nbits):
-        raise ValueError(f"the last dimension ({d}) must be a multiple of {channel_multiple(nbits)} to pack "
-                         f"{nbits}-bit codes")
+        raise ValueError(
+            f"the last dimension ({d}) must be a multiple of {channel_multiple(nbits)} to pack {nbits}-bit codes"
+        )
     if nbits == 3:
         codes = codes.to(torch.uint8)
         return torch.cat([_pack_planes(codes & 3, 2), _pack_planes(codes >> 2, 1)], dim=-1)

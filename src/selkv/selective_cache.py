@@ -33,8 +33,10 @@ class SelectiveCache(Cache):
 
     def __init__(self, layers: list, config, fused_decode: bool | None = None):
         if not isinstance(layers, (list, tuple)):
-            raise TypeError(f"SelectiveCache takes its cache layers (spec.cache_layers(config)); for a spec use "
-                            f"make_cache({layers!r}, config)")
+            raise TypeError(
+                f"SelectiveCache takes its cache layers (spec.cache_layers(config)); for a spec use "
+                f"make_cache({layers!r}, config)"
+            )
         super().__init__(layers=list(layers))
         # With selkv's attention, one-token decode steps read the compressed storage directly.
         if fused_decode is None:
@@ -63,8 +65,10 @@ class SelectiveCache(Cache):
     def dropped_tokens(self) -> int:
         """Tokens a static cache's compiled or GPU decode steps dropped past its capacity (0 when none;
         a host sync). Such steps cannot stop, so they keep decoding as a sliding window and count here."""
-        return max((int(layer.dropped) for layer in self._selkv_layers() if getattr(layer, "dropped", None) is not None),
-                   default=0)
+        return max(
+            (int(layer.dropped) for layer in self._selkv_layers() if getattr(layer, "dropped", None) is not None),
+            default=0,
+        )
 
     def _selkv_layers(self) -> list[SelectiveLayer]:
         """The full-attention layers (sliding-window layers are transformers' own)."""

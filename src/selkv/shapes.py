@@ -35,8 +35,10 @@ def layer_plan(config) -> list[tuple[str, int | None]]:
             f"selkv caches take full-attention and sliding-window layers; this model also has {found} layers "
             "(use its own cache)"
         )
-    return [(t, kwargs.get("sliding_window") if t in SLIDING_LAYER_TYPES else None)
-            for t, kwargs in zip(layer_types, layer_kwargs, strict=True)]
+    return [
+        (t, kwargs.get("sliding_window") if t in SLIDING_LAYER_TYPES else None)
+        for t, kwargs in zip(layer_types, layer_kwargs, strict=True)
+    ]
 
 
 def _num_key_value_heads(config) -> int:
@@ -61,4 +63,3 @@ def model_shape(config) -> dict:
         "head_dim": head_dim,
         "layer_types": layer_types,
     }
-

@@ -32,8 +32,9 @@ def load_config(name_or_path: str):
 
 
 @torch.inference_mode()
-def cache_size(spec: str, config, tokens: int, batch_size: int = 1, chunk: int = 64,
-               dtype: torch.dtype = torch.bfloat16) -> dict:
+def cache_size(
+    spec: str, config, tokens: int, batch_size: int = 1, chunk: int = 64, dtype: torch.dtype = torch.bfloat16
+) -> dict:
     """``kv_bytes`` of ``spec`` after ``tokens`` tokens fed in chunks of ``chunk`` (the perplexity protocol).
 
     Layers of one kind (full attention, or sliding with one window) hold the same tensors for the
@@ -69,8 +70,10 @@ def describe_model(config) -> str:
     layers = f"{shape['num_hidden_layers']} layers"
     if sliding:
         windows = ", ".join(str(w) for w in sorted(set(sliding)))
-        layers += (f" ({len(plans) - len(sliding)} full-attention; {len(sliding)} sliding-window of {windows} tokens, "
-                   "kept 16-bit)")
+        layers += (
+            f" ({len(plans) - len(sliding)} full-attention; {len(sliding)} sliding-window of {windows} tokens, "
+            "kept 16-bit)"
+        )
     return f"{layers}, {shape['num_key_value_heads']} KV heads, head_dim {shape['head_dim']}"
 
 
@@ -81,8 +84,10 @@ def _group(spec: str, config) -> str:
 
 def size_table(specs: list[str], config, tokens: int, batch_size: int = 1, chunk: int = 64) -> str:
     """A Markdown table of :func:`cache_size` for each spec, in MiB, with the group size each spec gets here."""
-    title = (f"KV cache at {tokens} tokens, batch {batch_size}, fed in chunks of {chunk} (bfloat16 model; "
-             f"{describe_model(config)})\n")
+    title = (
+        f"KV cache at {tokens} tokens, batch {batch_size}, fed in chunks of {chunk} (bfloat16 model; "
+        f"{describe_model(config)})\n"
+    )
     rows = [
         title,
         "| cache | group | held MiB | filled MiB | 16-bit MiB | codes MiB | scales MiB | vs 16-bit full |",

@@ -85,7 +85,9 @@ class DecodeStorage:
         stale or unwritten and the caller masks them.
         """
         if not self.num_stored:
-            empty = self.sink_keys.new_zeros(self.sink_keys.shape[:2] + (0, self.sink_keys.shape[-1]), dtype=torch.float32)
+            empty = self.sink_keys.new_zeros(
+                self.sink_keys.shape[:2] + (0, self.sink_keys.shape[-1]), dtype=torch.float32
+            )
             return empty, empty
         return dequantize_middle(self.middle, self.layout, self.num_stored, key_rotation=self.key_rotation)
 
@@ -98,10 +100,29 @@ def flatten_storage(storage: DecodeStorage) -> tuple[list[torch.Tensor | None], 
     """``storage`` as (tensors, integers), what the custom operator takes; :func:`unflatten_storage` inverts it."""
     s, lay = storage, storage.layout
     middle = s.middle if s.middle is not None else (None,) * len(MiddleTensors._fields)
-    tensors = [s.sink_keys, s.sink_values, *middle, s.recent_keys, s.recent_values, s.row_padding, s.lengths,
-               s.key_rotation, s.key_rotation_signs]
-    ints = [s.num_sink, s.num_stored, s.num_recent, lay.key_nbits, lay.value_nbits, lay.q_group_size,
-            AXES.index(lay.axis_key), lay.block_length, quant.ROTATIONS.index(lay.rotate), int(lay.sym)]
+    tensors = [
+        s.sink_keys,
+        s.sink_values,
+        *middle,
+        s.recent_keys,
+        s.recent_values,
+        s.row_padding,
+        s.lengths,
+        s.key_rotation,
+        s.key_rotation_signs,
+    ]
+    ints = [
+        s.num_sink,
+        s.num_stored,
+        s.num_recent,
+        lay.key_nbits,
+        lay.value_nbits,
+        lay.q_group_size,
+        AXES.index(lay.axis_key),
+        lay.block_length,
+        quant.ROTATIONS.index(lay.rotate),
+        int(lay.sym),
+    ]
     return tensors, ints
 
 
@@ -111,8 +132,18 @@ def unflatten_storage(tensors: list[torch.Tensor | None], ints: list[int]) -> De
     num_sink, num_stored, num_recent, key_nbits, value_nbits, q_group_size, axis, block, rotate, sym = ints
     layout = MiddleLayout(key_nbits, value_nbits, q_group_size, AXES[axis], block, quant.ROTATIONS[rotate], bool(sym))
     return DecodeStorage(
-        sink_keys, sink_values, None if middle[0] is None else MiddleTensors(*middle), recent_keys, recent_values,
-        num_sink, num_stored, num_recent, layout, row_padding=row_padding, lengths=lengths, key_rotation=rotation,
+        sink_keys,
+        sink_values,
+        None if middle[0] is None else MiddleTensors(*middle),
+        recent_keys,
+        recent_values,
+        num_sink,
+        num_stored,
+        num_recent,
+        layout,
+        row_padding=row_padding,
+        lengths=lengths,
+        key_rotation=rotation,
         key_rotation_signs=signs,
     )
 

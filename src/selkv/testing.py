@@ -47,8 +47,16 @@ def random_middle(
     return store.tensors
 
 
-def fill_layer(layer: SelectiveLayer, batch_size: int, num_key_value_heads: int, head_dim: int, context: int,
-               device: torch.device | str, dtype: torch.dtype, room: int = 0) -> None:
+def fill_layer(
+    layer: SelectiveLayer,
+    batch_size: int,
+    num_key_value_heads: int,
+    head_dim: int,
+    context: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    room: int = 0,
+) -> None:
     """Fill a quantized layer (dynamic or static) with random sink, middle and window as if it had seen ``context``
     positions: the sink full, the middle whole blocks, the window the rest.
 
@@ -76,8 +84,9 @@ def fill_layer(layer: SelectiveLayer, batch_size: int, num_key_value_heads: int,
     layer.sink_keys.normal_()
     layer.sink_values.normal_()
     # the window buffer as a decode step finds it (the layer grows it with the tokens it holds)
-    layer.recent_keys = torch.randn(batch_size, num_key_value_heads, window + block, head_dim, device=device,
-                                    dtype=dtype)
+    layer.recent_keys = torch.randn(
+        batch_size, num_key_value_heads, window + block, head_dim, device=device, dtype=dtype
+    )
     layer.recent_values = torch.randn_like(layer.recent_keys)
     capacity = num_stored + (-(-room // block) + 1) * block
     layer.middle.tensors = random_middle(layer.layout, batch_size, num_key_value_heads, head_dim, capacity, device)

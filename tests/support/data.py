@@ -6,8 +6,11 @@ from selkv.eval.data import TEXT_SETS, data_root
 
 # read once, as the skip marker reads it (a test that sets SELKV_DATA later does not move it)
 DATA_ROOT = data_root()
-SHARED_DATA_MISSING = None if DATA_ROOT.is_dir() else (
-    f"needs the evaluation sets in {DATA_ROOT} (SELKV_DATA, else ../shared/data), which this machine lacks")
+SHARED_DATA_MISSING = (
+    None
+    if DATA_ROOT.is_dir()
+    else (f"needs the evaluation sets in {DATA_ROOT} (SELKV_DATA, else ../shared/data), which this machine lacks")
+)
 
 
 def read_book(chars: int = 20000) -> str:

@@ -30,6 +30,7 @@ def float64_reference(
     keys = [args["sink_keys"][:, :, :ns].double().cpu()]
     values = [args["sink_values"][:, :, :ns].double().cpu()]
     if nm:
+
         def codes(packed, nbits):  # plane p of byte j is channel p * D/k + j
             packed = packed[:, :, :nm].cpu().long()
             if nbits == 3:  # channel p * D/4 + j: low bits in byte j, high bit in byte D/4 + j % (D/8)
@@ -56,7 +57,11 @@ def float64_reference(
         if args["key_rotation"] is not None:  # stored rotated: rotate back (orthogonal: its transpose)
             middle_keys = middle_keys @ args["key_rotation"].cpu().double().T
         keys.append(middle_keys.to(dtype).double())
-        values.append((codes(token_major(args["value_codes"], args["block_length"]), args["value_nbits"]) * vs + vz).to(dtype).double())
+        values.append(
+            (codes(token_major(args["value_codes"], args["block_length"]), args["value_nbits"]) * vs + vz)
+            .to(dtype)
+            .double()
+        )
     keys.append(args["recent_keys"][:, :, :nr].double().cpu())
     values.append(args["recent_values"][:, :, :nr].double().cpu())
     k, v = torch.cat(keys, -2), torch.cat(values, -2)

@@ -75,9 +75,14 @@ def make_storage(
             sink_values[b, :, :pad] = 1000.0
     layout = MiddleLayout(nbits, value_nbits, q_group_size, axis_key, block_length, rotate)
     args = dict(
-        sink_keys=sink_keys.to(device), sink_values=sink_values.to(device), num_sink=num_sink,
-        recent_keys=recent_keys.to(device), recent_values=recent_values.to(device), num_recent=num_recent,
-        num_stored=num_stored, layout=layout,
+        sink_keys=sink_keys.to(device),
+        sink_values=sink_values.to(device),
+        num_sink=num_sink,
+        recent_keys=recent_keys.to(device),
+        recent_values=recent_values.to(device),
+        num_recent=num_recent,
+        num_stored=num_stored,
+        layout=layout,
         row_padding=None if row_padding is None else torch.tensor(row_padding, dtype=torch.int32, device=device),
     )
     if num_stored == 0:
@@ -111,12 +116,25 @@ def with_device_lengths(storage: DecodeStorage, gen: torch.Generator) -> DecodeS
     ring = s.num_recent + 3 + int(torch.randint(0, 5, (1,), generator=gen))
     start = int(torch.randint(0, ring, (1,), generator=gen))
     slots = (start + torch.arange(s.num_recent)) % ring
-    ring_keys = torch.full(s.recent_keys.shape[:2] + (ring,) + s.recent_keys.shape[3:], float("nan"),
-                           dtype=s.recent_keys.dtype, device=s.recent_keys.device)
+    ring_keys = torch.full(
+        s.recent_keys.shape[:2] + (ring,) + s.recent_keys.shape[3:],
+        float("nan"),
+        dtype=s.recent_keys.dtype,
+        device=s.recent_keys.device,
+    )
     ring_values = ring_keys.clone()
     ring_keys[:, :, slots.to(ring_keys.device)] = s.recent_keys[:, :, : s.num_recent]
     ring_values[:, :, slots.to(ring_keys.device)] = s.recent_values[:, :, : s.num_recent]
-    lengths = torch.tensor([s.num_sink, s.num_stored, s.num_recent, start], dtype=torch.int32, device=s.sink_keys.device)
+    lengths = torch.tensor(
+        [s.num_sink, s.num_stored, s.num_recent, start], dtype=torch.int32, device=s.sink_keys.device
+    )
     middle_capacity = s.middle.key_codes.shape[2] if s.middle is not None else 0
-    return dataclasses.replace(s, recent_keys=ring_keys, recent_values=ring_values, num_sink=s.sink_keys.shape[2],
-                               num_stored=middle_capacity, num_recent=ring, lengths=lengths)
+    return dataclasses.replace(
+        s,
+        recent_keys=ring_keys,
+        recent_values=ring_values,
+        num_sink=s.sink_keys.shape[2],
+        num_stored=middle_capacity,
+        num_recent=ring,
+        lengths=lengths,
+    )

@@ -132,7 +132,9 @@ def _hf_load(spec: tuple):
     try:
         import datasets
     except ImportError:
-        raise ImportError("loading a Hugging Face dataset needs the 'datasets' package: pip install 'selkv[hf]'") from None
+        raise ImportError(
+            "loading a Hugging Face dataset needs the 'datasets' package: pip install 'selkv[hf]'"
+        ) from None
     path, config, split = spec[:3]
     return datasets.load_dataset(path, config, split=split)
 
@@ -165,7 +167,9 @@ def load_summarization(name_or_path: str, limit: int | None = None) -> tuple[lis
     else:
         rows = _hf_load(hf)
         doc_key, sum_key = ("article", "highlights") if "cnn" in hf[0] else ("document", "summary")
-        records = [{"id": str(r.get("id", i)), "document": r[doc_key], "summary": r[sum_key]} for i, r in enumerate(rows)]
+        records = [
+            {"id": str(r.get("id", i)), "document": r[doc_key], "summary": r[sum_key]} for i, r in enumerate(rows)
+        ]
         source = f"hf:{hf[0]}"
     return (records[:limit] if limit else records), source
 

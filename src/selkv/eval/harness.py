@@ -20,30 +20,60 @@ from .data import json_object
 from .runner import progress
 
 TASK = "harness"
-DEFAULTS = {"tasks": ["selkv_needle_1k", "selkv_kv_1k", "selkv_topic_1k"], "limit": 10, "chunk": 64,
-            "batch_size": 1, "include_path": None, "metadata": None}
+DEFAULTS = {
+    "tasks": ["selkv_needle_1k", "selkv_kv_1k", "selkv_topic_1k"],
+    "limit": 10,
+    "chunk": 64,
+    "batch_size": 1,
+    "include_path": None,
+    "metadata": None,
+}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--tasks", nargs="+", default=DEFAULTS["tasks"],
-                        help="harness task names (default: " + " ".join(DEFAULTS["tasks"]) + "); selkv's own: "
-                             "selkv_needle_1k|2k|4k, selkv_kv_1k|2k|4k, selkv_topic_1k|2k|4k, tag selkv_long")
-    parser.add_argument("--limit", type=non_negative_int, default=DEFAULTS["limit"],
-                        help="examples per task (default 10; 0 = all)")
-    parser.add_argument("--chunk", type=non_negative_int, default=DEFAULTS["chunk"],
-                        help="prefill chunk: tokens per forward call; answers read the compressed cache (default 64; "
-                             "0 = one pass, which never reads it)")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
-                        help="prompts generated together, left-padded (default 1)")
-    parser.add_argument("--include-path", default=None, help="another folder of task YAMLs (selkv's are always included)")
-    parser.add_argument("--metadata", default=None,
-                        help="JSON object handed to the tasks, e.g. '{\"data_file\": \"my_essays.jsonl\"}' or RULER's "
-                             "'{\"max_seq_lengths\": [1024]}'")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=DEFAULTS["tasks"],
+        help="harness task names (default: " + " ".join(DEFAULTS["tasks"]) + "); selkv's own: "
+        "selkv_needle_1k|2k|4k, selkv_kv_1k|2k|4k, selkv_topic_1k|2k|4k, tag selkv_long",
+    )
+    parser.add_argument(
+        "--limit", type=non_negative_int, default=DEFAULTS["limit"], help="examples per task (default 10; 0 = all)"
+    )
+    parser.add_argument(
+        "--chunk",
+        type=non_negative_int,
+        default=DEFAULTS["chunk"],
+        help="prefill chunk: tokens per forward call; answers read the compressed cache (default 64; "
+        "0 = one pass, which never reads it)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=DEFAULTS["batch_size"],
+        help="prompts generated together, left-padded (default 1)",
+    )
+    parser.add_argument(
+        "--include-path", default=None, help="another folder of task YAMLs (selkv's are always included)"
+    )
+    parser.add_argument(
+        "--metadata",
+        default=None,
+        help='JSON object handed to the tasks, e.g. \'{"data_file": "my_essays.jsonl"}\' or RULER\'s '
+        "'{\"max_seq_lengths\": [1024]}'",
+    )
 
 
 def settings_from_args(args) -> dict:
-    return {"tasks": list(args.tasks), "limit": args.limit, "chunk": args.chunk, "batch_size": args.batch_size,
-            "include_path": args.include_path, "metadata": args.metadata}
+    return {
+        "tasks": list(args.tasks),
+        "limit": args.limit,
+        "chunk": args.chunk,
+        "batch_size": args.batch_size,
+        "include_path": args.include_path,
+        "metadata": args.metadata,
+    }
 
 
 def check(settings: dict) -> None:
@@ -51,10 +81,14 @@ def check(settings: dict) -> None:
     import importlib.util
 
     if importlib.util.find_spec("lm_eval") is None:
-        raise SelKVError("selkv eval harness needs lm-evaluation-harness: pip install 'selkv[harness]' (lm-eval==0.4.13)")
+        raise SelKVError(
+            "selkv eval harness needs lm-evaluation-harness: pip install 'selkv[harness]' (lm-eval==0.4.13)"
+        )
     if settings["limit"] < 0 or settings["chunk"] < 0 or settings["batch_size"] < 1:
-        raise SelKVError(f"--limit and --chunk must be >= 0 and --batch-size >= 1, got {settings['limit']}, "
-                         f"{settings['chunk']} and {settings['batch_size']}")
+        raise SelKVError(
+            f"--limit and --chunk must be >= 0 and --batch-size >= 1, got {settings['limit']}, "
+            f"{settings['chunk']} and {settings['batch_size']}"
+        )
     check_task_data(settings["tasks"], _metadata(settings["metadata"]))
 
 
@@ -102,8 +136,18 @@ def main_metric(task_results: dict) -> tuple[str, float] | None:
     return None
 
 
-def run(model, tokenizer, specs: list[str], writer, tasks: list[str], limit: int, chunk: int, batch_size: int = 1,
-        include_path: str | None = None, metadata: str | None = None) -> None:
+def run(
+    model,
+    tokenizer,
+    specs: list[str],
+    writer,
+    tasks: list[str],
+    limit: int,
+    chunk: int,
+    batch_size: int = 1,
+    include_path: str | None = None,
+    metadata: str | None = None,
+) -> None:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -119,27 +163,43 @@ def run(model, tokenizer, specs: list[str], writer, tasks: list[str], limit: int
         # Only selkv's folder is indexed when every task is selkv's: the harness's own index takes a minute.
         own = all(selkv_task_data_files(t) is not None for t in tasks) and not include_path
         manager = TaskManager(include_path=paths, include_defaults=not own, metadata=task_metadata)
-        out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit or None, task_manager=manager,
-                                      log_samples=False, verbosity="WARNING")
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=[task], limit=limit or None, task_manager=manager, log_samples=False, verbosity="WARNING"
+        )
         for name, task_results in out["results"].items():
             found = main_metric(task_results)
             kv = lm.kv_summary().get(name) or {}
             n = out.get("n-samples", {}).get(name, {}).get("effective")
-            writer.add(spec, name if len(out["results"]) > 1 else task,
-                       {"metric": found[0] if found else None, "value": found[1] if found else None, "n": n,
-                        "harness_task": name, "chunking": lm.get_model_info()["selkv"]["chunking"], **kv})
+            writer.add(
+                spec,
+                name if len(out["results"]) > 1 else task,
+                {
+                    "metric": found[0] if found else None,
+                    "value": found[1] if found else None,
+                    "n": n,
+                    "harness_task": name,
+                    "chunking": lm.get_model_info()["selkv"]["chunking"],
+                    **kv,
+                },
+            )
 
 
 def aggregate(records: list[dict]) -> dict:
     values = [r["value"] for r in records if r.get("value") is not None]
     held = [r["kv_bytes"] for r in records if r.get("kv_bytes") is not None]
     full16 = [r["kv_bytes_full16"] for r in records if r.get("kv_bytes_full16") is not None]
-    metrics = {"by_task": {r["key"]: r.get("value") for r in records}, "n": sum(r.get("n") or 0 for r in records),
-               "metric": ", ".join(sorted({r["metric"] for r in records if r.get("metric")})),
-               "mean": sum(values) / len(values) if values else None}
+    metrics = {
+        "by_task": {r["key"]: r.get("value") for r in records},
+        "n": sum(r.get("n") or 0 for r in records),
+        "metric": ", ".join(sorted({r["metric"] for r in records if r.get("metric")})),
+        "mean": sum(values) / len(values) if values else None,
+    }
     if held:
-        metrics.update(kv_bytes=sum(held) / len(held), kv_bytes_full16=sum(full16) / len(full16),
-                       compression=sum(full16) / sum(held))
+        metrics.update(
+            kv_bytes=sum(held) / len(held),
+            kv_bytes_full16=sum(full16) / len(full16),
+            compression=sum(full16) / sum(held),
+        )
     return metrics
 
 

@@ -40,8 +40,10 @@ try:
     from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as err:  # the CLI prints ImportErrors as one line
-    raise ImportError(f"the lm-evaluation-harness model needs lm-eval ({err}); "
-                      f"pip install 'selkv[harness]' (lm-eval==0.4.13)", name="lm_eval") from None
+    raise ImportError(
+        f"the lm-evaluation-harness model needs lm-eval ({err}); pip install 'selkv[harness]' (lm-eval==0.4.13)",
+        name="lm_eval",
+    ) from None
 
 from ..cache import make_cache, resolve_spec
 from ..errors import SelKVError
@@ -57,8 +59,18 @@ MODEL_NAME = "selkv"
 TASKS_DIR = Path(__file__).resolve().parent / "harness_tasks"
 
 # model_args keys (the harness adds batch_size, max_batch_size and device from its own flags).
-MODEL_ARGS = ("pretrained", "cache", "prefill_chunk", "dtype", "attn", "device", "batch_size", "max_batch_size",
-              "max_length", "max_gen_toks")
+MODEL_ARGS = (
+    "pretrained",
+    "cache",
+    "prefill_chunk",
+    "dtype",
+    "attn",
+    "device",
+    "batch_size",
+    "max_batch_size",
+    "max_length",
+    "max_gen_toks",
+)
 # Generation kwargs generate_until understands (the harness normalizes max_gen_toks and its aliases).
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
 
@@ -67,8 +79,10 @@ def chunking_label(prefill_chunk: int) -> str:
     """How requests are fed, for every result."""
     if prefill_chunk == 0:
         return "one pass: a continuation attends to its context exactly and never reads a compressed cache"
-    return (f"chunks of {prefill_chunk} tokens from the first token of context + continuation; each chunk reads "
-            f"the cache the earlier chunks left")
+    return (
+        f"chunks of {prefill_chunk} tokens from the first token of context + continuation; each chunk reads "
+        f"the cache the earlier chunks left"
+    )
 
 
 def _count(name: str, value, minimum: int, allow_none: bool = False) -> int | None:
@@ -110,7 +124,7 @@ def flag_values(argv: list[str], *flags: str) -> list[str] | None:
         flag, eq, inline = word.partition("=")
         if flag in flags:
             found = [inline] if eq else []
-            for value in argv[i + 1:] if not eq else []:
+            for value in argv[i + 1 :] if not eq else []:
                 if value.startswith("-"):
                     break
                 found.append(value)
@@ -148,14 +162,34 @@ class SelkvLM(TemplateLM):
     decoded together by ``generate_until`` (left-padded); likelihoods are scored one request at a time.
     """
 
-    def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, cache: str = "full",
-                 prefill_chunk: int = 64, dtype: str | None = None, attn: str = "sdpa", device: str | None = None,
-                 batch_size: int | str = 1, max_batch_size: int | None = None, max_length: int | None = None,
-                 max_gen_toks: int = 256, **unknown) -> None:
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        model=None,
+        tokenizer=None,
+        cache: str = "full",
+        prefill_chunk: int = 64,
+        dtype: str | None = None,
+        attn: str = "sdpa",
+        device: str | None = None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        **unknown,
+    ) -> None:
         super().__init__()
-        check_model_args({"cache": cache, "prefill_chunk": prefill_chunk, "batch_size": batch_size,
-                          "max_length": max_length, "max_gen_toks": max_gen_toks, **unknown,
-                          **({"pretrained": pretrained} if pretrained is not None else {})})
+        check_model_args(
+            {
+                "cache": cache,
+                "prefill_chunk": prefill_chunk,
+                "batch_size": batch_size,
+                "max_length": max_length,
+                "max_gen_toks": max_gen_toks,
+                **unknown,
+                **({"pretrained": pretrained} if pretrained is not None else {}),
+            }
+        )
         self.prefill_chunk = _count("prefill_chunk", prefill_chunk, 0)
         self.batch_size = _count("batch_size", 1 if batch_size is None else batch_size, 1)
         self._max_length = _count("max_length", max_length, 2, allow_none=True)
@@ -203,8 +237,9 @@ class SelkvLM(TemplateLM):
         return str(getattr(self.tokenizer, "name_or_path", "selkv")).replace("/", "__")
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         if add_special_tokens is None:
@@ -216,9 +251,16 @@ class SelkvLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         """Added to the harness's ``results["config"]``: the spec, the chunking and the KV bytes held per task."""
-        return {"selkv": {"model": self.model_name, "cache": self.cache, "prefill_chunk": self.prefill_chunk,
-                          "chunking": chunking_label(self.prefill_chunk), "dtype": str(self.model.dtype).replace("torch.", ""),
-                          "kv": self.kv_summary()}}
+        return {
+            "selkv": {
+                "model": self.model_name,
+                "cache": self.cache,
+                "prefill_chunk": self.prefill_chunk,
+                "chunking": chunking_label(self.prefill_chunk),
+                "dtype": str(self.model.dtype).replace("torch.", ""),
+                "kv": self.kv_summary(),
+            }
+        }
 
     def kv_summary(self) -> dict[str, dict]:
         """Per task: requests, mean KV bytes held per sequence at each request's end (``kv_bytes``, storage
@@ -228,9 +270,13 @@ class SelkvLM(TemplateLM):
             rows = sum(r["rows"] for r in records)
             held = sum(r["kv_bytes"] for r in records)
             full16 = sum(r["kv_bytes_full16"] for r in records)
-            summary[task] = {"requests": rows, "kv_bytes": held / rows, "kv_bytes_full16": full16 / rows,
-                             "compression": full16 / held if held else 1.0,
-                             "max_tokens": max(r["kv_tokens"] for r in records)}
+            summary[task] = {
+                "requests": rows,
+                "kv_bytes": held / rows,
+                "kv_bytes_full16": full16 / rows,
+                "compression": full16 / held if held else 1.0,
+                "max_tokens": max(r["kv_tokens"] for r in records),
+            }
         return summary
 
     def _record(self, task: str | None, cache_kv: dict, rows: int = 1) -> None:
@@ -251,11 +297,18 @@ class SelkvLM(TemplateLM):
         results = []
         for i, (request, context, continuation) in enumerate(progress(requests, desc=f"loglikelihood ({self.cache})")):
             if not continuation or len(continuation) > self.max_length:
-                raise SelKVError(f"a continuation of {len(continuation)} tokens cannot be scored "
-                                 f"(max_length {self.max_length})")
-            ids = (context + continuation)[-(self.max_length + 1):]  # too long: cut from the left, as HF does
-            scored = score_tokens(self.model, ids, self.cache, self.prefill_chunk,
-                                  first_target=len(ids) - len(continuation), feed_last=False)
+                raise SelKVError(
+                    f"a continuation of {len(continuation)} tokens cannot be scored (max_length {self.max_length})"
+                )
+            ids = (context + continuation)[-(self.max_length + 1) :]  # too long: cut from the left, as HF does
+            scored = score_tokens(
+                self.model,
+                ids,
+                self.cache,
+                self.prefill_chunk,
+                first_target=len(ids) - len(continuation),
+                feed_last=False,
+            )
             self._record(tasks[i] if tasks else "loglikelihood", scored.kv)
             answer = (-scored.nll_sum, scored.greedy)
             if request is not None:
@@ -270,11 +323,21 @@ class SelkvLM(TemplateLM):
         for request in progress(requests, desc=f"loglikelihood_rolling ({self.cache})"):
             (string,) = request.args
             total = 0.0
-            windows = get_rolling_token_windows(token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                                                max_seq_len=self.max_length, context_len=1)
+            windows = get_rolling_token_windows(
+                token_list=self.tok_encode(string),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
             for context, continuation in map(make_disjoint_window, windows):
-                scored = score_tokens(self.model, context + continuation, self.cache, self.prefill_chunk,
-                                      first_target=len(context), feed_last=False)
+                scored = score_tokens(
+                    self.model,
+                    context + continuation,
+                    self.cache,
+                    self.prefill_chunk,
+                    first_target=len(context),
+                    feed_last=False,
+                )
                 self._record(request.task_name, scored.kv)
                 total -= scored.nll_sum
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
@@ -290,8 +353,12 @@ class SelkvLM(TemplateLM):
         refuse left padding (``drop``) take the rows of a padded batch one at a time.
         """
         tasks = {id(request.args): request.task_name for request in requests}
-        collator = Collator([request.args for request in requests], group_by="gen_kwargs", group_fn=lambda args: args[1],
-                            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]))  # longest first
+        collator = Collator(
+            [request.args for request in requests],
+            group_by="gen_kwargs",
+            group_fn=lambda args: args[1],
+            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
+        )  # longest first
         texts = []
         bar = progress(total=len(requests), desc=f"generate_until ({self.cache})")
         for batch in collator.get_batched(n=self.batch_size):
@@ -299,8 +366,10 @@ class SelkvLM(TemplateLM):
             settings = self._generation_settings(all_kwargs[0])
             keep = self.max_length - settings["max_gen_toks"]
             if keep < 1:
-                raise SelKVError(f"max_gen_toks {settings['max_gen_toks']} leaves no room for a context "
-                                 f"(max_length {self.max_length})")
+                raise SelKVError(
+                    f"max_gen_toks {settings['max_gen_toks']} leaves no room for a context "
+                    f"(max_length {self.max_length})"
+                )
             prompts = [self.tok_encode(context)[-keep:] or [self.prefix_token_id] for context in contexts]
             task = tasks.get(id(batch[0])) or "generate_until"
             generated = self._generate(prompts, task, **settings)
@@ -314,24 +383,40 @@ class SelkvLM(TemplateLM):
     def _generation_settings(self, gen_kwargs: dict) -> dict:
         unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS) - {"max_new_tokens", "max_tokens", "max_completion_tokens"})
         if unknown:
-            raise SelKVError(f"selkv generate_until does not take {', '.join(map(repr, unknown))}; "
-                             f"it takes {', '.join(GEN_KWARGS)}")
+            raise SelKVError(
+                f"selkv generate_until does not take {', '.join(map(repr, unknown))}; it takes {', '.join(GEN_KWARGS)}"
+            )
         kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        return {"until": handle_stop_sequences(kwargs.get("until"), eos=eos), "max_gen_toks": kwargs["max_gen_toks"],
-                "do_sample": bool(kwargs.get("do_sample")), "temperature": float(kwargs.get("temperature") or 0.0),
-                "top_k": kwargs.get("top_k"), "top_p": kwargs.get("top_p")}
+        return {
+            "until": handle_stop_sequences(kwargs.get("until"), eos=eos),
+            "max_gen_toks": kwargs["max_gen_toks"],
+            "do_sample": bool(kwargs.get("do_sample")),
+            "temperature": float(kwargs.get("temperature") or 0.0),
+            "top_k": kwargs.get("top_k"),
+            "top_p": kwargs.get("top_p"),
+        }
 
     def _generate(self, prompts: list[list[int]], task: str, **settings) -> list[str]:
         cache = make_cache(self.cache, self.model.config)
         padded = len({len(p) for p in prompts}) > 1
         if padded and not all(getattr(layer, "supports_left_padding", True) for layer in cache.layers):
             return [text for prompt in prompts for text in self._generate([prompt], task, **settings)]
-        tokens = decode_batch(self.model, cache, prompts, self.prefill_chunk, settings["max_gen_toks"],
-                              eos_ids=eos_token_ids(self.model, self.tokenizer), stop=settings["until"],
-                              decode=self.tok_decode, pad_token_id=self._pad_token_id(),
-                              do_sample=settings["do_sample"], temperature=settings["temperature"],
-                              top_k=settings["top_k"], top_p=settings["top_p"])
+        tokens = decode_batch(
+            self.model,
+            cache,
+            prompts,
+            self.prefill_chunk,
+            settings["max_gen_toks"],
+            eos_ids=eos_token_ids(self.model, self.tokenizer),
+            stop=settings["until"],
+            decode=self.tok_decode,
+            pad_token_id=self._pad_token_id(),
+            do_sample=settings["do_sample"],
+            temperature=settings["temperature"],
+            top_k=settings["top_k"],
+            top_p=settings["top_p"],
+        )
         self._record(task, measure_cache(cache), rows=len(prompts))
         return [postprocess_generated_text(self.tok_decode(row), settings["until"], None) for row in tokens]
 
@@ -340,8 +425,9 @@ class SelkvLM(TemplateLM):
         return pad if pad is not None else self.eot_token_id
 
 
-def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-                top_p: float | None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None
+) -> torch.Tensor:
     """The next token of each row ``[batch_size, 1]`` from ``logits`` ``[batch_size, vocab_size]``: argmax, or a
     sample at ``temperature`` (1 when not positive) from the ``top_k`` tokens / the ``top_p`` nucleus."""
     if not do_sample:
@@ -359,8 +445,18 @@ def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 
 @torch.inference_mode()
-def decode_batch(model, cache, prompts: list[list[int]], chunk: int, max_new_tokens: int, eos_ids=(), stop=(),
-                 decode=None, pad_token_id: int = 0, **sampling) -> list[list[int]]:
+def decode_batch(
+    model,
+    cache,
+    prompts: list[list[int]],
+    chunk: int,
+    max_new_tokens: int,
+    eos_ids=(),
+    stop=(),
+    decode=None,
+    pad_token_id: int = 0,
+    **sampling,
+) -> list[list[int]]:
     """New tokens for each prompt, decoded together through ``cache`` (left padding, each row's positions
     counted from its first real token, as ``model.generate`` numbers them).
 
@@ -373,8 +469,8 @@ def decode_batch(model, cache, prompts: list[list[int]], chunk: int, max_new_tok
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt):] = 1
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [batch_size, width]
     logits = prefill(model, input_ids, cache, chunk, attention_mask=attention_mask, position_ids=position_ids)
@@ -393,6 +489,7 @@ def decode_batch(model, cache, prompts: list[list[int]], chunk: int, max_new_tok
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(prompts), 1))], dim=-1)
         positions = positions + 1
-        logits = forward_with_cache(model, cache, chosen, attention_mask=attention_mask,
-                                    position_ids=positions).logits[:, -1]
+        logits = forward_with_cache(model, cache, chosen, attention_mask=attention_mask, position_ids=positions).logits[
+            :, -1
+        ]
     return rows

@@ -29,9 +29,15 @@ DEFAULTS = {"data": "pg19", "prompt_tokens": 1024, "new_tokens": 256, "every": 1
 def add_arguments(parser) -> None:
     parser.add_argument("--data", default=DEFAULTS["data"], help="text the prompt is taken from (default pg19)")
     parser.add_argument("--prompt-tokens", type=positive_int, default=DEFAULTS["prompt_tokens"], help="default 1024")
-    parser.add_argument("--new-tokens", type=positive_int, default=DEFAULTS["new_tokens"], help="tokens to generate (default 256)")
-    parser.add_argument("--every", type=positive_int, default=DEFAULTS["every"], help="measure every N new tokens (default 16)")
-    parser.add_argument("--chunk", type=non_negative_int, default=DEFAULTS["chunk"], help="prefill chunk (default 64, 0 = one pass)")
+    parser.add_argument(
+        "--new-tokens", type=positive_int, default=DEFAULTS["new_tokens"], help="tokens to generate (default 256)"
+    )
+    parser.add_argument(
+        "--every", type=positive_int, default=DEFAULTS["every"], help="measure every N new tokens (default 16)"
+    )
+    parser.add_argument(
+        "--chunk", type=non_negative_int, default=DEFAULTS["chunk"], help="prefill chunk (default 64, 0 = one pass)"
+    )
 
 
 def check(settings: dict) -> None:
@@ -40,14 +46,23 @@ def check(settings: dict) -> None:
 
 
 def settings_from_args(args) -> dict:
-    return {"data": args.data, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-            "every": args.every, "chunk": args.chunk}
+    return {
+        "data": args.data,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "every": args.every,
+        "chunk": args.chunk,
+    }
 
 
 def _point(cache, new_tokens: int) -> dict:
     counted = kv_bytes(cache)
-    return {"new_tokens": new_tokens, "tokens": counted["tokens"], "kv_bytes": counted["allocated"],
-            "kv_bytes_full16": counted["full16"]}
+    return {
+        "new_tokens": new_tokens,
+        "tokens": counted["tokens"],
+        "kv_bytes": counted["allocated"],
+        "kv_bytes_full16": counted["full16"],
+    }
 
 
 @torch.inference_mode()
@@ -79,8 +94,9 @@ def measure(model, prompt_ids: list[int], spec: str, new_tokens: int, every: int
     return record
 
 
-def run(model, tokenizer, specs: list[str], writer, data: str, prompt_tokens: int, new_tokens: int, every: int,
-        chunk: int) -> None:
+def run(
+    model, tokenizer, specs: list[str], writer, data: str, prompt_tokens: int, new_tokens: int, every: int, chunk: int
+) -> None:
     text, source = load_text(data)
     prompt_ids = encode(tokenizer, text[: prompt_tokens * 12])[:prompt_tokens]
     if len(prompt_ids) < prompt_tokens:
@@ -92,6 +108,17 @@ def run(model, tokenizer, specs: list[str], writer, data: str, prompt_tokens: in
 
 def aggregate(records: list[dict]) -> dict:
     record = records[-1]
-    keys = ("kv_bytes", "kv_bytes_filled", "kv_bytes_full16", "compression", "kv_bytes_16bit", "kv_bytes_codes",
-            "kv_bytes_scales", "kv_tokens", "peak_device_bytes", "peak_device_bytes_above_start", "series")
+    keys = (
+        "kv_bytes",
+        "kv_bytes_filled",
+        "kv_bytes_full16",
+        "compression",
+        "kv_bytes_16bit",
+        "kv_bytes_codes",
+        "kv_bytes_scales",
+        "kv_tokens",
+        "peak_device_bytes",
+        "peak_device_bytes_above_start",
+        "series",
+    )
     return {k: record[k] for k in keys if k in record}

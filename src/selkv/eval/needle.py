@@ -30,10 +30,21 @@ from .prompts import encode
 from .runner import progress
 
 TASK = "needle"
-DEFAULTS = {"lengths": [1024, 2048], "depths": [0.1, 0.3, 0.5, 0.7, 0.9], "trials": 2, "chunk": 64, "seed": 0,
-            "haystack": None, "kv_data": None, "kv_limit": 10, "kv_pairs": 20}
+DEFAULTS = {
+    "lengths": [1024, 2048],
+    "depths": [0.1, 0.3, 0.5, 0.7, 0.9],
+    "trials": 2,
+    "chunk": 64,
+    "seed": 0,
+    "haystack": None,
+    "kv_data": None,
+    "kv_limit": 10,
+    "kv_pairs": 20,
+}
 
-INTRO = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+)
 NEEDLE = "\n\nThe special magic number of the blue elephant is {key}. Remember: the special magic number of the blue elephant is {key}.\n\n"
 QUESTION = "\n\nWhat is the special magic number of the blue elephant? The special magic number of the blue elephant is"
 PASSKEY_NEW_TOKENS = 8
@@ -44,21 +55,46 @@ KV_NEW_TOKENS = 40
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--lengths", type=positive_int, nargs="+", default=DEFAULTS["lengths"],
-                        help="context lengths in tokens (default 1024 2048)")
-    parser.add_argument("--depths", type=fraction, nargs="+", default=DEFAULTS["depths"],
-                        help="needle depths, 0 = start, 1 = end (default 0.1 0.3 0.5 0.7 0.9)")
-    parser.add_argument("--trials", type=positive_int, default=DEFAULTS["trials"],
-                        help="passkeys (and haystack offsets) per length x depth cell (default 2)")
-    parser.add_argument("--chunk", type=non_negative_int, default=DEFAULTS["chunk"],
-                        help="prefill chunk; the question reads the compressed cache (default 64)")
+    parser.add_argument(
+        "--lengths",
+        type=positive_int,
+        nargs="+",
+        default=DEFAULTS["lengths"],
+        help="context lengths in tokens (default 1024 2048)",
+    )
+    parser.add_argument(
+        "--depths",
+        type=fraction,
+        nargs="+",
+        default=DEFAULTS["depths"],
+        help="needle depths, 0 = start, 1 = end (default 0.1 0.3 0.5 0.7 0.9)",
+    )
+    parser.add_argument(
+        "--trials",
+        type=positive_int,
+        default=DEFAULTS["trials"],
+        help="passkeys (and haystack offsets) per length x depth cell (default 2)",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=non_negative_int,
+        default=DEFAULTS["chunk"],
+        help="prefill chunk; the question reads the compressed cache (default 64)",
+    )
     parser.add_argument("--haystack", default=None, help="essays JSONL with 'text' (default: the shared NIAH essays)")
-    parser.add_argument("--kv-data", default=None,
-                        help="also run key-value retrieval: kv75, kv140 or a JSONL file (default: off)")
-    parser.add_argument("--kv-limit", type=positive_int, default=DEFAULTS["kv_limit"], help="KV-retrieval records (default 10)")
-    parser.add_argument("--kv-pairs", type=non_negative_int, default=DEFAULTS["kv_pairs"],
-                        help="key-value pairs shown per record, a window around the gold pair that keeps its "
-                             "relative position; 0 = all (default 20)")
+    parser.add_argument(
+        "--kv-data", default=None, help="also run key-value retrieval: kv75, kv140 or a JSONL file (default: off)"
+    )
+    parser.add_argument(
+        "--kv-limit", type=positive_int, default=DEFAULTS["kv_limit"], help="KV-retrieval records (default 10)"
+    )
+    parser.add_argument(
+        "--kv-pairs",
+        type=non_negative_int,
+        default=DEFAULTS["kv_pairs"],
+        help="key-value pairs shown per record, a window around the gold pair that keeps its "
+        "relative position; 0 = all (default 20)",
+    )
 
 
 def check(settings: dict) -> None:
@@ -69,9 +105,17 @@ def check(settings: dict) -> None:
 
 
 def settings_from_args(args) -> dict:
-    return {"lengths": args.lengths, "depths": args.depths, "trials": args.trials, "chunk": args.chunk,
-            "seed": DEFAULTS["seed"], "haystack": args.haystack, "kv_data": args.kv_data, "kv_limit": args.kv_limit,
-            "kv_pairs": args.kv_pairs}
+    return {
+        "lengths": args.lengths,
+        "depths": args.depths,
+        "trials": args.trials,
+        "chunk": args.chunk,
+        "seed": DEFAULTS["seed"],
+        "haystack": args.haystack,
+        "kv_data": args.kv_data,
+        "kv_limit": args.kv_limit,
+        "kv_pairs": args.kv_pairs,
+    }
 
 
 def passkey_examples(tokenizer, lengths, depths, trials: int, seed: int, haystack: str | None) -> list[dict]:
@@ -95,9 +139,17 @@ def passkey_examples(tokenizer, lengths, depths, trials: int, seed: int, haystac
                 hay = hay_ids[offset : offset + body]
                 at = int(round(body * depth))
                 prompt = intro_ids + hay[:at] + needle_ids + hay[at:] + question_ids
-                examples.append({"key": f"L{length}-d{depth:g}-t{trial}", "length": length, "depth": depth,
-                                 "answer": str(key), "prompt": prompt, "needle_start": len(intro_ids) + at,
-                                 "needle_end": len(intro_ids) + at + len(needle_ids)})
+                examples.append(
+                    {
+                        "key": f"L{length}-d{depth:g}-t{trial}",
+                        "length": length,
+                        "depth": depth,
+                        "answer": str(key),
+                        "prompt": prompt,
+                        "needle_start": len(intro_ids) + at,
+                        "needle_end": len(intro_ids) + at + len(needle_ids),
+                    }
+                )
     return examples
 
 
@@ -116,8 +168,15 @@ def kv_examples(tokenizer, data: str, limit: int, pairs: int) -> tuple[list[dict
             kv, gold = kv[start : start + pairs], gold - start
         body = json.dumps({k: v for k, v in kv}, indent=1)
         prompt = encode(tokenizer, KV_INTRO + body + KV_QUESTION.format(key=record["key"]))
-        examples.append({"key": f"kv-{record['id']}", "answer": record["value"], "prompt": prompt,
-                         "depth": round(gold / max(1, len(kv) - 1), 2), "length": len(prompt)})
+        examples.append(
+            {
+                "key": f"kv-{record['id']}",
+                "answer": record["value"],
+                "prompt": prompt,
+                "depth": round(gold / max(1, len(kv) - 1), 2),
+                "length": len(prompt),
+            }
+        )
     return examples, source
 
 
@@ -129,8 +188,21 @@ def answer(model, tokenizer, prompt: list[int], spec: str, chunk: int, max_new_t
     return {"output": tokenizer.decode(tokens, skip_special_tokens=True), **measure_cache(cache)}
 
 
-def run(model, tokenizer, specs: list[str], writer, lengths, depths, trials: int, chunk: int, seed: int = 0,
-        haystack: str | None = None, kv_data: str | None = None, kv_limit: int = 10, kv_pairs: int = 20) -> None:
+def run(
+    model,
+    tokenizer,
+    specs: list[str],
+    writer,
+    lengths,
+    depths,
+    trials: int,
+    chunk: int,
+    seed: int = 0,
+    haystack: str | None = None,
+    kv_data: str | None = None,
+    kv_limit: int = 10,
+    kv_pairs: int = 20,
+) -> None:
     examples = passkey_examples(tokenizer, lengths, depths, trials, seed, haystack)
     sources = [load_essays(haystack)[1]]
     for example in examples:
@@ -163,19 +235,26 @@ def aggregate(records: list[dict]) -> dict:
     passkey = [r for r in records if r["kind"] == "passkey"]
     metrics: dict = {}
     if passkey:
-        metrics.update({
-            "accuracy": sum(r["correct"] for r in passkey) / len(passkey),
-            "n": len(passkey),
-            "by_length": _accuracy(passkey, "length"),
-            "by_depth": _accuracy(passkey, "depth"),
-            "by_length_depth": {
-                length: _accuracy([r for r in passkey if str(r["length"]) == length], "depth")
-                for length in _accuracy(passkey, "length")
-            },
-        })
+        metrics.update(
+            {
+                "accuracy": sum(r["correct"] for r in passkey) / len(passkey),
+                "n": len(passkey),
+                "by_length": _accuracy(passkey, "length"),
+                "by_depth": _accuracy(passkey, "depth"),
+                "by_length_depth": {
+                    length: _accuracy([r for r in passkey if str(r["length"]) == length], "depth")
+                    for length in _accuracy(passkey, "length")
+                },
+            }
+        )
     kv = [r for r in records if r["kind"] == "kv"]
     if kv:
-        metrics.update({"kv_accuracy": sum(r["correct"] for r in kv) / len(kv), "kv_n": len(kv),
-                        "kv_by_depth": _accuracy(kv, "depth")})
+        metrics.update(
+            {
+                "kv_accuracy": sum(r["correct"] for r in kv) / len(kv),
+                "kv_n": len(kv),
+                "kv_by_depth": _accuracy(kv, "depth"),
+            }
+        )
     metrics.update(aggregate_kv(records))
     return metrics

@@ -46,16 +46,33 @@ SIDES = ("selkv", "kvpress")
 # selkv's rows: the full cache, the two matched specs and selkv's own StreamingLLM baseline.
 MATCHED = ("quant:bits=4,sink=4,window=124", "quant:bits=2,sink=4,window=124")
 SELKV_ROWS = ("full", *MATCHED, "drop:sink=4,window=124")
-PRESSES = {"snapkv": "SnapKVPress", "expected_attention": "ExpectedAttentionPress",
-           "streaming_llm": "StreamingLLMPress", "knorm": "KnormPress"}
+PRESSES = {
+    "snapkv": "SnapKVPress",
+    "expected_attention": "ExpectedAttentionPress",
+    "streaming_llm": "StreamingLLMPress",
+    "knorm": "KnormPress",
+}
 NO_PRESS = "kvpress:none"
-QA_SETS = {"scientific_qa": "longctx_qa/leval_scientific_qa.jsonl",
-           "natural_question": "longctx_qa/leval_natural_question.jsonl"}
+QA_SETS = {
+    "scientific_qa": "longctx_qa/leval_scientific_qa.jsonl",
+    "natural_question": "longctx_qa/leval_natural_question.jsonl",
+}
 # Sized for a 2-core CPU (1-3 minutes per row): 2 needle contexts, 2 papers x 2 questions, 2 articles.
-DEFAULTS = {"needle_lengths": [1024, 2048], "needle_depths": [0.5], "needle_trials": 1,
-            "qa_data": "scientific_qa", "qa_docs": 2, "qa_questions": 2, "qa_context_tokens": 1024,
-            "qa_new_tokens": 16, "summ_data": "cnn_dailymail", "summ_docs": 2, "summ_new_tokens": 32,
-            "summ_doc_tokens": 3072, "seed": 0}
+DEFAULTS = {
+    "needle_lengths": [1024, 2048],
+    "needle_depths": [0.5],
+    "needle_trials": 1,
+    "qa_data": "scientific_qa",
+    "qa_docs": 2,
+    "qa_questions": 2,
+    "qa_context_tokens": 1024,
+    "qa_new_tokens": 16,
+    "summ_data": "cnn_dailymail",
+    "summ_docs": 2,
+    "summ_new_tokens": 32,
+    "summ_doc_tokens": 3072,
+    "seed": 0,
+}
 QA_INTRO = "Read the paper below, then answer the question about it briefly.\n\n"
 QA_QUESTION = "\n\nQuestion: {question}\nAnswer briefly."
 
@@ -69,7 +86,7 @@ def parse_press_row(row: str) -> tuple[str, str | None]:
     """(press, matched spec or None) of a row name made by :func:`press_row` (or ``kvpress:none``)."""
     if not row.startswith("kvpress:"):
         raise ValueError(f"{row!r} is not a kvpress row (kvpress:<press>@<selkv spec> or {NO_PRESS})")
-    press, _, matched = row[len("kvpress:"):].partition("@")
+    press, _, matched = row[len("kvpress:") :].partition("@")
     if press != "none" and press not in PRESSES:
         raise ValueError(f"unknown press {press!r} in {row!r}; known: {', '.join(PRESSES)}")
     if press != "none" and not matched:
@@ -137,14 +154,19 @@ def matched_bytes(selkv_dir: str) -> dict[tuple[str, str], dict]:
 
     path = Path(selkv_dir) / EXAMPLES
     if not path.exists():
-        raise FileNotFoundError(f"no {path}: run the selkv side first (python -m selkv.eval.peers --side selkv "
-                                f"--out {selkv_dir}); the presses match the bytes it records")
+        raise FileNotFoundError(
+            f"no {path}: run the selkv side first (python -m selkv.eval.peers --side selkv "
+            f"--out {selkv_dir}); the presses match the bytes it records"
+        )
     found = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             r = json.loads(line)
-            found[(r["cache"], r["key"])] = {"held": r["kv_bytes16_held"], "full16": r["kv_bytes16_full"],
-                                             "digest": r.get("context_digest")}
+            found[(r["cache"], r["key"])] = {
+                "held": r["kv_bytes16_held"],
+                "full16": r["kv_bytes16_full"],
+                "digest": r.get("context_digest"),
+            }
     return found
 
 
@@ -186,8 +208,9 @@ def _chat_parts(tokenizer, context_text: str) -> tuple[list[int], str]:
     if not getattr(tokenizer, "chat_template", None):
         return encode(tokenizer, context_text), "\n"
     separator = "\x00" * 4 + "#" * 8
-    text = tokenizer.apply_chat_template([{"role": "user", "content": context_text + separator}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": context_text + separator}], add_generation_prompt=True, tokenize=False
+    )
     context, suffix = text.split(separator)
     return encode(tokenizer, context), suffix
 
@@ -201,11 +224,24 @@ def needle_items(tokenizer, lengths, depths, trials: int, seed: int) -> list[dic
     items = []
     for example in passkey_examples(tokenizer, lengths, depths, trials, seed, None):
         prompt = example["prompt"]
-        assert prompt[-len(question):] == question
-        items.append({"task": "needle", "key": example["key"], "context": prompt[:-len(question)],
-                      "questions": [{"key": example["key"], "ids": question, "new_tokens": PASSKEY_NEW_TOKENS,
-                                     "answer": example["answer"], "length": example["length"],
-                                     "depth": example["depth"]}]})
+        assert prompt[-len(question) :] == question
+        items.append(
+            {
+                "task": "needle",
+                "key": example["key"],
+                "context": prompt[: -len(question)],
+                "questions": [
+                    {
+                        "key": example["key"],
+                        "ids": question,
+                        "new_tokens": PASSKEY_NEW_TOKENS,
+                        "answer": example["answer"],
+                        "length": example["length"],
+                        "depth": example["depth"],
+                    }
+                ],
+            }
+        )
     return items
 
 
@@ -219,8 +255,14 @@ def qa_items(tokenizer, data: str, docs: int, questions: int, context_tokens: in
     for record in read_jsonl(path, required=("context", "qa"))[:docs]:
         doc_ids = encode(tokenizer, record["context"])[:context_tokens]
         context, suffix = _chat_parts(tokenizer, QA_INTRO + tokenizer.decode(doc_ids))
-        qs = [{"key": f"{record['id']}-q{i}", "ids": encode(tokenizer, QA_QUESTION.format(question=qa["question"]) + suffix),
-               "answers": list(qa["answers"])} for i, qa in enumerate(record["qa"][:questions])]
+        qs = [
+            {
+                "key": f"{record['id']}-q{i}",
+                "ids": encode(tokenizer, QA_QUESTION.format(question=qa["question"]) + suffix),
+                "answers": list(qa["answers"]),
+            }
+            for i, qa in enumerate(record["qa"][:questions])
+        ]
         items.append({"task": "qa", "key": str(record["id"]), "context": context, "questions": qs})
     return items
 
@@ -238,9 +280,15 @@ def summarization_items(tokenizer, data: str, docs: int, doc_tokens: int) -> lis
     items = []
     for record in records:
         prompt = build_prompt(tokenizer, record["document"], instruction, doc_tokens)
-        cut = len(prompt) - len(tail) if prompt[-len(tail):] == tail else len(prompt)
-        items.append({"task": "summarization", "key": str(record["id"]), "context": prompt[:cut],
-                      "questions": [{"key": str(record["id"]), "ids": prompt[cut:], "summary": record["summary"]}]})
+        cut = len(prompt) - len(tail) if prompt[-len(tail) :] == tail else len(prompt)
+        items.append(
+            {
+                "task": "summarization",
+                "key": str(record["id"]),
+                "context": prompt[:cut],
+                "questions": [{"key": str(record["id"]), "ids": prompt[cut:], "summary": record["summary"]}],
+            }
+        )
     return items
 
 
@@ -282,8 +330,12 @@ def answer(model, cache, question_ids: list[int], position: int, new_tokens: int
         tokens.append(token)
         if token in eos or step == new_tokens - 1:
             break
-        out = forward_with_cache(model, cache, torch.tensor([[token]], device=device),
-                                 position_ids=torch.tensor([[next_position]], device=device))
+        out = forward_with_cache(
+            model,
+            cache,
+            torch.tensor([[token]], device=device),
+            position_ids=torch.tensor([[next_position]], device=device),
+        )
         logits = out.logits[0, -1]
         next_position += 1
     return tokens
@@ -322,8 +374,10 @@ class KvpressSide:
             try:
                 import kvpress as kvpress_module
             except ImportError:
-                raise ImportError("the kvpress side runs in kvpress's own environment (kvpress 0.5.5 needs "
-                                  "transformers<5.3): `make peers-kvpress` builds .venv-kvpress and runs it") from None
+                raise ImportError(
+                    "the kvpress side runs in kvpress's own environment (kvpress 0.5.5 needs "
+                    "transformers<5.3): `make peers-kvpress` builds .venv-kvpress and runs it"
+                ) from None
         self.model, self.kvpress, self.matched = model, kvpress_module, matched or {}
 
     def ratio(self, spec: str, context: list[int], key: str) -> float:
@@ -332,8 +386,10 @@ class KvpressSide:
         if found is None:
             raise KeyError(f"the selkv side has no {spec!r} record for {key!r}: run it with that row first")
         if found["digest"] != context_digest(context):
-            raise ValueError(f"{key!r}: the selkv side's context has other token ids than this side's "
-                             "(another tokenizer or settings); both sides must run the same inputs")
+            raise ValueError(
+                f"{key!r}: the selkv side's context has other token ids than this side's "
+                "(another tokenizer or settings); both sides must run the same inputs"
+            )
         if found["full16"] != full_bytes16(self.model.config, len(context)):
             raise ValueError(f"{key!r}: the selkv side counted another full-cache size for this context")
         return max(0.0, kvpress_compression(found["held"], found["full16"]))
@@ -351,7 +407,11 @@ class KvpressSide:
         with press(self.model) if press is not None else contextlib.nullcontext():
             self.model.model(input_ids=torch.tensor([context], device=self.model.device), past_key_values=cache)
         full16 = full_bytes16(self.model.config, len(context))
-        return (cache, dense_lengths(cache)), {"held": dense_bytes16(cache), "full16": full16, "compression_ratio": ratio}
+        return (cache, dense_lengths(cache)), {
+            "held": dense_bytes16(cache),
+            "full16": full16,
+            "compression_ratio": ratio,
+        }
 
     def restore(self, state) -> None:
         truncate_dense(*state)
@@ -375,8 +435,12 @@ def run(model, tokenizer, rows: list[str], writer, side, items: list[dict]) -> N
 
     eos = set(eos_token_ids(model, tokenizer))
     scorer = None
-    todo = [(item, row) for item in items for row in rows
-            if any(writer.get(row, f"{item['task']}:{q['key']}") is None for q in item["questions"])]
+    todo = [
+        (item, row)
+        for item in items
+        for row in rows
+        if any(writer.get(row, f"{item['task']}:{q['key']}") is None for q in item["questions"])
+    ]
     for item, row in progress(todo, desc="kvpress peers", unit="context"):
         state, memory = side.prefill(row, item["context"], f"{item['task']}:{item['questions'][0]['key']}")
         compression = kvpress_compression(memory["held"], memory["full16"])
@@ -387,10 +451,17 @@ def run(model, tokenizer, rows: list[str], writer, side, items: list[dict]) -> N
             tokens = answer(model, state[0], q["ids"], len(item["context"]), q["new_tokens"], eos)
             side.restore(state)
             text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
-            record = {"task": item["task"], "context_tokens": len(item["context"]), "question_tokens": len(q["ids"]),
-                      "context_digest": context_digest(item["context"]),
-                      "tokens": tokens, "text": text, "kv_bytes16_held": memory["held"],
-                      "kv_bytes16_full": memory["full16"], "compression_kvpress": compression}
+            record = {
+                "task": item["task"],
+                "context_tokens": len(item["context"]),
+                "question_tokens": len(q["ids"]),
+                "context_digest": context_digest(item["context"]),
+                "tokens": tokens,
+                "text": text,
+                "kv_bytes16_held": memory["held"],
+                "kv_bytes16_full": memory["full16"],
+                "compression_kvpress": compression,
+            }
             if "compression_ratio" in memory:
                 record["press_compression_ratio"] = memory["compression_ratio"]
             if item["task"] == "needle":
@@ -412,9 +483,12 @@ def aggregate(records: list[dict]) -> dict:
 
     by_task = {task: [r for r in records if r.get("task") == task] for task in ("needle", "qa", "summarization")}
     return {
-        "needle_accuracy": mean(float(r["correct"]) for r in by_task["needle"]), "needle_n": len(by_task["needle"]),
-        "qa_f1": mean(r["f1"] for r in by_task["qa"]), "qa_n": len(by_task["qa"]),
-        "rougeL": mean(r["rougeL"] for r in by_task["summarization"]), "summarization_n": len(by_task["summarization"]),
+        "needle_accuracy": mean(float(r["correct"]) for r in by_task["needle"]),
+        "needle_n": len(by_task["needle"]),
+        "qa_f1": mean(r["f1"] for r in by_task["qa"]),
+        "qa_n": len(by_task["qa"]),
+        "rougeL": mean(r["rougeL"] for r in by_task["summarization"]),
+        "summarization_n": len(by_task["summarization"]),
         "compression_kvpress": mean(r["compression_kvpress"] for r in records),
         "compression_kvpress_min": min((r["compression_kvpress"] for r in records), default=None),
         "compression_kvpress_max": max((r["compression_kvpress"] for r in records), default=None),
@@ -425,16 +499,28 @@ def aggregate(records: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m selkv.eval.peers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--side", required=True, choices=SIDES,
-                        help="selkv: selkv's caches (transformers 5.17+); kvpress: the presses (kvpress's env)")
+    parser.add_argument(
+        "--side",
+        required=True,
+        choices=SIDES,
+        help="selkv: selkv's caches (transformers 5.17+); kvpress: the presses (kvpress's env)",
+    )
     parser.add_argument("--out", required=True, help="results folder (resumable; `selkv report` reads it)")
-    parser.add_argument("--rows", nargs="+", default=None,
-                        help="rows to run (default: every row of the side): selkv specs, or kvpress:<press>@<spec>")
-    parser.add_argument("--tasks", nargs="+", default=["needle", "qa", "summarization"],
-                        choices=["needle", "qa", "summarization"])
-    parser.add_argument("--match", default=None,
-                        help="kvpress side: the selkv side's results folder, whose recorded bytes the presses match "
-                             "(default: the 'selkv' folder beside --out)")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="rows to run (default: every row of the side): selkv specs, or kvpress:<press>@<spec>",
+    )
+    parser.add_argument(
+        "--tasks", nargs="+", default=["needle", "qa", "summarization"], choices=["needle", "qa", "summarization"]
+    )
+    parser.add_argument(
+        "--match",
+        default=None,
+        help="kvpress side: the selkv side's results folder, whose recorded bytes the presses match "
+        "(default: the 'selkv' folder beside --out)",
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quick", action="store_true", help="one needle length, one paper, two articles")
     args = parser.parse_args(argv)
@@ -465,8 +551,11 @@ def main(argv=None) -> int:
         side = KvpressSide(model, matched_bytes(args.match or str(Path(args.out).parent / "selkv")))
     items = build_items(tokenizer, settings, tuple(args.tasks))
     writer = ResultsWriter(args.out, TASK, args.model, settings, rows, aggregate)
-    writer.data = "shared/data: niah/paul_graham_essays.jsonl, " + QA_SETS.get(settings["qa_data"], settings["qa_data"]) \
+    writer.data = (
+        "shared/data: niah/paul_graham_essays.jsonl, "
+        + QA_SETS.get(settings["qa_data"], settings["qa_data"])
         + f", summarization {settings['summ_data']}"
+    )
     writer.extra["side"] = args.side
     env = environment(model)
     if args.side == "kvpress":

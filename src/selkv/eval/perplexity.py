@@ -33,16 +33,28 @@ ONE_PASS = " (a one-pass perplexity never reads the compressed cache)"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", default=DEFAULTS["data"],
-                        help="text file, or a named set: wikitext2, pg19, pg19-dragons-blood, pg19-morocco, "
-                             "hf:PATH[:CONFIG] (default pg19)")
-    parser.add_argument("--max-tokens", type=at_least(2), default=DEFAULTS["max_tokens"],
-                        help="tokens per segment (default 2048)")
-    parser.add_argument("--chunk", type=at_least(1, ONE_PASS), default=DEFAULTS["chunk"],
-                        help="tokens per forward pass; each chunk reads the cache left by earlier ones (default 64; "
-                             "1 = token by token)")
-    parser.add_argument("--segments", type=positive_int, default=DEFAULTS["segments"],
-                        help="consecutive non-overlapping segments of --max-tokens, each with a fresh cache (default 1)")
+    parser.add_argument(
+        "--data",
+        default=DEFAULTS["data"],
+        help="text file, or a named set: wikitext2, pg19, pg19-dragons-blood, pg19-morocco, "
+        "hf:PATH[:CONFIG] (default pg19)",
+    )
+    parser.add_argument(
+        "--max-tokens", type=at_least(2), default=DEFAULTS["max_tokens"], help="tokens per segment (default 2048)"
+    )
+    parser.add_argument(
+        "--chunk",
+        type=at_least(1, ONE_PASS),
+        default=DEFAULTS["chunk"],
+        help="tokens per forward pass; each chunk reads the cache left by earlier ones (default 64; "
+        "1 = token by token)",
+    )
+    parser.add_argument(
+        "--segments",
+        type=positive_int,
+        default=DEFAULTS["segments"],
+        help="consecutive non-overlapping segments of --max-tokens, each with a fresh cache (default 1)",
+    )
 
 
 def settings_from_args(args) -> dict:

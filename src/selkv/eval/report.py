@@ -41,8 +41,10 @@ def find_results(dirs: list[str]) -> list[tuple[Path, dict]]:
 
 def check_payload(path: Path, payload) -> None:
     """Refuse a ``results.json`` that ``selkv eval`` did not write: the tables and plots index into it."""
-    expected = ('expected {"task": str, "settings": {...}, "results": [{"cache": str, "metrics": {...}}, ...]} '
-                "as written by `selkv eval`")
+    expected = (
+        'expected {"task": str, "settings": {...}, "results": [{"cache": str, "metrics": {...}}, ...]} '
+        "as written by `selkv eval`"
+    )
 
     def bad(what: str):
         raise SelKVError(f"{path}: not a selkv results file ({what}); {expected}")
@@ -105,50 +107,124 @@ def table_lines(payload: dict) -> list[str]:
     s = payload.get("settings", {})
     m = [(r["cache"], r.get("metrics") or {}) for r in results]
     if task == "perplexity":
-        title = (f"Perplexity, {s.get('data')}: {s.get('max_tokens')} tokens x {s.get('segments', 1)} segment(s), "
-                 f"chunk {s.get('chunk')}")
-        rows = [[f"`{c}`", _fmt(x.get("ppl"), ".3f"), _pct(x.get("ppl_vs_full")), _fmt(x.get("nll"), ".4f"),
-                 x.get("tokens", "–"), _mib(x.get("kv_bytes")), compression_words(x.get("compression"))] for c, x in m]
+        title = (
+            f"Perplexity, {s.get('data')}: {s.get('max_tokens')} tokens x {s.get('segments', 1)} segment(s), "
+            f"chunk {s.get('chunk')}"
+        )
+        rows = [
+            [
+                f"`{c}`",
+                _fmt(x.get("ppl"), ".3f"),
+                _pct(x.get("ppl_vs_full")),
+                _fmt(x.get("nll"), ".4f"),
+                x.get("tokens", "–"),
+                _mib(x.get("kv_bytes")),
+                compression_words(x.get("compression")),
+            ]
+            for c, x in m
+        ]
         header = ["cache", "ppl", "vs full", "NLL", "tokens", "KV MiB", COMPRESSION]
     elif task == "summarization":
         title = f"Summarization: ROUGE-L F1, {s.get('max_new_tokens')} new tokens, prefill chunk {s.get('chunk')}"
-        rows = [[f"`{c}`", _fmt(x.get("rougeL"), ".4f"), _fmt(x.get("rougeL_diff_vs_full"), "+.4f"),
-                 _fmt(x.get("rougeL_vs_full"), ".3f"), _fmt(x.get("token_match_vs_full"), ".3f"), x.get("n", "–"),
-                 compression_words(x.get("compression"))] for c, x in m]
+        rows = [
+            [
+                f"`{c}`",
+                _fmt(x.get("rougeL"), ".4f"),
+                _fmt(x.get("rougeL_diff_vs_full"), "+.4f"),
+                _fmt(x.get("rougeL_vs_full"), ".3f"),
+                _fmt(x.get("token_match_vs_full"), ".3f"),
+                x.get("n", "–"),
+                compression_words(x.get("compression")),
+            ]
+            for c, x in m
+        ]
         header = ["cache", "ROUGE-L", "vs full", "ROUGE-L vs full output", "token match vs full", "n", COMPRESSION]
     elif task == "needle":
         lengths = [str(n) for n in s.get("lengths", [])]
         kv = any("kv_accuracy" in x for _, x in m)
         title = f"Needle: passkey accuracy by context length, prefill chunk {s.get('chunk')}"
-        rows = [[f"`{c}`", _fmt(x.get("accuracy"), ".2f"), *[_fmt(x.get("by_length", {}).get(n), ".2f") for n in lengths],
-                 *([_fmt(x.get("kv_accuracy"), ".2f")] if kv else []), x.get("n", "–"),
-                 compression_words(x.get("compression"))] for c, x in m]
-        header = ["cache", "accuracy", *[f"{n} tok" for n in lengths], *(["KV retrieval"] if kv else []), "n",
-                  COMPRESSION]
+        rows = [
+            [
+                f"`{c}`",
+                _fmt(x.get("accuracy"), ".2f"),
+                *[_fmt(x.get("by_length", {}).get(n), ".2f") for n in lengths],
+                *([_fmt(x.get("kv_accuracy"), ".2f")] if kv else []),
+                x.get("n", "–"),
+                compression_words(x.get("compression")),
+            ]
+            for c, x in m
+        ]
+        header = [
+            "cache",
+            "accuracy",
+            *[f"{n} tok" for n in lengths],
+            *(["KV retrieval"] if kv else []),
+            "n",
+            COMPRESSION,
+        ]
     elif task == "memory":
         title = f"KV memory after {s.get('prompt_tokens')} prompt + {s.get('new_tokens')} new tokens"
         cuda = any("peak_device_bytes" in x for _, x in m)
-        rows = [[f"`{c}`", _mib(x.get("kv_bytes")), _mib(x.get("kv_bytes_full16")), compression_words(x.get("compression")),
-                 _mib(x.get("kv_bytes_16bit")), _mib(x.get("kv_bytes_codes")), _mib(x.get("kv_bytes_scales")),
-                 *([_mib(x.get("peak_device_bytes"))] if cuda else [])] for c, x in m]
-        header = ["cache", "KV MiB", "16-bit full MiB", COMPRESSION, "16-bit part", "codes", "scales",
-                  *(["peak device MiB"] if cuda else [])]
+        rows = [
+            [
+                f"`{c}`",
+                _mib(x.get("kv_bytes")),
+                _mib(x.get("kv_bytes_full16")),
+                compression_words(x.get("compression")),
+                _mib(x.get("kv_bytes_16bit")),
+                _mib(x.get("kv_bytes_codes")),
+                _mib(x.get("kv_bytes_scales")),
+                *([_mib(x.get("peak_device_bytes"))] if cuda else []),
+            ]
+            for c, x in m
+        ]
+        header = [
+            "cache",
+            "KV MiB",
+            "16-bit full MiB",
+            COMPRESSION,
+            "16-bit part",
+            "codes",
+            "scales",
+            *(["peak device MiB"] if cuda else []),
+        ]
     elif task == "speed":
-        title = (f"Speed: batch {s.get('batch')}, context {s.get('context')}, {s.get('new_tokens')} new tokens, "
-                 f"median of {s.get('repeats')} after {s.get('warmup')} warm-up")
-        rows = [[f"`{c}`", _fmt(x.get("prefill_tok_s"), ".0f"), _fmt(x.get("decode_tok_s"), ".1f"),
-                 _fmt(x.get("decode_speedup_vs_full"), ".2f"), compression_words(x.get("compression"))] for c, x in m]
+        title = (
+            f"Speed: batch {s.get('batch')}, context {s.get('context')}, {s.get('new_tokens')} new tokens, "
+            f"median of {s.get('repeats')} after {s.get('warmup')} warm-up"
+        )
+        rows = [
+            [
+                f"`{c}`",
+                _fmt(x.get("prefill_tok_s"), ".0f"),
+                _fmt(x.get("decode_tok_s"), ".1f"),
+                _fmt(x.get("decode_speedup_vs_full"), ".2f"),
+                compression_words(x.get("compression")),
+            ]
+            for c, x in m
+        ]
         header = ["cache", "prefill tok/s", "decode tok/s", "decode vs full", COMPRESSION]
     elif task == "harness":
         tasks = list(s.get("tasks") or [])
         metric = next((x.get("metric") for _, x in m if x.get("metric")), "") or "score"
         chunk = s.get("chunk")
-        title = (f"lm-evaluation-harness tasks ({metric}), "
-                 f"{f'prefill chunk {chunk}' if chunk else 'one pass (never reads a compressed cache)'}, "
-                 f"at most {s.get('limit') or 'all'} examples per task")
-        rows = [[f"`{c}`", *[_fmt(x.get("by_task", {}).get(t), ".2f") for t in tasks], _fmt(x.get("mean"), ".3f"),
-                 _fmt(x.get("mean_vs_full"), "+.3f"), x.get("n", "–"), _mib(x.get("kv_bytes")),
-                 compression_words(x.get("compression"))] for c, x in m]
+        title = (
+            f"lm-evaluation-harness tasks ({metric}), "
+            f"{f'prefill chunk {chunk}' if chunk else 'one pass (never reads a compressed cache)'}, "
+            f"at most {s.get('limit') or 'all'} examples per task"
+        )
+        rows = [
+            [
+                f"`{c}`",
+                *[_fmt(x.get("by_task", {}).get(t), ".2f") for t in tasks],
+                _fmt(x.get("mean"), ".3f"),
+                _fmt(x.get("mean_vs_full"), "+.3f"),
+                x.get("n", "–"),
+                _mib(x.get("kv_bytes")),
+                compression_words(x.get("compression")),
+            ]
+            for c, x in m
+        ]
         header = ["cache", *tasks, "mean", "vs full", "n", "KV MiB", COMPRESSION]
     elif task == KVPRESS_TASK:
         return kvpress_table_lines([payload])
@@ -160,15 +236,20 @@ def table_lines(payload: dict) -> list[str]:
 # `python -m selkv.eval.peers` (selkv's side and kvpress's side, two environments): one table of both.
 KVPRESS_TASK = "kvpress-peers"
 KVPRESS_AXIS = "compression (1 - held / 16-bit full)"
-PRESS_NAMES = {"snapkv": "SnapKV", "expected_attention": "ExpectedAttention", "streaming_llm": "StreamingLLM",
-               "knorm": "Knorm", "none": "no press (full)"}
+PRESS_NAMES = {
+    "snapkv": "SnapKV",
+    "expected_attention": "ExpectedAttention",
+    "streaming_llm": "StreamingLLM",
+    "knorm": "Knorm",
+    "none": "no press (full)",
+}
 
 
 def _kvpress_method(row: str) -> tuple[str, str]:
     """(method, the selkv spec whose bytes it matches) of a kvpress-peers row name."""
     if not row.startswith("kvpress:"):
         return f"selkv `{row}`", "itself"
-    press, _, matched = row[len("kvpress:"):].partition("@")
+    press, _, matched = row[len("kvpress:") :].partition("@")
     return f"kvpress {PRESS_NAMES.get(press, press)}", f"`{matched}`" if matched else "–"
 
 
@@ -185,9 +266,13 @@ def kvpress_table_lines(payloads: list[dict]) -> list[str]:
     """One table of every kvpress-peers results file (selkv's rows, then kvpress's), on kvpress's memory axis."""
     first = payloads[0]
     s = first.get("settings", {})
-    differs = [p.get("side", "?") for p in payloads[1:] if p.get("settings") != s or p.get("model") != first.get("model")]
-    title = ("kvpress presses beside selkv at equal KV memory (kvpress's protocol: the context prefilled once, "
-             "each question answered against it)")
+    differs = [
+        p.get("side", "?") for p in payloads[1:] if p.get("settings") != s or p.get("model") != first.get("model")
+    ]
+    title = (
+        "kvpress presses beside selkv at equal KV memory (kvpress's protocol: the context prefilled once, "
+        "each question answered against it)"
+    )
     rows = []
     for payload in payloads:
         env = payload.get("environment", {})
@@ -195,14 +280,26 @@ def kvpress_table_lines(payloads: list[dict]) -> list[str]:
         for r in payload.get("results", []):
             x = r.get("metrics") or {}
             method, matched = _kvpress_method(r["cache"])
-            rows.append([method, matched, _compression_cell(x), _fmt(x.get("needle_accuracy"), ".2f"),
-                         _fmt(x.get("qa_f1"), ".3f"), _fmt(x.get("rougeL"), ".3f"), x.get("n", "–"), where])
+            rows.append(
+                [
+                    method,
+                    matched,
+                    _compression_cell(x),
+                    _fmt(x.get("needle_accuracy"), ".2f"),
+                    _fmt(x.get("qa_f1"), ".3f"),
+                    _fmt(x.get("rougeL"), ".3f"),
+                    x.get("n", "–"),
+                    where,
+                ]
+            )
     header = ["method", "bytes matched to", KVPRESS_AXIS, "needle acc", "QA F1", "ROUGE-L", "n", "env"]
     lengths = ", ".join(str(n) for n in s.get("needle_lengths", []))
-    line = (f"Model `{first.get('model')}`; needle {lengths} tokens x depths {s.get('needle_depths')}; "
-            f"QA {s.get('qa_data')} {s.get('qa_docs')} papers x {s.get('qa_questions')} questions, first "
-            f"{s.get('qa_context_tokens')} tokens (token F1); summarization {s.get('summ_data')} {s.get('summ_docs')} "
-            f"articles (ROUGE-L). Compression: mean over contexts (range), after the context's prefill.")
+    line = (
+        f"Model `{first.get('model')}`; needle {lengths} tokens x depths {s.get('needle_depths')}; "
+        f"QA {s.get('qa_data')} {s.get('qa_docs')} papers x {s.get('qa_questions')} questions, first "
+        f"{s.get('qa_context_tokens')} tokens (token F1); summarization {s.get('summ_data')} {s.get('summ_docs')} "
+        f"articles (ROUGE-L). Compression: mean over contexts (range), after the context's prefill."
+    )
     if any(not p.get("complete") for p in payloads):
         line += " **(incomplete run)**"
     if differs:
@@ -291,8 +388,12 @@ def plot_needle(payload: dict, path: Path) -> bool:
     for i, (cache, by_depth) in enumerate(rows):
         depths = sorted(by_depth, key=float)
         # A small vertical offset per cache keeps overlapping lines visible.
-        ax.plot([float(d) for d in depths], [by_depth[d] + 0.01 * (i - len(rows) / 2) for d in depths],
-                marker="o", label=cache)
+        ax.plot(
+            [float(d) for d in depths],
+            [by_depth[d] + 0.01 * (i - len(rows) / 2) for d in depths],
+            marker="o",
+            label=cache,
+        )
     lengths = ", ".join(str(n) for n in payload.get("settings", {}).get("lengths", []))
     ax.set_xlabel("needle depth (0 = start of the context, 1 = end)")
     ax.set_ylabel("passkey accuracy")
@@ -319,8 +420,12 @@ def plot_harness(payload: dict, path: Path) -> bool:
     return _save(fig, ax, path)
 
 
-PLOTS = {"harness": ("harness_score_vs_memory", plot_harness), "memory": ("memory_vs_tokens", plot_memory), "perplexity": ("ppl_vs_bits", plot_perplexity),
-         "needle": ("needle_accuracy_vs_depth", plot_needle)}
+PLOTS = {
+    "harness": ("harness_score_vs_memory", plot_harness),
+    "memory": ("memory_vs_tokens", plot_memory),
+    "perplexity": ("ppl_vs_bits", plot_perplexity),
+    "needle": ("needle_accuracy_vs_depth", plot_needle),
+}
 
 
 def run(dirs: list[str], out_dir: str | None = None, image_prefix: str | None = None) -> str:

@@ -128,7 +128,9 @@ class ResultsWriter:
                 if number == len(lines):  # the last line, cut short by an interruption
                     torn = True
                     break
-                raise SettingsMismatch(f"{self.examples_path}:{number}: not valid JSON; use a fresh --out folder") from None
+                raise SettingsMismatch(
+                    f"{self.examples_path}:{number}: not valid JSON; use a fresh --out folder"
+                ) from None
             kept.append(line)
             if record.get("cache") in self.records:
                 self.records[record["cache"]][str(record["key"])] = record

@@ -22,8 +22,14 @@ from .prompts import chat_ids
 from .runner import progress
 
 TASK = "summarization"
-DEFAULTS = {"data": "cnn_dailymail", "limit": 20, "max_new_tokens": 64, "chunk": 64, "max_doc_tokens": 3072,
-            "instruction": None}
+DEFAULTS = {
+    "data": "cnn_dailymail",
+    "limit": 20,
+    "max_new_tokens": 64,
+    "chunk": 64,
+    "max_doc_tokens": 3072,
+    "instruction": None,
+}
 
 INSTRUCTIONS = {
     "xsum": "Summarize the following article in one sentence.",
@@ -32,16 +38,30 @@ INSTRUCTIONS = {
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", default=DEFAULTS["data"],
-                        help="JSONL with 'document' and 'summary', or a named set: cnn_dailymail, xsum, govreport")
+    parser.add_argument(
+        "--data",
+        default=DEFAULTS["data"],
+        help="JSONL with 'document' and 'summary', or a named set: cnn_dailymail, xsum, govreport",
+    )
     parser.add_argument("--limit", type=positive_int, default=DEFAULTS["limit"], help="first N documents (default 20)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=DEFAULTS["max_new_tokens"], help="default 64")
-    parser.add_argument("--chunk", type=non_negative_int, default=DEFAULTS["chunk"],
-                        help="prefill chunk; each chunk reads the cache left by earlier ones (default 64, 0 = one pass)")
-    parser.add_argument("--max-doc-tokens", type=non_negative_int, default=DEFAULTS["max_doc_tokens"],
-                        help="truncate documents to this many tokens (default 3072)")
-    parser.add_argument("--instruction", default=None,
-                        help="instruction before the document (default: one sentence for xsum, 3 sentences otherwise)")
+    parser.add_argument(
+        "--chunk",
+        type=non_negative_int,
+        default=DEFAULTS["chunk"],
+        help="prefill chunk; each chunk reads the cache left by earlier ones (default 64, 0 = one pass)",
+    )
+    parser.add_argument(
+        "--max-doc-tokens",
+        type=non_negative_int,
+        default=DEFAULTS["max_doc_tokens"],
+        help="truncate documents to this many tokens (default 3072)",
+    )
+    parser.add_argument(
+        "--instruction",
+        default=None,
+        help="instruction before the document (default: one sentence for xsum, 3 sentences otherwise)",
+    )
 
 
 def check(settings: dict) -> None:
@@ -50,8 +70,14 @@ def check(settings: dict) -> None:
 
 
 def settings_from_args(args) -> dict:
-    return {"data": args.data, "limit": args.limit, "max_new_tokens": args.max_new_tokens, "chunk": args.chunk,
-            "max_doc_tokens": args.max_doc_tokens, "instruction": args.instruction}
+    return {
+        "data": args.data,
+        "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens,
+        "chunk": args.chunk,
+        "max_doc_tokens": args.max_doc_tokens,
+        "instruction": args.instruction,
+    }
 
 
 def _scorer():
@@ -89,8 +115,18 @@ def summarize(model, tokenizer, prompt_ids: list[int], spec: str, chunk: int, ma
     return {"tokens": tokens, "text": text, "prompt_tokens": len(prompt_ids), **measure_cache(cache)}
 
 
-def run(model, tokenizer, specs: list[str], writer, data: str, limit: int, max_new_tokens: int, chunk: int,
-        max_doc_tokens: int, instruction: str | None = None) -> None:
+def run(
+    model,
+    tokenizer,
+    specs: list[str],
+    writer,
+    data: str,
+    limit: int,
+    max_new_tokens: int,
+    chunk: int,
+    max_doc_tokens: int,
+    instruction: str | None = None,
+) -> None:
     records, source = load_summarization(data, limit)
     writer.data = source
     instruction = instruction or INSTRUCTIONS.get(data, INSTRUCTIONS["default"])
@@ -119,12 +155,17 @@ def run(model, tokenizer, specs: list[str], writer, data: str, limit: int, max_n
 
 def aggregate(records: list[dict]) -> dict:
     n = len(records)
-    metrics = {"rougeL": sum(r["rougeL"] for r in records) / n, "n": n,
-               "new_tokens": sum(len(r["tokens"]) for r in records) / n}
+    metrics = {
+        "rougeL": sum(r["rougeL"] for r in records) / n,
+        "n": n,
+        "new_tokens": sum(len(r["tokens"]) for r in records) / n,
+    }
     compared = [r for r in records if r.get("rougeL_vs_full") is not None]
     if compared:
         metrics["rougeL_vs_full"] = sum(r["rougeL_vs_full"] for r in compared) / len(compared)
-        metrics["token_match_vs_full"] = sum(r["match"] for r in compared) / max(1, sum(r["match_of"] for r in compared))
+        metrics["token_match_vs_full"] = sum(r["match"] for r in compared) / max(
+            1, sum(r["match_of"] for r in compared)
+        )
     metrics.update(aggregate_kv(records))
     return metrics
 

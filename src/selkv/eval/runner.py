@@ -37,13 +37,22 @@ def maybe_profile(profile_dir: str | None):
         yield
 
 
-def run_task(module, model, tokenizer, model_name: str, specs: list[str], out_dir: str, settings: dict,
-             profile_dir: str | None = None) -> dict:
+def run_task(
+    module,
+    model,
+    tokenizer,
+    model_name: str,
+    specs: list[str],
+    out_dir: str,
+    settings: dict,
+    profile_dir: str | None = None,
+) -> dict:
     """Run one task module over ``specs`` into ``out_dir``; returns the final ``results.json`` payload."""
     specs = _unique(specs)
     started = time.time()
-    writer = ResultsWriter(out_dir, module.TASK, model_name, settings, specs, module.aggregate,
-                           compare=getattr(module, "compare", None))
+    writer = ResultsWriter(
+        out_dir, module.TASK, model_name, settings, specs, module.aggregate, compare=getattr(module, "compare", None)
+    )
     if writer.resumed:
         print(f"resuming {out_dir}: {writer.resumed} finished example(s) found")
     with maybe_profile(profile_dir):

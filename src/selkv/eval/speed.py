@@ -29,30 +29,60 @@ from .kv_metrics import measure_cache
 from .runner import progress
 
 TASK = "speed"
-DEFAULTS = {"batch": 1, "context": 1024, "new_tokens": 64, "repeats": 5, "warmup": 1, "chunk": 0, "seed": 0,
-            "static": False}
+DEFAULTS = {
+    "batch": 1,
+    "context": 1024,
+    "new_tokens": 64,
+    "repeats": 5,
+    "warmup": 1,
+    "chunk": 0,
+    "seed": 0,
+    "static": False,
+}
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=positive_int, default=DEFAULTS["batch"], help="batch size (default 1)")
-    parser.add_argument("--context", type=positive_int, default=DEFAULTS["context"], help="prompt tokens (default 1024)")
-    parser.add_argument("--new-tokens", type=at_least(2, " (decode speed times the steps after the first)"),
-                        default=DEFAULTS["new_tokens"], help="decode steps (default 64)")
+    parser.add_argument(
+        "--context", type=positive_int, default=DEFAULTS["context"], help="prompt tokens (default 1024)"
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=at_least(2, " (decode speed times the steps after the first)"),
+        default=DEFAULTS["new_tokens"],
+        help="decode steps (default 64)",
+    )
     parser.add_argument("--repeats", type=positive_int, default=DEFAULTS["repeats"], help="timed repeats (default 5)")
-    parser.add_argument("--warmup", type=non_negative_int, default=DEFAULTS["warmup"], help="untimed repeats first (default 1)")
-    parser.add_argument("--chunk", type=non_negative_int, default=DEFAULTS["chunk"], help="prefill chunk (default 0 = one pass)")
-    parser.add_argument("--static", action="store_true",
-                        help="static caches (max_cache_len) and, on CUDA, a captured decode step (see the module doc)")
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=DEFAULTS["warmup"], help="untimed repeats first (default 1)"
+    )
+    parser.add_argument(
+        "--chunk", type=non_negative_int, default=DEFAULTS["chunk"], help="prefill chunk (default 0 = one pass)"
+    )
+    parser.add_argument(
+        "--static",
+        action="store_true",
+        help="static caches (max_cache_len) and, on CUDA, a captured decode step (see the module doc)",
+    )
 
 
 def settings_from_args(args) -> dict:
-    return {"batch": args.batch, "context": args.context, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "warmup": args.warmup, "chunk": args.chunk, "seed": DEFAULTS["seed"], "static": args.static}
+    return {
+        "batch": args.batch,
+        "context": args.context,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "chunk": args.chunk,
+        "seed": DEFAULTS["seed"],
+        "static": args.static,
+    }
 
 
 @torch.inference_mode()
-def time_once(model, input_ids: torch.Tensor, spec: str, new_tokens: int, chunk: int, cache=None,
-              step=None) -> tuple[float, float, object]:
+def time_once(
+    model, input_ids: torch.Tensor, spec: str, new_tokens: int, chunk: int, cache=None, step=None
+) -> tuple[float, float, object]:
     """(prefill seconds, decode seconds, cache) of one run with a fresh cache (or ``cache``, reset).
 
     ``step``: a compiled decode step (:func:`selkv.compile_decode_step`) for the decode.
@@ -73,15 +103,31 @@ def time_once(model, input_ids: torch.Tensor, spec: str, new_tokens: int, chunk:
     return prefill_s, time.perf_counter() - start, cache
 
 
-def run(model, tokenizer, specs: list[str], writer, batch: int, context: int, new_tokens: int, repeats: int,
-        warmup: int, chunk: int, seed: int = 0, static: bool = False) -> None:
+def run(
+    model,
+    tokenizer,
+    specs: list[str],
+    writer,
+    batch: int,
+    context: int,
+    new_tokens: int,
+    repeats: int,
+    warmup: int,
+    chunk: int,
+    seed: int = 0,
+    static: bool = False,
+) -> None:
     if batch < 1 or context < 1 or new_tokens < 1 or repeats < 1 or warmup < 0:
         raise SelKVError("--batch, --context, --new-tokens and --repeats must be >= 1 and --warmup >= 0")
     todo = [s for s in specs if writer.get(s, "timing") is None]
     if not todo:
         return
     generator = torch.Generator().manual_seed(seed)
-    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+    vocab = (
+        model.config.get_text_config().vocab_size
+        if hasattr(model.config, "get_text_config")
+        else model.config.vocab_size
+    )
     input_ids = torch.randint(0, vocab, (batch, context), generator=generator).to(model.device)
     writer.data = f"random token ids (seed {seed})"
     times: dict[str, list[tuple[float, float]]] = {s: [] for s in todo}
@@ -93,22 +139,27 @@ def run(model, tokenizer, specs: list[str], writer, batch: int, context: int, ne
             steps[spec] = step if step is not None and caches[spec].is_compileable else None
     for repeat in progress(range(warmup + repeats), desc="speed (repeats)", unit="round"):
         for spec in todo:
-            prefill_s, decode_s, caches[spec] = time_once(model, input_ids, spec, new_tokens, chunk,
-                                                          cache=caches.get(spec), step=steps.get(spec))
+            prefill_s, decode_s, caches[spec] = time_once(
+                model, input_ids, spec, new_tokens, chunk, cache=caches.get(spec), step=steps.get(spec)
+            )
             if repeat >= warmup:
                 times[spec].append((prefill_s, decode_s))
     for spec in todo:
         prefill_s = statistics.median(t[0] for t in times[spec])
         decode_s = statistics.median(t[1] for t in times[spec])
-        writer.add(spec, "timing", {
-            "prefill_tok_s": batch * context / prefill_s,
-            "decode_tok_s": batch * new_tokens / decode_s,
-            "prefill_s": [t[0] for t in times[spec]],
-            "decode_s": [t[1] for t in times[spec]],
-            "static": static,
-            "captured": steps.get(spec) is not None,
-            **measure_cache(caches[spec]),
-        })
+        writer.add(
+            spec,
+            "timing",
+            {
+                "prefill_tok_s": batch * context / prefill_s,
+                "decode_tok_s": batch * new_tokens / decode_s,
+                "prefill_s": [t[0] for t in times[spec]],
+                "decode_s": [t[1] for t in times[spec]],
+                "static": static,
+                "captured": steps.get(spec) is not None,
+                **measure_cache(caches[spec]),
+            },
+        )
 
 
 def aggregate(records: list[dict]) -> dict:
@@ -118,5 +169,7 @@ def aggregate(records: list[dict]) -> dict:
 
 
 def compare(metrics: dict, full: dict) -> dict:
-    return {"decode_speedup_vs_full": metrics["decode_tok_s"] / full["decode_tok_s"],
-            "prefill_speedup_vs_full": metrics["prefill_tok_s"] / full["prefill_tok_s"]}
+    return {
+        "decode_speedup_vs_full": metrics["decode_tok_s"] / full["decode_tok_s"],
+        "prefill_speedup_vs_full": metrics["prefill_tok_s"] / full["prefill_tok_s"],
+    }

@@ -37,8 +37,11 @@ SUITE = (
     ("needle", "needle", {**needle.DEFAULTS, "lengths": [1024, 2048], "depths": [0.1, 0.5, 0.9, 1.0], "trials": 1}),
     ("memory", "memory", {**memory.DEFAULTS, "prompt_tokens": 512, "new_tokens": 64, "every": 8}),
     ("speed", "speed", {**speed.DEFAULTS, "context": 512, "new_tokens": 32, "repeats": 3, "warmup": 1}),
-    ("summarization-cnn_dailymail", "summarization",
-     {**rouge.DEFAULTS, "data": "cnn_dailymail", "limit": 10, "max_new_tokens": 48}),
+    (
+        "summarization-cnn_dailymail",
+        "summarization",
+        {**rouge.DEFAULTS, "data": "cnn_dailymail", "limit": 10, "max_new_tokens": 48},
+    ),
 )
 
 QUICK = (
@@ -86,14 +89,23 @@ def check_suite(suite) -> None:
         check_task(task, settings)
 
 
-def run_suite(out_dir: str, suite, model, tokenizer, model_name: str, specs: list[str],
-              profile_dir: str | None = None) -> str:
+def run_suite(
+    out_dir: str, suite, model, tokenizer, model_name: str, specs: list[str], profile_dir: str | None = None
+) -> str:
     """Run each (folder, task, settings) of ``suite`` into ``out_dir``/folder, then write and return the report."""
     for folder, task, settings in suite:
         print(f"== {task}: {folder}")
         profile = str(Path(profile_dir) / folder) if profile_dir else None
-        run_task(TASKS[task], model, tokenizer, model_name, specs, str(Path(out_dir) / folder), dict(settings),
-                 profile_dir=profile)
+        run_task(
+            TASKS[task],
+            model,
+            tokenizer,
+            model_name,
+            specs,
+            str(Path(out_dir) / folder),
+            dict(settings),
+            profile_dir=profile,
+        )
     return report.run([out_dir], out_dir)
 
 

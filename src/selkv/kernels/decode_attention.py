@@ -72,6 +72,7 @@ class DecodeConfig:
 
 VALUE_DOTS = ("dequant", "fp16", "folded")  # DecodeConfig.value_dot, in the kernel's VALUE_DOT order
 
+
 @functools.lru_cache(maxsize=64)
 def _resolve(config: DecodeConfig, axis_key: str, block_length: int) -> DecodeConfig:
     """``config`` with ``block_n`` chosen when it is 0 (see DecodeConfig); cached: it runs every decode call."""
@@ -113,7 +114,6 @@ def _key_rows(block_n: int, block_length: int) -> int:
     return 2 if block_n == 2 * block_length else 0
 
 
-
 @functools.cache
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -146,8 +146,14 @@ def _splits(num_stored: int, rows: int, config: DecodeConfig, device: torch.devi
     return _cdiv(num_stored, tokens_per_split), tokens_per_split
 
 
-def check_supported(head_dim: int, num_key_value_groups: int, nbits: int, q_group_size: int, dtype: torch.dtype,
-                    value_nbits: int | None = None) -> str | None:
+def check_supported(
+    head_dim: int,
+    num_key_value_groups: int,
+    nbits: int,
+    q_group_size: int,
+    dtype: torch.dtype,
+    value_nbits: int | None = None,
+) -> str | None:
     """Why the fused kernel cannot take these shapes (``None``: it can); ``nbits`` of keys, ``value_nbits``
     of values (default: ``nbits``)."""
     if dtype not in _SUPPORTED_DTYPES:
@@ -165,8 +171,10 @@ def check_supported(head_dim: int, num_key_value_groups: int, nbits: int, q_grou
     for bits in (nbits, value_nbits):
         chunk = _chunk(head_dim, bits, q_group_size)
         if chunk < 16 or head_dim // chunk > 4:
-            return (f"head_dim={head_dim}, nbits={bits}, q_group_size={q_group_size}: the kernel reads the head in "
-                    f"at most 4 chunks of >= 16 channels (one bit plane and scale group each); this needs {chunk}")
+            return (
+                f"head_dim={head_dim}, nbits={bits}, q_group_size={q_group_size}: the kernel reads the head in "
+                f"at most 4 chunks of >= 16 channels (one bit plane and scale group each); this needs {chunk}"
+            )
     if num_key_value_groups < 1:
         return f"num_key_value_groups={num_key_value_groups}"
     return None
@@ -190,8 +198,9 @@ def _check_query(query_states: torch.Tensor, storage: DecodeStorage) -> int:
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
     num_key_value_groups = num_heads // num_kv_heads
-    why = check_supported(head_dim, num_key_value_groups, layout.key_nbits, layout.q_group_size, query_states.dtype,
-                          layout.value_nbits)
+    why = check_supported(
+        head_dim, num_key_value_groups, layout.key_nbits, layout.q_group_size, query_states.dtype, layout.value_nbits
+    )
     if why:
         raise ValueError(f"the fused decode kernel does not support {why}")
     key_rotation = storage.key_rotation
@@ -208,11 +217,16 @@ def _check_exact(query_states: torch.Tensor, storage: DecodeStorage) -> None:
     s = storage
     batch_size, _, _, head_dim = query_states.shape
     num_kv_heads = s.sink_keys.shape[1]
-    for name, t in (("sink_keys", s.sink_keys), ("sink_values", s.sink_values), ("recent_keys", s.recent_keys),
-                    ("recent_values", s.recent_values)):
+    for name, t in (
+        ("sink_keys", s.sink_keys),
+        ("sink_values", s.sink_values),
+        ("recent_keys", s.recent_keys),
+        ("recent_values", s.recent_values),
+    ):
         if t.shape[0] != batch_size or t.shape[1] != num_kv_heads or t.shape[-1] != head_dim:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; "
-                             f"expected [{batch_size}, {num_kv_heads}, *, {head_dim}]")
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}; expected [{batch_size}, {num_kv_heads}, *, {head_dim}]"
+            )
         if t.dtype != query_states.dtype:
             raise ValueError(f"{name} is {t.dtype} but the query is {query_states.dtype}")
     if s.num_sink > s.sink_keys.shape[2] or s.num_recent > s.recent_keys.shape[2]:
@@ -223,20 +237,30 @@ def _check_middle(storage: DecodeStorage, head_dim: int) -> None:
     """Checks a filled middle's codes and scales against its layout and ``num_stored``."""
     layout, middle, num_stored = storage.layout, storage.middle, storage.num_stored
     key_nbits, value_nbits, q_group_size, axis_key = (
-        layout.key_nbits, layout.value_nbits, layout.q_group_size, layout.axis_key)
+        layout.key_nbits,
+        layout.value_nbits,
+        layout.q_group_size,
+        layout.axis_key,
+    )
     key_packed, value_packed = quant.packed_dim(head_dim, key_nbits), quant.packed_dim(head_dim, value_nbits)
     if middle is None or middle.key_codes.shape[-1] != key_packed or middle.value_codes.shape[-1] != value_packed:
-        raise ValueError(f"key/value codes must have {key_packed}/{value_packed} packed bytes per token for "
-                         f"key_nbits={key_nbits}, value_nbits={value_nbits}")
+        raise ValueError(
+            f"key/value codes must have {key_packed}/{value_packed} packed bytes per token for "
+            f"key_nbits={key_nbits}, value_nbits={value_nbits}"
+        )
     key_codes, key_scale, _, value_codes, value_scale, _ = middle
     if key_codes.shape[2] < num_stored:
         raise ValueError(f"num_stored={num_stored} exceeds the middle capacity {key_codes.shape[2]}")
     if value_codes.shape[:3] != key_codes.shape[:3]:  # the kernel addresses both rows with key_codes' rows
-        raise ValueError(f"value_codes {tuple(value_codes.shape)} and key_codes {tuple(key_codes.shape)} "
-                         "must have the same batch, heads and capacity")
+        raise ValueError(
+            f"value_codes {tuple(value_codes.shape)} and key_codes {tuple(key_codes.shape)} "
+            "must have the same batch, heads and capacity"
+        )
     if value_codes.shape[2] % layout.block_length:
-        raise ValueError(f"the middle capacity {value_codes.shape[2]} is not whole blocks of {layout.block_length} "
-                         "(value codes are stored block-major)")
+        raise ValueError(
+            f"the middle capacity {value_codes.shape[2]} is not whole blocks of {layout.block_length} "
+            "(value codes are stored block-major)"
+        )
     key_scale_width = head_dim if axis_key == "channel" else head_dim // q_group_size  # one per channel / group
     if key_scale.shape[-1] != key_scale_width or value_scale.shape[-1] != head_dim // q_group_size:
         raise ValueError(
@@ -245,8 +269,9 @@ def _check_middle(storage: DecodeStorage, head_dim: int) -> None:
         )
 
 
-def _middle_query(query_states: torch.Tensor, storage: DecodeStorage,
-                  config: DecodeConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _middle_query(
+    query_states: torch.Tensor, storage: DecodeStorage, config: DecodeConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(query_states, middle_query, rotation)``: the query, the one the middle's keys are read with, and the
     ``+-1`` rotation the middle programs apply to it in their prologue (``None``: they do not).
 
@@ -261,8 +286,10 @@ def _middle_query(query_states: torch.Tensor, storage: DecodeStorage,
     signs = s.key_rotation_signs
     if config.rotate_in_kernel and signs is not None:
         if tuple(signs.shape) != (head_dim, head_dim) or signs.dtype != query_states.dtype:
-            raise ValueError(f"key_rotation_signs is {signs.dtype} {tuple(signs.shape)}; expected "
-                             f"{query_states.dtype} [{head_dim}, {head_dim}]")
+            raise ValueError(
+                f"key_rotation_signs is {signs.dtype} {tuple(signs.shape)}; expected "
+                f"{query_states.dtype} [{head_dim}, {head_dim}]"
+            )
         return query_states, query_states, signs
     query_states = query_states.contiguous()
     rotation = s.key_rotation.to(device=query_states.device, dtype=torch.float32)
@@ -306,8 +333,9 @@ def _middle_operands(storage: DecodeStorage, head_dim: int, device: torch.device
     return MiddleTensors(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)
 
 
-def _length_operands(storage: DecodeStorage, device: torch.device,
-                     unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _length_operands(
+    storage: DecodeStorage, device: torch.device, unused: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(row_padding, lengths)`` as int32 tensors on ``device``; ``unused`` stands for an absent one (the kernel
     reads neither without HAS_PADDING / DEVICE_LENGTHS)."""
     row_padding, lengths = storage.row_padding, storage.lengths
@@ -341,7 +369,12 @@ def selective_decode_attention(
     num_sink, num_stored, num_recent = s.num_sink, s.num_stored, s.num_recent
     lay = s.layout
     key_nbits, value_nbits, q_group_size, axis_key, block_length = (
-        lay.key_nbits, lay.value_nbits, lay.q_group_size, lay.axis_key, lay.block_length)
+        lay.key_nbits,
+        lay.value_nbits,
+        lay.q_group_size,
+        lay.axis_key,
+        lay.block_length,
+    )
     num_key_value_groups = _check_query(query_states, s)
     _check_exact(query_states, s)
     config = _resolve(config or DecodeConfig(), axis_key, block_length)
@@ -363,20 +396,52 @@ def selective_decode_attention(
     scaling = head_dim**-0.5 if scaling is None else float(scaling)
 
     _selective_decode_partial_kernel[(num_partials, batch_size * num_kv_heads)](
-        query_states, middle_query, sink_keys, sink_values, recent_keys, recent_values,
+        query_states,
+        middle_query,
+        sink_keys,
+        sink_values,
+        recent_keys,
+        recent_values,
         key_codes if rotation is None else rotation,  # the rotation operand (unused unless ROTATE)
-        key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
-        row_padding, lengths, partial_out, partial_lse,
-        num_sink, num_stored, num_recent, tokens_per_split, num_kv_heads, num_partials, recent_keys.shape[2],
+        key_codes,
+        key_scale,
+        key_zero,
+        value_codes,
+        value_scale,
+        value_zero,
+        row_padding,
+        lengths,
+        partial_out,
+        partial_lse,
+        num_sink,
+        num_stored,
+        num_recent,
+        tokens_per_split,
+        num_kv_heads,
+        num_partials,
+        recent_keys.shape[2],
         max(value_codes.shape[2] // block_length - 1, 0),  # the middle's last block (key scale row, value block)
-        scaling * _LOG2E, head_dim**-0.5,
-        query_states.stride(0), query_states.stride(1),
-        sink_keys.stride(0), sink_keys.stride(1), sink_keys.stride(2),
-        recent_keys.stride(0), recent_keys.stride(1), recent_keys.stride(2),
-        key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
-        value_codes.stride(0), value_codes.stride(1),
-        key_scale.stride(0), key_scale.stride(1), key_scale.stride(2),
-        value_scale.stride(0), value_scale.stride(1), value_scale.stride(2),
+        scaling * _LOG2E,
+        head_dim**-0.5,
+        query_states.stride(0),
+        query_states.stride(1),
+        sink_keys.stride(0),
+        sink_keys.stride(1),
+        sink_keys.stride(2),
+        recent_keys.stride(0),
+        recent_keys.stride(1),
+        recent_keys.stride(2),
+        key_codes.stride(0),
+        key_codes.stride(1),
+        key_codes.stride(2),
+        value_codes.stride(0),
+        value_codes.stride(1),
+        key_scale.stride(0),
+        key_scale.stride(1),
+        key_scale.stride(2),
+        value_scale.stride(0),
+        value_scale.stride(1),
+        value_scale.stride(2),
         HEADS_PER_KV=num_key_value_groups,
         HEADS_M=max(16, triton.next_power_of_2(num_key_value_groups)),
         HEAD_DIM=head_dim,
@@ -395,21 +460,37 @@ def selective_decode_attention(
         HEADS_N=max(8, triton.next_power_of_2(num_key_value_groups)),
         CHUNK=chunk,
         # per-channel keys: a whole bit plane; per-token keys: one plane and scale group
-        KEY_CHUNK=(quant.plane_width(head_dim, key_nbits) if axis_key == "channel"
-                   else _chunk(head_dim, key_nbits, q_group_size)),
+        KEY_CHUNK=(
+            quant.plane_width(head_dim, key_nbits)
+            if axis_key == "channel"
+            else _chunk(head_dim, key_nbits, q_group_size)
+        ),
         CODES_ASM=config.codes_asm and device.type == "cuda" and torch.version.hip is None,  # PTX: NVIDIA only
         SCALE_PREFETCH=config.scale_prefetch,
         VALUE_DOT=VALUE_DOTS.index(config.value_dot),
         ROTATE=rotation is not None,
-        WIDE_OFFSETS=_wide_offsets(query_states, middle_query, sink_keys, recent_keys, key_codes, key_scale,
-                                   value_codes, value_scale, partial_out),
+        WIDE_OFFSETS=_wide_offsets(
+            query_states,
+            middle_query,
+            sink_keys,
+            recent_keys,
+            key_codes,
+            key_scale,
+            value_codes,
+            value_scale,
+            partial_out,
+        ),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     _merge_partials_kernel[(batch_size * num_heads,)](
-        partial_out, partial_lse, out,
-        num_heads, num_partials,
-        out.stride(0), out.stride(2),
+        partial_out,
+        partial_lse,
+        out,
+        num_heads,
+        num_partials,
+        out.stride(0),
+        out.stride(2),
         HEAD_DIM=head_dim,
         BLOCK_S=min(32, triton.next_power_of_2(num_partials)),
         num_warps=4 if head_dim >= 128 else 2,
@@ -418,8 +499,17 @@ def selective_decode_attention(
 
 
 def bytes_read(
-    batch_size: int, num_heads: int, num_kv_heads: int, head_dim: int, num_exact: int, num_stored: int,
-    nbits: int, q_group_size: int, axis_key: str, block_length: int, element_size: int = 2,
+    batch_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    num_exact: int,
+    num_stored: int,
+    nbits: int,
+    q_group_size: int,
+    axis_key: str,
+    block_length: int,
+    element_size: int = 2,
     value_nbits: int | None = None,
 ) -> int:
     """Bytes one call must read from memory: query, 16-bit tokens, codes and scales/zeros (for GB/s);

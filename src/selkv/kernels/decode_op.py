@@ -39,4 +39,6 @@ def decode_attention(query_states: torch.Tensor, storage: DecodeStorage, scaling
         return selective_decode_attention(query_states, storage, scaling=scaling)
     head_dim = query_states.shape[-1]
     tensors, ints = flatten_storage(storage)
-    return _selective_decode_attention_op(query_states, tensors, ints, head_dim**-0.5 if scaling is None else float(scaling))
+    return _selective_decode_attention_op(
+        query_states, tensors, ints, head_dim**-0.5 if scaling is None else float(scaling)
+    )

@@ -74,7 +74,12 @@ def selective_decode_attention(
     v[:, :, : s.num_sink] = s.sink_values[:, :, : s.num_sink]
     if s.num_stored:
         dequantize_middle(
-            s.middle, s.layout, s.num_stored, dtype=dtype, out_keys=k[:, :, s.num_sink : middle_end], out_values=v[:, :, s.num_sink : middle_end],
+            s.middle,
+            s.layout,
+            s.num_stored,
+            dtype=dtype,
+            out_keys=k[:, :, s.num_sink : middle_end],
+            out_values=v[:, :, s.num_sink : middle_end],
             key_rotation=s.key_rotation,  # rotated keys rotated back: the same scores as (q R) . (k R)
         )
     k[:, :, middle_end:] = s.recent_keys[:, :, : s.num_recent]  # [B, H, N, D]

@@ -44,39 +44,74 @@ def _exact_tile(q, Keys, Values, offs, valid, m_i, l_i, acc, scale_log2, DOT_PRE
 # Lengths that change from one decode step to the next are not specialized on (Triton specializes an
 # int argument on == 1 and on divisibility by 16: a decode loop would compile a new kernel whenever
 # num_recent crossed such a value, seconds each, in the middle of generation).
-_VARYING_LENGTHS = ["num_sink", "num_stored", "num_recent", "tokens_per_split", "num_partials", "recent_capacity",
-                    "last_block"]
+_VARYING_LENGTHS = [
+    "num_sink",
+    "num_stored",
+    "num_recent",
+    "tokens_per_split",
+    "num_partials",
+    "recent_capacity",
+    "last_block",
+]
 
 
 @triton.jit(do_not_specialize=_VARYING_LENGTHS)
 def _selective_decode_partial_kernel(
     # pointers: query [B, Hq, 1, D]; the query the middle's keys are read with ([B, Hq, 1, D], same strides:
     # the query itself (also when ROTATE), or query @ key_rotation from the launcher); 16-bit sink/window [B, H, cap, D]
-    Q, QMiddle, SinkK, SinkV, RecentK, RecentV,
+    Q,
+    QMiddle,
+    SinkK,
+    SinkV,
+    RecentK,
+    RecentV,
     # [D, D] key_rotation^T * sqrt(D) in the query's dtype, every entry +-1 (unused unless ROTATE)
     Rotation,
     # middle: codes [B, H, C, P] uint8 (P by each one's bit width); scales/zeros float16 (layouts in the launcher's docstring)
-    KCodes, KScale, KZero, VCodes, VScale, VZero,
+    KCodes,
+    KScale,
+    KZero,
+    VCodes,
+    VScale,
+    VZero,
     # [B] int32 left padding of each row (unused unless HAS_PADDING)
     RowPadding,
     # [4] int32 num_sink, num_stored, num_recent, recent_start (unused unless DEVICE_LENGTHS)
     Lengths,
     # outputs: partial outputs [B, Hq, S, D] float32, their log2-sum-exp [B, Hq, S] float32
-    PartialOut, PartialLse,
+    PartialOut,
+    PartialLse,
     # sizes
-    num_sink, num_stored, num_recent, tokens_per_split, num_kv_heads, num_partials,
+    num_sink,
+    num_stored,
+    num_recent,
+    tokens_per_split,
+    num_kv_heads,
+    num_partials,
     recent_capacity,  # window slots (the ring's size with DEVICE_LENGTHS)
     last_block,  # the middle's last allocated block (key scale row, value-code block) of block_length tokens
     scale_log2,  # softmax scale * log2(e)
     rotation_scale,  # 1 / sqrt(D): Rotation * rotation_scale is key_rotation^T
     # strides (elements); the last dimension of every tensor is contiguous
-    stride_qb, stride_qh,
-    stride_sb, stride_sh, stride_sn,
-    stride_rb, stride_rh, stride_rn,
-    stride_cb, stride_ch, stride_cn,  # key codes
-    stride_vcb, stride_vch,  # value codes (each row's blocks are contiguous: block-major)
-    stride_ksb, stride_ksh, stride_ksn,
-    stride_vsb, stride_vsh, stride_vsn,
+    stride_qb,
+    stride_qh,
+    stride_sb,
+    stride_sh,
+    stride_sn,
+    stride_rb,
+    stride_rh,
+    stride_rn,
+    stride_cb,
+    stride_ch,
+    stride_cn,  # key codes
+    stride_vcb,
+    stride_vch,  # value codes (each row's blocks are contiguous: block-major)
+    stride_ksb,
+    stride_ksh,
+    stride_ksn,
+    stride_vsb,
+    stride_vsh,
+    stride_vsn,
     # meta-parameters
     HEADS_PER_KV: tl.constexpr,  # query heads per KV head (num_key_value_groups)
     HEADS_M: tl.constexpr,  # HEADS_PER_KV rounded up to a power of two >= 16 (tl.dot's smallest M)
@@ -161,14 +196,57 @@ def _selective_decode_partial_kernel(
         if HAS_PADDING:  # padding beyond the sink (a cache that was not given sink room for it)
             first_stored = tl.load(RowPadding + b) - num_sink
         _middle_split(
-            QMiddle, Rotation, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
-            b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, last_block,
-            scale_log2, rotation_scale,
-            stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_vcb, stride_vch,
-            stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
-            HEADS_PER_KV, HEADS_N, HEAD_DIM, KEY_NBITS, VALUE_NBITS, Q_GROUP, CHUNK, KEY_CHUNK, KEY_PER_CHANNEL, BLOCK_LENGTH, KEY_ROWS,
+            QMiddle,
+            Rotation,
+            KCodes,
+            KScale,
+            KZero,
+            VCodes,
+            VScale,
+            VZero,
+            PartialOut,
+            PartialLse,
+            b,
+            h,
+            split,
+            num_stored,
+            first_stored,
+            tokens_per_split,
+            num_kv_heads,
+            num_partials,
+            last_block,
+            scale_log2,
+            rotation_scale,
+            stride_qb,
+            stride_qh,
+            stride_cb,
+            stride_ch,
+            stride_cn,
+            stride_vcb,
+            stride_vch,
+            stride_ksb,
+            stride_ksh,
+            stride_ksn,
+            stride_vsb,
+            stride_vsh,
+            stride_vsn,
+            HEADS_PER_KV,
+            HEADS_N,
+            HEAD_DIM,
+            KEY_NBITS,
+            VALUE_NBITS,
+            Q_GROUP,
+            CHUNK,
+            KEY_CHUNK,
+            KEY_PER_CHANNEL,
+            BLOCK_LENGTH,
+            KEY_ROWS,
             BLOCK_N,
-            DOT_PRECISION, CODES_ASM, SCALE_PREFETCH, VALUE_DOT, ROTATE,
+            DOT_PRECISION,
+            CODES_ASM,
+            SCALE_PREFETCH,
+            VALUE_DOT,
+            ROTATE,
         )
 
 
@@ -207,9 +285,11 @@ def _three_bit_ptx(shift: int) -> str:
     """PTX: four low-plane bytes ($2), four high-plane bytes ($3) and four one-bit masks ($4) -> four float16
     1024 + code, where per byte code = (low >> shift) & 3 | 4 if high & mask else 0 (no carry crosses a byte:
     high & mask is at most 0x80, plus 0x7f reaches 0x80 exactly when the bit is set)."""
-    return ("{.reg .b32 t, h; " + f"shr.b32 t, $2, {shift}; and.b32 t, t, 0x03030303; "
-            "and.b32 h, $3, $4; add.u32 h, h, 0x7f7f7f7f; and.b32 h, h, 0x80808080; shr.b32 h, h, 5; "
-            "or.b32 t, t, h; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }")
+    return (
+        "{.reg .b32 t, h; " + f"shr.b32 t, $2, {shift}; and.b32 t, t, 0x03030303; "
+        "and.b32 h, $3, $4; add.u32 h, h, 0x7f7f7f7f; and.b32 h, h, 0x80808080; shr.b32 h, h, 5; "
+        "or.b32 t, t, h; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }"
+    )
 
 
 _PTX_3_0, _PTX_3_2 = tl.constexpr(_three_bit_ptx(0)), tl.constexpr(_three_bit_ptx(2))
@@ -218,8 +298,7 @@ _PTX_3_4, _PTX_3_6 = tl.constexpr(_three_bit_ptx(4)), tl.constexpr(_three_bit_pt
 
 @triton.jit
 def _ptx3(low, high, masks, PTX: tl.constexpr):
-    return tl.inline_asm_elementwise(PTX, "=r,=r,r,r,r", [low, high, masks], dtype=tl.float16, is_pure=True,
-                                     pack=4)
+    return tl.inline_asm_elementwise(PTX, "=r,=r,r,r,r", [low, high, masks], dtype=tl.float16, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -302,8 +381,17 @@ def _three_bit_to_dot(low, high, SHIFT: tl.constexpr, high_shift, DOT_DTYPE: tl.
 
 
 @triton.jit
-def _load_chunk_codes(Codes, row_offs, valid, C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      NBITS: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
+def _load_chunk_codes(
+    Codes,
+    row_offs,
+    valid,
+    C: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NBITS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ASM: tl.constexpr,
+):
     """[BLOCK_N, CHUNK] codes of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code."""
     PLANE_BITS: tl.constexpr = 2 if NBITS == 3 else NBITS  # a 3-bit code's low plane (high bits: _three_bit_high)
     PLANE_BYTES: tl.constexpr = HEAD_DIM * PLANE_BITS // 8
@@ -326,8 +414,16 @@ def _load_query_chunk(q_ptrs, head_ok, C: tl.constexpr, CHUNK: tl.constexpr, DOT
 
 
 @triton.jit
-def _rotated_query_chunk(qT_full, Rotation, rotation_scale, C: tl.constexpr, CHUNK: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _rotated_query_chunk(
+    qT_full,
+    Rotation,
+    rotation_scale,
+    C: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Chunk C of the rotated query, transposed, [CHUNK, HEADS_N], and its float32 column sums.
 
     (q R)^T = R^T q^T; R^T * sqrt(D) is +-1 (Hadamard rotations), exact in 16 bits, so the dot of the
@@ -341,8 +437,9 @@ def _rotated_query_chunk(qT_full, Rotation, rotation_scale, C: tl.constexpr, CHU
 
 
 @triton.jit
-def _folded_scores(codes, qT, KScale, KZero, row, OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+def _folded_scores(
+    codes, qT, KScale, KZero, row, OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr
+):
     """[BLOCK_N, HEADS_N] scores of codes in one per-channel key block, its scale row folded into the query:
     q . (s * code + z) = (q * s) . (OFFSET + code) - OFFSET sum(q * s) + q . z."""
     ks = tl.load(KScale + row).to(tl.float32)
@@ -353,13 +450,33 @@ def _folded_scores(codes, qT, KScale, KZero, row, OFFSET: tl.constexpr, DOT_DTYP
 
 
 @triton.jit
-def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, last_block,
-                      ks_tile, kz_tile,
-                      qT, q_sum,
-                      C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
-                      Q_GROUP: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, BLOCK_LENGTH: tl.constexpr,
-                      KEY_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      ASM: tl.constexpr):
+def _key_chunk_scores(
+    KCodes,
+    KScale,
+    KZero,
+    row_offs,
+    pos,
+    valid,
+    start,
+    kscale_base,
+    stride_ksn,
+    last_block,
+    ks_tile,
+    kz_tile,
+    qT,
+    q_sum,
+    C: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NBITS: tl.constexpr,
+    Q_GROUP: tl.constexpr,
+    KEY_PER_CHANNEL: tl.constexpr,
+    BLOCK_LENGTH: tl.constexpr,
+    KEY_ROWS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ASM: tl.constexpr,
+):
     """[BLOCK_N, HEADS_N] contribution of one channel chunk to the scores q . k."""
     OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0  # what _codes_to_dot adds to each code
     codes = _load_chunk_codes(KCodes, row_offs, valid, C, CHUNK, HEAD_DIM, NBITS, DOT_DTYPE, ASM)
@@ -392,8 +509,18 @@ def _key_chunk_scores(KCodes, KScale, KZero, row_offs, pos, valid, start, kscale
 
 
 @triton.jit
-def _load_value_bytes(VCodes, code_base, start, pos, valid, last_block, offs_c, PACKED: tl.constexpr,
-                      VALUE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+def _load_value_bytes(
+    VCodes,
+    code_base,
+    start,
+    pos,
+    valid,
+    last_block,
+    offs_c,
+    PACKED: tl.constexpr,
+    VALUE_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """[CHUNK, BLOCK_N] value-code bytes of byte columns ``offs_c`` (rows of PACKED bytes, block-major)."""
     if VALUE_BLOCK % BLOCK_N == 0:
         # the tile lies inside one block, whose bytes are allocated (the store's capacity is whole
@@ -409,19 +536,38 @@ def _load_value_bytes(VCodes, code_base, start, pos, valid, last_block, offs_c, 
         step = (tl.minimum(first + 1, last_block) - first) * (VALUE_BLOCK * PACKED)
         offs_t = tl.arange(0, BLOCK_N)
         tile_start = code_base + first * (VALUE_BLOCK * PACKED)
-        bytes_ = tl.load(VCodes + tile_start + (offs_t // VALUE_BLOCK)[None, :] * step + offs_c[:, None] * VALUE_BLOCK
-                         + (offs_t % VALUE_BLOCK)[None, :])
+        bytes_ = tl.load(
+            VCodes
+            + tile_start
+            + (offs_t // VALUE_BLOCK)[None, :] * step
+            + offs_c[:, None] * VALUE_BLOCK
+            + (offs_t % VALUE_BLOCK)[None, :]
+        )
     else:  # tiles span blocks: one address per byte
         token = (pos // VALUE_BLOCK) * (VALUE_BLOCK * PACKED) + pos % VALUE_BLOCK
-        bytes_ = tl.load(VCodes + code_base + offs_c[:, None] * VALUE_BLOCK + token[None, :], mask=valid[None, :],
-                         other=0)
+        bytes_ = tl.load(
+            VCodes + code_base + offs_c[:, None] * VALUE_BLOCK + token[None, :], mask=valid[None, :], other=0
+        )
     return bytes_
 
 
 @triton.jit
-def _load_value_codes(VCodes, code_base, start, pos, valid, last_block, C: tl.constexpr, CHUNK: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, NBITS: tl.constexpr, VALUE_BLOCK: tl.constexpr,
-                      BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
+def _load_value_codes(
+    VCodes,
+    code_base,
+    start,
+    pos,
+    valid,
+    last_block,
+    C: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NBITS: tl.constexpr,
+    VALUE_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ASM: tl.constexpr,
+):
     """[CHUNK, BLOCK_N] value codes (channels x tokens) of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code.
 
     Value codes are block-major (``quant.to_block_major``, blocks of VALUE_BLOCK tokens): the tokens of
@@ -442,11 +588,30 @@ def _load_value_codes(VCodes, code_base, start, pos, valid, last_block, C: tl.co
 
 
 @triton.jit
-def _value_chunk_update(acc, VCodes, code_base, start, pos, valid, last_block, vs_tile, vz_tile, p, alpha,
-                        C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NBITS: tl.constexpr,
-                        Q_GROUP: tl.constexpr, VALUE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ASM: tl.constexpr,
-                        VALUE_DOT: tl.constexpr):
+def _value_chunk_update(
+    acc,
+    VCodes,
+    code_base,
+    start,
+    pos,
+    valid,
+    last_block,
+    vs_tile,
+    vz_tile,
+    p,
+    alpha,
+    C: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NBITS: tl.constexpr,
+    Q_GROUP: tl.constexpr,
+    VALUE_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ASM: tl.constexpr,
+    VALUE_DOT: tl.constexpr,
+):
     """acc [CHUNK, HEADS_N] (channels x heads) rescaled by alpha plus this tile's p @ values on the chunk.
 
     VALUE_DOT chooses the dot's operands with 16-bit inputs (float32 inputs take exact float32 codes):
@@ -459,8 +624,22 @@ def _value_chunk_update(acc, VCodes, code_base, start, pos, valid, last_block, v
       keeps float16's normal range; the tile's dot is multiplied back in float32.
     """
     OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0
-    codes = _load_value_codes(VCodes, code_base, start, pos, valid, last_block, C, CHUNK, HEAD_DIM, NBITS, VALUE_BLOCK, BLOCK_N,
-                              DOT_DTYPE, ASM)
+    codes = _load_value_codes(
+        VCodes,
+        code_base,
+        start,
+        pos,
+        valid,
+        last_block,
+        C,
+        CHUNK,
+        HEAD_DIM,
+        NBITS,
+        VALUE_BLOCK,
+        BLOCK_N,
+        DOT_DTYPE,
+        ASM,
+    )
     vs = _column(vs_tile, (C * CHUNK) // Q_GROUP)
     vz = _column(vz_tile, (C * CHUNK) // Q_GROUP)
     acc = acc * alpha[None, :]
@@ -481,8 +660,21 @@ def _value_chunk_update(acc, VCodes, code_base, start, pos, valid, last_block, v
 
 
 @triton.jit
-def _scale_tiles(KScale, KZero, VScale, VZero, pos, valid, kscale_base, stride_ksn, vscale_base, stride_vsn,
-                 NUM_GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr):
+def _scale_tiles(
+    KScale,
+    KZero,
+    VScale,
+    VZero,
+    pos,
+    valid,
+    kscale_base,
+    stride_ksn,
+    vscale_base,
+    stride_vsn,
+    NUM_GROUPS: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,
+    KEY_PER_CHANNEL: tl.constexpr,
+):
     """Per-token scales/zeros of a tile as float32 [BLOCK_N, GROUPS_PAD] tiles (keys: zeros if per channel)."""
     offs_g = tl.arange(0, GROUPS_PAD)
     mask = valid[:, None] & (offs_g < NUM_GROUPS)[None, :]
@@ -507,26 +699,64 @@ def _column(tile, G: tl.constexpr):
 
 
 @triton.jit
-def _store_chunk(PartialOut, acc, rows, head_ok, l_safe, C: tl.constexpr, CHUNK: tl.constexpr,
-                 HEAD_DIM: tl.constexpr):
+def _store_chunk(PartialOut, acc, rows, head_ok, l_safe, C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_w = C * CHUNK + tl.arange(0, CHUNK)
-    tl.store(PartialOut + rows[None, :] * HEAD_DIM + offs_w[:, None], acc / l_safe[None, :],
-             mask=head_ok[None, :])
+    tl.store(PartialOut + rows[None, :] * HEAD_DIM + offs_w[:, None], acc / l_safe[None, :], mask=head_ok[None, :])
 
 
 @triton.jit
 def _middle_split(
-    Q, Rotation, KCodes, KScale, KZero, VCodes, VScale, VZero, PartialOut, PartialLse,
-    b, h, split, num_stored, first_stored, tokens_per_split, num_kv_heads, num_partials, last_block,
-    scale_log2, rotation_scale,
-    stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_vcb, stride_vch,
-    stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
-    HEADS_PER_KV: tl.constexpr, HEADS_N: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_NBITS: tl.constexpr,
+    Q,
+    Rotation,
+    KCodes,
+    KScale,
+    KZero,
+    VCodes,
+    VScale,
+    VZero,
+    PartialOut,
+    PartialLse,
+    b,
+    h,
+    split,
+    num_stored,
+    first_stored,
+    tokens_per_split,
+    num_kv_heads,
+    num_partials,
+    last_block,
+    scale_log2,
+    rotation_scale,
+    stride_qb,
+    stride_qh,
+    stride_cb,
+    stride_ch,
+    stride_cn,
+    stride_vcb,
+    stride_vch,
+    stride_ksb,
+    stride_ksh,
+    stride_ksn,
+    stride_vsb,
+    stride_vsh,
+    stride_vsn,
+    HEADS_PER_KV: tl.constexpr,
+    HEADS_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    KEY_NBITS: tl.constexpr,
     VALUE_NBITS: tl.constexpr,
-    Q_GROUP: tl.constexpr, CHUNK: tl.constexpr, KEY_CHUNK: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr,
+    Q_GROUP: tl.constexpr,
+    CHUNK: tl.constexpr,
+    KEY_CHUNK: tl.constexpr,
+    KEY_PER_CHANNEL: tl.constexpr,
     BLOCK_LENGTH: tl.constexpr,
-    KEY_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CODES_ASM: tl.constexpr,
-    SCALE_PREFETCH: tl.constexpr, VALUE_DOT: tl.constexpr, ROTATE: tl.constexpr,
+    KEY_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CODES_ASM: tl.constexpr,
+    SCALE_PREFETCH: tl.constexpr,
+    VALUE_DOT: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     """One program: tokens [split * tokens_per_split, ...) of the middle of row b, KV head h.
 
@@ -542,15 +772,20 @@ def _middle_split(
     head_ok = offs_hn < HEADS_PER_KV
     if ROTATE:  # Q is the query itself: rotate it here, once per program (no launch outside the kernel)
         offs_d = tl.arange(0, HEAD_DIM)
-        qT_full = tl.load(Q + b * stride_qb + (h * HEADS_PER_KV + offs_hn)[None, :] * stride_qh + offs_d[:, None],
-                          mask=head_ok[None, :], other=0.0)  # [HEAD_DIM, HEADS_N]
+        qT_full = tl.load(
+            Q + b * stride_qb + (h * HEADS_PER_KV + offs_hn)[None, :] * stride_qh + offs_d[:, None],
+            mask=head_ok[None, :],
+            other=0.0,
+        )  # [HEAD_DIM, HEADS_N]
         rot_args = (qT_full, Rotation, rotation_scale)
         qT0, q_sum0 = _rotated_query_chunk(*rot_args, 0, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
         qT1, q_sum1 = _rotated_query_chunk(*rot_args, 1 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
         qT2, q_sum2 = _rotated_query_chunk(*rot_args, 2 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
         qT3, q_sum3 = _rotated_query_chunk(*rot_args, 3 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
     else:
-        q_ptrs = Q + b * stride_qb + (h * HEADS_PER_KV + offs_hn)[None, :] * stride_qh + offs_w[:, None]  # [KEY_CHUNK, HEADS_N]
+        q_ptrs = (
+            Q + b * stride_qb + (h * HEADS_PER_KV + offs_hn)[None, :] * stride_qh + offs_w[:, None]
+        )  # [KEY_CHUNK, HEADS_N]
         qT0, q_sum0 = _load_query_chunk(q_ptrs, head_ok, 0, KEY_CHUNK, DOT_DTYPE)
         qT1, q_sum1 = _load_query_chunk(q_ptrs, head_ok, 1 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
         qT2, q_sum2 = _load_query_chunk(q_ptrs, head_ok, 2 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
@@ -572,48 +807,171 @@ def _middle_split(
     GROUPS_PAD: tl.constexpr = 2 if NUM_GROUPS == 1 else NUM_GROUPS
     scale_args = (KScale, KZero, VScale, VZero)
     scale_bases = (kscale_base, stride_ksn, vscale_base, stride_vsn)
-    ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(*scale_args, lo + offs_n, lo + offs_n < hi, *scale_bases,
-                                                      NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
+    ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(
+        *scale_args, lo + offs_n, lo + offs_n < hi, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL
+    )
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         valid = (pos < hi) & (pos >= first_stored)
         row_offs = code_base + pos * stride_cn
         if SCALE_PREFETCH:  # the next tile's scales load while this tile computes
-            next_tiles = _scale_tiles(*scale_args, pos + BLOCK_N, pos + BLOCK_N < hi, *scale_bases,
-                                      NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
+            next_tiles = _scale_tiles(
+                *scale_args, pos + BLOCK_N, pos + BLOCK_N < hi, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL
+            )
         else:
-            ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(*scale_args, pos, valid, *scale_bases,
-                                                              NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL)
-        key_args = (KCodes, KScale, KZero, row_offs, pos, valid, start, kscale_base, stride_ksn, last_block,
-                    ks_tile, kz_tile)
-        s = _key_chunk_scores(*key_args, qT0, q_sum0, 0, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
-                              BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+            ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(
+                *scale_args, pos, valid, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL
+            )
+        key_args = (
+            KCodes,
+            KScale,
+            KZero,
+            row_offs,
+            pos,
+            valid,
+            start,
+            kscale_base,
+            stride_ksn,
+            last_block,
+            ks_tile,
+            kz_tile,
+        )
+        s = _key_chunk_scores(
+            *key_args,
+            qT0,
+            q_sum0,
+            0,
+            KEY_CHUNK,
+            HEAD_DIM,
+            KEY_NBITS,
+            Q_GROUP,
+            KEY_PER_CHANNEL,
+            BLOCK_LENGTH,
+            KEY_ROWS,
+            DOT_DTYPE,
+            DOT_PRECISION,
+            CODES_ASM,
+        )
         if NUM_KEY_CHUNKS > 1:
-            s += _key_chunk_scores(*key_args, qT1, q_sum1, 1, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
-                                   BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+            s += _key_chunk_scores(
+                *key_args,
+                qT1,
+                q_sum1,
+                1,
+                KEY_CHUNK,
+                HEAD_DIM,
+                KEY_NBITS,
+                Q_GROUP,
+                KEY_PER_CHANNEL,
+                BLOCK_LENGTH,
+                KEY_ROWS,
+                DOT_DTYPE,
+                DOT_PRECISION,
+                CODES_ASM,
+            )
         if NUM_KEY_CHUNKS > 2:
-            s += _key_chunk_scores(*key_args, qT2, q_sum2, 2, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
-                                   BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+            s += _key_chunk_scores(
+                *key_args,
+                qT2,
+                q_sum2,
+                2,
+                KEY_CHUNK,
+                HEAD_DIM,
+                KEY_NBITS,
+                Q_GROUP,
+                KEY_PER_CHANNEL,
+                BLOCK_LENGTH,
+                KEY_ROWS,
+                DOT_DTYPE,
+                DOT_PRECISION,
+                CODES_ASM,
+            )
         if NUM_KEY_CHUNKS > 3:
-            s += _key_chunk_scores(*key_args, qT3, q_sum3, 3, KEY_CHUNK, HEAD_DIM, KEY_NBITS, Q_GROUP, KEY_PER_CHANNEL,
-                                   BLOCK_LENGTH, KEY_ROWS, DOT_DTYPE, DOT_PRECISION, CODES_ASM)
+            s += _key_chunk_scores(
+                *key_args,
+                qT3,
+                q_sum3,
+                3,
+                KEY_CHUNK,
+                HEAD_DIM,
+                KEY_NBITS,
+                Q_GROUP,
+                KEY_PER_CHANNEL,
+                BLOCK_LENGTH,
+                KEY_ROWS,
+                DOT_DTYPE,
+                DOT_PRECISION,
+                CODES_ASM,
+            )
         s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))  # every tile has a valid token: m_new is finite
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
         value_args = (VCodes, value_code_base, start, pos, valid, last_block, vs_tile, vz_tile, p, alpha)
-        acc0 = _value_chunk_update(acc0, *value_args, 0, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
-                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
+        acc0 = _value_chunk_update(
+            acc0,
+            *value_args,
+            0,
+            CHUNK,
+            HEAD_DIM,
+            VALUE_NBITS,
+            Q_GROUP,
+            BLOCK_LENGTH,
+            BLOCK_N,
+            DOT_DTYPE,
+            DOT_PRECISION,
+            CODES_ASM,
+            VALUE_DOT,
+        )
         if NUM_CHUNKS > 1:
-            acc1 = _value_chunk_update(acc1, *value_args, 1, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
-                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
+            acc1 = _value_chunk_update(
+                acc1,
+                *value_args,
+                1,
+                CHUNK,
+                HEAD_DIM,
+                VALUE_NBITS,
+                Q_GROUP,
+                BLOCK_LENGTH,
+                BLOCK_N,
+                DOT_DTYPE,
+                DOT_PRECISION,
+                CODES_ASM,
+                VALUE_DOT,
+            )
         if NUM_CHUNKS > 2:
-            acc2 = _value_chunk_update(acc2, *value_args, 2, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
-                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
+            acc2 = _value_chunk_update(
+                acc2,
+                *value_args,
+                2,
+                CHUNK,
+                HEAD_DIM,
+                VALUE_NBITS,
+                Q_GROUP,
+                BLOCK_LENGTH,
+                BLOCK_N,
+                DOT_DTYPE,
+                DOT_PRECISION,
+                CODES_ASM,
+                VALUE_DOT,
+            )
         if NUM_CHUNKS > 3:
-            acc3 = _value_chunk_update(acc3, *value_args, 3, CHUNK, HEAD_DIM, VALUE_NBITS, Q_GROUP, BLOCK_LENGTH,
-                                        BLOCK_N, DOT_DTYPE, DOT_PRECISION, CODES_ASM, VALUE_DOT)
+            acc3 = _value_chunk_update(
+                acc3,
+                *value_args,
+                3,
+                CHUNK,
+                HEAD_DIM,
+                VALUE_NBITS,
+                Q_GROUP,
+                BLOCK_LENGTH,
+                BLOCK_N,
+                DOT_DTYPE,
+                DOT_PRECISION,
+                CODES_ASM,
+                VALUE_DOT,
+            )
         m_i = m_new
         if SCALE_PREFETCH:
             ks_tile, kz_tile, vs_tile, vz_tile = next_tiles
@@ -635,10 +993,14 @@ def _middle_split(
 @triton.jit(do_not_specialize=["num_partials"])
 def _merge_partials_kernel(
     # pointers: partial outputs [B, Hq, S, D] float32, log2-sum-exp [B, Hq, S], output [B, 1, Hq, D]
-    PartialOut, PartialLse, Out,
+    PartialOut,
+    PartialLse,
+    Out,
     # sizes and strides
-    num_heads, num_partials,
-    stride_ob, stride_oh,
+    num_heads,
+    num_partials,
+    stride_ob,
+    stride_oh,
     # meta-parameters
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,  # partials merged per step
@@ -659,7 +1021,9 @@ def _merge_partials_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_safe)
         w = tl.exp2(lse - m_safe)  # 0 for empty partials
-        o = tl.load(PartialOut + (pid * num_partials + idx)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+        o = tl.load(
+            PartialOut + (pid * num_partials + idx)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0
+        )
         acc = acc * alpha + tl.sum(w[:, None] * o, 0)
         denom = denom * alpha + tl.sum(w, 0)
         m = m_new

@@ -172,7 +172,8 @@ class SelectiveLayer(CacheLayerMixin):
                 grow = min(self.sink_capacity, max(end, 2 * self.sink_keys.shape[-2])) - self.sink_keys.shape[-2]
                 self.sink_keys = torch.cat([self.sink_keys, self.sink_keys.new_zeros(self._shape(grow))], dim=-2)
                 self.sink_values = torch.cat(
-                    [self.sink_values, self.sink_values.new_zeros(self._shape(grow, self.sink_values.shape[-1]))], dim=-2
+                    [self.sink_values, self.sink_values.new_zeros(self._shape(grow, self.sink_values.shape[-1]))],
+                    dim=-2,
                 )
             self.sink_keys[:, :, self.num_sink : end] = key_states[:, :, :to_sink]
             self.sink_values[:, :, self.num_sink : end] = value_states[:, :, :to_sink]
@@ -316,9 +317,19 @@ class SelectiveLayer(CacheLayerMixin):
         """The storage as selkv's decode attention reads it (a layer with a quantized middle)."""
         middle = self.middle
         return DecodeStorage(
-            self.sink_keys, self.sink_values, middle.tensors, self.recent_keys, self.recent_values,
-            num_sink, num_stored, num_recent, middle.layout, row_padding=self.row_padding, lengths=lengths,
-            key_rotation=middle.key_rotation, key_rotation_signs=middle.key_rotation_signs,
+            self.sink_keys,
+            self.sink_values,
+            middle.tensors,
+            self.recent_keys,
+            self.recent_values,
+            num_sink,
+            num_stored,
+            num_recent,
+            middle.layout,
+            row_padding=self.row_padding,
+            lengths=lengths,
+            key_rotation=middle.key_rotation,
+            key_rotation_signs=middle.key_rotation_signs,
         )
 
     # ------------------------------------------------------- transformers API

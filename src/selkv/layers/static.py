@@ -161,13 +161,17 @@ class StaticSinkWindowLayer(SelectiveLayer):
         # Quantize the ring's oldest block and write it after the stored middle; only a commit keeps it
         # (a step without one writes rows past num_stored, which nothing reads).
         oldest = torch.remainder(start + torch.arange(block, device=self.device), ring)
-        self.middle.write(self.recent_keys.index_select(2, oldest), self.recent_values.index_select(2, oldest), num_stored)
-        new_lengths = torch.stack([
-            num_sink + to_sink.to(torch.int32),
-            num_stored + commit * block,
-            num_recent_after - commit * block - drop,
-            torch.remainder(start + commit * block + drop, ring),
-        ])
+        self.middle.write(
+            self.recent_keys.index_select(2, oldest), self.recent_values.index_select(2, oldest), num_stored
+        )
+        new_lengths = torch.stack(
+            [
+                num_sink + to_sink.to(torch.int32),
+                num_stored + commit * block,
+                num_recent_after - commit * block - drop,
+                torch.remainder(start + commit * block + drop, ring),
+            ]
+        )
         self.lengths.copy_(new_lengths)
         self.cumulative_length.add_(1)
         self.dropped.add_(drop)
@@ -255,8 +259,11 @@ class StaticSinkWindowLayer(SelectiveLayer):
                 self.dropped.zero_()
 
     def set_left_padding(self, left_padding: int, row_padding: torch.Tensor | None = None) -> None:
-        if self.is_initialized and not self.has_tokens() and self.sink_keys.shape[-2] != (
-                self.num_sink_tokens + left_padding + 1):
+        if (
+            self.is_initialized
+            and not self.has_tokens()
+            and self.sink_keys.shape[-2] != (self.num_sink_tokens + left_padding + 1)
+        ):
             self._reset_counts()  # another sink room: the tensors are allocated anew at the next update
         super().set_left_padding(left_padding, row_padding)
 

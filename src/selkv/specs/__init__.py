@@ -27,7 +27,9 @@ from .hf import HFHQQSpec, HFQuantizedSpec, HFQuantoSpec
 from .quant import DEFAULT_BLOCK, DEFAULT_GROUP, DEFAULT_KEY_AXIS, DEFAULT_ROTATE, QuantSpec
 
 # Every cache kind, by the name a spec string starts with.
-SPECS: dict[str, type[CacheSpec]] = {spec.kind: spec for spec in (FullSpec, DropSpec, QuantSpec, HFQuantoSpec, HFHQQSpec)}
+SPECS: dict[str, type[CacheSpec]] = {
+    spec.kind: spec for spec in (FullSpec, DropSpec, QuantSpec, HFQuantoSpec, HFHQQSpec)
+}
 KINDS = tuple(SPECS)
 
 
@@ -44,7 +46,22 @@ def parse_spec(spec: str | CacheSpec) -> CacheSpec:
 
 
 __all__ = [
-    "DEFAULT_BLOCK", "DEFAULT_GROUP", "DEFAULT_KEY_AXIS", "DEFAULT_ROTATE", "KINDS", "MAX_SETTING", "SPECS",
-    "CacheSpec", "DropSpec", "FullSpec", "GroupedSpec", "HFHQQSpec", "HFQuantizedSpec", "HFQuantoSpec",
-    "QuantSpec", "SelectiveSpec", "SpecError", "parse_spec",
+    "DEFAULT_BLOCK",
+    "DEFAULT_GROUP",
+    "DEFAULT_KEY_AXIS",
+    "DEFAULT_ROTATE",
+    "KINDS",
+    "MAX_SETTING",
+    "SPECS",
+    "CacheSpec",
+    "DropSpec",
+    "FullSpec",
+    "GroupedSpec",
+    "HFHQQSpec",
+    "HFQuantizedSpec",
+    "HFQuantoSpec",
+    "QuantSpec",
+    "SelectiveSpec",
+    "SpecError",
+    "parse_spec",
 ]

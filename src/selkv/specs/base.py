@@ -96,8 +96,9 @@ class CacheSpec:
         if missing:
             raise SpecError(f"{kind}: missing required field {missing[0]!r} in {spec!r}")
         values = {k: given.get(k, default) for k, default in allowed.items()}
-        values = {k: _as_int(kind, k, v) if isinstance(v, str) and k not in cls.text_keys else v
-                  for k, v in values.items()}
+        values = {
+            k: _as_int(kind, k, v) if isinstance(v, str) and k not in cls.text_keys else v for k, v in values.items()
+        }
         return cls.from_fields(SpecFields(kind, given, values))
 
     @classmethod
@@ -154,7 +155,8 @@ class CacheSpec:
         :meth:`make_layer` for full attention, transformers' sliding-window layer (at most ``sliding_window``
         tokens, 16-bit) for the others."""
         return [
-            self.make_layer(max_cache_len) if layer_type == "full_attention"
+            self.make_layer(max_cache_len)
+            if layer_type == "full_attention"
             else DynamicSlidingWindowLayer(sliding_window=sliding_window)
             for layer_type, sliding_window in layer_plan(config)
         ]

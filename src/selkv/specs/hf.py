@@ -60,7 +60,10 @@ class HFQuantizedSpec(GroupedSpec):
         return self.layer_class(**self._settings())
 
     def _build(self, config, max_cache_len: int | None = None) -> Cache:
-        if importlib.util.find_spec(self.package.split(".")[0]) is None or importlib.util.find_spec(self.package) is None:
+        if (
+            importlib.util.find_spec(self.package.split(".")[0]) is None
+            or importlib.util.find_spec(self.package) is None
+        ):
             raise ImportError(f"cache {str(self)!r} needs the {self.pip_name!r} package: {self.install_hint()}")
         if all(layer_type == "full_attention" for layer_type, _ in layer_plan(config)):
             return QuantizedCache(backend=self.backend, config=config, **self._settings())

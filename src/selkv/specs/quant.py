@@ -128,8 +128,10 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
                 continue
             width = fields.bits(SUPPORTED_NBITS, key)
             if "bits" in given and width != fields.values["bits"]:
-                raise SpecError(f"quant: bits={fields.values['bits']} disagrees with {key}={width}; give bits=B "
-                                "for both, or kbits and vbits without bits")
+                raise SpecError(
+                    f"quant: bits={fields.values['bits']} disagrees with {key}={width}; give bits=B "
+                    "for both, or kbits and vbits without bits"
+                )
             widths.append(width)
         return widths[0], widths[1]
 
@@ -160,20 +162,26 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
 
     @property
     def family(self) -> str:
-        return (f"quant sink={self.sink},window={self.window},"
-                f"key_axis={self.key_axis}" + self._group_text() + self._rotate_text())
+        return (
+            f"quant sink={self.sink},window={self.window},"
+            f"key_axis={self.key_axis}" + self._group_text() + self._rotate_text()
+        )
 
     def check_model(self, head_dim: int) -> QuantSpec:
         resolved = super().check_model(head_dim)
         for width in sorted({self.kbits, self.vbits}):
             multiple = channel_multiple(width)
             if head_dim % multiple:
-                raise SpecError(f"bits={width} packs its codes in groups of {multiple} channels; "
-                                f"head_dim={head_dim} is not a multiple")
+                raise SpecError(
+                    f"bits={width} packs its codes in groups of {multiple} channels; "
+                    f"head_dim={head_dim} is not a multiple"
+                )
         power_of_two = not head_dim & (head_dim - 1)
         if self.rotate not in ("", "none") and not power_of_two:
-            raise SpecError(f"quant: rotate={self.rotate} needs a power-of-two head_dim; this model's is {head_dim} "
-                            "(use rotate=none)")
+            raise SpecError(
+                f"quant: rotate={self.rotate} needs a power-of-two head_dim; this model's is {head_dim} "
+                "(use rotate=none)"
+            )
         if not self.rotate:
             resolved = replace(resolved, rotate=DEFAULT_ROTATE[self.kbits] if power_of_two else "none")
         return resolved
@@ -182,8 +190,15 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     def layout(self) -> MiddleLayout:
         """How the middle is stored: the settings a resolved spec gives its layers (``check_model`` fills the
         group and the rotation)."""
-        return MiddleLayout(self.kbits, self.vbits, self.group, axis_key=self.key_axis, block_length=self.block,
-                            rotate=self.rotate or DEFAULT_ROTATE[self.kbits], sym=self.sym)
+        return MiddleLayout(
+            self.kbits,
+            self.vbits,
+            self.group,
+            axis_key=self.key_axis,
+            block_length=self.block,
+            rotate=self.rotate or DEFAULT_ROTATE[self.kbits],
+            sym=self.sym,
+        )
 
     def make_layer(self, max_cache_len: int | None = None) -> QuantizedSinkWindowLayer | StaticSinkWindowLayer:
         if max_cache_len is not None:

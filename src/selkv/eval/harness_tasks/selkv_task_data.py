@@ -46,8 +46,10 @@ def data_file(metadata: dict, data_files) -> Path:
     if not path.is_absolute() and not path.exists():
         path = data_root() / path
     if not path.is_file():
-        raise SelKVError(f"selkv harness task data file {str(named)!r} not found (looked at {path}); set SELKV_DATA "
-                         f"to the data folder or pass --metadata '{{\"data_file\": \"PATH\"}}'")
+        raise SelKVError(
+            f"selkv harness task data file {str(named)!r} not found (looked at {path}); set SELKV_DATA "
+            f'to the data folder or pass --metadata \'{{"data_file": "PATH"}}\''
+        )
     return path
 
 
@@ -63,11 +65,21 @@ def needle_dataset(data_files=None, **metadata) -> dict:
     length = _length(metadata)
     path = data_file(metadata, data_files)
     tokenizer = tokenizer_from(metadata)
-    examples = needle.passkey_examples(tokenizer, [length], depths=[0.1, 0.3, 0.5, 0.7, 0.9], trials=2,
-                                       seed=int(metadata.get("seed", 0)), haystack=str(path))
+    examples = needle.passkey_examples(
+        tokenizer,
+        [length],
+        depths=[0.1, 0.3, 0.5, 0.7, 0.9],
+        trials=2,
+        seed=int(metadata.get("seed", 0)),
+        haystack=str(path),
+    )
     examples = examples[0::2] + examples[1::2]  # every depth once, then again: --limit 5 still spans the depths
-    return _dataset([{"prompt": tokenizer.decode(e["prompt"]), "answer": e["answer"], "length": length,
-                      "depth": e["depth"]} for e in examples])
+    return _dataset(
+        [
+            {"prompt": tokenizer.decode(e["prompt"]), "answer": e["answer"], "length": length, "depth": e["depth"]}
+            for e in examples
+        ]
+    )
 
 
 def kv_dataset(data_files=None, **metadata) -> dict:
@@ -83,12 +95,24 @@ def kv_dataset(data_files=None, **metadata) -> dict:
         if max(e["length"] for e in examples) <= length:
             break
         pairs = int(pairs * 0.85)
-    return _dataset([{"prompt": tokenizer.decode(e["prompt"]), "answer": e["answer"], "length": e["length"],
-                      "depth": e["depth"], "pairs": pairs} for e in examples])
+    return _dataset(
+        [
+            {
+                "prompt": tokenizer.decode(e["prompt"]),
+                "answer": e["answer"],
+                "length": e["length"],
+                "depth": e["depth"],
+                "pairs": pairs,
+            }
+            for e in examples
+        ]
+    )
 
 
-TOPIC_QUESTION = "\n\nThe conversation above is the start of a long chat. What is the first topic we discussed? " \
-                 "Only give the topic name.\nAnswer: The first topic we discussed is"
+TOPIC_QUESTION = (
+    "\n\nThe conversation above is the start of a long chat. What is the first topic we discussed? "
+    "Only give the topic name.\nAnswer: The first topic we discussed is"
+)
 
 
 def topic_dataset(data_files=None, **metadata) -> dict:
@@ -102,8 +126,14 @@ def topic_dataset(data_files=None, **metadata) -> dict:
         if first is None:
             continue
         context = encode(tokenizer, row["context"])[: length - len(question_ids)]
-        docs.append({"prompt": tokenizer.decode(context + question_ids), "answer": first["answers"][0],
-                     "length": len(context) + len(question_ids), "id": row["id"]})
+        docs.append(
+            {
+                "prompt": tokenizer.decode(context + question_ids),
+                "answer": first["answers"][0],
+                "length": len(context) + len(question_ids),
+                "id": row["id"],
+            }
+        )
     return _dataset(docs)
 
 
