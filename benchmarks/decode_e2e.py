@@ -251,7 +251,8 @@ def copy_bandwidth(device: str) -> float:
 
 
 def weights_read(model) -> int:
-    """Bytes of the weights one decode step reads: all of them but the embedding table (a lookup reads ``batch`` rows)."""
+    """Bytes of the weights one decode step reads: all of them but the embedding table (a lookup reads ``batch``
+    rows)."""
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
     return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding or tied)
@@ -737,7 +738,10 @@ class Bench:
             from transformers import StaticCache
 
             steps = {True: compile_step(model, None, None), False: compile_step(model, None, False)}
-            how = "StaticCache + flex_attention, compiled without CUDA graphs, batch dimension dynamic (unless the notes say)"
+            how = (
+                "StaticCache + flex_attention, compiled without CUDA graphs, batch dimension dynamic "
+                "(unless the notes say)"
+            )
             per_sequence = full_kv_bytes(config, 1, context + 8)
 
             def build(batch, room=8):

@@ -27,10 +27,12 @@ Bytes held are computed for a 4,096-token cache of the model as ``selkv size`` c
 fed in chunks of 64): 16-bit sink and window buffers, middle store capacity (spare room included) times the
 candidate's bytes per token (packed codes, float16 scales and zeros, outliers as a float16 value plus a uint16
 index within the block, retained tokens as 16-bit keys and values plus a uint16 index; symmetric groups a
-float16 scale only), counted layer by layer (``layer_bits``), and each rotation matrix once per cache. :func:`held_bytes` reproduces ``selkv size`` for the library's specs (tested).
+float16 scale only), counted layer by layer (``layer_bits``), and each rotation matrix once per cache.
+:func:`held_bytes` reproduces ``selkv size`` for the library's specs (tested).
 
     PYTHONPATH=src python benchmarks/lowbit_sweep.py --out benchmarks/results/lowbit_sweep.json \
-        --texts pg19:4096,wikitext2:2048,pg19-dragons-blood:4096 --baseline full --baseline quant:bits=2,sink=4,window=124 \
+        --texts pg19:4096,wikitext2:2048,pg19-dragons-blood:4096 \
+        --baseline full --baseline quant:bits=2,sink=4,window=124 \
         --cand kbits=2,vbits=2,prerope=1 ...
 """
 
@@ -238,7 +240,8 @@ def fake_quantize(
 def _dequantized_groups(
     grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int, sym: bool, spacing: str = "uniform"
 ) -> torch.Tensor:
-    """``grouped`` ``[..., groups, size]`` quantized to ``levels + 1`` codes over ``[lo, hi]`` per group, dequantized."""
+    """``grouped`` ``[..., groups, size]`` quantized to ``levels + 1`` codes over ``[lo, hi]`` per group,
+    dequantized."""
     if spacing == "normal":  # float16 range ends (rounded outwards), the table's levels between them
         if sym:
             hi = _round_outwards(hi, float("inf")).float()

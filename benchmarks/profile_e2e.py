@@ -2,9 +2,9 @@
 
     PYTHONPATH=src python benchmarks/profile_e2e.py [--out DIR] [--tiny] [--captured] [--caches int4,...]
 
-Same setup as ``decode_e2e.py``, from the same module (``e2e_model.py``: caches filled directly, batch 8 x 32k). For each cache, two warm-up
-steps, then ``--steps`` steps under ``torch.profiler`` (CPU + CUDA activities). Prints the wall time
-per step, the summed device time of all kernels per step, and the top operators by device time and
+Same setup as ``decode_e2e.py``, from the same module (``e2e_model.py``: caches filled directly, batch 8 x 32k).
+For each cache, two warm-up steps, then ``--steps`` steps under ``torch.profiler`` (CPU + CUDA activities).
+Prints the wall time per step, the summed device time of all kernels per step, and the top operators by device time and
 by CPU time; writes the tables, a Chrome trace per cache and ``summary.json`` under ``--out``.
 The summary lists every gap over 1 ms in which no CPU operator ran (a kernel compile, say), read
 off the trace. Then the same steps again under ``cProfile`` (``python_<cache>.txt``): which Python
@@ -143,7 +143,8 @@ def eager_runs(model, args, device, dtype):
 
 
 def compiled_runs(model, args, device, dtype):
-    """The compiled static-cache steps without CUDA graphs: full ``StaticCache`` + flex (CUDA only), selkv int8 / int4 / int2."""
+    """The compiled static-cache steps without CUDA graphs: full ``StaticCache`` + flex (CUDA only), selkv int8 /
+    int4 / int2."""
     from transformers import StaticCache
 
     room = 2 * args.steps + 8  # warm-up, profiled and cProfiled steps all fit

@@ -1,8 +1,8 @@
 """selkv's modules import downwards only, with no cycle.
 
 Dependency order (each layer imports only from the layers before it or its own):
-errors, quant, upstream <- middle, storage, layers, shapes, selective_cache, specs <- cache, testing <- attention, kernels <- models, generation, sizing
-(and the ``selkv`` package's public API) <- eval <- cli, cli_help.
+errors, quant, upstream <- middle, storage, layers, shapes, selective_cache, specs <- cache, testing
+<- attention, kernels <- models, generation, sizing (and the ``selkv`` package's public API) <- eval <- cli, cli_help.
 Imports inside functions count too, and so do ``importlib.import_module("selkv...")`` strings.
 
 Triton is imported only by the kernel modules (``TRITON_MODULES``), and they only inside the functions that

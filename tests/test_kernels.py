@@ -650,7 +650,8 @@ def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
 
 
 def _trimmed(storage, num_stored: int):
-    """``storage`` with its middle cut to ``num_stored`` tokens of capacity (whole blocks): nothing allocated past it."""
+    """``storage`` with its middle cut to ``num_stored`` tokens of capacity (whole blocks): nothing allocated past
+    it."""
     layout = storage.layout
     trimmed = (t[:, :, : layout.rows(name, num_stored)].contiguous() for name, t in storage.middle._asdict().items())
     return dataclasses.replace(storage, middle=MiddleTensors(*trimmed))

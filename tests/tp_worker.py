@@ -1,4 +1,5 @@
-"""One process of the tensor-parallel test (tests/test_tensor_parallel.py), or the single-process run it is compared with.
+"""One process of the tensor-parallel test (tests/test_tensor_parallel.py), or the single-process run it is compared
+with.
 
 ``python tests/tp_worker.py MODEL_DIR OUT_DIR`` loads the model in MODEL_DIR on CPU; under ``torchrun``
 (``WORLD_SIZE`` set) with ``tp_plan="auto"``, so each rank holds half of the attention and key/value heads

@@ -1,4 +1,5 @@
-"""``make_cache`` (a spec, string or object, to its cache), ``kv_bytes``; ``SelectiveCache`` and the model-shape helpers."""
+"""``make_cache`` (a spec, string or object, to its cache), ``kv_bytes``; ``SelectiveCache`` and the model-shape
+helpers."""
 
 from __future__ import annotations
 
@@ -114,11 +115,11 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2, per_device: bool = False
     ``bytes_codes`` (``bytes_key_codes`` + ``bytes_value_codes``: keys and values may have their own bit
     widths), ``bytes_scales``, ``total`` (their sum: the filled part), ``allocated`` (the
     memory really held: the storage of every tensor, spare capacity included; selkv layers count each
-    storage once, and the key rotation matrix their layers share once per cache), ``tokens`` (positions seen), ``full16`` (what a 16-bit ``full`` cache of the same
-    tokens holds; its sliding-window layers hold only their window), ``compression`` (``full16 /
-    allocated``: how much less memory the cache holds) and ``compression_filled`` (``full16 / total``,
-    the filled part only). selkv's buffers keep little spare room: less than a page of 8 tokens in
-    the window, at most 1/128 of the middle's tokens.
+    storage once, and the key rotation matrix their layers share once per cache), ``tokens`` (positions seen),
+    ``full16`` (what a 16-bit ``full`` cache of the same tokens holds; its sliding-window layers hold only
+    their window), ``compression`` (``full16 / allocated``: how much less memory the cache holds) and
+    ``compression_filled`` (``full16 / total``, the filled part only). selkv's buffers keep little spare room:
+    less than a page of 8 tokens in the window, at most 1/128 of the middle's tokens.
 
     ``per_device`` adds ``per_device``: the same counts for the layers on each device (a model split
     with ``device_map``), keyed by device name (``"cuda:0"``, ``"cpu"``).

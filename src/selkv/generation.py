@@ -200,7 +200,8 @@ def greedy_decode(
 
 
 def compile_decode_step(model, mode: str | None = "reduce-overhead", fullgraph: bool = True, backend: str = "inductor"):
-    """A compiled one-token decode step for static caches: ``step(input_ids [batch, 1], cache) -> logits [batch, vocab]``.
+    """A compiled one-token decode step for static caches:
+    ``step(input_ids [batch, 1], cache) -> logits [batch, vocab]``.
 
     ``torch.compile(model, mode=mode, fullgraph=fullgraph)`` called with the cache and no positions or
     mask: positions come from the cache's device lengths, so every step has the same shapes and, with

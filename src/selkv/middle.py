@@ -232,7 +232,8 @@ class QuantizedMiddle:
         return quantize_middle(keys, values, self.layout, self.key_rotation)
 
     def allocate(self, key_states: torch.Tensor, capacity: int) -> None:
-        """Zeroed tensors for ``capacity`` tokens (whole blocks), shaped for ``key_states``' batch, heads and head_dim."""
+        """Zeroed tensors for ``capacity`` tokens (whole blocks), shaped for ``key_states``' batch, heads and
+        head_dim."""
         batch_size, num_heads, _, head_dim = key_states.shape
         # The tensors take their shapes and dtypes from quantizing one block of zeros.
         block = key_states.new_zeros(batch_size, num_heads, self.layout.block_length, head_dim)
@@ -303,7 +304,8 @@ class QuantizedMiddle:
         out_keys: torch.Tensor | None = None,
         out_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``count`` tokens dequantized (keys rotated back) in ``dtype``, written into ``out_*`` when given."""
+        """The first ``count`` tokens dequantized (keys rotated back) in ``dtype``, written into ``out_*`` when
+        given."""
         return dequantize_middle(
             self.tensors,
             self.layout,

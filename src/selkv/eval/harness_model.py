@@ -118,7 +118,8 @@ def check_model_args(model_args: dict) -> None:
 
 
 def flag_values(argv: list[str], *flags: str) -> list[str] | None:
-    """The words after the last of ``flags`` in ``argv`` (``--flag=value`` too), up to the next option; None if absent."""
+    """The words after the last of ``flags`` in ``argv`` (``--flag=value`` too), up to the next option; None if
+    absent."""
     found = None
     for i, word in enumerate(argv):
         flag, eq, inline = word.partition("=")

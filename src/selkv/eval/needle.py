@@ -45,7 +45,10 @@ DEFAULTS = {
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
 )
-NEEDLE = "\n\nThe special magic number of the blue elephant is {key}. Remember: the special magic number of the blue elephant is {key}.\n\n"
+NEEDLE = (
+    "\n\nThe special magic number of the blue elephant is {key}. "
+    "Remember: the special magic number of the blue elephant is {key}.\n\n"
+)
 QUESTION = "\n\nWhat is the special magic number of the blue elephant? The special magic number of the blue elephant is"
 PASSKEY_NEW_TOKENS = 8
 

@@ -23,8 +23,8 @@ there in the selkv side's run, ``1 - held / full16`` (``held``: the bytes the se
 context, 16-bit sink and window included, counted by :func:`selkv.sizing.cache_size` as a bfloat16 model
 holds them; ``full16``: a 16-bit full cache of the same tokens). selkv's cache modules need transformers
 5.17+, so kvpress's side reads these bytes from the selkv side's ``examples.jsonl`` (``--match``), and checks
-that its context token ids hash the same as the selkv side's. Every row reports that axis, kvpress's ``compression``, measured
-after the context: bytes held over 16-bit full bytes, whatever the dtype the model ran in.
+that its context token ids hash the same as the selkv side's. Every row reports that axis, kvpress's
+``compression``, measured after the context: bytes held over 16-bit full bytes, whatever the dtype the model ran in.
 
 Tasks: ``needle`` (selkv's passkey prompts, split before the question), ``qa`` (L-Eval Qasper papers, several
 questions per paper, token F1), ``summarization`` (selkv's summarization prompts, ROUGE-L).

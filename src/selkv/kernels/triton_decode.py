@@ -67,7 +67,8 @@ def _selective_decode_partial_kernel(
     RecentV,
     # [D, D] key_rotation^T * sqrt(D) in the query's dtype, every entry +-1 (unused unless ROTATE)
     Rotation,
-    # middle: codes [B, H, C, P] uint8 (P by each one's bit width); scales/zeros float16 (layouts in the launcher's docstring)
+    # middle: codes [B, H, C, P] uint8 (P by each one's bit width); scales/zeros float16 (layouts in the
+    # launcher's docstring)
     KCodes,
     KScale,
     KZero,
@@ -260,7 +261,8 @@ def _selective_decode_partial_kernel(
 # column range, one bit plane and one scale group:
 #   keys, per-token groups:    q.k[n] = scale[n] (q . (1024 + code[n]) - 1024 sum(q)) + zero[n] sum(q)
 #   keys, per-channel groups:  q.k[n] = (q * scale_row) . (1024 + code[n]) - 1024 sum(q * scale_row) + q . zero_row
-#   values (per-token groups): sum_n p[n] v[n] = (p * scale) @ (1024 + code) - 1024 sum_n p[n] scale[n] + sum_n p[n] zero[n]
+#   values (per-token groups): sum_n p[n] v[n] = (p * scale) @ (1024 + code) - 1024 sum_n p[n] scale[n]
+#                                                + sum_n p[n] zero[n]
 # where each 16-bit operand (q * scale_row, p * scale) enters both its dot and its correction term, so
 # their rounding cancels. Up to four chunks; each has its own accumulator.
 

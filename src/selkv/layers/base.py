@@ -159,7 +159,8 @@ class SelectiveLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``key_states``/``value_states`` ``[batch, kv_heads, q_len, head_dim]``; return what attention reads."""
+        """Append ``key_states``/``value_states`` ``[batch, kv_heads, q_len, head_dim]``; return what attention
+        reads."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         query_length = key_states.shape[-2]

@@ -45,7 +45,8 @@ def _is_compiling() -> bool:
 
 class StaticSinkWindowLayer(SelectiveLayer):
     """:class:`QuantizedSinkWindowLayer`'s policy and store with a fixed capacity of ``max_cache_len`` positions and
-    device lengths. Takes the quantized layer's arguments (sink, window, :class:`MiddleLayout`) and ``max_cache_len``."""
+    device lengths. Takes the quantized layer's arguments (sink, window, :class:`MiddleLayout`) and
+    ``max_cache_len``."""
 
     retains_evicted = True
     supports_fused_decode = True

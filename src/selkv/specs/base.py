@@ -134,7 +134,8 @@ class CacheSpec:
         return self
 
     def resolve(self, config) -> CacheSpec:
-        """This spec checked against a model ``config`` (:meth:`check_model` on its ``head_dim``), defaults filled in."""
+        """This spec checked against a model ``config`` (:meth:`check_model` on its ``head_dim``), defaults filled
+        in."""
         return self.check_model(model_shape(config)["head_dim"])
 
     def build(self, config, max_cache_len: int | None = None):
