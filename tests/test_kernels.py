@@ -787,6 +787,7 @@ def test_rotated_query_in_the_kernel_or_the_launcher(rotate_in_kernel):
         (8, 4, 48, 21, [0, 30, 60], (16, 3)),  # row 1: padding ends in the middle; row 2: in the window
         (4, 2, 64, 9, [66, 5, 17], (16, 4)),  # row 0: every middle tile is padding (an empty partial)
         (8, 0, 32, 16, [40, 0, 33], None),
+        (8, 4, 40, 21, [0, 49, 60], (16, 3)),  # row 1: padding covers the middle, whose last tile is partial
     ],
 )
 @pytest.mark.parametrize("device_lengths", [False, True])
@@ -823,6 +824,28 @@ def test_kernel_masks_padding_past_the_sink(nbits, num_sink, num_stored, num_rec
     assert torch.isfinite(out).all(), f"seed={seed}"
     assert relative_error(twin, ref64) < max_relative_error(torch.float16) / 4, f"twin, seed={seed}"
     assert relative_error(out, ref64) < max_relative_error(torch.float16), f"kernel, seed={seed}"
+
+
+@pytest.mark.parametrize("scale_prefetch", [True, False])
+def test_folded_value_dot_ignores_the_padding_scales(scale_prefetch):
+    """value_dot="folded" divides a tile's value scales by their largest: by the largest of its real tokens,
+    not of the padding in the middle (junk, here scales of 60 beside real ones of ~5e-5)."""
+    module = kernel_module()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    padding = [0, 30, 9]
+    shape = dict(SMALL, batch_size=3, num_sink=4, num_stored=64, num_recent=8, nbits=8, axis_key="token")
+    storage = make_storage(gen, dtype=torch.float16, device=device, row_padding=padding, value_rms=0.002, **shape)
+    for b, pad in enumerate(padding):
+        storage.middle.value_scale[b, :, : max(0, pad - 4)] = 60.0
+    query = torch.randn(3, 4, 1, SMALL["head_dim"], generator=gen).half().to(device)
+    config = module.DecodeConfig(
+        block_n=16, block_exact=16, num_splits=2, value_dot="folded", scale_prefetch=scale_prefetch
+    )
+    ref64 = float64_reference(query, storage, SMALL["head_dim"] ** -0.5)
+    out = module.selective_decode_attention(query, storage, config=config)
+    assert relative_error(out, ref64) < max_relative_error(torch.float16) / 4, f"seed={seed}"
 
 
 @pytest.mark.parametrize("nbits,axis_key", [(8, "token"), (4, "channel"), (3, "channel"), (2, "token")])
@@ -873,13 +896,13 @@ def test_middle_dequantized_into_a_slice_equals_the_plain_formula(nbits, axis_ke
 
 
 def test_offsets_go_wide_at_two_to_the_31_elements():
-    """The launcher asks for 64-bit offsets exactly when an element sits 2^31 or more past a tensor's start
-    (shapes and strides only: meta tensors hold no memory)."""
+    """The launcher asks for 64-bit offsets exactly when a tensor's storage has more than 2^31 elements, so that
+    an offset can pass 2^31 - 1 (meta tensors: sizes only, no memory)."""
     module = kernel_module()
     narrow = torch.empty(2**31, dtype=torch.uint8, device="meta")
     assert not module._wide_offsets(narrow)
     assert module._wide_offsets(torch.empty(2**31 + 1, dtype=torch.uint8, device="meta"))
-    # a view's reach counts, not its element count: 2 rows 2^31 apart
+    # a view's storage counts, not its element count: 2 rows 2^31 apart
     assert module._wide_offsets(torch.empty(2**31 + 1, dtype=torch.uint8, device="meta").as_strided((2,), (2**31,)))
 
 

@@ -97,9 +97,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _wide_offsets(*tensors: torch.Tensor) -> bool:
-    """Whether an element of one of ``tensors`` sits 2^31 or more elements past its start: the kernel then
-    computes its offsets in 64 bits (32-bit offsets would wrap and read or write elsewhere)."""
-    return any(sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) >= 2**31 for t in tensors)
+    """Whether one of ``tensors`` lies in a storage of more than 2^31 elements: the kernel then computes its
+    offsets in 64 bits (32-bit offsets would wrap and read or write elsewhere). A view reaches no further
+    than its storage, so this never says no wrongly; it reads one number per tensor (it runs at every launch)."""
+    return any(t.untyped_storage().nbytes() > t.element_size() << 31 for t in tensors)
 
 
 def _pow2(n: int) -> bool:
@@ -469,17 +470,8 @@ def selective_decode_attention(
         SCALE_PREFETCH=config.scale_prefetch,
         VALUE_DOT=VALUE_DOTS.index(config.value_dot),
         ROTATE=rotation is not None,
-        WIDE_OFFSETS=_wide_offsets(
-            query_states,
-            middle_query,
-            sink_keys,
-            recent_keys,
-            key_codes,
-            key_scale,
-            value_codes,
-            value_scale,
-            partial_out,
-        ),
+        # the tensors that can grow large (the query is [batch, heads, 1, head_dim], smaller than partial_out)
+        WIDE_OFFSETS=_wide_offsets(sink_keys, recent_keys, key_codes, key_scale, value_codes, value_scale, partial_out),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

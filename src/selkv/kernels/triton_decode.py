@@ -136,7 +136,7 @@ def _selective_decode_partial_kernel(
     SCALE_PREFETCH: tl.constexpr,  # load the next tile's per-token scales/zeros one tile ahead
     VALUE_DOT: tl.constexpr,  # operands of the middle's value dot (see _value_chunk_update)
     ROTATE: tl.constexpr,  # rotate the query in the middle programs' prologue (Rotation), not QMiddle
-    WIDE_OFFSETS: tl.constexpr,  # a tensor has 2^31 elements or more: 64-bit offsets (more registers)
+    WIDE_OFFSETS: tl.constexpr,  # a storage of more than 2^31 elements: 64-bit offsets (more registers)
 ):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -651,7 +651,7 @@ def _value_chunk_update(
     if DOT_DTYPE == tl.float16 and VALUE_DOT == 2:
         # the scales over the tile's largest (v_max > 0: every tile has a valid token, and a group of
         # equal values keeps a positive scale), so p * scale stays in float16's normal range
-        v_max = tl.max(vs, 0)
+        v_max = tl.max(tl.where(valid, vs, 0.0), 0)  # not the padding's scales (prefetched unmasked)
         p_scaled = (p * (vs / v_max)[:, None]).to(DOT_DTYPE)
         folded = tl.dot(codes, p_scaled, input_precision=DOT_PRECISION)
         correction = tl.sum(p * vz[:, None] - (OFFSET * v_max) * p_scaled.to(tl.float32), 0)
@@ -805,6 +805,7 @@ def _middle_split(
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, num_stored)
     lo = tl.maximum(lo, (first_stored // BLOCK_N) * BLOCK_N)  # every tile run has a token at or past first_stored
+    lo = tl.where(first_stored >= hi, hi, lo)  # ... and none when padding covers the whole range
     NUM_GROUPS: tl.constexpr = HEAD_DIM // Q_GROUP
     GROUPS_PAD: tl.constexpr = 2 if NUM_GROUPS == 1 else NUM_GROUPS
     scale_args = (KScale, KZero, VScale, VZero)
