@@ -386,6 +386,57 @@ def test_cli_rejects_bad_spec_before_loading(tmp_path, capsys):
     assert "bits=5" in capsys.readouterr().err
 
 
+@pytest.fixture
+def parse_counts(monkeypatch):
+    """How many times each spec string is parsed (every kind's ``parse`` is ``CacheSpec.parse``)."""
+    from collections import Counter
+
+    from selkv.specs.base import CacheSpec
+
+    counts: Counter[str] = Counter()
+    parse = CacheSpec.parse.__func__
+
+    def counted(cls, spec):
+        counts[spec] += 1
+        return parse(cls, spec)
+
+    monkeypatch.setattr(CacheSpec, "parse", classmethod(counted))
+    return counts
+
+
+# Written with spaces: results and tables are named by the text as written, not by str(spec).
+PARSED_ONCE = ["full", "quant:bits=8, sink=4, window=8", "drop:sink=4,window=8", "full"]
+
+
+def test_size_parses_each_spec_once(capsys, offline, models, parse_counts):
+    argv = ["size", "--model", models["llama"], "--tokens", "32", "--chunk", "8"]
+    assert cli.main([*argv, *(arg for spec in PARSED_ONCE for arg in ("--cache", spec))]) == 0
+    assert parse_counts == dict.fromkeys(PARSED_ONCE, 1)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == PARSED_ONCE  # a repeated spec is a repeated row, as before
+
+
+@pytest.mark.parametrize("command", ["perplexity", "all"])
+def test_eval_parses_each_spec_once(capsys, monkeypatch, offline, models, parse_counts, tmp_path, command):
+    text, out = tmp_path / "text.txt", tmp_path / "out"
+    text.write_text("hello world the cache is small " * 20)
+    perplexity = {"data": str(text), "max_tokens": 24, "chunk": 8, "segments": 1}
+    memory = {"data": str(text), "prompt_tokens": 12, "new_tokens": 4, "every": 2, "chunk": 8}
+    monkeypatch.setattr(cli, "SUITE", (("ppl", "perplexity", perplexity), ("memory", "memory", memory)))
+    monkeypatch.setenv("SELKV_NO_PROGRESS", "1")
+    # `eval all` ends with the report, which reads the specs back from the results files: counted up to there.
+    before_report, real_report = {}, cli.report.run
+    monkeypatch.setattr(cli.report, "run", lambda *a, **k: before_report.update(parse_counts) or real_report(*a, **k))
+    argv = ["eval", command, "--model", models["llama"], "--device", "cpu", "--out", str(out)]
+    if command == "perplexity":
+        argv += ["--data", str(text), "--max-tokens", "24", "--chunk", "8"]
+    assert cli.main([*argv, *(arg for spec in PARSED_ONCE for arg in ("--cache", spec))]) == 0
+    assert (before_report if command == "all" else parse_counts) == dict.fromkeys(PARSED_ONCE, 1)
+    for results in out.rglob("results.json"):
+        payload = json.loads(results.read_text())
+        assert [r["cache"] for r in payload["results"]] == list(dict.fromkeys(PARSED_ONCE))
+
+
 @pytest.mark.slow
 @needs_embedded_model
 def test_cli_generate_prints_text_speed_and_memory(capsys):

@@ -228,3 +228,16 @@ def test_three_bit_codes_need_a_head_dim_of_whole_bytes_of_eight_channels():
         selkv.parse_spec("quant:kbits=3,vbits=4,rotate=none").check_model(36)
     with pytest.raises(SpecError, match="bits=2 packs its codes in groups of 4 channels; head_dim=18"):
         selkv.parse_spec("quant:bits=2,rotate=none,group=2").check_model(18)
+
+
+def test_named_specs_names_by_the_text_and_parses_each_text_once():
+    from selkv.specs import named_specs
+
+    quant = selkv.parse_spec("quant:bits=4,window=8")
+    named = named_specs(["full", "quant:bits=4, window=8", "full"])
+    assert [name for name, _ in named] == ["full", "quant:bits=4, window=8", "full"]
+    assert named[0][1] is named[2][1] and named[1][1] == quant
+    assert named_specs({"mine": quant}) == [("mine", quant)] == named_specs([("mine", quant)])
+    assert named_specs([quant]) == [(str(quant), quant)] and named_specs("full")[0][0] == "full"
+    with pytest.raises(SpecError, match="bits=5"):
+        named_specs(["full", "quant:bits=5"])

@@ -242,16 +242,12 @@ def add_eval_commands(subparsers) -> None:
 
 
 def parsed_specs(specs: list[str] | None, default) -> list[tuple[str, CacheSpec]]:
-    """The ``--cache`` specs (``default`` when none were given), each as written and parsed, once, now: a bad spec
-    fails before the model loads."""
-    from .specs import parse_spec
+    """The ``--cache`` specs (``default`` when none were given) as (text as written, spec), each parsed once, now:
+    a bad spec fails before the model loads. The commands pass these pairs on; results and tables are named by
+    the text, caches built from the spec."""
+    from .specs import named_specs
 
-    return [(spec, parse_spec(spec)) for spec in (specs or default)]
-
-
-def checked_specs(specs: list[str] | None, default) -> list[str]:
-    """The ``--cache`` specs as written (results are named by them), each checked by :func:`parsed_specs`."""
-    return [text for text, _ in parsed_specs(specs, default)]
+    return named_specs(list(specs or default))
 
 
 def _load(args):
@@ -333,7 +329,7 @@ def cmd_size(args) -> int:
     from .models import load_config
     from .sizing import size_table
 
-    specs = checked_specs(args.cache, SIZE_CACHES)
+    specs = parsed_specs(args.cache, SIZE_CACHES)
     print(size_table(specs, load_config(args.model), args.tokens, args.batch_size, args.chunk))
     return 0
 
@@ -362,7 +358,7 @@ def _prepare_eval_dirs(args) -> None:
 
 def cmd_eval(args) -> int:
     module = TASKS[args.task]
-    specs = checked_specs(args.cache, DEFAULT_CACHES)
+    specs = parsed_specs(args.cache, DEFAULT_CACHES)
     settings = module.settings_from_args(args)
     check_task(args.task, settings)  # a bad --data fails in a second, not after the model loads
     _prepare_eval_dirs(args)
@@ -374,7 +370,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_eval_all(args) -> int:
-    specs = checked_specs(args.cache, DEFAULT_CACHES)
+    specs = parsed_specs(args.cache, DEFAULT_CACHES)
     suite = QUICK if args.quick else SUITE
     check_suite(suite)
     _prepare_eval_dirs(args)

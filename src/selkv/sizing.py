@@ -20,6 +20,7 @@ from .cache import (
     shared_bytes,
 )
 from .errors import SelKVError
+from .specs import CacheSpec, NamedSpecs, named_specs
 
 
 def load_config(name_or_path: str):
@@ -33,7 +34,12 @@ def load_config(name_or_path: str):
 
 @torch.inference_mode()
 def cache_size(
-    spec: str, config, tokens: int, batch_size: int = 1, chunk: int = 64, dtype: torch.dtype = torch.bfloat16
+    spec: str | CacheSpec,
+    config,
+    tokens: int,
+    batch_size: int = 1,
+    chunk: int = 64,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> dict:
     """``kv_bytes`` of ``spec`` after ``tokens`` tokens fed in chunks of ``chunk`` (the perplexity protocol).
 
@@ -77,13 +83,16 @@ def describe_model(config) -> str:
     return f"{layers}, {shape['num_key_value_heads']} KV heads, head_dim {shape['head_dim']}"
 
 
-def _group(spec: str, config) -> str:
+def _group(spec: CacheSpec, config) -> str:
     group = resolve_spec(spec, config).group
     return str(group) if group else "–"
 
 
-def size_table(specs: list[str], config, tokens: int, batch_size: int = 1, chunk: int = 64) -> str:
-    """A Markdown table of :func:`cache_size` for each spec, in MiB, with the group size each spec gets here."""
+def size_table(specs: NamedSpecs, config, tokens: int, batch_size: int = 1, chunk: int = 64) -> str:
+    """A Markdown table of :func:`cache_size` for each spec, in MiB, with the group size each spec gets here.
+
+    ``specs``: spec strings, or (name, spec) pairs / a mapping name -> spec (:func:`selkv.specs.named_specs`); each
+    row is named by the spec's name (the text as written)."""
     title = (
         f"KV cache at {tokens} tokens, batch {batch_size}, fed in chunks of {chunk} (bfloat16 model; "
         f"{describe_model(config)})\n"
@@ -94,10 +103,10 @@ def size_table(specs: list[str], config, tokens: int, batch_size: int = 1, chunk
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     mib = 2**20
-    for spec in specs:
+    for name, spec in named_specs(specs):
         b = cache_size(spec, config, tokens, batch_size, chunk)
         rows.append(
-            f"| `{spec}` | {_group(spec, config)} | {b['allocated'] / mib:.2f} | {b['total'] / mib:.2f} | "
+            f"| `{name}` | {_group(spec, config)} | {b['allocated'] / mib:.2f} | {b['total'] / mib:.2f} | "
             f"{b['bytes_16bit'] / mib:.2f} | {b['bytes_codes'] / mib:.2f} | {b['bytes_scales'] / mib:.2f} | "
             f"{compression_words(b['compression'])} |"
         )

@@ -14,7 +14,10 @@ of each request (mean over requests and tasks).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ..errors import SelKVError
+from ..specs import CacheSpec
 from .arguments import non_negative_int, positive_int
 from .data import json_object
 from .runner import progress
@@ -139,7 +142,7 @@ def main_metric(task_results: dict) -> tuple[str, float] | None:
 def run(
     model,
     tokenizer,
-    specs: list[str],
+    specs: Mapping[str, CacheSpec],
     writer,
     tasks: list[str],
     limit: int,
@@ -157,27 +160,27 @@ def run(
     # The task builders tokenize with the model's own tokenizer (they find it by name, as RULER's do).
     task_metadata = {"tokenizer": getattr(tokenizer, "name_or_path", None), **_metadata(metadata)}
     writer.data = ", ".join(tasks)
-    todo = [(spec, task) for spec in specs for task in tasks if writer.get(spec, task) is None]
-    for spec, task in progress(todo, desc="harness tasks", unit="run"):
-        lm = SelkvLM(model=model, tokenizer=tokenizer, cache=spec, prefill_chunk=chunk, batch_size=batch_size)
+    todo = [(name, task) for name in specs for task in tasks if writer.get(name, task) is None]
+    for name, task in progress(todo, desc="harness tasks", unit="run"):
+        lm = SelkvLM(model=model, tokenizer=tokenizer, cache=specs[name], prefill_chunk=chunk, batch_size=batch_size)
         # Only selkv's folder is indexed when every task is selkv's: the harness's own index takes a minute.
         own = all(selkv_task_data_files(t) is not None for t in tasks) and not include_path
         manager = TaskManager(include_path=paths, include_defaults=not own, metadata=task_metadata)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=[task], limit=limit or None, task_manager=manager, log_samples=False, verbosity="WARNING"
         )
-        for name, task_results in out["results"].items():
+        for harness_task, task_results in out["results"].items():
             found = main_metric(task_results)
-            kv = lm.kv_summary().get(name) or {}
-            n = out.get("n-samples", {}).get(name, {}).get("effective")
+            kv = lm.kv_summary().get(harness_task) or {}
+            n = out.get("n-samples", {}).get(harness_task, {}).get("effective")
             writer.add(
-                spec,
-                name if len(out["results"]) > 1 else task,
+                name,
+                harness_task if len(out["results"]) > 1 else task,
                 {
                     "metric": found[0] if found else None,
                     "value": found[1] if found else None,
                     "n": n,
-                    "harness_task": name,
+                    "harness_task": harness_task,
                     "chunking": lm.get_model_info()["selkv"]["chunking"],
                     **kv,
                 },

@@ -2,9 +2,10 @@
 
 A naive harness run never reads a compressed cache: ``loglikelihood`` is one forward pass over context +
 continuation, where every token sees every other one exactly. Here every request gets a fresh cache built
-from ``cache`` (a spec string) and its tokens are fed in chunks of ``prefill_chunk`` tokens, as
-``selkv eval perplexity`` feeds text (:func:`selkv.eval.perplexity.score_tokens`): each chunk's predictions
-attend to the cache the earlier chunks left, so a continuation reads the compressed middle as stored.
+from ``cache`` (a spec string, parsed once, or a spec object) and its tokens are fed in chunks of
+``prefill_chunk`` tokens, as ``selkv eval perplexity`` feeds text (:func:`selkv.eval.perplexity.score_tokens`):
+each chunk's predictions attend to the cache the earlier chunks left, so a continuation reads the compressed
+middle as stored.
 ``prefill_chunk=0`` is one pass and says so in the results. ``generate_until`` prefills the same way and
 decodes token by token through the cache (left-padded batches, stop sequences, greedy or sampled).
 
@@ -49,7 +50,7 @@ from ..cache import make_cache, resolve_spec
 from ..errors import SelKVError
 from ..generation import eos_token_ids, prefill
 from ..models import DEFAULT_MODEL, EMBEDDED, forward_with_cache, load_model, resolve_model, track_padding
-from ..specs import parse_spec
+from ..specs import CacheSpec, parse_spec
 from .kv_metrics import measure_cache
 from .perplexity import score_tokens
 from .runner import progress
@@ -106,7 +107,8 @@ def check_model_args(model_args: dict) -> None:
     unknown = sorted(set(model_args) - set(MODEL_ARGS))
     if unknown:
         raise SelKVError(f"unknown selkv model_args {', '.join(map(repr, unknown))}; allowed: {', '.join(MODEL_ARGS)}")
-    parse_spec(str(model_args.get("cache", "full")))
+    cache = model_args.get("cache", "full")
+    parse_spec(cache if isinstance(cache, CacheSpec) else str(cache))
     _count("prefill_chunk", model_args.get("prefill_chunk", 0), 0)
     batch_size = model_args.get("batch_size")
     _count("batch_size", 1 if batch_size is None else batch_size, 1)
@@ -168,7 +170,7 @@ class SelkvLM(TemplateLM):
         pretrained: str | None = None,
         model=None,
         tokenizer=None,
-        cache: str = "full",
+        cache: str | CacheSpec = "full",
         prefill_chunk: int = 64,
         dtype: str | None = None,
         attn: str = "sdpa",
@@ -205,7 +207,9 @@ class SelkvLM(TemplateLM):
                 raise SelKVError("give SelkvLM either model= and tokenizer= (loaded) or pretrained= (a name), not both")
             self.model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
             track_padding(model)  # padding stays out of the sinks (load_model does it too)
-        resolve_spec(str(cache), model.config)  # checked against the model (head_dim, groups)
+        # Parsed once (a spec object is taken as it is) and checked against the model (head_dim, groups).
+        self.spec = cache if isinstance(cache, CacheSpec) else parse_spec(str(cache))
+        resolve_spec(self.spec, model.config)
         self.model, self.tokenizer, self.cache = model, tokenizer, str(cache)
         self._device = model.device
         self.kv_records: dict[str, list[dict]] = defaultdict(list)  # task -> KV memory of each request's cache
@@ -305,7 +309,7 @@ class SelkvLM(TemplateLM):
             scored = score_tokens(
                 self.model,
                 ids,
-                self.cache,
+                self.spec,
                 self.prefill_chunk,
                 first_target=len(ids) - len(continuation),
                 feed_last=False,
@@ -334,7 +338,7 @@ class SelkvLM(TemplateLM):
                 scored = score_tokens(
                     self.model,
                     context + continuation,
-                    self.cache,
+                    self.spec,
                     self.prefill_chunk,
                     first_target=len(context),
                     feed_last=False,
@@ -399,7 +403,7 @@ class SelkvLM(TemplateLM):
         }
 
     def _generate(self, prompts: list[list[int]], task: str, **settings) -> list[str]:
-        cache = make_cache(self.cache, self.model.config)
+        cache = make_cache(self.spec, self.model.config)
         padded = len({len(p) for p in prompts}) > 1
         if padded and not all(getattr(layer, "supports_left_padding", True) for layer in cache.layers):
             return [text for prompt in prompts for text in self._generate([prompt], task, **settings)]

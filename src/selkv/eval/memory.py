@@ -11,11 +11,14 @@ Metrics per cache: ``kv_bytes`` (the memory held, spare room included), ``kv_byt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..cache import kv_bytes, make_cache
 from ..errors import SelKVError
 from ..generation import decode_tokens, prefill
+from ..specs import CacheSpec
 from .arguments import non_negative_int, positive_int
 from .data import check_text, load_text
 from .kv_metrics import measure_cache
@@ -66,7 +69,7 @@ def _point(cache, new_tokens: int) -> dict:
 
 
 @torch.inference_mode()
-def measure(model, prompt_ids: list[int], spec: str, new_tokens: int, every: int, chunk: int) -> dict:
+def measure(model, prompt_ids: list[int], spec: str | CacheSpec, new_tokens: int, every: int, chunk: int) -> dict:
     """Prefill ``prompt_ids``, then decode ``new_tokens`` greedily (no stop at EOS), measuring as it goes."""
     device = model.device
     cuda = device.type == "cuda"
@@ -95,15 +98,23 @@ def measure(model, prompt_ids: list[int], spec: str, new_tokens: int, every: int
 
 
 def run(
-    model, tokenizer, specs: list[str], writer, data: str, prompt_tokens: int, new_tokens: int, every: int, chunk: int
+    model,
+    tokenizer,
+    specs: Mapping[str, CacheSpec],
+    writer,
+    data: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    every: int,
+    chunk: int,
 ) -> None:
     text, source = load_text(data)
     prompt_ids = encode(tokenizer, text[: prompt_tokens * 12])[:prompt_tokens]
     if len(prompt_ids) < prompt_tokens:
         raise SelKVError(f"{source} gives only {len(prompt_ids)} prompt tokens; {prompt_tokens} were asked for")
     writer.data = source
-    for spec in progress([s for s in specs if writer.get(s, "run") is None], desc="memory", unit="cache"):
-        writer.add(spec, "run", measure(model, prompt_ids, spec, new_tokens, max(1, every), chunk))
+    for name in progress([n for n in specs if writer.get(n, "run") is None], desc="memory", unit="cache"):
+        writer.add(name, "run", measure(model, prompt_ids, specs[name], new_tokens, max(1, every), chunk))
 
 
 def aggregate(records: list[dict]) -> dict:

@@ -17,12 +17,14 @@ Metrics per cache: ``accuracy`` and ``n`` (passkey), ``by_length``, ``by_depth``
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 
 import torch
 
 from ..cache import make_cache
 from ..errors import SelKVError
 from ..generation import eos_token_ids, greedy_decode, prefill
+from ..specs import CacheSpec
 from .arguments import fraction, non_negative_int, positive_int
 from .data import check_essays, check_kv_retrieval, load_essays, load_kv_retrieval
 from .kv_metrics import aggregate_kv, measure_cache
@@ -184,7 +186,7 @@ def kv_examples(tokenizer, data: str, limit: int, pairs: int) -> tuple[list[dict
 
 
 @torch.inference_mode()
-def answer(model, tokenizer, prompt: list[int], spec: str, chunk: int, max_new_tokens: int, eos) -> dict:
+def answer(model, tokenizer, prompt: list[int], spec: str | CacheSpec, chunk: int, max_new_tokens: int, eos) -> dict:
     cache = make_cache(spec, model.config)
     last = prefill(model, torch.tensor([prompt], device=model.device), cache, chunk)
     tokens = greedy_decode(model, cache, last, max_new_tokens, eos)
@@ -194,7 +196,7 @@ def answer(model, tokenizer, prompt: list[int], spec: str, chunk: int, max_new_t
 def run(
     model,
     tokenizer,
-    specs: list[str],
+    specs: Mapping[str, CacheSpec],
     writer,
     lengths,
     depths,
@@ -218,13 +220,13 @@ def run(
         sources.append(source)
     writer.data = " + ".join(sources)
     eos = eos_token_ids(model, tokenizer)
-    todo = [(e, s) for e in examples for s in specs if writer.get(s, e["key"]) is None]
-    for example, spec in progress(todo, desc="needle", unit="prompt"):
-        out = answer(model, tokenizer, example["prompt"], spec, chunk, example["new_tokens"], eos)
+    todo = [(e, name) for e in examples for name in specs if writer.get(name, e["key"]) is None]
+    for example, name in progress(todo, desc="needle", unit="prompt"):
+        out = answer(model, tokenizer, example["prompt"], specs[name], chunk, example["new_tokens"], eos)
         fields = {k: example[k] for k in ("kind", "length", "depth", "answer")}
         if "needle_start" in example:
             fields["needle_tokens_from_end"] = len(example["prompt"]) - example["needle_start"]
-        writer.add(spec, example["key"], {**fields, "correct": example["answer"] in out["output"], **out})
+        writer.add(name, example["key"], {**fields, "correct": example["answer"] in out["output"], **out})
 
 
 def _accuracy(records: list[dict], field: str) -> dict:

@@ -13,6 +13,7 @@ to the ``full`` cache on the same tokens).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from ..cache import make_cache
 from ..errors import SelKVError
 from ..generation import prefill
+from ..specs import CacheSpec
 from .arguments import at_least, positive_int
 from .data import check_text, load_text
 from .kv_metrics import aggregate_kv, measure_cache
@@ -89,7 +91,7 @@ def load_segments(tokenizer, data: str, max_tokens: int, segments: int) -> tuple
 
 
 @torch.inference_mode()
-def score(model, ids: list[int], spec: str, chunk: int) -> tuple[float, int, dict]:
+def score(model, ids: list[int], spec: str | CacheSpec, chunk: int) -> tuple[float, int, dict]:
     """(summed NLL over positions 1..n-1, predicted tokens, KV memory at the end) with a fresh ``spec`` cache."""
     scored = score_tokens(model, ids, spec, chunk)
     return scored.nll_sum, scored.tokens, scored.kv
@@ -107,7 +109,9 @@ class Scored:
 
 
 @torch.inference_mode()
-def score_tokens(model, ids: list[int], spec: str, chunk: int, first_target: int = 1, feed_last: bool = True) -> Scored:
+def score_tokens(
+    model, ids: list[int], spec: str | CacheSpec, chunk: int, first_target: int = 1, feed_last: bool = True
+) -> Scored:
     """Score ``ids[first_target:]`` given the tokens before them, feeding all of ``ids`` in chunks of ``chunk``.
 
     A fresh ``spec`` cache; chunks start at ``ids[0]``, so each chunk's predictions attend to the cache the
@@ -138,14 +142,23 @@ def score_tokens(model, ids: list[int], spec: str, chunk: int, first_target: int
     return Scored(float(total), seq_len - first_target, int(mismatches) == 0, measure_cache(cache))
 
 
-def run(model, tokenizer, specs: list[str], writer, data: str, max_tokens: int, chunk: int, segments: int = 1) -> None:
+def run(
+    model,
+    tokenizer,
+    specs: Mapping[str, CacheSpec],
+    writer,
+    data: str,
+    max_tokens: int,
+    chunk: int,
+    segments: int = 1,
+) -> None:
     _check_lengths(max_tokens, segments, chunk)
     segment_ids, source = load_segments(tokenizer, data, max_tokens, segments)
     writer.data = source
-    todo = [(spec, i) for spec in specs for i in range(len(segment_ids)) if writer.get(spec, f"segment{i}") is None]
-    for spec, i in progress(todo, desc=f"perplexity ({max_tokens} tokens, chunk {chunk})", unit="run"):
-        nll_sum, tokens, kv = score(model, segment_ids[i], spec, chunk)
-        writer.add(spec, f"segment{i}", {"nll_sum": nll_sum, "tokens": tokens, **kv})
+    todo = [(name, i) for name in specs for i in range(len(segment_ids)) if writer.get(name, f"segment{i}") is None]
+    for name, i in progress(todo, desc=f"perplexity ({max_tokens} tokens, chunk {chunk})", unit="run"):
+        nll_sum, tokens, kv = score(model, segment_ids[i], specs[name], chunk)
+        writer.add(name, f"segment{i}", {"nll_sum": nll_sum, "tokens": tokens, **kv})
 
 
 def aggregate(records: list[dict]) -> dict:

@@ -11,10 +11,13 @@ generated token positions equal to ``full``'s, over the longer of the two), ``n`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..cache import make_cache
 from ..generation import eos_token_ids, greedy_decode, prefill
+from ..specs import CacheSpec
 from .arguments import non_negative_int, positive_int
 from .data import check_summarization, load_summarization
 from .kv_metrics import aggregate_kv, measure_cache
@@ -106,7 +109,9 @@ def build_prompt(tokenizer, document: str, instruction: str, max_doc_tokens: int
 
 
 @torch.inference_mode()
-def summarize(model, tokenizer, prompt_ids: list[int], spec: str, chunk: int, max_new_tokens: int, eos) -> dict:
+def summarize(
+    model, tokenizer, prompt_ids: list[int], spec: str | CacheSpec, chunk: int, max_new_tokens: int, eos
+) -> dict:
     cache = make_cache(spec, model.config)
     input_ids = torch.tensor([prompt_ids], device=model.device)
     last = prefill(model, input_ids, cache, chunk)
@@ -118,7 +123,7 @@ def summarize(model, tokenizer, prompt_ids: list[int], spec: str, chunk: int, ma
 def run(
     model,
     tokenizer,
-    specs: list[str],
+    specs: Mapping[str, CacheSpec],
     writer,
     data: str,
     limit: int,
@@ -132,24 +137,24 @@ def run(
     instruction = instruction or INSTRUCTIONS.get(data, INSTRUCTIONS["default"])
     scorer = _scorer()
     eos = eos_token_ids(model, tokenizer)
-    ordered = sorted(specs, key=lambda s: s != "full")  # full first: the others compare against it
+    ordered = sorted(specs, key=lambda name: name != "full")  # full first: the others compare against it
     bar = progress(total=len(records) * len(ordered), desc=f"summarization ({data})", unit="gen")
     for record in records:
         key = str(record["id"])
         prompt_ids = None
-        for spec in ordered:
+        for name in ordered:
             bar.update()
-            if writer.get(spec, key) is not None:
+            if writer.get(name, key) is not None:
                 continue
             if prompt_ids is None:
                 prompt_ids = build_prompt(tokenizer, record["document"], instruction, max_doc_tokens)
-            out = summarize(model, tokenizer, prompt_ids, spec, chunk, max_new_tokens, eos)
+            out = summarize(model, tokenizer, prompt_ids, specs[name], chunk, max_new_tokens, eos)
             out["rougeL"] = rouge_l(scorer, record["summary"], out["text"])
-            full = writer.get("full", key) if spec != "full" else out
+            full = writer.get("full", key) if name != "full" else out
             if full is not None:
-                out["rougeL_vs_full"] = rouge_l(scorer, full["text"], out["text"]) if spec != "full" else 1.0
+                out["rougeL_vs_full"] = rouge_l(scorer, full["text"], out["text"]) if name != "full" else 1.0
                 out["match"], out["match_of"] = token_match(out["tokens"], full["tokens"])
-            writer.add(spec, key, out)
+            writer.add(name, key, out)
     bar.close()
 
 

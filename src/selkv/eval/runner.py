@@ -2,7 +2,9 @@
 
 Every task module has ``TASK``, ``DEFAULTS``, ``add_arguments``, ``settings_from_args``,
 ``run(model, tokenizer, specs, writer, **settings)``, ``aggregate``, and optionally ``compare`` and
-``check(settings)`` (input errors found before the model loads).
+``check(settings)`` (input errors found before the model loads). A module's ``run`` gets ``specs`` as an ordered
+mapping name -> spec object, parsed once: its results are named by the name (the text as the user wrote it) and
+its caches built from the object (``make_cache(specs[name], config)``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 import torch
 
 from ..cache import resolve_spec
-from ..specs import parse_spec
+from ..specs import CacheSpec, NamedSpecs, named_specs
 from .results import ResultsWriter
 
 
@@ -42,13 +44,16 @@ def run_task(
     model,
     tokenizer,
     model_name: str,
-    specs: list[str],
+    specs: NamedSpecs,
     out_dir: str,
     settings: dict,
     profile_dir: str | None = None,
 ) -> dict:
-    """Run one task module over ``specs`` into ``out_dir``; returns the final ``results.json`` payload."""
-    specs = _unique(specs)
+    """Run one task module over ``specs`` into ``out_dir``; returns the final ``results.json`` payload.
+
+    ``specs``: spec strings, or (name, spec) pairs / a mapping name -> spec (:func:`selkv.specs.named_specs`); a
+    repeated name runs once."""
+    specs = spec_dict(specs)
     started = time.time()
     writer = ResultsWriter(
         out_dir, module.TASK, model_name, settings, specs, module.aggregate, compare=getattr(module, "compare", None)
@@ -63,12 +68,11 @@ def run_task(
     return writer.flush(complete=True)
 
 
-def _unique(specs: list[str]) -> list[str]:
-    seen, out = set(), []
-    for spec in specs:
-        if spec not in seen:
-            seen.add(spec)
-            out.append(spec)
+def spec_dict(specs: NamedSpecs) -> dict[str, CacheSpec]:
+    """``specs`` as an ordered mapping name -> spec, each name once (its first spec), each string parsed once."""
+    out: dict[str, CacheSpec] = {}
+    for name, spec in named_specs(specs):
+        out.setdefault(name, spec)
     return out
 
 
@@ -91,11 +95,10 @@ def environment(model) -> dict:
     return info
 
 
-def default_groups(specs: list[str], config) -> dict[str, int]:
-    """The group size each spec that does not set one gets on this model (it depends on head_dim)."""
+def default_groups(specs: NamedSpecs, config) -> dict[str, int]:
+    """The group size each spec that does not set one gets on this model (it depends on head_dim), by name."""
     groups = {}
-    for spec in specs:
-        parsed = parse_spec(spec)
-        if not parsed.is_resolved and not parsed.group:
-            groups[spec] = resolve_spec(parsed, config).group
+    for name, spec in spec_dict(specs).items():
+        if not spec.is_resolved and not spec.group:
+            groups[name] = resolve_spec(spec, config).group
     return groups

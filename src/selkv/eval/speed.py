@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 
 import torch
 
 from ..cache import make_cache
 from ..errors import SelKVError
 from ..generation import compile_decode_step, decode_tokens, prefill, synchronize
+from ..specs import CacheSpec
 from .arguments import at_least, non_negative_int, positive_int
 from .kv_metrics import measure_cache
 from .runner import progress
@@ -81,7 +83,7 @@ def settings_from_args(args) -> dict:
 
 @torch.inference_mode()
 def time_once(
-    model, input_ids: torch.Tensor, spec: str, new_tokens: int, chunk: int, cache=None, step=None
+    model, input_ids: torch.Tensor, spec: str | CacheSpec, new_tokens: int, chunk: int, cache=None, step=None
 ) -> tuple[float, float, object]:
     """(prefill seconds, decode seconds, cache) of one run with a fresh cache (or ``cache``, reset).
 
@@ -106,7 +108,7 @@ def time_once(
 def run(
     model,
     tokenizer,
-    specs: list[str],
+    specs: Mapping[str, CacheSpec],
     writer,
     batch: int,
     context: int,
@@ -119,7 +121,7 @@ def run(
 ) -> None:
     if batch < 1 or context < 1 or new_tokens < 1 or repeats < 1 or warmup < 0:
         raise SelKVError("--batch, --context, --new-tokens and --repeats must be >= 1 and --warmup >= 0")
-    todo = [s for s in specs if writer.get(s, "timing") is None]
+    todo = [name for name in specs if writer.get(name, "timing") is None]
     if not todo:
         return
     generator = torch.Generator().manual_seed(seed)
@@ -130,34 +132,34 @@ def run(
     )
     input_ids = torch.randint(0, vocab, (batch, context), generator=generator).to(model.device)
     writer.data = f"random token ids (seed {seed})"
-    times: dict[str, list[tuple[float, float]]] = {s: [] for s in todo}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in todo}
     caches, steps = {}, {}
     if static:  # one preallocated cache per spec, reset between repeats: the compiled step keeps its graph
         step = compile_decode_step(model) if model.device.type == "cuda" else None
-        for spec in todo:
-            caches[spec] = make_cache(spec, model.config, max_cache_len=context + new_tokens)
-            steps[spec] = step if step is not None and caches[spec].is_compileable else None
+        for name in todo:
+            caches[name] = make_cache(specs[name], model.config, max_cache_len=context + new_tokens)
+            steps[name] = step if step is not None and caches[name].is_compileable else None
     for repeat in progress(range(warmup + repeats), desc="speed (repeats)", unit="round"):
-        for spec in todo:
-            prefill_s, decode_s, caches[spec] = time_once(
-                model, input_ids, spec, new_tokens, chunk, cache=caches.get(spec), step=steps.get(spec)
+        for name in todo:
+            prefill_s, decode_s, caches[name] = time_once(
+                model, input_ids, specs[name], new_tokens, chunk, cache=caches.get(name), step=steps.get(name)
             )
             if repeat >= warmup:
-                times[spec].append((prefill_s, decode_s))
-    for spec in todo:
-        prefill_s = statistics.median(t[0] for t in times[spec])
-        decode_s = statistics.median(t[1] for t in times[spec])
+                times[name].append((prefill_s, decode_s))
+    for name in todo:
+        prefill_s = statistics.median(t[0] for t in times[name])
+        decode_s = statistics.median(t[1] for t in times[name])
         writer.add(
-            spec,
+            name,
             "timing",
             {
                 "prefill_tok_s": batch * context / prefill_s,
                 "decode_tok_s": batch * new_tokens / decode_s,
-                "prefill_s": [t[0] for t in times[spec]],
-                "decode_s": [t[1] for t in times[spec]],
+                "prefill_s": [t[0] for t in times[name]],
+                "decode_s": [t[1] for t in times[name]],
                 "static": static,
-                "captured": steps.get(spec) is not None,
-                **measure_cache(caches[spec]),
+                "captured": steps.get(name) is not None,
+                **measure_cache(caches[name]),
             },
         )
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..specs import NamedSpecs
 from . import harness, memory, needle, perplexity, report, rouge, speed
 from .data import data_root
-from .runner import run_task
+from .runner import run_task, spec_dict
 
 TASKS = {m.TASK: m for m in (perplexity, rouge, needle, memory, speed, harness)}
 
@@ -90,9 +91,12 @@ def check_suite(suite) -> None:
 
 
 def run_suite(
-    out_dir: str, suite, model, tokenizer, model_name: str, specs: list[str], profile_dir: str | None = None
+    out_dir: str, suite, model, tokenizer, model_name: str, specs: NamedSpecs, profile_dir: str | None = None
 ) -> str:
-    """Run each (folder, task, settings) of ``suite`` into ``out_dir``/folder, then write and return the report."""
+    """Run each (folder, task, settings) of ``suite`` into ``out_dir``/folder, then write and return the report.
+
+    ``specs`` as :func:`~selkv.eval.runner.run_task` takes them, parsed here once for every task."""
+    specs = spec_dict(specs)
     for folder, task, settings in suite:
         print(f"== {task}: {folder}")
         profile = str(Path(profile_dir) / folder) if profile_dir else None

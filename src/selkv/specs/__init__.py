@@ -19,6 +19,8 @@ names the field, the bad value and what is allowed. A new kind is one module her
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from ..errors import SpecError
 from .base import MAX_SETTING, CacheSpec, GroupedSpec, SelectiveSpec
 from .drop import DropSpec
@@ -45,6 +47,28 @@ def parse_spec(spec: str | CacheSpec) -> CacheSpec:
     return SPECS[kind].parse(spec)
 
 
+# What the commands' functions take as their caches: spec strings, spec objects, (name, spec) pairs or a mapping.
+NamedSpecs = Mapping[str, CacheSpec] | Iterable[str | CacheSpec | tuple[str, str | CacheSpec]]
+
+
+def named_specs(specs: NamedSpecs) -> list[tuple[str, CacheSpec]]:
+    """Each cache of ``specs`` as (name, spec object), in order, duplicates kept: results and tables are named by the
+    name, caches built from the object. A spec string is named as written and parsed here (each distinct one once);
+    a spec object is named by ``str(spec)``; (name, spec) pairs and a mapping name -> spec keep their names."""
+    if isinstance(specs, (str, CacheSpec)):
+        specs = [specs]
+    elif isinstance(specs, Mapping):
+        specs = specs.items()
+    parsed: dict[str, CacheSpec] = {}
+    named = []
+    for item in specs:
+        name, spec = item if isinstance(item, tuple) else (str(item) if isinstance(item, CacheSpec) else item, item)
+        if name not in parsed:
+            parsed[name] = parse_spec(spec)
+        named.append((name, parsed[name]))
+    return named
+
+
 __all__ = [
     "DEFAULT_BLOCK",
     "DEFAULT_GROUP",
@@ -52,6 +76,7 @@ __all__ = [
     "DEFAULT_ROTATE",
     "KINDS",
     "MAX_SETTING",
+    "NamedSpecs",
     "SPECS",
     "CacheSpec",
     "DropSpec",
@@ -63,5 +88,6 @@ __all__ = [
     "QuantSpec",
     "SelectiveSpec",
     "SpecError",
+    "named_specs",
     "parse_spec",
 ]
