@@ -188,6 +188,15 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` with their last dimension contiguous and the same strides (the kernel reads both at one
+    offset: keys and values, scales and zeros)."""
+    a, b = _last_contiguous(a), _last_contiguous(b)
+    if a.stride() != b.stride():
+        a, b = a.contiguous(), b.contiguous()
+    return a, b
+
+
 def _check_query(query_states: torch.Tensor, storage: DecodeStorage) -> int:
     """Checks the query, the storage's layout and its key rotation against the kernel; returns the number of
     query heads per KV head."""
@@ -301,12 +310,8 @@ def _exact_operands(storage: DecodeStorage, query_states: torch.Tensor) -> tuple
     """``(sink_keys, sink_values, recent_keys, recent_values)`` as the kernel reads them: the last dimension
     contiguous, keys and values with the same strides, any valid pointer for an empty region (it loads nothing)."""
     s = storage
-    sink_keys, sink_values = _last_contiguous(s.sink_keys), _last_contiguous(s.sink_values)
-    recent_keys, recent_values = _last_contiguous(s.recent_keys), _last_contiguous(s.recent_values)
-    if sink_keys.stride() != sink_values.stride():
-        sink_keys, sink_values = sink_keys.contiguous(), sink_values.contiguous()
-    if recent_keys.stride() != recent_values.stride():
-        recent_keys, recent_values = recent_keys.contiguous(), recent_values.contiguous()
+    sink_keys, sink_values = _same_strides(s.sink_keys, s.sink_values)
+    recent_keys, recent_values = _same_strides(s.recent_keys, s.recent_values)
     if sink_keys.numel() == 0:  # no sink storage: hand the kernel any valid pointer (it loads nothing)
         sink_keys = sink_values = recent_keys
     if recent_keys.numel() == 0:
@@ -325,12 +330,8 @@ def _middle_operands(storage: DecodeStorage, head_dim: int, device: torch.device
     _check_middle(storage, head_dim)
     key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = storage.middle
     key_codes, value_codes = key_codes.contiguous(), value_codes.contiguous()  # views of the store: no copy
-    key_scale, key_zero = _last_contiguous(key_scale), _last_contiguous(key_zero)
-    value_scale, value_zero = _last_contiguous(value_scale), _last_contiguous(value_zero)
-    if key_scale.stride() != key_zero.stride():
-        key_scale, key_zero = key_scale.contiguous(), key_zero.contiguous()
-    if value_scale.stride() != value_zero.stride():
-        value_scale, value_zero = value_scale.contiguous(), value_zero.contiguous()
+    key_scale, key_zero = _same_strides(key_scale, key_zero)
+    value_scale, value_zero = _same_strides(value_scale, value_zero)
     return MiddleTensors(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)
 
 
