@@ -348,6 +348,12 @@ def main() -> None:
         "benchmarks/kernel_precision.py --kernel): rows named '... (before)' run it, in the same process",
     )
     args = parser.parse_args()
+    from decode_e2e import parse_shapes  # the end-to-end benchmark's BATCHxCONTEXT list
+
+    try:
+        shapes = parse_shapes(args.shapes)
+    except ValueError as error:
+        parser.error(str(error))
     import triton
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -365,7 +371,6 @@ def main() -> None:
         import kernel_precision
 
         baseline = kernel_precision.load_kernels(args.baseline)
-    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",") if shape]
     rows = run(shapes, methods, config, baseline=baseline)
     if args.accuracy:
         errors = {m: layout_errors(m, baseline=baseline) for m in methods if not m.startswith("dequant")}
