@@ -166,7 +166,7 @@ def resources(compiled) -> str:
 
 
 def config_fields(variant: str) -> dict:
-    """'value_dot=folded,num_stages=3' -> DecodeConfig keyword arguments (ints and booleans parsed)."""
+    """'value_dot=fp16,num_stages=3' -> DecodeConfig keyword arguments (ints and booleans parsed)."""
     fields = {}
     for item in filter(None, variant.split(",")):
         key, _, value = item.partition("=")
@@ -188,7 +188,7 @@ def main() -> None:
         nargs="*",
         default=[""],
         metavar="FIELD=VALUE[,...]",
-        help="DecodeConfig variants to compile, e.g. '' value_dot=folded (default: the defaults)",
+        help="DecodeConfig variants to compile, e.g. '' value_dot=fp16 (default: the defaults)",
     )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)

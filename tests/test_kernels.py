@@ -510,29 +510,6 @@ def test_interpreter_fp16_value_dot_loses_small_values():
         )
 
 
-@interpreter_only
-@pytest.mark.parametrize("nbits,axis_key", [(8, "token"), (2, "channel")])
-def test_interpreter_folded_value_dot_keeps_small_values(nbits, axis_key):
-    """value_dot="folded" takes the scales over the tile's largest before the 16-bit fold: the grid that
-    value_dot="fp16" fails holds, and so do value magnitudes that jump between tiles."""
-    module = kernel_module()
-    config = module.DecodeConfig(block_n=64, block_exact=32, num_splits=2, value_dot="folded")
-    check_precision_grid(
-        module,
-        "cpu",
-        torch.float16,
-        config,
-        head_dim=64 if nbits == 2 else 32,
-        nbits=nbits,
-        axis_key=axis_key,
-        **INTERPRETER_PRECISION,
-    )
-    config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=2, value_dot="folded")
-    shape = dict(INTERPRETER_PRECISION, head_dim=32, nbits=8, axis_key="token", block_length=16, num_stored=160)
-    err = kernel_error(module, "cpu", torch.float16, fresh_seed(), 0.002, config, value_gain_log2=_gain_steps, **shape)
-    assert err < max_relative_error(torch.float16) / 5, err
-
-
 def test_unknown_value_dot_is_refused():
     with pytest.raises(ValueError, match="allowed: dequant, fp16"):
         kernel_module().DecodeConfig(value_dot="tf32")
@@ -824,28 +801,6 @@ def test_kernel_masks_padding_past_the_sink(nbits, num_sink, num_stored, num_rec
     assert torch.isfinite(out).all(), f"seed={seed}"
     assert relative_error(twin, ref64) < max_relative_error(torch.float16) / 4, f"twin, seed={seed}"
     assert relative_error(out, ref64) < max_relative_error(torch.float16), f"kernel, seed={seed}"
-
-
-@pytest.mark.parametrize("scale_prefetch", [True, False])
-def test_folded_value_dot_ignores_the_padding_scales(scale_prefetch):
-    """value_dot="folded" divides a tile's value scales by their largest: by the largest of its real tokens,
-    not of the padding in the middle (junk, here scales of 60 beside real ones of ~5e-5)."""
-    module = kernel_module()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    seed = fresh_seed()
-    gen = torch.Generator().manual_seed(seed)
-    padding = [0, 30, 9]
-    shape = dict(SMALL, batch_size=3, num_sink=4, num_stored=64, num_recent=8, nbits=8, axis_key="token")
-    storage = make_storage(gen, dtype=torch.float16, device=device, row_padding=padding, value_rms=0.002, **shape)
-    for b, pad in enumerate(padding):
-        storage.middle.value_scale[b, :, : max(0, pad - 4)] = 60.0
-    query = torch.randn(3, 4, 1, SMALL["head_dim"], generator=gen).half().to(device)
-    config = module.DecodeConfig(
-        block_n=16, block_exact=16, num_splits=2, value_dot="folded", scale_prefetch=scale_prefetch
-    )
-    ref64 = float64_reference(query, storage, SMALL["head_dim"] ** -0.5)
-    out = module.selective_decode_attention(query, storage, config=config)
-    assert relative_error(out, ref64) < max_relative_error(torch.float16) / 4, f"seed={seed}"
 
 
 @pytest.mark.parametrize("nbits,axis_key", [(8, "token"), (4, "channel"), (3, "channel"), (2, "token")])

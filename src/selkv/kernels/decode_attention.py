@@ -70,7 +70,7 @@ class DecodeConfig:
             raise ValueError(f"value_dot={self.value_dot!r}; allowed: {', '.join(VALUE_DOTS)}")
 
 
-VALUE_DOTS = ("dequant", "fp16", "folded")  # DecodeConfig.value_dot, in the kernel's VALUE_DOT order
+VALUE_DOTS = ("dequant", "fp16")  # DecodeConfig.value_dot, in the kernel's VALUE_DOT order
 
 
 @functools.lru_cache(maxsize=64)

@@ -622,8 +622,6 @@ def _value_chunk_update(
     - 1 ("fp16"): ``(1024 + code) @ (p * value_scale)``, the scale folded into p. Small value scales
       (int8 values of RMS below ~0.05) put ``p * value_scale`` among float16's subnormals, which lose
       precision: relative L2 4.8e-2 at value RMS 0.005 (docs/kernel_notes.md, 2026-12-02).
-    - 2 ("folded"): as 1, with the scales divided by the tile's largest first, so that ``p * scale``
-      keeps float16's normal range; the tile's dot is multiplied back in float32.
     """
     OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0
     codes = _load_value_codes(
@@ -648,14 +646,6 @@ def _value_chunk_update(
     if DOT_DTYPE == tl.float16 and VALUE_DOT == 0:
         values = (codes - OFFSET) * vs.to(DOT_DTYPE)[None, :] + vz.to(DOT_DTYPE)[None, :]
         return tl.dot(values, p.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-    if DOT_DTYPE == tl.float16 and VALUE_DOT == 2:
-        # the scales over the tile's largest (v_max > 0: every tile has a valid token, and a group of
-        # equal values keeps a positive scale), so p * scale stays in float16's normal range
-        v_max = tl.max(tl.where(valid, vs, 0.0), 0)  # not the padding's scales (prefetched unmasked)
-        p_scaled = (p * (vs / v_max)[:, None]).to(DOT_DTYPE)
-        folded = tl.dot(codes, p_scaled, input_precision=DOT_PRECISION)
-        correction = tl.sum(p * vz[:, None] - (OFFSET * v_max) * p_scaled.to(tl.float32), 0)
-        return acc + folded * v_max + correction[None, :]
     p_scaled = (p * vs[:, None]).to(DOT_DTYPE)
     acc += tl.sum(p * vz[:, None] - OFFSET * p_scaled.to(tl.float32), 0)[None, :]
     return tl.dot(codes, p_scaled, acc, input_precision=DOT_PRECISION)
