@@ -584,30 +584,64 @@ def test_cuda_value_magnitudes_changing_between_tiles(dtype):
     assert err < max_relative_error(dtype) / 5, err
 
 
-def _run_ptx(ptx: str, word: int) -> list[int]:
-    """Emulate the few PTX instructions of the code conversion on one 32-bit input ($2); -> [$0, $1]."""
-    regs = {"$2": word}
+def _half_bits(x: float) -> int:
+    return int(torch.tensor([x], dtype=torch.float16).view(torch.int16).item()) & 0xFFFF
+
+
+def _half(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int32).to(torch.int16).view(torch.float16).item()
+
+
+def _round_half(x: float) -> float:
+    return torch.tensor([x], dtype=torch.float64).to(torch.float16).item()
+
+
+def _fma_f16x2(a: int, b: int, c: int) -> int:
+    """fma.rn.f16x2: per half, a * b + c rounded once to float16 (exact in float64 first)."""
+    halves = [_half((a >> s) & 0xFFFF) * _half((b >> s) & 0xFFFF) + _half((c >> s) & 0xFFFF) for s in (0, 16)]
+    return _half_bits(halves[0]) | (_half_bits(halves[1]) << 16)
+
+
+def _run_ptx(ptx: str, inputs: list[int]) -> list[int]:
+    """Emulate the few PTX instructions of the code conversions; ``inputs`` are $2, $3, ...; -> [$0, $1]."""
+    regs = {f"${2 + i}": word for i, word in enumerate(inputs)}
 
     def value(x: str) -> int:
         return regs[x] if x in regs else int(x, 0)
 
+    ops = {
+        "shr.b32": lambda a, b: a >> b,
+        "shl.b32": lambda a, b: (a << b) & 0xFFFFFFFF,
+        "and.b32": lambda a, b: a & b,
+        "or.b32": lambda a, b: a | b,
+        "add.u32": lambda a, b: (a + b) & 0xFFFFFFFF,
+        "fma.rn.f16x2": _fma_f16x2,
+    }
     for line in ptx.strip("{}").split(";"):
         line = line.strip()
         if not line or line.startswith(".reg"):
             continue
         op, args = line.split(None, 1)
         dst, *src = [a.strip() for a in args.split(",")]
-        if op == "shr.b32":
-            regs[dst] = value(src[0]) >> value(src[1])
-        elif op == "and.b32":
-            regs[dst] = value(src[0]) & value(src[1])
-        elif op == "prmt.b32":  # result byte i = byte (selector nibble i) of {src1, src0}
+        if op == "prmt.b32":  # result byte i = byte (selector nibble i) of {src1, src0}
             pool = (value(src[1]) << 32) | value(src[0])
             selector = value(src[2])
             regs[dst] = sum(((pool >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op in ops:
+            regs[dst] = ops[op](*(value(x) for x in src))
         else:
             raise AssertionError(f"unexpected instruction {op}")
     return [regs["$0"], regs["$1"]]
+
+
+def _halves(registers: list[int]) -> list[float]:
+    return [_half((r >> (16 * j)) & 0xFFFF) for r in registers for j in range(2)]
+
+
+def _pack_halves(values: list[float]) -> list[int]:
+    """Four float16 -> two registers, element 2k in the low half of register k."""
+    bits = [_half_bits(v) for v in values]
+    return [bits[0] | (bits[1] << 16), bits[2] | (bits[3] << 16)]
 
 
 @pytest.mark.parametrize("nbits,shift", [(8, 0), (4, 0), (4, 4), (2, 0), (2, 2), (2, 4), (2, 6)])
@@ -621,9 +655,49 @@ def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
     for _ in range(200):
         packed = [gen.randrange(256) for _ in range(4)]
         word = sum(b << (8 * i) for i, b in enumerate(packed))
-        halves = [(r >> (16 * j)) & 0xFFFF for r in _run_ptx(ptx, word) for j in range(2)]
-        got = torch.tensor(halves, dtype=torch.int32).to(torch.int16).view(torch.float16).tolist()
+        got = _halves(_run_ptx(ptx, [word]))
         assert got == [1024.0 + ((b >> shift) & ((1 << nbits) - 1)) for b in packed], (nbits, shift, packed)
+
+
+def _random_gains(gen: random.Random) -> tuple[list[float], list[float]]:
+    """Four value scales times 4 and offsets, as float16, over many magnitudes."""
+    gains = [_round_half(10.0 ** gen.uniform(-4, 1)) for _ in range(4)]
+    offsets = [_round_half(gen.uniform(-40, 40) * g) for g in gains]
+    return gains, offsets
+
+
+@pytest.mark.parametrize("shift", [0, 2, 4, 6])
+def test_ptx_two_bit_values_are_one_fused_multiply_add(shift):
+    """2-bit values' PTX: (1 + code / 4) * gain + offset per code, rounded once to float16."""
+    kernel_module()
+    from selkv.kernels.triton_decode import _plane_ptx
+
+    ptx = _plane_ptx(2, shift, top=True)
+    gen = random.Random(fresh_seed())
+    for _ in range(200):
+        packed = [gen.randrange(256) for _ in range(4)]
+        gains, offsets = _random_gains(gen)
+        word = sum(b << (8 * i) for i, b in enumerate(packed))
+        got = _halves(_run_ptx(ptx, [word, *_pack_halves(gains), *_pack_halves(offsets)]))
+        codes = [(b >> shift) & 3 for b in packed]
+        want = [_round_half((1 + c / 4) * g + o) for c, g, o in zip(codes, gains, offsets, strict=True)]
+        assert got == want, (shift, packed, gains, offsets)
+
+
+@pytest.mark.parametrize("shift", [0, 2, 4, 6])
+def test_ptx_three_bit_conversion_gives_1024_plus_code(shift):
+    """3-bit codes: a low 2-bit plane, a high bit picked by a one-bit mask per byte (no carry across bytes)."""
+    kernel_module()
+    from selkv.kernels.triton_decode import _three_bit_ptx
+
+    ptx = _three_bit_ptx(shift)
+    gen = random.Random(fresh_seed())
+    for _ in range(300):
+        low, high = [gen.randrange(256) for _ in range(4)], [gen.randrange(256) for _ in range(4)]
+        masks = [1 << gen.randrange(8) for _ in range(4)]
+        words = [sum(b << (8 * i) for i, b in enumerate(x)) for x in (low, high, masks)]
+        codes = [(lo >> shift) & 3 | (4 if hi & m else 0) for lo, hi, m in zip(low, high, masks, strict=True)]
+        assert _halves(_run_ptx(ptx, words)) == [1024.0 + c for c in codes], (shift, low, high, masks)
 
 
 def _trimmed(storage, num_stored: int):

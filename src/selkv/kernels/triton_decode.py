@@ -267,13 +267,30 @@ def _selective_decode_partial_kernel(
 # their rounding cancels. Up to four chunks; each has its own accumulator.
 
 
-def _plane_ptx(nbits: int, shift: int) -> str:
-    """PTX: four packed bytes ($2) -> four float16 1024 + code of one bit plane ($0, $1: two halves each)."""
-    select = "prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342;"
+def _plane_ptx(nbits: int, shift: int, top: bool = False) -> str:
+    """PTX: four packed bytes ($2) -> four float16 of one bit plane ($0, $1: two halves each).
+
+    ``top=False``: 1024 + code (the code in the low byte, high byte 0x64).
+    ``top=True`` (2-bit codes only): x = 1 + code / 4 (the code in the two low bits of the high byte, 0x3C
+    above them, low byte 0), then ``x * $3/$4 + $5/$6`` (packed gains and offsets): one fused multiply-add
+    per pair, as _value_chunk_update uses it.
+    """
+    if top:
+        assert nbits == 2, "top: 2-bit codes only"
+        move = f"shr.b32 t, $2, {shift}; and.b32 t, t, 0x03030303; " if shift else "and.b32 t, $2, 0x03030303; "
+        return (
+            "{.reg .b32 t, a, b; " + move + "or.b32 t, t, 0x3c3c3c3c; "
+            "prmt.b32 a, t, 0, 0x1404; prmt.b32 b, t, 0, 0x3424; "
+            "fma.rn.f16x2 $0, a, $3, $5; fma.rn.f16x2 $1, b, $4, $6; }"
+        )
     if nbits == 8:
-        return select.replace("t,", "$2,")
+        return _SELECT.replace("t,", "$2,")
     mask = ((1 << nbits) - 1) * 0x01010101
-    return "{.reg .b32 t; " + f"shr.b32 t, $2, {shift}; and.b32 t, t, {mask:#010x}; " + select + "}"
+    return "{.reg .b32 t; " + f"shr.b32 t, $2, {shift}; and.b32 t, t, {mask:#010x}; " + _SELECT + "}"
+
+
+# Two byte permutes: bytes 0, 1 and 2, 3 of t under a constant high byte (two float16 each).
+_SELECT = "prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342;"
 
 
 # Triton's jit cannot build strings: one constant per (bit width, plane shift), chosen in _plane_to_dot.
@@ -281,6 +298,8 @@ _PTX_8 = tl.constexpr(_plane_ptx(8, 0))
 _PTX_4_0, _PTX_4_4 = tl.constexpr(_plane_ptx(4, 0)), tl.constexpr(_plane_ptx(4, 4))
 _PTX_2_0, _PTX_2_2 = tl.constexpr(_plane_ptx(2, 0)), tl.constexpr(_plane_ptx(2, 2))
 _PTX_2_4, _PTX_2_6 = tl.constexpr(_plane_ptx(2, 4)), tl.constexpr(_plane_ptx(2, 6))
+_TOP_2_0, _TOP_2_2 = tl.constexpr(_plane_ptx(2, 0, True)), tl.constexpr(_plane_ptx(2, 2, True))
+_TOP_2_4, _TOP_2_6 = tl.constexpr(_plane_ptx(2, 4, True)), tl.constexpr(_plane_ptx(2, 6, True))
 
 
 def _three_bit_ptx(shift: int) -> str:
@@ -290,7 +309,7 @@ def _three_bit_ptx(shift: int) -> str:
     return (
         "{.reg .b32 t, h; " + f"shr.b32 t, $2, {shift}; and.b32 t, t, 0x03030303; "
         "and.b32 h, $3, $4; add.u32 h, h, 0x7f7f7f7f; and.b32 h, h, 0x80808080; shr.b32 h, h, 5; "
-        "or.b32 t, t, h; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }"
+        "or.b32 t, t, h; " + _SELECT + " }"
     )
 
 
@@ -319,6 +338,26 @@ def _three_bit_ptx_to_dot(low, high, masks, SHIFT: tl.constexpr):
 @triton.jit
 def _ptx_to_dot(bytes_, PTX: tl.constexpr):
     return tl.inline_asm_elementwise(PTX, "=r,=r,r", [bytes_], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _ptx_fma(bytes_, gain, offset, PTX: tl.constexpr):
+    args = [bytes_, gain, offset]
+    return tl.inline_asm_elementwise(PTX, "=r,=r,r,r,r,r,r", args, dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _plane_ptx_values(bytes_, gain, offset, SHIFT: tl.constexpr):
+    """Packed 2-bit code bytes of plane SHIFT // 2 -> (1 + code / 4) * gain + offset as float16."""
+    if SHIFT == 0:
+        values = _ptx_fma(bytes_, gain, offset, _TOP_2_0)
+    elif SHIFT == 2:
+        values = _ptx_fma(bytes_, gain, offset, _TOP_2_2)
+    elif SHIFT == 4:
+        values = _ptx_fma(bytes_, gain, offset, _TOP_2_4)
+    else:
+        values = _ptx_fma(bytes_, gain, offset, _TOP_2_6)
+    return values
 
 
 @triton.jit
@@ -355,6 +394,17 @@ def _codes_to_dot(bytes_, SHIFT: tl.constexpr, NBITS: tl.constexpr, DOT_DTYPE: t
     if DOT_DTYPE == tl.float32:  # float32 inputs: exact codes (an offset of 1024 would cost float32 accuracy)
         codes = codes.to(tl.float32) - 1024.0
     return codes
+
+
+@triton.jit
+def _codes_to_values(bytes_, gain, offset, SHIFT: tl.constexpr, ASM: tl.constexpr):
+    """Packed 2-bit code bytes -> float16 values x * gain + offset, x = 1 + code / 4 (see _plane_ptx)."""
+    if ASM:
+        values = _plane_ptx_values(bytes_, gain, offset, SHIFT)
+    else:
+        codes = ((bytes_ >> SHIFT) & 3).to(tl.uint16) << 8
+        values = (codes | 0x3C00).to(tl.float16, bitcast=True) * gain + offset
+    return values
 
 
 @triton.jit
@@ -449,6 +499,84 @@ def _folded_scores(
     q_scaled = (qT.to(tl.float32) * ks[:, None]).to(DOT_DTYPE)
     s = tl.dot(codes, q_scaled, input_precision=DOT_PRECISION)
     return s + (tl.sum(qT.to(tl.float32) * kz[:, None], 0) - OFFSET * tl.sum(q_scaled.to(tl.float32), 0))[None, :]
+
+
+@triton.jit
+def _fold_row(
+    codes, qT, KScale, KZero, row, s, t, OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr
+):
+    """One chunk of a per-channel key block, its scale row folded into the query: the dot accumulates into s
+    [BLOCK_N, HEADS_N], the terms of the correction q . z - OFFSET sum(q * s) into t [KEY_CHUNK, HEADS_N]
+    (summed over channels once per tile, _channel_key_scores)."""
+    ks = tl.load(KScale + row).to(tl.float32)
+    kz = tl.load(KZero + row).to(tl.float32)
+    q = qT.to(tl.float32)
+    q_scaled = (q * ks[:, None]).to(DOT_DTYPE)
+    s = tl.dot(codes, q_scaled, s, input_precision=DOT_PRECISION)
+    return s, t + q * kz[:, None] - OFFSET * q_scaled.to(tl.float32)
+
+
+@triton.jit
+def _channel_key_scores(
+    KCodes,
+    KScale,
+    KZero,
+    row_offs,
+    valid,
+    start,
+    kscale_base,
+    stride_ksn,
+    last_block,
+    qT0,
+    qT1,
+    qT2,
+    qT3,
+    KEY_CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NBITS: tl.constexpr,
+    BLOCK_LENGTH: tl.constexpr,
+    KEY_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """[BLOCK_N, HEADS_N] scores q . k of a tile of per-channel keys in KEY_ROWS blocks (1 or 2: one scale row
+    each): q . (s * code + z) = (q * s) . (OFFSET + code) + sum(q * z - OFFSET * q * s).
+
+    The chunks' dots accumulate in one tile per row and their correction terms in one [KEY_CHUNK, HEADS_N] tile
+    per row, reduced over channels once. With two rows the codes are converted once and each row's scores are
+    kept for its half of the tile; a second row past the allocation is read as the first (its tokens are
+    past num_stored, masked).
+    """
+    OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0  # what _codes_to_dot adds to each code
+    NUM_KEY_CHUNKS: tl.constexpr = HEAD_DIM // KEY_CHUNK
+    first = start // BLOCK_LENGTH
+    row0 = kscale_base + first * stride_ksn
+    row1 = kscale_base + tl.minimum(first + 1, last_block) * stride_ksn
+    s0 = tl.zeros([BLOCK_N, qT0.shape[1]], tl.float32)
+    t0 = tl.zeros(qT0.shape, tl.float32)
+    s1 = s0
+    t1 = t0
+    for C in tl.static_range(NUM_KEY_CHUNKS):
+        if C == 0:
+            qT = qT0
+        elif C == 1:
+            qT = qT1
+        elif C == 2:
+            qT = qT2
+        else:
+            qT = qT3
+        codes = _load_chunk_codes(KCodes, row_offs, valid, C, KEY_CHUNK, HEAD_DIM, NBITS, DOT_DTYPE, ASM)
+        offs_w = C * KEY_CHUNK + tl.arange(0, KEY_CHUNK)
+        s0, t0 = _fold_row(codes, qT, KScale, KZero, row0 + offs_w, s0, t0, OFFSET, DOT_DTYPE, DOT_PRECISION)
+        if KEY_ROWS == 2:
+            s1, t1 = _fold_row(codes, qT, KScale, KZero, row1 + offs_w, s1, t1, OFFSET, DOT_DTYPE, DOT_PRECISION)
+    s = s0 + tl.sum(t0, 0)[None, :]
+    if KEY_ROWS == 2:
+        first_half = tl.arange(0, BLOCK_N) < BLOCK_LENGTH
+        s = tl.where(first_half[:, None], s, s1 + tl.sum(t1, 0)[None, :])
+    return s
 
 
 @triton.jit
@@ -561,6 +689,8 @@ def _load_value_codes(
     pos,
     valid,
     last_block,
+    vs,
+    vz,
     C: tl.constexpr,
     CHUNK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -569,8 +699,11 @@ def _load_value_codes(
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     ASM: tl.constexpr,
+    VALUE_UNIT: tl.constexpr,
 ):
-    """[CHUNK, BLOCK_N] value codes (channels x tokens) of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code.
+    """[CHUNK, BLOCK_N] value codes (channels x tokens) of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code,
+    or, with ``VALUE_UNIT`` > 0 (2-bit codes), the float16 values themselves: x * vs + vz, x = 1 + code / 4
+    (see _value_chunk_update; ``vs``, ``vz`` [BLOCK_N]).
 
     Value codes are block-major (``quant.to_block_major``, blocks of VALUE_BLOCK tokens): the tokens of
     one byte column are adjacent, as the dot's inner dimension wants them.
@@ -582,6 +715,11 @@ def _load_value_codes(
     SHIFT: tl.constexpr = (C * CHUNK) // PLANE_BYTES * PLANE_BITS
     args = (VCodes, code_base, start, pos, valid, last_block)
     bytes_ = _load_value_bytes(*args, COL + tl.arange(0, CHUNK), PACKED, VALUE_BLOCK, BLOCK_N)
+    if VALUE_UNIT > 0:
+        gain = tl.broadcast_to(vs.to(tl.float16)[None, :], bytes_.shape)
+        offset = tl.broadcast_to(vz.to(tl.float16)[None, :], bytes_.shape)
+    if VALUE_UNIT > 0:
+        return _codes_to_values(bytes_, gain, offset, SHIFT, ASM)
     if NBITS == 3:
         high_col, high_shift = _three_bit_high(C, CHUNK, HEAD_DIM)
         high = _load_value_bytes(*args, high_col, PACKED, VALUE_BLOCK, BLOCK_N)
@@ -613,6 +751,7 @@ def _value_chunk_update(
     DOT_PRECISION: tl.constexpr,
     ASM: tl.constexpr,
     VALUE_DOT: tl.constexpr,
+    VALUE_UNIT: tl.constexpr,
 ):
     """acc [CHUNK, HEADS_N] (channels x heads) rescaled by alpha plus this tile's p @ values on the chunk.
 
@@ -622,8 +761,17 @@ def _value_chunk_update(
     - 1 ("fp16"): ``(1024 + code) @ (p * value_scale)``, the scale folded into p. Small value scales
       (int8 values of RMS below ~0.05) put ``p * value_scale`` among float16's subnormals, which lose
       precision: relative L2 4.8e-2 at value RMS 0.005 (docs/kernel_notes.md, 2026-12-02).
+    ``VALUE_UNIT`` > 0 ("dequant", 2-bit codes): the codes become x = 1 + code / VALUE_UNIT (VALUE_UNIT = 4, the
+    code in the lowest mantissa bits of a float16's high byte) and value = x * (scale * 4) + (zero - scale * 4),
+    one fused multiply-add per pair of codes (``vs_tile``/``vz_tile`` hold these factors, _scale_tiles), where
+    1024 + code needs a subtraction first. The offset, rounded to float16, is about four quantization steps
+    plus the zero: its rounding error is a few times float16's rounding of a value. Wider codes keep 1024 + code:
+    their offset in the top mantissa bits would be 8-64 steps, and its rounding fails the kernel's precision
+    tests at 4 bits (a first try, docs/kernel_notes.md).
     """
     OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0
+    vs = _column(vs_tile, (C * CHUNK) // Q_GROUP)
+    vz = _column(vz_tile, (C * CHUNK) // Q_GROUP)
     codes = _load_value_codes(
         VCodes,
         code_base,
@@ -631,6 +779,8 @@ def _value_chunk_update(
         pos,
         valid,
         last_block,
+        vs,
+        vz,
         C,
         CHUNK,
         HEAD_DIM,
@@ -639,10 +789,11 @@ def _value_chunk_update(
         BLOCK_N,
         DOT_DTYPE,
         ASM,
+        VALUE_UNIT,
     )
-    vs = _column(vs_tile, (C * CHUNK) // Q_GROUP)
-    vz = _column(vz_tile, (C * CHUNK) // Q_GROUP)
     acc = acc * alpha[None, :]
+    if VALUE_UNIT > 0:  # codes are the values
+        return tl.dot(codes, p.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
     if DOT_DTYPE == tl.float16 and VALUE_DOT == 0:
         values = (codes - OFFSET) * vs.to(DOT_DTYPE)[None, :] + vz.to(DOT_DTYPE)[None, :]
         return tl.dot(values, p.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
@@ -666,13 +817,19 @@ def _scale_tiles(
     NUM_GROUPS: tl.constexpr,
     GROUPS_PAD: tl.constexpr,
     KEY_PER_CHANNEL: tl.constexpr,
+    VALUE_UNIT: tl.constexpr,
 ):
-    """Per-token scales/zeros of a tile as float32 [BLOCK_N, GROUPS_PAD] tiles (keys: zeros if per channel)."""
+    """Per-token scales/zeros of a tile as float32 [BLOCK_N, GROUPS_PAD] tiles (keys: zeros if per channel).
+
+    ``VALUE_UNIT`` > 0: the values' as scale * VALUE_UNIT and zero - scale * VALUE_UNIT (see _value_chunk_update)."""
     offs_g = tl.arange(0, GROUPS_PAD)
     mask = valid[:, None] & (offs_g < NUM_GROUPS)[None, :]
     v_offs = vscale_base + pos[:, None] * stride_vsn + offs_g[None, :]
     vs = tl.load(VScale + v_offs, mask=mask, other=0.0).to(tl.float32)
     vz = tl.load(VZero + v_offs, mask=mask, other=0.0).to(tl.float32)
+    if VALUE_UNIT > 0:
+        vs = vs * VALUE_UNIT  # exact: a power of two
+        vz = vz - vs
     if KEY_PER_CHANNEL:
         ks = tl.zeros_like(vs)
         kz = tl.zeros_like(vs)
@@ -685,9 +842,23 @@ def _scale_tiles(
 
 @triton.jit
 def _column(tile, G: tl.constexpr):
-    """Column G of a [BLOCK_N, GROUPS_PAD] tile."""
-    offs_g = tl.arange(0, tile.shape[1])
-    return tl.sum(tl.where(offs_g[None, :] == G, tile, 0.0), 1)
+    """Column G of a [BLOCK_N, GROUPS_PAD] tile (GROUPS_PAD 2 or 4), split apart in registers: a sum over a
+    masked row would reduce across the lanes that hold the groups (two shuffles per element)."""
+    if tile.shape[1] == 2:
+        c0, c1 = tl.split(tile)
+        if G == 0:
+            column = c0
+        else:
+            column = c1
+    else:
+        even, odd = tl.split(tl.reshape(tile, [tile.shape[0], 2, 2]))  # columns (0, 2) and (1, 3)
+        if G % 2 == 0:
+            c0, c2 = tl.split(even)
+            column = c0 if G == 0 else c2
+        else:
+            c1, c3 = tl.split(odd)
+            column = c1 if G == 1 else c3
+    return column
 
 
 @triton.jit
@@ -758,6 +929,8 @@ def _middle_split(
     NUM_CHUNKS: tl.constexpr = HEAD_DIM // CHUNK
     NUM_KEY_CHUNKS: tl.constexpr = HEAD_DIM // KEY_CHUNK
     DOT_DTYPE: tl.constexpr = tl.float32 if DOT_PRECISION == "ieee" else tl.float16
+    # the values' codes as 1 + code / VALUE_UNIT (_value_chunk_update); 0: as 1024 + code
+    VALUE_UNIT: tl.constexpr = 4 if DOT_PRECISION != "ieee" and VALUE_DOT == 0 and VALUE_NBITS == 2 else 0
     offs_hn = tl.arange(0, HEADS_N)
     offs_w = tl.arange(0, KEY_CHUNK)
     offs_n = tl.arange(0, BLOCK_N)
@@ -801,7 +974,7 @@ def _middle_split(
     scale_args = (KScale, KZero, VScale, VZero)
     scale_bases = (kscale_base, stride_ksn, vscale_base, stride_vsn)
     ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(
-        *scale_args, lo + offs_n, lo + offs_n < hi, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL
+        *scale_args, lo + offs_n, lo + offs_n < hi, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL, VALUE_UNIT
     )
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
@@ -809,11 +982,18 @@ def _middle_split(
         row_offs = code_base + pos * stride_cn
         if SCALE_PREFETCH:  # the next tile's scales load while this tile computes
             next_tiles = _scale_tiles(
-                *scale_args, pos + BLOCK_N, pos + BLOCK_N < hi, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL
+                *scale_args,
+                pos + BLOCK_N,
+                pos + BLOCK_N < hi,
+                *scale_bases,
+                NUM_GROUPS,
+                GROUPS_PAD,
+                KEY_PER_CHANNEL,
+                VALUE_UNIT,
             )
         else:
             ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(
-                *scale_args, pos, valid, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL
+                *scale_args, pos, valid, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL, VALUE_UNIT
             )
         key_args = (
             KCodes,
@@ -829,62 +1009,37 @@ def _middle_split(
             ks_tile,
             kz_tile,
         )
-        s = _key_chunk_scores(
-            *key_args,
-            qT0,
-            q_sum0,
-            0,
-            KEY_CHUNK,
-            HEAD_DIM,
-            KEY_NBITS,
-            Q_GROUP,
-            KEY_PER_CHANNEL,
-            BLOCK_LENGTH,
-            KEY_ROWS,
-            DOT_DTYPE,
-            DOT_PRECISION,
-            CODES_ASM,
-        )
-        if NUM_KEY_CHUNKS > 1:
-            s += _key_chunk_scores(
-                *key_args,
+        if KEY_PER_CHANNEL and KEY_ROWS > 0:
+            s = _channel_key_scores(
+                KCodes,
+                KScale,
+                KZero,
+                row_offs,
+                valid,
+                start,
+                kscale_base,
+                stride_ksn,
+                last_block,
+                qT0,
                 qT1,
-                q_sum1,
-                1,
-                KEY_CHUNK,
-                HEAD_DIM,
-                KEY_NBITS,
-                Q_GROUP,
-                KEY_PER_CHANNEL,
-                BLOCK_LENGTH,
-                KEY_ROWS,
-                DOT_DTYPE,
-                DOT_PRECISION,
-                CODES_ASM,
-            )
-        if NUM_KEY_CHUNKS > 2:
-            s += _key_chunk_scores(
-                *key_args,
                 qT2,
-                q_sum2,
-                2,
-                KEY_CHUNK,
-                HEAD_DIM,
-                KEY_NBITS,
-                Q_GROUP,
-                KEY_PER_CHANNEL,
-                BLOCK_LENGTH,
-                KEY_ROWS,
-                DOT_DTYPE,
-                DOT_PRECISION,
-                CODES_ASM,
-            )
-        if NUM_KEY_CHUNKS > 3:
-            s += _key_chunk_scores(
-                *key_args,
                 qT3,
-                q_sum3,
-                3,
+                KEY_CHUNK,
+                HEAD_DIM,
+                KEY_NBITS,
+                BLOCK_LENGTH,
+                KEY_ROWS,
+                BLOCK_N,
+                DOT_DTYPE,
+                DOT_PRECISION,
+                CODES_ASM,
+            )
+        else:
+            s = _key_chunk_scores(
+                *key_args,
+                qT0,
+                q_sum0,
+                0,
                 KEY_CHUNK,
                 HEAD_DIM,
                 KEY_NBITS,
@@ -896,6 +1051,57 @@ def _middle_split(
                 DOT_PRECISION,
                 CODES_ASM,
             )
+            if NUM_KEY_CHUNKS > 1:
+                s += _key_chunk_scores(
+                    *key_args,
+                    qT1,
+                    q_sum1,
+                    1,
+                    KEY_CHUNK,
+                    HEAD_DIM,
+                    KEY_NBITS,
+                    Q_GROUP,
+                    KEY_PER_CHANNEL,
+                    BLOCK_LENGTH,
+                    KEY_ROWS,
+                    DOT_DTYPE,
+                    DOT_PRECISION,
+                    CODES_ASM,
+                )
+            if NUM_KEY_CHUNKS > 2:
+                s += _key_chunk_scores(
+                    *key_args,
+                    qT2,
+                    q_sum2,
+                    2,
+                    KEY_CHUNK,
+                    HEAD_DIM,
+                    KEY_NBITS,
+                    Q_GROUP,
+                    KEY_PER_CHANNEL,
+                    BLOCK_LENGTH,
+                    KEY_ROWS,
+                    DOT_DTYPE,
+                    DOT_PRECISION,
+                    CODES_ASM,
+                )
+            if NUM_KEY_CHUNKS > 3:
+                s += _key_chunk_scores(
+                    *key_args,
+                    qT3,
+                    q_sum3,
+                    3,
+                    KEY_CHUNK,
+                    HEAD_DIM,
+                    KEY_NBITS,
+                    Q_GROUP,
+                    KEY_PER_CHANNEL,
+                    BLOCK_LENGTH,
+                    KEY_ROWS,
+                    DOT_DTYPE,
+                    DOT_PRECISION,
+                    CODES_ASM,
+                )
         s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))  # every tile has a valid token: m_new is finite
         alpha = tl.exp2(m_i - m_new)
@@ -916,6 +1122,7 @@ def _middle_split(
             DOT_PRECISION,
             CODES_ASM,
             VALUE_DOT,
+            VALUE_UNIT,
         )
         if NUM_CHUNKS > 1:
             acc1 = _value_chunk_update(
@@ -932,6 +1139,7 @@ def _middle_split(
                 DOT_PRECISION,
                 CODES_ASM,
                 VALUE_DOT,
+                VALUE_UNIT,
             )
         if NUM_CHUNKS > 2:
             acc2 = _value_chunk_update(
@@ -948,6 +1156,7 @@ def _middle_split(
                 DOT_PRECISION,
                 CODES_ASM,
                 VALUE_DOT,
+                VALUE_UNIT,
             )
         if NUM_CHUNKS > 3:
             acc3 = _value_chunk_update(
@@ -964,6 +1173,7 @@ def _middle_split(
                 DOT_PRECISION,
                 CODES_ASM,
                 VALUE_DOT,
+                VALUE_UNIT,
             )
         m_i = m_new
         if SCALE_PREFETCH:
