@@ -584,22 +584,8 @@ def test_cuda_value_magnitudes_changing_between_tiles(dtype):
     assert err < max_relative_error(dtype) / 5, err
 
 
-def _half_bits(x: float) -> int:
-    return int(torch.tensor([x], dtype=torch.float16).view(torch.int16).item()) & 0xFFFF
-
-
 def _half(bits: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).to(torch.int16).view(torch.float16).item()
-
-
-def _round_half(x: float) -> float:
-    return torch.tensor([x], dtype=torch.float64).to(torch.float16).item()
-
-
-def _fma_f16x2(a: int, b: int, c: int) -> int:
-    """fma.rn.f16x2: per half, a * b + c rounded once to float16 (exact in float64 first)."""
-    halves = [_half((a >> s) & 0xFFFF) * _half((b >> s) & 0xFFFF) + _half((c >> s) & 0xFFFF) for s in (0, 16)]
-    return _half_bits(halves[0]) | (_half_bits(halves[1]) << 16)
 
 
 def _run_ptx(ptx: str, inputs: list[int]) -> list[int]:
@@ -611,11 +597,9 @@ def _run_ptx(ptx: str, inputs: list[int]) -> list[int]:
 
     ops = {
         "shr.b32": lambda a, b: a >> b,
-        "shl.b32": lambda a, b: (a << b) & 0xFFFFFFFF,
         "and.b32": lambda a, b: a & b,
         "or.b32": lambda a, b: a | b,
         "add.u32": lambda a, b: (a + b) & 0xFFFFFFFF,
-        "fma.rn.f16x2": _fma_f16x2,
     }
     for line in ptx.strip("{}").split(";"):
         line = line.strip()
@@ -638,12 +622,6 @@ def _halves(registers: list[int]) -> list[float]:
     return [_half((r >> (16 * j)) & 0xFFFF) for r in registers for j in range(2)]
 
 
-def _pack_halves(values: list[float]) -> list[int]:
-    """Four float16 -> two registers, element 2k in the low half of register k."""
-    bits = [_half_bits(v) for v in values]
-    return [bits[0] | (bits[1] << 16), bits[2] | (bits[3] << 16)]
-
-
 @pytest.mark.parametrize("nbits,shift", [(8, 0), (4, 0), (4, 4), (2, 0), (2, 2), (2, 4), (2, 6)])
 def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
     """The CUDA-only inline PTX: four packed bytes -> four float16 1024 + code of one bit plane."""
@@ -657,31 +635,6 @@ def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
         word = sum(b << (8 * i) for i, b in enumerate(packed))
         got = _halves(_run_ptx(ptx, [word]))
         assert got == [1024.0 + ((b >> shift) & ((1 << nbits) - 1)) for b in packed], (nbits, shift, packed)
-
-
-def _random_gains(gen: random.Random) -> tuple[list[float], list[float]]:
-    """Four value scales times 4 and offsets, as float16, over many magnitudes."""
-    gains = [_round_half(10.0 ** gen.uniform(-4, 1)) for _ in range(4)]
-    offsets = [_round_half(gen.uniform(-40, 40) * g) for g in gains]
-    return gains, offsets
-
-
-@pytest.mark.parametrize("shift", [0, 2, 4, 6])
-def test_ptx_two_bit_values_are_one_fused_multiply_add(shift):
-    """2-bit values' PTX: (1 + code / 4) * gain + offset per code, rounded once to float16."""
-    kernel_module()
-    from selkv.kernels.triton_decode import _plane_ptx
-
-    ptx = _plane_ptx(2, shift, top=True)
-    gen = random.Random(fresh_seed())
-    for _ in range(200):
-        packed = [gen.randrange(256) for _ in range(4)]
-        gains, offsets = _random_gains(gen)
-        word = sum(b << (8 * i) for i, b in enumerate(packed))
-        got = _halves(_run_ptx(ptx, [word, *_pack_halves(gains), *_pack_halves(offsets)]))
-        codes = [(b >> shift) & 3 for b in packed]
-        want = [_round_half((1 + c / 4) * g + o) for c, g, o in zip(codes, gains, offsets, strict=True)]
-        assert got == want, (shift, packed, gains, offsets)
 
 
 @pytest.mark.parametrize("shift", [0, 2, 4, 6])
@@ -706,6 +659,27 @@ def _trimmed(storage, num_stored: int):
     layout = storage.layout
     trimmed = (t[:, :, : layout.rows(name, num_stored)].contiguous() for name, t in storage.middle._asdict().items())
     return dataclasses.replace(storage, middle=MiddleTensors(*trimmed))
+
+
+def test_launch_choices_follow_the_layout():
+    """block_n and the scale prefetch, chosen by layout where the config leaves them open; given ones are kept."""
+    module = kernel_module()
+    default = module.DecodeConfig()
+    chosen = {
+        (axis, block): (c.block_n, c.scale_prefetch)
+        for axis, block in [("token", 32), ("channel", 32), ("channel", 64), ("channel", 48)]
+        for c in [module._resolve(default, axis, block)]
+    }
+    # per-token keys (int8): 32-token tiles, prefetch; int2's 32-token key blocks: two per 64-token tile,
+    # prefetch; int4/int3's 64-token blocks: one per tile, no prefetch; blocks that do not nest: per-token rows
+    assert chosen == {
+        ("token", 32): (32, True),
+        ("channel", 32): (64, True),
+        ("channel", 64): (64, False),
+        ("channel", 48): (32, False),
+    }
+    given = module.DecodeConfig(block_n=32, scale_prefetch=True)
+    assert module._resolve(given, "channel", 64) == given
 
 
 @pytest.mark.parametrize("nbits,value_nbits", [(4, 4), (2, 2), (4, 2), (3, 3)])

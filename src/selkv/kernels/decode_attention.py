@@ -42,7 +42,7 @@ class DecodeConfig:
     One warp per program was fastest for kernel v4 (docs/kernel_notes.md, H200). ``block_n=0`` (middle tokens per
     tile) chooses by layout: 64 when keys are quantized per channel over blocks that are a multiple
     of 64 tokens (one key scale row per tile; kernel v5) or of exactly 32 tokens (two rows per tile),
-    else 32.
+    else 32. ``scale_prefetch=None`` chooses by layout too (see ``_resolve``).
     """
 
     block_n: int = 0
@@ -53,7 +53,8 @@ class DecodeConfig:
     # resident programs per multiprocessor (one warp and ~255 registers each: 8); splits are sized
     # so that every program of a launch runs in one wave
     programs_per_sm: int = 8
-    scale_prefetch: bool = True
+    # load the next tile's per-token scales while this one computes; None: where it was faster (_resolve)
+    scale_prefetch: bool | None = None
     # the middle's value dot: "dequant" (values dequantized to float16 in the tile) or "fp16" (the value
     # scale folded into p: up to 9 % faster for int4 per-token keys, imprecise on small values); see
     # _value_chunk_update and docs/kernel_notes.md (2026-12-02)
@@ -75,11 +76,17 @@ VALUE_DOTS = ("dequant", "fp16")  # DecodeConfig.value_dot, in the kernel's VALU
 
 @functools.lru_cache(maxsize=64)
 def _resolve(config: DecodeConfig, axis_key: str, block_length: int) -> DecodeConfig:
-    """``config`` with ``block_n`` chosen when it is 0 (see DecodeConfig); cached: it runs every decode call."""
-    if config.block_n:
-        return config
-    block_n = 64 if axis_key == "channel" and (block_length % 64 == 0 or block_length == 32) else 32
-    return replace(config, block_n=block_n)
+    """``config`` with ``block_n`` chosen when it is 0 and ``scale_prefetch`` when it is None (see DecodeConfig);
+    cached: it runs every decode call.
+
+    The scale prefetch pays where keys are quantized per token or a tile holds two key blocks (int8, int2:
+    1.3x and 1.04x at 8 x 32k); with one per-channel key block per tile (int4, int3) its registers spill and
+    the tile without it is 1.27x and 1.04x faster (H100, docs/kernel_notes.md, 2026-12-06)."""
+    block_n = config.block_n or (64 if axis_key == "channel" and (block_length % 64 == 0 or block_length == 32) else 32)
+    prefetch = config.scale_prefetch
+    if prefetch is None:
+        prefetch = axis_key == "token" or _key_rows(block_n, block_length) == 2
+    return replace(config, block_n=block_n, scale_prefetch=prefetch)
 
 
 def _chunk(head_dim: int, nbits: int, q_group_size: int) -> int:

@@ -267,30 +267,13 @@ def _selective_decode_partial_kernel(
 # their rounding cancels. Up to four chunks; each has its own accumulator.
 
 
-def _plane_ptx(nbits: int, shift: int, top: bool = False) -> str:
-    """PTX: four packed bytes ($2) -> four float16 of one bit plane ($0, $1: two halves each).
-
-    ``top=False``: 1024 + code (the code in the low byte, high byte 0x64).
-    ``top=True`` (2-bit codes only): x = 1 + code / 4 (the code in the two low bits of the high byte, 0x3C
-    above them, low byte 0), then ``x * $3/$4 + $5/$6`` (packed gains and offsets): one fused multiply-add
-    per pair, as _value_chunk_update uses it.
-    """
-    if top:
-        assert nbits == 2, "top: 2-bit codes only"
-        move = f"shr.b32 t, $2, {shift}; and.b32 t, t, 0x03030303; " if shift else "and.b32 t, $2, 0x03030303; "
-        return (
-            "{.reg .b32 t, a, b; " + move + "or.b32 t, t, 0x3c3c3c3c; "
-            "prmt.b32 a, t, 0, 0x1404; prmt.b32 b, t, 0, 0x3424; "
-            "fma.rn.f16x2 $0, a, $3, $5; fma.rn.f16x2 $1, b, $4, $6; }"
-        )
+def _plane_ptx(nbits: int, shift: int) -> str:
+    """PTX: four packed bytes ($2) -> four float16 1024 + code of one bit plane ($0, $1: two halves each)."""
+    select = "prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342;"
     if nbits == 8:
-        return _SELECT.replace("t,", "$2,")
+        return select.replace("t,", "$2,")
     mask = ((1 << nbits) - 1) * 0x01010101
-    return "{.reg .b32 t; " + f"shr.b32 t, $2, {shift}; and.b32 t, t, {mask:#010x}; " + _SELECT + "}"
-
-
-# Two byte permutes: bytes 0, 1 and 2, 3 of t under a constant high byte (two float16 each).
-_SELECT = "prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342;"
+    return "{.reg .b32 t; " + f"shr.b32 t, $2, {shift}; and.b32 t, t, {mask:#010x}; " + select + "}"
 
 
 # Triton's jit cannot build strings: one constant per (bit width, plane shift), chosen in _plane_to_dot.
@@ -298,8 +281,6 @@ _PTX_8 = tl.constexpr(_plane_ptx(8, 0))
 _PTX_4_0, _PTX_4_4 = tl.constexpr(_plane_ptx(4, 0)), tl.constexpr(_plane_ptx(4, 4))
 _PTX_2_0, _PTX_2_2 = tl.constexpr(_plane_ptx(2, 0)), tl.constexpr(_plane_ptx(2, 2))
 _PTX_2_4, _PTX_2_6 = tl.constexpr(_plane_ptx(2, 4)), tl.constexpr(_plane_ptx(2, 6))
-_TOP_2_0, _TOP_2_2 = tl.constexpr(_plane_ptx(2, 0, True)), tl.constexpr(_plane_ptx(2, 2, True))
-_TOP_2_4, _TOP_2_6 = tl.constexpr(_plane_ptx(2, 4, True)), tl.constexpr(_plane_ptx(2, 6, True))
 
 
 def _three_bit_ptx(shift: int) -> str:
@@ -309,7 +290,7 @@ def _three_bit_ptx(shift: int) -> str:
     return (
         "{.reg .b32 t, h; " + f"shr.b32 t, $2, {shift}; and.b32 t, t, 0x03030303; "
         "and.b32 h, $3, $4; add.u32 h, h, 0x7f7f7f7f; and.b32 h, h, 0x80808080; shr.b32 h, h, 5; "
-        "or.b32 t, t, h; " + _SELECT + " }"
+        "or.b32 t, t, h; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }"
     )
 
 
@@ -338,26 +319,6 @@ def _three_bit_ptx_to_dot(low, high, masks, SHIFT: tl.constexpr):
 @triton.jit
 def _ptx_to_dot(bytes_, PTX: tl.constexpr):
     return tl.inline_asm_elementwise(PTX, "=r,=r,r", [bytes_], dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
-def _ptx_fma(bytes_, gain, offset, PTX: tl.constexpr):
-    args = [bytes_, gain, offset]
-    return tl.inline_asm_elementwise(PTX, "=r,=r,r,r,r,r,r", args, dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
-def _plane_ptx_values(bytes_, gain, offset, SHIFT: tl.constexpr):
-    """Packed 2-bit code bytes of plane SHIFT // 2 -> (1 + code / 4) * gain + offset as float16."""
-    if SHIFT == 0:
-        values = _ptx_fma(bytes_, gain, offset, _TOP_2_0)
-    elif SHIFT == 2:
-        values = _ptx_fma(bytes_, gain, offset, _TOP_2_2)
-    elif SHIFT == 4:
-        values = _ptx_fma(bytes_, gain, offset, _TOP_2_4)
-    else:
-        values = _ptx_fma(bytes_, gain, offset, _TOP_2_6)
-    return values
 
 
 @triton.jit
@@ -394,17 +355,6 @@ def _codes_to_dot(bytes_, SHIFT: tl.constexpr, NBITS: tl.constexpr, DOT_DTYPE: t
     if DOT_DTYPE == tl.float32:  # float32 inputs: exact codes (an offset of 1024 would cost float32 accuracy)
         codes = codes.to(tl.float32) - 1024.0
     return codes
-
-
-@triton.jit
-def _codes_to_values(bytes_, gain, offset, SHIFT: tl.constexpr, ASM: tl.constexpr):
-    """Packed 2-bit code bytes -> float16 values x * gain + offset, x = 1 + code / 4 (see _plane_ptx)."""
-    if ASM:
-        values = _plane_ptx_values(bytes_, gain, offset, SHIFT)
-    else:
-        codes = ((bytes_ >> SHIFT) & 3).to(tl.uint16) << 8
-        values = (codes | 0x3C00).to(tl.float16, bitcast=True) * gain + offset
-    return values
 
 
 @triton.jit
@@ -486,19 +436,6 @@ def _rotated_query_chunk(
     signs = tl.load(Rotation + offs_w[:, None] * HEAD_DIM + offs_d[None, :])  # [CHUNK, HEAD_DIM]
     qT = (tl.dot(signs, qT_full, input_precision=DOT_PRECISION) * rotation_scale).to(DOT_DTYPE)
     return qT, tl.sum(qT.to(tl.float32), 0)
-
-
-@triton.jit
-def _folded_scores(
-    codes, qT, KScale, KZero, row, OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr
-):
-    """[BLOCK_N, HEADS_N] scores of codes in one per-channel key block, its scale row folded into the query:
-    q . (s * code + z) = (q * s) . (OFFSET + code) - OFFSET sum(q * s) + q . z."""
-    ks = tl.load(KScale + row).to(tl.float32)
-    kz = tl.load(KZero + row).to(tl.float32)
-    q_scaled = (qT.to(tl.float32) * ks[:, None]).to(DOT_DTYPE)
-    s = tl.dot(codes, q_scaled, input_precision=DOT_PRECISION)
-    return s + (tl.sum(qT.to(tl.float32) * kz[:, None], 0) - OFFSET * tl.sum(q_scaled.to(tl.float32), 0))[None, :]
 
 
 @triton.jit
@@ -587,10 +524,8 @@ def _key_chunk_scores(
     row_offs,
     pos,
     valid,
-    start,
     kscale_base,
     stride_ksn,
-    last_block,
     ks_tile,
     kz_tile,
     qT,
@@ -602,35 +537,21 @@ def _key_chunk_scores(
     Q_GROUP: tl.constexpr,
     KEY_PER_CHANNEL: tl.constexpr,
     BLOCK_LENGTH: tl.constexpr,
-    KEY_ROWS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ASM: tl.constexpr,
 ):
-    """[BLOCK_N, HEADS_N] contribution of one channel chunk to the scores q . k."""
+    """[BLOCK_N, HEADS_N] contribution of one channel chunk to the scores q . k (per-token keys, or per-channel
+    keys whose blocks do not nest with the tiles)."""
     OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0  # what _codes_to_dot adds to each code
     codes = _load_chunk_codes(KCodes, row_offs, valid, C, CHUNK, HEAD_DIM, NBITS, DOT_DTYPE, ASM)
     offs_w = C * CHUNK + tl.arange(0, CHUNK)
-    if KEY_PER_CHANNEL:
-        if KEY_ROWS == 1:  # the tile lies inside one block: one scale row, folded into the query
-            row = kscale_base + (start // BLOCK_LENGTH) * stride_ksn + offs_w
-            return _folded_scores(codes, qT, KScale, KZero, row, OFFSET, DOT_DTYPE, DOT_PRECISION)
-        elif KEY_ROWS == 2:  # two blocks: both rows folded, each kept for its half of the tile (the codes
-            # are converted once; only the small dots are doubled). A second row past the allocation is
-            # read as the first: its tokens are past num_stored, masked.
-            first = start // BLOCK_LENGTH
-            row0 = kscale_base + first * stride_ksn + offs_w
-            row1 = kscale_base + tl.minimum(first + 1, last_block) * stride_ksn + offs_w
-            s0 = _folded_scores(codes, qT, KScale, KZero, row0, OFFSET, DOT_DTYPE, DOT_PRECISION)
-            s1 = _folded_scores(codes, qT, KScale, KZero, row1, OFFSET, DOT_DTYPE, DOT_PRECISION)
-            first_half = tl.arange(0, codes.shape[0]) < BLOCK_LENGTH
-            return tl.where(first_half[:, None], s0, s1)
-        else:  # tiles and blocks do not nest: dequantize with one scale row per token
-            rows = kscale_base + (pos // BLOCK_LENGTH)[:, None] * stride_ksn + offs_w[None, :]
-            ks = tl.load(KScale + rows, mask=valid[:, None], other=0.0).to(tl.float32)
-            kz = tl.load(KZero + rows, mask=valid[:, None], other=0.0).to(tl.float32)
-            keys = ((codes.to(tl.float32) - OFFSET) * ks + kz).to(DOT_DTYPE)
-            return tl.dot(keys, qT, input_precision=DOT_PRECISION)
+    if KEY_PER_CHANNEL:  # tiles and blocks do not nest (else _channel_key_scores): one scale row per token
+        rows = kscale_base + (pos // BLOCK_LENGTH)[:, None] * stride_ksn + offs_w[None, :]
+        ks = tl.load(KScale + rows, mask=valid[:, None], other=0.0).to(tl.float32)
+        kz = tl.load(KZero + rows, mask=valid[:, None], other=0.0).to(tl.float32)
+        keys = ((codes.to(tl.float32) - OFFSET) * ks + kz).to(DOT_DTYPE)
+        return tl.dot(keys, qT, input_precision=DOT_PRECISION)
     else:
         ks = _column(ks_tile, (C * CHUNK) // Q_GROUP)
         kz = _column(kz_tile, (C * CHUNK) // Q_GROUP)
@@ -689,8 +610,6 @@ def _load_value_codes(
     pos,
     valid,
     last_block,
-    vs,
-    vz,
     C: tl.constexpr,
     CHUNK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -699,11 +618,8 @@ def _load_value_codes(
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     ASM: tl.constexpr,
-    VALUE_UNIT: tl.constexpr,
 ):
-    """[CHUNK, BLOCK_N] value codes (channels x tokens) of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code,
-    or, with ``VALUE_UNIT`` > 0 (2-bit codes), the float16 values themselves: x * vs + vz, x = 1 + code / 4
-    (see _value_chunk_update; ``vs``, ``vz`` [BLOCK_N]).
+    """[CHUNK, BLOCK_N] value codes (channels x tokens) of channels [C * CHUNK, (C + 1) * CHUNK) as 1024 + code.
 
     Value codes are block-major (``quant.to_block_major``, blocks of VALUE_BLOCK tokens): the tokens of
     one byte column are adjacent, as the dot's inner dimension wants them.
@@ -715,11 +631,6 @@ def _load_value_codes(
     SHIFT: tl.constexpr = (C * CHUNK) // PLANE_BYTES * PLANE_BITS
     args = (VCodes, code_base, start, pos, valid, last_block)
     bytes_ = _load_value_bytes(*args, COL + tl.arange(0, CHUNK), PACKED, VALUE_BLOCK, BLOCK_N)
-    if VALUE_UNIT > 0:
-        gain = tl.broadcast_to(vs.to(tl.float16)[None, :], bytes_.shape)
-        offset = tl.broadcast_to(vz.to(tl.float16)[None, :], bytes_.shape)
-    if VALUE_UNIT > 0:
-        return _codes_to_values(bytes_, gain, offset, SHIFT, ASM)
     if NBITS == 3:
         high_col, high_shift = _three_bit_high(C, CHUNK, HEAD_DIM)
         high = _load_value_bytes(*args, high_col, PACKED, VALUE_BLOCK, BLOCK_N)
@@ -751,7 +662,6 @@ def _value_chunk_update(
     DOT_PRECISION: tl.constexpr,
     ASM: tl.constexpr,
     VALUE_DOT: tl.constexpr,
-    VALUE_UNIT: tl.constexpr,
 ):
     """acc [CHUNK, HEADS_N] (channels x heads) rescaled by alpha plus this tile's p @ values on the chunk.
 
@@ -761,17 +671,8 @@ def _value_chunk_update(
     - 1 ("fp16"): ``(1024 + code) @ (p * value_scale)``, the scale folded into p. Small value scales
       (int8 values of RMS below ~0.05) put ``p * value_scale`` among float16's subnormals, which lose
       precision: relative L2 4.8e-2 at value RMS 0.005 (docs/kernel_notes.md, 2026-12-02).
-    ``VALUE_UNIT`` > 0 ("dequant", 2-bit codes): the codes become x = 1 + code / VALUE_UNIT (VALUE_UNIT = 4, the
-    code in the lowest mantissa bits of a float16's high byte) and value = x * (scale * 4) + (zero - scale * 4),
-    one fused multiply-add per pair of codes (``vs_tile``/``vz_tile`` hold these factors, _scale_tiles), where
-    1024 + code needs a subtraction first. The offset, rounded to float16, is about four quantization steps
-    plus the zero: its rounding error is a few times float16's rounding of a value. Wider codes keep 1024 + code:
-    their offset in the top mantissa bits would be 8-64 steps, and its rounding fails the kernel's precision
-    tests at 4 bits (a first try, docs/kernel_notes.md).
     """
     OFFSET: tl.constexpr = 0.0 if DOT_DTYPE == tl.float32 else 1024.0
-    vs = _column(vs_tile, (C * CHUNK) // Q_GROUP)
-    vz = _column(vz_tile, (C * CHUNK) // Q_GROUP)
     codes = _load_value_codes(
         VCodes,
         code_base,
@@ -779,8 +680,6 @@ def _value_chunk_update(
         pos,
         valid,
         last_block,
-        vs,
-        vz,
         C,
         CHUNK,
         HEAD_DIM,
@@ -789,11 +688,10 @@ def _value_chunk_update(
         BLOCK_N,
         DOT_DTYPE,
         ASM,
-        VALUE_UNIT,
     )
+    vs = _column(vs_tile, (C * CHUNK) // Q_GROUP)
+    vz = _column(vz_tile, (C * CHUNK) // Q_GROUP)
     acc = acc * alpha[None, :]
-    if VALUE_UNIT > 0:  # codes are the values
-        return tl.dot(codes, p.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
     if DOT_DTYPE == tl.float16 and VALUE_DOT == 0:
         values = (codes - OFFSET) * vs.to(DOT_DTYPE)[None, :] + vz.to(DOT_DTYPE)[None, :]
         return tl.dot(values, p.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
@@ -817,19 +715,13 @@ def _scale_tiles(
     NUM_GROUPS: tl.constexpr,
     GROUPS_PAD: tl.constexpr,
     KEY_PER_CHANNEL: tl.constexpr,
-    VALUE_UNIT: tl.constexpr,
 ):
-    """Per-token scales/zeros of a tile as float32 [BLOCK_N, GROUPS_PAD] tiles (keys: zeros if per channel).
-
-    ``VALUE_UNIT`` > 0: the values' as scale * VALUE_UNIT and zero - scale * VALUE_UNIT (see _value_chunk_update)."""
+    """Per-token scales/zeros of a tile as float32 [BLOCK_N, GROUPS_PAD] tiles (keys: zeros if per channel)."""
     offs_g = tl.arange(0, GROUPS_PAD)
     mask = valid[:, None] & (offs_g < NUM_GROUPS)[None, :]
     v_offs = vscale_base + pos[:, None] * stride_vsn + offs_g[None, :]
     vs = tl.load(VScale + v_offs, mask=mask, other=0.0).to(tl.float32)
     vz = tl.load(VZero + v_offs, mask=mask, other=0.0).to(tl.float32)
-    if VALUE_UNIT > 0:
-        vs = vs * VALUE_UNIT  # exact: a power of two
-        vz = vz - vs
     if KEY_PER_CHANNEL:
         ks = tl.zeros_like(vs)
         kz = tl.zeros_like(vs)
@@ -929,8 +821,6 @@ def _middle_split(
     NUM_CHUNKS: tl.constexpr = HEAD_DIM // CHUNK
     NUM_KEY_CHUNKS: tl.constexpr = HEAD_DIM // KEY_CHUNK
     DOT_DTYPE: tl.constexpr = tl.float32 if DOT_PRECISION == "ieee" else tl.float16
-    # the values' codes as 1 + code / VALUE_UNIT (_value_chunk_update); 0: as 1024 + code
-    VALUE_UNIT: tl.constexpr = 4 if DOT_PRECISION != "ieee" and VALUE_DOT == 0 and VALUE_NBITS == 2 else 0
     offs_hn = tl.arange(0, HEADS_N)
     offs_w = tl.arange(0, KEY_CHUNK)
     offs_n = tl.arange(0, BLOCK_N)
@@ -974,7 +864,7 @@ def _middle_split(
     scale_args = (KScale, KZero, VScale, VZero)
     scale_bases = (kscale_base, stride_ksn, vscale_base, stride_vsn)
     ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(
-        *scale_args, lo + offs_n, lo + offs_n < hi, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL, VALUE_UNIT
+        *scale_args, lo + offs_n, lo + offs_n < hi, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL
     )
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
@@ -982,18 +872,11 @@ def _middle_split(
         row_offs = code_base + pos * stride_cn
         if SCALE_PREFETCH:  # the next tile's scales load while this tile computes
             next_tiles = _scale_tiles(
-                *scale_args,
-                pos + BLOCK_N,
-                pos + BLOCK_N < hi,
-                *scale_bases,
-                NUM_GROUPS,
-                GROUPS_PAD,
-                KEY_PER_CHANNEL,
-                VALUE_UNIT,
+                *scale_args, pos + BLOCK_N, pos + BLOCK_N < hi, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL
             )
         else:
             ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(
-                *scale_args, pos, valid, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL, VALUE_UNIT
+                *scale_args, pos, valid, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL
             )
         key_args = (
             KCodes,
@@ -1002,10 +885,8 @@ def _middle_split(
             row_offs,
             pos,
             valid,
-            start,
             kscale_base,
             stride_ksn,
-            last_block,
             ks_tile,
             kz_tile,
         )
@@ -1046,7 +927,6 @@ def _middle_split(
                 Q_GROUP,
                 KEY_PER_CHANNEL,
                 BLOCK_LENGTH,
-                KEY_ROWS,
                 DOT_DTYPE,
                 DOT_PRECISION,
                 CODES_ASM,
@@ -1063,7 +943,6 @@ def _middle_split(
                     Q_GROUP,
                     KEY_PER_CHANNEL,
                     BLOCK_LENGTH,
-                    KEY_ROWS,
                     DOT_DTYPE,
                     DOT_PRECISION,
                     CODES_ASM,
@@ -1080,7 +959,6 @@ def _middle_split(
                     Q_GROUP,
                     KEY_PER_CHANNEL,
                     BLOCK_LENGTH,
-                    KEY_ROWS,
                     DOT_DTYPE,
                     DOT_PRECISION,
                     CODES_ASM,
@@ -1097,7 +975,6 @@ def _middle_split(
                     Q_GROUP,
                     KEY_PER_CHANNEL,
                     BLOCK_LENGTH,
-                    KEY_ROWS,
                     DOT_DTYPE,
                     DOT_PRECISION,
                     CODES_ASM,
@@ -1122,7 +999,6 @@ def _middle_split(
             DOT_PRECISION,
             CODES_ASM,
             VALUE_DOT,
-            VALUE_UNIT,
         )
         if NUM_CHUNKS > 1:
             acc1 = _value_chunk_update(
@@ -1139,7 +1015,6 @@ def _middle_split(
                 DOT_PRECISION,
                 CODES_ASM,
                 VALUE_DOT,
-                VALUE_UNIT,
             )
         if NUM_CHUNKS > 2:
             acc2 = _value_chunk_update(
@@ -1156,7 +1031,6 @@ def _middle_split(
                 DOT_PRECISION,
                 CODES_ASM,
                 VALUE_DOT,
-                VALUE_UNIT,
             )
         if NUM_CHUNKS > 3:
             acc3 = _value_chunk_update(
@@ -1173,7 +1047,6 @@ def _middle_split(
                 DOT_PRECISION,
                 CODES_ASM,
                 VALUE_DOT,
-                VALUE_UNIT,
             )
         m_i = m_new
         if SCALE_PREFETCH:
