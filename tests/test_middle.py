@@ -81,8 +81,10 @@ def test_store_writes_at_a_position_grows_and_reads_back_what_quantize_middle_st
     assert store.used_bytes(40)["bytes_key_codes"] == 2 * 3 * 40 * 32 * 4 // 8
 
 
-def test_custom_op_attends_over_the_flattened_storage():
-    """The operator a captured step calls (device lengths) takes the storage through the flatten pair."""
+@pytest.mark.parametrize("vrotate", ["none", "hadamard"])
+def test_custom_op_attends_over_the_flattened_storage(vrotate):
+    """The operator a captured step calls (device lengths) takes the storage through the flatten pair (rotated
+    values included)."""
     kernel_module()  # a GPU, or the kernels in Triton's interpreter
     from selkv.kernels import decode_op
 
@@ -101,6 +103,7 @@ def test_custom_op_attends_over_the_flattened_storage():
         dtype=torch.float16,
         device=device,
         rotate="hadamard-signs",
+        vrotate=vrotate,
     )
     storage = with_device_lengths(storage, gen)
     query = torch.randn(2, 4, 1, 64, generator=gen).half().to(device)
