@@ -35,7 +35,7 @@ SHAPES = [(1, 32768), (8, 32768), (1, 131072), (32, 8192)]  # (batch, context)
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 SINK, WINDOW, BLOCK = 4, 128, 32
 # name -> (nbits, key axis, q_group_size)
-FUSED = {  # name: (nbits, axis_key, q_group_size, block_length)
+FUSED = {  # name: (nbits, axis_key, q_group_size, block_length[, rotate[, vrotate]])
     "fused int8": (8, "token", 64, BLOCK),
     "fused int4": (4, "channel", 64, BLOCK),
     "fused int4 tok": (4, "token", 64, BLOCK),
@@ -46,6 +46,9 @@ FUSED = {  # name: (nbits, axis_key, q_group_size, block_length)
     "fused int4 spec rot": (4, "channel", 32, 64, "hadamard-signs"),
     "fused int2 rot": (2, "channel", 64, 32, "hadamard-signs"),
     "fused int3 spec rot": (3, "channel", 64, 64, "hadamard-signs"),  # the int3 spec's defaults
+    # rotated keys and values (quant:bits=3,rotate=hadamard,vrotate=hadamard): the merge rotates the middle's
+    # output back
+    "fused int3 vrot": (3, "channel", 64, 64, "hadamard", "hadamard"),
     "fused int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
 }
 ACCURACY_RMS = (1.0, 0.02)  # value RMS of the accuracy column
@@ -62,9 +65,10 @@ def random_storage(
     device="cuda",
     dtype=torch.bfloat16,
     device_lengths: bool = False,
+    vrotate: str = "none",
 ) -> DecodeStorage:
-    """A cache of ``context`` tokens filled with random codes and scales (``rotate``: the middle's keys
-    are read as rotated by that matrix, as a layer stores them).
+    """A cache of ``context`` tokens filled with random codes and scales (``rotate`` / ``vrotate``: the middle's
+    keys / values are read as rotated by that matrix, as a layer stores them).
 
     ``device_lengths``: the lengths on the device, as a static cache holds them (the kernel reads
     them; its grid comes from the capacities, here equal to the filled lengths).
@@ -72,7 +76,7 @@ def random_storage(
     num_stored = (context - SINK - WINDOW) // block * block
     num_recent = context - SINK - num_stored
     B, H, D = batch, NUM_KV_HEADS, HEAD_DIM
-    layout = MiddleLayout(nbits, nbits, group, axis_key, block, rotate)
+    layout = MiddleLayout(nbits, nbits, group, axis_key, block, rotate, vrotate=vrotate)
     lengths = None
     if device_lengths:
         lengths = torch.tensor([SINK, num_stored, num_recent, 0], dtype=torch.int32, device=device)
@@ -90,7 +94,14 @@ def random_storage(
         lengths=lengths,
         key_rotation=quant.rotation_matrix(rotate, D, device),
         key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
+        value_rotation=quant.rotation_matrix(vrotate, D, device),
+        value_rotation_signs=quant.rotation_signs(vrotate, D, dtype, device),
     )
+
+
+def rotations(rotate: list[str]) -> dict[str, str]:
+    """``rotate`` and ``vrotate`` keywords from what follows a FUSED row's block length."""
+    return dict(rotate=rotate[0] if rotate else "none", vrotate=rotate[1] if len(rotate) > 1 else "none")
 
 
 def parse_method(name: str, config=None, baseline=None):
@@ -130,7 +141,7 @@ def layout_errors(name: str, device: str = "cuda", shape: dict | None = None, ba
     for rms in ACCURACY_RMS:
         gen = torch.Generator(device).manual_seed(0)
         storage, middle = kernel_precision.make_cache(
-            gen, nbits, axis_key, group, block, rms, device=device, rotate=rotate[0] if rotate else "none", **shape
+            gen, nbits, axis_key, group, block, rms, device=device, **rotations(rotate), **shape
         )
         query = torch.randn(
             shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen, device=device
@@ -206,7 +217,7 @@ def run(shapes, methods, config=None, check=True, baseline=None) -> list[dict]:
                 axis_key,
                 group,
                 block,
-                rotate=rotate[0] if rotate else "none",
+                **rotations(rotate),
                 device_lengths=device_lengths,
             )
             nbytes = kernels.bytes_read(

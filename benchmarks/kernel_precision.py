@@ -42,7 +42,7 @@ from selkv.middle import MiddleLayout, MiddleTensors, quantize_middle  # noqa: E
 from selkv.storage import DecodeStorage  # noqa: E402
 
 VALUE_RMS = (1.0, 0.1, 0.02, 0.005)
-QUANT = {  # name: (nbits, axis_key, q_group_size, block_length[, rotate]), as benchmarks/decode_attention.py
+QUANT = {  # name: (nbits, axis_key, q_group_size, block_length[, rotate[, vrotate]]), as benchmarks/decode_attention.py
     "int8": (8, "token", 64, 32),
     "int4": (4, "channel", 64, 32),
     "int4 tok": (4, "token", 64, 32),
@@ -53,6 +53,8 @@ QUANT = {  # name: (nbits, axis_key, q_group_size, block_length[, rotate]), as b
     "int4 spec rot": (4, "channel", 32, 64, "hadamard-signs"),
     "int2 rot": (2, "channel", 64, 32, "hadamard-signs"),
     "int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
+    # rotated keys and values: the merge rotates the middle's output back
+    "int3 vrot": (3, "channel", 64, 64, "hadamard", "hadamard"),
 }
 CUDA_SHAPE = dict(batch_size=8, num_heads=32, num_kv_heads=8, head_dim=128, context=32768, dtype=torch.bfloat16)
 CPU_SHAPE = dict(batch_size=1, num_heads=4, num_kv_heads=1, head_dim=64, context=388, dtype=torch.float16)
@@ -106,10 +108,11 @@ def make_cache(
     dtype: torch.dtype,
     device: str,
     rotate: str = "none",
+    vrotate: str = "none",
     **_,
 ) -> DecodeStorage:
     """Random keys (3 outlier channels) and values (RMS ``value_rms``), quantized as a layer stores them
-    (middle keys rotated first when ``rotate`` is not "none")."""
+    (middle keys / values rotated first when ``rotate`` / ``vrotate`` is not "none")."""
     num_stored = (context - SINK - WINDOW) // block_length * block_length
     num_recent = context - SINK - num_stored
     B, H, D = batch_size, num_kv_heads, head_dim
@@ -127,12 +130,12 @@ def make_cache(
     sink_keys, sink_values = states(SINK)
     recent_keys, recent_values = states(num_recent)
     keys, values = states(num_stored)  # the middle as it was before quantization
-    rotation = quant.rotation_matrix(rotate, D, device)
-    layout = MiddleLayout(nbits, nbits, q_group_size, axis_key, block_length, rotate)
+    rotation, value_rotation = quant.rotation_matrix(rotate, D, device), quant.rotation_matrix(vrotate, D, device)
+    layout = MiddleLayout(nbits, nbits, q_group_size, axis_key, block_length, rotate, vrotate=vrotate)
     storage = DecodeStorage(
         sink_keys=sink_keys,
         sink_values=sink_values,
-        middle=quantize_middle(keys, values, layout, rotation),
+        middle=quantize_middle(keys, values, layout, rotation, value_rotation),
         recent_keys=recent_keys,
         recent_values=recent_values,
         num_sink=SINK,
@@ -142,6 +145,8 @@ def make_cache(
         row_padding=None,
         key_rotation=rotation,
         key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
+        value_rotation=value_rotation,
+        value_rotation_signs=quant.rotation_signs(vrotate, D, dtype, device),
     )
     return storage, (keys, values)
 
@@ -214,6 +219,7 @@ def main() -> None:
                 value_rms,
                 device=device,
                 rotate=rotate[0] if rotate else "none",
+                vrotate=rotate[1] if len(rotate) > 1 else "none",
                 **shape,
             )
             query = torch.randn(
@@ -236,6 +242,7 @@ def main() -> None:
                     quant=label,
                     value_dot=value_dot,
                     rotate=rotate[0] if rotate else "none",
+                    vrotate=rotate[1] if len(rotate) > 1 else "none",
                     nbits=nbits,
                     axis_key=axis_key,
                     q_group_size=q_group_size,

@@ -168,7 +168,9 @@ def test_captured_selkv_fill_and_rewind():
     assert [layer.lengths.tolist() for layer in cache.layers] == start and int(cache.get_seq_length()) == 300
 
 
-@pytest.mark.parametrize("name", ["fused int4 spec", "fused int4 tok", "fused int4 spec rot", "fused int2 rot"])
+@pytest.mark.parametrize(
+    "name", ["fused int4 spec", "fused int4 tok", "fused int4 spec rot", "fused int2 rot", "fused int3 vrot"]
+)
 def test_decode_attention_accuracy_column_runs_small(name):
     """The accuracy column of decode_attention.py (the compiled kernel on a GPU, else Triton's interpreter; float16,
     a small cache):

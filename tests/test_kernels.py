@@ -151,6 +151,157 @@ def test_interpreter_rotated_keys(nbits, value_nbits, axis_key, dtype, device_le
     check_case(module, "cpu", dtype, fresh_seed(), config=config, device_lengths=device_lengths, **shape)
 
 
+# (key bits, value bits, key axis, key rotation, value rotation, dtype): values stored rotated, with and without
+# rotated keys (the same matrix, or another).
+ROTATED_VALUE_CASES = [
+    (8, 8, "token", "none", "hadamard", torch.float16),
+    (4, 4, "channel", "hadamard", "hadamard", torch.float16),
+    (4, 4, "token", "none", "hadamard-signs", torch.float32),
+    (3, 3, "channel", "hadamard", "hadamard", torch.float16),
+    (3, 3, "channel", "hadamard-signs", "hadamard", torch.float32),
+    (2, 2, "channel", "hadamard-signs", "hadamard-signs", torch.float16),
+    (2, 2, "token", "none", "hadamard", torch.float16),
+    (4, 2, "channel", "hadamard", "hadamard-signs", torch.float16),
+]
+
+
+def _rotated_values_shape(nbits, value_nbits, axis_key, rotate, vrotate) -> dict:
+    """Three splits of 32 tokens (the last partly filled), GQA 2, row 0 left-padded into the middle."""
+    return dict(
+        SMALL,
+        head_dim=64,
+        num_heads=4,
+        num_sink=3,
+        num_stored=80,
+        num_recent=11,
+        nbits=nbits,
+        value_nbits=value_nbits,
+        axis_key=axis_key,
+        row_padding=[6, 0],
+        rotate=rotate,
+        vrotate=vrotate,
+    )
+
+
+@interpreter_only
+@pytest.mark.parametrize("device_lengths", [False, True])
+@pytest.mark.parametrize("nbits,value_nbits,axis_key,rotate,vrotate,dtype", ROTATED_VALUE_CASES)
+def test_interpreter_rotated_values(nbits, value_nbits, axis_key, rotate, vrotate, dtype, device_lengths):
+    """Middle values stored rotated: the middle programs attend over them as stored and the merge rotates their
+    merged output back before adding the 16-bit program's (sink and window values are not rotated); the
+    references rotate the dequantized values back. The signed matrix is not symmetric: a transpose shows."""
+    module = kernel_module()
+    config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=3)
+    shape = _rotated_values_shape(nbits, value_nbits, axis_key, rotate, vrotate)
+    check_case(module, "cpu", dtype, fresh_seed(), config=config, device_lengths=device_lengths, **shape)
+
+
+@interpreter_only
+@pytest.mark.parametrize("device_lengths", [False, True])
+def test_interpreter_rotated_values_over_many_splits(device_lengths):
+    """40 middle splits: the merge reads the middle's partials in two steps of 32 and the 16-bit one apart."""
+    module = kernel_module()
+    config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=40)
+    shape = dict(
+        _rotated_values_shape(4, 4, "channel", "hadamard", "hadamard-signs"),
+        batch_size=1,
+        num_kv_heads=1,
+        num_heads=2,
+        num_stored=40 * 16 - 5,
+        row_padding=None,
+    )
+    check_case(module, "cpu", torch.float16, fresh_seed(), config=config, device_lengths=device_lengths, **shape)
+
+
+@interpreter_only
+@pytest.mark.parametrize("broken", ["not rotated back", "rotated back by R, not R^T", "the 16-bit partial rotated too"])
+def test_interpreter_rotated_values_fail_the_references_when_not_rotated_back_right(monkeypatch, broken):
+    """The tests can fail: a merge that does not rotate the middle's output back, or rotates it back by the
+    transposed matrix, or rotates the 16-bit program's partial too, is far from the references."""
+    module = kernel_module()
+    real = module._value_rotation
+
+    def wrong(storage, query):
+        operand, scale = real(storage, query)
+        return None if broken == "not rotated back" else (operand.T.contiguous(), scale)
+
+    if broken == "the 16-bit partial rotated too":  # all of the output rotated back after an unrotated merge
+        real_launch = module.selective_decode_attention
+
+        def launch(query, storage, **kwargs):
+            out = real_launch(query, dataclasses.replace(storage, value_rotation=None, value_rotation_signs=None))
+            return (out.float() @ storage.value_rotation.T).to(out.dtype)
+
+        monkeypatch.setattr(module, "selective_decode_attention", launch)
+    else:
+        monkeypatch.setattr(module, "_value_rotation", wrong)
+    config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=3)
+    shape = _rotated_values_shape(4, 4, "channel", "hadamard", "hadamard-signs")
+    with pytest.raises(AssertionError, match="kernel vs float64"):
+        check_case(module, "cpu", torch.float32, fresh_seed(), config=config, **shape)
+
+
+@pytest.mark.parametrize("from_signs", [True, False])
+def test_rotated_values_from_their_signs_or_a_float32_matrix(from_signs):
+    """The merge rotates the middle's output back from the +-1 form (value_rotation_signs) or, without one, from
+    the float32 matrix: a dense orthogonal one here. On CUDA the compiled kernel, elsewhere Triton's interpreter."""
+    module = kernel_module()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    shape = dict(_rotated_values_shape(3, 3, "channel", "hadamard", "hadamard-signs"), row_padding=None)
+    shape.pop("num_heads")
+    storage = make_storage(gen, dtype=dtype, device=device, **shape)
+    assert storage.value_rotation_signs is not None
+    if not from_signs:
+        # the codes were quantized under another rotation: the references read them with the kernel's matrix
+        dense, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen, dtype=torch.float64))
+        storage = dataclasses.replace(storage, value_rotation=dense.float().to(device), value_rotation_signs=None)
+    query = torch.randn(2, 4, 1, 64, generator=gen).to(dtype).to(device)
+    config = module.DecodeConfig(block_exact=16, num_splits=2)
+    out = module.selective_decode_attention(query, storage, config=config)
+    ref64 = float64_reference(query, storage, 64**-0.5)
+    assert relative_error(out, ref64) < max_relative_error(dtype), f"seed={seed}"
+
+
+def test_a_static_cache_with_rotated_values_through_the_kernel():
+    """A static cache's storage carries the values' +-1 rotation (shared by every layer, and with the keys when
+    they use the same one); from the first decode steps, whose middle is still empty (its capacity is not),
+    through evictions, the kernel gives the twin's output. On CUDA the compiled kernel, else the interpreter."""
+    from selkv import make_cache
+
+    module = kernel_module()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = tiny_llama_config()
+    cache = make_cache("quant:bits=4,sink=4,window=8,block=8,vrotate=hadamard-signs", config, max_cache_len=64)
+    cache.enable_fused_decode()
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, config.num_key_value_heads, 1, config.head_dim)
+    cache.update(
+        torch.randn(shape[:2] + (6, shape[3]), generator=gen).to(device),
+        torch.randn(shape[:2] + (6, shape[3]), generator=gen).to(device),
+        0,
+    )
+    layer = cache.layers[0]
+    checked = set()
+    for _ in range(24):
+        cache.update(torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device), 0)
+        storage = layer.decode_storage()
+        assert storage.value_rotation_signs is storage.key_rotation_signs is not None  # hadamard-signs both
+        stored = layer.num_stored
+        if stored in checked:
+            continue
+        checked.add(stored)
+        query = torch.randn(2, config.num_attention_heads, 1, config.head_dim, generator=gen).to(device)
+        out = module.selective_decode_attention(query, storage)
+        want = reference.selective_decode_attention(query, storage)
+        torch.testing.assert_close(out, want, **TOLERANCES["kernel_fp32"], msg=lambda m: f"seed={seed}\n{m}")
+    assert checked == {0, 8, 16}, checked
+    take_published(0)
+
+
 @interpreter_only
 @pytest.mark.parametrize("axis_key", ["token", "channel"])
 def test_interpreter_scales_loaded_in_the_tile(axis_key):
@@ -389,6 +540,30 @@ def test_cuda_rotated_keys_and_split_bit_widths(nbits, value_nbits, axis_key, ro
         check_case(module, "cuda", torch.bfloat16, seed + i, device_lengths=i % 2 == 1, **shape)
 
 
+# (key bits, value bits, key axis, key rotation, value rotation): values stored rotated, compiled for CUDA.
+CUDA_ROTATED_VALUE_CASES = [
+    (3, 3, "channel", "hadamard", "hadamard"),
+    (2, 2, "channel", "hadamard-signs", "hadamard"),
+    (4, 4, "channel", "hadamard-signs", "hadamard-signs"),
+    (8, 8, "token", "none", "hadamard"),
+    (4, 2, "channel", "hadamard", "hadamard-signs"),
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("nbits,value_nbits,axis_key,rotate,vrotate", CUDA_ROTATED_VALUE_CASES)
+def test_cuda_rotated_values(nbits, value_nbits, axis_key, rotate, vrotate, head_dim):
+    """The compiled kernel on middle values stored rotated (the merge rotates the middle's output back; bf16,
+    GQA 4), host and device lengths, padding, one split up to many."""
+    module = kernel_module()
+    seed = fresh_seed()
+    layout = dict(nbits=nbits, value_nbits=value_nbits, axis_key=axis_key, rotate=rotate, vrotate=vrotate)
+    for i, shape in _cuda_shapes(head_dim, 8, **layout):
+        for device_lengths in (False, True):
+            check_case(module, "cuda", torch.bfloat16, seed + i, device_lengths=device_lengths, **shape)
+
+
 PRECISION_RMS = (1.0, 0.1, 0.02, 0.005)
 
 PRECISION_QUANT = [(8, "token"), (8, "channel"), (4, "token"), (4, "channel"), (2, "token"), (2, "channel")]
@@ -479,6 +654,17 @@ def test_interpreter_precision_on_small_values(dtype, nbits, axis_key):
         axis_key=axis_key,
         **INTERPRETER_PRECISION,
     )
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_interpreter_precision_of_rotated_values_on_small_values(dtype):
+    """Rotated 3-bit keys and values on the precision grid: rotating the middle's output back (in float32, in
+    the merge) does not grow the error as values shrink."""
+    module = kernel_module()
+    config = module.DecodeConfig(block_n=64, block_exact=32, num_splits=2)
+    shape = dict(INTERPRETER_PRECISION, head_dim=64, nbits=3, axis_key="channel", rotate="hadamard")
+    check_precision_grid(module, "cpu", dtype, config, vrotate="hadamard", **shape)
 
 
 def _gain_steps(num_tokens: int) -> torch.Tensor:
@@ -572,6 +758,22 @@ def test_cuda_precision_of_rotated_keys_on_small_values(nbits):
         nbits=nbits,
         axis_key="channel",
         rotate="hadamard-signs",
+        **CUDA_PRECISION,
+    )
+
+
+@cuda_only
+@pytest.mark.parametrize("nbits", [4, 3, 2])
+def test_cuda_precision_of_rotated_values_on_small_values(nbits):
+    """Rotated keys and values on the precision grid: the merge rotates the middle's output back in float32."""
+    check_precision_grid(
+        kernel_module(),
+        "cuda",
+        torch.bfloat16,
+        nbits=nbits,
+        axis_key="channel",
+        rotate="hadamard",
+        vrotate="hadamard",
         **CUDA_PRECISION,
     )
 

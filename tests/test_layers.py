@@ -441,14 +441,16 @@ def _exact_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 
 @pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("vrotate", ["none", "hadamard-signs"])
 @pytest.mark.parametrize("rotate", ["hadamard", "hadamard-signs", "none"])
-def test_rotation_leaves_attention_exact_when_nothing_is_lost(rotate, static):
+def test_rotation_leaves_attention_exact_when_nothing_is_lost(rotate, vrotate, static):
     """8-bit groups of one channel store every float32 value almost exactly (a group's range is one value):
-    with or without rotated keys, what the dense path reads and what the twin attends to is what was given."""
+    with or without rotated keys (and values), what the dense path reads and what the twin attends to is what
+    was given."""
     from selkv.kernels import reference
 
     config = tiny_llama_config()
-    spec = f"quant:bits=8,sink=2,window=6,block=4,key_axis=token,group=1,rotate={rotate}"
+    spec = f"quant:bits=8,sink=2,window=6,block=4,key_axis=token,group=1,rotate={rotate},vrotate={vrotate}"
     steps = [19, 1, 1, 1, 9, 1, 1, 1, 1, 1]
     cache = selkv.make_cache(spec, config, max_cache_len=sum(steps) if static else None)
     cache.enable_fused_decode()
@@ -467,6 +469,7 @@ def test_rotation_leaves_attention_exact_when_nothing_is_lost(rotate, static):
             continue
         layer = cache.layers[0]
         assert layer.num_stored > 0 and (layer.middle.key_rotation is not None) == (rotate != "none")
+        assert (layer.middle.value_rotation is not None) == (vrotate != "none")
         query = torch.randn(2, 4, 1, 32, generator=gen)
         got = reference.selective_decode_attention(query, layer.decode_storage())
         torch.testing.assert_close(

@@ -84,6 +84,23 @@ def test_fake_int3_matches_library_int3(sweep):
     torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
 
 
+@torch.inference_mode()
+@pytest.mark.parametrize("rotate", ["hadamard", "hadamard-signs"])
+def test_fake_value_rotation_matches_library_vrotate(sweep, rotate):
+    """The sweep's ``vrotate`` candidate and the library's ``vrotate`` (codes of the rotated values, read back
+    rotated back) are the same cache, with the keys' rotation the same matrix or another."""
+    from selkv.cache import make_cache
+
+    model = make_tiny_llama()
+    ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(3))
+    spec = f"quant:bits=3,sink=2,window=16,block=8,group=32,rotate={rotate},vrotate=hadamard"
+    library = _logits(model, make_cache(spec, model.config), ids)
+    cand = sweep.Candidate.parse(f"kbits=3,vbits=3,sink=2,window=16,block=8,group=32,rotate={rotate},vrotate=hadamard")
+    torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
+    unrotated = _logits(model, make_cache(spec.replace(",vrotate=hadamard", ""), model.config), ids)
+    assert not torch.allclose(unrotated, library, atol=1e-4, rtol=0)  # the value rotation changes the cache
+
+
 @pytest.mark.parametrize("nbits", [2, 3, 4, 8])
 def test_fake_quantize_is_quant_quantize(sweep, nbits):
     x = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(nbits)) * 3
@@ -145,6 +162,16 @@ def test_dense_and_sparse_keeps_exactly_the_chosen_outliers(sweep):
         ("quant:bits=8,sink=4,window=124", "kbits=8,vbits=8,key_axis=token,rotate=none"),
         ("quant:kbits=4,vbits=2,sink=4,window=124", "kbits=4,vbits=2,block=64"),
         ("quant:bits=2,sink=4,window=60,block=16", "kbits=2,vbits=2,window=60,block=16"),
+        # value rotations: the keys' matrix (no extra bytes), another one (its bytes), values only
+        (
+            "quant:bits=3,sink=4,window=124,rotate=hadamard,vrotate=hadamard",
+            "kbits=3,vbits=3,block=64,rotate=hadamard,vrotate=hadamard",
+        ),
+        ("quant:bits=3,sink=4,window=124,vrotate=hadamard", "kbits=3,vbits=3,block=64,vrotate=hadamard"),
+        (
+            "quant:bits=3,sink=4,window=124,rotate=none,vrotate=hadamard",
+            "kbits=3,vbits=3,block=64,rotate=none,vrotate=hadamard",
+        ),
     ],
 )
 def test_held_bytes_match_kv_bytes(sweep, spec, fields):

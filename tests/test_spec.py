@@ -29,6 +29,8 @@ BAD_SPECS = {
     "quant:vbits=2,sink=4": "missing field 'kbits'",
     "quant:kbits=4,vbits=6": "vbits=6 is not supported; allowed: 2, 3, 4, 8",
     "quant:bits=4,rotate=random": "rotate='random' is not allowed; allowed: none, hadamard, hadamard-signs",
+    "quant:bits=4,vrotate=random": "vrotate='random' is not allowed; allowed: none, hadamard, hadamard-signs",
+    "quant:bits=4,vrotate=hadamard,vrotate=none": "field 'vrotate' given twice",
 }
 
 
@@ -86,6 +88,29 @@ def test_rotate_key():
         selkv.make_cache("quant:bits=4,rotate=hadamard", tiny_llama_config(head_dim=48))
     with pytest.raises(SpecError, match="rotate='sideways' is not allowed"):
         selkv.parse_spec("quant:bits=4,rotate=sideways")
+
+
+def test_vrotate_key():
+    """Value rotation: "none" by default (left out of the canonical string), any rotation of ``rotate``, in the
+    layout the spec gives its layers; a power-of-two head_dim, else one line that says what to do."""
+    plain = selkv.parse_spec("quant:bits=3")
+    rotated = selkv.parse_spec("quant:bits=3,rotate=hadamard,vrotate=hadamard,sink=4,window=124")
+    assert plain.vrotate == "none" and "vrotate" not in str(plain) and plain.make_layer().layout.vrotate == "none"
+    assert rotated.vrotate == "hadamard" and str(rotated).endswith(",rotate=hadamard,vrotate=hadamard")
+    assert selkv.parse_spec(str(rotated)) == rotated and rotated.family != plain.family
+    resolved = rotated.check_model(64)
+    assert selkv.parse_spec(str(resolved)) == resolved and resolved.vrotate == "hadamard"
+    layout = resolved.make_layer().layout
+    assert (layout.rotate, layout.vrotate) == ("hadamard", "hadamard")
+    values_only = selkv.parse_spec("quant:bits=4,vrotate=hadamard-signs")  # the key rotation still resolves
+    assert values_only.rotate == "" and str(values_only).endswith(",vrotate=hadamard-signs")
+    assert values_only.check_model(64).rotate == "hadamard-signs"
+    assert selkv.parse_spec("quant:bits=4,vrotate=none") == selkv.parse_spec("quant:bits=4")
+    with pytest.raises(SpecError, match=r"^quant: vrotate=hadamard needs a power-of-two head_dim; this model's is 96 "):
+        selkv.parse_spec("quant:bits=4,rotate=none,vrotate=hadamard").check_model(96)
+    with pytest.raises(SpecError, match=r"\(use vrotate=none\)$") as info:
+        selkv.make_cache("quant:bits=4,rotate=none,vrotate=hadamard-signs", tiny_llama_config(head_dim=48))
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("kbits", [8, 4, 3, 2])

@@ -33,6 +33,7 @@ LOSSY = [
     "quant:bits=2,sink=3,window=10,block=8",
     "quant:kbits=4,vbits=2,sink=3,window=10,block=8",  # keys and values of their own bit widths
     "quant:bits=4,sink=3,window=10,block=8,key_axis=token,group=16,rotate=hadamard",  # rotated middle keys
+    "quant:bits=3,sink=3,window=10,block=8,rotate=hadamard,vrotate=hadamard",  # rotated middle keys and values
 ]
 
 
@@ -72,10 +73,11 @@ def test_static_cache_decodes_like_the_dynamic_cache(selkv_llama, spec):
 
 @pytest.mark.parametrize("axis", ["token", "channel"])
 @pytest.mark.parametrize("steps", [[1] * 45, [13, 1, 1, 40, 1, 7, 1, 1, 1, 1, 30, 1], [3, 1, 1, 1, 60, 1, 1]])
-@pytest.mark.parametrize("bits", ["bits=4", "kbits=8,vbits=2", "bits=3"])
+@pytest.mark.parametrize("bits", ["bits=4", "kbits=8,vbits=2", "bits=3", "bits=4,vrotate=hadamard-signs"])
 def test_static_layer_stores_what_the_dynamic_layer_stores(axis, steps, bits):
     """Same tokens in, any mix of chunks and single tokens: the same attention over the storage after
-    each one-token step, and what a chunk's update returns is identical."""
+    each one-token step (the static layer's captured-style step quantizes the window's oldest block with the
+    store's own write, rotated values included), and what a chunk's update returns is identical."""
     spec = f"quant:{bits},sink=3,window=9,block=4,key_axis={axis},group=16"
     config = tiny_llama_config()
     dynamic = make_cache(spec, config)

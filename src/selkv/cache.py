@@ -115,7 +115,7 @@ def kv_bytes(cache: Cache, element_size_16bit: int = 2, per_device: bool = False
     ``bytes_codes`` (``bytes_key_codes`` + ``bytes_value_codes``: keys and values may have their own bit
     widths), ``bytes_scales``, ``total`` (their sum: the filled part), ``allocated`` (the
     memory really held: the storage of every tensor, spare capacity included; selkv layers count each
-    storage once, and the key rotation matrix their layers share once per cache), ``tokens`` (positions seen),
+    storage once, and the rotation matrices their layers share once per cache), ``tokens`` (positions seen),
     ``full16`` (what a 16-bit ``full`` cache of the same tokens holds; its sliding-window layers hold only
     their window), ``compression`` (``full16 / allocated``: how much less memory the cache holds) and
     ``compression_filled`` (``full16 / total``, the filled part only). selkv's buffers keep little spare room:
@@ -142,8 +142,8 @@ def _layer_device(layer) -> str:
 
 
 def shared_bytes(layers) -> int:
-    """Storage that selkv layers share (the key rotation matrix and its +-1 form, one per head_dim, dtype and
-    device), counted once."""
+    """Storage that selkv layers share (the key and value rotation matrices and their +-1 forms, one per rotation,
+    head_dim, dtype and device; keys and values with the same rotation share one), counted once."""
     storages = {}
     for layer in layers:
         for shared in layer.shared_tensors() if isinstance(layer, SelectiveLayer) else ():

@@ -26,7 +26,11 @@ Dequantized, each element is ``code * scale + zero``. With ``rotate="hadamard"``
 ``"hadamard-signs"`` the keys are multiplied by an orthogonal matrix (``key_rotation``, ``[D, D]``,
 ``quant.rotation_matrix``) before they are quantized, which spreads outlier channels over all
 channels; readers rotate the query (the fused kernel: ``(q R) . (k R) = q . k``) or rotate the
-dequantized keys back (:func:`dequantize_middle`).
+dequantized keys back (:func:`dequantize_middle`). With ``vrotate`` the values are rotated likewise
+(``value_rotation``, ``[D, D]``) before they are quantized; attention is linear in the values, so a reader
+either rotates the dequantized values back (:func:`dequantize_middle`) or attends over the rotated values
+and rotates the output back (the fused kernel: ``(sum_n p_n v_n R) R^T = sum_n p_n v_n``). A rotation the
+keys use too is the same shared tensor: no extra bytes.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class MiddleLayout:
             block-major tile and the per-channel key group.
         rotate: the keys' rotation before quantization (``quant.ROTATIONS``).
         sym: symmetric groups (``quant.quantize``); readers need not know.
+        vrotate: the values' rotation before quantization (``quant.ROTATIONS``).
     """
 
     key_nbits: int
@@ -67,14 +72,16 @@ class MiddleLayout:
     block_length: int = 32
     rotate: str = "none"
     sym: bool = False
+    vrotate: str = "none"
 
     def __post_init__(self):
         quant.check_nbits(self.key_nbits)
         quant.check_nbits(self.value_nbits)
         if self.axis_key not in AXES:
             raise ValueError(f"axis_key must be 'token' or 'channel', got {self.axis_key!r}")
-        if self.rotate not in quant.ROTATIONS:
-            raise ValueError(f"rotate must be one of {quant.ROTATIONS}, got {self.rotate!r}")
+        for name, rotation in (("rotate", self.rotate), ("vrotate", self.vrotate)):
+            if rotation not in quant.ROTATIONS:
+                raise ValueError(f"{name} must be one of {quant.ROTATIONS}, got {rotation!r}")
 
     def key_rows(self, tokens: int) -> int:
         """Rows of ``key_scale``/``key_zero`` that ``tokens`` middle tokens use (a partial block counts whole)."""
@@ -104,17 +111,22 @@ class MiddleTensors(NamedTuple):
 
 
 def quantize_middle(
-    keys: torch.Tensor, values: torch.Tensor, layout: MiddleLayout, key_rotation: torch.Tensor | None = None
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    layout: MiddleLayout,
+    key_rotation: torch.Tensor | None = None,
+    value_rotation: torch.Tensor | None = None,
 ) -> MiddleTensors:
     """Whole blocks of tokens ``[B, H, n, head_dim]`` as the middle stores them (:func:`dequantize_middle` reads them).
 
     Keys are rotated first (``key_rotation``, or not at all), then grouped per channel over
     ``block_length`` tokens (``axis_key="channel"``) or per token in groups of ``q_group_size``
-    channels; values per token. Codes are packed, value codes block-major (:func:`quant.to_block_major`,
-    the order the fused kernel reads).
+    channels; values are rotated (``value_rotation``, or not at all), then grouped per token. Codes are
+    packed, value codes block-major (:func:`quant.to_block_major`, the order the fused kernel reads).
     """
     lay = layout
     keys = quant.rotate(keys, key_rotation)
+    values = quant.rotate(values, value_rotation)
     if lay.axis_key == "channel":
         # Outlier channels dominate per-token ranges at low bit widths; a per-channel group over a block
         # of tokens keeps each channel's own range (KIVI).
@@ -143,13 +155,14 @@ def dequantize_middle(
     out_keys: torch.Tensor | None = None,
     out_values: torch.Tensor | None = None,
     key_rotation: torch.Tensor | None = None,
+    value_rotation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``num_stored`` middle tokens as ``[B, H, num_stored, head_dim]`` keys and values in ``dtype``.
 
     The inverse of :func:`quantize_middle`. The math is float32, rounded to ``dtype`` at the end.
     ``out_keys``/``out_values`` (views of that shape, e.g. slices of the tensors attention reads)
-    receive the result without a copy. ``key_rotation`` ``[head_dim, head_dim]``: the keys were stored
-    rotated by it; they are rotated back.
+    receive the result without a copy. ``key_rotation`` / ``value_rotation`` ``[head_dim, head_dim]``: the
+    keys / values were stored rotated by it; they are rotated back (in float32, before rounding to ``dtype``).
     """
     t, block = tensors, layout.block_length
     codes = quant.unpack(t.key_codes[:, :, :num_stored], layout.key_nbits)
@@ -164,6 +177,24 @@ def dequantize_middle(
     if key_rotation is not None:
         keys = quant.unrotate(keys, key_rotation).to(dtype)
         keys = keys if out_keys is None else out_keys.copy_(keys)
+    values = _dequantize_values(t, layout, num_stored, dtype, out_values, value_rotation)
+    return keys, values
+
+
+def _dequantize_values(
+    t: MiddleTensors,
+    layout: MiddleLayout,
+    num_stored: int,
+    dtype: torch.dtype,
+    out_values: torch.Tensor | None,
+    value_rotation: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`dequantize_middle`'s values: the first ``num_stored`` tokens, rotated back by ``value_rotation``."""
+    if value_rotation is not None:  # rotated values are dequantized in float32 and rotated back before rounding
+        values = _dequantize_values(t, layout, num_stored, torch.float32, None, None)
+        values = quant.unrotate(values, value_rotation).to(dtype)
+        return values if out_values is None else out_values.copy_(values)
+    block = layout.block_length
     value_scale, value_zero = t.value_scale[:, :, :num_stored], t.value_zero[:, :, :num_stored]
     if num_stored % block == 0:  # whole blocks (always, in decode): read the codes in place, in token order
         blocks = num_stored // block
@@ -190,11 +221,11 @@ def dequantize_middle(
             dtype=dtype,
             out=out_values,
         )
-    return keys, values
+    return values
 
 
 class QuantizedMiddle:
-    """One cache layer's quantized middle: the tensors, their :class:`MiddleLayout` and the key rotation.
+    """One cache layer's quantized middle: the tensors, their :class:`MiddleLayout` and the key and value rotations.
 
     The layer owns the lengths (host integers, or device tensors in a static cache); the store owns the
     storage. :meth:`write` quantizes whole blocks and writes them at a token position, growing the store
@@ -211,16 +242,25 @@ class QuantizedMiddle:
         self.tensors: MiddleTensors | None = None
         self.key_rotation: torch.Tensor | None = None  # [head_dim, head_dim] float32, or None (rotate="none")
         self.key_rotation_signs: torch.Tensor | None = None  # its +-1 form in the model's dtype (fused kernel)
+        self.value_rotation: torch.Tensor | None = None  # the values' [head_dim, head_dim], or None (vrotate="none")
+        self.value_rotation_signs: torch.Tensor | None = None  # its +-1 form in the model's dtype (fused kernel)
 
     def set_head(self, key_states: torch.Tensor) -> None:
-        """Build the key rotation for ``key_states``' head_dim, dtype and device (at a layer's first update)."""
-        head_dim = key_states.shape[-1]
-        # One matrix per (head_dim, device), shared by every layer: kv_bytes counts it once per cache.
-        self.key_rotation = quant.rotation_matrix(self.layout.rotate, head_dim, key_states.device)
-        # Built here, eagerly: a captured step must not build it (no allocation or host copy while capturing).
-        self.key_rotation_signs = quant.rotation_signs(
-            self.layout.rotate, head_dim, key_states.dtype, key_states.device
-        )
+        """Build the key and value rotations for ``key_states``' head_dim, dtype and device (at a layer's first
+        update)."""
+        head_dim, dtype, device = key_states.shape[-1], key_states.dtype, key_states.device
+        # One matrix per (rotation, head_dim, device), shared by every layer (and by keys and values when they
+        # use the same rotation): kv_bytes counts it once per cache.
+        self.key_rotation = quant.rotation_matrix(self.layout.rotate, head_dim, device)
+        self.value_rotation = quant.rotation_matrix(self.layout.vrotate, head_dim, device)
+        # Built here, eagerly: a captured step must not build them (no allocation or host copy while capturing).
+        self.key_rotation_signs = quant.rotation_signs(self.layout.rotate, head_dim, dtype, device)
+        self.value_rotation_signs = quant.rotation_signs(self.layout.vrotate, head_dim, dtype, device)
+
+    def rotations(self) -> list[torch.Tensor]:
+        """The rotation tensors the store holds (shared with the cache's other layers), for byte counts."""
+        held = (self.key_rotation, self.key_rotation_signs, self.value_rotation, self.value_rotation_signs)
+        return [t for t in held if t is not None]
 
     @property
     def capacity(self) -> int:
@@ -229,7 +269,7 @@ class QuantizedMiddle:
 
     def quantize(self, keys: torch.Tensor, values: torch.Tensor) -> MiddleTensors:
         """Whole blocks of tokens ``[B, H, n, head_dim]`` as this store keeps them."""
-        return quantize_middle(keys, values, self.layout, self.key_rotation)
+        return quantize_middle(keys, values, self.layout, self.key_rotation, self.value_rotation)
 
     def allocate(self, key_states: torch.Tensor, capacity: int) -> None:
         """Zeroed tensors for ``capacity`` tokens (whole blocks), shaped for ``key_states``' batch, heads and
@@ -304,8 +344,8 @@ class QuantizedMiddle:
         out_keys: torch.Tensor | None = None,
         out_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``count`` tokens dequantized (keys rotated back) in ``dtype``, written into ``out_*`` when
-        given."""
+        """The first ``count`` tokens dequantized (keys and values rotated back) in ``dtype``, written into
+        ``out_*`` when given."""
         return dequantize_middle(
             self.tensors,
             self.layout,
@@ -314,6 +354,7 @@ class QuantizedMiddle:
             out_keys=out_keys,
             out_values=out_values,
             key_rotation=self.key_rotation,
+            value_rotation=self.value_rotation,
         )
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
@@ -340,18 +381,19 @@ class QuantizedMiddle:
         }
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Apply ``fn`` to every tensor (batch reordering, beam search); the rotation has no batch dimension."""
+        """Apply ``fn`` to every tensor (batch reordering, beam search); the rotations have no batch dimension."""
         if self.tensors is not None:
             self.tensors = self.tensors.map(fn)
 
     def clear(self) -> None:
-        """Drop the tensors (the rotation stays: it depends on the model only)."""
+        """Drop the tensors (the rotations stay: they depend on the model only)."""
         self.tensors = None
 
     def clone(self) -> QuantizedMiddle:
-        """A copy that owns its tensors (a snapshot); the rotation, shared by every layer and never written, is
-        kept by reference so that kv_bytes still counts it once per cache."""
+        """A copy that owns its tensors (a snapshot); the rotations, shared by every layer and never written, are
+        kept by reference so that kv_bytes still counts them once per cache."""
         twin = QuantizedMiddle(self.layout)
         twin.key_rotation, twin.key_rotation_signs = self.key_rotation, self.key_rotation_signs
+        twin.value_rotation, twin.value_rotation_signs = self.value_rotation, self.value_rotation_signs
         twin.tensors = None if self.tensors is None else self.tensors.map(torch.Tensor.clone)
         return twin

@@ -133,7 +133,9 @@ def dequantize(
 # group they fall in, so the other channels get few levels. An orthogonal rotation spreads each
 # outlier over all channels before quantization (QuaRot, SpinQuant), and attention does not change:
 # q . k = (q R) . (k R) for any orthogonal R. The normalized Hadamard matrix is orthogonal, symmetric
-# (its own inverse) and has entries of one magnitude, so it spreads every channel evenly.
+# (its own inverse) and has entries of one magnitude, so it spreads every channel evenly. Values can be
+# rotated the same way (spec ``vrotate``): attention is linear in them, so the output over rotated values
+# is rotated back once, (sum_n p_n v_n R) R^T = sum_n p_n v_n.
 
 ROTATIONS = ("none", "hadamard", "hadamard-signs")
 

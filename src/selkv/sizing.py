@@ -64,7 +64,7 @@ def cache_size(
             done += count
         for key, value in layer_bytes(cache.layers[layer_ids[0]]).items():
             totals[key] += value * len(layer_ids)
-    totals["allocated"] += shared_bytes(cache.layers)  # the rotation matrix all layers share, once
+    totals["allocated"] += shared_bytes(cache.layers)  # the rotation matrices all layers share, once
     return bytes_summary(totals, tokens)
 
 

@@ -58,6 +58,12 @@ class DecodeStorage:
         key_rotation_signs: ``key_rotation^T * sqrt(D)`` in the query's dtype, every entry +-1
             (``quant.rotation_signs``), or ``None``. With it the fused kernel rotates the query in its
             prologue; without it the launcher rotates it by a float32 matmul. The twin ignores it.
+        value_rotation: float32 ``[D, D]`` orthogonal matrix the middle's values were multiplied by before they
+            were quantized (``layout.vrotate``), or ``None``. Attention over the middle then gives its output
+            rotated, ``(sum_n p_n v_n R) R^T`` rotates it back; sink and window values are never rotated.
+        value_rotation_signs: ``value_rotation^T * sqrt(D)`` in the query's dtype, every entry +-1, or ``None``.
+            The fused kernel's merge rotates the middle's output back with it (with the float32 matrix when
+            there is none). The twin ignores it.
     """
 
     sink_keys: torch.Tensor
@@ -73,13 +79,15 @@ class DecodeStorage:
     lengths: torch.Tensor | None = None
     key_rotation: torch.Tensor | None = None
     key_rotation_signs: torch.Tensor | None = None
+    value_rotation: torch.Tensor | None = None
+    value_rotation_signs: torch.Tensor | None = None
 
     @property
     def num_key_value_heads(self) -> int:
         return self.sink_keys.shape[1]
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Middle tokens ``[:num_stored]`` as float32 ``[B, H, num_stored, D]`` keys (rotated back) and values.
+        """Middle tokens ``[:num_stored]`` as float32 ``[B, H, num_stored, D]`` keys and values (rotated back).
 
         With device ``lengths``, ``num_stored`` is the capacity: entries past ``lengths[1]`` are
         stale or unwritten and the caller masks them.
@@ -89,7 +97,13 @@ class DecodeStorage:
                 self.sink_keys.shape[:2] + (0, self.sink_keys.shape[-1]), dtype=torch.float32
             )
             return empty, empty
-        return dequantize_middle(self.middle, self.layout, self.num_stored, key_rotation=self.key_rotation)
+        return dequantize_middle(
+            self.middle,
+            self.layout,
+            self.num_stored,
+            key_rotation=self.key_rotation,
+            value_rotation=self.value_rotation,
+        )
 
 
 # The custom operator's schema takes tensors, integers and floats only (no strings in a list, no
@@ -110,6 +124,8 @@ def flatten_storage(storage: DecodeStorage) -> tuple[list[torch.Tensor | None], 
         s.lengths,
         s.key_rotation,
         s.key_rotation_signs,
+        s.value_rotation,
+        s.value_rotation_signs,
     ]
     ints = [
         s.num_sink,
@@ -122,15 +138,26 @@ def flatten_storage(storage: DecodeStorage) -> tuple[list[torch.Tensor | None], 
         lay.block_length,
         quant.ROTATIONS.index(lay.rotate),
         int(lay.sym),
+        quant.ROTATIONS.index(lay.vrotate),
     ]
     return tensors, ints
 
 
 def unflatten_storage(tensors: list[torch.Tensor | None], ints: list[int]) -> DecodeStorage:
     """The :class:`DecodeStorage` that :func:`flatten_storage` flattened."""
-    sink_keys, sink_values, *middle, recent_keys, recent_values, row_padding, lengths, rotation, signs = tensors
-    num_sink, num_stored, num_recent, key_nbits, value_nbits, q_group_size, axis, block, rotate, sym = ints
-    layout = MiddleLayout(key_nbits, value_nbits, q_group_size, AXES[axis], block, quant.ROTATIONS[rotate], bool(sym))
+    *exact_and_middle, row_padding, lengths, rotation, signs, value_rotation, value_signs = tensors
+    sink_keys, sink_values, *middle, recent_keys, recent_values = exact_and_middle
+    num_sink, num_stored, num_recent, key_nbits, value_nbits, q_group_size, axis, block, rotate, sym, vrotate = ints
+    layout = MiddleLayout(
+        key_nbits,
+        value_nbits,
+        q_group_size,
+        AXES[axis],
+        block,
+        quant.ROTATIONS[rotate],
+        bool(sym),
+        quant.ROTATIONS[vrotate],
+    )
     return DecodeStorage(
         sink_keys,
         sink_values,
@@ -145,6 +172,8 @@ def unflatten_storage(tensors: list[torch.Tensor | None], ints: list[int]) -> De
         lengths=lengths,
         key_rotation=rotation,
         key_rotation_signs=signs,
+        value_rotation=value_rotation,
+        value_rotation_signs=value_signs,
     )
 
 

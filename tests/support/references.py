@@ -57,11 +57,10 @@ def float64_reference(
         if args["key_rotation"] is not None:  # stored rotated: rotate back (orthogonal: its transpose)
             middle_keys = middle_keys @ args["key_rotation"].cpu().double().T
         keys.append(middle_keys.to(dtype).double())
-        values.append(
-            (codes(token_major(args["value_codes"], args["block_length"]), args["value_nbits"]) * vs + vz)
-            .to(dtype)
-            .double()
-        )
+        middle_values = codes(token_major(args["value_codes"], args["block_length"]), args["value_nbits"]) * vs + vz
+        if args["value_rotation"] is not None:  # stored rotated: rotate back (orthogonal: its transpose)
+            middle_values = middle_values @ args["value_rotation"].cpu().double().T
+        values.append(middle_values.to(dtype).double())
     keys.append(args["recent_keys"][:, :, :nr].double().cpu())
     values.append(args["recent_values"][:, :, :nr].double().cpu())
     k, v = torch.cat(keys, -2), torch.cat(values, -2)

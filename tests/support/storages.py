@@ -40,11 +40,13 @@ def make_storage(
     value_rms: float = 1.0,
     value_nbits: int | None = None,
     rotate: str = "none",
+    vrotate: str = "none",
 ) -> DecodeStorage:
     """Storage of random keys/values quantized with quant.py, spare capacity poisoned with NaN.
 
     ``nbits`` is the keys' bit width, and the values' unless ``value_nbits`` is given. ``rotate``: the
-    middle's keys are rotated (``quant.rotation_matrix``) before they are quantized, as the layer does.
+    middle's keys are rotated (``quant.rotation_matrix``) before they are quantized, as the layer does;
+    ``vrotate``: the middle's values likewise.
     ``key_gain`` ``[head_dim]`` multiplies each key channel (default: a tenth of the channels x5);
     ``value_rms`` sets the values' magnitude.
     """
@@ -73,7 +75,7 @@ def make_storage(
         for b, pad in enumerate(row_padding):
             sink_keys[b, :, :pad] = 30.0
             sink_values[b, :, :pad] = 1000.0
-    layout = MiddleLayout(nbits, value_nbits, q_group_size, axis_key, block_length, rotate)
+    layout = MiddleLayout(nbits, value_nbits, q_group_size, axis_key, block_length, rotate, vrotate=vrotate)
     args = dict(
         sink_keys=sink_keys.to(device),
         sink_values=sink_values.to(device),
@@ -87,10 +89,10 @@ def make_storage(
     )
     if num_stored == 0:
         return DecodeStorage(middle=None, **args)
-    rotation = quant.rotation_matrix(rotate, D)
+    rotation, value_rotation = quant.rotation_matrix(rotate, D), quant.rotation_matrix(vrotate, D)
     keys = (randn(B, H, stored_cap, D) * key_gain).to(dtype)
     values = randn(B, H, stored_cap, D, scale=value_rms).to(dtype)
-    kc, ks, kz, vc, vs, vz = quantize_middle(keys, values, layout, key_rotation=rotation)
+    kc, ks, kz, vc, vs, vz = quantize_middle(keys, values, layout, key_rotation=rotation, value_rotation=value_rotation)
     vc = quant.from_block_major(vc, block_length)
     # Poison what lies beyond num_stored: random codes, NaN scales.
     kc[:, :, num_stored:] = torch.randint(0, 256, kc[:, :, num_stored:].shape, generator=gen, dtype=torch.uint8)
@@ -105,6 +107,8 @@ def make_storage(
         middle=MiddleTensors(kc, ks, kz, vc, vs, vz).map(lambda t: t.to(device)),
         key_rotation=None if rotation is None else rotation.to(device),
         key_rotation_signs=quant.rotation_signs(rotate, D, dtype, device),
+        value_rotation=None if value_rotation is None else value_rotation.to(device),
+        value_rotation_signs=quant.rotation_signs(vrotate, D, dtype, device),
     )
     return DecodeStorage(**args)
 

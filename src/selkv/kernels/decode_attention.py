@@ -205,8 +205,8 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def _check_query(query_states: torch.Tensor, storage: DecodeStorage) -> int:
-    """Checks the query, the storage's layout and its key rotation against the kernel; returns the number of
-    query heads per KV head."""
+    """Checks the query, the storage's layout and its key and value rotations against the kernel; returns the
+    number of query heads per KV head."""
     layout = storage.layout
     _, num_heads, q_len, head_dim = query_states.shape
     num_kv_heads = storage.sink_keys.shape[1]
@@ -220,9 +220,10 @@ def _check_query(query_states: torch.Tensor, storage: DecodeStorage) -> int:
     )
     if why:
         raise ValueError(f"the fused decode kernel does not support {why}")
-    key_rotation = storage.key_rotation
-    if key_rotation is not None and tuple(key_rotation.shape) != (head_dim, head_dim):
-        raise ValueError(f"key_rotation has shape {tuple(key_rotation.shape)}; expected [{head_dim}, {head_dim}]")
+    for name in ("key_rotation", "value_rotation"):
+        rotation = getattr(storage, name)
+        if rotation is not None and tuple(rotation.shape) != (head_dim, head_dim):
+            raise ValueError(f"{name} has shape {tuple(rotation.shape)}; expected [{head_dim}, {head_dim}]")
     if layout.axis_key not in ("token", "channel"):
         raise ValueError(f"axis_key must be 'token' or 'channel', got {layout.axis_key!r}")
     return num_key_value_groups
@@ -313,6 +314,29 @@ def _middle_query(
     return query_states, torch.matmul(query_states.float(), rotation), None
 
 
+def _value_rotation(storage: DecodeStorage, query_states: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """``(operand, scale)`` with which the merge rotates the middle's output back (``operand * scale`` is
+    ``value_rotation^T``), or ``None`` when the values are not stored rotated (or there is no middle).
+
+    The ``+-1`` form (value_rotation_signs, ``scale = 1 / sqrt(D)``) when the storage has it, else the float32
+    transposed matrix (``scale = 1``); the merge multiplies in float32 either way.
+    """
+    s = storage
+    if s.value_rotation is None or not s.num_stored:
+        return None
+    head_dim = query_states.shape[-1]
+    signs = s.value_rotation_signs
+    if signs is not None:
+        if tuple(signs.shape) != (head_dim, head_dim) or signs.dtype != query_states.dtype:
+            raise ValueError(
+                f"value_rotation_signs is {signs.dtype} {tuple(signs.shape)}; expected "
+                f"{query_states.dtype} [{head_dim}, {head_dim}]"
+            )
+        return signs.to(query_states.device).contiguous(), head_dim**-0.5
+    rotation = s.value_rotation.to(device=query_states.device, dtype=torch.float32)
+    return rotation.T.contiguous(), 1.0
+
+
 def _exact_operands(storage: DecodeStorage, query_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``(sink_keys, sink_values, recent_keys, recent_values)`` as the kernel reads them: the last dimension
     contiguous, keys and values with the same strides, any valid pointer for an empty region (it loads nothing)."""
@@ -392,6 +416,7 @@ def selective_decode_attention(
     device = query_states.device
 
     query_states, middle_query, rotation = _middle_query(_last_contiguous(query_states), s, config)
+    value_rotation = _value_rotation(s, query_states)
     sink_keys, sink_values, recent_keys, recent_values = _exact_operands(s, query_states)
     key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = _middle_operands(s, head_dim, device)
     row_padding, lengths = _length_operands(s, device, unused=sink_keys)
@@ -487,12 +512,16 @@ def selective_decode_attention(
         partial_out,
         partial_lse,
         out,
+        partial_out if value_rotation is None else value_rotation[0],  # (unused unless VALUE_ROTATE)
         num_heads,
         num_partials,
         out.stride(0),
         out.stride(2),
+        1.0 if value_rotation is None else value_rotation[1],
         HEAD_DIM=head_dim,
         BLOCK_S=min(32, triton.next_power_of_2(num_partials)),
+        VALUE_ROTATE=value_rotation is not None,
+        ROTATE_CHUNK=min(32, head_dim),
         num_warps=4 if head_dim >= 128 else 2,
     )
     return out

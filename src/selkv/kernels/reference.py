@@ -81,6 +81,7 @@ def selective_decode_attention(
             out_keys=k[:, :, s.num_sink : middle_end],
             out_values=v[:, :, s.num_sink : middle_end],
             key_rotation=s.key_rotation,  # rotated keys rotated back: the same scores as (q R) . (k R)
+            value_rotation=s.value_rotation,  # rotated values rotated back: the same output as (p V R) R^T
         )
     k[:, :, middle_end:] = s.recent_keys[:, :, : s.num_recent]  # [B, H, N, D]
     v[:, :, middle_end:] = s.recent_values[:, :, : s.num_recent]

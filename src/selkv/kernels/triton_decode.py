@@ -12,7 +12,8 @@ and scales, zeros and offsets are applied outside them (see the comment above
 program per (row, head) reads the 16-bit sink and window. One warp per program.
 Each program loads its keys/values once for all the query heads that share the KV
 head (GQA) and writes a partial output with its log-sum-exp; a second kernel,
-``_merge_partials_kernel``, merges the partials.
+``_merge_partials_kernel``, merges the partials (and rotates the middle's part back when the values are
+stored rotated).
 
 Reading order: ``_selective_decode_partial_kernel`` (the entry point) and its 16-bit tiles
 (``_exact_tile``), then the quantized middle (``_middle_split`` and its helpers), then the merge.
@@ -1072,26 +1073,72 @@ def _merge_partials_kernel(
     PartialOut,
     PartialLse,
     Out,
+    # [D, D] value_rotation^T * sqrt(D) in the query's dtype (every entry +-1), or value_rotation^T in float32
+    # (unused unless VALUE_ROTATE)
+    ValueRotation,
     # sizes and strides
     num_heads,
     num_partials,
     stride_ob,
     stride_oh,
+    value_rotation_scale,  # ValueRotation * value_rotation_scale is value_rotation^T (1 / sqrt(D), or 1)
     # meta-parameters
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,  # partials merged per step
+    VALUE_ROTATE: tl.constexpr,  # the middle's values are stored rotated: rotate the middle's output back
+    ROTATE_CHUNK: tl.constexpr,  # output channels rotated back per step (VALUE_ROTATE)
 ):
+    """One program per (row, query head): the partials merged by their log2-sum-exp, normalized, stored.
+
+    With VALUE_ROTATE the middle programs' partials (every split but the last) hold attention over values
+    stored rotated, ``sum_n p_n v_n R``; the last partial, the 16-bit program's, holds unrotated values. The
+    middle's partials are merged apart from it, their sum rotated back by ``R^T`` (linear: merging, then
+    rotating once, is rotating each), then the 16-bit partial is added and the whole normalized.
+    """
     pid = tl.program_id(0).to(tl.int64)  # b * num_heads + head (64-bit: the partials can pass 2^31 elements)
     b = pid // num_heads
     head = pid % num_heads
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
     denom = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    for s0 in range(0, num_partials, BLOCK_S):
+    out_ptrs = Out + b * stride_ob + head * stride_oh
+    if VALUE_ROTATE:
+        exact = num_partials - 1  # the 16-bit program's partial
+        m, denom, acc = _merge_range(PartialOut, PartialLse, pid, exact, num_partials, m, denom, acc, HEAD_DIM, BLOCK_S)
+        lse = tl.load(PartialLse + pid * num_partials + exact)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)  # 0 for an empty sink and window
+        acc = acc * (alpha * value_rotation_scale)
+        denom = denom * alpha + w
+        denom = tl.where(denom > 0.0, denom, 1.0)
+        exact_ptrs = PartialOut + (pid * num_partials + exact) * HEAD_DIM
+        for c in range(0, HEAD_DIM, ROTATE_CHUNK):  # out[j] = sum_i acc[i] R^T[i, j] + w exact[j], by chunks of j
+            offs_j = c + tl.arange(0, ROTATE_CHUNK)
+            rotation = tl.load(ValueRotation + offs_d[:, None] * HEAD_DIM + offs_j[None, :]).to(tl.float32)
+            middle = tl.sum(acc[:, None] * rotation, 0)  # +-1 entries: exact products, float32 sums
+            out = (middle + w * tl.load(exact_ptrs + offs_j)) / denom
+            tl.store(out_ptrs + offs_j, out.to(Out.dtype.element_ty))
+    else:
+        m, denom, acc = _merge_range(
+            PartialOut, PartialLse, pid, num_partials, num_partials, m, denom, acc, HEAD_DIM, BLOCK_S
+        )
+        out = acc / tl.where(denom > 0.0, denom, 1.0)
+        tl.store(out_ptrs + offs_d, out.to(Out.dtype.element_ty))
+
+
+@triton.jit
+def _merge_range(
+    PartialOut, PartialLse, pid, end, num_partials, m, denom, acc, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr
+):
+    """(m, denom, acc) of the merge updated with partials [0, end) of program ``pid``'s ``num_partials``."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for s0 in range(0, end, BLOCK_S):
         idx = s0 + offs_s
-        ok = idx < num_partials
+        ok = idx < end
         lse = tl.load(PartialLse + pid * num_partials + idx, mask=ok, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(lse, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -1103,5 +1150,4 @@ def _merge_partials_kernel(
         acc = acc * alpha + tl.sum(w[:, None] * o, 0)
         denom = denom * alpha + tl.sum(w, 0)
         m = m_new
-    out = acc / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(Out + b * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+    return m, denom, acc

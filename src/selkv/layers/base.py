@@ -309,10 +309,9 @@ class SelectiveLayer(CacheLayerMixin):
         return {} if self.middle is None else self.middle.used_bytes(self.num_stored)
 
     def shared_tensors(self) -> list[torch.Tensor]:
-        """Tensors this layer shares with the cache's other layers (the key rotation): kv_bytes counts them once."""
-        if self.middle is None:
-            return []
-        return [t for t in (self.middle.key_rotation, self.middle.key_rotation_signs) if t is not None]
+        """Tensors this layer shares with the cache's other layers (the key and value rotations): kv_bytes counts
+        each storage once (keys and values with the same rotation share one)."""
+        return [] if self.middle is None else self.middle.rotations()
 
     def _storage(self, num_sink: int, num_stored: int, num_recent: int, lengths=None) -> DecodeStorage:
         """The storage as selkv's decode attention reads it (a layer with a quantized middle)."""
@@ -331,6 +330,8 @@ class SelectiveLayer(CacheLayerMixin):
             lengths=lengths,
             key_rotation=middle.key_rotation,
             key_rotation_signs=middle.key_rotation_signs,
+            value_rotation=middle.value_rotation,
+            value_rotation_signs=middle.value_rotation_signs,
         )
 
     # ------------------------------------------------------- transformers API

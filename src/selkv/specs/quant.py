@@ -1,4 +1,4 @@
-"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T][,rotate=R]``.
+"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T][,rotate=R][,vrotate=R]``.
 
 16-bit sink and window, every token between quantized once to ``bits`` bits, or to ``kbits`` bits per
 key and ``vbits`` per value (``quant:kbits=4,vbits=2``; ``bits=B`` is the shorthand for both).
@@ -12,6 +12,11 @@ is quantized (QuaRot, SpinQuant): outlier channels are spread over all channels,
 (``q . k = (q H) . (k H)``). ``rotate=hadamard-signs`` flips fixed pseudo-random channel signs first.
 Rotation needs a power-of-two ``head_dim``; left out, it is :data:`DEFAULT_ROTATE` for ``kbits`` where
 the head_dim allows it and ``none`` elsewhere (resolved by ``check_model``, as the group is).
+
+``vrotate=hadamard`` (or ``hadamard-signs``) rotates each value entering the middle the same way before it
+is quantized; attention over the middle gives its output rotated and readers rotate it back
+(``o = (sum_n p_n v_n R) R^T``). It also needs a power-of-two ``head_dim``; left out, it is ``none``. A
+rotation the keys use too costs no extra bytes (one shared matrix).
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     sym: bool = False
     block: int = 1
     rotate: str = ""  # "": DEFAULT_ROTATE[kbits] where head_dim allows, resolved by check_model
+    vrotate: str = "none"
 
     kind: ClassVar[str] = "quant"
     keys: ClassVar[dict[str, object]] = {
@@ -78,8 +84,9 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         "sym": 0,
         "block": 0,  # 0: DEFAULT_BLOCK[kbits]
         "rotate": "",  # "": DEFAULT_ROTATE[kbits] (none where head_dim is not a power of two)
+        "vrotate": "none",
     }
-    text_keys: ClassVar[tuple[str, ...]] = ("key_axis", "rotate")
+    text_keys: ClassVar[tuple[str, ...]] = ("key_axis", "rotate", "vrotate")
     supports_static: ClassVar[bool] = True
     default_group: ClassVar[dict[int, int]] = DEFAULT_GROUP
 
@@ -92,9 +99,10 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         sym = fields.values["sym"]
         if sym not in (0, 1):
             raise SpecError(f"quant: sym={sym} is not allowed; allowed: 0, 1")
-        rotate = fields.values["rotate"]
-        if rotate and rotate not in ROTATIONS:
-            raise SpecError(f"quant: rotate={rotate!r} is not allowed; allowed: {', '.join(ROTATIONS)}")
+        rotate, vrotate = fields.values["rotate"], fields.values["vrotate"]
+        for key, rotation in (("rotate", rotate), ("vrotate", vrotate)):
+            if rotation and rotation not in ROTATIONS:
+                raise SpecError(f"quant: {key}={rotation!r} is not allowed; allowed: {', '.join(ROTATIONS)}")
         group = fields.group()
         if "block" not in fields.given:
             fields.values["block"] = DEFAULT_BLOCK[kbits]
@@ -108,6 +116,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             sym=bool(sym),
             block=fields.at_least("block", 1),
             rotate=rotate,
+            vrotate=vrotate,
         )
 
     @staticmethod
@@ -154,7 +163,8 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         )
 
     def _rotate_text(self) -> str:
-        return f",rotate={self.rotate}" if self.rotate else ""
+        text = f",rotate={self.rotate}" if self.rotate else ""
+        return text + (f",vrotate={self.vrotate}" if self.vrotate != "none" else "")
 
     @property
     def is_resolved(self) -> bool:
@@ -177,11 +187,12 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
                     f"head_dim={head_dim} is not a multiple"
                 )
         power_of_two = not head_dim & (head_dim - 1)
-        if self.rotate not in ("", "none") and not power_of_two:
-            raise SpecError(
-                f"quant: rotate={self.rotate} needs a power-of-two head_dim; this model's is {head_dim} "
-                "(use rotate=none)"
-            )
+        for key, rotation in (("rotate", self.rotate), ("vrotate", self.vrotate)):
+            if rotation not in ("", "none") and not power_of_two:
+                raise SpecError(
+                    f"quant: {key}={rotation} needs a power-of-two head_dim; this model's is {head_dim} "
+                    f"(use {key}=none)"
+                )
         if not self.rotate:
             resolved = replace(resolved, rotate=DEFAULT_ROTATE[self.kbits] if power_of_two else "none")
         return resolved
@@ -198,6 +209,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             block_length=self.block,
             rotate=self.rotate or DEFAULT_ROTATE[self.kbits],
             sym=self.sym,
+            vrotate=self.vrotate,
         )
 
     def make_layer(self, max_cache_len: int | None = None) -> QuantizedSinkWindowLayer | StaticSinkWindowLayer:
