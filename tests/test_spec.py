@@ -300,6 +300,8 @@ def test_layer_bits_parse_to_a_canonical_string_that_round_trips():
     assert (layer.group, layer.block, layer.key_axis, layer.rotate) == (64, 64, "channel", "hadamard-signs")
     assert resolved.for_layer(4) == replace(resolved, layer_bits=())
     assert resolved.for_layer(2).layout == replace(resolved.layout, key_nbits=8, value_nbits=8)
+    # unresolved, a listed layer's rotation is still the spec's default (int8's would be none)
+    assert spec.for_layer(2).layout == replace(spec.layout, key_nbits=8, value_nbits=8)
 
 
 def test_layer_bits_are_checked_against_the_model():

@@ -286,8 +286,9 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         """The spec of decoder layer ``layer_idx``: its ``layer_bits`` widths, if listed, and every other setting
         this spec's (see the module docstring)."""
         for layer, kbits, vbits in self.layer_bits:
-            if layer == layer_idx:
-                return replace(self, kbits=kbits, vbits=vbits, layer_bits=())
+            if layer == layer_idx:  # an unresolved rotation is the spec's kbits' default, as in `layout`
+                rotate = self.rotate or DEFAULT_ROTATE[self.kbits]
+                return replace(self, kbits=kbits, vbits=vbits, rotate=rotate, layer_bits=())
         return replace(self, layer_bits=()) if self.layer_bits else self
 
     @property
