@@ -302,6 +302,42 @@ def test_a_static_cache_with_rotated_values_through_the_kernel():
     take_published(0)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_a_cache_of_mixed_layer_widths_through_the_kernel(static):
+    """``layer_bits``: each layer launches the kernel with its own layout (3-bit keys and values in layer 0, 4-bit
+    keys and 2-bit values in layer 1, rotated both); after evictions each layer's output is the twin's (and the
+    float64 reference's, dynamic layers). On CUDA the compiled kernel, else the interpreter."""
+    from selkv import make_cache
+
+    module = kernel_module()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = tiny_llama_config(head_dim=64)  # 3-bit codes of 32 channels are chunks of 8: too narrow for the kernel
+    spec = "quant:bits=3,sink=4,window=8,block=8,group=16,rotate=hadamard,vrotate=hadamard,layer_bits=1:4/2"
+    cache = make_cache(spec, config, max_cache_len=64 if static else None)
+    cache.enable_fused_decode()
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, config.num_key_value_heads, config.head_dim)
+    for count in (29, 1, 1):
+        for layer_idx in range(2):
+            states = [torch.randn(shape[0], shape[1], count, shape[2], generator=gen).to(device) for _ in range(2)]
+            cache.update(*states, layer_idx)
+    widths = []
+    for layer in cache.layers:
+        storage = layer.decode_storage()
+        assert layer.num_stored >= 16, layer.num_stored  # two blocks of 8 quantized
+        widths.append((storage.layout.key_nbits, storage.layout.value_nbits))
+        query = torch.randn(2, config.num_attention_heads, 1, config.head_dim, generator=gen).to(device)
+        out = module.selective_decode_attention(query, storage)
+        want = reference.selective_decode_attention(query, storage)
+        torch.testing.assert_close(out, want, **TOLERANCES["kernel_fp32"], msg=lambda m: f"seed={seed}\n{m}")
+        if not static:  # the float64 reference reads the window in order; the static layer's is a ring
+            ref64 = float64_reference(query, storage, config.head_dim**-0.5)
+            assert relative_error(out, ref64) < max_relative_error(torch.float32), f"seed={seed}"
+    assert widths == [(3, 3), (4, 2)]
+    take_published(0)
+
+
 @interpreter_only
 @pytest.mark.parametrize("axis_key", ["token", "channel"])
 def test_interpreter_scales_loaded_in_the_tile(axis_key):

@@ -510,3 +510,88 @@ def test_rotation_reduces_the_error_of_per_token_keys_with_outlier_channels(kbit
     unrotated = sum(_outlier_attention_error(kbits, "none", s) for s in draws)
     rotated = sum(_outlier_attention_error(kbits, "hadamard", s) for s in draws)
     assert rotated < most * unrotated, f"seed={seed}: rotated {rotated / 6:.3f} vs unrotated {unrotated / 6:.3f}"
+
+
+MIXED = "quant:bits=3,sink=4,window=20,block=8,group=16,rotate=hadamard,vrotate=hadamard,layer_bits=1:4/3+2:8/2"
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_layer_bits_give_each_layer_its_own_layout(static):
+    """Each listed layer's middle has its widths (codes of that many bits), every other setting the spec's."""
+    config = tiny_llama_config(layers=4)
+    cache = selkv.make_cache(MIXED, config, max_cache_len=256 if static else None)
+    layouts = [layer.layout for layer in cache.layers]
+    assert [(lay.key_nbits, lay.value_nbits) for lay in layouts] == [(3, 3), (4, 3), (8, 2), (3, 3)]
+    assert {(lay.q_group_size, lay.block_length, lay.axis_key, lay.rotate, lay.vrotate) for lay in layouts} == {
+        (16, 8, "channel", "hadamard", "hadamard")
+    }
+    for layer_idx in range(4):
+        cache.update(torch.randn(1, 2, 60, 32), torch.randn(1, 2, 60, 32), layer_idx)
+    widths = [tuple(layer.middle.tensors[i].shape[-1] for i in (0, 3)) for layer in cache.layers]
+    assert widths == [(12, 12), (16, 12), (32, 8), (12, 12)]  # packed bytes per token: 32 channels x bits / 8
+
+
+def test_mixed_widths_store_what_one_width_per_cache_stores():
+    """The mixed cache's layer i holds and returns exactly what a cache of layer i's widths (and the same other
+    settings, given explicitly) does for the same states: the dequantized keys and values each update returns,
+    and the attention over the stored middle."""
+    config = tiny_llama_config(layers=3)
+    mixed = selkv.make_cache(MIXED, config)
+    # the spec's settings given explicitly: left out, kbits=8 would default to per-token keys
+    plain = MIXED.partition(",layer_bits=")[0].replace("bits=3", "kbits={},vbits={},key_axis=channel")
+    per_layer = [selkv.make_cache(plain.format(k, v), config) for k, v in [(3, 3), (4, 3), (8, 2)]]
+    gen = torch.Generator().manual_seed(7)
+    for count in (30, 17, 1, 1, 40):
+        for layer_idx in range(3):
+            keys, values = torch.randn(2, 2, count, 32, generator=gen), torch.randn(2, 2, count, 32, generator=gen)
+            got = mixed.update(keys, values, layer_idx)
+            want = per_layer[layer_idx].update(keys, values, layer_idx)
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (count, layer_idx)
+    outputs = [layer.update(torch.zeros(2, 2, 0, 32), torch.zeros(2, 2, 0, 32))[0] for layer in mixed.layers]
+    assert mixed.layers[0].num_stored > 0
+    # the layers really differ: 4-bit keys are closer to 8-bit ones than 3-bit keys are (same inputs everywhere)
+    assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+
+
+def test_layer_bits_bytes_are_each_layers_own():
+    """``kv_bytes`` counts each layer's tensors: the mixed cache holds its 3-bit layers' bytes plus its 4-bit
+    layer's, and ``selkv size``'s one-layer-per-kind shortcut gives the same count as filling every layer."""
+    config = tiny_llama_config(layers=3, head_dim=64)
+    base = "quant:bits=3,sink=4,window=20,block=64,rotate=hadamard,vrotate=hadamard"
+    mixed_spec = base + ",layer_bits=1:4/3"
+    caches = {
+        spec: selkv.make_cache(spec, config) for spec in (base, mixed_spec, base.replace("bits=3", "kbits=4,vbits=3"))
+    }
+    for cache in caches.values():
+        for start in range(0, 300, 7):
+            for layer_idx in range(3):
+                states = torch.randn(1, 2, min(7, 300 - start), 64, dtype=torch.bfloat16)
+                cache.update(states, states.clone(), layer_idx)
+    three, mixed, four = (selkv.kv_bytes(cache) for cache in caches.values())
+    rotation = 64 * 64 * (4 + 2)  # one shared matrix (float32) and its +-1 form (bfloat16), once per cache
+    for key in ("bytes_key_codes", "bytes_value_codes", "bytes_scales", "bytes_16bit", "full16"):
+        assert 3 * mixed[key] == 2 * three[key] + four[key], key
+    assert 3 * (mixed["allocated"] - rotation) == 2 * (three["allocated"] - rotation) + four["allocated"] - rotation
+    assert (
+        mixed["bytes_key_codes"] > three["bytes_key_codes"] and mixed["bytes_value_codes"] == three["bytes_value_codes"]
+    )
+    assert cache_size(mixed_spec, config, 300, chunk=7) == mixed
+
+
+@pytest.mark.slow
+@needs_embedded_model
+def test_layer_bits_bytes_on_the_embedded_model_shape():
+    """The 3-bit class with 4-bit keys in five of SmolLM2-135M's 30 layers: 4.01x at 4,096 tokens, as the low-bit
+    sweep counted it (docs/eval_results.md), against 4.09x with none."""
+    from selkv.sizing import load_config
+
+    base = "quant:bits=3,sink=4,window=124,block=64,rotate=hadamard,vrotate=hadamard"
+    config = load_config("smollm2-135m")
+    mixed = cache_size(base + ",layer_bits=1:4/3+5:4/3+7:4/3+18:4/3+23:4/3", config, tokens=4096, chunk=64)
+    plain = cache_size(base, config, tokens=4096, chunk=64)
+    assert round(mixed["compression"], 2) == 4.01 and round(plain["compression"], 2) == 4.09
+    # five layers' keys at 4 bits instead of 3: 64 channels / 8 = 8 more bytes per middle token and KV head (3
+    # heads), over the 3,968 middle tokens (4,096 less sink 4 and window 124, whole blocks of 64); nothing else
+    assert mixed["bytes_key_codes"] - plain["bytes_key_codes"] == 5 * 3 * 8 * 3968
+    for key in ("bytes_value_codes", "bytes_scales", "bytes_16bit", "full16"):
+        assert mixed[key] == plain[key], key

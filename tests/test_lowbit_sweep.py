@@ -101,6 +101,23 @@ def test_fake_value_rotation_matches_library_vrotate(sweep, rotate):
     assert not torch.allclose(unrotated, library, atol=1e-4, rtol=0)  # the value rotation changes the cache
 
 
+@torch.inference_mode()
+def test_fake_layer_bits_match_library_layer_bits(sweep):
+    """The sweep's ``layer_bits`` candidate and the library's ``layer_bits`` spec are the same cache: a listed
+    layer keeps the spec's block, group, key axis and rotations and takes only its widths."""
+    from selkv.cache import make_cache
+
+    model = make_tiny_llama(layers=3)
+    ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(4))
+    fields = "sink=2,window=16,block=8,group=32,rotate=hadamard,vrotate=hadamard"
+    spec = f"quant:bits=3,{fields},layer_bits=1:4/3+2:8/2"
+    library = _logits(model, make_cache(spec, model.config), ids)
+    cand = sweep.Candidate.parse(f"kbits=3,vbits=3,{fields},layer_bits=1:4/3+2:8/2")
+    torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
+    uniform = _logits(model, make_cache(spec.partition(",layer_bits=")[0], model.config), ids)
+    assert not torch.allclose(uniform, library, atol=1e-4, rtol=0)  # the other widths change the cache
+
+
 @pytest.mark.parametrize("nbits", [2, 3, 4, 8])
 def test_fake_quantize_is_quant_quantize(sweep, nbits):
     x = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(nbits)) * 3
@@ -171,6 +188,11 @@ def test_dense_and_sparse_keeps_exactly_the_chosen_outliers(sweep):
         (
             "quant:bits=3,sink=4,window=124,rotate=none,vrotate=hadamard",
             "kbits=3,vbits=3,block=64,rotate=none,vrotate=hadamard",
+        ),
+        # per-layer widths: each layer's own tensors (the library) and bytes (the sweep)
+        (
+            "quant:bits=3,sink=4,window=124,rotate=hadamard,vrotate=hadamard,layer_bits=0:4/3+2:8/2",
+            "kbits=3,vbits=3,block=64,rotate=hadamard,vrotate=hadamard,layer_bits=0:4/3+2:8/2",
         ),
     ],
 )

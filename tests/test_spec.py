@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from support.models import tiny_llama_config
 from transformers import DynamicCache
@@ -31,6 +33,16 @@ BAD_SPECS = {
     "quant:bits=4,rotate=random": "rotate='random' is not allowed; allowed: none, hadamard, hadamard-signs",
     "quant:bits=4,vrotate=random": "vrotate='random' is not allowed; allowed: none, hadamard, hadamard-signs",
     "quant:bits=4,vrotate=hadamard,vrotate=none": "field 'vrotate' given twice",
+    "quant:bits=3,layer_bits=1:4": "layer_bits item '1:4' is malformed; expected LAYERS:KBITS/VBITS",
+    "quant:bits=3,layer_bits=1-:4/3": "layer_bits item '1-:4/3' is malformed",
+    "quant:bits=3,layer_bits=-1:4/3": "layer_bits item '-1:4/3' is malformed",
+    "quant:bits=3,layer_bits=a:4/3": "layer_bits item 'a:4/3' is malformed",
+    "quant:bits=3,layer_bits=1:4/3+": "layer_bits item '' is malformed",
+    "quant:bits=3,layer_bits=1:5/3": "layer_bits item '1:5/3': KBITS=5 is not supported; allowed: 2, 3, 4, 8",
+    "quant:bits=3,layer_bits=1:4/16": "layer_bits item '1:4/16': VBITS=16 is not supported; allowed: 2, 3, 4, 8",
+    "quant:bits=3,layer_bits=5-3:4/3": "the range 5-3 runs backwards",
+    "quant:bits=3,layer_bits=1-3:4/3+2:8/8": "layer_bits gives layer 2 twice",
+    "quant:bits=3,layer_bits=99999999:4/3": "layer 99999999 is beyond any model's layers",
 }
 
 
@@ -266,3 +278,49 @@ def test_named_specs_names_by_the_text_and_parses_each_text_once():
     assert named_specs([quant]) == [(str(quant), quant)] and named_specs("full")[0][0] == "full"
     with pytest.raises(SpecError, match="bits=5"):
         named_specs(["full", "quant:bits=5"])
+
+
+def test_layer_bits_parse_to_a_canonical_string_that_round_trips():
+    """Items in any order, ranges or single layers: the canonical string lists the layers in order, consecutive
+    layers of the same widths as one range, and parses back to the same spec."""
+    spec = selkv.parse_spec("quant:bits=3,block=64,layer_bits=23:4/3 + 1:4/3+5:4/3+6:4/3+2-3:8/8+7:4/2")
+    assert spec.layer_bits == ((1, 4, 3), (2, 8, 8), (3, 8, 8), (5, 4, 3), (6, 4, 3), (7, 4, 2), (23, 4, 3))
+    assert str(spec).endswith(",layer_bits=1:4/3+2-3:8/8+5-6:4/3+7:4/2+23:4/3")
+    assert selkv.parse_spec(str(spec)) == spec
+    resolved = spec.check_model(64)
+    assert selkv.parse_spec(str(resolved)) == resolved and resolved.layer_bits == spec.layer_bits
+    plain = selkv.parse_spec("quant:bits=3,block=64")
+    assert "layer_bits" not in str(plain) and plain.layer_bits == () and spec.family != plain.family
+    assert selkv.parse_spec("quant:bits=3,layer_bits=0-2:4/4") == selkv.parse_spec(
+        "quant:bits=3,layer_bits=0:4/4+1-2:4/4"
+    )
+    # each layer's spec: its widths, everything else the spec's (the defaults of the spec's bits, not the layer's)
+    layer = resolved.for_layer(5)
+    assert (layer.kbits, layer.vbits, layer.layer_bits) == (4, 3, ())
+    assert (layer.group, layer.block, layer.key_axis, layer.rotate) == (64, 64, "channel", "hadamard-signs")
+    assert resolved.for_layer(4) == replace(resolved, layer_bits=())
+    assert resolved.for_layer(2).layout == replace(resolved.layout, key_nbits=8, value_nbits=8)
+    # unresolved, a listed layer's rotation is still the spec's default (int8's would be none)
+    assert spec.for_layer(2).layout == replace(spec.layout, key_nbits=8, value_nbits=8)
+
+
+def test_layer_bits_are_checked_against_the_model():
+    """Layers the model does not have, or keeps 16-bit, and widths its head_dim cannot pack: one line each."""
+    config = tiny_llama_config(layers=2)
+    with pytest.raises(SpecError, match=r"^quant: layer_bits names layer 2; this model has 2 layers \(0-1\)$"):
+        selkv.make_cache("quant:bits=3,layer_bits=1-2:4/3", config)
+    with pytest.raises(SpecError, match="layer_bits names layer 5"):
+        selkv.parse_spec("quant:bits=3,layer_bits=5:4/3").resolve(config)
+    selkv.parse_spec("quant:bits=3,layer_bits=1:4/3").resolve(config)  # a layer it has
+    with pytest.raises(SpecError, match="bits=2 packs its codes in groups of 4 channels; head_dim=18"):
+        selkv.parse_spec("quant:bits=8,rotate=none,group=2,layer_bits=0:8/2").check_model(18)
+    from transformers import Gemma2Config
+
+    hybrid = Gemma2Config(
+        vocab_size=256, num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    with pytest.raises(SpecError, match=r"layer_bits names layer 0, a sliding_attention layer .* keeps 16-bit"):
+        selkv.make_cache("quant:bits=4,layer_bits=0:8/8", hybrid)
+    cache = selkv.make_cache("quant:bits=4,layer_bits=1:8/8", hybrid)
+    assert cache.layers[1].layout.key_nbits == 8

@@ -34,6 +34,7 @@ LOSSY = [
     "quant:kbits=4,vbits=2,sink=3,window=10,block=8",  # keys and values of their own bit widths
     "quant:bits=4,sink=3,window=10,block=8,key_axis=token,group=16,rotate=hadamard",  # rotated middle keys
     "quant:bits=3,sink=3,window=10,block=8,rotate=hadamard,vrotate=hadamard",  # rotated middle keys and values
+    "quant:bits=3,sink=3,window=10,block=8,rotate=hadamard,vrotate=hadamard,layer_bits=1:4/2",  # per-layer widths
 ]
 
 

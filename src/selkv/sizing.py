@@ -43,9 +43,9 @@ def cache_size(
 ) -> dict:
     """``kv_bytes`` of ``spec`` after ``tokens`` tokens fed in chunks of ``chunk`` (the perplexity protocol).
 
-    Layers of one kind (full attention, or sliding with one window) hold the same tensors for the
-    same token count, so one layer of each kind is filled and its bytes are multiplied by the
-    number of such layers.
+    Layers of one kind (full attention with one middle layout, or sliding with one window) hold the same
+    tensors for the same token count, so one layer of each kind is filled and its bytes are multiplied by the
+    number of such layers (``layer_bits`` layers are kinds of their own).
     """
     if tokens < 1 or chunk < 1 or batch_size < 1:
         raise SelKVError(f"tokens, chunk and batch_size must be >= 1 (got {tokens}, {chunk}, {batch_size})")
@@ -53,7 +53,7 @@ def cache_size(
     cache = make_cache(spec, config)
     kinds: dict[tuple, list[int]] = {}
     for layer_idx, plan in enumerate(layer_plan(config)):
-        kinds.setdefault(plan, []).append(layer_idx)
+        kinds.setdefault((plan, getattr(cache.layers[layer_idx], "layout", None)), []).append(layer_idx)
     totals = dict.fromkeys(LAYER_BYTE_KEYS, 0)
     for layer_ids in kinds.values():
         done = 0

@@ -151,15 +151,20 @@ class CacheSpec:
         """The cache layer of one full-attention layer (``max_cache_len``: a static layer of that capacity)."""
         raise NotImplementedError
 
+    def for_layer(self, layer_idx: int) -> CacheSpec:
+        """The spec decoder layer ``layer_idx`` is built from: this one, unless the kind sets layers apart
+        (``quant``'s ``layer_bits``)."""
+        return self
+
     def cache_layers(self, config, max_cache_len: int | None = None) -> list:
         """One cache layer per decoder layer of the model's layer plan (:func:`~selkv.shapes.layer_plan`):
-        :meth:`make_layer` for full attention, transformers' sliding-window layer (at most ``sliding_window``
-        tokens, 16-bit) for the others."""
+        :meth:`make_layer` of :meth:`for_layer` for full attention, transformers' sliding-window layer (at most
+        ``sliding_window`` tokens, 16-bit) for the others."""
         return [
-            self.make_layer(max_cache_len)
+            self.for_layer(layer_idx).make_layer(max_cache_len)
             if layer_type == "full_attention"
             else DynamicSlidingWindowLayer(sliding_window=sliding_window)
-            for layer_type, sliding_window in layer_plan(config)
+            for layer_idx, (layer_type, sliding_window) in enumerate(layer_plan(config))
         ]
 
 

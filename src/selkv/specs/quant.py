@@ -17,6 +17,20 @@ the head_dim allows it and ``none`` elsewhere (resolved by ``check_model``, as t
 is quantized; attention over the middle gives its output rotated and readers rotate it back
 (``o = (sum_n p_n v_n R) R^T``). It also needs a power-of-two ``head_dim``; left out, it is ``none``. A
 rotation the keys use too costs no extra bytes (one shared matrix).
+
+``layer_bits=LAYERS:KBITS/VBITS+...`` gives some decoder layers other widths: ``LAYERS`` is one layer
+``i`` or an inclusive range ``i-j`` (0-based, as ``model.model.layers``), e.g.
+``quant:bits=3,block=64,rotate=hadamard,vrotate=hadamard,layer_bits=1:4/3+5:4/3`` stores 4-bit keys and
+3-bit values in layers 1 and 5 and 3-bit keys and values everywhere else. Only the widths change: every
+other setting of a listed layer (``group``, ``block``, ``key_axis``, ``sym``, ``rotate``, ``vrotate``) is the
+spec's, and the defaults among them follow the spec's ``kbits``/``vbits``, never a layer's (with ``bits=3``,
+a ``4/3`` layer keeps the 3-bit block of 64 and group of 64, not int4's group of 32; give ``group=`` or
+``block=`` to set them for every layer). That is what the low-bit sweep's ``layer_bits`` did
+(``benchmarks/lowbit_sweep.py``), so its numbers reproduce. Each listed width must pack into the model's
+``head_dim`` (checked with the others by ``check_model``); the layers are checked against the model when the
+spec is resolved for it (``resolve``): each must exist and be a full-attention layer (sliding-window layers
+stay 16-bit). The canonical string lists the layers in order, consecutive layers of the same widths as one
+range.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from ..layers.sink_window import QuantizedSinkWindowLayer
 from ..layers.static import StaticSinkWindowLayer
 from ..middle import MiddleLayout
 from ..quant import ROTATIONS, SUPPORTED_NBITS, channel_multiple
+from ..shapes import layer_plan
 from .base import GroupedSpec, SelectiveSpec, SpecFields
 
 # Default key quantization axis per bit width, from the perplexity sweep in
@@ -57,6 +72,54 @@ DEFAULT_BLOCK = {8: 32, 4: 64, 3: 64, 2: 32}
 # +0.28% / +0.31% / +0.09%, at the same bytes; int8 is within 0.05% without it.
 DEFAULT_ROTATE = {8: "none", 4: "hadamard-signs", 3: "hadamard-signs", 2: "hadamard-signs"}
 
+# One layer's widths in ``layer_bits``: (layer, kbits, vbits).
+LayerBits = tuple[int, int, int]
+LAYER_BITS_FORM = "LAYERS:KBITS/VBITS items joined by '+', LAYERS i or i-j (e.g. 1:4/3+5-7:4/4)"
+
+
+def _layer_bits_item(item: str) -> list[LayerBits]:
+    """One ``LAYERS:KBITS/VBITS`` item as (layer, kbits, vbits) per layer."""
+    layers, colon, widths = item.partition(":")
+    first, dash, last = layers.partition("-")
+    kbits, slash, vbits = widths.partition("/")
+    numbers = (first, last if dash else first, kbits, vbits)
+    if not colon or not slash or not all(n.isdigit() and n.isascii() for n in numbers):
+        raise SpecError(f"quant: layer_bits item {item!r} is malformed; expected {LAYER_BITS_FORM}")
+    first_layer, last_layer, key_bits, value_bits = (int(n) for n in numbers)
+    for name, width in (("KBITS", key_bits), ("VBITS", value_bits)):
+        if width not in SUPPORTED_NBITS:
+            raise SpecError(
+                f"quant: layer_bits item {item!r}: {name}={width} is not supported; "
+                f"allowed: {', '.join(map(str, SUPPORTED_NBITS))}"
+            )
+    if last_layer < first_layer:
+        raise SpecError(f"quant: layer_bits item {item!r}: the range {layers} runs backwards (give i-j with i <= j)")
+    if last_layer > 2**20:
+        raise SpecError(f"quant: layer_bits item {item!r}: layer {last_layer} is beyond any model's layers")
+    return [(layer, key_bits, value_bits) for layer in range(first_layer, last_layer + 1)]
+
+
+def parse_layer_bits(text: str) -> tuple[LayerBits, ...]:
+    """``layer_bits``'s text (see the module docstring) as (layer, kbits, vbits) per listed layer, by layer."""
+    seen: dict[int, LayerBits] = {}
+    for item in text.split("+"):
+        for entry in _layer_bits_item(item.strip()):
+            if entry[0] in seen:
+                raise SpecError(f"quant: layer_bits gives layer {entry[0]} twice in {text!r}")
+            seen[entry[0]] = entry
+    return tuple(sorted(seen.values()))
+
+
+def layer_bits_text(layer_bits: tuple[LayerBits, ...]) -> str:
+    """The canonical text of ``layer_bits``: layers in order, consecutive layers of the same widths as ``i-j``."""
+    runs: list[list[int]] = []  # [first, last, kbits, vbits]
+    for layer, kbits, vbits in layer_bits:
+        if runs and runs[-1][1] == layer - 1 and runs[-1][2:] == [kbits, vbits]:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer, kbits, vbits])
+    return "+".join(f"{a}{'' if a == b else f'-{b}'}:{k}/{v}" for a, b, k, v in runs)
+
 
 @dataclass(frozen=True)
 class QuantSpec(GroupedSpec, SelectiveSpec):
@@ -71,6 +134,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     block: int = 1
     rotate: str = ""  # "": DEFAULT_ROTATE[kbits] where head_dim allows, resolved by check_model
     vrotate: str = "none"
+    layer_bits: tuple[LayerBits, ...] = ()  # (layer, kbits, vbits) per listed layer, by layer
 
     kind: ClassVar[str] = "quant"
     keys: ClassVar[dict[str, object]] = {
@@ -85,8 +149,9 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         "block": 0,  # 0: DEFAULT_BLOCK[kbits]
         "rotate": "",  # "": DEFAULT_ROTATE[kbits] (none where head_dim is not a power of two)
         "vrotate": "none",
+        "layer_bits": "",  # "": every layer at kbits/vbits
     }
-    text_keys: ClassVar[tuple[str, ...]] = ("key_axis", "rotate", "vrotate")
+    text_keys: ClassVar[tuple[str, ...]] = ("key_axis", "rotate", "vrotate", "layer_bits")
     supports_static: ClassVar[bool] = True
     default_group: ClassVar[dict[int, int]] = DEFAULT_GROUP
 
@@ -117,6 +182,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             block=fields.at_least("block", 1),
             rotate=rotate,
             vrotate=vrotate,
+            layer_bits=parse_layer_bits(fields.values["layer_bits"]) if "layer_bits" in fields.given else (),
         )
 
     @staticmethod
@@ -164,7 +230,8 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
 
     def _rotate_text(self) -> str:
         text = f",rotate={self.rotate}" if self.rotate else ""
-        return text + (f",vrotate={self.vrotate}" if self.vrotate != "none" else "")
+        text += f",vrotate={self.vrotate}" if self.vrotate != "none" else ""
+        return text + (f",layer_bits={layer_bits_text(self.layer_bits)}" if self.layer_bits else "")
 
     @property
     def is_resolved(self) -> bool:
@@ -179,7 +246,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
 
     def check_model(self, head_dim: int) -> QuantSpec:
         resolved = super().check_model(head_dim)
-        for width in sorted({self.kbits, self.vbits}):
+        for width in sorted({self.kbits, self.vbits, *(w for _, *widths in self.layer_bits for w in widths)}):
             multiple = channel_multiple(width)
             if head_dim % multiple:
                 raise SpecError(
@@ -197,10 +264,37 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             resolved = replace(resolved, rotate=DEFAULT_ROTATE[self.kbits] if power_of_two else "none")
         return resolved
 
+    def resolve(self, config) -> QuantSpec:
+        """:meth:`check_model` on the model's ``head_dim``, and each ``layer_bits`` layer checked against its layer
+        plan: the layer must exist and be a full-attention layer."""
+        resolved = super().resolve(config)
+        if self.layer_bits:
+            plan = layer_plan(config)
+            for layer, _, _ in self.layer_bits:
+                if layer >= len(plan):
+                    raise SpecError(
+                        f"quant: layer_bits names layer {layer}; this model has {len(plan)} layers (0-{len(plan) - 1})"
+                    )
+                if plan[layer][0] != "full_attention":
+                    raise SpecError(
+                        f"quant: layer_bits names layer {layer}, a {plan[layer][0]} layer of this model, which selkv "
+                        "keeps 16-bit; name full-attention layers only"
+                    )
+        return resolved
+
+    def for_layer(self, layer_idx: int) -> QuantSpec:
+        """The spec of decoder layer ``layer_idx``: its ``layer_bits`` widths, if listed, and every other setting
+        this spec's (see the module docstring)."""
+        for layer, kbits, vbits in self.layer_bits:
+            if layer == layer_idx:  # an unresolved rotation is the spec's kbits' default, as in `layout`
+                rotate = self.rotate or DEFAULT_ROTATE[self.kbits]
+                return replace(self, kbits=kbits, vbits=vbits, rotate=rotate, layer_bits=())
+        return replace(self, layer_bits=()) if self.layer_bits else self
+
     @property
     def layout(self) -> MiddleLayout:
         """How the middle is stored: the settings a resolved spec gives its layers (``check_model`` fills the
-        group and the rotation)."""
+        group and the rotation); with ``layer_bits``, the layers not listed (:meth:`for_layer` gives each layer's)."""
         return MiddleLayout(
             self.kbits,
             self.vbits,
