@@ -194,13 +194,16 @@ def test_inductor_compiles_the_reference_decode_step(selkv_llama):
     spec = "quant:bits=8,sink=4,window=16,block=8"
     prompts = torch.randint(3, 256, (1, 25), generator=torch.Generator().manual_seed(fresh_seed()))
     steps = 20
-    expected, _ = _greedy(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=25 + steps), prompts, steps)
+    tokens, _ = _greedy(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=25 + steps), prompts, steps)
+    # Teacher forcing on the eager path's tokens: inductor rounds differently from eager (logits within ~4e-3
+    # here; a rounding can flip a code), and on this random-weight model two logits can tie within that, so
+    # greedy tokens may part (a clean-clone run, 2026-12-06); a wrong cache moves logits by whole units.
+    want = _forced_logits(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=25 + steps), prompts, tokens)
     torch._dynamo.reset()
     step = selkv.compile_decode_step(selkv_llama, mode=None, fullgraph=True)
-    got, _ = _greedy(
-        selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=25 + steps), prompts, steps, step_fn=step
-    )
-    assert torch.equal(got, expected)
+    cache = make_cache(spec, selkv_llama.config, max_cache_len=25 + steps)
+    got = _forced_logits(selkv_llama, cache, prompts, tokens, step)
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0)
 
 
 # Inductor rounds a float16 model's other ops (norms, projections) differently from eager, so a compiled
