@@ -16,6 +16,8 @@ between two captured graphs (the graph breaks are listed in the results). Rows (
 - ``int8`` / ``int4``: selkv's dynamic cache + ``attn_implementation="selkv"``, eager;
 - ``int8-captured`` / ``int4-captured`` / ``int2-captured``: selkv's static cache, the decode step
   captured (``selkv.compile_decode_step``);
+- ``int8-captured-every`` / ...: the same with the window's oldest block quantized at every step
+  (``compile_decode_step(plan_commits=False)``, the step before commits were planned on the host);
 - ``int8-reference``: selkv int8 + sdpa (dequantize the middle every step), run alone, few steps;
 - ``--extra SPEC``: more selkv specs, eager with the fused kernel.
 
@@ -276,6 +278,7 @@ class RowKind:
     kind: str  # "static", "dynamic", "selkv", "captured", "reference"
     attention: str
     spec: str = "full"
+    plan_commits: bool = True  # captured rows: the host plans which steps commit a block
 
     @property
     def compiled(self) -> bool:
@@ -299,6 +302,8 @@ def catalog(extra: list[str]) -> dict[str, RowKind]:
     for bits in SPECS:
         rows.append(RowKind(f"int{bits}", f"selkv int{bits}, eager (fused kernel)", "selkv", "selkv", SPECS[bits]))
         rows.append(RowKind(f"int{bits}-captured", f"selkv int{bits}, captured", "captured", "selkv", SPECS[bits]))
+        name = f"selkv int{bits}, captured, window block quantized every step"
+        rows.append(RowKind(f"int{bits}-captured-every", name, "captured", "selkv", SPECS[bits], plan_commits=False))
     rows.append(RowKind("int8-reference", "selkv int8 + sdpa (dequantize every step)", "reference", "sdpa", SPECS[8]))
     rows += [RowKind(spec, f"{spec}, eager (fused kernel)", "selkv", "selkv", spec) for spec in extra]
     return {row.key: row for row in rows}
@@ -441,7 +446,9 @@ class Bench:
                 row, step, cache, batch, rewind=lambda: rewind(cache, context), captured=device == "cuda"
             )
         if row.kind == "captured":
-            cache, step, rewind_lengths = captured_selkv(model, row.spec, batch, context, self.room(), device, dtype)
+            cache, step, rewind_lengths = captured_selkv(
+                model, row.spec, batch, context, self.room(), device, dtype, plan_commits=row.plan_commits
+            )
             return self._decoder(row, step, cache, batch, rewind=rewind_lengths, captured=device == "cuda")
         cache = make_cache(row.spec, config)
         if row.kind == "dynamic":

@@ -167,16 +167,20 @@ def static_selkv(model, spec: str, batch: int, context: int, room: int, device, 
     return cache
 
 
-def captured_selkv(model, spec: str, batch: int, context: int, room: int, device, dtype, graphs: bool = True):
+def captured_selkv(
+    model, spec: str, batch: int, context: int, room: int, device, dtype, graphs: bool = True, plan_commits: bool = True
+):
     """selkv's static cache filled to ``context`` + its captured decode step + how to rewind it.
 
     Returns ``(cache, step(tokens, cache, position), rewind())``; ``rewind`` puts the device lengths back
     to ``context`` (rows written past them are never read). With ``static_selkv``, the one place that
     knows the static cache's API (``selkv.compile_decode_step``, the layers' device lengths).
-    ``graphs=False`` compiles without CUDA graphs.
+    ``graphs=False`` compiles without CUDA graphs; ``plan_commits=False`` quantizes the window's oldest block
+    at every step (``selkv.compile_decode_step``'s unplanned variant).
     """
     cache = static_selkv(model, spec, batch, context, room, device, dtype)
-    compiled = selkv.compile_decode_step(model, mode="reduce-overhead" if device == "cuda" and graphs else None)
+    mode = "reduce-overhead" if device == "cuda" and graphs else None
+    compiled = selkv.compile_decode_step(model, mode=mode, plan_commits=plan_commits)
     return cache, lambda tokens, cache, position: compiled(tokens, cache), rewinder(cache, context)
 
 
@@ -186,12 +190,11 @@ def rewinder(cache, context: int):
     (rows written past them are never read)."""
     if not all(isinstance(getattr(layer, "lengths", None), torch.Tensor) for layer in cache.layers):
         return lambda: rewind(cache, context)
-    start = [(layer.lengths.clone(), layer.cumulative_length.clone()) for layer in cache.layers]
+    start = [(layer.lengths.tolist(), int(layer.cumulative_length)) for layer in cache.layers]
 
     def rewind_lengths() -> None:
         for layer, (lengths, seen) in zip(cache.layers, start, strict=True):
-            layer.lengths.copy_(lengths)
-            layer.cumulative_length.copy_(seen)
+            layer.set_lengths(*lengths, seen)
 
     return rewind_lengths
 

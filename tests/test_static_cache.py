@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo
 from support.markers import cuda_only
 from support.models import make_tiny_llama, tiny_llama_config
 from support.storages import fresh_seed
@@ -168,22 +169,80 @@ def test_storage_is_found_without_tagging_tensors(selkv_llama):
     assert not hasattr(layer.recent_keys, "selkv_layer")
 
 
-def test_compiled_decode_step_has_one_graph_for_a_whole_decode(selkv_llama):
-    """fullgraph=True: the captured step (twin attention on CPU) traces once; evictions and the ring
-    wrapping around never recompile; the tokens equal the eager static path's."""
+def test_compiled_decode_step_has_two_graphs_for_a_whole_decode(selkv_llama):
+    """fullgraph=True: the captured step (twin attention on CPU) traces twice, a step that commits a block to
+    the middle and one that does not (the host plans which); evictions and the ring wrapping around never
+    recompile; the tokens equal the eager static path's, and the host's copy of the lengths the device's."""
     import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
 
     spec = "quant:bits=4,sink=2,window=8,block=4,key_axis=token,group=16"
     prompts = torch.randint(3, 256, (2, 21), generator=torch.Generator().manual_seed(fresh_seed()))
     steps = 30
-    expected, _ = _greedy(selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=21 + steps), prompts, steps)
-    torch._dynamo.reset()
-    step = selkv.compile_decode_step(selkv_llama, mode=None, fullgraph=True, backend="eager")
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        got, _ = _greedy(
-            selkv_llama, make_cache(spec, selkv_llama.config, max_cache_len=21 + steps), prompts, steps, step_fn=step
-        )
-    assert torch.equal(got, expected)
+    eager = make_cache(spec, selkv_llama.config, max_cache_len=21 + steps)
+    expected, _ = _greedy(selkv_llama, eager, prompts, steps)
+    for plan_commits, graphs in ((True, 2), (False, 1)):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        step = selkv.compile_decode_step(selkv_llama, mode=None, backend=counter, plan_commits=plan_commits)
+        cache = make_cache(spec, selkv_llama.config, max_cache_len=21 + steps)
+        got, _ = _greedy(selkv_llama, cache, prompts, steps, step_fn=step)
+        assert torch.equal(got, expected), f"plan_commits={plan_commits}"
+        assert counter.frame_count == graphs, f"plan_commits={plan_commits}: {counter.frame_count} graphs"
+        layer = cache.layers[0]
+        assert layer.lengths.tolist() == eager.layers[0].lengths.tolist() and cache.dropped_tokens == 0
+        # An unplanned compiled step cannot follow the lengths on the host: it says so (None).
+        assert layer.host_lengths == (tuple(layer.lengths.tolist()) if plan_commits else None)
+
+
+@pytest.mark.parametrize("spec", ["quant:bits=4,sink=2,window=8,block=4", "quant:bits=3,sink=3,window=6,block=8"])
+def test_a_decode_step_quantizes_only_when_it_commits_a_block(selkv_llama, spec):
+    """The host's copy of the lengths follows the device's at every step (no sync needed to plan), and the
+    window's oldest block is quantized once, by the step that moves it to the middle."""
+    cache = make_cache(spec, selkv_llama.config, max_cache_len=80)
+    cache.enable_fused_decode()
+    layer = cache.layers[1]
+    writes = []
+    write = layer.middle.write
+    layer.middle.write = lambda *args: writes.append(int(layer.lengths[1])) or write(*args)
+    prompts = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(fresh_seed()))
+    with torch.inference_mode():
+        last = prefill(selkv_llama, prompts, cache)
+        assert layer.host_lengths == tuple(layer.lengths.tolist())
+        commits = []
+        for _ in range(60):
+            stored = layer.num_stored
+            last = forward_with_cache(selkv_llama, cache, last.argmax(-1, keepdim=True)).logits[:, -1]
+            assert layer.host_lengths == tuple(layer.lengths.tolist())
+            if layer.num_stored > stored:
+                commits.append(stored)
+    assert len(commits) >= 4, "the test must cross several commits"
+    assert writes == commits
+
+
+def test_a_wrong_plan_drops_a_token_and_never_corrupts_the_middle(selkv_llama):
+    """A plan that misses a commit (host lengths set wrong by hand) cannot write a half block: the steps keep
+    the middle as it was, and once the ring is full drop the window's oldest token, counted in
+    ``dropped_tokens``."""
+    spec = "quant:bits=4,sink=2,window=8,block=4"
+    cache = make_cache(spec, selkv_llama.config, max_cache_len=60)
+    cache.enable_fused_decode()
+    prompts = torch.randint(3, 256, (1, 21), generator=torch.Generator().manual_seed(fresh_seed()))
+    with torch.inference_mode():
+        last = prefill(selkv_llama, prompts, cache)
+        layer = cache.layers[0]
+        num_sink, num_stored, num_recent, start = layer.lengths.tolist()
+        assert num_recent + 1 >= layer.ring_length, "the next step must commit"
+        middle = [tensor.clone() for tensor in layer.middle.tensors]
+        torch._dynamo.reset()
+        step = selkv.compile_decode_step(selkv_llama, mode=None, backend="eager")  # an eager CPU step would raise
+        for dropped in (0, 1):  # the first step fills the ring's last slot, the second overflows it
+            layer.host_lengths = (num_sink, num_stored, 0, start)  # wrong: plans no commit
+            last = step(last.argmax(-1, keepdim=True), cache)
+            assert layer.num_stored == num_stored and layer.num_recent == layer.ring_length
+            assert cache.dropped_tokens == dropped
+    for before, after in zip(middle, layer.middle.tensors, strict=True):
+        assert torch.equal(before, after)
 
 
 @pytest.mark.slow

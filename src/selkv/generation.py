@@ -199,7 +199,13 @@ def greedy_decode(
     return tokens[0].tolist()
 
 
-def compile_decode_step(model, mode: str | None = "reduce-overhead", fullgraph: bool = True, backend: str = "inductor"):
+def compile_decode_step(
+    model,
+    mode: str | None = "reduce-overhead",
+    fullgraph: bool = True,
+    backend: str = "inductor",
+    plan_commits: bool = True,
+):
     """A compiled one-token decode step for static caches:
     ``step(input_ids [batch, 1], cache) -> logits [batch, vocab]``.
 
@@ -208,6 +214,11 @@ def compile_decode_step(model, mode: str | None = "reduce-overhead", fullgraph: 
     ``mode="reduce-overhead"`` on CUDA, replays one CUDA graph. Build the cache with ``max_cache_len``
     and run the prefill eagerly (``forward_with_cache``) first. The logits belong to the graph:
     use them (or clone them) before the next step.
+
+    ``plan_commits``: before each step the cache decides on the host whether the step moves a block from
+    the window to the middle (``SelectiveCache.plan_decode_step``), so the step has two compiled variants
+    and quantizes each block once. ``False`` compiles one variant that quantizes the window's oldest block
+    at every step and keeps it only on a commit (for comparison).
     """
     from .attention import kernel_module
 
@@ -222,6 +233,8 @@ def compile_decode_step(model, mode: str | None = "reduce-overhead", fullgraph: 
                 "compile_decode_step needs a static selkv cache (make_cache(spec, config, max_cache_len=N)) "
                 "and a model whose attention is 'selkv'"
             )
+        if plan_commits:
+            cache.plan_decode_step()
         torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():  # a decode step never needs gradients (the fused kernel has none)
             return compiled(input_ids=input_ids, use_cache=True, **{name: cache}).logits[:, -1]

@@ -61,6 +61,14 @@ class SelectiveCache(Cache):
             take_published(layer_idx)
         return keys, values
 
+    def plan_decode_step(self) -> None:
+        """Before a compiled one-token step: each static layer decides on the host, without a sync, whether
+        the step commits a block to the middle (:meth:`StaticSinkWindowLayer.plan_step`), so that the step
+        quantizes only when it does. :func:`~selkv.compile_decode_step` calls it before every step."""
+        for layer in self._selkv_layers():
+            if isinstance(layer, StaticSinkWindowLayer):
+                layer.plan_step()
+
     @property
     def dropped_tokens(self) -> int:
         """Tokens a static cache's compiled or GPU decode steps dropped past its capacity (0 when none;

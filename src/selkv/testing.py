@@ -78,8 +78,7 @@ def fill_layer(
         for tensor in (layer.sink_keys, layer.sink_values, layer.recent_keys, layer.recent_values):
             tensor.normal_()
         randomize_middle(layer.middle.tensors)
-        layer.lengths.copy_(torch.tensor([sink, num_stored, num_recent, 0], dtype=layer.lengths.dtype))
-        layer.cumulative_length.fill_(context)
+        layer.set_lengths(sink, num_stored, num_recent, 0, context)
         return
     layer.sink_keys.normal_()
     layer.sink_values.normal_()

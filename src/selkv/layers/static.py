@@ -13,10 +13,15 @@ a one-token decode step has fixed shapes and no host synchronization, as transfo
 - The window is a ring of ``window_length + block_length`` slots: the ``i``-th oldest window token
   sits at slot ``(recent_start + i) % ring``. Attention does not depend on the order of keys (RoPE
   is already applied), so the ring is read in place.
-- Eviction inside the captured step: every step quantizes the ring's oldest block and writes it to
-  the middle rows ``[num_stored, num_stored + block)``; only when the ring is full does the step
-  advance ``num_stored`` (and ``recent_start``) past that block. Rows past ``num_stored`` are never
-  read, so the writes of the other steps are invisible; the middle has one spare block for them.
+- Eviction inside the captured step: when the ring is full, the step quantizes its oldest block, writes it
+  to the middle rows ``[num_stored, num_stored + block)`` and advances ``num_stored`` (and
+  ``recent_start``) past it. Whether a step commits is known on the host without a sync: the host keeps
+  a copy of the lengths (``host_lengths``) and :meth:`plan_step` advances it by the same rule
+  (:func:`step_lengths`) before each step, so a captured step has two fixed-shape variants (with and
+  without the commit) and quantizes each block once. A step nobody planned (a model compiled by hand)
+  quantizes the ring's oldest block at every step, as it cannot know, and writes it past ``num_stored``
+  when it does not commit: rows past ``num_stored`` are never read, and the middle has a spare block for
+  them.
 - The sink has one spare slot: a step whose token does not go to the sink writes it there.
 
 Prefill (more than one token) and steps without selkv's attention run eagerly, with host lengths;
@@ -41,6 +46,29 @@ from .base import SelectiveLayer
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def step_lengths(
+    num_sink, num_stored, num_recent, start, *, sink_capacity, ring, block, middle_capacity, as_int, may_commit=True
+):
+    """One token's step of the lengths: ``(to_sink, commit, drop, new_lengths)``, each 0 or 1 but the lengths.
+
+    The one rule, for device tensors (the step itself, ``as_int`` a cast to int32) and for host integers
+    (:meth:`StaticSinkWindowLayer.plan_step`, ``as_int=int``). The sink takes the sequence's first tokens;
+    the ring's oldest block moves to the middle (commit) when the ring is full and the middle has room
+    (and ``may_commit``); otherwise a full ring overflows and its oldest token is dropped.
+    """
+    to_sink = as_int((num_sink < sink_capacity) & (num_stored + num_recent == 0))
+    num_recent_after = num_recent + 1 - to_sink
+    commit = as_int((num_recent_after >= ring) & (num_stored < middle_capacity)) if may_commit else 0
+    drop = as_int(num_recent_after - commit * block > ring)
+    new_lengths = (
+        num_sink + to_sink,
+        num_stored + commit * block,
+        num_recent_after - commit * block - drop,
+        (start + commit * block + drop) % ring,
+    )
+    return to_sink, commit, drop, new_lengths
 
 
 class StaticSinkWindowLayer(SelectiveLayer):
@@ -70,6 +98,8 @@ class StaticSinkWindowLayer(SelectiveLayer):
         self.sink_keys = self.sink_values = None
         self.recent_keys = self.recent_values = None
         self.lengths = None  # int32 [4]: num_sink, num_stored, num_recent, recent_start
+        self.host_lengths = None  # the same on the host while known without a sync, else None
+        self.commit_plan = None  # the next one-token step commits a block (bool), or None: not planned
         self.cumulative_length = None  # int64 []: positions seen
         self.dropped = None  # int64 []: tokens dropped past the capacity
         self.is_initialized = False
@@ -111,6 +141,7 @@ class StaticSinkWindowLayer(SelectiveLayer):
         self.middle.set_head(key_states)
         self.middle.allocate(key_states, self.middle_capacity + self.block_length)  # + the spare block
         self.lengths = torch.zeros(4, dtype=torch.int32, device=self.device)
+        self.host_lengths = (0, 0, 0, 0)
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
         self.dropped = torch.zeros((), dtype=torch.int64, device=self.device)
         self.is_initialized = True
@@ -139,41 +170,63 @@ class StaticSinkWindowLayer(SelectiveLayer):
             return self.recent_keys, self.recent_values
         return self._eager_update(key_states, value_states)
 
+    def _rule(self, as_int) -> dict:
+        return dict(
+            sink_capacity=self.sink_capacity,
+            ring=self.ring_length,
+            block=self.block_length,
+            middle_capacity=self.middle_capacity,
+            as_int=as_int,
+        )
+
+    def plan_step(self) -> None:
+        """Before a one-token step, on the host: whether it commits a block (``commit_plan``), from the host
+        copy of the lengths, which it advances. Without a host copy the step is left unplanned (``None``)."""
+        if not self.is_initialized or self.host_lengths is None:
+            self.commit_plan = None
+            return
+        _, commit, _, self.host_lengths = step_lengths(*self.host_lengths, **self._rule(int))
+        self.commit_plan = bool(commit)
+
+    def set_lengths(self, num_sink: int, num_stored: int, num_recent: int, recent_start: int, seen: int) -> None:
+        """Set the lengths (device and host copy) and the positions seen: a cache filled or rewound by hand."""
+        self.lengths.copy_(torch.tensor([num_sink, num_stored, num_recent, recent_start], dtype=torch.int32))
+        self.cumulative_length.fill_(seen)
+        self.host_lengths = (num_sink, num_stored, num_recent, recent_start)
+        self.commit_plan = None
+
     def _decode_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """One token, fixed shapes, device lengths only."""
+        """One token, fixed shapes, device lengths only; the window's oldest block is quantized only when the
+        step commits it (or at every step when the step was not planned, see the module docstring)."""
+        if not _is_compiling() and self.commit_plan is None:
+            self.plan_step()  # an eager step plans itself
+        plan, self.commit_plan = self.commit_plan, None
+        if plan is None:  # compiled by hand, unplanned: the host copy no longer follows the device
+            self.host_lengths = None
         block, ring, sink_capacity = self.block_length, self.ring_length, self.sink_capacity
         num_sink, num_stored, num_recent, start = self.lengths.unbind()
-        # The sink takes the sequence's first tokens only; other tokens land in its spare slot.
-        to_sink = (num_sink < sink_capacity) & (num_stored + num_recent == 0)
-        # The ring's oldest block moves to the middle (commit) when the ring is full and the middle has
-        # room; with the middle full the ring overflows and its oldest token is dropped.
-        num_recent_after = num_recent + (~to_sink).to(torch.int32)
-        commit = ((num_recent_after >= ring) & (num_stored < self.middle_capacity)).to(torch.int32)
-        drop = (num_recent_after - commit * block > ring).to(torch.int32)
+        # A plan without a commit leaves it out of the step (a wrong plan then drops a token, counted in
+        # ``dropped``; it never corrupts the middle).
+        rule = self._rule(lambda t: t.to(torch.int32))
+        to_sink, _, drop, new_lengths = step_lengths(*self.lengths.unbind(), **rule, may_commit=plan is not False)
         if self.device.type == "cpu" and not _is_compiling() and bool(drop):
+            self.host_lengths = tuple(self.lengths.tolist())  # this step does not happen
             raise self._capacity_error(int(self.cumulative_length) + 1, sink_capacity + self.middle_capacity + ring)
-        sink_slot = torch.where(to_sink, num_sink, sink_capacity).view(1).long()
+        sink_slot = torch.where(to_sink.bool(), num_sink, sink_capacity).view(1).long()
         self.sink_keys.index_copy_(2, sink_slot, key_states)
         self.sink_values.index_copy_(2, sink_slot, value_states)
         # The next ring slot (a token that went to the sink leaves an unread copy there).
         ring_slot = torch.remainder(start + num_recent, ring).view(1).long()
         self.recent_keys.index_copy_(2, ring_slot, key_states)
         self.recent_values.index_copy_(2, ring_slot, value_states)
-        # Quantize the ring's oldest block and write it after the stored middle; only a commit keeps it
-        # (a step without one writes rows past num_stored, which nothing reads).
-        oldest = torch.remainder(start + torch.arange(block, device=self.device), ring)
-        self.middle.write(
-            self.recent_keys.index_select(2, oldest), self.recent_values.index_select(2, oldest), num_stored
-        )
-        new_lengths = torch.stack(
-            [
-                num_sink + to_sink.to(torch.int32),
-                num_stored + commit * block,
-                num_recent_after - commit * block - drop,
-                torch.remainder(start + commit * block + drop, ring),
-            ]
-        )
-        self.lengths.copy_(new_lengths)
+        if plan is not False:
+            # Quantize the ring's oldest block and write it after the stored middle; only a commit keeps it
+            # (unplanned steps write rows past num_stored, which nothing reads).
+            oldest = torch.remainder(start + torch.arange(block, device=self.device), ring)
+            self.middle.write(
+                self.recent_keys.index_select(2, oldest), self.recent_values.index_select(2, oldest), num_stored
+            )
+        self.lengths.copy_(torch.stack(new_lengths))
         self.cumulative_length.add_(1)
         self.dropped.add_(drop)
 
@@ -201,6 +254,7 @@ class StaticSinkWindowLayer(SelectiveLayer):
         self.recent_keys[:, :, :kept] = window_keys[:, :, evict:]
         self.recent_values[:, :, :kept] = window_values[:, :, evict:]
         self.lengths.copy_(torch.tensor([num_sink, num_stored + evict, kept, 0], dtype=torch.int32))
+        self.host_lengths, self.commit_plan = (num_sink, num_stored + evict, kept, 0), None
         self.cumulative_length.add_(query_length)
         if evict <= num_recent:  # the window still holds every token of this call, exact
             exact_keys, exact_values = window_keys[:, :, evict:], window_values[:, :, evict:]
@@ -258,6 +312,7 @@ class StaticSinkWindowLayer(SelectiveLayer):
                 self.lengths.zero_()
                 self.cumulative_length.zero_()
                 self.dropped.zero_()
+            self.host_lengths, self.commit_plan = (0, 0, 0, 0), None
 
     def set_left_padding(self, left_padding: int, row_padding: torch.Tensor | None = None) -> None:
         if (
