@@ -41,14 +41,14 @@ FUSED = {  # name: (nbits, axis_key, q_group_size, block_length[, rotate[, vrota
     "fused int4 tok": (4, "token", 64, BLOCK),
     "fused int2": (2, "channel", 64, BLOCK),
     "fused int4 spec": (4, "channel", 32, 64),  # the int4 spec's defaults: groups of 32, key blocks of 64
-    # rotated keys (rotate=hadamard-signs, the 4- and 2-bit spec defaults): the query is rotated once per
+    # rotated keys (rotate=hadamard-signs, the 4- and 3-bit spec defaults): the query is rotated once per
     # call in the launcher, which the times include
     "fused int4 spec rot": (4, "channel", 32, 64, "hadamard-signs"),
-    "fused int2 rot": (2, "channel", 64, 32, "hadamard-signs"),
+    "fused int2 rot": (2, "channel", 64, 32, "hadamard-signs"),  # quant:bits=2,vrotate=none (keys rotated only)
     "fused int3 spec rot": (3, "channel", 64, 64, "hadamard-signs"),  # the int3 spec's defaults
-    # rotated keys and values (quant:bits=3,rotate=hadamard,vrotate=hadamard): the merge rotates the middle's
-    # output back
-    "fused int3 vrot": (3, "channel", 64, 64, "hadamard", "hadamard"),
+    # rotated keys and values: the merge rotates the middle's output back
+    "fused int2 spec vrot": (2, "channel", 64, 32, "hadamard-signs", "hadamard"),  # the int2 spec's defaults
+    "fused int3 vrot": (3, "channel", 64, 64, "hadamard", "hadamard"),  # quant:bits=3,rotate=hadamard,vrotate=hadamard
     "fused int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
 }
 ACCURACY_RMS = (1.0, 0.02)  # value RMS of the accuracy column

@@ -48,12 +48,14 @@ QUANT = {  # name: (nbits, axis_key, q_group_size, block_length[, rotate[, vrota
     "int4 tok": (4, "token", 64, 32),
     "int2": (2, "channel", 64, 32),
     "int4 spec": (4, "channel", 32, 64),
-    # rotated keys (quant.rotation_matrix): the spec defaults at 4 and 2 bits, and the per-token layout;
-    # the kernel's time includes rotating the query
+    # rotated keys (quant.rotation_matrix): the int4 spec default, int2 with its keys rotated only
+    # (quant:bits=2,vrotate=none), and the per-token layout; the kernel's time includes rotating the query
     "int4 spec rot": (4, "channel", 32, 64, "hadamard-signs"),
     "int2 rot": (2, "channel", 64, 32, "hadamard-signs"),
     "int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
-    # rotated keys and values: the merge rotates the middle's output back
+    # rotated keys and values: the merge rotates the middle's output back (the int2 spec's defaults;
+    # quant:bits=3,rotate=hadamard,vrotate=hadamard)
+    "int2 spec vrot": (2, "channel", 64, 32, "hadamard-signs", "hadamard"),
     "int3 vrot": (3, "channel", 64, 64, "hadamard", "hadamard"),
 }
 CUDA_SHAPE = dict(batch_size=8, num_heads=32, num_kv_heads=8, head_dim=128, context=32768, dtype=torch.bfloat16)

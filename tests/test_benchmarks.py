@@ -169,7 +169,15 @@ def test_captured_selkv_fill_and_rewind():
 
 
 @pytest.mark.parametrize(
-    "name", ["fused int4 spec", "fused int4 tok", "fused int4 spec rot", "fused int2 rot", "fused int3 vrot"]
+    "name",
+    [
+        "fused int4 spec",
+        "fused int4 tok",
+        "fused int4 spec rot",
+        "fused int2 rot",
+        "fused int2 spec vrot",
+        "fused int3 vrot",
+    ],
 )
 def test_decode_attention_accuracy_column_runs_small(name):
     """The accuracy column of decode_attention.py (the compiled kernel on a GPU, else Triton's interpreter; float16,

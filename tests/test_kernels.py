@@ -160,6 +160,7 @@ ROTATED_VALUE_CASES = [
     (3, 3, "channel", "hadamard", "hadamard", torch.float16),
     (3, 3, "channel", "hadamard-signs", "hadamard", torch.float32),
     (2, 2, "channel", "hadamard-signs", "hadamard-signs", torch.float16),
+    (2, 2, "channel", "hadamard-signs", "hadamard", torch.float16),  # the int2 default: two matrices
     (2, 2, "token", "none", "hadamard", torch.float16),
     (4, 2, "channel", "hadamard", "hadamard-signs", torch.float16),
 ]

@@ -60,14 +60,18 @@ def test_lossless_candidate_equals_full(sweep):
 
 
 @torch.inference_mode()
-def test_fake_int2_matches_library_int2(sweep):
+@pytest.mark.parametrize(
+    "vrotate,fields",
+    [("", ",vrotate=hadamard"), (",vrotate=none", "")],  # the int2 default rotates values; the candidate's does not
+)
+def test_fake_int2_matches_library_int2(sweep, vrotate, fields):
     from selkv.cache import make_cache
 
     model = make_tiny_llama()
     ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(1))
-    spec = "quant:bits=2,sink=2,window=16,block=8,group=32,rotate=hadamard-signs"
+    spec = f"quant:bits=2,sink=2,window=16,block=8,group=32{vrotate}"
     library = _logits(model, make_cache(spec, model.config), ids)
-    cand = sweep.Candidate.parse("kbits=2,vbits=2,sink=2,window=16,block=8,group=32")
+    cand = sweep.Candidate.parse(f"kbits=2,vbits=2,sink=2,window=16,block=8,group=32{fields}")
     torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
 
 
@@ -174,11 +178,13 @@ def test_dense_and_sparse_keeps_exactly_the_chosen_outliers(sweep):
 @pytest.mark.parametrize(
     "spec,fields",
     [
-        ("quant:bits=2,sink=4,window=124", "kbits=2,vbits=2"),
+        # the 2-bit value default: the plain Hadamard matrix beside the keys' signed one (its bytes)
+        ("quant:bits=2,sink=4,window=124", "kbits=2,vbits=2,vrotate=hadamard"),
+        ("quant:bits=2,sink=4,window=124,vrotate=none", "kbits=2,vbits=2"),
         ("quant:bits=4,sink=4,window=124", "kbits=4,vbits=4,block=64,group=32"),
         ("quant:bits=8,sink=4,window=124", "kbits=8,vbits=8,key_axis=token,rotate=none"),
-        ("quant:kbits=4,vbits=2,sink=4,window=124", "kbits=4,vbits=2,block=64"),
-        ("quant:bits=2,sink=4,window=60,block=16", "kbits=2,vbits=2,window=60,block=16"),
+        ("quant:kbits=4,vbits=2,sink=4,window=124", "kbits=4,vbits=2,block=64,vrotate=hadamard"),
+        ("quant:bits=2,sink=4,window=60,block=16", "kbits=2,vbits=2,window=60,block=16,vrotate=hadamard"),
         # value rotations: the keys' matrix (no extra bytes), another one (its bytes), values only
         (
             "quant:bits=3,sink=4,window=124,rotate=hadamard,vrotate=hadamard",

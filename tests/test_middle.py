@@ -213,3 +213,16 @@ def test_kv_bytes_count_a_value_rotation_only_where_the_keys_do_not_share_it():
     for layer_idx in range(3):
         plain.update(states, states.clone(), layer_idx)
     assert kv_bytes(cache)["allocated"] == kv_bytes(plain)["allocated"] + matrix
+
+
+def test_two_bit_default_counts_its_value_rotation():
+    """int2's default rotates values with the plain Hadamard matrix while its keys use the signed one: a second
+    matrix, counted once per cache; ``vrotate=none`` holds the keys' alone."""
+    from selkv.sizing import cache_size
+
+    config = tiny_llama_config(head_dim=64, layers=3)
+    base = "quant:bits=2,sink=4,window=16,block=8"
+    default, rotated, off = (
+        cache_size(s, config, 300)["allocated"] for s in (base, f"{base},vrotate=hadamard", f"{base},vrotate=none")
+    )
+    assert default == rotated == off + 64 * 64 * (4 + 2)

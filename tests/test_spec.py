@@ -103,8 +103,8 @@ def test_rotate_key():
 
 
 def test_vrotate_key():
-    """Value rotation: "none" by default (left out of the canonical string), any rotation of ``rotate``, in the
-    layout the spec gives its layers; a power-of-two head_dim, else one line that says what to do."""
+    """Value rotation: "none" by default at 3 bits (left out of the canonical string), any rotation of ``rotate``,
+    in the layout the spec gives its layers; a power-of-two head_dim, else one line that says what to do."""
     plain = selkv.parse_spec("quant:bits=3")
     rotated = selkv.parse_spec("quant:bits=3,rotate=hadamard,vrotate=hadamard,sink=4,window=124")
     assert plain.vrotate == "none" and "vrotate" not in str(plain) and plain.make_layer().layout.vrotate == "none"
@@ -135,6 +135,50 @@ def test_default_rotation_follows_the_key_bits_and_the_head_dim(kbits):
     assert selkv.parse_spec(str(resolved)) == resolved  # the canonical string names the resolved rotation
     assert spec.check_model(96).rotate == "none"  # a head_dim without a Hadamard matrix: no rotation, no error
     assert spec.make_layer().layout.rotate == DEFAULT_ROTATE[kbits]
+
+
+@pytest.mark.parametrize("vbits", [8, 4, 3, 2])
+def test_default_value_rotation_follows_the_value_bits_and_the_head_dim(vbits):
+    from selkv.specs import DEFAULT_VROTATE
+
+    assert DEFAULT_VROTATE == {8: "none", 4: "none", 3: "none", 2: "hadamard"}
+    spec = selkv.parse_spec(f"quant:kbits=4,vbits={vbits}")
+    resolved = spec.check_model(64)
+    assert resolved.vrotate == DEFAULT_VROTATE[vbits] and resolved.is_resolved
+    assert selkv.parse_spec(str(resolved)) == resolved  # the canonical string names a resolved rotation
+    assert spec.check_model(96).vrotate == "none"  # a head_dim without a Hadamard matrix: no rotation, no error
+    assert spec.make_layer().layout.vrotate == DEFAULT_VROTATE[vbits]
+    # the keys' width does not choose it
+    assert selkv.parse_spec(f"quant:kbits=2,vbits={vbits}").check_model(64).vrotate == DEFAULT_VROTATE[vbits]
+
+
+def test_two_bit_values_are_rotated_by_default_and_vrotate_none_turns_it_off():
+    spec = selkv.parse_spec("quant:bits=2,sink=4,window=124")
+    assert spec.vrotate == "" and "vrotate" not in str(spec) and not spec.is_resolved  # resolved by check_model
+    assert selkv.parse_spec(str(spec)) == spec
+    resolved = spec.check_model(64)
+    assert (resolved.rotate, resolved.vrotate) == ("hadamard-signs", "hadamard") and resolved.is_resolved
+    assert str(resolved).endswith(",block=32,rotate=hadamard-signs,vrotate=hadamard")
+    assert selkv.parse_spec(str(resolved)) == resolved
+    assert spec.make_layer().layout.vrotate == "hadamard" == resolved.make_layer().layout.vrotate
+    # an explicit none wins and stays in the canonical string (it is not the default here)
+    off = selkv.parse_spec("quant:bits=2,sink=4,window=124,vrotate=none")
+    assert off.vrotate == "none" and str(off).endswith(",vrotate=none") and off != spec and off.family != spec.family
+    assert selkv.parse_spec(str(off)) == off and off.check_model(64).vrotate == "none"
+    assert off.make_layer().layout.vrotate == "none"
+    # a head_dim that is not a power of two: no value rotation, no error, unless one is asked for
+    for head_dim in (48, 80, 96):
+        assert spec.check_model(head_dim).vrotate == "none"
+        cache = selkv.make_cache("quant:bits=2", tiny_llama_config(head_dim=head_dim))
+        assert {layer.layout.vrotate for layer in cache.layers} == {"none"}
+    assert {layer.layout.vrotate for layer in selkv.make_cache("quant:bits=2", tiny_llama_config()).layers} == {
+        "hadamard"
+    }
+    with pytest.raises(SpecError, match=r"vrotate=hadamard needs a power-of-two head_dim; this model's is 96"):
+        selkv.parse_spec("quant:bits=2,vrotate=hadamard").check_model(96)
+    # layer_bits: every layer keeps the spec's value rotation (the spec's vbits' default, not a layer's)
+    mixed = selkv.parse_spec("quant:bits=2,layer_bits=1:4/4")
+    assert mixed.for_layer(1).layout.vrotate == "hadamard" == mixed.check_model(64).for_layer(1).vrotate
 
 
 def test_per_bit_defaults_follow_the_side_they_concern():

@@ -27,7 +27,7 @@ from .base import MAX_SETTING, CacheSpec, GroupedSpec, SelectiveSpec
 from .drop import DropSpec
 from .full import FullSpec
 from .hf import HFHQQSpec, HFQuantizedSpec, HFQuantoSpec
-from .quant import DEFAULT_BLOCK, DEFAULT_GROUP, DEFAULT_KEY_AXIS, DEFAULT_ROTATE, QuantSpec
+from .quant import DEFAULT_BLOCK, DEFAULT_GROUP, DEFAULT_KEY_AXIS, DEFAULT_ROTATE, DEFAULT_VROTATE, QuantSpec
 
 # Every cache kind, by the name a spec string starts with.
 SPECS: dict[str, type[CacheSpec]] = {
@@ -75,6 +75,7 @@ __all__ = [
     "DEFAULT_GROUP",
     "DEFAULT_KEY_AXIS",
     "DEFAULT_ROTATE",
+    "DEFAULT_VROTATE",
     "KINDS",
     "MAX_SETTING",
     "NamedSpecs",

@@ -3,9 +3,9 @@
 16-bit sink and window, every token between quantized once to ``bits`` bits, or to ``kbits`` bits per
 key and ``vbits`` per value (``quant:kbits=4,vbits=2``; ``bits=B`` is the shorthand for both).
 
-Defaults that depend on the bit width follow the side they concern: ``key_axis`` and ``block`` (the
-tokens of a per-channel key group) follow ``kbits``; ``group`` follows ``vbits``, since value groups
-always use it (per-token key groups, with ``key_axis=token``, share it).
+Defaults that depend on the bit width follow the side they concern: ``key_axis``, ``block`` (the
+tokens of a per-channel key group) and ``rotate`` follow ``kbits``; ``group`` follows ``vbits``, since value
+groups always use it (per-token key groups, with ``key_axis=token``, share it), and so does ``vrotate``.
 
 ``rotate=hadamard`` multiplies each key entering the middle by a normalized Hadamard matrix before it
 is quantized (QuaRot, SpinQuant): outlier channels are spread over all channels, attention is unchanged
@@ -15,8 +15,10 @@ the head_dim allows it and ``none`` elsewhere (resolved by ``check_model``, as t
 
 ``vrotate=hadamard`` (or ``hadamard-signs``) rotates each value entering the middle the same way before it
 is quantized; attention over the middle gives its output rotated and readers rotate it back
-(``o = (sum_n p_n v_n R) R^T``). It also needs a power-of-two ``head_dim``; left out, it is ``none``. A
-rotation the keys use too costs no extra bytes (one shared matrix).
+(``o = (sum_n p_n v_n R) R^T``). It also needs a power-of-two ``head_dim``; left out, it is
+:data:`DEFAULT_VROTATE` for ``vbits`` (the side it concerns) where the head_dim allows it and ``none``
+elsewhere (resolved by ``check_model``, as ``rotate`` is). A rotation the keys use too costs no extra bytes
+(one shared matrix); another one is one more ``[head_dim, head_dim]`` matrix per cache.
 
 ``layer_bits=LAYERS:KBITS/VBITS+...`` gives some decoder layers other widths: ``LAYERS`` is one layer
 ``i`` or an inclusive range ``i-j`` (0-based, as ``model.model.layers``), e.g.
@@ -71,6 +73,14 @@ DEFAULT_BLOCK = {8: 32, 4: 64, 3: 64, 2: 32}
 # +4.2% / +5.2% / +12.5% (PG-19 2,048 / 4,096, WikiText-2) and int4 from +0.28% / +0.33% / +0.41% to
 # +0.28% / +0.31% / +0.09%, at the same bytes; int8 is within 0.05% without it.
 DEFAULT_ROTATE = {8: "none", 4: "hadamard-signs", 3: "hadamard-signs", 2: "hadamard-signs"}
+# Value rotation per value bit width, from the float32 perplexity sweep and the library runs in
+# docs/eval_results.md (2026-12-06, SmolLM2-135M, chunk 64): Hadamard-rotated 2-bit values take int2 from
+# +12.47% / +5.22% / +7.25% to +10.18% / +4.22% / +6.22% (WikiText-2 2,048, PG-19 4,096, PG-19 Dragon's Blood
+# 4,096; 5.03x -> 5.02x held at 4,096 tokens: the plain matrix is a second one beside the keys' signed one), needles
+# 1.00 at 1,024 and 2,048 tokens. int4 is not helped (+0.09% -> +0.20% on WikiText-2, with plain-Hadamard keys);
+# int3 was measured with its default's signed keys on WikiText-2 only (+2.31% -> +2.05%), and its win is with
+# plain-Hadamard keys (`rotate=hadamard,vrotate=hadamard`, not a default), so 3, 4 and 8 bits keep none.
+DEFAULT_VROTATE = {8: "none", 4: "none", 3: "none", 2: "hadamard"}
 
 # One layer's widths in ``layer_bits``: (layer, kbits, vbits).
 LayerBits = tuple[int, int, int]
@@ -133,7 +143,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     sym: bool = False
     block: int = 1
     rotate: str = ""  # "": DEFAULT_ROTATE[kbits] where head_dim allows, resolved by check_model
-    vrotate: str = "none"
+    vrotate: str = ""  # "": DEFAULT_VROTATE[vbits] where head_dim allows, resolved by check_model
     layer_bits: tuple[LayerBits, ...] = ()  # (layer, kbits, vbits) per listed layer, by layer
 
     kind: ClassVar[str] = "quant"
@@ -148,7 +158,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         "sym": 0,
         "block": 0,  # 0: DEFAULT_BLOCK[kbits]
         "rotate": "",  # "": DEFAULT_ROTATE[kbits] (none where head_dim is not a power of two)
-        "vrotate": "none",
+        "vrotate": "",  # "": DEFAULT_VROTATE[vbits] (none where head_dim is not a power of two)
         "layer_bits": "",  # "": every layer at kbits/vbits
     }
     text_keys: ClassVar[tuple[str, ...]] = ("key_axis", "rotate", "vrotate", "layer_bits")
@@ -168,6 +178,8 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         for key, rotation in (("rotate", rotate), ("vrotate", vrotate)):
             if rotation and rotation not in ROTATIONS:
                 raise SpecError(f"quant: {key}={rotation!r} is not allowed; allowed: {', '.join(ROTATIONS)}")
+        if not vrotate and DEFAULT_VROTATE[vbits] == "none":
+            vrotate = "none"  # no rotation to resolve: the same spec as an explicit vrotate=none
         group = fields.group()
         if "block" not in fields.given:
             fields.values["block"] = DEFAULT_BLOCK[kbits]
@@ -230,12 +242,14 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
 
     def _rotate_text(self) -> str:
         text = f",rotate={self.rotate}" if self.rotate else ""
-        text += f",vrotate={self.vrotate}" if self.vrotate != "none" else ""
+        # "" (a default to resolve) is left out, and so is "none" where it is the width's default
+        if self.vrotate and not (self.vrotate == "none" == DEFAULT_VROTATE[self.vbits]):
+            text += f",vrotate={self.vrotate}"
         return text + (f",layer_bits={layer_bits_text(self.layer_bits)}" if self.layer_bits else "")
 
     @property
     def is_resolved(self) -> bool:
-        return bool(self.group) and bool(self.rotate)
+        return bool(self.group) and bool(self.rotate) and bool(self.vrotate)
 
     @property
     def family(self) -> str:
@@ -262,6 +276,8 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
                 )
         if not self.rotate:
             resolved = replace(resolved, rotate=DEFAULT_ROTATE[self.kbits] if power_of_two else "none")
+        if not self.vrotate:
+            resolved = replace(resolved, vrotate=DEFAULT_VROTATE[self.vbits] if power_of_two else "none")
         return resolved
 
     def resolve(self, config) -> QuantSpec:
@@ -286,9 +302,10 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         """The spec of decoder layer ``layer_idx``: its ``layer_bits`` widths, if listed, and every other setting
         this spec's (see the module docstring)."""
         for layer, kbits, vbits in self.layer_bits:
-            if layer == layer_idx:  # an unresolved rotation is the spec's kbits' default, as in `layout`
+            if layer == layer_idx:  # an unresolved rotation is the spec's kbits' / vbits' default, as in `layout`
                 rotate = self.rotate or DEFAULT_ROTATE[self.kbits]
-                return replace(self, kbits=kbits, vbits=vbits, rotate=rotate, layer_bits=())
+                vrotate = self.vrotate or DEFAULT_VROTATE[self.vbits]
+                return replace(self, kbits=kbits, vbits=vbits, rotate=rotate, vrotate=vrotate, layer_bits=())
         return replace(self, layer_bits=()) if self.layer_bits else self
 
     @property
@@ -303,7 +320,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             block_length=self.block,
             rotate=self.rotate or DEFAULT_ROTATE[self.kbits],
             sym=self.sym,
-            vrotate=self.vrotate,
+            vrotate=self.vrotate or DEFAULT_VROTATE[self.vbits],
         )
 
     def make_layer(self, max_cache_len: int | None = None) -> QuantizedSinkWindowLayer | StaticSinkWindowLayer:
