@@ -76,7 +76,7 @@ highlighted; needs matplotlib). Rerun with the same --out to resume; a new budge
 """
 
 CALIBRATE_EPILOG = """\
-example (the embedded model, about 31 runs of 20-35 s on 2 CPU cores):
+example (the embedded model: 33 runs, 15 minutes on 2 CPU cores):
   selkv calibrate --device cpu --dtype float32 --data pg19-morocco --max-tokens 2048 --chunk 64 \\
       --cache quant:bits=3,sink=4,window=124,rotate=hadamard,vrotate=hadamard --upgrade 4/3 \\
       --min-ratio 4.0 --out results/calibrate
