@@ -4,11 +4,13 @@
     selkv size [--cache SPEC ...] [--tokens N]
     selkv eval TASK --cache SPEC [--cache SPEC ...] --out DIR
     selkv report DIR [DIR ...]
+    selkv calibrate --cache QUANT_SPEC --upgrade K/V (--min-ratio R | --layers N) --out DIR
     selkv demo
     selkv lm-eval --model selkv --model_args '{"cache": "SPEC", "prefill_chunk": 64}' --tasks ... [harness flags]
 
-The work lives below: ``generation`` (generate), ``sizing`` (size), ``eval`` (the tasks, the report, and
-the default cache sets in ``eval.suite``); the dependency order is in tests/test_import_order.py.
+The work lives below: ``generation`` (generate), ``sizing`` (size), ``eval`` (the tasks, the report,
+``eval.calibrate`` (calibrate), and the default cache sets in ``eval.suite``); the dependency order is in
+tests/test_import_order.py.
 
 Input that cannot be used (a missing model, file or device, a bad spec, an empty prompt) ends with one
 line on stderr and exit code 2; ``SELKV_DEBUG=1`` shows the traceback instead. Any other exception is a
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cli_help import (
+    CALIBRATE_EPILOG,
+    CALIBRATE_HELP,
     DEMO_EPILOG,
     EVAL_EPILOG,
     GENERATE_EPILOG,
@@ -35,7 +39,7 @@ from .cli_help import (
 )
 from .errors import SelKVError
 from .eval import report
-from .eval.arguments import positive_int
+from .eval.arguments import at_least, positive_int, positive_number
 from .eval.runner import run_task
 from .eval.suite import (
     DEFAULT_CACHES,
@@ -164,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     add_eval_commands(sub)
+    add_calibrate_command(sub)
     sub.add_parser(
         "lm-eval",
         help="lm-evaluation-harness with the 'selkv' model type: the harness's own flags, unchanged",
@@ -239,6 +244,69 @@ def add_eval_commands(subparsers) -> None:
     rep.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the first DIR)")
     rep.add_argument("--image-prefix", default=None, help="path prefix for the images inside report.md")
     rep.set_defaults(handler=cmd_report)
+
+
+def add_calibrate_command(subparsers) -> None:
+    """Register ``calibrate``: per-layer widths (``layer_bits``) chosen on a calibration text."""
+    from .eval.calibrate import DEFAULTS
+
+    cal = subparsers.add_parser(
+        "calibrate",
+        help="choose per-layer widths (layer_bits) of a quant: spec for a model on a calibration text",
+        description=CALIBRATE_HELP,
+        formatter_class=HelpFormatter,
+        epilog=CALIBRATE_EPILOG,
+    )
+    add_model_args(cal)
+    cal.add_argument(
+        "--cache",
+        required=True,
+        metavar="SPEC",
+        help="the base: a quant: spec without layer_bits, e.g. "
+        "quant:bits=3,sink=4,window=124,rotate=hadamard,vrotate=hadamard",
+    )
+    cal.add_argument(
+        "--upgrade",
+        required=True,
+        metavar="K/V",
+        help="key/value widths of an upgraded layer, at least the base's on both and wider on one (e.g. 4/3)",
+    )
+    budget = cal.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--min-ratio",
+        type=positive_number,
+        metavar="R",
+        help="choose as many first-ranked layers as keep the bytes held at --size-tokens tokens at least R times "
+        "less than a 16-bit full cache",
+    )
+    budget.add_argument("--layers", type=positive_int, metavar="N", help="choose the N first-ranked layers")
+    cal.add_argument(
+        "--size-tokens",
+        type=positive_int,
+        default=DEFAULTS["size_tokens"],
+        help=f"tokens at which --min-ratio counts the bytes held, as `selkv size` (default {DEFAULTS['size_tokens']})",
+    )
+    cal.add_argument(
+        "--data",
+        default=DEFAULTS["data"],
+        help="the calibration text: a text file, or a named set: wikitext2, pg19, pg19-dragons-blood, "
+        f"pg19-morocco, hf:PATH[:CONFIG] (default {DEFAULTS['data']})",
+    )
+    cal.add_argument(
+        "--max-tokens",
+        type=at_least(2),
+        default=DEFAULTS["max_tokens"],
+        help=f"tokens of the text scored, from its start (default {DEFAULTS['max_tokens']})",
+    )
+    cal.add_argument(
+        "--chunk",
+        type=at_least(1, " (a one-pass perplexity never reads the compressed cache)"),
+        default=DEFAULTS["chunk"],
+        help=f"tokens per forward pass; each chunk reads the cache left by earlier ones, and --min-ratio counts "
+        f"bytes for updates of this size (default {DEFAULTS['chunk']})",
+    )
+    cal.add_argument("--out", required=True, help="results folder; rerun with the same folder to resume")
+    cal.set_defaults(handler=cmd_calibrate)
 
 
 def parsed_specs(specs: list[str] | None, default) -> list[tuple[str, CacheSpec]]:
@@ -381,6 +449,58 @@ def cmd_eval_all(args) -> int:
     return 0
 
 
+def calibrate_command(args) -> str:
+    """The ``selkv calibrate`` command of ``args``, every option written out."""
+    import shlex
+
+    words = ["selkv", "calibrate", "--model", args.model, "--cache", args.cache, "--upgrade", args.upgrade]
+    words += ["--min-ratio", f"{args.min_ratio:g}"] if args.layers is None else ["--layers", str(args.layers)]
+    words += ["--size-tokens", str(args.size_tokens), "--data", args.data, "--max-tokens", str(args.max_tokens)]
+    words += ["--chunk", str(args.chunk)]
+    for flag, value in (("--device", args.device), ("--dtype", args.dtype), ("--attn", args.attn)):
+        words += [flag, value] if value else []
+    return shlex.join([*words, "--out", args.out])
+
+
+def cmd_calibrate(args) -> int:
+    from .eval import calibrate, perplexity
+    from .models import load_config
+
+    # Bad input fails before the model loads: the spec and widths, the text and counts, then the model's layers
+    # and the budget (its config only).
+    calibrate.check_upgrade(calibrate.base_spec(args.cache), calibrate.parse_upgrade(args.upgrade))
+    perplexity.check({"data": args.data, "max_tokens": args.max_tokens, "chunk": args.chunk, "segments": 1})
+    plan = calibrate.make_plan(
+        args.cache, args.upgrade, load_config(args.model), args.min_ratio, args.layers, args.size_tokens, args.chunk
+    )
+    skipped = f"; {len(plan.skipped)} sliding-window layers stay 16-bit" if plan.skipped else ""
+    print(f"screening {len(plan.layers)} layers with {plan.upgrade_text} codes, one at a time{skipped}")
+    prepare_out_dir(args.out)
+    model, tokenizer = _load(args)
+    result = calibrate.calibrate(
+        model,
+        tokenizer,
+        args.cache,
+        args.upgrade,
+        args.out,
+        data=args.data,
+        max_tokens=args.max_tokens,
+        chunk=args.chunk,
+        min_ratio=args.min_ratio,
+        layers=args.layers,
+        size_tokens=args.size_tokens,
+        model_name=args.model,
+        command=calibrate_command(args),
+    )
+    print("\n".join(calibrate.table_lines(result)))
+    out = Path(args.out)
+    plot = out / calibrate.PLOT
+    print(f"results: {out / calibrate.RESULTS}" + (f", {plot}" if plot.exists() else ""))
+    print("spec:")
+    print(result["spec"])
+    return 0
+
+
 def cmd_report(args) -> int:
     if args.out:
         prepare_out_dir(args.out)
@@ -455,7 +575,7 @@ def _run_handled(prog: str, run, command: str) -> int:
     try:
         return run() or 0
     except KeyboardInterrupt:
-        resume = " (rerun with the same --out to resume)" if command == "eval" else ""
+        resume = " (rerun with the same --out to resume)" if command in ("eval", "calibrate") else ""
         print(f"{prog}: interrupted{resume}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `selkv size | head`: the reader left; stay quiet at exit too
