@@ -312,7 +312,8 @@ def test_cuda_captured_decode_matches_the_eager_selkv_path(spec):
     torch.testing.assert_close(static, want, atol=1e-2, rtol=0, msg=f"{spec}: the static cache run eagerly differs")
     torch._dynamo.reset()
     step = selkv.compile_decode_step(model)
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    # Two graphs: a step that commits a block to the middle and one that does not; a third compile fails.
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
         got = _forced_logits(model, make_cache(spec, model.config, max_cache_len=27 + steps), prompts, tokens, step)
     _assert_logits_close(got, want, spec)
 
