@@ -190,10 +190,13 @@ class StaticSinkWindowLayer(SelectiveLayer):
 
     def set_lengths(self, num_sink: int, num_stored: int, num_recent: int, recent_start: int, seen: int) -> None:
         """Set the lengths (device and host copy) and the positions seen: a cache filled or rewound by hand."""
-        self.lengths.copy_(torch.tensor([num_sink, num_stored, num_recent, recent_start], dtype=torch.int32))
+        self._set_lengths((num_sink, num_stored, num_recent, recent_start))
         self.cumulative_length.fill_(seen)
-        self.host_lengths = (num_sink, num_stored, num_recent, recent_start)
-        self.commit_plan = None
+
+    def _set_lengths(self, lengths: tuple[int, int, int, int]) -> None:
+        """The device lengths and their host copy, from the host; no step is planned yet."""
+        self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
+        self.host_lengths, self.commit_plan = lengths, None
 
     def _decode_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """One token, fixed shapes, device lengths only; the window's oldest block is quantized only when the
@@ -208,7 +211,9 @@ class StaticSinkWindowLayer(SelectiveLayer):
         # A plan without a commit leaves it out of the step (a wrong plan then drops a token, counted in
         # ``dropped``; it never corrupts the middle).
         rule = self._rule(lambda t: t.to(torch.int32))
-        to_sink, _, drop, new_lengths = step_lengths(*self.lengths.unbind(), **rule, may_commit=plan is not False)
+        to_sink, _, drop, new_lengths = step_lengths(
+            num_sink, num_stored, num_recent, start, **rule, may_commit=plan is not False
+        )
         if self.device.type == "cpu" and not _is_compiling() and bool(drop):
             self.host_lengths = tuple(self.lengths.tolist())  # this step does not happen
             raise self._capacity_error(int(self.cumulative_length) + 1, sink_capacity + self.middle_capacity + ring)
@@ -253,8 +258,7 @@ class StaticSinkWindowLayer(SelectiveLayer):
         kept = window_keys.shape[-2] - evict
         self.recent_keys[:, :, :kept] = window_keys[:, :, evict:]
         self.recent_values[:, :, :kept] = window_values[:, :, evict:]
-        self.lengths.copy_(torch.tensor([num_sink, num_stored + evict, kept, 0], dtype=torch.int32))
-        self.host_lengths, self.commit_plan = (num_sink, num_stored + evict, kept, 0), None
+        self._set_lengths((num_sink, num_stored + evict, kept, 0))
         self.cumulative_length.add_(query_length)
         if evict <= num_recent:  # the window still holds every token of this call, exact
             exact_keys, exact_values = window_keys[:, :, evict:], window_values[:, :, evict:]
