@@ -504,12 +504,13 @@ def _outlier_attention_error(kbits: int, rotate: str, seed: int) -> float:
 @pytest.mark.parametrize(("kbits", "most"), [(4, 0.8), (2, 0.9)])
 def test_rotation_reduces_the_error_of_per_token_keys_with_outlier_channels(kbits, most):
     """A few channels x10-x30 set every per-token group's range; a Hadamard rotation spreads them out.
-    Measured (6 draws, 10 seed sets): int4 error x0.29-0.67, int2 x0.48-0.77 of the unrotated error."""
+    Measured (32 draws, 30 seed sets): int4 error x0.47-0.58, int2 x0.63-0.76 of the unrotated error (with 6
+    draws int2 reached x0.90, so the sum runs over 32)."""
     seed = random.SystemRandom().randrange(2**31)
-    draws = range(seed, seed + 6)
+    draws = range(seed, seed + 32)
     unrotated = sum(_outlier_attention_error(kbits, "none", s) for s in draws)
     rotated = sum(_outlier_attention_error(kbits, "hadamard", s) for s in draws)
-    assert rotated < most * unrotated, f"seed={seed}: rotated {rotated / 6:.3f} vs unrotated {unrotated / 6:.3f}"
+    assert rotated < most * unrotated, f"seed={seed}: rotated {rotated / 32:.3f} vs unrotated {unrotated / 32:.3f}"
 
 
 MIXED = "quant:bits=3,sink=4,window=20,block=8,group=16,rotate=hadamard,vrotate=hadamard,layer_bits=1:4/3+2:8/2"
