@@ -507,10 +507,12 @@ def test_rotation_reduces_the_error_of_per_token_keys_with_outlier_channels(kbit
     Measured (32 draws, 30 seed sets): int4 error x0.47-0.58, int2 x0.63-0.76 of the unrotated error (with 6
     draws int2 reached x0.90, so the sum runs over 32)."""
     seed = random.SystemRandom().randrange(2**31)
-    draws = range(seed, seed + 32)
+    count = 32
+    draws = range(seed, seed + count)
     unrotated = sum(_outlier_attention_error(kbits, "none", s) for s in draws)
     rotated = sum(_outlier_attention_error(kbits, "hadamard", s) for s in draws)
-    assert rotated < most * unrotated, f"seed={seed}: rotated {rotated / 32:.3f} vs unrotated {unrotated / 32:.3f}"
+    mean = f"rotated {rotated / count:.3f} vs unrotated {unrotated / count:.3f}"
+    assert rotated < most * unrotated, f"seed={seed}: {mean}"
 
 
 MIXED = "quant:bits=3,sink=4,window=20,block=8,group=16,rotate=hadamard,vrotate=hadamard,layer_bits=1:4/3+2:8/2"
