@@ -124,8 +124,11 @@ def parse_method(name: str, config=None, baseline=None):
 
 
 def _parse_field(name: str, text: str):
+    """A DecodeConfig field from text; a field whose default is None (``scale_prefetch``) reads as a bool."""
     default = getattr(kernels.DecodeConfig, name)
-    return text.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(text)
+    if default is None or isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    return type(default)(text)
 
 
 def layout_errors(name: str, device: str = "cuda", shape: dict | None = None, baseline=None) -> dict[str, float]:

@@ -428,3 +428,12 @@ def test_decoder_rounds_restart_from_the_first_tokens_or_go_on():
     assert [position for _, position, _ in seen] == [context + i for i in range(4)]
     assert torch.equal(seen[0][0], first) and torch.equal(seen[2][0], seen[1][2])  # round 2 goes on from round 1
     assert int(cache.get_seq_length()) == context + 4
+
+
+def test_row_fields_parse_by_the_config_field_type():
+    from decode_attention import parse_method
+
+    key, config, _ = parse_method("fused int2 rot {block_n=32,scale_prefetch=0,value_dot=fp16,codes_asm=1}")
+    assert key == "fused int2 rot"
+    assert (config.block_n, config.scale_prefetch, config.value_dot, config.codes_asm) == (32, False, "fp16", True)
+    assert parse_method("fused int4 spec rot {scale_prefetch=1}")[1].scale_prefetch is True
