@@ -35,7 +35,7 @@ SHAPES = [(1, 32768), (8, 32768), (1, 131072), (32, 8192)]  # (batch, context)
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 SINK, WINDOW, BLOCK = 4, 128, 32
 # name -> (nbits, key axis, q_group_size)
-FUSED = {  # name: (nbits, axis_key, q_group_size, block_length[, rotate[, vrotate]])
+FUSED = {  # name: (nbits or (kbits, vbits), axis_key, q_group_size, block_length[, rotate[, vrotate]])
     "fused int8": (8, "token", 64, BLOCK),
     "fused int4": (4, "channel", 64, BLOCK),
     "fused int4 tok": (4, "token", 64, BLOCK),
@@ -50,6 +50,10 @@ FUSED = {  # name: (nbits, axis_key, q_group_size, block_length[, rotate[, vrota
     "fused int2 spec vrot": (2, "channel", 64, 32, "hadamard-signs", "hadamard"),  # the int2 spec's defaults
     "fused int3 vrot": (3, "channel", 64, 64, "hadamard", "hadamard"),  # quant:bits=3,rotate=hadamard,vrotate=hadamard
     "fused int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
+    # 2-bit candidates at the int2 default's bytes (docs/eval_results.md): keys in blocks of 64 (one scale row
+    # per tile), half of the layers with 3-bit keys
+    "fused int2 b64 vrot": (2, "channel", 64, 64, "hadamard-signs", "hadamard"),
+    "fused k3v2 b64 vrot": ((3, 2), "channel", 64, 64, "hadamard-signs", "hadamard"),
 }
 ACCURACY_RMS = (1.0, 0.02)  # value RMS of the accuracy column
 
@@ -57,7 +61,7 @@ ACCURACY_RMS = (1.0, 0.02)  # value RMS of the accuracy column
 def random_storage(
     batch: int,
     context: int,
-    nbits: int,
+    nbits: int | tuple[int, int],
     axis_key: str,
     group: int,
     block: int = BLOCK,
@@ -76,7 +80,8 @@ def random_storage(
     num_stored = (context - SINK - WINDOW) // block * block
     num_recent = context - SINK - num_stored
     B, H, D = batch, NUM_KV_HEADS, HEAD_DIM
-    layout = MiddleLayout(nbits, nbits, group, axis_key, block, rotate, vrotate=vrotate)
+    key_nbits, value_nbits = (nbits, nbits) if isinstance(nbits, int) else nbits
+    layout = MiddleLayout(key_nbits, value_nbits, group, axis_key, block, rotate, vrotate=vrotate)
     lengths = None
     if device_lengths:
         lengths = torch.tensor([SINK, num_stored, num_recent, 0], dtype=torch.int32, device=device)
@@ -230,10 +235,11 @@ def run(shapes, methods, config=None, check=True, baseline=None) -> list[dict]:
                 HEAD_DIM,
                 SINK + args.num_recent,
                 args.num_stored,
-                nbits,
+                args.layout.key_nbits,
                 group,
                 axis_key,
                 block,
+                value_nbits=args.layout.value_nbits,
             )
             if name.startswith("dequant"):
                 fn = functools.partial(dequantize_sdpa, query, args, scaling)

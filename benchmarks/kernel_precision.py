@@ -98,7 +98,7 @@ def flat_view(storage: DecodeStorage) -> types.SimpleNamespace:
 
 def make_cache(
     gen: torch.Generator,
-    nbits: int,
+    nbits: int | tuple[int, int],
     axis_key: str,
     q_group_size: int,
     block_length: int,
@@ -133,7 +133,8 @@ def make_cache(
     recent_keys, recent_values = states(num_recent)
     keys, values = states(num_stored)  # the middle as it was before quantization
     rotation, value_rotation = quant.rotation_matrix(rotate, D, device), quant.rotation_matrix(vrotate, D, device)
-    layout = MiddleLayout(nbits, nbits, q_group_size, axis_key, block_length, rotate, vrotate=vrotate)
+    key_nbits, value_nbits = (nbits, nbits) if isinstance(nbits, int) else nbits  # (kbits, vbits): a mixed layout
+    layout = MiddleLayout(key_nbits, value_nbits, q_group_size, axis_key, block_length, rotate, vrotate=vrotate)
     storage = DecodeStorage(
         sink_keys=sink_keys,
         sink_values=sink_values,

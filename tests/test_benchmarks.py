@@ -177,6 +177,7 @@ def test_captured_selkv_fill_and_rewind():
         "fused int2 rot",
         "fused int2 spec vrot",
         "fused int3 vrot",
+        "fused k3v2 b64 vrot",
     ],
 )
 def test_decode_attention_accuracy_column_runs_small(name):

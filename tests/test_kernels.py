@@ -522,9 +522,11 @@ CUDA_CASES = [
 ]
 
 
-def _cuda_shapes(head_dim: int, num_heads: int, **layout):
-    """(index, shape) for each of CUDA_LENGTHS: 3 rows, 2 KV heads, the third row left-padded in the sink."""
+def _cuda_shapes(head_dim: int, num_heads: int, block_length: int = 32, **layout):
+    """(index, shape) for each of CUDA_LENGTHS: 3 rows, 2 KV heads, the third row left-padded in the sink (middle
+    lengths in blocks of ``block_length``: CUDA_LENGTHS' counts of 32-token blocks)."""
     for i, (num_sink, num_stored, num_recent) in enumerate(CUDA_LENGTHS):
+        num_stored = num_stored // 32 * block_length
         padding = [0, num_sink - 4, 1] if num_sink > 4 else None
         yield (
             i,
@@ -534,7 +536,7 @@ def _cuda_shapes(head_dim: int, num_heads: int, **layout):
                 num_heads=num_heads,
                 head_dim=head_dim,
                 q_group_size=min(64, head_dim),
-                block_length=32,
+                block_length=block_length,
                 num_sink=num_sink,
                 num_stored=num_stored,
                 num_recent=num_recent,
@@ -578,9 +580,11 @@ def test_cuda_rotated_keys_and_split_bit_widths(nbits, value_nbits, axis_key, ro
 
 
 # (key bits, value bits, key axis, key rotation, value rotation): values stored rotated, compiled for CUDA.
-CUDA_ROTATED_VALUE_CASES = [
+CUDA_ROTATED_VALUE_CASES = [  # (kbits, vbits, key axis, rotate, vrotate[, block_length]: 32 if not given)
     (3, 3, "channel", "hadamard", "hadamard"),
-    (2, 2, "channel", "hadamard-signs", "hadamard"),
+    (2, 2, "channel", "hadamard-signs", "hadamard"),  # the int2 default before 2026-12-06 (key blocks of 32)
+    (2, 2, "channel", "hadamard-signs", "hadamard", 64),  # the int2 default's layers: key blocks of 64 ...
+    (3, 2, "channel", "hadamard-signs", "hadamard", 64),  # ... and its later half, 3-bit keys
     (4, 4, "channel", "hadamard-signs", "hadamard-signs"),
     (8, 8, "token", "none", "hadamard"),
     (4, 2, "channel", "hadamard", "hadamard-signs"),
@@ -589,13 +593,15 @@ CUDA_ROTATED_VALUE_CASES = [
 
 @cuda_only
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("nbits,value_nbits,axis_key,rotate,vrotate", CUDA_ROTATED_VALUE_CASES)
-def test_cuda_rotated_values(nbits, value_nbits, axis_key, rotate, vrotate, head_dim):
+@pytest.mark.parametrize("case", CUDA_ROTATED_VALUE_CASES)
+def test_cuda_rotated_values(case, head_dim):
     """The compiled kernel on middle values stored rotated (the merge rotates the middle's output back; bf16,
     GQA 4), host and device lengths, padding, one split up to many."""
     module = kernel_module()
     seed = fresh_seed()
+    nbits, value_nbits, axis_key, rotate, vrotate, *block = case
     layout = dict(nbits=nbits, value_nbits=value_nbits, axis_key=axis_key, rotate=rotate, vrotate=vrotate)
+    layout["block_length"] = block[0] if block else 32
     for i, shape in _cuda_shapes(head_dim, 8, **layout):
         for device_lengths in (False, True):
             check_case(module, "cuda", torch.bfloat16, seed + i, device_lengths=device_lengths, **shape)
