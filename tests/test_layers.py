@@ -211,7 +211,8 @@ def test_bytes_are_counted_from_the_tensors():
 def test_key_and_value_code_bytes_are_counted_apart(kbits, vbits):
     """Keys and values of their own bit widths: each side's codes counted from the tensors the layer holds."""
     config = tiny_llama_config()
-    cache = selkv.make_cache(f"quant:kbits={kbits},vbits={vbits},sink=4,window=20,block=8,group=16", config)
+    spec = f"quant:kbits={kbits},vbits={vbits},sink=4,window=20,block=8,group=16,late_kbits={kbits}"  # one width
+    cache = selkv.make_cache(spec, config)
     for layer_idx in range(config.num_hidden_layers):
         for _ in range(4):
             cache.update(torch.randn(2, 2, 30, 32), torch.randn(2, 2, 30, 32), layer_idx)

@@ -158,7 +158,7 @@ def test_two_bit_values_are_rotated_by_default_and_vrotate_none_turns_it_off():
     assert selkv.parse_spec(str(spec)) == spec
     resolved = spec.check_model(64)
     assert (resolved.rotate, resolved.vrotate) == ("hadamard-signs", "hadamard") and resolved.is_resolved
-    assert str(resolved).endswith(",block=32,rotate=hadamard-signs,vrotate=hadamard")
+    assert str(resolved).endswith(",block=64,late_kbits=3,rotate=hadamard-signs,vrotate=hadamard")
     assert selkv.parse_spec(str(resolved)) == resolved
     assert spec.make_layer().layout.vrotate == "hadamard" == resolved.make_layer().layout.vrotate
     # an explicit none wins and stays in the canonical string (it is not the default here)
@@ -179,6 +179,41 @@ def test_two_bit_values_are_rotated_by_default_and_vrotate_none_turns_it_off():
     # layer_bits: every layer keeps the spec's value rotation (the spec's vbits' default, not a layer's)
     mixed = selkv.parse_spec("quant:bits=2,layer_bits=1:4/4")
     assert mixed.for_layer(1).layout.vrotate == "hadamard" == mixed.check_model(64).for_layer(1).vrotate
+
+
+@pytest.mark.parametrize("layers,late", [(2, [1]), (5, [3, 4]), (6, [3, 4, 5])])
+def test_two_bit_keys_are_three_bit_in_the_later_half_of_the_layers(layers, late):
+    config = tiny_llama_config(layers=layers)
+    spec = selkv.parse_spec("quant:bits=2,sink=4,window=124")
+    assert (spec.block, spec.late_kbits) == (64, 3) and ",block=64,late_kbits=3" in str(spec)
+    assert selkv.parse_spec(str(spec)) == spec and spec.resolve(config).late_layers == tuple(late)
+    widths = [(layer.layout.key_nbits, layer.layout.value_nbits) for layer in selkv.make_cache(spec, config).layers]
+    assert widths == [(3, 2) if i in late else (2, 2) for i in range(layers)]
+    # every layer keeps the spec's other settings (block, rotations, group)
+    assert {
+        (layer.layout.block_length, layer.layout.rotate, layer.layout.vrotate)
+        for layer in selkv.make_cache(spec, config).layers
+    } == {(64, "hadamard-signs", "hadamard")}
+    # late_kbits=2 turns the rule off; a layer that layer_bits lists keeps its entry
+    off = selkv.parse_spec("quant:bits=2,late_kbits=2")
+    assert "late_kbits" not in str(off) and off != spec and off.resolve(config).late_layers == ()
+    assert {layer.layout.key_nbits for layer in selkv.make_cache(off, config).layers} == {2}
+    listed = selkv.make_cache(f"quant:bits=2,layer_bits={layers - 1}:4/4", config).layers
+    assert (listed[-1].layout.key_nbits, listed[-1].layout.value_nbits) == (4, 4)
+    assert [layer.layout.key_nbits for layer in listed[:-1]] == [3 if i in late else 2 for i in range(layers - 1)]
+
+
+def test_late_kbits_defaults_to_no_rule_above_two_bits_and_takes_any_width():
+    for text in ("quant:bits=4", "quant:bits=3", "quant:bits=8", "quant:kbits=4,vbits=2"):
+        spec = selkv.parse_spec(text)
+        assert spec.late_kbits == spec.kbits and "late_kbits" not in str(spec)
+        assert spec.resolve(tiny_llama_config(layers=4)).late_layers == ()
+    spec = selkv.parse_spec("quant:bits=4,late_kbits=8")
+    assert str(spec).count("late_kbits=8") == 1 and selkv.parse_spec(str(spec)) == spec
+    layers = selkv.make_cache(spec, tiny_llama_config(layers=4)).layers
+    assert [layer.layout.key_nbits for layer in layers] == [4, 4, 8, 8]
+    with pytest.raises(SpecError, match="late_kbits=5 is not supported"):
+        selkv.parse_spec("quant:bits=2,late_kbits=5")
 
 
 def test_per_bit_defaults_follow_the_side_they_concern():

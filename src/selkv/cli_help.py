@@ -6,9 +6,10 @@ SPEC_HELP = (
     "cache spec; repeat to compare. Kinds: full | drop:sink=S,window=W | "
     "quant:bits=2|3|4|8 (or kbits=K,vbits=V),sink=S,window=W[,group=G][,key_axis=token|channel][,sym=0|1]"
     "[,block=T][,rotate=hadamard-signs|hadamard|none][,vrotate=none|hadamard|hadamard-signs]"
-    "[,layer_bits=LAYERS:K/V+...] | hf-quanto:bits=2|4,residual=R | hf-hqq:bits=B,residual=R. "
+    "[,late_kbits=K][,layer_bits=LAYERS:K/V+...] | hf-quanto:bits=2|4,residual=R | hf-hqq:bits=B,residual=R. "
     "layer_bits gives some layers other key/value widths (LAYERS i or i-j, 0-based; e.g. layer_bits=1:4/3+5-7:4/3), "
-    "every other setting the spec's"
+    "every other setting the spec's; late_kbits=K gives the later half of the layers K-bit keys (default 3 at "
+    "bits=2, late_kbits=2 turns it off)"
 )
 
 MAIN_EPILOG = """\

@@ -141,7 +141,7 @@ def make_plan(
     base = base_spec(cache)
     widths = parse_upgrade(upgrade)
     check_upgrade(base, widths)
-    base.resolve(config)  # the base's widths, group and rotations fit the model
+    resolved = base.resolve(config)  # the base's widths, group and rotations fit the model
     plan = layer_plan(config)
     screened = tuple(i for i, (layer_type, _) in enumerate(plan) if layer_type == "full_attention")
     skipped = tuple((i, layer_type) for i, (layer_type, _) in enumerate(plan) if layer_type != "full_attention")
@@ -167,11 +167,15 @@ def make_plan(
                 f"16-bit full cache {at} ({base_held['allocated']:,} bytes vs {base_held['full16']:,}); "
                 "give a lower ratio or a narrower base"
             )
-        if one_layer["compression"] < min_ratio:
+        cheapest = one_layer  # a later-half layer of a late_kbits rule (its keys already wider) costs less
+        for layer in resolved.late_layers[:1]:
+            late = held(with_layers(base_text, [layer], widths), config, size_tokens, size_chunk)
+            cheapest = max(cheapest, late, key=lambda counted: counted["compression"])
+        if cheapest["compression"] < min_ratio:
             raise SelKVError(
                 f"--min-ratio {min_ratio:g} leaves room for no layer: the base holds {base_held['compression']:.3f}x "
                 f"less than a full cache {at}, one {widths[0]}/{widths[1]} layer takes it to "
-                f"{one_layer['compression']:.3f}x; give a lower ratio"
+                f"{cheapest['compression']:.3f}x at most; give a lower ratio"
             )
     return Plan(base_text, widths, screened, skipped, min_ratio, layers, size_tokens, size_chunk, base_held, one_layer)
 

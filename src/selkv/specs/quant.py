@@ -1,4 +1,5 @@
-"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T][,rotate=R][,vrotate=R]``.
+"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T][,rotate=R][,vrotate=R]
+[,late_kbits=K][,layer_bits=...]``.
 
 16-bit sink and window, every token between quantized once to ``bits`` bits, or to ``kbits`` bits per
 key and ``vbits`` per value (``quant:kbits=4,vbits=2``; ``bits=B`` is the shorthand for both).
@@ -33,6 +34,12 @@ a ``4/3`` layer keeps the 3-bit block of 64 and group of 64, not int4's group of
 spec is resolved for it (``resolve``): each must exist and be a full-attention layer (sliding-window layers
 stay 16-bit). The canonical string lists the layers in order, consecutive layers of the same widths as one
 range.
+
+``late_kbits=K`` stores the keys of the later half of the model's full-attention layers (the last ``n // 2`` of
+``n``) at ``K`` bits, every other setting the spec's, as ``layer_bits`` entries ``K/VBITS`` for those layers would
+(a layer that ``layer_bits`` lists keeps its entry). Left out, it is :data:`DEFAULT_LATE_KBITS` for ``kbits``:
+3 at 2 bits, ``kbits`` itself (no rule) elsewhere; ``late_kbits=2`` turns the 2-bit rule off. The layers are
+chosen when the spec is resolved for a model (``resolve``).
 """
 
 from __future__ import annotations
@@ -66,8 +73,17 @@ DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 3: "channel", 2: "channel"}
 # - int3: key blocks of 64 and value groups of 64 (4.09x; keys in blocks of 32 would hold 3.85x), from the
 #   low-bit sweep (docs/eval_results.md, 2026-12-05).
 # gets the largest group that divides both: gcd(head_dim, default), 32 and 16 there.
+# - int2 (since 2026-12-06): key blocks of 64, with 3-bit keys in the later half of the layers (DEFAULT_LATE_KBITS)
+#   at the bytes blocks of 32 held (5.02x): +6.68% / +3.47% / +3.51% (WikiText-2 2,048, PG-19 4,096, PG-19
+#   Dragon's Blood 4,096) against +10.18% / +4.22% / +6.22%, needles 1.00, and a faster kernel (one key scale row
+#   per 64-token tile).
 DEFAULT_GROUP = {8: 64, 4: 32, 3: 64, 2: 64}
-DEFAULT_BLOCK = {8: 32, 4: 64, 3: 64, 2: 32}
+DEFAULT_BLOCK = {8: 32, 4: 64, 3: 64, 2: 64}
+# Key width of the later half of the full-attention layers per key bit width (``late_kbits``), from the 2-bit
+# sweep in docs/eval_results.md (2026-12-06, SmolLM2-135M, float32, chunk 64): with key blocks of 64, 3-bit keys
+# in layers 15-29 of 30 give WikiText-2 +6.68%, in layers 0-14 +16.00%, in the even layers +9.85%, none +17.06%
+# (5.43x). One model's reading: the rule is the later half, which `late_kbits=2` turns off.
+DEFAULT_LATE_KBITS = {2: 3}
 # Key rotation per key bit width, from the float32 perplexity sweep in docs/eval_results.md (2026-12-02,
 # SmolLM2-135M, chunk 64): sign-flipped Hadamard keys take int2 from +9.3% / +11.3% / +26.2% to
 # +4.2% / +5.2% / +12.5% (PG-19 2,048 / 4,096, WikiText-2) and int4 from +0.28% / +0.33% / +0.41% to
@@ -145,6 +161,8 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     rotate: str = ""  # "": DEFAULT_ROTATE[kbits] where head_dim allows, resolved by check_model
     vrotate: str = ""  # "": DEFAULT_VROTATE[vbits] where head_dim allows, resolved by check_model
     layer_bits: tuple[LayerBits, ...] = ()  # (layer, kbits, vbits) per listed layer, by layer
+    late_kbits: int = 0  # key width of the later half of the full-attention layers (kbits: no rule)
+    late_layers: tuple[int, ...] = ()  # those layers, chosen by resolve for a model (late_kbits != kbits)
 
     kind: ClassVar[str] = "quant"
     keys: ClassVar[dict[str, object]] = {
@@ -160,6 +178,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         "rotate": "",  # "": DEFAULT_ROTATE[kbits] (none where head_dim is not a power of two)
         "vrotate": "",  # "": DEFAULT_VROTATE[vbits] (none where head_dim is not a power of two)
         "layer_bits": "",  # "": every layer at kbits/vbits
+        "late_kbits": 0,  # 0: DEFAULT_LATE_KBITS.get(kbits, kbits)
     }
     text_keys: ClassVar[tuple[str, ...]] = ("key_axis", "rotate", "vrotate", "layer_bits")
     supports_static: ClassVar[bool] = True
@@ -183,6 +202,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         group = fields.group()
         if "block" not in fields.given:
             fields.values["block"] = DEFAULT_BLOCK[kbits]
+        late_kbits = fields.bits(SUPPORTED_NBITS, "late_kbits") if "late_kbits" in fields.given else 0
         return cls(
             kbits=kbits,
             vbits=vbits,
@@ -195,6 +215,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             rotate=rotate,
             vrotate=vrotate,
             layer_bits=parse_layer_bits(fields.values["layer_bits"]) if "layer_bits" in fields.given else (),
+            late_kbits=late_kbits or DEFAULT_LATE_KBITS.get(kbits, kbits),
         )
 
     @staticmethod
@@ -235,9 +256,10 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         return f"bits={self.kbits}" if self.kbits == self.vbits else f"kbits={self.kbits},vbits={self.vbits}"
 
     def __str__(self) -> str:
+        late = f",late_kbits={self.late_kbits}" if self.late_kbits not in (0, self.kbits) else ""
         return (
             f"quant:{self._bits_text()},sink={self.sink},window={self.window}{self._group_text()},"
-            f"key_axis={self.key_axis},sym={int(self.sym)},block={self.block}{self._rotate_text()}"
+            f"key_axis={self.key_axis},sym={int(self.sym)},block={self.block}{late}{self._rotate_text()}"
         )
 
     def _rotate_text(self) -> str:
@@ -260,7 +282,8 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
 
     def check_model(self, head_dim: int) -> QuantSpec:
         resolved = super().check_model(head_dim)
-        for width in sorted({self.kbits, self.vbits, *(w for _, *widths in self.layer_bits for w in widths)}):
+        widths = {self.kbits, self.vbits, self.late_kbits or self.kbits}
+        for width in sorted(widths | {w for _, *layer_widths in self.layer_bits for w in layer_widths}):
             multiple = channel_multiple(width)
             if head_dim % multiple:
                 raise SpecError(
@@ -284,6 +307,9 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         """:meth:`check_model` on the model's ``head_dim``, and each ``layer_bits`` layer checked against its layer
         plan: the layer must exist and be a full-attention layer."""
         resolved = super().resolve(config)
+        if self.late_kbits not in (0, self.kbits):  # the later half of the full-attention layers
+            full = [i for i, (layer_type, _) in enumerate(layer_plan(config)) if layer_type == "full_attention"]
+            resolved = replace(resolved, late_layers=tuple(full[len(full) - len(full) // 2 :]))
         if self.layer_bits:
             plan = layer_plan(config)
             for layer, _, _ in self.layer_bits:
@@ -301,12 +327,17 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     def for_layer(self, layer_idx: int) -> QuantSpec:
         """The spec of decoder layer ``layer_idx``: its ``layer_bits`` widths, if listed, and every other setting
         this spec's (see the module docstring)."""
-        for layer, kbits, vbits in self.layer_bits:
-            if layer == layer_idx:  # an unresolved rotation is the spec's kbits' / vbits' default, as in `layout`
-                rotate = self.rotate or DEFAULT_ROTATE[self.kbits]
-                vrotate = self.vrotate or DEFAULT_VROTATE[self.vbits]
-                return replace(self, kbits=kbits, vbits=vbits, rotate=rotate, vrotate=vrotate, layer_bits=())
-        return replace(self, layer_bits=()) if self.layer_bits else self
+        widths = {layer: (kbits, vbits) for layer, kbits, vbits in self.layer_bits}
+        widths.update({layer: (self.late_kbits, self.vbits) for layer in self.late_layers if layer not in widths})
+        plain = dict(layer_bits=(), late_kbits=self.kbits, late_layers=())
+        if layer_idx in widths:  # an unresolved rotation is the spec's kbits' / vbits' default, as in `layout`
+            kbits, vbits = widths[layer_idx]
+            rotate = self.rotate or DEFAULT_ROTATE[self.kbits]
+            vrotate = self.vrotate or DEFAULT_VROTATE[self.vbits]
+            return replace(
+                self, kbits=kbits, vbits=vbits, rotate=rotate, vrotate=vrotate, **plain | {"late_kbits": kbits}
+            )
+        return replace(self, **plain)
 
     @property
     def layout(self) -> MiddleLayout:
