@@ -44,10 +44,10 @@ FUSED = {  # name: (nbits or (kbits, vbits), axis_key, q_group_size, block_lengt
     # rotated keys (rotate=hadamard-signs, the 4- and 3-bit spec defaults): the query is rotated once per
     # call in the launcher, which the times include
     "fused int4 spec rot": (4, "channel", 32, 64, "hadamard-signs"),
-    "fused int2 rot": (2, "channel", 64, 32, "hadamard-signs"),  # quant:bits=2,vrotate=none (keys rotated only)
+    "fused int2 rot": (2, "channel", 64, 32, "hadamard-signs"),  # quant:bits=2,block=32,late_kbits=2,vrotate=none
     "fused int3 spec rot": (3, "channel", 64, 64, "hadamard-signs"),  # the int3 spec's defaults
     # rotated keys and values: the merge rotates the middle's output back
-    "fused int2 spec vrot": (2, "channel", 64, 32, "hadamard-signs", "hadamard"),  # the int2 spec's defaults
+    "fused int2 spec vrot": (2, "channel", 64, 32, "hadamard-signs", "hadamard"),  # quant:bits=2,block=32,late_kbits=2
     "fused int3 vrot": (3, "channel", 64, 64, "hadamard", "hadamard"),  # quant:bits=3,rotate=hadamard,vrotate=hadamard
     "fused int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
     # 2-bit candidates at the int2 default's bytes (docs/eval_results.md): keys in blocks of 64 (one scale row

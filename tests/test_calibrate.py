@@ -249,7 +249,18 @@ BAD_INPUT = [
     (["--layers", "4"], "--layers 4: this model has 3 quantized layers; give 1 to 3"),
     (["--layers", "0"], "argument --layers: must be >= 1, got 0"),
     (["--layers", "1", "--min-ratio", "2"], "not allowed with argument"),
+    # bits=2's later-half layers hold 3-bit keys (late_kbits): an upgrade must not narrow them
+    (["--upgrade", "2/4"], "--upgrade 2/4 has narrower keys than the base's later-half layers (late_kbits=3)"),
 ]
+
+
+def test_later_half_layers_already_at_the_upgrade_are_not_screened():
+    config = tiny_llama_config(layers=3)
+    plan = calibrate.make_plan(BASE, "3/2", config, layers=1, size_tokens=SIZE, size_chunk=16)
+    assert plan.layers == (0, 1)  # layer 2 holds 3-bit keys already (late_kbits)
+    assert calibrate.make_plan(BASE, "4/2", config, layers=1, size_tokens=SIZE, size_chunk=16).layers == (0, 1, 2)
+    off = calibrate.make_plan(f"{BASE},late_kbits=2", "3/2", config, layers=1, size_tokens=SIZE, size_chunk=16)
+    assert off.layers == (0, 1, 2)
 
 
 @pytest.mark.parametrize("argv,message", BAD_INPUT)

@@ -159,6 +159,7 @@ def test_two_bit_values_are_rotated_by_default_and_vrotate_none_turns_it_off():
     resolved = spec.check_model(64)
     assert (resolved.rotate, resolved.vrotate) == ("hadamard-signs", "hadamard") and resolved.is_resolved
     assert str(resolved).endswith(",block=64,late_kbits=3,rotate=hadamard-signs,vrotate=hadamard")
+    assert "late_kbits" not in str(spec) and spec.late_kbits == 0  # a default, resolved by check_model
     assert selkv.parse_spec(str(resolved)) == resolved
     assert spec.make_layer().layout.vrotate == "hadamard" == resolved.make_layer().layout.vrotate
     # an explicit none wins and stays in the canonical string (it is not the default here)
@@ -185,8 +186,11 @@ def test_two_bit_values_are_rotated_by_default_and_vrotate_none_turns_it_off():
 def test_two_bit_keys_are_three_bit_in_the_later_half_of_the_layers(layers, late):
     config = tiny_llama_config(layers=layers)
     spec = selkv.parse_spec("quant:bits=2,sink=4,window=124")
-    assert (spec.block, spec.late_kbits) == (64, 3) and ",block=64,late_kbits=3" in str(spec)
-    assert selkv.parse_spec(str(spec)) == spec and spec.resolve(config).late_layers == tuple(late)
+    assert (spec.block, spec.late_kbits) == (64, 0) and spec.check_model(32).late_kbits == 3
+    assert ",block=64,late_kbits=3," in str(spec.check_model(32))
+    for form in (spec, spec.check_model(32)):
+        assert selkv.parse_spec(str(form)) == form
+    assert spec.resolve(config).late_layers == tuple(late)
     widths = [(layer.layout.key_nbits, layer.layout.value_nbits) for layer in selkv.make_cache(spec, config).layers]
     assert widths == [(3, 2) if i in late else (2, 2) for i in range(layers)]
     # every layer keeps the spec's other settings (block, rotations, group)
@@ -196,7 +200,8 @@ def test_two_bit_keys_are_three_bit_in_the_later_half_of_the_layers(layers, late
     } == {(64, "hadamard-signs", "hadamard")}
     # late_kbits=2 turns the rule off; a layer that layer_bits lists keeps its entry
     off = selkv.parse_spec("quant:bits=2,late_kbits=2")
-    assert "late_kbits" not in str(off) and off != spec and off.resolve(config).late_layers == ()
+    assert ",late_kbits=2" in str(off) and selkv.parse_spec(str(off)) == off and off.family != spec.family
+    assert off.resolve(config).late_layers == ()
     assert {layer.layout.key_nbits for layer in selkv.make_cache(off, config).layers} == {2}
     listed = selkv.make_cache(f"quant:bits=2,layer_bits={layers - 1}:4/4", config).layers
     assert (listed[-1].layout.key_nbits, listed[-1].layout.value_nbits) == (4, 4)
@@ -204,9 +209,11 @@ def test_two_bit_keys_are_three_bit_in_the_later_half_of_the_layers(layers, late
 
 
 def test_late_kbits_defaults_to_no_rule_above_two_bits_and_takes_any_width():
-    for text in ("quant:bits=4", "quant:bits=3", "quant:bits=8", "quant:kbits=4,vbits=2"):
+    for text in ("quant:bits=4", "quant:bits=3", "quant:bits=8", "quant:kbits=4,vbits=2", "quant:bits=4,late_kbits=4"):
         spec = selkv.parse_spec(text)
-        assert spec.late_kbits == spec.kbits and "late_kbits" not in str(spec)
+        resolved = spec.check_model(32)
+        assert spec.late_kbits == 0 == resolved.late_kbits and "late_kbits" not in str(resolved)
+        assert spec == selkv.parse_spec(text.split(",late_kbits")[0])  # no rule given = no rule left out
         assert spec.resolve(tiny_llama_config(layers=4)).late_layers == ()
     spec = selkv.parse_spec("quant:bits=4,late_kbits=8")
     assert str(spec).count("late_kbits=8") == 1 and selkv.parse_spec(str(spec)) == spec
@@ -214,6 +221,13 @@ def test_late_kbits_defaults_to_no_rule_above_two_bits_and_takes_any_width():
     assert [layer.layout.key_nbits for layer in layers] == [4, 4, 8, 8]
     with pytest.raises(SpecError, match="late_kbits=5 is not supported"):
         selkv.parse_spec("quant:bits=2,late_kbits=5")
+    # a head_dim that packs 2-bit codes but not 3-bit ones (a multiple of 4, not 8): the default falls back to no
+    # rule, an explicit late_kbits=3 is refused with one line
+    config = tiny_llama_config(head_dim=36, layers=4)
+    plain = selkv.make_cache("quant:bits=2,rotate=none,vrotate=none", config).layers
+    assert [layer.layout.key_nbits for layer in plain] == [2, 2, 2, 2]
+    with pytest.raises(SpecError, match="late_kbits=3 packs its codes in groups of 8 channels; head_dim=36"):
+        selkv.make_cache("quant:bits=2,rotate=none,vrotate=none,late_kbits=3", config)
 
 
 def test_per_bit_defaults_follow_the_side_they_concern():

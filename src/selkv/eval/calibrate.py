@@ -142,8 +142,16 @@ def make_plan(
     widths = parse_upgrade(upgrade)
     check_upgrade(base, widths)
     resolved = base.resolve(config)  # the base's widths, group and rotations fit the model
+    if resolved.late_layers and widths[0] < resolved.late_kbits:
+        raise SelKVError(
+            f"--upgrade {widths[0]}/{widths[1]} has narrower keys than the base's later-half layers "
+            f"(late_kbits={resolved.late_kbits}); give keys of at least {resolved.late_kbits} bits, or "
+            f"late_kbits={base.kbits} in --cache to turn that rule off"
+        )
     plan = layer_plan(config)
-    screened = tuple(i for i, (layer_type, _) in enumerate(plan) if layer_type == "full_attention")
+    # a later-half layer already at the upgrade's widths (late_kbits) has nothing to screen
+    same = {i for i in resolved.late_layers if widths == (resolved.late_kbits, base.vbits)}
+    screened = tuple(i for i, (layer_type, _) in enumerate(plan) if layer_type == "full_attention" and i not in same)
     skipped = tuple((i, layer_type) for i, (layer_type, _) in enumerate(plan) if layer_type != "full_attention")
     if not screened:
         raise SelKVError("this model has no full-attention layers; selkv keeps every one of its layers 16-bit")
@@ -168,7 +176,7 @@ def make_plan(
                 "give a lower ratio or a narrower base"
             )
         cheapest = one_layer  # a later-half layer of a late_kbits rule (its keys already wider) costs less
-        for layer in resolved.late_layers[:1]:
+        for layer in [i for i in resolved.late_layers if i in screened][:1]:
             late = held(with_layers(base_text, [layer], widths), config, size_tokens, size_chunk)
             cheapest = max(cheapest, late, key=lambda counted: counted["compression"])
         if cheapest["compression"] < min_ratio:

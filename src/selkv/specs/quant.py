@@ -38,8 +38,9 @@ range.
 ``late_kbits=K`` stores the keys of the later half of the model's full-attention layers (the last ``n // 2`` of
 ``n``) at ``K`` bits, every other setting the spec's, as ``layer_bits`` entries ``K/VBITS`` for those layers would
 (a layer that ``layer_bits`` lists keeps its entry). Left out, it is :data:`DEFAULT_LATE_KBITS` for ``kbits``:
-3 at 2 bits, ``kbits`` itself (no rule) elsewhere; ``late_kbits=2`` turns the 2-bit rule off. The layers are
-chosen when the spec is resolved for a model (``resolve``).
+3 at 2 bits where the head_dim packs 3-bit codes (a multiple of 8) and ``kbits`` (no rule) elsewhere, resolved by
+``check_model`` as the rotations are; ``late_kbits=2`` turns the 2-bit rule off. The layers are chosen when the spec
+is resolved for a model (``resolve``).
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     rotate: str = ""  # "": DEFAULT_ROTATE[kbits] where head_dim allows, resolved by check_model
     vrotate: str = ""  # "": DEFAULT_VROTATE[vbits] where head_dim allows, resolved by check_model
     layer_bits: tuple[LayerBits, ...] = ()  # (layer, kbits, vbits) per listed layer, by layer
-    late_kbits: int = 0  # key width of the later half of the full-attention layers (kbits: no rule)
+    late_kbits: int = 0  # key width of the later half of the full-attention layers (kbits: no rule; 0: the
+    # default, DEFAULT_LATE_KBITS where the head_dim packs it, resolved by check_model; no rule at other widths)
     late_layers: tuple[int, ...] = ()  # those layers, chosen by resolve for a model (late_kbits != kbits)
 
     kind: ClassVar[str] = "quant"
@@ -178,7 +180,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         "rotate": "",  # "": DEFAULT_ROTATE[kbits] (none where head_dim is not a power of two)
         "vrotate": "",  # "": DEFAULT_VROTATE[vbits] (none where head_dim is not a power of two)
         "layer_bits": "",  # "": every layer at kbits/vbits
-        "late_kbits": 0,  # 0: DEFAULT_LATE_KBITS.get(kbits, kbits)
+        "late_kbits": 0,  # 0: DEFAULT_LATE_KBITS.get(kbits, kbits), resolved by check_model
     }
     text_keys: ClassVar[tuple[str, ...]] = ("key_axis", "rotate", "vrotate", "layer_bits")
     supports_static: ClassVar[bool] = True
@@ -203,6 +205,8 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         if "block" not in fields.given:
             fields.values["block"] = DEFAULT_BLOCK[kbits]
         late_kbits = fields.bits(SUPPORTED_NBITS, "late_kbits") if "late_kbits" in fields.given else 0
+        if late_kbits == kbits and kbits not in DEFAULT_LATE_KBITS:
+            late_kbits = 0  # no rule, the default of a width without one: the same spec as leaving it out
         return cls(
             kbits=kbits,
             vbits=vbits,
@@ -215,7 +219,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             rotate=rotate,
             vrotate=vrotate,
             layer_bits=parse_layer_bits(fields.values["layer_bits"]) if "layer_bits" in fields.given else (),
-            late_kbits=late_kbits or DEFAULT_LATE_KBITS.get(kbits, kbits),
+            late_kbits=late_kbits,
         )
 
     @staticmethod
@@ -256,11 +260,15 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         return f"bits={self.kbits}" if self.kbits == self.vbits else f"kbits={self.kbits},vbits={self.vbits}"
 
     def __str__(self) -> str:
-        late = f",late_kbits={self.late_kbits}" if self.late_kbits not in (0, self.kbits) else ""
         return (
             f"quant:{self._bits_text()},sink={self.sink},window={self.window}{self._group_text()},"
-            f"key_axis={self.key_axis},sym={int(self.sym)},block={self.block}{late}{self._rotate_text()}"
+            f"key_axis={self.key_axis},sym={int(self.sym)},block={self.block}{self._late_text()}{self._rotate_text()}"
         )
+
+    def _late_text(self) -> str:
+        # 0 (a default to resolve) is left out, and so is "no rule" where that is the width's default
+        shown = self.late_kbits and (self.late_kbits != self.kbits or self.kbits in DEFAULT_LATE_KBITS)
+        return f",late_kbits={self.late_kbits}" if shown else ""
 
     def _rotate_text(self) -> str:
         text = f",rotate={self.rotate}" if self.rotate else ""
@@ -271,18 +279,19 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
 
     @property
     def is_resolved(self) -> bool:
-        return bool(self.group) and bool(self.rotate) and bool(self.vrotate)
+        late_resolved = bool(self.late_kbits) or self.kbits not in DEFAULT_LATE_KBITS
+        return bool(self.group) and bool(self.rotate) and bool(self.vrotate) and late_resolved
 
     @property
     def family(self) -> str:
         return (
             f"quant sink={self.sink},window={self.window},"
-            f"key_axis={self.key_axis}" + self._group_text() + self._rotate_text()
+            f"key_axis={self.key_axis}" + self._group_text() + self._late_text() + self._rotate_text()
         )
 
     def check_model(self, head_dim: int) -> QuantSpec:
         resolved = super().check_model(head_dim)
-        widths = {self.kbits, self.vbits, self.late_kbits or self.kbits}
+        widths = {self.kbits, self.vbits}
         for width in sorted(widths | {w for _, *layer_widths in self.layer_bits for w in layer_widths}):
             multiple = channel_multiple(width)
             if head_dim % multiple:
@@ -290,6 +299,14 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
                     f"bits={width} packs its codes in groups of {multiple} channels; "
                     f"head_dim={head_dim} is not a multiple"
                 )
+        if self.late_kbits and head_dim % channel_multiple(self.late_kbits):
+            raise SpecError(
+                f"quant: late_kbits={self.late_kbits} packs its codes in groups of {channel_multiple(self.late_kbits)} "
+                f"channels; head_dim={head_dim} is not a multiple (give late_kbits={self.kbits}: no rule)"
+            )
+        if not self.late_kbits and self.kbits in DEFAULT_LATE_KBITS:  # (0 stays: no rule at other widths)
+            late = DEFAULT_LATE_KBITS[self.kbits]
+            resolved = replace(resolved, late_kbits=self.kbits if head_dim % channel_multiple(late) else late)
         power_of_two = not head_dim & (head_dim - 1)
         for key, rotation in (("rotate", self.rotate), ("vrotate", self.vrotate)):
             if rotation not in ("", "none") and not power_of_two:
@@ -307,7 +324,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         """:meth:`check_model` on the model's ``head_dim``, and each ``layer_bits`` layer checked against its layer
         plan: the layer must exist and be a full-attention layer."""
         resolved = super().resolve(config)
-        if self.late_kbits not in (0, self.kbits):  # the later half of the full-attention layers
+        if resolved.late_kbits not in (0, self.kbits):  # the later half of the full-attention layers
             full = [i for i, (layer_type, _) in enumerate(layer_plan(config)) if layer_type == "full_attention"]
             resolved = replace(resolved, late_layers=tuple(full[len(full) - len(full) // 2 :]))
         if self.layer_bits:
@@ -329,15 +346,21 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         this spec's (see the module docstring)."""
         widths = {layer: (kbits, vbits) for layer, kbits, vbits in self.layer_bits}
         widths.update({layer: (self.late_kbits, self.vbits) for layer in self.late_layers if layer not in widths})
-        plain = dict(layer_bits=(), late_kbits=self.kbits, late_layers=())
         if layer_idx in widths:  # an unresolved rotation is the spec's kbits' / vbits' default, as in `layout`
             kbits, vbits = widths[layer_idx]
             rotate = self.rotate or DEFAULT_ROTATE[self.kbits]
             vrotate = self.vrotate or DEFAULT_VROTATE[self.vbits]
             return replace(
-                self, kbits=kbits, vbits=vbits, rotate=rotate, vrotate=vrotate, **plain | {"late_kbits": kbits}
+                self,
+                kbits=kbits,
+                vbits=vbits,
+                rotate=rotate,
+                vrotate=vrotate,
+                layer_bits=(),
+                late_kbits=0,
+                late_layers=(),
             )
-        return replace(self, **plain)
+        return replace(self, layer_bits=(), late_layers=()) if self.layer_bits or self.late_layers else self
 
     @property
     def layout(self) -> MiddleLayout:
