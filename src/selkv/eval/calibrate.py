@@ -176,9 +176,10 @@ def make_plan(
                 "give a lower ratio or a narrower base"
             )
         cheapest = one_layer  # a later-half layer of a late_kbits rule (its keys already wider) costs less
-        for layer in [i for i in resolved.late_layers if i in screened][:1]:
-            late = held(with_layers(base_text, [layer], widths), config, size_tokens, size_chunk)
-            cheapest = max(cheapest, late, key=lambda counted: counted["compression"])
+        late = next((i for i in resolved.late_layers if i in screened), None)
+        if late is not None:
+            late_held = held(with_layers(base_text, [late], widths), config, size_tokens, size_chunk)
+            cheapest = max(cheapest, late_held, key=lambda counted: counted["compression"])
         if cheapest["compression"] < min_ratio:
             raise SelKVError(
                 f"--min-ratio {min_ratio:g} leaves room for no layer: the base holds {base_held['compression']:.3f}x "

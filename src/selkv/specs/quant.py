@@ -291,8 +291,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
 
     def check_model(self, head_dim: int) -> QuantSpec:
         resolved = super().check_model(head_dim)
-        widths = {self.kbits, self.vbits}
-        for width in sorted(widths | {w for _, *layer_widths in self.layer_bits for w in layer_widths}):
+        for width in sorted({self.kbits, self.vbits, *(w for _, *widths in self.layer_bits for w in widths)}):
             multiple = channel_multiple(width)
             if head_dim % multiple:
                 raise SpecError(
@@ -324,11 +323,11 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         """:meth:`check_model` on the model's ``head_dim``, and each ``layer_bits`` layer checked against its layer
         plan: the layer must exist and be a full-attention layer."""
         resolved = super().resolve(config)
+        plan = layer_plan(config)
         if resolved.late_kbits not in (0, self.kbits):  # the later half of the full-attention layers
-            full = [i for i, (layer_type, _) in enumerate(layer_plan(config)) if layer_type == "full_attention"]
+            full = [i for i, (layer_type, _) in enumerate(plan) if layer_type == "full_attention"]
             resolved = replace(resolved, late_layers=tuple(full[len(full) - len(full) // 2 :]))
         if self.layer_bits:
-            plan = layer_plan(config)
             for layer, _, _ in self.layer_bits:
                 if layer >= len(plan):
                     raise SpecError(
@@ -344,8 +343,9 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     def for_layer(self, layer_idx: int) -> QuantSpec:
         """The spec of decoder layer ``layer_idx``: its ``layer_bits`` widths, if listed, and every other setting
         this spec's (see the module docstring)."""
-        widths = {layer: (kbits, vbits) for layer, kbits, vbits in self.layer_bits}
-        widths.update({layer: (self.late_kbits, self.vbits) for layer in self.late_layers if layer not in widths})
+        # the later half's widths, then layer_bits' entries over them
+        widths = {layer: (self.late_kbits, self.vbits) for layer in self.late_layers}
+        widths |= {layer: (kbits, vbits) for layer, kbits, vbits in self.layer_bits}
         if layer_idx in widths:  # an unresolved rotation is the spec's kbits' / vbits' default, as in `layout`
             kbits, vbits = widths[layer_idx]
             rotate = self.rotate or DEFAULT_ROTATE[self.kbits]
