@@ -54,6 +54,10 @@ FUSED = {  # name: (nbits or (kbits, vbits), axis_key, q_group_size, block_lengt
     # per tile), half of the layers with 3-bit keys
     "fused int2 b64 vrot": (2, "channel", 64, 64, "hadamard-signs", "hadamard"),
     "fused k3v2 b64 vrot": ((3, 2), "channel", 64, 64, "hadamard-signs", "hadamard"),
+    # 3-bit candidates (docs/eval_results.md, "3 bits within 1 % on every text"): key blocks of 128, rotated keys
+    # and values, 4-bit keys in the later layers
+    "fused int3 b128 vrot": (3, "channel", 64, 128, "hadamard", "hadamard"),
+    "fused k4v3 b128 vrot": ((4, 3), "channel", 64, 128, "hadamard", "hadamard"),
 }
 ACCURACY_RMS = (1.0, 0.02)  # value RMS of the accuracy column
 

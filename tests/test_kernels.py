@@ -585,6 +585,8 @@ CUDA_ROTATED_VALUE_CASES = [  # (kbits, vbits, key axis, rotate, vrotate[, block
     (2, 2, "channel", "hadamard-signs", "hadamard"),  # the int2 default before 2026-12-06 (key blocks of 32)
     (2, 2, "channel", "hadamard-signs", "hadamard", 64),  # the int2 default's layers: key blocks of 64 ...
     (3, 2, "channel", "hadamard-signs", "hadamard", 64),  # ... and its later half, 3-bit keys
+    (3, 3, "channel", "hadamard", "hadamard", 128),  # 3-bit keys in blocks of 128 ...
+    (4, 3, "channel", "hadamard", "hadamard", 128),  # ... and 4-bit keys with 3-bit values (docs/eval_results.md)
     (4, 4, "channel", "hadamard-signs", "hadamard-signs"),
     (8, 8, "token", "none", "hadamard"),
     (4, 2, "channel", "hadamard", "hadamard-signs"),
