@@ -250,7 +250,7 @@ BAD_INPUT = [
     (["--layers", "0"], "argument --layers: must be >= 1, got 0"),
     (["--layers", "1", "--min-ratio", "2"], "not allowed with argument"),
     # bits=2's later-half layers hold 3-bit keys (late_kbits): an upgrade must not narrow them
-    (["--upgrade", "2/4"], "--upgrade 2/4 has narrower keys than the base's later-half layers (late_kbits=3)"),
+    (["--upgrade", "2/4"], "--upgrade 2/4 has narrower keys than the base's later layers (late_kbits=3)"),
 ]
 
 

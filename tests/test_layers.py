@@ -516,7 +516,7 @@ def test_rotation_reduces_the_error_of_per_token_keys_with_outlier_channels(kbit
     assert rotated < most * unrotated, f"seed={seed}: {mean}"
 
 
-MIXED = "quant:bits=3,sink=4,window=20,block=8,group=16,rotate=hadamard,vrotate=hadamard,layer_bits=1:4/3+2:8/2"
+MIXED = "quant:bits=3,sink=4,window=20,block=8,late_kbits=3,group=16,rotate=hadamard,layer_bits=1:4/3+2:8/2"
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -542,7 +542,8 @@ def test_mixed_widths_store_what_one_width_per_cache_stores():
     config = tiny_llama_config(layers=3)
     mixed = selkv.make_cache(MIXED, config)
     # the spec's settings given explicitly: left out, kbits=8 would default to per-token keys
-    plain = MIXED.partition(",layer_bits=")[0].replace("bits=3", "kbits={},vbits={},key_axis=channel")
+    plain = MIXED.partition(",layer_bits=")[0].replace(",late_kbits=3", "")  # (layer 0 of 3: no later layer)
+    plain = plain.replace("quant:bits=3", "quant:kbits={},vbits={},key_axis=channel")
     per_layer = [selkv.make_cache(plain.format(k, v), config) for k, v in [(3, 3), (4, 3), (8, 2)]]
     gen = torch.Generator().manual_seed(7)
     for count in (30, 17, 1, 1, 40):
@@ -561,10 +562,15 @@ def test_layer_bits_bytes_are_each_layers_own():
     """``kv_bytes`` counts each layer's tensors: the mixed cache holds its 3-bit layers' bytes plus its 4-bit
     layer's, and ``selkv size``'s one-layer-per-kind shortcut gives the same count as filling every layer."""
     config = tiny_llama_config(layers=3, head_dim=64)
-    base = "quant:bits=3,sink=4,window=20,block=64,rotate=hadamard,vrotate=hadamard"
+    base = "quant:bits=3,sink=4,window=20,block=64,late_kbits=3,rotate=hadamard,vrotate=hadamard"
     mixed_spec = base + ",layer_bits=1:4/3"
     caches = {
-        spec: selkv.make_cache(spec, config) for spec in (base, mixed_spec, base.replace("bits=3", "kbits=4,vbits=3"))
+        spec: selkv.make_cache(spec, config)
+        for spec in (
+            base,
+            mixed_spec,
+            base.replace("quant:bits=3", "quant:kbits=4,vbits=3").replace(",late_kbits=3", ""),
+        )
     }
     for cache in caches.values():
         for start in range(0, 300, 7):
@@ -584,12 +590,26 @@ def test_layer_bits_bytes_are_each_layers_own():
 
 @pytest.mark.slow
 @needs_embedded_model
+def test_three_bit_default_bytes_on_the_embedded_model_shape():
+    """The bits=3 default on SmolLM2-135M's shape: 4-bit keys in layers 18-29 of 30 with key blocks of 128, 4.02x
+    at 4,096 tokens, the bytes of the explicit layer_bits spec (docs/eval_results.md)."""
+    from selkv.sizing import load_config
+
+    config = load_config("smollm2-135m")
+    default = cache_size("quant:bits=3,sink=4,window=124", config, tokens=4096, chunk=64)
+    explicit = "quant:bits=3,sink=4,window=124,block=128,rotate=hadamard,vrotate=hadamard,layer_bits=18-29:4/3"
+    assert default == cache_size(explicit, config, tokens=4096, chunk=64)
+    assert round(default["compression"], 2) == 4.02
+
+
+@pytest.mark.slow
+@needs_embedded_model
 def test_layer_bits_bytes_on_the_embedded_model_shape():
     """The 3-bit class with 4-bit keys in five of SmolLM2-135M's 30 layers: 4.01x at 4,096 tokens, as the low-bit
     sweep counted it (docs/eval_results.md), against 4.09x with none."""
     from selkv.sizing import load_config
 
-    base = "quant:bits=3,sink=4,window=124,block=64,rotate=hadamard,vrotate=hadamard"
+    base = "quant:bits=3,sink=4,window=124,block=64,late_kbits=3,rotate=hadamard,vrotate=hadamard"
     config = load_config("smollm2-135m")
     mixed = cache_size(base + ",layer_bits=1:4/3+5:4/3+7:4/3+18:4/3+23:4/3", config, tokens=4096, chunk=64)
     plain = cache_size(base, config, tokens=4096, chunk=64)

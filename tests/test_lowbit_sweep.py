@@ -78,14 +78,17 @@ def test_fake_int2_matches_library_int2(sweep, vrotate, fields):
 
 @torch.inference_mode()
 def test_fake_int3_matches_library_int3(sweep):
-    """The sweep's 3-bit candidate and the library's bits=3 (packed codes, read back) are the same cache."""
+    """The sweep's 3-bit candidate and the library's bits=3 (packed codes, read back) are the same cache: the
+    library's defaults are plain-Hadamard keys and values and 4-bit keys in the last 2/5 of the layers (layer 2 of
+    3)."""
     from selkv.cache import make_cache
 
-    model = make_tiny_llama()
+    model = make_tiny_llama(layers=3)
     ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(2))
-    spec = "quant:bits=3,sink=2,window=16,block=8,group=32,rotate=hadamard-signs"
+    spec = "quant:bits=3,sink=2,window=16,block=8,group=32"
     library = _logits(model, make_cache(spec, model.config), ids)
-    cand = sweep.Candidate.parse("kbits=3,vbits=3,sink=2,window=16,block=8,group=32")
+    fields = "sink=2,window=16,block=8,group=32,rotate=hadamard,vrotate=hadamard,layer_bits=2:4/3"
+    cand = sweep.Candidate.parse(f"kbits=3,vbits=3,{fields}")
     torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
 
 
@@ -102,7 +105,7 @@ def test_fake_value_rotation_matches_library_vrotate(sweep, rotate):
     library = _logits(model, make_cache(spec, model.config), ids)
     cand = sweep.Candidate.parse(f"kbits=3,vbits=3,sink=2,window=16,block=8,group=32,rotate={rotate},vrotate=hadamard")
     torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
-    unrotated = _logits(model, make_cache(spec.replace(",vrotate=hadamard", ""), model.config), ids)
+    unrotated = _logits(model, make_cache(spec.replace(",vrotate=hadamard", ",vrotate=none"), model.config), ids)
     assert not torch.allclose(unrotated, library, atol=1e-4, rtol=0)  # the value rotation changes the cache
 
 
@@ -191,19 +194,28 @@ def test_dense_and_sparse_keeps_exactly_the_chosen_outliers(sweep):
             "quant:bits=2,sink=4,window=60,block=16",
             "kbits=2,vbits=2,window=60,block=16,vrotate=hadamard,layer_bits=2:3/2",
         ),
+        # the 3-bit default: key blocks of 128, 4-bit keys in the last 2/5 (layer 2 of 3), one plain Hadamard matrix
+        # for keys and values
+        (
+            "quant:bits=3,sink=4,window=124",
+            "kbits=3,vbits=3,block=128,rotate=hadamard,vrotate=hadamard,layer_bits=2:4/3",
+        ),
         # value rotations: the keys' matrix (no extra bytes), another one (its bytes), values only
         (
-            "quant:bits=3,sink=4,window=124,rotate=hadamard,vrotate=hadamard",
+            "quant:bits=3,sink=4,window=124,block=64,late_kbits=3",
             "kbits=3,vbits=3,block=64,rotate=hadamard,vrotate=hadamard",
         ),
-        ("quant:bits=3,sink=4,window=124,vrotate=hadamard", "kbits=3,vbits=3,block=64,vrotate=hadamard"),
         (
-            "quant:bits=3,sink=4,window=124,rotate=none,vrotate=hadamard",
+            "quant:bits=3,sink=4,window=124,block=64,late_kbits=3,rotate=hadamard-signs",
+            "kbits=3,vbits=3,block=64,vrotate=hadamard",
+        ),
+        (
+            "quant:bits=3,sink=4,window=124,block=64,late_kbits=3,rotate=none",
             "kbits=3,vbits=3,block=64,rotate=none,vrotate=hadamard",
         ),
         # per-layer widths: each layer's own tensors (the library) and bytes (the sweep)
         (
-            "quant:bits=3,sink=4,window=124,rotate=hadamard,vrotate=hadamard,layer_bits=0:4/3+2:8/2",
+            "quant:bits=3,sink=4,window=124,block=64,late_kbits=3,layer_bits=0:4/3+2:8/2",
             "kbits=3,vbits=3,block=64,rotate=hadamard,vrotate=hadamard,layer_bits=0:4/3+2:8/2",
         ),
     ],

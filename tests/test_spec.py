@@ -103,10 +103,10 @@ def test_rotate_key():
 
 
 def test_vrotate_key():
-    """Value rotation: "none" by default at 3 bits (left out of the canonical string), any rotation of ``rotate``,
+    """Value rotation: "none" by default at 4 bits (left out of the canonical string), any rotation of ``rotate``,
     in the layout the spec gives its layers; a power-of-two head_dim, else one line that says what to do."""
-    plain = selkv.parse_spec("quant:bits=3")
-    rotated = selkv.parse_spec("quant:bits=3,rotate=hadamard,vrotate=hadamard,sink=4,window=124")
+    plain = selkv.parse_spec("quant:bits=4")
+    rotated = selkv.parse_spec("quant:bits=4,rotate=hadamard,vrotate=hadamard,sink=4,window=124")
     assert plain.vrotate == "none" and "vrotate" not in str(plain) and plain.make_layer().layout.vrotate == "none"
     assert rotated.vrotate == "hadamard" and str(rotated).endswith(",rotate=hadamard,vrotate=hadamard")
     assert selkv.parse_spec(str(rotated)) == rotated and rotated.family != plain.family
@@ -141,7 +141,7 @@ def test_default_rotation_follows_the_key_bits_and_the_head_dim(kbits):
 def test_default_value_rotation_follows_the_value_bits_and_the_head_dim(vbits):
     from selkv.specs import DEFAULT_VROTATE
 
-    assert DEFAULT_VROTATE == {8: "none", 4: "none", 3: "none", 2: "hadamard"}
+    assert DEFAULT_VROTATE == {8: "none", 4: "none", 3: "hadamard", 2: "hadamard"}
     spec = selkv.parse_spec(f"quant:kbits=4,vbits={vbits}")
     resolved = spec.check_model(64)
     assert resolved.vrotate == DEFAULT_VROTATE[vbits] and resolved.is_resolved
@@ -208,8 +208,29 @@ def test_two_bit_keys_are_three_bit_in_the_later_half_of_the_layers(layers, late
     assert [layer.layout.key_nbits for layer in listed[:-1]] == [3 if i in late else 2 for i in range(layers - 1)]
 
 
-def test_late_kbits_defaults_to_no_rule_above_two_bits_and_takes_any_width():
-    for text in ("quant:bits=4", "quant:bits=3", "quant:bits=8", "quant:kbits=4,vbits=2", "quant:bits=4,late_kbits=4"):
+@pytest.mark.parametrize("layers,late", [(2, []), (3, [2]), (5, [3, 4]), (30, list(range(18, 30)))])
+def test_three_bit_keys_are_four_bit_in_the_last_two_fifths_of_the_layers(layers, late):
+    """The 3-bit default: key blocks of 128, plain-Hadamard keys and values, 4-bit keys in the last 2n // 5 of the
+    n full-attention layers; the same caches as the explicit layer_bits spec; late_kbits=3 turns the rule off."""
+    config = tiny_llama_config(layers=layers, head_dim=64)
+    spec = selkv.parse_spec("quant:bits=3,sink=4,window=124")
+    resolved = spec.resolve(config)
+    assert (resolved.block, resolved.rotate, resolved.vrotate, resolved.late_kbits) == (128, "hadamard", "hadamard", 4)
+    assert resolved.late_layers == tuple(late) and selkv.parse_spec(str(spec.check_model(64))) == spec.check_model(64)
+    layouts = [layer.layout for layer in selkv.make_cache(spec, config).layers]
+    assert [(lay.key_nbits, lay.value_nbits) for lay in layouts] == [
+        (4, 3) if i in late else (3, 3) for i in range(layers)
+    ]
+    explicit = "quant:bits=3,sink=4,window=124,block=128,rotate=hadamard,vrotate=hadamard,late_kbits=3"
+    if late:
+        explicit += f",layer_bits={late[0]}-{late[-1]}:4/3"
+    assert [layer.layout for layer in selkv.make_cache(explicit, config).layers] == layouts
+    off = selkv.make_cache("quant:bits=3,late_kbits=3", config).layers
+    assert {layer.layout.key_nbits for layer in off} == {3}
+
+
+def test_late_kbits_defaults_to_no_rule_above_three_bits_and_takes_any_width():
+    for text in ("quant:bits=4", "quant:bits=8", "quant:kbits=4,vbits=2", "quant:bits=4,late_kbits=4"):
         spec = selkv.parse_spec(text)
         resolved = spec.check_model(32)
         assert spec.late_kbits == 0 == resolved.late_kbits and "late_kbits" not in str(resolved)
@@ -353,7 +374,8 @@ def test_three_bit_codes_need_a_head_dim_of_whole_bytes_of_eight_channels():
     spec = selkv.parse_spec("quant:bits=3")
     assert (spec.kbits, spec.vbits) == (3, 3) and str(spec).startswith("quant:bits=3,")
     resolved = spec.check_model(64)
-    assert (resolved.key_axis, resolved.block, resolved.group, resolved.rotate) == ("channel", 64, 64, "hadamard-signs")
+    assert (resolved.key_axis, resolved.block, resolved.group) == ("channel", 128, 64)
+    assert (resolved.rotate, resolved.vrotate, resolved.late_kbits) == ("hadamard", "hadamard", 4)
     with pytest.raises(SpecError, match="bits=3 packs its codes in groups of 8 channels; head_dim=36"):
         selkv.parse_spec("quant:kbits=3,vbits=4,rotate=none").check_model(36)
     with pytest.raises(SpecError, match="bits=2 packs its codes in groups of 4 channels; head_dim=18"):
@@ -390,7 +412,7 @@ def test_layer_bits_parse_to_a_canonical_string_that_round_trips():
     # each layer's spec: its widths, everything else the spec's (the defaults of the spec's bits, not the layer's)
     layer = resolved.for_layer(5)
     assert (layer.kbits, layer.vbits, layer.layer_bits) == (4, 3, ())
-    assert (layer.group, layer.block, layer.key_axis, layer.rotate) == (64, 64, "channel", "hadamard-signs")
+    assert (layer.group, layer.block, layer.key_axis, layer.rotate) == (64, 64, "channel", "hadamard")
     assert resolved.for_layer(4) == replace(resolved, layer_bits=())
     assert resolved.for_layer(2).layout == replace(resolved.layout, key_nbits=8, value_nbits=8)
     # unresolved, a listed layer's rotation is still the spec's default (int8's would be none)

@@ -8,8 +8,8 @@ SPEC_HELP = (
     "[,block=T][,rotate=hadamard-signs|hadamard|none][,vrotate=none|hadamard|hadamard-signs]"
     "[,late_kbits=K][,layer_bits=LAYERS:K/V+...] | hf-quanto:bits=2|4,residual=R | hf-hqq:bits=B,residual=R. "
     "layer_bits gives some layers other key/value widths (LAYERS i or i-j, 0-based; e.g. layer_bits=1:4/3+5-7:4/3), "
-    "every other setting the spec's; late_kbits=K gives the later half of the layers K-bit keys (default 3 at "
-    "bits=2, late_kbits=2 turns it off)"
+    "every other setting the spec's; late_kbits=K gives the later layers K-bit keys (default: 3 at bits=2 for the "
+    "later half, 4 at bits=3 for the last 2/5; late_kbits=2 or 3 turns it off)"
 )
 
 MAIN_EPILOG = """\

@@ -144,12 +144,12 @@ def make_plan(
     resolved = base.resolve(config)  # the base's widths, group and rotations fit the model
     if resolved.late_layers and widths[0] < resolved.late_kbits:
         raise SelKVError(
-            f"--upgrade {widths[0]}/{widths[1]} has narrower keys than the base's later-half layers "
+            f"--upgrade {widths[0]}/{widths[1]} has narrower keys than the base's later layers "
             f"(late_kbits={resolved.late_kbits}); give keys of at least {resolved.late_kbits} bits, or "
             f"late_kbits={base.kbits} in --cache to turn that rule off"
         )
     plan = layer_plan(config)
-    # a later-half layer already at the upgrade's widths (late_kbits) has nothing to screen
+    # a later layer already at the upgrade's widths (late_kbits) has nothing to screen
     same = {i for i in resolved.late_layers if widths == (resolved.late_kbits, base.vbits)}
     screened = tuple(i for i, (layer_type, _) in enumerate(plan) if layer_type == "full_attention" and i not in same)
     skipped = tuple((i, layer_type) for i, (layer_type, _) in enumerate(plan) if layer_type != "full_attention")
@@ -175,7 +175,7 @@ def make_plan(
                 f"16-bit full cache {at} ({base_held['allocated']:,} bytes vs {base_held['full16']:,}); "
                 "give a lower ratio or a narrower base"
             )
-        cheapest = one_layer  # a later-half layer of a late_kbits rule (its keys already wider) costs less
+        cheapest = one_layer  # a later layer of a late_kbits rule (its keys already wider) costs less
         late = next((i for i in resolved.late_layers if i in screened), None)
         if late is not None:
             late_held = held(with_layers(base_text, [late], widths), config, size_tokens, size_chunk)

@@ -35,17 +35,19 @@ spec is resolved for it (``resolve``): each must exist and be a full-attention l
 stay 16-bit). The canonical string lists the layers in order, consecutive layers of the same widths as one
 range.
 
-``late_kbits=K`` stores the keys of the later half of the model's full-attention layers (the last ``n // 2`` of
-``n``) at ``K`` bits, every other setting the spec's, as ``layer_bits`` entries ``K/VBITS`` for those layers would
-(a layer that ``layer_bits`` lists keeps its entry). Left out, it is :data:`DEFAULT_LATE_KBITS` for ``kbits``:
-3 at 2 bits where the head_dim packs 3-bit codes (a multiple of 8) and ``kbits`` (no rule) elsewhere, resolved by
-``check_model`` as the rotations are; ``late_kbits=2`` turns the 2-bit rule off. The layers are chosen when the spec
-is resolved for a model (``resolve``).
+``late_kbits=K`` stores the keys of the later full-attention layers at ``K`` bits (the last ``n // 2`` of ``n``;
+the last ``2n // 5`` at ``kbits=3``, :data:`LATE_SHARE`), every other setting the spec's, as ``layer_bits`` entries
+``K/VBITS`` for those layers would (a layer that ``layer_bits`` lists keeps its entry). Left out, it is
+:data:`DEFAULT_LATE_KBITS` for ``kbits`` where the head_dim packs those codes: 3 at 2 bits (a head_dim that is a
+multiple of 8), 4 at 3 bits, and ``kbits`` (no rule) elsewhere, resolved by ``check_model`` as the rotations are;
+``late_kbits=2`` (``late_kbits=3``) turns the 2-bit (3-bit) rule off. The layers are chosen when the spec is
+resolved for a model (``resolve``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import ClassVar
 
 from ..errors import SpecError
@@ -71,33 +73,42 @@ DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 3: "channel", 2: "channel"}
 # - int2: key blocks of 32 (+9.1% / +26.2%, 5.06x). Blocks of 16 are more accurate (+5.5% / +16.2%) but
 #   4.4x; block=64 with group=32 is worse (+16.5% / +38.0%). `block=16` remains a spec away.
 # A head_dim the per-bit default does not divide (96: Phi-3-mini; 80: Phi-2, StableLM-3B, Pythia-2.8B)
-# - int3: key blocks of 64 and value groups of 64 (4.09x; keys in blocks of 32 would hold 3.85x), from the
-#   low-bit sweep (docs/eval_results.md, 2026-12-05).
+# - int3: value groups of 64; key blocks of 128 (since 2026-12-07; 64 before, 4.09x) pay for 4-bit keys in the
+#   last 2/5 of the layers (DEFAULT_LATE_KBITS, LATE_SHARE) at 4.02x.
 # gets the largest group that divides both: gcd(head_dim, default), 32 and 16 there.
 # - int2 (since 2026-12-06): key blocks of 64, with 3-bit keys in the later half of the layers (DEFAULT_LATE_KBITS)
 #   at the bytes blocks of 32 held (5.02x): +6.68% / +3.47% / +3.51% (WikiText-2 2,048, PG-19 4,096, PG-19
 #   Dragon's Blood 4,096) against +10.18% / +4.22% / +6.22%, needles 1.00, and a faster kernel (one key scale row
 #   per 64-token tile).
 DEFAULT_GROUP = {8: 64, 4: 32, 3: 64, 2: 64}
-DEFAULT_BLOCK = {8: 32, 4: 64, 3: 64, 2: 64}
-# Key width of the later half of the full-attention layers per key bit width (``late_kbits``), from the 2-bit
-# sweep in docs/eval_results.md (2026-12-06, SmolLM2-135M, float32, chunk 64): with key blocks of 64, 3-bit keys
-# in layers 15-29 of 30 give WikiText-2 +6.68%, in layers 0-14 +16.00%, in the even layers +9.85%, none +17.06%
-# (5.43x). One model's reading: the rule is the later half, which `late_kbits=2` turns off.
-DEFAULT_LATE_KBITS = {2: 3}
+DEFAULT_BLOCK = {8: 32, 4: 64, 3: 128, 2: 64}
+# Key width of the later full-attention layers per key bit width (``late_kbits``), from the sweeps in
+# docs/eval_results.md (SmolLM2-135M, float32, chunk 64):
+# - 2 bits (2026-12-06): with key blocks of 64, 3-bit keys in layers 15-29 of 30 give WikiText-2 +6.68%, in
+#   layers 0-14 +16.00%, in the even layers +9.85%, none +17.06% (5.43x).
+# - 3 bits (2026-12-07): with key blocks of 128, 4-bit keys in layers 18-29 of 30 give +0.72% / +0.57% / +0.65%
+#   (WikiText-2 2,048, PG-19 4,096, Dragon's Blood 4,096) and +0.47% on a GovReport report no choice looked at,
+#   against +2.31% / +0.91% / +0.72% / +0.54% for the former default, at 4.02x against 4.09x.
+# One model's reading: later layers want wider keys. `late_kbits=KBITS` turns a rule off.
+DEFAULT_LATE_KBITS = {2: 3, 3: 4}
+# The share of the full-attention layers (the last ones) that ``late_kbits`` widens, per key bit width: as many as
+# the width's held target affords (5x at 2 bits: the later half; 4x at 3 bits: 2/5, 4.02x; the later half would hold
+# 3.97x), a half where no default rule is.
+LATE_SHARE = {2: Fraction(1, 2), 3: Fraction(2, 5)}
 # Key rotation per key bit width, from the float32 perplexity sweep in docs/eval_results.md (2026-12-02,
 # SmolLM2-135M, chunk 64): sign-flipped Hadamard keys take int2 from +9.3% / +11.3% / +26.2% to
 # +4.2% / +5.2% / +12.5% (PG-19 2,048 / 4,096, WikiText-2) and int4 from +0.28% / +0.33% / +0.41% to
-# +0.28% / +0.31% / +0.09%, at the same bytes; int8 is within 0.05% without it.
-DEFAULT_ROTATE = {8: "none", 4: "hadamard-signs", 3: "hadamard-signs", 2: "hadamard-signs"}
+# +0.28% / +0.31% / +0.09%, at the same bytes; int8 is within 0.05% without it. int3 (since 2026-12-07) takes the
+# plain matrix, which its values share (below): the 3-bit sweep's best pair (docs/eval_results.md, 2026-12-05).
+DEFAULT_ROTATE = {8: "none", 4: "hadamard-signs", 3: "hadamard", 2: "hadamard-signs"}
 # Value rotation per value bit width, from the float32 perplexity sweep and the library runs in
 # docs/eval_results.md (2026-12-06, SmolLM2-135M, chunk 64): Hadamard-rotated 2-bit values take int2 from
 # +12.47% / +5.22% / +7.25% to +10.18% / +4.22% / +6.22% (WikiText-2 2,048, PG-19 4,096, PG-19 Dragon's Blood
 # 4,096; 5.03x -> 5.02x held at 4,096 tokens: the plain matrix is a second one beside the keys' signed one), needles
 # 1.00 at 1,024 and 2,048 tokens. int4 is not helped (+0.09% -> +0.20% on WikiText-2, with plain-Hadamard keys);
-# int3 was measured with its default's signed keys on WikiText-2 only (+2.31% -> +2.05%), and its win is with
-# plain-Hadamard keys (`rotate=hadamard,vrotate=hadamard`, not a default), so 3, 4 and 8 bits keep none.
-DEFAULT_VROTATE = {8: "none", 4: "none", 3: "none", 2: "hadamard"}
+# int3's win is with plain-Hadamard keys (WikiText-2 +1.80% -> +0.91%, one matrix for both; with signed keys
+# +2.31% -> +2.05%): its default since 2026-12-07. 4 and 8 bits keep none.
+DEFAULT_VROTATE = {8: "none", 4: "none", 3: "hadamard", 2: "hadamard"}
 
 # One layer's widths in ``layer_bits``: (layer, kbits, vbits).
 LayerBits = tuple[int, int, int]
@@ -162,7 +173,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     rotate: str = ""  # "": DEFAULT_ROTATE[kbits] where head_dim allows, resolved by check_model
     vrotate: str = ""  # "": DEFAULT_VROTATE[vbits] where head_dim allows, resolved by check_model
     layer_bits: tuple[LayerBits, ...] = ()  # (layer, kbits, vbits) per listed layer, by layer
-    late_kbits: int = 0  # key width of the later half of the full-attention layers (kbits: no rule; 0: the
+    late_kbits: int = 0  # key width of the later full-attention layers (LATE_SHARE; kbits: no rule; 0: the
     # default, DEFAULT_LATE_KBITS where the head_dim packs it, resolved by check_model; no rule at other widths)
     late_layers: tuple[int, ...] = ()  # those layers, chosen by resolve for a model (late_kbits != kbits)
 
@@ -324,9 +335,10 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         plan: the layer must exist and be a full-attention layer."""
         resolved = super().resolve(config)
         plan = layer_plan(config)
-        if resolved.late_kbits not in (0, self.kbits):  # the later half of the full-attention layers
+        if resolved.late_kbits not in (0, self.kbits):  # the later full-attention layers
             full = [i for i, (layer_type, _) in enumerate(plan) if layer_type == "full_attention"]
-            resolved = replace(resolved, late_layers=tuple(full[len(full) - len(full) // 2 :]))
+            count = int(len(full) * LATE_SHARE.get(self.kbits, Fraction(1, 2)))
+            resolved = replace(resolved, late_layers=tuple(full[len(full) - count :]))
         if self.layer_bits:
             for layer, _, _ in self.layer_bits:
                 if layer >= len(plan):
@@ -343,7 +355,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     def for_layer(self, layer_idx: int) -> QuantSpec:
         """The spec of decoder layer ``layer_idx``: its ``layer_bits`` widths, if listed, and every other setting
         this spec's (see the module docstring)."""
-        # the later half's widths, then layer_bits' entries over them
+        # the later layers' widths, then layer_bits' entries over them
         widths = {layer: (self.late_kbits, self.vbits) for layer in self.late_layers}
         widths |= {layer: (kbits, vbits) for layer, kbits, vbits in self.layer_bits}
         if layer_idx in widths:  # an unresolved rotation is the spec's kbits' / vbits' default, as in `layout`
