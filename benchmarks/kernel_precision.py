@@ -55,7 +55,7 @@ QUANT = {  # name: (nbits, axis_key, q_group_size, block_length[, rotate[, vrota
     "int2 rot": (2, "channel", 64, 32, "hadamard-signs"),
     "int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
     # rotated keys and values: the merge rotates the middle's output back (quant:bits=2,block=32,late_kbits=2;
-    # quant:bits=3,rotate=hadamard,vrotate=hadamard)
+    # quant:bits=3,block=64,late_kbits=3)
     "int2 spec vrot": (2, "channel", 64, 32, "hadamard-signs", "hadamard"),
     "int3 vrot": (3, "channel", 64, 64, "hadamard", "hadamard"),
 }

@@ -229,6 +229,19 @@ def test_three_bit_keys_are_four_bit_in_the_last_two_fifths_of_the_layers(layers
     assert {layer.layout.key_nbits for layer in off} == {3}
 
 
+def test_a_layers_own_spec_has_no_later_layer_rule():
+    """A listed or later layer's spec (``for_layer``) is resolved and describes that layer alone: its string does not
+    pick up the rule of its own key width (a 3-bit layer of a 4-bit spec, the 3-bit-key layers of the 2-bit
+    default)."""
+    config = tiny_llama_config(layers=4, head_dim=64)
+    for text, layer_idx in (("quant:bits=4,layer_bits=1:3/3", 1), ("quant:bits=2", 3), ("quant:bits=3", 3)):
+        resolved = selkv.parse_spec(text).resolve(config)
+        layer = resolved.for_layer(layer_idx)
+        assert layer.is_resolved and not layer.late_layers and not layer.layer_bits
+        again = selkv.parse_spec(str(layer))
+        assert again == layer and again.resolve(config).late_layers == ()
+
+
 def test_late_kbits_defaults_to_no_rule_above_three_bits_and_takes_any_width():
     for text in ("quant:bits=4", "quant:bits=8", "quant:kbits=4,vbits=2", "quant:bits=4,late_kbits=4"):
         spec = selkv.parse_spec(text)

@@ -262,8 +262,7 @@ def add_calibrate_command(subparsers) -> None:
         "--cache",
         required=True,
         metavar="SPEC",
-        help="the base: a quant: spec without layer_bits, e.g. "
-        "quant:bits=3,sink=4,window=124,rotate=hadamard,vrotate=hadamard",
+        help="the base: a quant: spec without layer_bits, e.g. quant:bits=3,sink=4,window=124,block=64,late_kbits=3",
     )
     cal.add_argument(
         "--upgrade",

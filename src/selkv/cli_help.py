@@ -9,7 +9,8 @@ SPEC_HELP = (
     "[,late_kbits=K][,layer_bits=LAYERS:K/V+...] | hf-quanto:bits=2|4,residual=R | hf-hqq:bits=B,residual=R. "
     "layer_bits gives some layers other key/value widths (LAYERS i or i-j, 0-based; e.g. layer_bits=1:4/3+5-7:4/3), "
     "every other setting the spec's; late_kbits=K gives the later layers K-bit keys (default: 3 at bits=2 for the "
-    "later half, 4 at bits=3 for the last 2/5; late_kbits=2 or 3 turns it off)"
+    "later half, 4 at bits=3 for the last 2/5, none elsewhere; late_kbits=KBITS turns it off; the later half at "
+    "other widths)"
 )
 
 MAIN_EPILOG = """\
@@ -19,7 +20,7 @@ examples:
   selkv size --tokens 32768                    KV bytes of the default cache set, no forward pass
   selkv eval perplexity --data pg19 --out results/ppl
   selkv report results/ppl
-  selkv calibrate --cache quant:bits=3,rotate=hadamard,vrotate=hadamard --upgrade 4/3 --min-ratio 4 --out results/cal
+  selkv calibrate --cache quant:bits=3,block=64,late_kbits=3 --upgrade 4/3 --min-ratio 4 --out results/cal
   selkv lm-eval --model selkv --model_args '{"cache": "quant:bits=4,sink=4,window=124"}' --tasks lambada_openai
 
 Run 'selkv COMMAND --help' for a command's options. SELKV_DEBUG=1 shows tracebacks for input errors.
@@ -79,7 +80,7 @@ highlighted; needs matplotlib). Rerun with the same --out to resume; a new budge
 CALIBRATE_EPILOG = """\
 example (the embedded model: 33 runs, 15 minutes on 2 CPU cores):
   selkv calibrate --device cpu --dtype float32 --data pg19-morocco --max-tokens 2048 --chunk 64 \\
-      --cache quant:bits=3,sink=4,window=124,rotate=hadamard,vrotate=hadamard --upgrade 4/3 \\
+      --cache quant:bits=3,sink=4,window=124,block=64,late_kbits=3 --upgrade 4/3 \\
       --min-ratio 4.0 --out results/calibrate
   then: selkv eval perplexity --data wikitext2 --cache full --cache SPEC --out results/check
 Screen on a text the evaluations do not use: layers chosen on a text score better on it than elsewhere.

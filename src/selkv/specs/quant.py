@@ -23,11 +23,11 @@ elsewhere (resolved by ``check_model``, as ``rotate`` is). A rotation the keys u
 
 ``layer_bits=LAYERS:KBITS/VBITS+...`` gives some decoder layers other widths: ``LAYERS`` is one layer
 ``i`` or an inclusive range ``i-j`` (0-based, as ``model.model.layers``), e.g.
-``quant:bits=3,block=64,rotate=hadamard,vrotate=hadamard,layer_bits=1:4/3+5:4/3`` stores 4-bit keys and
-3-bit values in layers 1 and 5 and 3-bit keys and values everywhere else. Only the widths change: every
+``quant:bits=3,block=64,late_kbits=3,layer_bits=1:4/3+5:4/3`` stores 4-bit keys and 3-bit values in layers 1
+and 5 and 3-bit keys and values everywhere else (``late_kbits=3``: no later-layer rule). Only the widths change: every
 other setting of a listed layer (``group``, ``block``, ``key_axis``, ``sym``, ``rotate``, ``vrotate``) is the
 spec's, and the defaults among them follow the spec's ``kbits``/``vbits``, never a layer's (with ``bits=3``,
-a ``4/3`` layer keeps the 3-bit block of 64 and group of 64, not int4's group of 32; give ``group=`` or
+a ``4/3`` layer keeps the 3-bit block of 128 and group of 64, not int4's group of 32; give ``group=`` or
 ``block=`` to set them for every layer). That is what the low-bit sweep's ``layer_bits`` did
 (``benchmarks/lowbit_sweep.py``), so its numbers reproduce. Each listed width must pack into the model's
 ``head_dim`` (checked with the others by ``check_model``); the layers are checked against the model when the
@@ -369,7 +369,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
                 rotate=rotate,
                 vrotate=vrotate,
                 layer_bits=(),
-                late_kbits=0,
+                late_kbits=kbits if kbits in DEFAULT_LATE_KBITS else 0,  # no rule (0 would be a default to resolve)
                 late_layers=(),
             )
         return replace(self, layer_bits=(), late_layers=()) if self.layer_bits or self.late_layers else self
