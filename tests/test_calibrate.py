@@ -261,6 +261,11 @@ def test_later_half_layers_already_at_the_upgrade_are_not_screened():
     assert calibrate.make_plan(BASE, "4/2", config, layers=1, size_tokens=SIZE, size_chunk=16).layers == (0, 1, 2)
     off = calibrate.make_plan(f"{BASE},late_kbits=2", "3/2", config, layers=1, size_tokens=SIZE, size_chunk=16)
     assert off.layers == (0, 1, 2)
+    # the 3-bit default's last 2/5 (layers 3 and 4 of 5) hold 4-bit keys already
+    three = BASE.replace("bits=2", "bits=3")
+    config = tiny_llama_config(layers=5)
+    for upgrade, layers in (("4/3", (0, 1, 2)), ("4/4", (0, 1, 2, 3, 4))):
+        assert calibrate.make_plan(three, upgrade, config, layers=1, size_tokens=SIZE, size_chunk=16).layers == layers
 
 
 @pytest.mark.parametrize("argv,message", BAD_INPUT)
