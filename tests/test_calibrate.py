@@ -254,7 +254,7 @@ BAD_INPUT = [
 ]
 
 
-def test_later_half_layers_already_at_the_upgrade_are_not_screened():
+def test_later_layers_already_at_the_upgrade_are_not_screened():
     config = tiny_llama_config(layers=3)
     plan = calibrate.make_plan(BASE, "3/2", config, layers=1, size_tokens=SIZE, size_chunk=16)
     assert plan.layers == (0, 1)  # layer 2 holds 3-bit keys already (late_kbits)

@@ -110,6 +110,13 @@ DEFAULT_ROTATE = {8: "none", 4: "hadamard-signs", 3: "hadamard", 2: "hadamard-si
 # +2.31% -> +2.05%): its default since 2026-12-07. 4 and 8 bits keep none.
 DEFAULT_VROTATE = {8: "none", 4: "none", 3: "hadamard", 2: "hadamard"}
 
+
+def no_late_rule(kbits: int) -> int:
+    """``late_kbits`` for "no rule" at ``kbits``, in its one canonical form: ``kbits`` where the width has a default
+    rule (the string must say it is off), 0 (the same as leaving it out) elsewhere."""
+    return kbits if kbits in DEFAULT_LATE_KBITS else 0
+
+
 # One layer's widths in ``layer_bits``: (layer, kbits, vbits).
 LayerBits = tuple[int, int, int]
 LAYER_BITS_FORM = "LAYERS:KBITS/VBITS items joined by '+', LAYERS i or i-j (e.g. 1:4/3+5-7:4/4)"
@@ -216,8 +223,8 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         if "block" not in fields.given:
             fields.values["block"] = DEFAULT_BLOCK[kbits]
         late_kbits = fields.bits(SUPPORTED_NBITS, "late_kbits") if "late_kbits" in fields.given else 0
-        if late_kbits == kbits and kbits not in DEFAULT_LATE_KBITS:
-            late_kbits = 0  # no rule, the default of a width without one: the same spec as leaving it out
+        if late_kbits == kbits:
+            late_kbits = no_late_rule(kbits)
         return cls(
             kbits=kbits,
             vbits=vbits,
@@ -369,7 +376,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
                 rotate=rotate,
                 vrotate=vrotate,
                 layer_bits=(),
-                late_kbits=kbits if kbits in DEFAULT_LATE_KBITS else 0,  # no rule (0 would be a default to resolve)
+                late_kbits=no_late_rule(kbits),  # the layer alone (0 could be a default to resolve)
                 late_layers=(),
             )
         return replace(self, layer_bits=(), late_layers=()) if self.layer_bits or self.late_layers else self
