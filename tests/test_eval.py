@@ -141,6 +141,26 @@ def test_resume_refuses_different_settings(tiny, text_file, tmp_path):
         run_task(perplexity, model, tok, "tiny", ["full"], str(tmp_path), _ppl_settings(text_file, 2))
 
 
+def test_resume_refuses_a_spec_whose_defaults_changed(tiny, text_file, tmp_path, monkeypatch):
+    """A folder written when a default-spelled spec meant another cache is refused, not mixed with the new one."""
+    from selkv.specs import quant as quant_spec
+
+    model, tok = tiny
+    spec = "quant:bits=4,sink=4,window=16"
+    first = run_task(perplexity, model, tok, "tiny", [spec, "full"], str(tmp_path), _ppl_settings(text_file, 1))
+    assert first["resolved"][spec].startswith(spec + ",") and first["resolved"]["full"] == "full"
+    run_task(perplexity, model, tok, "tiny", ["full"], str(tmp_path), _ppl_settings(text_file, 1))  # same: resumes
+    monkeypatch.setitem(quant_spec.DEFAULT_BLOCK, 4, 2 * quant_spec.DEFAULT_BLOCK[4])
+    with pytest.raises(SettingsMismatch, match=r"cache 'quant:bits=4,sink=4,window=16' now resolves to .*block=128"):
+        run_task(perplexity, model, tok, "tiny", [spec], str(tmp_path), _ppl_settings(text_file, 1))
+    # a folder written before the names' resolutions were recorded resumes unchecked
+    payload = json.loads((tmp_path / "results.json").read_text())
+    del payload["resolved"]
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    resumed = run_task(perplexity, model, tok, "tiny", [spec], str(tmp_path), _ppl_settings(text_file, 1))
+    assert "block=128" in resumed["resolved"][spec]
+
+
 def test_results_json_is_replaced_atomically(tmp_path):
     writer = ResultsWriter(tmp_path, "t", "m", {}, ["full"], lambda records: {"n": len(records)})
     writer.add("full", "a", {"x": 1.0, "y": float("nan")})

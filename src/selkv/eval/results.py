@@ -2,12 +2,15 @@
 
 Output contract of a run folder ``DIR``::
 
-    DIR/results.json    {"task", "model", "data", "settings", "complete", "results": [{"cache", "metrics"}, ...]}
+    DIR/results.json    {"task", "model", "data", "settings", "resolved", "complete",
+                         "results": [{"cache", "metrics"}, ...]}
     DIR/examples.jsonl  one line per finished (cache, example): {"cache", "key", ...}; appended while running
 
 ``results.json`` is rewritten (tmp file + ``os.replace``) after every example, so it is never truncated
 and always reflects what has finished. A rerun with the same ``--out`` reads ``examples.jsonl``, skips
-what is done and continues; a torn last line (a run killed mid-write) is dropped.
+what is done and continues; a torn last line (a run killed mid-write) is dropped. ``resolved`` maps each
+cache's name to its spec with the model's defaults filled in: a rerun whose library resolves a name
+differently (its defaults changed) is refused rather than mixing the two caches' examples.
 """
 
 from __future__ import annotations
@@ -76,12 +79,16 @@ class ResultsWriter:
         aggregate: Callable[[list[dict]], dict],
         data: str = "",
         compare: Callable[[dict, dict], dict] | None = None,
+        resolved: dict[str, str] | None = None,
     ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.task, self.model, self.settings, self.specs, self.data = task, model, _clean(settings), list(specs), data
         self.aggregate, self.compare = aggregate, compare
         self.extra: dict = {}
+        # name -> the spec as resolved for the model (defaults filled in): a folder whose results were written
+        # under other defaults (a library update that changed what a default-spelled spec means) is refused
+        self.resolved = dict(resolved or {})
         self._check_previous()
         self.records: dict[str, dict[str, dict]] = {spec: {} for spec in self.specs}
         self.resumed = self._load_examples()
@@ -111,6 +118,14 @@ class ResultsWriter:
                 f"{self.out_dir} holds a run with a different {', '.join(diff)} "
                 f"({json.dumps(theirs[diff[0]])[:200]}); resume with the same options or use a fresh --out folder"
             )
+        before = previous.get("resolved") or {}  # absent in folders written before 2026-12-07: not checked
+        for name, now in self.resolved.items():
+            if name in before and before[name] != now:
+                raise SettingsMismatch(
+                    f"{self.out_dir}: cache {name!r} now resolves to {now!r}, but its results there were written as "
+                    f"{before[name]!r} (the library's defaults changed); use a fresh --out folder"
+                )
+        self.resolved = {**before, **self.resolved}
 
     def _load_examples(self) -> int:
         """Read finished examples; drop a torn last line. Returns how many records for our caches were found."""
@@ -172,6 +187,7 @@ class ResultsWriter:
             "model": self.model,
             "data": self.data,
             "settings": self.settings,
+            **({"resolved": self.resolved} if self.resolved else {}),
             "complete": complete,
             **_clean(self.extra),
             "results": _clean(results),

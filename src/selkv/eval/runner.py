@@ -56,7 +56,14 @@ def run_task(
     specs = spec_dict(specs)
     started = time.time()
     writer = ResultsWriter(
-        out_dir, module.TASK, model_name, settings, specs, module.aggregate, compare=getattr(module, "compare", None)
+        out_dir,
+        module.TASK,
+        model_name,
+        settings,
+        specs,
+        module.aggregate,
+        compare=getattr(module, "compare", None),
+        resolved={name: str(resolve_spec(spec, model.config)) for name, spec in specs.items()},
     )
     if writer.resumed:
         print(f"resuming {out_dir}: {writer.resumed} finished example(s) found")
