@@ -44,10 +44,23 @@ FUSED = {  # name: (nbits or (kbits, vbits), axis_key, q_group_size, block_lengt
     # rotated keys (rotate=hadamard-signs, the 4- and 3-bit spec defaults): the query is rotated once per
     # call in the launcher, which the times include
     "fused int4 spec rot": (4, "channel", 32, 64, "hadamard-signs"),
-    "fused int2 rot": (2, "channel", 64, 32, "hadamard-signs"),  # quant:bits=2,block=32,late_kbits=2,vrotate=none
+    "fused int2 rot": (
+        2,
+        "channel",
+        64,
+        32,
+        "hadamard-signs",
+    ),  # quant:bits=2,block=32,late_kbits=2,rotate=hadamard-signs,vrotate=none
     "fused int3 spec rot": (3, "channel", 64, 64, "hadamard-signs"),  # the int3 default before 2026-12-07
     # rotated keys and values: the merge rotates the middle's output back
-    "fused int2 spec vrot": (2, "channel", 64, 32, "hadamard-signs", "hadamard"),  # quant:bits=2,block=32,late_kbits=2
+    "fused int2 spec vrot": (
+        2,
+        "channel",
+        64,
+        32,
+        "hadamard-signs",
+        "hadamard",
+    ),  # quant:bits=2,block=32,late_kbits=2,rotate=hadamard-signs
     "fused int3 vrot": (3, "channel", 64, 64, "hadamard", "hadamard"),  # quant:bits=3,block=64,late_kbits=3
     "fused int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
     # 2-bit candidates at the int2 default's bytes (docs/eval_results.md): keys in blocks of 64 (one scale row
@@ -58,6 +71,13 @@ FUSED = {  # name: (nbits or (kbits, vbits), axis_key, q_group_size, block_lengt
     # the last 2/5 of the layers
     "fused int3 b128 vrot": (3, "channel", 64, 128, "hadamard", "hadamard"),
     "fused k4v3 b128 vrot": ((4, 3), "channel", 64, 128, "hadamard", "hadamard"),
+    # the same layout at other widths, to see what each side's width costs (docs/performance.md, 2026-12-07)
+    "fused int4 b128 vrot": (4, "channel", 64, 128, "hadamard", "hadamard"),
+    "fused k3v4 b128 vrot": ((3, 4), "channel", 64, 128, "hadamard", "hadamard"),
+    "fused k3v2 b128 vrot": ((3, 2), "channel", 64, 128, "hadamard", "hadamard"),
+    "fused k2v3 b128 vrot": ((2, 3), "channel", 64, 128, "hadamard", "hadamard"),
+    "fused int2 b128 vrot": (2, "channel", 64, 128, "hadamard", "hadamard"),
+    "fused int3 b128": (3, "channel", 64, 128),  # no rotations
 }
 ACCURACY_RMS = (1.0, 0.02)  # value RMS of the accuracy column
 
