@@ -49,13 +49,13 @@ QUANT = {  # name: (nbits, axis_key, q_group_size, block_length[, rotate[, vrota
     "int2": (2, "channel", 64, 32),
     "int4 spec": (4, "channel", 32, 64),
     # rotated keys (quant.rotation_matrix): the int4 spec default, int2 with its keys rotated only
-    # (quant:bits=2,block=32,late_kbits=2,vrotate=none), and the per-token layout; the kernel's time includes rotating
-    # the query
+    # (quant:bits=2,block=32,late_kbits=2,rotate=hadamard-signs,vrotate=none), and the per-token layout; the
+    # kernel's time includes rotating the query
     "int4 spec rot": (4, "channel", 32, 64, "hadamard-signs"),
     "int2 rot": (2, "channel", 64, 32, "hadamard-signs"),
     "int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
-    # rotated keys and values: the merge rotates the middle's output back (quant:bits=2,block=32,late_kbits=2;
-    # quant:bits=3,block=64,late_kbits=3)
+    # rotated keys and values: the merge rotates the middle's output back
+    # (quant:bits=2,block=32,late_kbits=2,rotate=hadamard-signs; quant:bits=3,block=64,late_kbits=3)
     "int2 spec vrot": (2, "channel", 64, 32, "hadamard-signs", "hadamard"),
     "int3 vrot": (3, "channel", 64, 64, "hadamard", "hadamard"),
 }

@@ -12,9 +12,10 @@ reads the cache the earlier chunks left behind), in float32 on the CPU. Baseline
 
 Candidates are written ``key=value`` lists (see ``Candidate`` and ``--help``)::
 
-    kbits=2,vbits=2                    int2 with rotated keys only, key blocks of 32 (=
-                                       quant:bits=2,block=32,late_kbits=2,vrotate=none); today's quant:bits=2 is
-                                       kbits=2,vbits=2,block=64,vrotate=hadamard,layer_bits=<later half>:3/2
+    kbits=2,vbits=2                    int2 with rotated keys only, key blocks of 32 (= quant:bits=2,block=32,
+                                       late_kbits=2,rotate=hadamard-signs,vrotate=none); today's quant:bits=2 is
+                                       kbits=2,vbits=2,block=128,rotate=hadamard,vrotate=hadamard,
+                                       layer_bits=<the last 3/4 of the layers>:3/2
     kbits=2,vbits=2,prerope=1          keys quantized before RoPE (un-rotated by their positions, re-rotated when read)
     kbits=2,vbits=2,outliers=0.01      1 % of each key block's elements kept in 16 bits (dense-and-sparse)
     kbits=3,vbits=3                    true 3-bit codes (8 codes in 3 bytes)

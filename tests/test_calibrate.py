@@ -249,7 +249,7 @@ BAD_INPUT = [
     (["--layers", "4"], "--layers 4: this model has 3 quantized layers; give 1 to 3"),
     (["--layers", "0"], "argument --layers: must be >= 1, got 0"),
     (["--layers", "1", "--min-ratio", "2"], "not allowed with argument"),
-    # bits=2's later-half layers hold 3-bit keys (late_kbits): an upgrade must not narrow them
+    # bits=2's later layers (the last 3/4) hold 3-bit keys (late_kbits): an upgrade must not narrow them
     (["--upgrade", "2/4"], "--upgrade 2/4 has narrower keys than the base's later layers (late_kbits=3)"),
 ]
 
@@ -257,7 +257,7 @@ BAD_INPUT = [
 def test_later_layers_already_at_the_upgrade_are_not_screened():
     config = tiny_llama_config(layers=3)
     plan = calibrate.make_plan(BASE, "3/2", config, layers=1, size_tokens=SIZE, size_chunk=16)
-    assert plan.layers == (0, 1)  # layer 2 holds 3-bit keys already (late_kbits)
+    assert plan.layers == (0,)  # the last 3/4 (layers 1 and 2 of 3) hold 3-bit keys already (late_kbits)
     assert calibrate.make_plan(BASE, "4/2", config, layers=1, size_tokens=SIZE, size_chunk=16).layers == (0, 1, 2)
     off = calibrate.make_plan(f"{BASE},late_kbits=2", "3/2", config, layers=1, size_tokens=SIZE, size_chunk=16)
     assert off.layers == (0, 1, 2)
@@ -290,7 +290,7 @@ def test_bad_input_is_one_line_before_the_model_loads(monkeypatch, capsys, text_
 def test_a_ratio_that_leaves_room_for_no_layer_is_refused(capsys, monkeypatch, model_folder, text_file, tmp_path):
     config = tiny_llama_config(layers=3)
     base = calibrate.held(BASE, config, SIZE, 16)["compression"]
-    # the cheapest one-layer upgrade: layer 2 (the later half, its keys 3-bit under bits=2's late_kbits rule)
+    # the cheapest one-layer upgrade: layer 1 or 2 (the last 3/4, their keys 3-bit under bits=2's late_kbits rule)
     one = max(calibrate.held(f"{BASE},layer_bits={i}:4/2", config, SIZE, 16)["compression"] for i in range(3))
     assert one == calibrate.held(f"{BASE},layer_bits=2:4/2", config, SIZE, 16)["compression"]
     monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the input was checked"))

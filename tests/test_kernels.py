@@ -160,7 +160,9 @@ ROTATED_VALUE_CASES = [
     (3, 3, "channel", "hadamard", "hadamard", torch.float16),
     (3, 3, "channel", "hadamard-signs", "hadamard", torch.float32),
     (2, 2, "channel", "hadamard-signs", "hadamard-signs", torch.float16),
-    (2, 2, "channel", "hadamard-signs", "hadamard", torch.float16),  # the int2 default: two matrices
+    (2, 2, "channel", "hadamard-signs", "hadamard", torch.float16),  # the int2 default of 2026-12-06: two matrices
+    (2, 2, "channel", "hadamard", "hadamard", torch.float16),  # the int2 default since 2026-12-07: one matrix ...
+    (3, 2, "channel", "hadamard", "hadamard", torch.float16),  # ... and its 3-bit-key layers
     (2, 2, "token", "none", "hadamard", torch.float16),
     (4, 2, "channel", "hadamard", "hadamard-signs", torch.float16),
 ]
@@ -583,8 +585,10 @@ def test_cuda_rotated_keys_and_split_bit_widths(nbits, value_nbits, axis_key, ro
 CUDA_ROTATED_VALUE_CASES = [  # (kbits, vbits, key axis, rotate, vrotate[, block_length]: 32 if not given)
     (3, 3, "channel", "hadamard", "hadamard"),
     (2, 2, "channel", "hadamard-signs", "hadamard"),  # the int2 default before 2026-12-06 (key blocks of 32)
-    (2, 2, "channel", "hadamard-signs", "hadamard", 64),  # the int2 default's layers: key blocks of 64 ...
+    (2, 2, "channel", "hadamard-signs", "hadamard", 64),  # the int2 default of 2026-12-06: key blocks of 64 ...
     (3, 2, "channel", "hadamard-signs", "hadamard", 64),  # ... and its later half, 3-bit keys
+    (2, 2, "channel", "hadamard", "hadamard", 128),  # the int2 default since 2026-12-07: key blocks of 128 ...
+    (3, 2, "channel", "hadamard", "hadamard", 128),  # ... and its last 3/4 of the layers, 3-bit keys
     (3, 3, "channel", "hadamard", "hadamard", 128),  # 3-bit keys in blocks of 128 ...
     (4, 3, "channel", "hadamard", "hadamard", 128),  # ... and 4-bit keys with 3-bit values (docs/eval_results.md)
     (4, 4, "channel", "hadamard-signs", "hadamard-signs"),

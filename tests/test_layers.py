@@ -604,6 +604,22 @@ def test_three_bit_default_bytes_on_the_embedded_model_shape():
 
 @pytest.mark.slow
 @needs_embedded_model
+def test_two_bit_default_bytes_on_the_embedded_model_shape():
+    """The bits=2 default on SmolLM2-135M's shape: 3-bit keys in layers 8-29 of 30 with key blocks of 128, 5.04x at
+    4,096 tokens, the bytes of the explicit layer_bits spec (docs/eval_results.md); the 2026-12-06 default 5.02x."""
+    from selkv.sizing import load_config
+
+    config = load_config("smollm2-135m")
+    default = cache_size("quant:bits=2,sink=4,window=124", config, tokens=4096, chunk=64)
+    explicit = "quant:bits=2,sink=4,window=124,block=128,late_kbits=2,rotate=hadamard,layer_bits=8-29:3/2"
+    assert default == cache_size(explicit, config, tokens=4096, chunk=64)
+    assert round(default["compression"], 2) == 5.04
+    former = "quant:bits=2,sink=4,window=124,block=64,late_kbits=2,rotate=hadamard-signs,layer_bits=15-29:3/2"
+    assert round(cache_size(former, config, tokens=4096, chunk=64)["compression"], 2) == 5.02
+
+
+@pytest.mark.slow
+@needs_embedded_model
 def test_layer_bits_bytes_on_the_embedded_model_shape():
     """The 3-bit class with 4-bit keys in five of SmolLM2-135M's 30 layers: 4.01x at 4,096 tokens, as the low-bit
     sweep counted it (docs/eval_results.md), against 4.09x with none."""

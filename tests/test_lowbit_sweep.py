@@ -71,8 +71,10 @@ def test_fake_int2_matches_library_int2(sweep, vrotate, fields):
     ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(1))
     spec = f"quant:bits=2,sink=2,window=16,block=8,group=32{vrotate}"
     library = _logits(model, make_cache(spec, model.config), ids)
-    # the int2 default's later half (layer 1 of 2) has 3-bit keys (late_kbits)
-    cand = sweep.Candidate.parse(f"kbits=2,vbits=2,sink=2,window=16,block=8,group=32,layer_bits=1:3/2{fields}")
+    # the int2 default's last 3/4 (layer 1 of 2) has 3-bit keys (late_kbits), all keys plain-Hadamard rotated
+    cand = sweep.Candidate.parse(
+        f"kbits=2,vbits=2,rotate=hadamard,sink=2,window=16,block=8,group=32,layer_bits=1:3/2{fields}"
+    )
     torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
 
 
@@ -182,17 +184,28 @@ def test_dense_and_sparse_keeps_exactly_the_chosen_outliers(sweep):
 @pytest.mark.parametrize(
     "spec,fields",
     [
-        # the 2-bit default: key blocks of 64, 3-bit keys in the later half (layer 2 of 3), the plain Hadamard
-        # matrix for the values beside the keys' signed one (its bytes)
-        ("quant:bits=2,sink=4,window=124", "kbits=2,vbits=2,block=64,vrotate=hadamard,layer_bits=2:3/2"),
-        ("quant:bits=2,sink=4,window=124,vrotate=none", "kbits=2,vbits=2,block=64,layer_bits=2:3/2"),
-        ("quant:bits=2,sink=4,window=124,block=32,late_kbits=2", "kbits=2,vbits=2,vrotate=hadamard"),
+        # the 2-bit default: key blocks of 128, 3-bit keys in the last 3/4 (layers 1-2 of 3), one plain Hadamard
+        # matrix for keys and values
+        (
+            "quant:bits=2,sink=4,window=124",
+            "kbits=2,vbits=2,block=128,rotate=hadamard,vrotate=hadamard,layer_bits=1-2:3/2",
+        ),
+        ("quant:bits=2,sink=4,window=124,vrotate=none", "kbits=2,vbits=2,block=128,rotate=hadamard,layer_bits=1-2:3/2"),
+        # the 2-bit default of 2026-12-06: the values' plain matrix beside the keys' signed one (its bytes)
+        (
+            "quant:bits=2,sink=4,window=124,block=64,late_kbits=2,rotate=hadamard-signs,layer_bits=2:3/2",
+            "kbits=2,vbits=2,block=64,vrotate=hadamard,layer_bits=2:3/2",
+        ),
+        (
+            "quant:bits=2,sink=4,window=124,block=32,late_kbits=2,rotate=hadamard-signs",
+            "kbits=2,vbits=2,vrotate=hadamard",
+        ),
         ("quant:bits=4,sink=4,window=124", "kbits=4,vbits=4,block=64,group=32"),
         ("quant:bits=8,sink=4,window=124", "kbits=8,vbits=8,key_axis=token,rotate=none"),
         ("quant:kbits=4,vbits=2,sink=4,window=124", "kbits=4,vbits=2,block=64,vrotate=hadamard"),
         (
             "quant:bits=2,sink=4,window=60,block=16",
-            "kbits=2,vbits=2,window=60,block=16,vrotate=hadamard,layer_bits=2:3/2",
+            "kbits=2,vbits=2,window=60,block=16,rotate=hadamard,vrotate=hadamard,layer_bits=1-2:3/2",
         ),
         # the 3-bit default: key blocks of 128, 4-bit keys in the last 2/5 (layer 2 of 3), one plain Hadamard matrix
         # for keys and values

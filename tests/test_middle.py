@@ -216,13 +216,15 @@ def test_kv_bytes_count_a_value_rotation_only_where_the_keys_do_not_share_it():
 
 
 def test_two_bit_default_counts_its_value_rotation():
-    """int2's default rotates values with the plain Hadamard matrix while its keys use the signed one: a second
-    matrix, counted once per cache; ``vrotate=none`` holds the keys' alone."""
+    """int2's default rotates keys and values by one plain Hadamard matrix, held once per cache (``vrotate=none``
+    holds the same); with the signed keys of its 2026-12-06 default the values' matrix is a second one."""
     from selkv.sizing import cache_size
 
     config = tiny_llama_config(head_dim=64, layers=3)
     base = "quant:bits=2,sink=4,window=16,block=8"
-    default, rotated, off = (
-        cache_size(s, config, 300)["allocated"] for s in (base, f"{base},vrotate=hadamard", f"{base},vrotate=none")
+    default, rotated, off, signed = (
+        cache_size(s, config, 300)["allocated"]
+        for s in (base, f"{base},vrotate=hadamard", f"{base},vrotate=none", f"{base},rotate=hadamard-signs")
     )
-    assert default == rotated == off + 64 * 64 * (4 + 2)
+    assert default == rotated == off
+    assert signed == default + 64 * 64 * (4 + 2)

@@ -157,8 +157,8 @@ def test_two_bit_values_are_rotated_by_default_and_vrotate_none_turns_it_off():
     assert spec.vrotate == "" and "vrotate" not in str(spec) and not spec.is_resolved  # resolved by check_model
     assert selkv.parse_spec(str(spec)) == spec
     resolved = spec.check_model(64)
-    assert (resolved.rotate, resolved.vrotate) == ("hadamard-signs", "hadamard") and resolved.is_resolved
-    assert str(resolved).endswith(",block=64,late_kbits=3,rotate=hadamard-signs,vrotate=hadamard")
+    assert (resolved.rotate, resolved.vrotate) == ("hadamard", "hadamard") and resolved.is_resolved
+    assert str(resolved).endswith(",block=128,late_kbits=3,rotate=hadamard,vrotate=hadamard")
     assert "late_kbits" not in str(spec) and spec.late_kbits == 0  # a default, resolved by check_model
     assert selkv.parse_spec(str(resolved)) == resolved
     assert spec.make_layer().layout.vrotate == "hadamard" == resolved.make_layer().layout.vrotate
@@ -182,12 +182,12 @@ def test_two_bit_values_are_rotated_by_default_and_vrotate_none_turns_it_off():
     assert mixed.for_layer(1).layout.vrotate == "hadamard" == mixed.check_model(64).for_layer(1).vrotate
 
 
-@pytest.mark.parametrize("layers,late", [(2, [1]), (5, [3, 4]), (6, [3, 4, 5])])
-def test_two_bit_keys_are_three_bit_in_the_later_half_of_the_layers(layers, late):
+@pytest.mark.parametrize("layers,late", [(2, [1]), (5, [2, 3, 4]), (6, [2, 3, 4, 5]), (30, list(range(8, 30)))])
+def test_two_bit_keys_are_three_bit_in_the_last_three_quarters_of_the_layers(layers, late):
     config = tiny_llama_config(layers=layers)
     spec = selkv.parse_spec("quant:bits=2,sink=4,window=124")
-    assert (spec.block, spec.late_kbits) == (64, 0) and spec.check_model(32).late_kbits == 3
-    assert ",block=64,late_kbits=3," in str(spec.check_model(32))
+    assert (spec.block, spec.late_kbits) == (128, 0) and spec.check_model(32).late_kbits == 3
+    assert ",block=128,late_kbits=3," in str(spec.check_model(32))
     for form in (spec, spec.check_model(32)):
         assert selkv.parse_spec(str(form)) == form
     assert spec.resolve(config).late_layers == tuple(late)
@@ -197,7 +197,7 @@ def test_two_bit_keys_are_three_bit_in_the_later_half_of_the_layers(layers, late
     assert {
         (layer.layout.block_length, layer.layout.rotate, layer.layout.vrotate)
         for layer in selkv.make_cache(spec, config).layers
-    } == {(64, "hadamard-signs", "hadamard")}
+    } == {(128, "hadamard", "hadamard")}
     # late_kbits=2 turns the rule off; a layer that layer_bits lists keeps its entry
     off = selkv.parse_spec("quant:bits=2,late_kbits=2")
     assert ",late_kbits=2" in str(off) and selkv.parse_spec(str(off)) == off and off.family != spec.family

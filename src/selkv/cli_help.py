@@ -9,7 +9,7 @@ SPEC_HELP = (
     "[,late_kbits=K][,layer_bits=LAYERS:K/V+...] | hf-quanto:bits=2|4,residual=R | hf-hqq:bits=B,residual=R. "
     "layer_bits gives some layers other key/value widths (LAYERS i or i-j, 0-based; e.g. layer_bits=1:4/3+5-7:4/3), "
     "every other setting the spec's; late_kbits=K gives the later layers K-bit keys (default: 3 at bits=2 for the "
-    "later half, 4 at bits=3 for the last 2/5, none elsewhere; late_kbits=KBITS turns it off; the later half at "
+    "last 3/4, 4 at bits=3 for the last 2/5, none elsewhere; late_kbits=KBITS turns it off; the later half at "
     "other widths)"
 )
 

@@ -35,13 +35,13 @@ spec is resolved for it (``resolve``): each must exist and be a full-attention l
 stay 16-bit). The canonical string lists the layers in order, consecutive layers of the same widths as one
 range.
 
-``late_kbits=K`` stores the keys of the later full-attention layers at ``K`` bits (the last ``n // 2`` of ``n``;
-the last ``2n // 5`` at ``kbits=3``, :data:`LATE_SHARE`), every other setting the spec's, as ``layer_bits`` entries
-``K/VBITS`` for those layers would (a layer that ``layer_bits`` lists keeps its entry). Left out, it is
-:data:`DEFAULT_LATE_KBITS` for ``kbits`` where the head_dim packs those codes: 3 at 2 bits (a head_dim that is a
-multiple of 8), 4 at 3 bits, and ``kbits`` (no rule) elsewhere, resolved by ``check_model`` as the rotations are;
-``late_kbits=2`` (``late_kbits=3``) turns the 2-bit (3-bit) rule off. The layers are chosen when the spec is
-resolved for a model (``resolve``).
+``late_kbits=K`` stores the keys of the later full-attention layers at ``K`` bits (the last ``3n // 4`` of ``n`` at
+``kbits=2``, the last ``2n // 5`` at ``kbits=3``, the last ``n // 2`` elsewhere: :data:`LATE_SHARE`), every other
+setting the spec's, as ``layer_bits`` entries ``K/VBITS`` for those layers would (a layer that ``layer_bits`` lists
+keeps its entry). Left out, it is :data:`DEFAULT_LATE_KBITS` for ``kbits`` where the head_dim packs those codes: 3 at
+2 bits (a head_dim that is a multiple of 8), 4 at 3 bits, and ``kbits`` (no rule) elsewhere, resolved by
+``check_model`` as the rotations are; ``late_kbits=2`` (``late_kbits=3``) turns the 2-bit (3-bit) rule off. The layers
+are chosen when the spec is resolved for a model (``resolve``).
 """
 
 from __future__ import annotations
@@ -76,31 +76,34 @@ DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 3: "channel", 2: "channel"}
 # - int3: value groups of 64; key blocks of 128 (since 2026-12-07; 64 before, 4.09x) pay for 4-bit keys in the
 #   last 2/5 of the layers (DEFAULT_LATE_KBITS, LATE_SHARE) at 4.02x.
 # gets the largest group that divides both: gcd(head_dim, default), 32 and 16 there.
-# - int2 (since 2026-12-06): key blocks of 64, with 3-bit keys in the later half of the layers (DEFAULT_LATE_KBITS)
-#   at the bytes blocks of 32 held (5.02x): +6.68% / +3.47% / +3.51% (WikiText-2 2,048, PG-19 4,096, PG-19
-#   Dragon's Blood 4,096) against +10.18% / +4.22% / +6.22%, needles 1.00, and a faster kernel (one key scale row
-#   per 64-token tile).
+# - int2 (since 2026-12-07): key blocks of 128, with 3-bit keys in the last 3/4 of the layers (DEFAULT_LATE_KBITS,
+#   LATE_SHARE) at 5.04x: +6.17% / +3.22% / +2.95% / +2.88% (WikiText-2 2,048, PG-19 4,096, PG-19 Dragon's Blood
+#   4,096, a GovReport report 4,096) against +6.68% / +3.47% / +3.51% / +2.80% for key blocks of 64 with 3-bit keys
+#   in the later half (2026-12-06 to 07, 5.02x; blocks of 32 and no 3-bit keys before: +10.18% / +4.22% / +6.22%),
+#   and a faster kernel (H100, 8 x 32k: 2-bit layers 1.97x bf16 SDPA against 1.60x with blocks of 64).
 DEFAULT_GROUP = {8: 64, 4: 32, 3: 64, 2: 64}
-DEFAULT_BLOCK = {8: 32, 4: 64, 3: 128, 2: 64}
+DEFAULT_BLOCK = {8: 32, 4: 64, 3: 128, 2: 128}
 # Key width of the later full-attention layers per key bit width (``late_kbits``), from the sweeps in
 # docs/eval_results.md (SmolLM2-135M, float32, chunk 64):
 # - 2 bits (2026-12-06): with key blocks of 64, 3-bit keys in layers 15-29 of 30 give WikiText-2 +6.68%, in
-#   layers 0-14 +16.00%, in the even layers +9.85%, none +17.06% (5.43x).
+#   layers 0-14 +16.00%, in the even layers +9.85%, none +17.06% (5.43x). With key blocks of 128 (2026-12-07) 5x
+#   affords them in layers 8-29: +6.17% (22 layers chosen on a calibration text instead: +6.50%).
 # - 3 bits (2026-12-07): with key blocks of 128, 4-bit keys in layers 18-29 of 30 give +0.72% / +0.57% / +0.65%
 #   (WikiText-2 2,048, PG-19 4,096, Dragon's Blood 4,096) and +0.47% on a GovReport report no choice looked at,
 #   against +2.31% / +0.91% / +0.72% / +0.54% for the former default, at 4.02x against 4.09x.
 # One model's reading: later layers want wider keys. `late_kbits=KBITS` turns a rule off.
 DEFAULT_LATE_KBITS = {2: 3, 3: 4}
 # The share of the full-attention layers (the last ones) that ``late_kbits`` widens, per key bit width: as many as
-# the width's held target affords (5x at 2 bits: the later half; 4x at 3 bits: 2/5, 4.02x; the later half would hold
-# 3.97x), a half where no default rule is.
-LATE_SHARE = {2: Fraction(1, 2), 3: Fraction(2, 5)}
+# the width's held target affords with its default key blocks of 128 (5x at 2 bits: 3/4, 5.04x, the last 23 of 30
+# would hold 4.94x; 4x at 3 bits: 2/5, 4.02x; the later half would hold 3.97x), a half where no default rule is.
+LATE_SHARE = {2: Fraction(3, 4), 3: Fraction(2, 5)}
 # Key rotation per key bit width, from the float32 perplexity sweep in docs/eval_results.md (2026-12-02,
 # SmolLM2-135M, chunk 64): sign-flipped Hadamard keys take int2 from +9.3% / +11.3% / +26.2% to
 # +4.2% / +5.2% / +12.5% (PG-19 2,048 / 4,096, WikiText-2) and int4 from +0.28% / +0.33% / +0.41% to
-# +0.28% / +0.31% / +0.09%, at the same bytes; int8 is within 0.05% without it. int3 (since 2026-12-07) takes the
-# plain matrix, which its values share (below): the 3-bit sweep's best pair (docs/eval_results.md, 2026-12-05).
-DEFAULT_ROTATE = {8: "none", 4: "hadamard-signs", 3: "hadamard", 2: "hadamard-signs"}
+# +0.28% / +0.31% / +0.09%, at the same bytes; int8 is within 0.05% without it. int3 and int2 (since 2026-12-07)
+# take the plain matrix, which their values share (below): the 3-bit sweep's best pair (docs/eval_results.md,
+# 2026-12-05), and at 2 bits with key blocks of 128 WikiText-2 +6.17% against +6.69% with the signed matrix.
+DEFAULT_ROTATE = {8: "none", 4: "hadamard-signs", 3: "hadamard", 2: "hadamard"}
 # Value rotation per value bit width, from the float32 perplexity sweep and the library runs in
 # docs/eval_results.md (2026-12-06, SmolLM2-135M, chunk 64): Hadamard-rotated 2-bit values take int2 from
 # +12.47% / +5.22% / +7.25% to +10.18% / +4.22% / +6.22% (WikiText-2 2,048, PG-19 4,096, PG-19 Dragon's Blood
