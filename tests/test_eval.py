@@ -153,12 +153,41 @@ def test_resume_refuses_a_spec_whose_defaults_changed(tiny, text_file, tmp_path,
     monkeypatch.setitem(quant_spec.DEFAULT_BLOCK, 4, 2 * quant_spec.DEFAULT_BLOCK[4])
     with pytest.raises(SettingsMismatch, match=r"cache 'quant:bits=4,sink=4,window=16' now resolves to .*block=128"):
         run_task(perplexity, model, tok, "tiny", [spec], str(tmp_path), _ppl_settings(text_file, 1))
-    # a folder written before the names' resolutions were recorded resumes unchecked
+    # a folder written before the names' resolutions were recorded resumes unchecked, and is not vouched for
     payload = json.loads((tmp_path / "results.json").read_text())
     del payload["resolved"]
     (tmp_path / "results.json").write_text(json.dumps(payload))
     resumed = run_task(perplexity, model, tok, "tiny", [spec], str(tmp_path), _ppl_settings(text_file, 1))
-    assert "block=128" in resumed["resolved"][spec]
+    assert spec not in resumed.get("resolved", {})
+
+
+def test_resume_refuses_a_change_of_the_layers_a_rule_widens(tiny, text_file, tmp_path, monkeypatch):
+    """The canonical string leaves the later-layer rule's layers to the rule: a new share is a new cache too."""
+    from fractions import Fraction
+
+    from selkv.specs import quant as quant_spec
+
+    model, tok = tiny
+    spec = "quant:bits=2,sink=4,window=16,block=8"
+    first = run_task(perplexity, model, tok, "tiny", [spec], str(tmp_path), _ppl_settings(text_file, 1))
+    assert first["resolved"][spec].endswith(" late_layers=1")
+    monkeypatch.setitem(quant_spec.LATE_SHARE, 2, Fraction(0))
+    with pytest.raises(SettingsMismatch, match="now resolves to"):
+        run_task(perplexity, model, tok, "tiny", [spec], str(tmp_path), _ppl_settings(text_file, 1))
+
+
+def test_resume_checks_only_names_with_finished_examples(tmp_path):
+    def writer(resolved):
+        return ResultsWriter(tmp_path, "t", "m", {}, ["a", "b"], lambda r: {}, resolved=resolved)
+
+    writer({"a": "old a", "b": "old b"}).add("a", "0", {"x": 1.0})
+    assert writer({"a": "old a", "b": "new b"}).resolved == {"a": "old a", "b": "new b"}  # b never finished one
+    with pytest.raises(SettingsMismatch, match="cache 'a' now resolves to 'new a'"):
+        writer({"a": "new a", "b": "new b"})
+    payload = json.loads((tmp_path / "results.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps({**payload, "resolved": ["not", "an", "object"]}))
+    with pytest.raises(SettingsMismatch, match="'resolved' is not an object"):
+        writer({"a": "old a"})
 
 
 def test_results_json_is_replaced_atomically(tmp_path):

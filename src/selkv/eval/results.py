@@ -89,9 +89,11 @@ class ResultsWriter:
         # name -> the spec as resolved for the model (defaults filled in): a folder whose results were written
         # under other defaults (a library update that changed what a default-spelled spec means) is refused
         self.resolved = dict(resolved or {})
-        self._check_previous()
+        previous = self._check_previous()
         self.records: dict[str, dict[str, dict]] = {spec: {} for spec in self.specs}
         self.resumed = self._load_examples()
+        if previous is not None:
+            self._check_resolved(previous)
 
     @property
     def results_path(self) -> Path:
@@ -101,11 +103,12 @@ class ResultsWriter:
     def examples_path(self) -> Path:
         return self.out_dir / EXAMPLES
 
-    def _check_previous(self) -> None:
+    def _check_previous(self) -> dict | None:
+        """The folder's previous ``results.json`` (None: a fresh folder), refused if it holds another run."""
         if not self.results_path.exists():
             if self.examples_path.exists():  # examples without a header: not ours to mix with
                 raise SettingsMismatch(f"{self.examples_path} exists without {RESULTS}; use a fresh --out folder")
-            return
+            return None
         try:
             previous = json.loads(self.results_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
@@ -118,14 +121,26 @@ class ResultsWriter:
                 f"{self.out_dir} holds a run with a different {', '.join(diff)} "
                 f"({json.dumps(theirs[diff[0]])[:200]}); resume with the same options or use a fresh --out folder"
             )
-        before = previous.get("resolved") or {}  # absent in folders written before 2026-12-07: not checked
-        for name, now in self.resolved.items():
-            if name in before and before[name] != now:
+        return previous
+
+    def _check_resolved(self, previous: dict) -> None:
+        """Refuse a name whose finished examples were written when it resolved to another cache; keep the record of
+        what each name meant. Names with examples from a folder that recorded no resolution (written before
+        2026-12-07) cannot be checked: they stay unrecorded rather than be vouched for."""
+        if "resolved" in previous and not isinstance(previous["resolved"], dict):
+            raise SettingsMismatch(f"{self.results_path}: 'resolved' is not an object; use a fresh --out folder")
+        before = previous.get("resolved")
+        for name, now in list(self.resolved.items()):
+            if not self.records.get(name):
+                continue  # nothing finished under this name: nothing to mix
+            if before is None:
+                del self.resolved[name]
+            elif name in before and before[name] != now:
                 raise SettingsMismatch(
                     f"{self.out_dir}: cache {name!r} now resolves to {now!r}, but its results there were written as "
                     f"{before[name]!r} (the library's defaults changed); use a fresh --out folder"
                 )
-        self.resolved = {**before, **self.resolved}
+        self.resolved = {**(before or {}), **self.resolved}
 
     def _load_examples(self) -> int:
         """Read finished examples; drop a torn last line. Returns how many records for our caches were found."""

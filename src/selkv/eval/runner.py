@@ -63,7 +63,7 @@ def run_task(
         specs,
         module.aggregate,
         compare=getattr(module, "compare", None),
-        resolved={name: str(resolve_spec(spec, model.config)) for name, spec in specs.items()},
+        resolved={name: resolution(spec, model.config) for name, spec in specs.items()},
     )
     if writer.resumed:
         print(f"resuming {out_dir}: {writer.resumed} finished example(s) found")
@@ -73,6 +73,14 @@ def run_task(
     writer.extra["default_groups"] = default_groups(specs, model.config)
     writer.extra["seconds_this_run"] = round(time.time() - started, 1)
     return writer.flush(complete=True)
+
+
+def resolution(spec: CacheSpec, config) -> str:
+    """What a spec means on this model, as a run folder records it: the spec with the model's defaults filled in, and
+    the layers a later-layer rule (``late_kbits``) widens, which the canonical string leaves to the rule."""
+    resolved = resolve_spec(spec, config)
+    late = getattr(resolved, "late_layers", ())
+    return f"{resolved} late_layers={','.join(map(str, late))}" if late else str(resolved)
 
 
 def spec_dict(specs: NamedSpecs) -> dict[str, CacheSpec]:
