@@ -41,30 +41,19 @@ FUSED = {  # name: (nbits or (kbits, vbits), axis_key, q_group_size, block_lengt
     "fused int4 tok": (4, "token", 64, BLOCK),
     "fused int2": (2, "channel", 64, BLOCK),
     "fused int4 spec": (4, "channel", 32, 64),  # the int4 spec's defaults: groups of 32, key blocks of 64
-    # rotated keys (rotate=hadamard-signs, the 4- and 3-bit spec defaults): the query is rotated once per
-    # call in the launcher, which the times include
+    # rotated keys (rotate=hadamard-signs, the 4-bit spec default): the query is rotated once per call in the
+    # launcher, which the times include
     "fused int4 spec rot": (4, "channel", 32, 64, "hadamard-signs"),
-    "fused int2 rot": (
-        2,
-        "channel",
-        64,
-        32,
-        "hadamard-signs",
-    ),  # quant:bits=2,block=32,late_kbits=2,rotate=hadamard-signs,vrotate=none
+    # quant:bits=2,block=32,late_kbits=2,rotate=hadamard-signs,vrotate=none
+    "fused int2 rot": (2, "channel", 64, 32, "hadamard-signs"),
     "fused int3 spec rot": (3, "channel", 64, 64, "hadamard-signs"),  # the int3 default before 2026-12-07
     # rotated keys and values: the merge rotates the middle's output back
-    "fused int2 spec vrot": (
-        2,
-        "channel",
-        64,
-        32,
-        "hadamard-signs",
-        "hadamard",
-    ),  # quant:bits=2,block=32,late_kbits=2,rotate=hadamard-signs
+    # quant:bits=2,block=32,late_kbits=2,rotate=hadamard-signs
+    "fused int2 spec vrot": (2, "channel", 64, 32, "hadamard-signs", "hadamard"),
     "fused int3 vrot": (3, "channel", 64, 64, "hadamard", "hadamard"),  # quant:bits=3,block=64,late_kbits=3
     "fused int4 tok rot": (4, "token", 64, 32, "hadamard-signs"),
-    # 2-bit candidates at the int2 default's bytes (docs/eval_results.md): keys in blocks of 64 (one scale row
-    # per tile), half of the layers with 3-bit keys
+    # the int2 default's layers on 2026-12-06 (docs/eval_results.md): keys in blocks of 64 (one scale row per
+    # tile), half of the layers with 3-bit keys
     "fused int2 b64 vrot": (2, "channel", 64, 64, "hadamard-signs", "hadamard"),
     "fused k3v2 b64 vrot": ((3, 2), "channel", 64, 64, "hadamard-signs", "hadamard"),
     # the int3 default's layers (since 2026-12-07): key blocks of 128, plain-Hadamard keys and values, 4-bit keys in

@@ -70,17 +70,17 @@ DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 3: "channel", 2: "channel"}
 # targets at 4,096 tokens (int4 >= 3.1x, int2 >= 5.0x smaller than a 16-bit full cache):
 # - int4: value groups of 32 with key blocks of 64 cost the same bytes as groups of 64 with blocks of 32
 #   (3.14x) but +0.00% / +0.41% instead of +0.40% / +0.67%.
-# - int2: key blocks of 32 (+9.1% / +26.2%, 5.06x). Blocks of 16 are more accurate (+5.5% / +16.2%) but
-#   4.4x; block=64 with group=32 is worse (+16.5% / +38.0%). `block=16` remains a spec away.
-# A head_dim the per-bit default does not divide (96: Phi-3-mini; 80: Phi-2, StableLM-3B, Pythia-2.8B)
+# - int2 (2026-11-29 to 2026-12-06, before rotations): key blocks of 32 (+9.1% / +26.2%, 5.06x). Blocks of 16
+#   were more accurate (+5.5% / +16.2%) but 4.4x; block=64 with group=32 worse (+16.5% / +38.0%).
 # - int3: value groups of 64; key blocks of 128 (since 2026-12-07; 64 before, 4.09x) pay for 4-bit keys in the
 #   last 2/5 of the layers (DEFAULT_LATE_KBITS, LATE_SHARE) at 4.02x.
-# gets the largest group that divides both: gcd(head_dim, default), 32 and 16 there.
 # - int2 (since 2026-12-07): key blocks of 128, with 3-bit keys in the last 3/4 of the layers (DEFAULT_LATE_KBITS,
 #   LATE_SHARE) at 5.04x: +6.17% / +3.22% / +2.95% / +2.88% (WikiText-2 2,048, PG-19 4,096, PG-19 Dragon's Blood
 #   4,096, a GovReport report 4,096) against +6.68% / +3.47% / +3.51% / +2.80% for key blocks of 64 with 3-bit keys
 #   in the later half (2026-12-06 to 07, 5.02x; blocks of 32 and no 3-bit keys before: +10.18% / +4.22% / +6.22%),
 #   and a faster kernel (H100, 8 x 32k: 2-bit layers 1.97x bf16 SDPA against 1.60x with blocks of 64).
+# A head_dim the per-bit default does not divide (96: Phi-3-mini; 80: Phi-2, StableLM-3B, Pythia-2.8B) gets the
+# largest group that divides both: gcd(head_dim, default), 32 and 16 there.
 DEFAULT_GROUP = {8: 64, 4: 32, 3: 64, 2: 64}
 DEFAULT_BLOCK = {8: 32, 4: 64, 3: 128, 2: 128}
 # Key width of the later full-attention layers per key bit width (``late_kbits``), from the sweeps in
@@ -93,9 +93,11 @@ DEFAULT_BLOCK = {8: 32, 4: 64, 3: 128, 2: 128}
 #   against +2.31% / +0.91% / +0.72% / +0.54% for the former default, at 4.02x against 4.09x.
 # One model's reading: later layers want wider keys. `late_kbits=KBITS` turns a rule off.
 DEFAULT_LATE_KBITS = {2: 3, 3: 4}
-# The share of the full-attention layers (the last ones) that ``late_kbits`` widens, per key bit width: as many as
-# the width's held target affords with its default key blocks of 128 (5x at 2 bits: 3/4, 5.04x, the last 23 of 30
-# would hold 4.94x; 4x at 3 bits: 2/5, 4.02x; the later half would hold 3.97x), a half where no default rule is.
+# The share of the full-attention layers (the last ones) that ``late_kbits`` widens, per key bit width, within the
+# width's held target at its default key blocks of 128 (5x at 2 bits: 3/4, 22 of 30 layers at 5.04x; 23 would hold
+# 5.01x and were not measured, 24 4.99x; 4x at 3 bits: 2/5, 4.02x; the later half would hold 3.97x), a half where no
+# default rule is. A spec that sets a smaller ``block`` keeps the share and holds less (``late_kbits=KBITS`` or
+# ``layer_bits`` set the layers by hand).
 LATE_SHARE = {2: Fraction(3, 4), 3: Fraction(2, 5)}
 # Key rotation per key bit width, from the float32 perplexity sweep in docs/eval_results.md (2026-12-02,
 # SmolLM2-135M, chunk 64): sign-flipped Hadamard keys take int2 from +9.3% / +11.3% / +26.2% to
