@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +22,7 @@ from selkv.eval import calibrate, perplexity
 from selkv.eval.results import SettingsMismatch
 from selkv.sizing import cache_size
 from selkv.specs import parse_spec
+from selkv.specs import quant as quant_spec
 
 BASE = "quant:bits=2,sink=4,window=16,block=8"
 SIZE = 256  # --size-tokens
@@ -173,6 +175,10 @@ def test_an_interrupted_screen_resumes_and_a_new_budget_reuses_it(monkeypatch, t
     with pytest.raises(SettingsMismatch, match="different settings"):
         calibrate.calibrate(model, ByteTokenizer(), BASE, "4/3", tmp_path / "run", data=text_file, max_tokens=96,
                             chunk=16, layers=2, size_tokens=SIZE, model_name="tiny")  # fmt: skip
+    # the same base text under other defaults (here: which layers the 2-bit rule widens) is another calibration
+    monkeypatch.setitem(quant_spec.LATE_SHARE, 2, Fraction(1, 2))
+    with pytest.raises(SettingsMismatch, match="different settings"):
+        run(model, text_file, tmp_path / "run", layers=2)
 
 
 def test_end_to_end_on_the_tiny_model(text_file, tmp_path, capsys):
@@ -180,7 +186,9 @@ def test_end_to_end_on_the_tiny_model(text_file, tmp_path, capsys):
     result = run(model, text_file, tmp_path, layers=2)
     saved = json.loads((tmp_path / "calibrate.json").read_text())
     assert saved == result and saved["complete"]
-    assert set(saved["settings"]) == {"data", "max_tokens", "chunk", "cache", "upgrade", "dtype", "device"}
+    assert set(saved["settings"]) == {"data", "max_tokens", "chunk", "cache", "resolved", "upgrade", "dtype", "device"}
+    resolved = saved["settings"]["resolved"]  # the base with this model's defaults, and the layers its rule widens
+    assert ",block=8,late_kbits=3," in resolved and resolved.endswith(" late_layers=1,2")
     assert {"ranking", "chosen", "spec", "mix", "full", "base", "budget", "environment"} <= set(saved)
     assert (tmp_path / "calibrate.png").stat().st_size > 0
     ids = ByteTokenizer().encode(TEXT)[:96]

@@ -34,7 +34,7 @@ from ..specs import QuantSpec, parse_spec
 from ..specs.quant import layer_bits_text
 from . import perplexity, report
 from .results import SettingsMismatch, _clean, write_json_atomic
-from .runner import environment, progress
+from .runner import environment, progress, resolution
 
 TASK = "calibrate"
 RESULTS = "calibrate.json"
@@ -362,6 +362,8 @@ def calibrate(
         "max_tokens": max_tokens,
         "chunk": chunk,
         "cache": plan.base_text,
+        # what the base means on this model: a folder screened under other defaults is another calibration
+        "resolved": resolution(plan.base_text, model.config),
         "upgrade": plan.upgrade_text,
         "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
         "device": str(device),
