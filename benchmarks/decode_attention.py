@@ -67,6 +67,12 @@ FUSED = {  # name: (nbits or (kbits, vbits), axis_key, q_group_size, block_lengt
     "fused k2v3 b128 vrot": ((2, 3), "channel", 64, 128, "hadamard", "hadamard"),
     "fused int2 b128 vrot": (2, "channel", 64, 128, "hadamard", "hadamard"),
     "fused int3 b128": (3, "channel", 64, 128),  # no rotations
+    # symmetric value groups with no zero stored (vsym): the int2 default's layers since 2026-12-07 (3-bit keys,
+    # 2-bit values), and the same at other widths
+    "fused k3v2 b128 vrot vsym": ((3, 2), "channel", 64, 128, "hadamard", "hadamard", "vsym"),
+    "fused int2 b128 vrot vsym": (2, "channel", 64, 128, "hadamard", "hadamard", "vsym"),
+    "fused k4v3 b128 vrot vsym": ((4, 3), "channel", 64, 128, "hadamard", "hadamard", "vsym"),
+    "fused int3 b128 vrot vsym": (3, "channel", 64, 128, "hadamard", "hadamard", "vsym"),
 }
 ACCURACY_RMS = (1.0, 0.02)  # value RMS of the accuracy column
 
@@ -83,9 +89,10 @@ def random_storage(
     dtype=torch.bfloat16,
     device_lengths: bool = False,
     vrotate: str = "none",
+    vsym: bool = False,
 ) -> DecodeStorage:
     """A cache of ``context`` tokens filled with random codes and scales (``rotate`` / ``vrotate``: the middle's
-    keys / values are read as rotated by that matrix, as a layer stores them).
+    keys / values are read as rotated by that matrix, as a layer stores them; ``vsym``: value groups store no zero).
 
     ``device_lengths``: the lengths on the device, as a static cache holds them (the kernel reads
     them; its grid comes from the capacities, here equal to the filled lengths).
@@ -94,7 +101,7 @@ def random_storage(
     num_recent = context - SINK - num_stored
     B, H, D = batch, NUM_KV_HEADS, HEAD_DIM
     key_nbits, value_nbits = (nbits, nbits) if isinstance(nbits, int) else nbits
-    layout = MiddleLayout(key_nbits, value_nbits, group, axis_key, block, rotate, vrotate=vrotate)
+    layout = MiddleLayout(key_nbits, value_nbits, group, axis_key, block, rotate, vrotate=vrotate, vsym=vsym)
     lengths = None
     if device_lengths:
         lengths = torch.tensor([SINK, num_stored, num_recent, 0], dtype=torch.int32, device=device)
@@ -117,9 +124,13 @@ def random_storage(
     )
 
 
-def rotations(rotate: list[str]) -> dict[str, str]:
-    """``rotate`` and ``vrotate`` keywords from what follows a FUSED row's block length."""
-    return dict(rotate=rotate[0] if rotate else "none", vrotate=rotate[1] if len(rotate) > 1 else "none")
+def rotations(rotate: list[str]) -> dict[str, str | bool]:
+    """``rotate``, ``vrotate`` and ``vsym`` keywords from what follows a FUSED row's block length."""
+    return dict(
+        rotate=rotate[0] if rotate else "none",
+        vrotate=rotate[1] if len(rotate) > 1 else "none",
+        vsym="vsym" in rotate[2:],
+    )
 
 
 def parse_method(name: str, config=None, baseline=None):
@@ -253,6 +264,7 @@ def run(shapes, methods, config=None, check=True, baseline=None) -> list[dict]:
                 axis_key,
                 block,
                 value_nbits=args.layout.value_nbits,
+                value_sym=args.layout.vsym,
             )
             if name.startswith("dequant"):
                 fn = functools.partial(dequantize_sdpa, query, args, scaling)

@@ -112,10 +112,12 @@ def make_cache(
     device: str,
     rotate: str = "none",
     vrotate: str = "none",
+    vsym: bool = False,
     **_,
 ) -> DecodeStorage:
     """Random keys (3 outlier channels) and values (RMS ``value_rms``), quantized as a layer stores them
-    (middle keys / values rotated first when ``rotate`` / ``vrotate`` is not "none")."""
+    (middle keys / values rotated first when ``rotate`` / ``vrotate`` is not "none"; ``vsym``: value groups
+    store no zero)."""
     num_stored = (context - SINK - WINDOW) // block_length * block_length
     num_recent = context - SINK - num_stored
     B, H, D = batch_size, num_kv_heads, head_dim
@@ -135,7 +137,9 @@ def make_cache(
     keys, values = states(num_stored)  # the middle as it was before quantization
     rotation, value_rotation = quant.rotation_matrix(rotate, D, device), quant.rotation_matrix(vrotate, D, device)
     key_nbits, value_nbits = (nbits, nbits) if isinstance(nbits, int) else nbits  # (kbits, vbits): a mixed layout
-    layout = MiddleLayout(key_nbits, value_nbits, q_group_size, axis_key, block_length, rotate, vrotate=vrotate)
+    layout = MiddleLayout(
+        key_nbits, value_nbits, q_group_size, axis_key, block_length, rotate, vrotate=vrotate, vsym=vsym
+    )
     storage = DecodeStorage(
         sink_keys=sink_keys,
         sink_values=sink_values,

@@ -24,7 +24,7 @@ from selkv.sizing import cache_size
 from selkv.specs import parse_spec
 from selkv.specs import quant as quant_spec
 
-BASE = "quant:bits=2,sink=4,window=16,block=8"
+BASE = "quant:bits=2,sink=4,window=16,block=8,vsym=0"  # value zeros stored: 3-bit keys in the last 3/4 only
 SIZE = 256  # --size-tokens
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 8
 
@@ -176,7 +176,7 @@ def test_an_interrupted_screen_resumes_and_a_new_budget_reuses_it(monkeypatch, t
         calibrate.calibrate(model, ByteTokenizer(), BASE, "4/3", tmp_path / "run", data=text_file, max_tokens=96,
                             chunk=16, layers=2, size_tokens=SIZE, model_name="tiny")  # fmt: skip
     # the same base text under other defaults (here: which layers the 2-bit rule widens) is another calibration
-    monkeypatch.setitem(quant_spec.LATE_SHARE, 2, Fraction(1, 2))
+    monkeypatch.setitem(quant_spec.STORED_ZERO_LATE_SHARE, 2, Fraction(1, 2))
     with pytest.raises(SettingsMismatch, match="different settings"):
         run(model, text_file, tmp_path / "run", layers=2)
 
@@ -269,11 +269,23 @@ def test_later_layers_already_at_the_upgrade_are_not_screened():
     assert calibrate.make_plan(BASE, "4/2", config, layers=1, size_tokens=SIZE, size_chunk=16).layers == (0, 1, 2)
     off = calibrate.make_plan(f"{BASE},late_kbits=2", "3/2", config, layers=1, size_tokens=SIZE, size_chunk=16)
     assert off.layers == (0, 1, 2)
-    # the 3-bit default's last 2/5 (layers 3 and 4 of 5) hold 4-bit keys already
+    # the 3-bit layout with value zeros stored: the last 2/5 (layers 3 and 4 of 5) hold 4-bit keys already; the
+    # 3-bit default (symmetric values): the last 2/3 (layers 2-4)
     three = BASE.replace("bits=2", "bits=3")
     config = tiny_llama_config(layers=5)
     for upgrade, layers in (("4/3", (0, 1, 2)), ("4/4", (0, 1, 2, 3, 4))):
         assert calibrate.make_plan(three, upgrade, config, layers=1, size_tokens=SIZE, size_chunk=16).layers == layers
+    default = three.replace(",vsym=0", "")
+    assert calibrate.make_plan(default, "4/3", config, layers=1, size_tokens=SIZE, size_chunk=16).layers == (0, 1)
+
+
+def test_a_base_whose_rule_covers_every_layer_has_nothing_to_screen():
+    """The 2-bit default stores 3-bit keys in every layer: upgrading to 3/2 says so in one line (not "no
+    full-attention layers")."""
+    config = tiny_llama_config(layers=3)
+    with pytest.raises(SelKVError, match=r"every full-attention layer already stores 3/2 keys/values \(late_kbits=3\)"):
+        calibrate.make_plan("quant:bits=2,sink=4,window=16,block=8", "3/2", config, layers=1, size_tokens=SIZE,
+                            size_chunk=16)  # fmt: skip
 
 
 @pytest.mark.parametrize("argv,message", BAD_INPUT)

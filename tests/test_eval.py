@@ -170,7 +170,7 @@ def test_resume_refuses_a_change_of_the_layers_a_rule_widens(tiny, text_file, tm
     model, tok = tiny
     spec = "quant:bits=2,sink=4,window=16,block=8"
     first = run_task(perplexity, model, tok, "tiny", [spec], str(tmp_path), _ppl_settings(text_file, 1))
-    assert first["resolved"][spec].endswith(" late_layers=1")
+    assert first["resolved"][spec].endswith(" late_layers=0,1")
     monkeypatch.setitem(quant_spec.LATE_SHARE, 2, Fraction(0))
     with pytest.raises(SettingsMismatch, match="now resolves to"):
         run_task(perplexity, model, tok, "tiny", [spec], str(tmp_path), _ppl_settings(text_file, 1))

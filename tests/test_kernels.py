@@ -167,6 +167,17 @@ ROTATED_VALUE_CASES = [
     (4, 2, "channel", "hadamard", "hadamard-signs", torch.float16),
 ]
 
+# (key bits, value bits, key axis, key rotation, value rotation, dtype): symmetric value groups with no zero stored
+# (vsym), rotated values and not.
+SYMMETRIC_VALUE_CASES = [
+    (3, 2, "channel", "hadamard", "hadamard", torch.float16),
+    (3, 3, "channel", "hadamard", "hadamard", torch.float16),
+    (2, 2, "channel", "hadamard", "hadamard", torch.float32),
+    (4, 3, "channel", "hadamard", "hadamard", torch.float16),
+    (4, 4, "token", "none", "none", torch.float16),
+    (8, 8, "token", "none", "none", torch.float32),
+]
+
 
 def _rotated_values_shape(nbits, value_nbits, axis_key, rotate, vrotate) -> dict:
     """Three splits of 32 tokens (the last partly filled), GQA 2, row 0 left-padded into the middle."""
@@ -197,6 +208,37 @@ def test_interpreter_rotated_values(nbits, value_nbits, axis_key, rotate, vrotat
     config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=3)
     shape = _rotated_values_shape(nbits, value_nbits, axis_key, rotate, vrotate)
     check_case(module, "cpu", dtype, fresh_seed(), config=config, device_lengths=device_lengths, **shape)
+
+
+@interpreter_only
+@pytest.mark.parametrize("device_lengths", [False, True])
+@pytest.mark.parametrize("nbits,value_nbits,axis_key,rotate,vrotate,dtype", SYMMETRIC_VALUE_CASES)
+def test_interpreter_symmetric_values(nbits, value_nbits, axis_key, rotate, vrotate, dtype, device_lengths):
+    """Value groups that store no zero (vsym): the kernel computes each group's zero from its scale, the float64
+    reference by its own formula (its value_zero tensor is empty)."""
+    module = kernel_module()
+    config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=3)
+    shape = _rotated_values_shape(nbits, value_nbits, axis_key, rotate, vrotate)
+    check_case(module, "cpu", dtype, fresh_seed(), config=config, device_lengths=device_lengths, vsym=True, **shape)
+
+
+@interpreter_only
+def test_interpreter_symmetric_values_fail_the_reference_with_a_wrong_zero(monkeypatch):
+    """The test can fail: a kernel that took the value zeros as 0 instead of computing them from the scales is
+    far from the float64 reference."""
+    module = kernel_module()
+    real_launch = module.selective_decode_attention
+
+    def launch(query, storage, **kwargs):  # the same codes and scales, read as asymmetric groups of zero 0
+        middle = storage.middle._replace(value_zero=torch.zeros_like(storage.middle.value_scale))
+        layout = dataclasses.replace(storage.layout, vsym=False)
+        return real_launch(query, dataclasses.replace(storage, middle=middle, layout=layout), **kwargs)
+
+    monkeypatch.setattr(module, "selective_decode_attention", launch)
+    config = module.DecodeConfig(block_n=16, block_exact=16, num_splits=3)
+    shape = _rotated_values_shape(2, 2, "channel", "hadamard", "hadamard")
+    with pytest.raises(AssertionError, match="kernel vs float64"):
+        check_case(module, "cpu", torch.float32, fresh_seed(), config=config, vsym=True, **shape)
 
 
 @interpreter_only
@@ -595,6 +637,30 @@ CUDA_ROTATED_VALUE_CASES = [  # (kbits, vbits, key axis, rotate, vrotate[, block
     (8, 8, "token", "none", "hadamard"),
     (4, 2, "channel", "hadamard", "hadamard-signs"),
 ]
+
+# (kbits, vbits, key axis, rotate, vrotate, block_length): symmetric value groups with no zero stored (vsym).
+CUDA_SYMMETRIC_VALUE_CASES = [
+    (3, 2, "channel", "hadamard", "hadamard", 128),
+    (3, 3, "channel", "hadamard", "hadamard", 128),
+    (2, 2, "channel", "hadamard", "hadamard", 128),
+    (4, 3, "channel", "hadamard", "hadamard", 128),
+    (4, 4, "channel", "hadamard-signs", "none", 64),
+    (8, 8, "token", "none", "none", 32),
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", CUDA_SYMMETRIC_VALUE_CASES)
+def test_cuda_symmetric_values(case, head_dim):
+    """The compiled kernel on value groups that store no zero (bf16, GQA 4), host and device lengths, padding."""
+    module = kernel_module()
+    seed = fresh_seed()
+    nbits, value_nbits, axis_key, rotate, vrotate, block = case
+    layout = dict(nbits=nbits, value_nbits=value_nbits, axis_key=axis_key, rotate=rotate, vrotate=vrotate, vsym=True)
+    for i, shape in _cuda_shapes(head_dim, 8, block_length=block, **layout):
+        for device_lengths in (False, True):
+            check_case(module, "cuda", torch.bfloat16, seed + i, device_lengths=device_lengths, **shape)
 
 
 @cuda_only

@@ -516,7 +516,7 @@ def test_rotation_reduces_the_error_of_per_token_keys_with_outlier_channels(kbit
     assert rotated < most * unrotated, f"seed={seed}: {mean}"
 
 
-MIXED = "quant:bits=3,sink=4,window=20,block=8,late_kbits=3,group=16,rotate=hadamard,layer_bits=1:4/3+2:8/2"
+MIXED = "quant:bits=3,sink=4,window=20,block=8,late_kbits=3,group=16,rotate=hadamard,vsym=0,layer_bits=1:4/3+2:8/2"
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -591,30 +591,41 @@ def test_layer_bits_bytes_are_each_layers_own():
 @pytest.mark.slow
 @needs_embedded_model
 def test_three_bit_default_bytes_on_the_embedded_model_shape():
-    """The bits=3 default on SmolLM2-135M's shape: 4-bit keys in layers 18-29 of 30 with key blocks of 128, 4.02x
-    at 4,096 tokens, the bytes of the explicit layer_bits spec (docs/eval_results.md)."""
+    """The bits=3 default on SmolLM2-135M's shape: symmetric values and 4-bit keys in layers 10-29 of 30 with key
+    blocks of 128, 4.01x at 4,096 tokens, the bytes of the explicit layer_bits spec (docs/eval_results.md); with value
+    zeros stored, 4-bit keys in layers 18-29 (the default before), 4.02x."""
     from selkv.sizing import load_config
 
     config = load_config("smollm2-135m")
     default = cache_size("quant:bits=3,sink=4,window=124", config, tokens=4096, chunk=64)
-    explicit = "quant:bits=3,sink=4,window=124,block=128,rotate=hadamard,vrotate=hadamard,layer_bits=18-29:4/3"
+    explicit = "quant:bits=3,sink=4,window=124,vsym=1,block=128,late_kbits=3,rotate=hadamard,layer_bits=10-29:4/3"
     assert default == cache_size(explicit, config, tokens=4096, chunk=64)
-    assert round(default["compression"], 2) == 4.02
+    assert round(default["compression"], 2) == 4.01
+    stored_zero = cache_size("quant:bits=3,sink=4,window=124,vsym=0", config, tokens=4096, chunk=64)
+    explicit = "quant:bits=3,sink=4,window=124,vsym=0,block=128,late_kbits=3,rotate=hadamard,layer_bits=18-29:4/3"
+    assert stored_zero == cache_size(explicit, config, tokens=4096, chunk=64)
+    assert round(stored_zero["compression"], 2) == 4.02
 
 
 @pytest.mark.slow
 @needs_embedded_model
 def test_two_bit_default_bytes_on_the_embedded_model_shape():
-    """The bits=2 default on SmolLM2-135M's shape: 3-bit keys in layers 8-29 of 30 with key blocks of 128, 5.04x at
-    4,096 tokens, the bytes of the explicit layer_bits spec (docs/eval_results.md); the 2026-12-06 default 5.02x."""
+    """The bits=2 default on SmolLM2-135M's shape: symmetric values and 3-bit keys in all 30 layers with key blocks
+    of 128, 5.03x at 4,096 tokens, the bytes of the explicit spec (docs/eval_results.md); with value zeros stored,
+    3-bit keys in layers 8-29 (the default of 2026-12-07 before vsym) 5.04x; the 2026-12-06 default 5.02x."""
     from selkv.sizing import load_config
 
     config = load_config("smollm2-135m")
     default = cache_size("quant:bits=2,sink=4,window=124", config, tokens=4096, chunk=64)
-    explicit = "quant:bits=2,sink=4,window=124,block=128,late_kbits=2,rotate=hadamard,layer_bits=8-29:3/2"
+    explicit = "quant:kbits=3,vbits=2,sink=4,window=124,key_axis=channel,vsym=1,block=128,late_kbits=3,rotate=hadamard"
     assert default == cache_size(explicit, config, tokens=4096, chunk=64)
-    assert round(default["compression"], 2) == 5.04
-    former = "quant:bits=2,sink=4,window=124,block=64,late_kbits=2,rotate=hadamard-signs,layer_bits=15-29:3/2"
+    assert round(default["compression"], 2) == 5.03
+    assert default["bytes_scales"] < cache_size("quant:bits=2,vsym=0", config, tokens=4096, chunk=64)["bytes_scales"]
+    stored_zero = cache_size("quant:bits=2,sink=4,window=124,vsym=0", config, tokens=4096, chunk=64)
+    explicit = "quant:bits=2,sink=4,window=124,vsym=0,block=128,late_kbits=2,rotate=hadamard,layer_bits=8-29:3/2"
+    assert stored_zero == cache_size(explicit, config, tokens=4096, chunk=64)
+    assert round(stored_zero["compression"], 2) == 5.04
+    former = "quant:bits=2,sink=4,window=124,vsym=0,block=64,late_kbits=2,rotate=hadamard-signs,layer_bits=15-29:3/2"
     assert round(cache_size(former, config, tokens=4096, chunk=64)["compression"], 2) == 5.02
 
 
@@ -625,7 +636,7 @@ def test_layer_bits_bytes_on_the_embedded_model_shape():
     sweep counted it (docs/eval_results.md), against 4.09x with none."""
     from selkv.sizing import load_config
 
-    base = "quant:bits=3,sink=4,window=124,block=64,late_kbits=3,rotate=hadamard,vrotate=hadamard"
+    base = "quant:bits=3,sink=4,window=124,vsym=0,block=64,late_kbits=3,rotate=hadamard,vrotate=hadamard"
     config = load_config("smollm2-135m")
     mixed = cache_size(base + ",layer_bits=1:4/3+5:4/3+7:4/3+18:4/3+23:4/3", config, tokens=4096, chunk=64)
     plain = cache_size(base, config, tokens=4096, chunk=64)

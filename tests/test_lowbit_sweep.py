@@ -61,35 +61,38 @@ def test_lossless_candidate_equals_full(sweep):
 
 @torch.inference_mode()
 @pytest.mark.parametrize(
-    "vrotate,fields",
-    [("", ",vrotate=hadamard"), (",vrotate=none", "")],  # the int2 default rotates values; the candidate's does not
+    "extra,fields",
+    [
+        # the int2 default: symmetric values (no zero), 3-bit keys in every layer, keys and values rotated
+        ("", ",vsym=1,vrotate=hadamard,layer_bits=0-1:3/2"),
+        # value zeros stored: 3-bit keys in the last 3/4 of the layers (layer 1 of 2)
+        (",vsym=0", ",vrotate=hadamard,layer_bits=1:3/2"),
+        (",vrotate=none", ",vsym=1,layer_bits=0-1:3/2"),  # the candidate's vrotate default is none
+    ],
 )
-def test_fake_int2_matches_library_int2(sweep, vrotate, fields):
+def test_fake_int2_matches_library_int2(sweep, extra, fields):
     from selkv.cache import make_cache
 
     model = make_tiny_llama()
     ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(1))
-    spec = f"quant:bits=2,sink=2,window=16,block=8,group=32{vrotate}"
+    spec = f"quant:bits=2,sink=2,window=16,block=8,group=32{extra}"
     library = _logits(model, make_cache(spec, model.config), ids)
-    # the int2 default's last 3/4 (layer 1 of 2) has 3-bit keys (late_kbits), all keys plain-Hadamard rotated
-    cand = sweep.Candidate.parse(
-        f"kbits=2,vbits=2,rotate=hadamard,sink=2,window=16,block=8,group=32,layer_bits=1:3/2{fields}"
-    )
+    cand = sweep.Candidate.parse(f"kbits=2,vbits=2,rotate=hadamard,sink=2,window=16,block=8,group=32{fields}")
     torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
 
 
 @torch.inference_mode()
 def test_fake_int3_matches_library_int3(sweep):
     """The sweep's 3-bit candidate and the library's bits=3 (packed codes, read back) are the same cache: the
-    library's defaults are plain-Hadamard keys and values and 4-bit keys in the last 2/5 of the layers (layer 2 of
-    3)."""
+    library's defaults are plain-Hadamard keys and values, symmetric values and 4-bit keys in the last 2/3 of the
+    layers (layers 1-2 of 3)."""
     from selkv.cache import make_cache
 
     model = make_tiny_llama(layers=3)
     ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(2))
     spec = "quant:bits=3,sink=2,window=16,block=8,group=32"
     library = _logits(model, make_cache(spec, model.config), ids)
-    fields = "sink=2,window=16,block=8,group=32,rotate=hadamard,vrotate=hadamard,layer_bits=2:4/3"
+    fields = "sink=2,window=16,block=8,group=32,rotate=hadamard,vrotate=hadamard,vsym=1,layer_bits=1-2:4/3"
     cand = sweep.Candidate.parse(f"kbits=3,vbits=3,{fields}")
     torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
 
@@ -103,7 +106,7 @@ def test_fake_value_rotation_matches_library_vrotate(sweep, rotate):
 
     model = make_tiny_llama()
     ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(3))
-    spec = f"quant:bits=3,sink=2,window=16,block=8,group=32,rotate={rotate},vrotate=hadamard"
+    spec = f"quant:bits=3,sink=2,window=16,block=8,group=32,vsym=0,rotate={rotate},vrotate=hadamard"
     library = _logits(model, make_cache(spec, model.config), ids)
     cand = sweep.Candidate.parse(f"kbits=3,vbits=3,sink=2,window=16,block=8,group=32,rotate={rotate},vrotate=hadamard")
     torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
@@ -120,7 +123,7 @@ def test_fake_layer_bits_match_library_layer_bits(sweep):
     model = make_tiny_llama(layers=3)
     ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(4))
     fields = "sink=2,window=16,block=8,group=32,rotate=hadamard,vrotate=hadamard"
-    spec = f"quant:bits=3,{fields},layer_bits=1:4/3+2:8/2"
+    spec = f"quant:bits=3,{fields},vsym=0,layer_bits=1:4/3+2:8/2"
     library = _logits(model, make_cache(spec, model.config), ids)
     cand = sweep.Candidate.parse(f"kbits=3,vbits=3,{fields},layer_bits=1:4/3+2:8/2")
     torch.testing.assert_close(_logits(model, sweep.make_fake_cache(cand, model), ids), library, atol=1e-4, rtol=0)
@@ -184,51 +187,65 @@ def test_dense_and_sparse_keeps_exactly_the_chosen_outliers(sweep):
 @pytest.mark.parametrize(
     "spec,fields",
     [
-        # the 2-bit default: key blocks of 128, 3-bit keys in the last 3/4 (layers 1-2 of 3), one plain Hadamard
-        # matrix for keys and values
+        # the 2-bit default: key blocks of 128, symmetric values (no zero stored), 3-bit keys in every layer, one
+        # plain Hadamard matrix for keys and values
         (
             "quant:bits=2,sink=4,window=124",
+            "kbits=2,vbits=2,block=128,rotate=hadamard,vrotate=hadamard,vsym=1,layer_bits=0-2:3/2",
+        ),
+        (
+            "quant:bits=2,sink=4,window=124,vrotate=none",
+            "kbits=2,vbits=2,block=128,rotate=hadamard,vsym=1,layer_bits=0-2:3/2",
+        ),
+        # with value zeros stored: 3-bit keys in the last 3/4 (layers 1-2 of 3)
+        (
+            "quant:bits=2,sink=4,window=124,vsym=0",
             "kbits=2,vbits=2,block=128,rotate=hadamard,vrotate=hadamard,layer_bits=1-2:3/2",
         ),
-        ("quant:bits=2,sink=4,window=124,vrotate=none", "kbits=2,vbits=2,block=128,rotate=hadamard,layer_bits=1-2:3/2"),
         # the 2-bit default of 2026-12-06: the values' plain matrix beside the keys' signed one (its bytes)
         (
-            "quant:bits=2,sink=4,window=124,block=64,late_kbits=2,rotate=hadamard-signs,layer_bits=2:3/2",
+            "quant:bits=2,sink=4,window=124,vsym=0,block=64,late_kbits=2,rotate=hadamard-signs,layer_bits=2:3/2",
             "kbits=2,vbits=2,block=64,vrotate=hadamard,layer_bits=2:3/2",
         ),
         (
-            "quant:bits=2,sink=4,window=124,block=32,late_kbits=2,rotate=hadamard-signs",
+            "quant:bits=2,sink=4,window=124,vsym=0,block=32,late_kbits=2,rotate=hadamard-signs",
             "kbits=2,vbits=2,vrotate=hadamard",
         ),
         ("quant:bits=4,sink=4,window=124", "kbits=4,vbits=4,block=64,group=32"),
         ("quant:bits=8,sink=4,window=124", "kbits=8,vbits=8,key_axis=token,rotate=none"),
-        ("quant:kbits=4,vbits=2,sink=4,window=124", "kbits=4,vbits=2,block=64,vrotate=hadamard"),
+        ("quant:kbits=4,vbits=2,sink=4,window=124", "kbits=4,vbits=2,block=64,vrotate=hadamard,vsym=1"),
         (
             "quant:bits=2,sink=4,window=60,block=16",
-            "kbits=2,vbits=2,window=60,block=16,rotate=hadamard,vrotate=hadamard,layer_bits=1-2:3/2",
+            "kbits=2,vbits=2,window=60,block=16,rotate=hadamard,vrotate=hadamard,vsym=1,layer_bits=0-2:3/2",
         ),
-        # the 3-bit default: key blocks of 128, 4-bit keys in the last 2/5 (layer 2 of 3), one plain Hadamard matrix
-        # for keys and values
+        # the 3-bit default: key blocks of 128, symmetric values, 4-bit keys in the last 2/3 (layers 1-2 of 3), one
+        # plain Hadamard matrix for keys and values; with value zeros stored the last 2/5 (layer 2)
         (
             "quant:bits=3,sink=4,window=124",
+            "kbits=3,vbits=3,block=128,rotate=hadamard,vrotate=hadamard,vsym=1,layer_bits=1-2:4/3",
+        ),
+        (
+            "quant:bits=3,sink=4,window=124,vsym=0",
             "kbits=3,vbits=3,block=128,rotate=hadamard,vrotate=hadamard,layer_bits=2:4/3",
         ),
         # value rotations: the keys' matrix (no extra bytes), another one (its bytes), values only
         (
-            "quant:bits=3,sink=4,window=124,block=64,late_kbits=3",
+            "quant:bits=3,sink=4,window=124,vsym=0,block=64,late_kbits=3",
             "kbits=3,vbits=3,block=64,rotate=hadamard,vrotate=hadamard",
         ),
         (
-            "quant:bits=3,sink=4,window=124,block=64,late_kbits=3,rotate=hadamard-signs",
+            "quant:bits=3,sink=4,window=124,vsym=0,block=64,late_kbits=3,rotate=hadamard-signs",
             "kbits=3,vbits=3,block=64,vrotate=hadamard",
         ),
         (
-            "quant:bits=3,sink=4,window=124,block=64,late_kbits=3,rotate=none",
+            "quant:bits=3,sink=4,window=124,vsym=0,block=64,late_kbits=3,rotate=none",
             "kbits=3,vbits=3,block=64,rotate=none,vrotate=hadamard",
         ),
+        # symmetric values at another width
+        ("quant:bits=4,sink=4,window=124,vsym=1", "kbits=4,vbits=4,block=64,group=32,vsym=1"),
         # per-layer widths: each layer's own tensors (the library) and bytes (the sweep)
         (
-            "quant:bits=3,sink=4,window=124,block=64,late_kbits=3,layer_bits=0:4/3+2:8/2",
+            "quant:bits=3,sink=4,window=124,vsym=0,block=64,late_kbits=3,layer_bits=0:4/3+2:8/2",
             "kbits=3,vbits=3,block=64,rotate=hadamard,vrotate=hadamard,layer_bits=0:4/3+2:8/2",
         ),
     ],

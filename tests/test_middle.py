@@ -81,6 +81,35 @@ def test_store_writes_at_a_position_grows_and_reads_back_what_quantize_middle_st
     assert store.used_bytes(40)["bytes_key_codes"] == 2 * 3 * 40 * 32 * 4 // 8
 
 
+@pytest.mark.parametrize("value_nbits", [2, 3, 4, 8])
+def test_symmetric_values_store_no_zero_and_read_back_within_half_a_step(value_nbits):
+    """vsym: the value zeros are an empty tensor (no bytes); written through the store (growing) and read back,
+    the values are quantize_midrise's levels rotated back, within half a step of the rotated values."""
+    layout = MiddleLayout(3, value_nbits, 16, "channel", 8, "hadamard", vrotate="hadamard", vsym=True)
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 3, 40, 32, generator=gen)
+    values = torch.randn(2, 3, 40, 32, generator=gen) * (1 + 19 * (torch.arange(32) == 5))  # an outlier channel
+    store = QuantizedMiddle(layout)
+    store.set_head(keys)
+    store.write(keys[:, :, :16], values[:, :, :16], 0)
+    store.write(keys[:, :, 16:], values[:, :, 16:], 16)
+    assert store.tensors.value_zero.numel() == 0 and store.tensors.value_zero.shape[:3] == (2, 3, 48)
+    assert store.used_bytes(40)["bytes_scales"] == quant.tensor_bytes(
+        [store.tensors.key_scale[:, :, :5], store.tensors.key_zero[:, :, :5], store.tensors.value_scale[:, :, :40]]
+    )
+    _, read_values = store.read(40)
+    rotated = quant.rotate(values, store.value_rotation)
+    codes, scale = quant.quantize_midrise(rotated, value_nbits, 16)
+    want = quant.dequantize(codes, scale, quant.midrise_zero(scale, value_nbits), 16)
+    torch.testing.assert_close(read_values, quant.unrotate(want, store.value_rotation), rtol=0, atol=1e-5)
+    assert torch.equal(store.tensors.value_scale[:, :, :40], scale)
+    error = (quant.rotate(read_values, store.value_rotation) - rotated).abs()
+    assert bool((error <= scale.float().repeat_interleave(16, -1) / 2 + 1e-5).all())
+    # the layer's other path: partial blocks are read in token order too
+    partial_keys, partial_values = dequantize_middle(store.tensors, layout, 37, value_rotation=store.value_rotation)
+    torch.testing.assert_close(partial_values, read_values[:, :, :37], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("vrotate", ["none", "hadamard"])
 def test_custom_op_attends_over_the_flattened_storage(vrotate):
     """The operator a captured step calls (device lengths) takes the storage through the flatten pair (rotated

@@ -210,3 +210,52 @@ def test_quantize_middle_is_read_back_within_half_a_step(axis_key, rotate, key_n
     key_error = quant.rotate(read_keys, rotation) - quant.rotate(keys, rotation)
     assert (key_error.abs() <= _bound(keys, parts.key_scale, key_group, key_dim) + 1e-5).all()
     assert ((read_values - values).abs() <= _bound(values, parts.value_scale, group, -1)).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nbits=st.sampled_from([2, 3, 4, 8]),
+    group_size=st.sampled_from([1, 4, 16, 64]),
+    rows=st.integers(1, 5),
+    log_scale=st.floats(-6, 4),
+    offset=st.floats(-5, 5),
+    outlier=st.sampled_from([1.0, 10.0, 30.0]),
+    dim=st.sampled_from([-1, -2]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_midrise_groups_are_within_half_a_step_and_store_no_zero(
+    nbits, group_size, rows, log_scale, offset, outlier, dim, seed
+):
+    """Symmetric groups without a zero: every input within scale/2 of its level (small, offset and outlier-heavy
+    groups alike), levels at odd multiples of scale/2 (none at 0), the zero implied by the scale."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (rows, 2 * group_size) if dim == -1 else (2 * group_size, rows)
+    x = (torch.randn(shape, generator=gen) + offset) * 10**log_scale
+    x.view(-1)[0] *= outlier  # an outlier sets its group's range
+    x = x.clamp(-60000, 60000)  # within float16 (beyond it inputs saturate: the next test)
+    codes, scale = quant.quantize_midrise(x, nbits, group_size, dim=dim)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**nbits - 1 and scale.dtype == torch.float16
+    zero = quant.midrise_zero(scale, nbits)
+    y = quant.dequantize(codes, scale, zero, group_size, dim=dim)
+    excess = (x - y).abs() - _bound(x, scale, group_size, dim)
+    assert bool((excess <= 0).all()), float(excess.max())
+    half_steps = y / scale.float().repeat_interleave(group_size, dim=dim) * 2  # odd integers
+    assert torch.equal(half_steps.round().remainder(2), torch.ones_like(half_steps))
+
+
+@pytest.mark.parametrize("nbits", [2, 3, 4, 8])
+def test_midrise_groups_of_non_finite_zero_and_extreme_inputs_stay_finite(nbits):
+    x = torch.tensor(
+        [
+            [float("nan"), 1.0, float("inf"), -float("inf")],
+            [0.0, 0.0, 0.0, 0.0],  # any scale works; the levels are +-scale/2, ...
+            [65504.0, -65504.0, 2.0, 1.0],  # float16's extremes: the scale stays finite
+            [1e30, -1e30, 2.0, 1.0],  # beyond float16: saturates
+        ]
+    )
+    codes, scale = quant.quantize_midrise(x, nbits, 4)
+    y = quant.dequantize(codes, scale, quant.midrise_zero(scale, nbits), 4)
+    assert torch.isfinite(y).all() and torch.isfinite(scale.float()).all() and (scale.float() > 0).all()
+    assert y[0, 2] >= y[0, 1] >= y[0, 3]  # +inf saturates high, -inf low
+    assert bool(((x[2] - y[2]).abs() <= scale[2].float() / 2 * (1 + 1e-3)).all())
+    assert (y[1].abs() <= 0.5).all()  # the all-zero group: levels +-1/2 (scale 1)

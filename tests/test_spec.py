@@ -33,6 +33,8 @@ BAD_SPECS = {
     "quant:bits=4,rotate=random": "rotate='random' is not allowed; allowed: none, hadamard, hadamard-signs",
     "quant:bits=4,vrotate=random": "vrotate='random' is not allowed; allowed: none, hadamard, hadamard-signs",
     "quant:bits=4,vrotate=hadamard,vrotate=none": "field 'vrotate' given twice",
+    "quant:bits=2,vsym=2": "vsym=2 is not allowed; allowed: 0, 1",
+    "quant:bits=2,vsym=yes": "vsym='yes' is not an integer",
     "quant:bits=3,layer_bits=1:4": "layer_bits item '1:4' is malformed; expected LAYERS:KBITS/VBITS",
     "quant:bits=3,layer_bits=1-:4/3": "layer_bits item '1-:4/3' is malformed",
     "quant:bits=3,layer_bits=-1:4/3": "layer_bits item '-1:4/3' is malformed",
@@ -85,6 +87,23 @@ def test_key_and_value_bits(text, canonical, kbits, vbits):
     assert (spec.kbits, spec.vbits) == (kbits, vbits)
     assert str(spec).startswith(canonical) and selkv.parse_spec(str(spec)) == spec
     assert spec.bits == (kbits + vbits) / 2
+
+
+def test_vsym_key():
+    """vsym follows vbits' default (on at 2 bits only), is shown where it is on or its width's default is, and
+    every layer of a layer_bits spec keeps the spec's."""
+    two, four = selkv.parse_spec("quant:bits=2"), selkv.parse_spec("quant:bits=4")
+    assert selkv.parse_spec("quant:bits=3").vsym and not selkv.parse_spec("quant:bits=8").vsym
+    assert two.vsym and ",sym=0,vsym=1," in str(two) and two.layout.vsym
+    assert not four.vsym and "vsym" not in str(four) and not four.layout.vsym
+    for text in ("quant:bits=2,vsym=0", "quant:bits=4,vsym=1", "quant:kbits=4,vbits=2", "quant:kbits=2,vbits=4"):
+        spec = selkv.parse_spec(text)
+        assert selkv.parse_spec(str(spec)) == spec
+    assert ",vsym=0," in str(selkv.parse_spec("quant:bits=2,vsym=0"))
+    assert selkv.parse_spec("quant:kbits=4,vbits=2").vsym and not selkv.parse_spec("quant:kbits=2,vbits=4").vsym
+    assert selkv.parse_spec("quant:bits=2,vsym=0").family != two.family
+    mixed = selkv.parse_spec("quant:bits=4,layer_bits=1:4/2")  # the 2-bit-value layer keeps bits=4's vsym=0
+    assert not mixed.for_layer(1).layout.vsym and mixed.for_layer(1).layout.value_nbits == 2
 
 
 def test_rotate_key():
@@ -182,12 +201,24 @@ def test_two_bit_values_are_rotated_by_default_and_vrotate_none_turns_it_off():
     assert mixed.for_layer(1).layout.vrotate == "hadamard" == mixed.check_model(64).for_layer(1).vrotate
 
 
-@pytest.mark.parametrize("layers,late", [(2, [1]), (5, [2, 3, 4]), (6, [2, 3, 4, 5]), (30, list(range(8, 30)))])
-def test_two_bit_keys_are_three_bit_in_the_last_three_quarters_of_the_layers(layers, late):
+@pytest.mark.parametrize(
+    "layers,vsym,late",
+    [
+        (2, "", [0, 1]),
+        (30, "", list(range(30))),
+        (2, ",vsym=0", [1]),
+        (5, ",vsym=0", [2, 3, 4]),
+        (6, ",vsym=0", [2, 3, 4, 5]),
+        (30, ",vsym=0", list(range(8, 30))),
+    ],
+)
+def test_two_bit_keys_are_three_bit_in_every_layer_or_the_last_three_quarters(layers, vsym, late):
+    """The 2-bit default: symmetric values and 3-bit keys in every full-attention layer; with value zeros stored
+    (vsym=0, the default of 2026-12-07 before vsym) in the last 3n // 4 of the n layers."""
     config = tiny_llama_config(layers=layers)
-    spec = selkv.parse_spec("quant:bits=2,sink=4,window=124")
-    assert (spec.block, spec.late_kbits) == (128, 0) and spec.check_model(32).late_kbits == 3
-    assert ",block=128,late_kbits=3," in str(spec.check_model(32))
+    spec = selkv.parse_spec(f"quant:bits=2,sink=4,window=124{vsym}")
+    assert (spec.block, spec.late_kbits, spec.vsym) == (128, 0, not vsym) and spec.check_model(32).late_kbits == 3
+    assert f",sym=0,vsym={int(not vsym)},block=128,late_kbits=3," in str(spec.check_model(32))
     for form in (spec, spec.check_model(32)):
         assert selkv.parse_spec(str(form)) == form
     assert spec.resolve(config).late_layers == tuple(late)
@@ -198,22 +229,38 @@ def test_two_bit_keys_are_three_bit_in_the_last_three_quarters_of_the_layers(lay
         (layer.layout.block_length, layer.layout.rotate, layer.layout.vrotate)
         for layer in selkv.make_cache(spec, config).layers
     } == {(128, "hadamard", "hadamard")}
+    assert {layer.layout.vsym for layer in selkv.make_cache(spec, config).layers} == {not vsym}
     # late_kbits=2 turns the rule off; a layer that layer_bits lists keeps its entry
-    off = selkv.parse_spec("quant:bits=2,late_kbits=2")
+    off = selkv.parse_spec(f"quant:bits=2,late_kbits=2{vsym}")
     assert ",late_kbits=2" in str(off) and selkv.parse_spec(str(off)) == off and off.family != spec.family
     assert off.resolve(config).late_layers == ()
     assert {layer.layout.key_nbits for layer in selkv.make_cache(off, config).layers} == {2}
-    listed = selkv.make_cache(f"quant:bits=2,layer_bits={layers - 1}:4/4", config).layers
+    listed = selkv.make_cache(f"quant:bits=2,layer_bits={layers - 1}:4/4{vsym}", config).layers
     assert (listed[-1].layout.key_nbits, listed[-1].layout.value_nbits) == (4, 4)
     assert [layer.layout.key_nbits for layer in listed[:-1]] == [3 if i in late else 2 for i in range(layers - 1)]
 
 
-@pytest.mark.parametrize("layers,late", [(2, []), (3, [2]), (5, [3, 4]), (30, list(range(18, 30)))])
-def test_three_bit_keys_are_four_bit_in_the_last_two_fifths_of_the_layers(layers, late):
-    """The 3-bit default: key blocks of 128, plain-Hadamard keys and values, 4-bit keys in the last 2n // 5 of the
-    n full-attention layers; the same caches as the explicit layer_bits spec; late_kbits=3 turns the rule off."""
+@pytest.mark.parametrize(
+    "layers,vsym,late",
+    [
+        (2, "", [1]),
+        (3, "", [1, 2]),
+        (30, "", list(range(10, 30))),
+        (2, ",vsym=0", []),
+        (3, ",vsym=0", [2]),
+        (5, ",vsym=0", [3, 4]),
+        (30, ",vsym=0", list(range(18, 30))),
+    ],
+)
+def test_three_bit_keys_are_four_bit_in_the_last_two_thirds_or_two_fifths(layers, vsym, late):
+    """The 3-bit default: key blocks of 128, plain-Hadamard keys and values, symmetric values and 4-bit keys in the
+    last 2n // 3 of the n full-attention layers (2n // 5 with value zeros stored, vsym=0); the same caches as the
+    explicit layer_bits spec; late_kbits=3 turns the rule off."""
     config = tiny_llama_config(layers=layers, head_dim=64)
-    spec = selkv.parse_spec("quant:bits=3,sink=4,window=124")
+    spec = selkv.parse_spec(f"quant:bits=3,sink=4,window=124{vsym}")
+    assert spec.vsym == (not vsym) and all(
+        layer.layout.vsym == spec.vsym for layer in selkv.make_cache(spec, config).layers
+    )
     resolved = spec.resolve(config)
     assert (resolved.block, resolved.rotate, resolved.vrotate, resolved.late_kbits) == (128, "hadamard", "hadamard", 4)
     assert resolved.late_layers == tuple(late) and selkv.parse_spec(str(spec.check_model(64))) == spec.check_model(64)
@@ -221,7 +268,7 @@ def test_three_bit_keys_are_four_bit_in_the_last_two_fifths_of_the_layers(layers
     assert [(lay.key_nbits, lay.value_nbits) for lay in layouts] == [
         (4, 3) if i in late else (3, 3) for i in range(layers)
     ]
-    explicit = "quant:bits=3,sink=4,window=124,block=128,rotate=hadamard,vrotate=hadamard,late_kbits=3"
+    explicit = f"quant:bits=3,sink=4,window=124,block=128,rotate=hadamard,vrotate=hadamard,late_kbits=3{vsym}"
     if late:
         explicit += f",layer_bits={late[0]}-{late[-1]}:4/3"
     assert [layer.layout for layer in selkv.make_cache(explicit, config).layers] == layouts

@@ -5,12 +5,13 @@ from __future__ import annotations
 SPEC_HELP = (
     "cache spec; repeat to compare. Kinds: full | drop:sink=S,window=W | "
     "quant:bits=2|3|4|8 (or kbits=K,vbits=V),sink=S,window=W[,group=G][,key_axis=token|channel][,sym=0|1]"
-    "[,block=T][,rotate=hadamard-signs|hadamard|none][,vrotate=none|hadamard|hadamard-signs]"
+    "[,vsym=0|1][,block=T][,rotate=hadamard-signs|hadamard|none][,vrotate=none|hadamard|hadamard-signs]"
     "[,late_kbits=K][,layer_bits=LAYERS:K/V+...] | hf-quanto:bits=2|4,residual=R | hf-hqq:bits=B,residual=R. "
     "layer_bits gives some layers other key/value widths (LAYERS i or i-j, 0-based; e.g. layer_bits=1:4/3+5-7:4/3), "
-    "every other setting the spec's; late_kbits=K gives the later layers K-bit keys (default: 3 at bits=2 for the "
-    "last 3/4, 4 at bits=3 for the last 2/5, none elsewhere; late_kbits=KBITS turns it off; the later half at "
-    "other widths)"
+    "every other setting the spec's; late_kbits=K gives the later layers K-bit keys (default: 3 at bits=2 for every "
+    "layer, 4 at bits=3 for the last 2/3, none elsewhere; with vsym=0 the last 3/4 and 2/5; late_kbits=KBITS turns "
+    "it off; the later half at other widths); vsym=1 stores value groups symmetric with no zero (default at 2 and "
+    "3 value bits)"
 )
 
 MAIN_EPILOG = """\

@@ -20,7 +20,7 @@ Stored tensors (``B`` batch, ``H`` KV heads, ``C`` capacity in tokens, ``D`` hea
     key_zero     like key_scale
     value_codes  uint8   [B, H, C, P_v]    each block of T tokens stored transposed (quant.to_block_major)
     value_scale  float16 [B, H, C, D // G]   values are always grouped per token
-    value_zero   like value_scale
+    value_zero   like value_scale; with ``vsym``, ``[B, H, C, 0]`` (no zero stored: ``quant.midrise_zero``)
 
 Dequantized, each element is ``code * scale + zero``. With ``rotate="hadamard"`` or
 ``"hadamard-signs"`` the keys are multiplied by an orthogonal matrix (``key_rotation``, ``[D, D]``,
@@ -63,6 +63,8 @@ class MiddleLayout:
         rotate: the keys' rotation before quantization (``quant.ROTATIONS``).
         sym: symmetric groups (``quant.quantize``); readers need not know.
         vrotate: the values' rotation before quantization (``quant.ROTATIONS``).
+        vsym: symmetric value groups that store no zero (``quant.quantize_midrise``: a float16 scale per
+            group, the zero implied by it); ``value_zero`` is then empty and readers compute the zero.
     """
 
     key_nbits: int
@@ -73,6 +75,7 @@ class MiddleLayout:
     rotate: str = "none"
     sym: bool = False
     vrotate: str = "none"
+    vsym: bool = False
 
     def __post_init__(self):
         quant.check_nbits(self.key_nbits)
@@ -133,9 +136,13 @@ def quantize_middle(
         key_codes, key_scale, key_zero = quant.quantize(keys, lay.key_nbits, lay.block_length, dim=-2, sym=lay.sym)
     else:
         key_codes, key_scale, key_zero = quant.quantize(keys, lay.key_nbits, lay.q_group_size, dim=-1, sym=lay.sym)
-    value_codes, value_scale, value_zero = quant.quantize(
-        values, lay.value_nbits, lay.q_group_size, dim=-1, sym=lay.sym
-    )
+    if lay.vsym:  # no zero stored: an empty tensor keeps the six-tensor layout (and counts no bytes)
+        value_codes, value_scale = quant.quantize_midrise(values, lay.value_nbits, lay.q_group_size, dim=-1)
+        value_zero = value_scale.new_empty(value_scale.shape[:-1] + (0,))
+    else:
+        value_codes, value_scale, value_zero = quant.quantize(
+            values, lay.value_nbits, lay.q_group_size, dim=-1, sym=lay.sym
+        )
     return MiddleTensors(
         key_codes=quant.pack(key_codes, lay.key_nbits),
         key_scale=key_scale,
@@ -195,7 +202,11 @@ def _dequantize_values(
         values = quant.unrotate(values, value_rotation).to(dtype)
         return values if out_values is None else out_values.copy_(values)
     block = layout.block_length
-    value_scale, value_zero = t.value_scale[:, :, :num_stored], t.value_zero[:, :, :num_stored]
+    value_scale = t.value_scale[:, :, :num_stored]
+    if layout.vsym:
+        value_zero = quant.midrise_zero(value_scale, layout.value_nbits)
+    else:
+        value_zero = t.value_zero[:, :, :num_stored]
     if num_stored % block == 0:  # whole blocks (always, in decode): read the codes in place, in token order
         blocks = num_stored // block
         codes = quant.token_order_view(t.value_codes[:, :, :num_stored], block)

@@ -14,6 +14,11 @@ Asymmetric groups put ``zero`` at the group minimum; symmetric ones put it at
 would overflow float16: they stay asymmetric). Both use the same formula, so
 readers (the reference path and the Triton kernels) never need to know which was used.
 
+Symmetric groups can also store no zero at all (:func:`quantize_midrise`): the ``2**nbits`` levels sit
+at odd multiples of ``scale / 2`` about 0 (for 2 bits: ``±scale/2``, ``±3 scale/2``), none at 0, and the zero
+is implied, ``-(2**nbits - 1) / 2 * scale`` (:func:`midrise_zero`): readers compute it from the scale and
+apply the same formula. It saves a float16 per group and suits zero-centred data such as rotated values.
+
 Scales and zeros are stored as float16, which has more mantissa than bfloat16.
 They are rounded *outwards* (zero down, scale up) before codes are computed, so
 that every finite input inside the float16 range reconstructs within
@@ -47,6 +52,17 @@ def _round_outwards(value: torch.Tensor, direction: float) -> torch.Tensor:
     return torch.where(inexact, torch.nextafter(rounded, limit), rounded)
 
 
+def _groups(x: torch.Tensor, group_size: int, dim: int) -> tuple[torch.Tensor, int]:
+    """``x`` in float32, saturated to float16's range (NaN as 0), as ``[..., n_groups, group_size]`` groups along
+    ``dim`` moved last; and ``dim`` made non-negative."""
+    dim = dim % x.dim()
+    size = x.shape[dim]
+    if group_size < 1 or size % group_size:
+        raise ValueError(f"group_size={group_size} must divide the quantized dimension (size {size})")
+    xf = torch.nan_to_num(x.float(), nan=0.0, posinf=_FP16_MAX, neginf=-_FP16_MAX).clamp(-_FP16_MAX, _FP16_MAX)
+    return xf.movedim(dim, -1).unflatten(-1, (size // group_size, group_size)), dim
+
+
 def quantize(
     x: torch.Tensor, nbits: int, group_size: int, dim: int = -1, sym: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,16 +75,8 @@ def quantize(
         scale, zero: float16, shape of ``x`` with ``shape[dim] // group_size`` along ``dim``.
     """
     check_nbits(nbits)
-    dim = dim % x.dim()
-    size = x.shape[dim]
-    if group_size < 1 or size % group_size:
-        raise ValueError(f"group_size={group_size} must divide the quantized dimension (size {size})")
+    grouped, dim = _groups(x, group_size, dim)
     levels = 2**nbits - 1
-
-    xf = torch.nan_to_num(x.float(), nan=0.0, posinf=_FP16_MAX, neginf=-_FP16_MAX).clamp(-_FP16_MAX, _FP16_MAX)
-    xf = xf.movedim(dim, -1)
-    grouped = xf.unflatten(-1, (size // group_size, group_size))  # [..., n_groups, group_size]
-
     lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
     zero = _round_outwards(lo, float("-inf"))
     scale = _round_outwards((hi - zero.float()) / levels, float("inf"))
@@ -88,6 +96,29 @@ def quantize(
     codes = torch.round((grouped - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1))
     codes = codes.clamp_(0, levels).to(torch.uint8).flatten(-2).movedim(-1, dim)
     return codes, scale.movedim(-1, dim), zero.movedim(-1, dim)
+
+
+def quantize_midrise(x: torch.Tensor, nbits: int, group_size: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` in symmetric groups that store no zero (see the module docstring).
+
+    Each group's scale is its largest magnitude over ``(2**nbits - 1) / 2``, rounded up to float16, so the
+    outer levels reach the group's range. Returns ``(codes, scale)`` shaped as :func:`quantize`'s; the zero
+    is :func:`midrise_zero` of the scale.
+    """
+    check_nbits(nbits)
+    grouped, dim = _groups(x, group_size, dim)
+    levels = 2**nbits - 1
+    scale = _round_outwards(grouped.abs().amax(dim=-1) / (levels / 2), float("inf"))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale works
+    zero = midrise_zero(scale, nbits).unsqueeze(-1)
+    codes = torch.round((grouped - zero) / scale.float().unsqueeze(-1))
+    codes = codes.clamp_(0, levels).to(torch.uint8).flatten(-2).movedim(-1, dim)
+    return codes, scale.movedim(-1, dim)
+
+
+def midrise_zero(scale: torch.Tensor, nbits: int) -> torch.Tensor:
+    """The zero that :func:`quantize_midrise`'s groups imply: ``-(2**nbits - 1) / 2 * scale`` in float32 (exact)."""
+    return scale.float() * (-(2**nbits - 1) / 2)
 
 
 def dequantize(

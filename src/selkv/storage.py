@@ -139,6 +139,7 @@ def flatten_storage(storage: DecodeStorage) -> tuple[list[torch.Tensor | None], 
         quant.ROTATIONS.index(lay.rotate),
         int(lay.sym),
         quant.ROTATIONS.index(lay.vrotate),
+        int(lay.vsym),
     ]
     return tensors, ints
 
@@ -147,7 +148,9 @@ def unflatten_storage(tensors: list[torch.Tensor | None], ints: list[int]) -> De
     """The :class:`DecodeStorage` that :func:`flatten_storage` flattened."""
     *exact_and_middle, row_padding, lengths, rotation, signs, value_rotation, value_signs = tensors
     sink_keys, sink_values, *middle, recent_keys, recent_values = exact_and_middle
-    num_sink, num_stored, num_recent, key_nbits, value_nbits, q_group_size, axis, block, rotate, sym, vrotate = ints
+    num_sink, num_stored, num_recent, key_nbits, value_nbits, q_group_size, axis, block, rotate, sym, vrotate, vsym = (
+        ints
+    )
     layout = MiddleLayout(
         key_nbits,
         value_nbits,
@@ -157,6 +160,7 @@ def unflatten_storage(tensors: list[torch.Tensor | None], ints: list[int]) -> De
         quant.ROTATIONS[rotate],
         bool(sym),
         quant.ROTATIONS[vrotate],
+        bool(vsym),
     )
     return DecodeStorage(
         sink_keys,

@@ -51,7 +51,10 @@ def float64_reference(
             ks = args["key_scale"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
             kz = args["key_zero"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
         vs = args["value_scale"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
-        vz = args["value_zero"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
+        if args["vsym"]:  # no zero stored: levels at odd multiples of scale / 2 about 0
+            vz = -(2 ** args["value_nbits"] - 1) / 2 * vs
+        else:
+            vz = args["value_zero"][:, :, :nm].cpu().double().repeat_interleave(g, dim=-1)
         dtype = query.dtype if round_middle else torch.float64  # rounded like the model's cache, or exact
         middle_keys = codes(args["key_codes"], args["key_nbits"]) * ks + kz
         if args["key_rotation"] is not None:  # stored rotated: rotate back (orthogonal: its transpose)

@@ -41,12 +41,13 @@ def make_storage(
     value_nbits: int | None = None,
     rotate: str = "none",
     vrotate: str = "none",
+    vsym: bool = False,
 ) -> DecodeStorage:
     """Storage of random keys/values quantized with quant.py, spare capacity poisoned with NaN.
 
     ``nbits`` is the keys' bit width, and the values' unless ``value_nbits`` is given. ``rotate``: the
     middle's keys are rotated (``quant.rotation_matrix``) before they are quantized, as the layer does;
-    ``vrotate``: the middle's values likewise.
+    ``vrotate``: the middle's values likewise. ``vsym``: symmetric value groups with no zero stored.
     ``key_gain`` ``[head_dim]`` multiplies each key channel (default: a tenth of the channels x5);
     ``value_rms`` sets the values' magnitude.
     """
@@ -75,7 +76,7 @@ def make_storage(
         for b, pad in enumerate(row_padding):
             sink_keys[b, :, :pad] = 30.0
             sink_values[b, :, :pad] = 1000.0
-    layout = MiddleLayout(nbits, value_nbits, q_group_size, axis_key, block_length, rotate, vrotate=vrotate)
+    layout = MiddleLayout(nbits, value_nbits, q_group_size, axis_key, block_length, rotate, vrotate=vrotate, vsym=vsym)
     args = dict(
         sink_keys=sink_keys.to(device),
         sink_values=sink_values.to(device),

@@ -153,6 +153,11 @@ def make_plan(
     same = {i for i in resolved.late_layers if widths == (resolved.late_kbits, base.vbits)}
     screened = tuple(i for i, (layer_type, _) in enumerate(plan) if layer_type == "full_attention" and i not in same)
     skipped = tuple((i, layer_type) for i, (layer_type, _) in enumerate(plan) if layer_type != "full_attention")
+    if not screened and same:
+        raise SelKVError(
+            f"every full-attention layer already stores {widths[0]}/{widths[1]} keys/values (late_kbits="
+            f"{resolved.late_kbits}); nothing to screen: give another --upgrade, or late_kbits={base.kbits} in --cache"
+        )
     if not screened:
         raise SelKVError("this model has no full-attention layers; selkv keeps every one of its layers 16-bit")
     if layers is not None and not 1 <= layers <= len(screened):

@@ -362,7 +362,10 @@ def _middle_operands(storage: DecodeStorage, head_dim: int, device: torch.device
     key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = storage.middle
     key_codes, value_codes = key_codes.contiguous(), value_codes.contiguous()  # views of the store: no copy
     key_scale, key_zero = _same_strides(key_scale, key_zero)
-    value_scale, value_zero = _same_strides(value_scale, value_zero)
+    if storage.layout.vsym:  # no value zeros stored (the kernel computes them): any valid pointer will do
+        value_scale = value_zero = _last_contiguous(value_scale)
+    else:
+        value_scale, value_zero = _same_strides(value_scale, value_zero)
     return MiddleTensors(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)
 
 
@@ -501,6 +504,7 @@ def selective_decode_attention(
         ),
         CODES_ASM=config.codes_asm and device.type == "cuda" and torch.version.hip is None,  # PTX: NVIDIA only
         SCALE_PREFETCH=config.scale_prefetch,
+        VALUE_SYM=lay.vsym,
         VALUE_DOT=VALUE_DOTS.index(config.value_dot),
         ROTATE=rotation is not None,
         # the tensors that can grow large (the query is [batch, heads, 1, head_dim], smaller than partial_out)
@@ -540,14 +544,15 @@ def bytes_read(
     block_length: int,
     element_size: int = 2,
     value_nbits: int | None = None,
+    value_sym: bool = False,
 ) -> int:
     """Bytes one call must read from memory: query, 16-bit tokens, codes and scales/zeros (for GB/s);
-    ``nbits`` of keys, ``value_nbits`` of values (default: ``nbits``)."""
+    ``nbits`` of keys, ``value_nbits`` of values (default: ``nbits``); ``value_sym``: value groups store no zero."""
     rows = batch_size * num_kv_heads
     exact = rows * num_exact * 2 * head_dim * element_size
     value_nbits = nbits if value_nbits is None else value_nbits
     codes = rows * num_stored * head_dim * (nbits + value_nbits) // 8
-    value_scales = rows * num_stored * 2 * (head_dim // q_group_size) * 2
+    value_scales = rows * num_stored * (1 if value_sym else 2) * (head_dim // q_group_size) * 2
     if axis_key == "channel":
         key_scales = rows * math.ceil(num_stored / block_length) * 2 * head_dim * 2
     else:

@@ -135,6 +135,7 @@ def _selective_decode_partial_kernel(
     KEY_CHUNK: tl.constexpr,  # channels per key chunk: CHUNK, or a whole bit plane for per-channel keys
     CODES_ASM: tl.constexpr,  # convert codes with inline PTX (CUDA only)
     SCALE_PREFETCH: tl.constexpr,  # load the next tile's per-token scales/zeros one tile ahead
+    VALUE_SYM: tl.constexpr,  # value groups store no zero: it is -(2^VALUE_NBITS - 1) / 2 * scale (quant.midrise_zero)
     VALUE_DOT: tl.constexpr,  # operands of the middle's value dot (see _value_chunk_update)
     ROTATE: tl.constexpr,  # rotate the query in the middle programs' prologue (Rotation), not QMiddle
     WIDE_OFFSETS: tl.constexpr,  # a storage of more than 2^31 elements: 64-bit offsets (more registers)
@@ -247,6 +248,7 @@ def _selective_decode_partial_kernel(
             DOT_PRECISION,
             CODES_ASM,
             SCALE_PREFETCH,
+            VALUE_SYM,
             VALUE_DOT,
             ROTATE,
         )
@@ -716,13 +718,19 @@ def _scale_tiles(
     NUM_GROUPS: tl.constexpr,
     GROUPS_PAD: tl.constexpr,
     KEY_PER_CHANNEL: tl.constexpr,
+    VALUE_NBITS: tl.constexpr,
+    VALUE_SYM: tl.constexpr,
 ):
-    """Per-token scales/zeros of a tile as float32 [BLOCK_N, GROUPS_PAD] tiles (keys: zeros if per channel)."""
+    """Per-token scales/zeros of a tile as float32 [BLOCK_N, GROUPS_PAD] tiles (keys: zeros if per channel; value
+    zeros computed from the scales when VALUE_SYM)."""
     offs_g = tl.arange(0, GROUPS_PAD)
     mask = valid[:, None] & (offs_g < NUM_GROUPS)[None, :]
     v_offs = vscale_base + pos[:, None] * stride_vsn + offs_g[None, :]
     vs = tl.load(VScale + v_offs, mask=mask, other=0.0).to(tl.float32)
-    vz = tl.load(VZero + v_offs, mask=mask, other=0.0).to(tl.float32)
+    if VALUE_SYM:  # exact in float32: a float16 scale times (2^b - 1) / 2
+        vz = vs * (-((1 << VALUE_NBITS) - 1) / 2)
+    else:
+        vz = tl.load(VZero + v_offs, mask=mask, other=0.0).to(tl.float32)
     if KEY_PER_CHANNEL:
         ks = tl.zeros_like(vs)
         kz = tl.zeros_like(vs)
@@ -811,6 +819,7 @@ def _middle_split(
     DOT_PRECISION: tl.constexpr,
     CODES_ASM: tl.constexpr,
     SCALE_PREFETCH: tl.constexpr,
+    VALUE_SYM: tl.constexpr,
     VALUE_DOT: tl.constexpr,
     ROTATE: tl.constexpr,
 ):
@@ -865,7 +874,15 @@ def _middle_split(
     scale_args = (KScale, KZero, VScale, VZero)
     scale_bases = (kscale_base, stride_ksn, vscale_base, stride_vsn)
     ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(
-        *scale_args, lo + offs_n, lo + offs_n < hi, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL
+        *scale_args,
+        lo + offs_n,
+        lo + offs_n < hi,
+        *scale_bases,
+        NUM_GROUPS,
+        GROUPS_PAD,
+        KEY_PER_CHANNEL,
+        VALUE_NBITS,
+        VALUE_SYM,
     )
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
@@ -873,11 +890,19 @@ def _middle_split(
         row_offs = code_base + pos * stride_cn
         if SCALE_PREFETCH:  # the next tile's scales load while this tile computes
             next_tiles = _scale_tiles(
-                *scale_args, pos + BLOCK_N, pos + BLOCK_N < hi, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL
+                *scale_args,
+                pos + BLOCK_N,
+                pos + BLOCK_N < hi,
+                *scale_bases,
+                NUM_GROUPS,
+                GROUPS_PAD,
+                KEY_PER_CHANNEL,
+                VALUE_NBITS,
+                VALUE_SYM,
             )
         else:
             ks_tile, kz_tile, vs_tile, vz_tile = _scale_tiles(
-                *scale_args, pos, valid, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL
+                *scale_args, pos, valid, *scale_bases, NUM_GROUPS, GROUPS_PAD, KEY_PER_CHANNEL, VALUE_NBITS, VALUE_SYM
             )
         key_args = (
             KCodes,

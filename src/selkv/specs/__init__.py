@@ -4,7 +4,8 @@ A spec string names a cache kind and its settings::
 
     full
     drop:sink=4,window=124
-    quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T][,rotate=hadamard-signs|hadamard|none]
+    quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,vsym=0|1][,block=T]
+        [,rotate=hadamard-signs|hadamard|none]
         [,vrotate=none|hadamard|hadamard-signs][,late_kbits=K][,layer_bits=LAYERS:KBITS/VBITS+...]
     quant:kbits=4,vbits=2,...
     hf-quanto:bits=4,residual=128[,group=64]

@@ -1,5 +1,5 @@
-"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,block=T][,rotate=R][,vrotate=R]
-[,late_kbits=K][,layer_bits=...]``.
+"""``quant:bits=4,sink=4,window=124[,group=G][,key_axis=token|channel][,sym=0|1][,vsym=0|1][,block=T][,rotate=R]
+[,vrotate=R][,late_kbits=K][,layer_bits=...]``.
 
 16-bit sink and window, every token between quantized once to ``bits`` bits, or to ``kbits`` bits per
 key and ``vbits`` per value (``quant:kbits=4,vbits=2``; ``bits=B`` is the shorthand for both).
@@ -21,11 +21,18 @@ is quantized; attention over the middle gives its output rotated and readers rot
 elsewhere (resolved by ``check_model``, as ``rotate`` is). A rotation the keys use too costs no extra bytes
 (one shared matrix); another one is one more ``[head_dim, head_dim]`` matrix per cache.
 
+``vsym=1`` stores the value groups symmetric with no zero (``quant.quantize_midrise``): one float16 scale per
+group of ``group`` channels, the ``2**vbits`` levels at odd multiples of half the scale about 0 (2 bits:
+``±scale/2``, ``±3 scale/2``). It saves a float16 per value group and fits rotated values, whose groups are
+centred on 0. ``sym=1`` is another grid (levels ``-2**(bits-1) .. 2**(bits-1) - 1`` times the scale, its zero
+stored, keys and values); with ``vsym=1`` the values use ``vsym``'s. Left out, it is :data:`DEFAULT_VSYM` for
+``vbits``.
+
 ``layer_bits=LAYERS:KBITS/VBITS+...`` gives some decoder layers other widths: ``LAYERS`` is one layer
 ``i`` or an inclusive range ``i-j`` (0-based, as ``model.model.layers``), e.g.
 ``quant:bits=3,block=64,late_kbits=3,layer_bits=1:4/3+5:4/3`` stores 4-bit keys and 3-bit values in layers 1
 and 5 and 3-bit keys and values everywhere else (``late_kbits=3``: no later-layer rule). Only the widths change: every
-other setting of a listed layer (``group``, ``block``, ``key_axis``, ``sym``, ``rotate``, ``vrotate``) is the
+other setting of a listed layer (``group``, ``block``, ``key_axis``, ``sym``, ``vsym``, ``rotate``, ``vrotate``) is the
 spec's, and the defaults among them follow the spec's ``kbits``/``vbits``, never a layer's (with ``bits=3``,
 a ``4/3`` layer keeps the 3-bit block of 128 and group of 64, not int4's group of 32; give ``group=`` or
 ``block=`` to set them for every layer). That is what the low-bit sweep's ``layer_bits`` did
@@ -35,8 +42,9 @@ spec is resolved for it (``resolve``): each must exist and be a full-attention l
 stay 16-bit). The canonical string lists the layers in order, consecutive layers of the same widths as one
 range.
 
-``late_kbits=K`` stores the keys of the later full-attention layers at ``K`` bits (the last ``3n // 4`` of ``n`` at
-``kbits=2``, the last ``2n // 5`` at ``kbits=3``, the last ``n // 2`` elsewhere: :data:`LATE_SHARE`), every other
+``late_kbits=K`` stores the keys of the later full-attention layers at ``K`` bits (all ``n`` of them at ``kbits=2``
+with ``vsym=1``, the last ``3n // 4`` with ``vsym=0``, the last ``2n // 5`` at ``kbits=3``, the last ``n // 2``
+elsewhere: :func:`late_share`), every other
 setting the spec's, as ``layer_bits`` entries ``K/VBITS`` for those layers would (a layer that ``layer_bits`` lists
 keeps its entry). Left out, it is :data:`DEFAULT_LATE_KBITS` for ``kbits`` where the head_dim packs those codes: 3 at
 2 bits (a head_dim that is a multiple of 8), 4 at 3 bits, and ``kbits`` (no rule) elsewhere, resolved by
@@ -94,11 +102,14 @@ DEFAULT_BLOCK = {8: 32, 4: 64, 3: 128, 2: 128}
 # One model's reading: later layers want wider keys. `late_kbits=KBITS` turns a rule off.
 DEFAULT_LATE_KBITS = {2: 3, 3: 4}
 # The share of the full-attention layers (the last ones) that ``late_kbits`` widens, per key bit width, within the
-# width's held target at its default key blocks of 128 (5x at 2 bits: 3/4, 22 of 30 layers at 5.04x; 23 would hold
-# 5.01x and were not measured, 24 4.99x; 4x at 3 bits: 2/5, 4.02x; the later half would hold 3.97x), a half where no
-# default rule is. A spec that sets a smaller ``block`` keeps the share and holds less (``late_kbits=KBITS`` or
-# ``layer_bits`` set the layers by hand).
-LATE_SHARE = {2: Fraction(3, 4), 3: Fraction(2, 5)}
+# width's held target at its default key blocks of 128 with symmetric values (5x at 2 bits: all of them, 5.03x; 4x
+# at 3 bits: 2/3, 20 of 30 layers at 4.01x), and with value zeros stored (vsym=0, STORED_ZERO_LATE_SHARE: 3/4 at 2
+# bits, 22 of 30 layers at 5.04x; 2/5 at 3 bits, 4.02x, where the later half would hold 3.97x); a half where no
+# default rule is. A spec that sets a smaller ``block`` keeps the
+# share and holds less (``late_kbits=KBITS`` or ``layer_bits`` set the layers by hand).
+LATE_SHARE = {2: Fraction(1), 3: Fraction(2, 3)}
+STORED_ZERO_LATE_SHARE = {2: Fraction(3, 4), 3: Fraction(2, 5)}  # the shares where value groups store their zero
+
 # Key rotation per key bit width, from the float32 perplexity sweep in docs/eval_results.md (2026-12-02,
 # SmolLM2-135M, chunk 64): sign-flipped Hadamard keys take int2 from +9.3% / +11.3% / +26.2% to
 # +4.2% / +5.2% / +12.5% (PG-19 2,048 / 4,096, WikiText-2) and int4 from +0.28% / +0.33% / +0.41% to
@@ -114,6 +125,22 @@ DEFAULT_ROTATE = {8: "none", 4: "hadamard-signs", 3: "hadamard", 2: "hadamard"}
 # int3's win is with plain-Hadamard keys (WikiText-2 +1.80% -> +0.91%, one matrix for both; with signed keys
 # +2.31% -> +2.05%): its default since 2026-12-07. 4 and 8 bits keep none.
 DEFAULT_VROTATE = {8: "none", 4: "none", 3: "hadamard", 2: "hadamard"}
+# Symmetric value groups without a stored zero (``vsym``) per value bit width, from the sweep and the library runs
+# in docs/eval_results.md (2026-12-07, SmolLM2-135M, float32, chunk 64): at 2 bits (Hadamard-rotated values, groups
+# of 64) the float16 zero a group no longer stores pays for 3-bit keys in every layer (LATE_SHARE[2]) at 5.03x:
+# WikiText-2 2,048 / PG-19 4,096 / Dragon's Blood 4,096 / GovReport 4,096 +4.34% / +2.04% / +2.23% / +2.61%, against
+# +6.17% / +3.22% / +2.95% / +2.88% for the stored zero with 3-bit keys in 22 of 30 layers (5.04x). Symmetric
+# values alone cost 0.8 point on WikiText-2 (+7.00% at 5.24x, 3-bit keys in 22 layers). At 3 bits they pay for 4-bit
+# keys in layers 10-29 at 4.01x: +0.39% / +0.40% / +0.60% / +0.30% against +0.72% / +0.57% / +0.65% / +0.47% for the
+# stored zero with 4-bit keys in layers 18-29 (4.02x). 4 and 8 bits keep the zero.
+DEFAULT_VSYM = {8: False, 4: False, 3: True, 2: True}
+
+
+def late_share(kbits: int, vsym: bool) -> Fraction:
+    """The share of the full-attention layers, the last ones, whose keys ``late_kbits`` widens."""
+    if not vsym and kbits in STORED_ZERO_LATE_SHARE:
+        return STORED_ZERO_LATE_SHARE[kbits]
+    return LATE_SHARE.get(kbits, Fraction(1, 2))
 
 
 def no_late_rule(kbits: int) -> int:
@@ -181,6 +208,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     window: int = 124
     key_axis: str = "token"
     sym: bool = False
+    vsym: bool = False
     block: int = 1
     rotate: str = ""  # "": DEFAULT_ROTATE[kbits] where head_dim allows, resolved by check_model
     vrotate: str = ""  # "": DEFAULT_VROTATE[vbits] where head_dim allows, resolved by check_model
@@ -199,6 +227,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         "group": 0,  # 0: gcd(head_dim, DEFAULT_GROUP[vbits]), resolved by check_model
         "key_axis": "",  # "": DEFAULT_KEY_AXIS[kbits]
         "sym": 0,
+        "vsym": 0,  # not given: DEFAULT_VSYM[vbits]
         "block": 0,  # 0: DEFAULT_BLOCK[kbits]
         "rotate": "",  # "": DEFAULT_ROTATE[kbits] (none where head_dim is not a power of two)
         "vrotate": "",  # "": DEFAULT_VROTATE[vbits] (none where head_dim is not a power of two)
@@ -218,6 +247,9 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         sym = fields.values["sym"]
         if sym not in (0, 1):
             raise SpecError(f"quant: sym={sym} is not allowed; allowed: 0, 1")
+        vsym = fields.values["vsym"] if "vsym" in fields.given else int(DEFAULT_VSYM[vbits])
+        if vsym not in (0, 1):
+            raise SpecError(f"quant: vsym={vsym} is not allowed; allowed: 0, 1")
         rotate, vrotate = fields.values["rotate"], fields.values["vrotate"]
         for key, rotation in (("rotate", rotate), ("vrotate", vrotate)):
             if rotation and rotation not in ROTATIONS:
@@ -238,6 +270,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             group=group,
             key_axis=axis,
             sym=bool(sym),
+            vsym=bool(vsym),
             block=fields.at_least("block", 1),
             rotate=rotate,
             vrotate=vrotate,
@@ -285,8 +318,13 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     def __str__(self) -> str:
         return (
             f"quant:{self._bits_text()},sink={self.sink},window={self.window}{self._group_text()},"
-            f"key_axis={self.key_axis},sym={int(self.sym)},block={self.block}{self._late_text()}{self._rotate_text()}"
+            f"key_axis={self.key_axis},sym={int(self.sym)}{self._vsym_text()},block={self.block}{self._late_text()}"
+            f"{self._rotate_text()}"
         )
+
+    def _vsym_text(self) -> str:
+        # shown when on, and when off where on is the value width's default
+        return f",vsym={int(self.vsym)}" if self.vsym or DEFAULT_VSYM[self.vbits] else ""
 
     def _late_text(self) -> str:
         # 0 (a default to resolve) is left out, and so is "no rule" where that is the width's default
@@ -309,7 +347,11 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
     def family(self) -> str:
         return (
             f"quant sink={self.sink},window={self.window},"
-            f"key_axis={self.key_axis}" + self._group_text() + self._late_text() + self._rotate_text()
+            f"key_axis={self.key_axis}"
+            + self._vsym_text()
+            + self._group_text()
+            + self._late_text()
+            + self._rotate_text()
         )
 
     def check_model(self, head_dim: int) -> QuantSpec:
@@ -349,7 +391,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         plan = layer_plan(config)
         if resolved.late_kbits not in (0, self.kbits):  # the later full-attention layers
             full = [i for i, (layer_type, _) in enumerate(plan) if layer_type == "full_attention"]
-            count = int(len(full) * LATE_SHARE.get(self.kbits, Fraction(1, 2)))
+            count = int(len(full) * late_share(self.kbits, self.vsym))
             resolved = replace(resolved, late_layers=tuple(full[len(full) - count :]))
         if self.layer_bits:
             for layer, _, _ in self.layer_bits:
@@ -399,6 +441,7 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
             rotate=self.rotate or DEFAULT_ROTATE[self.kbits],
             sym=self.sym,
             vrotate=self.vrotate or DEFAULT_VROTATE[self.vbits],
+            vsym=self.vsym,
         )
 
     def make_layer(self, max_cache_len: int | None = None) -> QuantizedSinkWindowLayer | StaticSinkWindowLayer:
