@@ -257,9 +257,9 @@ def _dequantized_groups(
         bounds = (values[..., 1:] + values[..., :-1]) / 2
         codes = torch.searchsorted(bounds.contiguous(), grouped.contiguous())
         return values.gather(-1, codes)
-    if sym:  # one float16 scale; the zero is -scale * levels / 2, implied
+    if sym:  # one float16 scale; the zero is -scale * levels / 2, implied (an all-zero group: the smallest scale)
         scale = _round_outwards(hi / (levels / 2), float("inf"))
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float().unsqueeze(-1)
+        scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24)).float().unsqueeze(-1)
         zero = -scale * (levels / 2)
     else:
         zero = _round_outwards(lo, float("-inf"))

@@ -544,6 +544,13 @@ def test_interpreter_rejects_bad_inputs():
     with pytest.raises(ValueError, match="whole blocks of 16"):  # the value store is block-major
         cut = middle._replace(key_codes=middle.key_codes[:, :, :24], value_codes=middle.value_codes[:, :, :24])
         module.selective_decode_attention(query, replace(storage, middle=cut))
+    # value zeros that the layout does not expect: none stored without vsym, or stored with it
+    no_zeros = middle._replace(value_zero=middle.value_zero[..., :0])
+    with pytest.raises(ValueError, match=r"value_zero has shape .*; expected .* for vsym=False"):
+        module.selective_decode_attention(query, replace(storage, middle=no_zeros))
+    symmetric = replace(storage, layout=replace(storage.layout, vsym=True))
+    with pytest.raises(ValueError, match=r"value_zero has shape .*; expected .* for vsym=True"):
+        module.selective_decode_attention(query, symmetric)
 
 
 CUDA_LENGTHS = [  # (num_sink, num_stored, num_recent)

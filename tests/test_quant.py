@@ -248,7 +248,7 @@ def test_midrise_groups_of_non_finite_zero_and_extreme_inputs_stay_finite(nbits)
     x = torch.tensor(
         [
             [float("nan"), 1.0, float("inf"), -float("inf")],
-            [0.0, 0.0, 0.0, 0.0],  # any scale works; the levels are +-scale/2, ...
+            [0.0, 0.0, 0.0, 0.0],  # no level is 0: the smallest scale keeps the levels +-scale/2 next to it
             [65504.0, -65504.0, 2.0, 1.0],  # float16's extremes: the scale stays finite
             [1e30, -1e30, 2.0, 1.0],  # beyond float16: saturates
         ]
@@ -258,4 +258,4 @@ def test_midrise_groups_of_non_finite_zero_and_extreme_inputs_stay_finite(nbits)
     assert torch.isfinite(y).all() and torch.isfinite(scale.float()).all() and (scale.float() > 0).all()
     assert y[0, 2] >= y[0, 1] >= y[0, 3]  # +inf saturates high, -inf low
     assert bool(((x[2] - y[2]).abs() <= scale[2].float() / 2 * (1 + 1e-3)).all())
-    assert (y[1].abs() <= 0.5).all()  # the all-zero group: levels +-1/2 (scale 1)
+    assert (y[1].abs() <= 2.0**-24).all()  # the all-zero group: the smallest float16 scale, levels +-2**-25

@@ -90,7 +90,7 @@ def test_key_and_value_bits(text, canonical, kbits, vbits):
 
 
 def test_vsym_key():
-    """vsym follows vbits' default (on at 2 bits only), is shown where it is on or its width's default is, and
+    """vsym follows vbits' default (on at 2 and 3 bits), is shown where it is on or its width's default is, and
     every layer of a layer_bits spec keeps the spec's."""
     two, four = selkv.parse_spec("quant:bits=2"), selkv.parse_spec("quant:bits=4")
     assert selkv.parse_spec("quant:bits=3").vsym and not selkv.parse_spec("quant:bits=8").vsym

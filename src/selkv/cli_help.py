@@ -21,7 +21,7 @@ examples:
   selkv size --tokens 32768                    KV bytes of the default cache set, no forward pass
   selkv eval perplexity --data pg19 --out results/ppl
   selkv report results/ppl
-  selkv calibrate --cache quant:bits=3,block=64,late_kbits=3 --upgrade 4/3 --min-ratio 4 --out results/cal
+  selkv calibrate --cache quant:bits=3,vsym=0,block=64,late_kbits=3 --upgrade 4/3 --min-ratio 4 --out results/cal
   selkv lm-eval --model selkv --model_args '{"cache": "quant:bits=4,sink=4,window=124"}' --tasks lambada_openai
 
 Run 'selkv COMMAND --help' for a command's options. SELKV_DEBUG=1 shows tracebacks for input errors.
@@ -81,7 +81,7 @@ highlighted; needs matplotlib). Rerun with the same --out to resume; a new budge
 CALIBRATE_EPILOG = """\
 example (the embedded model: 33 runs, 15 minutes on 2 CPU cores):
   selkv calibrate --device cpu --dtype float32 --data pg19-morocco --max-tokens 2048 --chunk 64 \\
-      --cache quant:bits=3,sink=4,window=124,block=64,late_kbits=3 --upgrade 4/3 \\
+      --cache quant:bits=3,sink=4,window=124,vsym=0,block=64,late_kbits=3 --upgrade 4/3 \\
       --min-ratio 4.0 --out results/calibrate
   then: selkv eval perplexity --data wikitext2 --cache full --cache SPEC --out results/check
 Screen on a text the evaluations do not use: layers chosen on a text score better on it than elsewhere.

@@ -37,6 +37,7 @@ import torch
 SUPPORTED_NBITS = (2, 3, 4, 8)
 SCALE_DTYPE = torch.float16
 _FP16_MAX = torch.finfo(torch.float16).max
+_FP16_TINY = 2.0**-24  # the smallest positive float16 (a subnormal)
 
 
 def check_nbits(nbits: int) -> None:
@@ -109,7 +110,8 @@ def quantize_midrise(x: torch.Tensor, nbits: int, group_size: int, dim: int = -1
     grouped, dim = _groups(x, group_size, dim)
     levels = 2**nbits - 1
     scale = _round_outwards(grouped.abs().amax(dim=-1) / (levels / 2), float("inf"))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale works
+    # An all-zero group: the smallest float16 scale, so that its levels (+-scale/2, ...) read back as zero within 3e-8.
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, _FP16_TINY))
     zero = midrise_zero(scale, nbits).unsqueeze(-1)
     codes = torch.round((grouped - zero) / scale.float().unsqueeze(-1))
     codes = codes.clamp_(0, levels).to(torch.uint8).flatten(-2).movedim(-1, dim)

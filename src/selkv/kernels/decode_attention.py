@@ -266,7 +266,13 @@ def _check_middle(storage: DecodeStorage, head_dim: int) -> None:
             f"key/value codes must have {key_packed}/{value_packed} packed bytes per token for "
             f"key_nbits={key_nbits}, value_nbits={value_nbits}"
         )
-    key_codes, key_scale, _, value_codes, value_scale, _ = middle
+    key_codes, key_scale, _, value_codes, value_scale, value_zero = middle
+    # the kernel reads value zeros at the scales' offsets, or none with vsym (it computes them)
+    zero_shape = (*value_scale.shape[:-1], 0) if layout.vsym else value_scale.shape
+    if value_zero.shape != zero_shape:
+        raise ValueError(
+            f"value_zero has shape {tuple(value_zero.shape)}; expected {tuple(zero_shape)} for vsym={layout.vsym}"
+        )
     if key_codes.shape[2] < num_stored:
         raise ValueError(f"num_stored={num_stored} exceeds the middle capacity {key_codes.shape[2]}")
     if value_codes.shape[:3] != key_codes.shape[:3]:  # the kernel addresses both rows with key_codes' rows

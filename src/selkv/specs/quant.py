@@ -42,9 +42,11 @@ spec is resolved for it (``resolve``): each must exist and be a full-attention l
 stay 16-bit). The canonical string lists the layers in order, consecutive layers of the same widths as one
 range.
 
-``late_kbits=K`` stores the keys of the later full-attention layers at ``K`` bits (all ``n`` of them at ``kbits=2``
-with ``vsym=1``, the last ``3n // 4`` with ``vsym=0``, the last ``2n // 5`` at ``kbits=3``, the last ``n // 2``
-elsewhere: :func:`late_share`), every other
+``late_kbits=K`` stores the keys of the later full-attention layers at ``K`` bits (at ``kbits=2`` all ``n`` of them
+with ``vsym=1`` and the last ``3n // 4`` with ``vsym=0``; at ``kbits=3`` the last ``2n // 3`` with ``vsym=1`` and
+``2n // 5`` with ``vsym=0``; the last ``n // 2`` elsewhere: :func:`late_share`; the share follows ``kbits`` and the
+spec's ``vsym``, which follows ``vbits``: mixed widths such as ``kbits=3,vbits=2`` take ``kbits=3``'s share with
+symmetric values, a combination no run measured), every other
 setting the spec's, as ``layer_bits`` entries ``K/VBITS`` for those layers would (a layer that ``layer_bits`` lists
 keeps its entry). Left out, it is :data:`DEFAULT_LATE_KBITS` for ``kbits`` where the head_dim packs those codes: 3 at
 2 bits (a head_dim that is a multiple of 8), 4 at 3 bits, and ``kbits`` (no rule) elsewhere, resolved by
@@ -81,12 +83,15 @@ DEFAULT_KEY_AXIS = {8: "token", 4: "channel", 3: "channel", 2: "channel"}
 # - int2 (2026-11-29 to 2026-12-06, before rotations): key blocks of 32 (+9.1% / +26.2%, 5.06x). Blocks of 16
 #   were more accurate (+5.5% / +16.2%) but 4.4x; block=64 with group=32 worse (+16.5% / +38.0%).
 # - int3: value groups of 64; key blocks of 128 (since 2026-12-07; 64 before, 4.09x) pay for 4-bit keys in the
-#   last 2/5 of the layers (DEFAULT_LATE_KBITS, LATE_SHARE) at 4.02x.
-# - int2 (since 2026-12-07): key blocks of 128, with 3-bit keys in the last 3/4 of the layers (DEFAULT_LATE_KBITS,
-#   LATE_SHARE) at 5.04x: +6.17% / +3.22% / +2.95% / +2.88% (WikiText-2 2,048, PG-19 4,096, PG-19 Dragon's Blood
-#   4,096, a GovReport report 4,096) against +6.68% / +3.47% / +3.51% / +2.80% for key blocks of 64 with 3-bit keys
-#   in the later half (2026-12-06 to 07, 5.02x; blocks of 32 and no 3-bit keys before: +10.18% / +4.22% / +6.22%),
-#   and a faster kernel (H100, 8 x 32k: 2-bit layers 1.97x bf16 SDPA against 1.60x with blocks of 64).
+#   last 2/5 of the layers (DEFAULT_LATE_KBITS, STORED_ZERO_LATE_SHARE) at 4.02x; with symmetric values (DEFAULT_VSYM,
+#   the default since later on 2026-12-07) in the last 2/3 at 4.01x.
+# - int2 (2026-12-07): key blocks of 128, with 3-bit keys in the last 3/4 of the layers (DEFAULT_LATE_KBITS,
+#   STORED_ZERO_LATE_SHARE; the default with value zeros stored, vsym=0) at 5.04x: +6.17% / +3.22% / +2.95% /
+#   +2.88% (WikiText-2 2,048, PG-19 4,096, PG-19 Dragon's Blood 4,096, a GovReport report 4,096) against +6.68% /
+#   +3.47% / +3.51% / +2.80% for key blocks of 64 with 3-bit keys in the later half (2026-12-06 to 07, 5.02x;
+#   blocks of 32 and no 3-bit keys before: +10.18% / +4.22% / +6.22%), and a faster kernel (H100, 8 x 32k: 2-bit
+#   layers 1.97x bf16 SDPA against 1.60x with blocks of 64). With symmetric values (DEFAULT_VSYM, the default since
+#   later on 2026-12-07) 3-bit keys in every layer at 5.03x.
 # A head_dim the per-bit default does not divide (96: Phi-3-mini; 80: Phi-2, StableLM-3B, Pythia-2.8B) gets the
 # largest group that divides both: gcd(head_dim, default), 32 and 16 there.
 DEFAULT_GROUP = {8: 64, 4: 32, 3: 64, 2: 64}
@@ -96,9 +101,10 @@ DEFAULT_BLOCK = {8: 32, 4: 64, 3: 128, 2: 128}
 # - 2 bits (2026-12-06): with key blocks of 64, 3-bit keys in layers 15-29 of 30 give WikiText-2 +6.68%, in
 #   layers 0-14 +16.00%, in the even layers +9.85%, none +17.06% (5.43x). With key blocks of 128 (2026-12-07) 5x
 #   affords them in layers 8-29: +6.17% (22 layers chosen on a calibration text instead: +6.50%).
-# - 3 bits (2026-12-07): with key blocks of 128, 4-bit keys in layers 18-29 of 30 give +0.72% / +0.57% / +0.65%
-#   (WikiText-2 2,048, PG-19 4,096, Dragon's Blood 4,096) and +0.47% on a GovReport report no choice looked at,
-#   against +2.31% / +0.91% / +0.72% / +0.54% for the former default, at 4.02x against 4.09x.
+# - 3 bits (2026-12-07): with key blocks of 128 and value zeros stored, 4-bit keys in layers 18-29 of 30 give +0.72% /
+#   +0.57% / +0.65% (WikiText-2 2,048, PG-19 4,096, Dragon's Blood 4,096) and +0.47% on a GovReport report no choice
+#   looked at, against +2.31% / +0.91% / +0.72% / +0.54% for the former default, at 4.02x against 4.09x. Symmetric
+#   values (DEFAULT_VSYM) afford layers 10-29 at 4.01x, and at 2 bits every layer (5.03x): the comment there.
 # One model's reading: later layers want wider keys. `late_kbits=KBITS` turns a rule off.
 DEFAULT_LATE_KBITS = {2: 3, 3: 4}
 # The share of the full-attention layers (the last ones) that ``late_kbits`` widens, per key bit width, within the
@@ -132,7 +138,9 @@ DEFAULT_VROTATE = {8: "none", 4: "none", 3: "hadamard", 2: "hadamard"}
 # +6.17% / +3.22% / +2.95% / +2.88% for the stored zero with 3-bit keys in 22 of 30 layers (5.04x). Symmetric
 # values alone cost 0.8 point on WikiText-2 (+7.00% at 5.24x, 3-bit keys in 22 layers). At 3 bits they pay for 4-bit
 # keys in layers 10-29 at 4.01x: +0.39% / +0.40% / +0.60% / +0.30% against +0.72% / +0.57% / +0.65% / +0.47% for the
-# stored zero with 4-bit keys in layers 18-29 (4.02x). 4 and 8 bits keep the zero.
+# stored zero with 4-bit keys in layers 18-29 (4.02x). 4 and 8 bits keep the zero. Where head_dim is not a power of
+# two the values are not rotated (DEFAULT_VROTATE falls back to none) and keep this default: symmetric groups of
+# unrotated values were not measured (give vsym=0 to keep the zeros).
 DEFAULT_VSYM = {8: False, 4: False, 3: True, 2: True}
 
 
