@@ -124,7 +124,7 @@ def random_storage(
     )
 
 
-def rotations(rotate: list[str]) -> dict[str, str | bool]:
+def layout_options(rotate: list[str]) -> dict[str, str | bool]:
     """``rotate``, ``vrotate`` and ``vsym`` keywords from what follows a FUSED row's block length."""
     return dict(
         rotate=rotate[0] if rotate else "none",
@@ -173,7 +173,7 @@ def layout_errors(name: str, device: str = "cuda", shape: dict | None = None, ba
     for rms in ACCURACY_RMS:
         gen = torch.Generator(device).manual_seed(0)
         storage, middle = kernel_precision.make_cache(
-            gen, nbits, axis_key, group, block, rms, device=device, **rotations(rotate), **shape
+            gen, nbits, axis_key, group, block, rms, device=device, **layout_options(rotate), **shape
         )
         query = torch.randn(
             shape["batch_size"], shape["num_heads"], 1, shape["head_dim"], generator=gen, device=device
@@ -249,7 +249,7 @@ def run(shapes, methods, config=None, check=True, baseline=None) -> list[dict]:
                 axis_key,
                 group,
                 block,
-                **rotations(rotate),
+                **layout_options(rotate),
                 device_lengths=device_lengths,
             )
             nbytes = kernels.bytes_read(

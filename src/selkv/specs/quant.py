@@ -111,8 +111,8 @@ DEFAULT_LATE_KBITS = {2: 3, 3: 4}
 # width's held target at its default key blocks of 128 with symmetric values (5x at 2 bits: all of them, 5.03x; 4x
 # at 3 bits: 2/3, 20 of 30 layers at 4.01x), and with value zeros stored (vsym=0, STORED_ZERO_LATE_SHARE: 3/4 at 2
 # bits, 22 of 30 layers at 5.04x; 2/5 at 3 bits, 4.02x, where the later half would hold 3.97x); a half where no
-# default rule is. A spec that sets a smaller ``block`` keeps the
-# share and holds less (``late_kbits=KBITS`` or ``layer_bits`` set the layers by hand).
+# default rule is. A spec that sets a smaller ``block`` keeps the share and holds less (``late_kbits=KBITS`` or
+# ``layer_bits`` set the layers by hand).
 LATE_SHARE = {2: Fraction(1), 3: Fraction(2, 3)}
 STORED_ZERO_LATE_SHARE = {2: Fraction(3, 4), 3: Fraction(2, 5)}  # the shares where value groups store their zero
 
@@ -252,12 +252,12 @@ class QuantSpec(GroupedSpec, SelectiveSpec):
         axis = fields.values["key_axis"] or DEFAULT_KEY_AXIS[kbits]
         if axis not in ("token", "channel"):
             raise SpecError(f"quant: key_axis={axis!r} is not allowed; allowed: token, channel")
-        sym = fields.values["sym"]
-        if sym not in (0, 1):
-            raise SpecError(f"quant: sym={sym} is not allowed; allowed: 0, 1")
-        vsym = fields.values["vsym"] if "vsym" in fields.given else int(DEFAULT_VSYM[vbits])
-        if vsym not in (0, 1):
-            raise SpecError(f"quant: vsym={vsym} is not allowed; allowed: 0, 1")
+        if "vsym" not in fields.given:
+            fields.values["vsym"] = int(DEFAULT_VSYM[vbits])
+        sym, vsym = fields.values["sym"], fields.values["vsym"]
+        for key, flag in (("sym", sym), ("vsym", vsym)):
+            if flag not in (0, 1):
+                raise SpecError(f"quant: {key}={flag} is not allowed; allowed: 0, 1")
         rotate, vrotate = fields.values["rotate"], fields.values["vrotate"]
         for key, rotation in (("rotate", rotate), ("vrotate", vrotate)):
             if rotation and rotation not in ROTATIONS:
