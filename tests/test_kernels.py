@@ -223,6 +223,40 @@ def test_interpreter_symmetric_values(nbits, value_nbits, axis_key, rotate, vrot
 
 
 @interpreter_only
+@pytest.mark.parametrize("device_lengths", [False, True])
+@pytest.mark.parametrize(
+    "key_nbits,value_nbits,rotate,block_length,block_n",
+    [(3, 3, "hadamard", 32, 32), (3, 2, "none", 16, 32), (3, 2, "hadamard-signs", 64, 16), (4, 3, "none", 32, 32)],
+)
+def test_interpreter_three_bit_codes_in_eight_chunks(
+    key_nbits, value_nbits, rotate, block_length, block_n, device_lengths
+):
+    """3-bit codes at head_dim 128 are read in eight chunks of 16 channels whose high bits share one position:
+    per-channel keys with their queries kept as four joined pairs (rotated in the kernel or loaded, one or two
+    key blocks per tile), values with their accumulators kept as four joined pairs."""
+    module = kernel_module()
+    assert module._key_chunk(128, 3, 32, "channel") == 16 and module._value_chunk(128, 3, 32) == 16
+    config = module.DecodeConfig(block_n=block_n, block_exact=16, num_splits=3)
+    shape = dict(
+        SMALL,
+        head_dim=128,
+        q_group_size=32,
+        num_heads=4,
+        num_sink=3,
+        num_stored=96,
+        num_recent=7,
+        nbits=key_nbits,
+        value_nbits=value_nbits,
+        axis_key="channel",
+        block_length=block_length,
+        row_padding=[5, 0],
+        rotate=rotate,
+        vrotate="none",
+    )
+    check_case(module, "cpu", torch.float16, fresh_seed(), config=config, device_lengths=device_lengths, **shape)
+
+
+@interpreter_only
 def test_interpreter_symmetric_values_fail_the_reference_with_a_wrong_zero(monkeypatch):
     """The test can fail: a kernel that took the value zeros as 0 instead of computing them from the scales is
     far from the float64 reference."""
@@ -935,6 +969,9 @@ def _run_ptx(ptx: str, inputs: list[int]) -> list[int]:
             pool = (value(src[1]) << 32) | value(src[0])
             selector = value(src[2])
             regs[dst] = sum(((pool >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op == "shf.r.wrap.b32":  # funnel shift right of {src1, src0} by src2 mod 32, low word kept
+            pool, amount = (value(src[1]) << 32) | value(src[0]), value(src[2]) & 31
+            regs[dst] = (pool >> amount) & 0xFFFFFFFF
         elif op in ops:
             regs[dst] = ops[op](*(value(x) for x in src))
         else:
@@ -963,7 +1000,8 @@ def test_ptx_code_conversion_gives_1024_plus_code(nbits, shift):
 
 @pytest.mark.parametrize("shift", [0, 2, 4, 6])
 def test_ptx_three_bit_conversion_gives_1024_plus_code(shift):
-    """3-bit codes: a low 2-bit plane, a high bit picked by a one-bit mask per byte (no carry across bytes)."""
+    """3-bit codes: a low 2-bit plane and a high bit at one position of the four high bytes, rotated into bit 2
+    (a rotation right by the position - 2, mod 32, in each byte of the third operand)."""
     kernel_module()
     from selkv.kernels.triton_decode import _three_bit_ptx
 
@@ -971,10 +1009,11 @@ def test_ptx_three_bit_conversion_gives_1024_plus_code(shift):
     gen = random.Random(fresh_seed())
     for _ in range(300):
         low, high = [gen.randrange(256) for _ in range(4)], [gen.randrange(256) for _ in range(4)]
-        masks = [1 << gen.randrange(8) for _ in range(4)]
-        words = [sum(b << (8 * i) for i, b in enumerate(x)) for x in (low, high, masks)]
-        codes = [(lo >> shift) & 3 | (4 if hi & m else 0) for lo, hi, m in zip(low, high, masks, strict=True)]
-        assert _halves(_run_ptx(ptx, words)) == [1024.0 + c for c in codes], (shift, low, high, masks)
+        bit = gen.randrange(8)
+        rotation = (bit - 2) % 32
+        words = [sum(b << (8 * i) for i, b in enumerate(x)) for x in (low, high, [rotation] * 4)]
+        codes = [(lo >> shift) & 3 | (4 if hi >> bit & 1 else 0) for lo, hi in zip(low, high, strict=True)]
+        assert _halves(_run_ptx(ptx, words)) == [1024.0 + c for c in codes], (shift, low, high, bit)
 
 
 def _trimmed(storage, num_stored: int):

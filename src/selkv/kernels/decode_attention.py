@@ -94,6 +94,25 @@ def _chunk(head_dim: int, nbits: int, q_group_size: int) -> int:
     return min(q_group_size, quant.plane_width(head_dim, nbits))
 
 
+def _value_chunk(head_dim: int, nbits: int, q_group_size: int) -> int:
+    """Channels per value chunk: as ``_chunk``; 3-bit codes at head_dim >= 128: at most an eighth of the channels,
+    whose high bits share one bit position (the kernel keeps the eight chunks' accumulators as four pairs)."""
+    if nbits == 3 and head_dim >= 128:
+        return min(q_group_size, head_dim // 8)
+    return _chunk(head_dim, nbits, q_group_size)
+
+
+def _key_chunk(head_dim: int, nbits: int, q_group_size: int, axis_key: str) -> int:
+    """Channels per key chunk. Per-token keys: as ``_chunk``. Per-channel keys: a whole bit plane; 3-bit codes
+    at head_dim >= 128: an eighth of the channels, whose high bits share one bit position (a constant rotation
+    in the code conversion; the kernel keeps the eight chunks' queries as four pairs)."""
+    if axis_key != "channel":
+        return _chunk(head_dim, nbits, q_group_size)
+    if nbits == 3 and head_dim >= 128:
+        return head_dim // 8
+    return quant.plane_width(head_dim, nbits)
+
+
 # Tiles a middle program reads at least (each program pays a partial output and its merge).
 _MIN_SPLIT_TILES = 4
 
@@ -430,7 +449,7 @@ def selective_decode_attention(
     key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = _middle_operands(s, head_dim, device)
     row_padding, lengths = _length_operands(s, device, unused=sink_keys)
 
-    chunk = _chunk(head_dim, value_nbits, q_group_size)
+    chunk = _value_chunk(head_dim, value_nbits, q_group_size)
     num_splits, tokens_per_split = _splits(num_stored, batch_size * num_kv_heads, config, device)
     num_partials = num_splits + 1  # the last one reads the 16-bit regions
     partial_out = torch.empty(batch_size, num_heads, num_partials, head_dim, device=device, dtype=torch.float32)
@@ -502,12 +521,7 @@ def selective_decode_attention(
         DOT_PRECISION="ieee" if query_states.dtype == torch.float32 else "tf32",
         HEADS_N=max(8, triton.next_power_of_2(num_key_value_groups)),
         CHUNK=chunk,
-        # per-channel keys: a whole bit plane; per-token keys: one plane and scale group
-        KEY_CHUNK=(
-            quant.plane_width(head_dim, key_nbits)
-            if axis_key == "channel"
-            else _chunk(head_dim, key_nbits, q_group_size)
-        ),
+        KEY_CHUNK=_key_chunk(head_dim, key_nbits, q_group_size, axis_key),
         CODES_ASM=config.codes_asm and device.type == "cuda" and torch.version.hip is None,  # PTX: NVIDIA only
         SCALE_PREFETCH=config.scale_prefetch,
         VALUE_SYM=lay.vsym,

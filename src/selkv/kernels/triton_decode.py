@@ -287,12 +287,13 @@ _PTX_2_4, _PTX_2_6 = tl.constexpr(_plane_ptx(2, 4)), tl.constexpr(_plane_ptx(2, 
 
 
 def _three_bit_ptx(shift: int) -> str:
-    """PTX: four low-plane bytes ($2), four high-plane bytes ($3) and four one-bit masks ($4) -> four float16
-    1024 + code, where per byte code = (low >> shift) & 3 | 4 if high & mask else 0 (no carry crosses a byte:
-    high & mask is at most 0x80, plus 0x7f reaches 0x80 exactly when the bit is set)."""
+    """PTX: four low-plane bytes ($2), four high-plane bytes ($3) and a rotation ($4) -> four float16
+    1024 + code, where per byte code = (low >> shift) & 3 | 4 if the high byte's bit (2 + rotation) mod 8 is set.
+    The four codes of a register share their high bit's position, so one rotation of the high bytes (right by $4
+    mod 32, the same amount in each of $4's bytes) moves every bit into place."""
     return (
         "{.reg .b32 t, h; " + f"shr.b32 t, $2, {shift}; and.b32 t, t, 0x03030303; "
-        "and.b32 h, $3, $4; add.u32 h, h, 0x7f7f7f7f; and.b32 h, h, 0x80808080; shr.b32 h, h, 5; "
+        "shf.r.wrap.b32 h, $3, $3, $4; and.b32 h, h, 0x04040404; "
         "or.b32 t, t, h; prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }"
     )
 
@@ -372,12 +373,20 @@ def _three_bit_high(C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr
 
 
 @triton.jit
-def _three_bit_to_dot(low, high, SHIFT: tl.constexpr, high_shift, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """Low-plane bytes and high-bit bytes (their shifts broadcast alike) -> OFFSET + code, as _codes_to_dot."""
-    if ASM:  # four codes per instruction sequence; the masks depend on the channel only (hoisted from the loop)
-        masks = tl.broadcast_to((1 << high_shift).to(tl.uint8), low.shape)
-        codes = _three_bit_ptx_to_dot(low, high, masks, SHIFT)
+def _three_bit_to_dot(
+    low, high, SHIFT: tl.constexpr, high_shift, HIGH_BIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr
+):
+    """Low-plane bytes and high-bit bytes (their shifts broadcast alike) -> OFFSET + code, as _codes_to_dot.
+    HIGH_BIT >= 0: every code's high bit sits at that position (high_shift unused)."""
+    if ASM:  # four codes per instruction sequence, rotated by their high bit's position
+        if HIGH_BIT >= 0:  # a constant: Triton converts the codes in the dot operand's layout
+            rotation = tl.full(low.shape, (HIGH_BIT - 2) % 32, tl.uint8)
+        else:  # a per-channel tensor (the high bits' position is uniform over a register's four codes)
+            rotation = tl.broadcast_to(((high_shift - 2) & 31).to(tl.uint8), low.shape)
+        codes = _three_bit_ptx_to_dot(low, high, rotation, SHIFT)
     else:
+        if HIGH_BIT >= 0:
+            high_shift = HIGH_BIT
         codes = ((low >> SHIFT) & 3) | (((high >> high_shift) & 1) << 2)
         codes = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
     if DOT_DTYPE == tl.float32:
@@ -407,7 +416,9 @@ def _load_chunk_codes(
     if NBITS == 3:
         high_col, high_shift = _three_bit_high(C, CHUNK, HEAD_DIM)
         high = tl.load(Codes + row_offs[:, None] + high_col[None, :], mask=valid[:, None], other=0)
-        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[None, :], DOT_DTYPE, ASM)
+        # chunks of at most HEAD_DIM / 8 channels keep their high bits at one position (see _three_bit_high)
+        HIGH_BIT: tl.constexpr = SHIFT + (C * CHUNK) % PLANE_BYTES // (HEAD_DIM // 8) if CHUNK * 8 <= HEAD_DIM else -1
+        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[None, :], HIGH_BIT, DOT_DTYPE, ASM)
     return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
 
 
@@ -442,6 +453,63 @@ def _rotated_query_chunk(
 
 
 @triton.jit
+def _query_slot(
+    q_source,
+    Rotation,
+    rotation_scale,
+    head_ok,
+    SLOT: tl.constexpr,
+    KEY_CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ROTATE: tl.constexpr,
+):
+    """The query chunk in slot SLOT of four ([KEY_CHUNK, HEADS_N]) and its column sums: key chunk SLOT (modulo
+    the number of chunks: a slot past them is never read), or with eight key chunks, chunks 2 SLOT and 2 SLOT + 1
+    joined (the sums are the first's: only per-token keys use them, which are never read in eight chunks).
+    ``q_source``: the whole query, transposed, to rotate (ROTATE), else pointers to its first chunk."""
+    NUM_KEY_CHUNKS: tl.constexpr = HEAD_DIM // KEY_CHUNK
+    if NUM_KEY_CHUNKS > 4:
+        qT, q_sum = _query_chunk(
+            q_source, Rotation, rotation_scale, head_ok, 2 * SLOT, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION, ROTATE
+        )
+        odd, _ = _query_chunk(
+            q_source, Rotation, rotation_scale, head_ok, 2 * SLOT + 1, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION,
+            ROTATE,
+        )  # fmt: skip
+        qT = tl.join(qT, odd)
+    else:
+        qT, q_sum = _query_chunk(
+            q_source, Rotation, rotation_scale, head_ok, SLOT % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM,
+            DOT_DTYPE, DOT_PRECISION, ROTATE,
+        )  # fmt: skip
+    return qT, q_sum
+
+
+@triton.jit
+def _query_chunk(
+    q_source,
+    Rotation,
+    rotation_scale,
+    head_ok,
+    C: tl.constexpr,
+    KEY_CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ROTATE: tl.constexpr,
+):
+    if ROTATE:
+        qT, q_sum = _rotated_query_chunk(
+            q_source, Rotation, rotation_scale, C, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION
+        )
+    else:
+        qT, q_sum = _load_query_chunk(q_source, head_ok, C, KEY_CHUNK, DOT_DTYPE)
+    return qT, q_sum
+
+
+@triton.jit
 def _fold_row(
     codes, qT, KScale, KZero, row, s, t, OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr
 ):
@@ -454,6 +522,19 @@ def _fold_row(
     q_scaled = (q * ks[:, None]).to(DOT_DTYPE)
     s = tl.dot(codes, q_scaled, s, input_precision=DOT_PRECISION)
     return s, t + q * kz[:, None] - OFFSET * q_scaled.to(tl.float32)
+
+
+@triton.jit
+def _pick(x0, x1, x2, x3, INDEX: tl.constexpr):
+    if INDEX == 0:
+        x = x0
+    elif INDEX == 1:
+        x = x1
+    elif INDEX == 2:
+        x = x2
+    else:
+        x = x3
+    return x
 
 
 @triton.jit
@@ -472,6 +553,7 @@ def _channel_key_scores(
     qT2,
     qT3,
     KEY_CHUNK: tl.constexpr,
+    HEADS_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     NBITS: tl.constexpr,
     BLOCK_LENGTH: tl.constexpr,
@@ -494,19 +576,17 @@ def _channel_key_scores(
     first = start // BLOCK_LENGTH
     row0 = kscale_base + first * stride_ksn
     row1 = kscale_base + tl.minimum(first + 1, last_block) * stride_ksn
-    s0 = tl.zeros([BLOCK_N, qT0.shape[1]], tl.float32)
-    t0 = tl.zeros(qT0.shape, tl.float32)
+    PAIRED: tl.constexpr = NUM_KEY_CHUNKS > 4  # each qT holds two chunks (tl.join), see _middle_split
+    s0 = tl.zeros([BLOCK_N, HEADS_N], tl.float32)
+    t0 = tl.zeros([KEY_CHUNK, HEADS_N], tl.float32)
     s1 = s0
     t1 = t0
     for C in tl.static_range(NUM_KEY_CHUNKS):
-        if C == 0:
-            qT = qT0
-        elif C == 1:
-            qT = qT1
-        elif C == 2:
-            qT = qT2
+        if PAIRED:
+            q_even, q_odd = tl.split(_pick(qT0, qT1, qT2, qT3, C // 2))
+            qT = q_even if C % 2 == 0 else q_odd
         else:
-            qT = qT3
+            qT = _pick(qT0, qT1, qT2, qT3, C)
         codes = _load_chunk_codes(KCodes, row_offs, valid, C, KEY_CHUNK, HEAD_DIM, NBITS, DOT_DTYPE, ASM)
         offs_w = C * KEY_CHUNK + tl.arange(0, KEY_CHUNK)
         s0, t0 = _fold_row(codes, qT, KScale, KZero, row0 + offs_w, s0, t0, OFFSET, DOT_DTYPE, DOT_PRECISION)
@@ -637,7 +717,8 @@ def _load_value_codes(
     if NBITS == 3:
         high_col, high_shift = _three_bit_high(C, CHUNK, HEAD_DIM)
         high = _load_value_bytes(*args, high_col, PACKED, VALUE_BLOCK, BLOCK_N)
-        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[:, None], DOT_DTYPE, ASM)
+        HIGH_BIT: tl.constexpr = SHIFT + (C * CHUNK) % PLANE_BYTES // (HEAD_DIM // 8) if CHUNK * 8 <= HEAD_DIM else -1
+        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[:, None], HIGH_BIT, DOT_DTYPE, ASM)
     return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
 
 
@@ -704,6 +785,52 @@ def _value_chunk_update(
 
 
 @triton.jit
+def _value_update(
+    acc,
+    VCodes,
+    code_base,
+    start,
+    pos,
+    valid,
+    last_block,
+    vs_tile,
+    vz_tile,
+    p,
+    alpha,
+    P: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NBITS: tl.constexpr,
+    Q_GROUP: tl.constexpr,
+    VALUE_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ASM: tl.constexpr,
+    VALUE_DOT: tl.constexpr,
+):
+    """_value_chunk_update of accumulator P: chunk P, or with eight chunks (3-bit values of head_dim >= 128, whose
+    16-channel chunks keep their high bits at one position) chunks 2P and 2P + 1, joined in one accumulator."""
+    if HEAD_DIM // CHUNK > 4:
+        even, odd = tl.split(acc)
+        even = _value_chunk_update(
+            even, VCodes, code_base, start, pos, valid, last_block, vs_tile, vz_tile, p, alpha, 2 * P, CHUNK,
+            HEAD_DIM, NBITS, Q_GROUP, VALUE_BLOCK, BLOCK_N, DOT_DTYPE, DOT_PRECISION, ASM, VALUE_DOT,
+        )  # fmt: skip
+        odd = _value_chunk_update(
+            odd, VCodes, code_base, start, pos, valid, last_block, vs_tile, vz_tile, p, alpha, 2 * P + 1, CHUNK,
+            HEAD_DIM, NBITS, Q_GROUP, VALUE_BLOCK, BLOCK_N, DOT_DTYPE, DOT_PRECISION, ASM, VALUE_DOT,
+        )  # fmt: skip
+        acc = tl.join(even, odd)
+    else:
+        acc = _value_chunk_update(
+            acc, VCodes, code_base, start, pos, valid, last_block, vs_tile, vz_tile, p, alpha, P, CHUNK,
+            HEAD_DIM, NBITS, Q_GROUP, VALUE_BLOCK, BLOCK_N, DOT_DTYPE, DOT_PRECISION, ASM, VALUE_DOT,
+        )  # fmt: skip
+    return acc
+
+
+@triton.jit
 def _scale_tiles(
     KScale,
     KZero,
@@ -764,7 +891,18 @@ def _column(tile, G: tl.constexpr):
 
 @triton.jit
 def _store_chunk(PartialOut, acc, rows, head_ok, l_safe, C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    offs_w = C * CHUNK + tl.arange(0, CHUNK)
+    """Accumulator C normalized: channels [C * CHUNK, (C + 1) * CHUNK), or with eight chunks, chunks 2C and 2C + 1
+    (joined, see _value_update)."""
+    if HEAD_DIM // CHUNK > 4:
+        even, odd = tl.split(acc)
+        _store_rows(PartialOut, even, rows, head_ok, l_safe, 2 * C * CHUNK + tl.arange(0, CHUNK), HEAD_DIM)
+        _store_rows(PartialOut, odd, rows, head_ok, l_safe, (2 * C + 1) * CHUNK + tl.arange(0, CHUNK), HEAD_DIM)
+    else:
+        _store_rows(PartialOut, acc, rows, head_ok, l_safe, C * CHUNK + tl.arange(0, CHUNK), HEAD_DIM)
+
+
+@triton.jit
+def _store_rows(PartialOut, acc, rows, head_ok, l_safe, offs_w, HEAD_DIM: tl.constexpr):
     tl.store(PartialOut + rows[None, :] * HEAD_DIM + offs_w[:, None], acc / l_safe[None, :], mask=head_ok[None, :])
 
 
@@ -837,30 +975,26 @@ def _middle_split(
     head_ok = offs_hn < HEADS_PER_KV
     if ROTATE:  # Q is the query itself: rotate it here, once per program (no launch outside the kernel)
         offs_d = tl.arange(0, HEAD_DIM)
-        qT_full = tl.load(
+        q_source = tl.load(
             Q + b * stride_qb + (h * HEADS_PER_KV + offs_hn)[None, :] * stride_qh + offs_d[:, None],
             mask=head_ok[None, :],
             other=0.0,
         )  # [HEAD_DIM, HEADS_N]
-        rot_args = (qT_full, Rotation, rotation_scale)
-        qT0, q_sum0 = _rotated_query_chunk(*rot_args, 0, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
-        qT1, q_sum1 = _rotated_query_chunk(*rot_args, 1 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
-        qT2, q_sum2 = _rotated_query_chunk(*rot_args, 2 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
-        qT3, q_sum3 = _rotated_query_chunk(*rot_args, 3 % NUM_KEY_CHUNKS, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
     else:
-        q_ptrs = (
-            Q + b * stride_qb + (h * HEADS_PER_KV + offs_hn)[None, :] * stride_qh + offs_w[:, None]
-        )  # [KEY_CHUNK, HEADS_N]
-        qT0, q_sum0 = _load_query_chunk(q_ptrs, head_ok, 0, KEY_CHUNK, DOT_DTYPE)
-        qT1, q_sum1 = _load_query_chunk(q_ptrs, head_ok, 1 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
-        qT2, q_sum2 = _load_query_chunk(q_ptrs, head_ok, 2 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
-        qT3, q_sum3 = _load_query_chunk(q_ptrs, head_ok, 3 % NUM_KEY_CHUNKS, KEY_CHUNK, DOT_DTYPE)
+        q_source = Q + b * stride_qb + (h * HEADS_PER_KV + offs_hn)[None, :] * stride_qh + offs_w[:, None]
+    q_args = (q_source, Rotation, rotation_scale, head_ok)
+    qT0, q_sum0 = _query_slot(*q_args, 0, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION, ROTATE)
+    qT1, q_sum1 = _query_slot(*q_args, 1, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION, ROTATE)
+    qT2, q_sum2 = _query_slot(*q_args, 2, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION, ROTATE)
+    qT3, q_sum3 = _query_slot(*q_args, 3, KEY_CHUNK, HEAD_DIM, DOT_DTYPE, DOT_PRECISION, ROTATE)
     m_i = tl.full([HEADS_N], float("-inf"), tl.float32)
     l_i = tl.zeros([HEADS_N], tl.float32)
-    acc0 = tl.zeros([CHUNK, HEADS_N], tl.float32)
-    acc1 = tl.zeros([CHUNK, HEADS_N], tl.float32)
-    acc2 = tl.zeros([CHUNK, HEADS_N], tl.float32)
-    acc3 = tl.zeros([CHUNK, HEADS_N], tl.float32)
+    # one accumulator per chunk, or per pair of chunks (joined) when there are eight (_value_update)
+    ACC_SHAPE: tl.constexpr = [CHUNK, HEADS_N, 2] if NUM_CHUNKS > 4 else [CHUNK, HEADS_N]
+    acc0 = tl.zeros(ACC_SHAPE, tl.float32)
+    acc1 = tl.zeros(ACC_SHAPE, tl.float32)
+    acc2 = tl.zeros(ACC_SHAPE, tl.float32)
+    acc3 = tl.zeros(ACC_SHAPE, tl.float32)
     code_base = b * stride_cb + h * stride_ch
     value_code_base = b * stride_vcb + h * stride_vch
     kscale_base = b * stride_ksb + h * stride_ksh
@@ -932,6 +1066,7 @@ def _middle_split(
                 qT2,
                 qT3,
                 KEY_CHUNK,
+                HEADS_N,
                 HEAD_DIM,
                 KEY_NBITS,
                 BLOCK_LENGTH,
@@ -1011,7 +1146,7 @@ def _middle_split(
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
         value_args = (VCodes, value_code_base, start, pos, valid, last_block, vs_tile, vz_tile, p, alpha)
-        acc0 = _value_chunk_update(
+        acc0 = _value_update(
             acc0,
             *value_args,
             0,
@@ -1027,7 +1162,7 @@ def _middle_split(
             VALUE_DOT,
         )
         if NUM_CHUNKS > 1:
-            acc1 = _value_chunk_update(
+            acc1 = _value_update(
                 acc1,
                 *value_args,
                 1,
@@ -1043,7 +1178,7 @@ def _middle_split(
                 VALUE_DOT,
             )
         if NUM_CHUNKS > 2:
-            acc2 = _value_chunk_update(
+            acc2 = _value_update(
                 acc2,
                 *value_args,
                 2,
@@ -1059,7 +1194,7 @@ def _middle_split(
                 VALUE_DOT,
             )
         if NUM_CHUNKS > 3:
-            acc3 = _value_chunk_update(
+            acc3 = _value_update(
                 acc3,
                 *value_args,
                 3,
