@@ -1043,6 +1043,13 @@ def test_launch_choices_follow_the_layout():
     }
     given = module.DecodeConfig(block_n=32, scale_prefetch=True)
     assert module._resolve(given, "channel", 64) == given
+    # per-channel keys' scale rows loaded whole where a chunk's slice is too narrow to prefetch: 3-bit keys at
+    # head_dim 128 (16 channels a chunk), 2-bit (32); not 4-bit (64) or 8-bit; a given choice is kept
+    chunks = {(nbits, dim): module._key_chunk(dim, nbits, 64, "channel") for nbits in (2, 3, 4, 8) for dim in (64, 128)}
+    rows = {key: module._key_scale_rows(default, chunk) for key, chunk in chunks.items()}
+    assert rows == {(2, 64): True, (2, 128): True, (3, 64): True, (3, 128): True,
+                    (4, 64): True, (4, 128): False, (8, 64): False, (8, 128): False}  # fmt: skip
+    assert not module._key_scale_rows(module.DecodeConfig(key_scale_rows=False), 16)
 
 
 @pytest.mark.parametrize("nbits,value_nbits", [(4, 4), (2, 2), (4, 2), (3, 3)])

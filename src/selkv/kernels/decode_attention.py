@@ -65,6 +65,10 @@ class DecodeConfig:
     # codes converted to 16 bits with inline PTX, four per register (NVIDIA only); off: Triton's own
     # per-byte shifts and masks, the kernel before the PTX conversion (kept to compare)
     codes_asm: bool = True
+    # per-channel keys read in several chunks: the tile's key scale and zero rows loaded whole, once (a load the
+    # pipeliner prefetches), and split in registers; off: each chunk loads its own slice as it goes. None: where it
+    # was faster (_key_scale_rows)
+    key_scale_rows: bool | None = None
 
     def __post_init__(self):
         if self.value_dot not in VALUE_DOTS:
@@ -100,6 +104,16 @@ def _value_chunk(head_dim: int, nbits: int, q_group_size: int) -> int:
     if nbits == 3 and head_dim >= 128:
         return min(q_group_size, head_dim // 8)
     return _chunk(head_dim, nbits, q_group_size)
+
+
+def _key_scale_rows(config: DecodeConfig, key_chunk: int) -> bool:
+    """``config.key_scale_rows``, chosen when it is None: on where a chunk's own slice of a scale row (2 bytes a
+    channel) is narrower than a warp's asynchronous copy of 4 bytes a thread, which the pipeliner needs to
+    prefetch it. H100, 8 x 32k (docs/performance.md, 2026-12-07): 3/2 1.23x faster with whole rows, 2/2 1.36x, 3/3
+    1.21x; chunks of 64 channels (4-bit keys) 0-3 % slower (the registers spill)."""
+    if config.key_scale_rows is not None:
+        return config.key_scale_rows
+    return 2 * key_chunk < 4 * 32
 
 
 def _key_chunk(head_dim: int, nbits: int, q_group_size: int, axis_key: str) -> int:
@@ -450,6 +464,7 @@ def selective_decode_attention(
     row_padding, lengths = _length_operands(s, device, unused=sink_keys)
 
     chunk = _value_chunk(head_dim, value_nbits, q_group_size)
+    key_chunk = _key_chunk(head_dim, key_nbits, q_group_size, axis_key)
     num_splits, tokens_per_split = _splits(num_stored, batch_size * num_kv_heads, config, device)
     num_partials = num_splits + 1  # the last one reads the 16-bit regions
     partial_out = torch.empty(batch_size, num_heads, num_partials, head_dim, device=device, dtype=torch.float32)
@@ -521,9 +536,10 @@ def selective_decode_attention(
         DOT_PRECISION="ieee" if query_states.dtype == torch.float32 else "tf32",
         HEADS_N=max(8, triton.next_power_of_2(num_key_value_groups)),
         CHUNK=chunk,
-        KEY_CHUNK=_key_chunk(head_dim, key_nbits, q_group_size, axis_key),
+        KEY_CHUNK=key_chunk,
         CODES_ASM=config.codes_asm and device.type == "cuda" and torch.version.hip is None,  # PTX: NVIDIA only
         SCALE_PREFETCH=config.scale_prefetch,
+        KEY_SCALE_ROWS=_key_scale_rows(config, key_chunk),
         VALUE_SYM=lay.vsym,
         VALUE_DOT=VALUE_DOTS.index(config.value_dot),
         ROTATE=rotation is not None,

@@ -135,6 +135,7 @@ def _selective_decode_partial_kernel(
     KEY_CHUNK: tl.constexpr,  # channels per key chunk: CHUNK, or a whole bit plane for per-channel keys
     CODES_ASM: tl.constexpr,  # convert codes with inline PTX (CUDA only)
     SCALE_PREFETCH: tl.constexpr,  # load the next tile's per-token scales/zeros one tile ahead
+    KEY_SCALE_ROWS: tl.constexpr,  # per-channel keys in chunks: each scale row loaded whole (_row_chunks)
     VALUE_SYM: tl.constexpr,  # value groups store no zero: it is -(2^VALUE_NBITS - 1) / 2 * scale (quant.midrise_zero)
     VALUE_DOT: tl.constexpr,  # operands of the middle's value dot (see _value_chunk_update)
     ROTATE: tl.constexpr,  # rotate the query in the middle programs' prologue (Rotation), not QMiddle
@@ -248,6 +249,7 @@ def _selective_decode_partial_kernel(
             DOT_PRECISION,
             CODES_ASM,
             SCALE_PREFETCH,
+            KEY_SCALE_ROWS,
             VALUE_SYM,
             VALUE_DOT,
             ROTATE,
@@ -511,17 +513,61 @@ def _query_chunk(
 
 @triton.jit
 def _fold_row(
-    codes, qT, KScale, KZero, row, s, t, OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr
+    codes,
+    qT,
+    KScale,
+    KZero,
+    row,
+    s,
+    t,
+    OFFSET: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LOADED: tl.constexpr,
 ):
     """One chunk of a per-channel key block, its scale row folded into the query: the dot accumulates into s
     [BLOCK_N, HEADS_N], the terms of the correction q . z - OFFSET sum(q * s) into t [KEY_CHUNK, HEADS_N]
-    (summed over channels once per tile, _channel_key_scores)."""
-    ks = tl.load(KScale + row).to(tl.float32)
-    kz = tl.load(KZero + row).to(tl.float32)
+    (summed over channels once per tile, _channel_key_scores). LOADED: KScale and KZero are the chunk's scales
+    and zeros themselves (else pointers, read at ``row``)."""
+    if LOADED:
+        ks = KScale.to(tl.float32)
+        kz = KZero.to(tl.float32)
+    else:
+        ks = tl.load(KScale + row).to(tl.float32)
+        kz = tl.load(KZero + row).to(tl.float32)
     q = qT.to(tl.float32)
     q_scaled = (q * ks[:, None]).to(DOT_DTYPE)
     s = tl.dot(codes, q_scaled, s, input_precision=DOT_PRECISION)
     return s, t + q * kz[:, None] - OFFSET * q_scaled.to(tl.float32)
+
+
+@triton.jit
+def _row_chunks(Ptr, row, KEY_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A whole scale row (one load that the pipeliner can prefetch: a chunk's own row is too narrow for it),
+    shaped [KEY_CHUNK, 2, ..., 2] for _chunk_of: channel C * KEY_CHUNK + i at [i, bits of C, the lowest last]."""
+    NUM_KEY_CHUNKS: tl.constexpr = HEAD_DIM // KEY_CHUNK
+    x = tl.load(Ptr + row + tl.arange(0, HEAD_DIM))
+    if NUM_KEY_CHUNKS == 2:
+        x = tl.permute(tl.reshape(x, [2, KEY_CHUNK]), (1, 0))
+    elif NUM_KEY_CHUNKS == 4:
+        x = tl.permute(tl.reshape(x, [2, 2, KEY_CHUNK]), (2, 0, 1))
+    else:
+        x = tl.permute(tl.reshape(x, [2, 2, 2, KEY_CHUNK]), (3, 0, 1, 2))
+    return x
+
+
+@triton.jit
+def _chunk_of(x, C: tl.constexpr, NUM_KEY_CHUNKS: tl.constexpr):
+    """Chunk C ([KEY_CHUNK]) of a row from _row_chunks."""
+    lo, hi = tl.split(x)
+    x = lo if C % 2 == 0 else hi
+    if NUM_KEY_CHUNKS > 2:
+        lo, hi = tl.split(x)
+        x = lo if C // 2 % 2 == 0 else hi
+    if NUM_KEY_CHUNKS > 4:
+        lo, hi = tl.split(x)
+        x = lo if C // 4 % 2 == 0 else hi
+    return x
 
 
 @triton.jit
@@ -562,6 +608,7 @@ def _channel_key_scores(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ASM: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
 ):
     """[BLOCK_N, HEADS_N] scores q . k of a tile of per-channel keys in KEY_ROWS blocks (1 or 2: one scale row
     each): q . (s * code + z) = (q * s) . (OFFSET + code) + sum(q * z - OFFSET * q * s).
@@ -581,6 +628,10 @@ def _channel_key_scores(
     t0 = tl.zeros([KEY_CHUNK, HEADS_N], tl.float32)
     s1 = s0
     t1 = t0
+    WHOLE_ROWS: tl.constexpr = KEY_ROWS == 1 and NUM_KEY_CHUNKS > 1 and SCALE_ROWS
+    if WHOLE_ROWS:
+        ks_row = _row_chunks(KScale, row0, KEY_CHUNK, HEAD_DIM)
+        kz_row = _row_chunks(KZero, row0, KEY_CHUNK, HEAD_DIM)
     for C in tl.static_range(NUM_KEY_CHUNKS):
         if PAIRED:
             q_even, q_odd = tl.split(_pick(qT0, qT1, qT2, qT3, C // 2))
@@ -589,9 +640,14 @@ def _channel_key_scores(
             qT = _pick(qT0, qT1, qT2, qT3, C)
         codes = _load_chunk_codes(KCodes, row_offs, valid, C, KEY_CHUNK, HEAD_DIM, NBITS, DOT_DTYPE, ASM)
         offs_w = C * KEY_CHUNK + tl.arange(0, KEY_CHUNK)
-        s0, t0 = _fold_row(codes, qT, KScale, KZero, row0 + offs_w, s0, t0, OFFSET, DOT_DTYPE, DOT_PRECISION)
+        if WHOLE_ROWS:
+            ks = _chunk_of(ks_row, C, NUM_KEY_CHUNKS)
+            kz = _chunk_of(kz_row, C, NUM_KEY_CHUNKS)
+            s0, t0 = _fold_row(codes, qT, ks, kz, 0, s0, t0, OFFSET, DOT_DTYPE, DOT_PRECISION, True)
+        else:
+            s0, t0 = _fold_row(codes, qT, KScale, KZero, row0 + offs_w, s0, t0, OFFSET, DOT_DTYPE, DOT_PRECISION, False)
         if KEY_ROWS == 2:
-            s1, t1 = _fold_row(codes, qT, KScale, KZero, row1 + offs_w, s1, t1, OFFSET, DOT_DTYPE, DOT_PRECISION)
+            s1, t1 = _fold_row(codes, qT, KScale, KZero, row1 + offs_w, s1, t1, OFFSET, DOT_DTYPE, DOT_PRECISION, False)
     s = s0 + tl.sum(t0, 0)[None, :]
     if KEY_ROWS == 2:
         first_half = tl.arange(0, BLOCK_N) < BLOCK_LENGTH
@@ -957,6 +1013,7 @@ def _middle_split(
     DOT_PRECISION: tl.constexpr,
     CODES_ASM: tl.constexpr,
     SCALE_PREFETCH: tl.constexpr,
+    KEY_SCALE_ROWS: tl.constexpr,
     VALUE_SYM: tl.constexpr,
     VALUE_DOT: tl.constexpr,
     ROTATE: tl.constexpr,
@@ -1075,6 +1132,7 @@ def _middle_split(
                 DOT_DTYPE,
                 DOT_PRECISION,
                 CODES_ASM,
+                KEY_SCALE_ROWS,
             )
         else:
             s = _key_chunk_scores(
