@@ -376,10 +376,20 @@ def _three_bit_high(C: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr
 
 @triton.jit
 def _three_bit_to_dot(
-    low, high, SHIFT: tl.constexpr, high_shift, HIGH_BIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr
+    low,
+    high,
+    SHIFT: tl.constexpr,
+    high_shift,
+    C: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ASM: tl.constexpr,
 ):
-    """Low-plane bytes and high-bit bytes (their shifts broadcast alike) -> OFFSET + code, as _codes_to_dot.
-    HIGH_BIT >= 0: every code's high bit sits at that position (high_shift unused)."""
+    """Low-plane bytes and high-bit bytes of chunk C (their shifts broadcast alike) -> OFFSET + code, as
+    _codes_to_dot. A chunk of at most HEAD_DIM / 8 channels keeps every high bit at one position, HIGH_BIT (the
+    first channel's, _three_bit_high); wider chunks read high_shift per channel."""
+    HIGH_BIT: tl.constexpr = SHIFT + (C * CHUNK) % (HEAD_DIM // 4) // (HEAD_DIM // 8) if CHUNK * 8 <= HEAD_DIM else -1
     if ASM:  # four codes per instruction sequence, rotated by their high bit's position
         if HIGH_BIT >= 0:  # a constant: Triton converts the codes in the dot operand's layout
             rotation = tl.full(low.shape, (HIGH_BIT - 2) % 32, tl.uint8)
@@ -418,9 +428,7 @@ def _load_chunk_codes(
     if NBITS == 3:
         high_col, high_shift = _three_bit_high(C, CHUNK, HEAD_DIM)
         high = tl.load(Codes + row_offs[:, None] + high_col[None, :], mask=valid[:, None], other=0)
-        # chunks of at most HEAD_DIM / 8 channels keep their high bits at one position (see _three_bit_high)
-        HIGH_BIT: tl.constexpr = SHIFT + (C * CHUNK) % PLANE_BYTES // (HEAD_DIM // 8) if CHUNK * 8 <= HEAD_DIM else -1
-        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[None, :], HIGH_BIT, DOT_DTYPE, ASM)
+        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[None, :], C, CHUNK, HEAD_DIM, DOT_DTYPE, ASM)
     return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
 
 
@@ -512,29 +520,12 @@ def _query_chunk(
 
 
 @triton.jit
-def _fold_row(
-    codes,
-    qT,
-    KScale,
-    KZero,
-    row,
-    s,
-    t,
-    OFFSET: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    LOADED: tl.constexpr,
-):
-    """One chunk of a per-channel key block, its scale row folded into the query: the dot accumulates into s
-    [BLOCK_N, HEADS_N], the terms of the correction q . z - OFFSET sum(q * s) into t [KEY_CHUNK, HEADS_N]
-    (summed over channels once per tile, _channel_key_scores). LOADED: KScale and KZero are the chunk's scales
-    and zeros themselves (else pointers, read at ``row``)."""
-    if LOADED:
-        ks = KScale.to(tl.float32)
-        kz = KZero.to(tl.float32)
-    else:
-        ks = tl.load(KScale + row).to(tl.float32)
-        kz = tl.load(KZero + row).to(tl.float32)
+def _fold_row(codes, qT, ks, kz, s, t, OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One chunk of a per-channel key block, its scales ks and zeros kz [KEY_CHUNK] folded into the query: the dot
+    accumulates into s [BLOCK_N, HEADS_N], the terms of the correction q . z - OFFSET sum(q * s) into t
+    [KEY_CHUNK, HEADS_N] (summed over channels once per tile, _channel_key_scores)."""
+    ks = ks.to(tl.float32)
+    kz = kz.to(tl.float32)
     q = qT.to(tl.float32)
     q_scaled = (q * ks[:, None]).to(DOT_DTYPE)
     s = tl.dot(codes, q_scaled, s, input_precision=DOT_PRECISION)
@@ -643,11 +634,14 @@ def _channel_key_scores(
         if WHOLE_ROWS:
             ks = _chunk_of(ks_row, C, NUM_KEY_CHUNKS)
             kz = _chunk_of(kz_row, C, NUM_KEY_CHUNKS)
-            s0, t0 = _fold_row(codes, qT, ks, kz, 0, s0, t0, OFFSET, DOT_DTYPE, DOT_PRECISION, True)
         else:
-            s0, t0 = _fold_row(codes, qT, KScale, KZero, row0 + offs_w, s0, t0, OFFSET, DOT_DTYPE, DOT_PRECISION, False)
+            ks = tl.load(KScale + (row0 + offs_w)).to(tl.float32)
+            kz = tl.load(KZero + (row0 + offs_w)).to(tl.float32)
+        s0, t0 = _fold_row(codes, qT, ks, kz, s0, t0, OFFSET, DOT_DTYPE, DOT_PRECISION)
         if KEY_ROWS == 2:
-            s1, t1 = _fold_row(codes, qT, KScale, KZero, row1 + offs_w, s1, t1, OFFSET, DOT_DTYPE, DOT_PRECISION, False)
+            ks = tl.load(KScale + (row1 + offs_w)).to(tl.float32)
+            kz = tl.load(KZero + (row1 + offs_w)).to(tl.float32)
+            s1, t1 = _fold_row(codes, qT, ks, kz, s1, t1, OFFSET, DOT_DTYPE, DOT_PRECISION)
     s = s0 + tl.sum(t0, 0)[None, :]
     if KEY_ROWS == 2:
         first_half = tl.arange(0, BLOCK_N) < BLOCK_LENGTH
@@ -773,8 +767,7 @@ def _load_value_codes(
     if NBITS == 3:
         high_col, high_shift = _three_bit_high(C, CHUNK, HEAD_DIM)
         high = _load_value_bytes(*args, high_col, PACKED, VALUE_BLOCK, BLOCK_N)
-        HIGH_BIT: tl.constexpr = SHIFT + (C * CHUNK) % PLANE_BYTES // (HEAD_DIM // 8) if CHUNK * 8 <= HEAD_DIM else -1
-        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[:, None], HIGH_BIT, DOT_DTYPE, ASM)
+        return _three_bit_to_dot(bytes_, high, SHIFT, high_shift[:, None], C, CHUNK, HEAD_DIM, DOT_DTYPE, ASM)
     return _codes_to_dot(bytes_, SHIFT, NBITS, DOT_DTYPE, ASM)
 
 
